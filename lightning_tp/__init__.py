@@ -1,0 +1,53 @@
+"""lightning_tp: Megatron-LM style tensor parallelism for PyTorch Lightning."""
+
+from lightning_tp.comm import (
+    copy_to_tp,
+    gather_from_sp,
+    gather_from_tp,
+    reduce_from_tp,
+    reduce_scatter_to_sp,
+    scatter_to_sp,
+    scatter_to_tp,
+)
+from lightning_tp.errors import LightningTPError, MeshConfigError, PolicyMismatchError, ShardingError
+from lightning_tp.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    VocabParallelLMHead,
+    gather_weight,
+)
+from lightning_tp.loss import VocabShardedLogits, cross_entropy, vocab_parallel_cross_entropy
+from lightning_tp.mesh import TPMesh, init_tp_mesh
+from lightning_tp.random import RNGTracker, TPDropout, model_parallel_seed
+from lightning_tp.sharding import ShardSpec
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "ColumnParallelLinear",
+    "LightningTPError",
+    "MeshConfigError",
+    "PolicyMismatchError",
+    "RNGTracker",
+    "RowParallelLinear",
+    "ShardSpec",
+    "ShardingError",
+    "TPDropout",
+    "TPMesh",
+    "VocabParallelEmbedding",
+    "VocabParallelLMHead",
+    "VocabShardedLogits",
+    "copy_to_tp",
+    "cross_entropy",
+    "gather_from_sp",
+    "gather_from_tp",
+    "gather_weight",
+    "init_tp_mesh",
+    "model_parallel_seed",
+    "reduce_from_tp",
+    "reduce_scatter_to_sp",
+    "scatter_to_sp",
+    "scatter_to_tp",
+    "vocab_parallel_cross_entropy",
+]

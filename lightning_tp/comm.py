@@ -1,0 +1,226 @@
+"""Collectives of tensor (and sequence) parallelism as autograd Functions.
+
+Megatron's conjugate pairs: every operator is named by what it does forward, and its backward is
+the adjoint collective. The group is always passed explicitly.
+
+=====================  ==========================  ==========================
+operator               forward                     backward
+=====================  ==========================  ==========================
+``copy_to_tp``  (f)    identity                    all-reduce
+``reduce_from_tp`` (g) all-reduce                  identity
+``scatter_to_tp``      keep own chunk of last dim  all-gather last dim
+``gather_from_tp``     all-gather last dim         keep own chunk of last dim
+``scatter_to_sp``      keep own chunk of seq dim   all-gather seq dim
+``gather_from_sp``     all-gather seq dim          reduce-scatter seq dim (or keep own chunk)
+``reduce_scatter_to_sp`` reduce-scatter seq dim    all-gather seq dim
+=====================  ==========================  ==========================
+
+With a group of size 1 every operator is the identity. Collectives are called through the
+``torch.distributed`` module at call time, so they can be wrapped (counted, timed) from outside.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed import ProcessGroup
+
+from lightning_tp.errors import ShardingError
+
+# ----------------------------------------------------------------------------------------------
+# Plain (non-autograd) collectives on a tensor dim.
+# ----------------------------------------------------------------------------------------------
+
+
+def group_size(group: ProcessGroup) -> int:
+    """Number of ranks in ``group``."""
+    return dist.get_world_size(group)
+
+
+def group_rank(group: ProcessGroup) -> int:
+    """This process's rank inside ``group``."""
+    return dist.get_rank(group)
+
+
+def all_reduce(x: Tensor, group: ProcessGroup, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> Tensor:
+    """Return the all-reduction of ``x`` over ``group`` (a new tensor; ``x`` is left unchanged)."""
+    out = x.contiguous().clone()
+    if group_size(group) > 1:
+        dist.all_reduce(out, op=op, group=group)
+    return out
+
+
+def _gather_single(out: Tensor, x: Tensor, group: ProcessGroup) -> None:
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(out, x, group=group)
+
+
+def _reduce_scatter_single(out: Tensor, x: Tensor, group: ProcessGroup) -> None:
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    fn(out, x, group=group)
+
+
+def all_gather_dim(x: Tensor, group: ProcessGroup, dim: int) -> Tensor:
+    """Concatenate every rank's ``x`` along ``dim`` in group-rank order: (.., n, ..) -> (.., p*n, ..)."""
+    p = group_size(group)
+    if p == 1:
+        return x
+    dim = dim % x.dim()
+    x0 = x.movedim(dim, 0).contiguous()  # (n, ...rest)
+    out = torch.empty((p * x0.shape[0], *x0.shape[1:]), dtype=x.dtype, device=x.device)  # (p*n, ...)
+    _gather_single(out, x0, group)
+    return out.movedim(0, dim)
+
+
+def split_dim(x: Tensor, group: ProcessGroup, dim: int) -> Tensor:
+    """Keep this rank's contiguous chunk of ``dim``: (.., p*n, ..) -> (.., n, ..)."""
+    p = group_size(group)
+    if p == 1:
+        return x
+    if x.shape[dim] % p != 0:
+        raise ShardingError(
+            f"cannot split dim {dim} of size {x.shape[dim]} over a tensor-parallel group of {p}: "
+            f"the size must be divisible by {p}. Pad it or choose a tensor_parallel_size that divides it."
+        )
+    return x.chunk(p, dim=dim)[group_rank(group)].contiguous()
+
+
+def reduce_scatter_dim(x: Tensor, group: ProcessGroup, dim: int) -> Tensor:
+    """Sum ``x`` over the group and keep this rank's chunk of ``dim``: (.., p*n, ..) -> (.., n, ..)."""
+    p = group_size(group)
+    if p == 1:
+        return x
+    if x.shape[dim] % p != 0:
+        raise ShardingError(
+            f"cannot reduce-scatter dim {dim} of size {x.shape[dim]} over a group of {p}: the size "
+            f"must be divisible by {p} (for sequence parallelism, make the sequence length a multiple "
+            "of tensor_parallel_size)."
+        )
+    dim = dim % x.dim()
+    x0 = x.movedim(dim, 0).contiguous()  # (p*n, ...rest)
+    out = torch.empty((x0.shape[0] // p, *x0.shape[1:]), dtype=x.dtype, device=x.device)  # (n, ...)
+    _reduce_scatter_single(out, x0, group)
+    return out.movedim(0, dim)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd Functions (private) and their public wrappers.
+# ----------------------------------------------------------------------------------------------
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group: ProcessGroup) -> Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return all_reduce(grad, ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group: ProcessGroup) -> Tensor:
+        return all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+class _ScatterToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group: ProcessGroup) -> Tensor:
+        ctx.group = group
+        return split_dim(x, group, -1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return all_gather_dim(grad, ctx.group, -1), None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group: ProcessGroup) -> Tensor:
+        ctx.group = group
+        return all_gather_dim(x, group, -1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return split_dim(grad, ctx.group, -1), None
+
+
+class _ScatterToSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group: ProcessGroup, dim: int) -> Tensor:
+        ctx.group, ctx.dim = group, dim
+        return split_dim(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return all_gather_dim(grad, ctx.group, ctx.dim), None, None
+
+
+class _GatherFromSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group: ProcessGroup, dim: int, grad_reduce: bool) -> Tensor:
+        ctx.group, ctx.dim, ctx.grad_reduce = group, dim, grad_reduce
+        return all_gather_dim(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        if ctx.grad_reduce:
+            return reduce_scatter_dim(grad, ctx.group, ctx.dim), None, None, None
+        return split_dim(grad, ctx.group, ctx.dim), None, None, None
+
+
+class _ReduceScatterToSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group: ProcessGroup, dim: int) -> Tensor:
+        ctx.group, ctx.dim = group, dim
+        return reduce_scatter_dim(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return all_gather_dim(grad, ctx.group, ctx.dim), None, None
+
+
+def copy_to_tp(x: Tensor, group: ProcessGroup) -> Tensor:
+    """forward: identity; backward: all-reduce (sum) over ``group``. Megatron's ``f``."""
+    return _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x: Tensor, group: ProcessGroup) -> Tensor:
+    """forward: all-reduce (sum) over ``group``; backward: identity. Megatron's ``g``."""
+    return _ReduceFromTP.apply(x, group)
+
+
+def scatter_to_tp(x: Tensor, group: ProcessGroup) -> Tensor:
+    """forward: keep this rank's chunk of the last dim; backward: all-gather the last dim."""
+    return _ScatterToTP.apply(x, group)
+
+
+def gather_from_tp(x: Tensor, group: ProcessGroup) -> Tensor:
+    """forward: all-gather the last dim; backward: keep this rank's chunk of the last dim."""
+    return _GatherFromTP.apply(x, group)
+
+
+def scatter_to_sp(x: Tensor, group: ProcessGroup, dim: int = 1) -> Tensor:
+    """forward: keep this rank's chunk of the sequence dim; backward: all-gather the sequence dim."""
+    return _ScatterToSP.apply(x, group, dim)
+
+
+def gather_from_sp(x: Tensor, group: ProcessGroup, dim: int = 1, grad_reduce: bool = True) -> Tensor:
+    """forward: all-gather the sequence dim; backward: reduce-scatter it (``grad_reduce``) or split it.
+
+    Use ``grad_reduce=True`` where the gathered tensor enters a tensor-parallel region (each rank's
+    grad is a partial sum), ``False`` where every rank's grad is already complete.
+    """
+    return _GatherFromSP.apply(x, group, dim, grad_reduce)
+
+
+def reduce_scatter_to_sp(x: Tensor, group: ProcessGroup, dim: int = 1) -> Tensor:
+    """forward: reduce-scatter (sum) along the sequence dim; backward: all-gather the sequence dim."""
+    return _ReduceScatterToSP.apply(x, group, dim)

@@ -1,0 +1,392 @@
+"""Tensor-parallel drop-ins for ``nn.Linear`` and ``nn.Embedding``.
+
+Each layer has the forward signature and return type of the module it replaces, and a
+``from_dense(module, group, ...)`` that slices an existing module's weights, so results do not
+depend on the tensor-parallel size. ``p`` below is the TP group size, ``r`` this rank.
+
+* :class:`ColumnParallelLinear` ``Y = X A^T + b``, ``A`` split by output features (fused q/k/v:
+  each chunk split separately, so every rank holds whole heads of q, k and v).
+* :class:`RowParallelLinear` ``Y = sum_r X_r A_r^T + b``, ``A`` split by input features; bias added
+  once after the all-reduce.
+* :class:`VocabParallelEmbedding`: embedding rows split by vocabulary, masked lookup + all-reduce.
+* :class:`VocabParallelLMHead`: an LM-head ``nn.Linear`` split by vocabulary (output features).
+
+Vocabularies not divisible by ``p`` are padded with zero rows to the next multiple; padded rows are
+never looked up and padded logits never reach the user (gathered output drops them, the sharded
+loss masks them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributed import ProcessGroup
+
+from lightning_tp.comm import (
+    all_gather_dim,
+    copy_to_tp,
+    gather_from_sp,
+    gather_from_tp,
+    group_rank,
+    group_size,
+    reduce_from_tp,
+    reduce_scatter_to_sp,
+    scatter_to_tp,
+)
+from lightning_tp.errors import ShardingError
+from lightning_tp.loss import VocabShardedLogits
+from lightning_tp.sharding import ShardSpec, mark_partial_grad, mark_sharded, shard_spec
+
+
+def _param(full: Tensor | None, spec: ShardSpec | None, tp_rank: int, requires_grad: bool) -> nn.Parameter:
+    data = full.detach() if spec is None else spec.shard(full.detach(), tp_rank)
+    param = nn.Parameter(data.clone() if spec is None else data, requires_grad=requires_grad)
+    return param if spec is None else mark_sharded(param, spec)
+
+
+class _ParallelLinear(nn.Module):
+    """Shared construction of the parallel linears: validate, shard the dense weights, keep specs."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        device,
+        dtype,
+        group: ProcessGroup,
+        weight_spec: ShardSpec,
+        bias_spec: ShardSpec | None,
+        dense: nn.Linear | None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.group = group
+        self.tp_size, self.tp_rank = group_size(group), group_rank(group)
+        self.weight_spec = weight_spec
+        if dense is None:
+            # Initialise exactly like nn.Linear on the full matrix, then keep this rank's slice: the
+            # same seed gives the same model at every TP size.
+            dense = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.weight = _param(dense.weight, weight_spec, self.tp_rank, dense.weight.requires_grad)
+        if dense.bias is not None:
+            self.bias = _param(dense.bias, bias_spec, self.tp_rank, dense.bias.requires_grad)
+        else:
+            self.register_parameter("bias", None)
+
+    @staticmethod
+    def _check_dense(module: nn.Module) -> nn.Linear:
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"from_dense expects an nn.Linear, got {type(module).__name__}.")
+        return module
+
+
+class ColumnParallelLinear(_ParallelLinear):
+    """``Y = X A^T + b`` with ``A`` (out, in) split by output features: ``A = [A_1; ...; A_p]``.
+
+    Local weight ``(out/p, in)``, local bias ``(out/p,)``. Input ``(..., in)`` replicated over TP
+    (or ``(B, T/p, in)`` with ``sequence_parallel``); output ``(..., out/p)`` sharded on the last dim,
+    or ``(..., out)`` in the dense layout with ``gather_output=True``.
+
+    Args:
+        in_features: as ``nn.Linear``.
+        out_features: as ``nn.Linear`` (the full size).
+        bias: as ``nn.Linear``.
+        group: the tensor-parallel process group.
+        gather_output: all-gather the output into the dense layout.
+        chunks: the output is a fusion of projections: an int ``n`` for ``n`` equal chunks (fused
+            q/k/v: 3), or the chunk sizes (grouped-query q/k/v: ``(q, k, v)``). Each chunk is split
+            separately, so a rank holds the same heads of every chunk.
+        head_dim: with ``chunks``, the size of one attention head: checks that every chunk's head
+            count divides by ``p`` (each rank must hold whole heads).
+        sequence_parallel: input is sharded on ``seq_dim``; all-gather it forward, reduce-scatter
+            its grad backward.
+        seq_dim: the sequence dim of the input (batch-first: 1).
+        name: module name used in error messages.
+    """
+
+    _pad = False
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        group: ProcessGroup,
+        gather_output: bool = False,
+        chunks: int | Sequence[int] = 1,
+        head_dim: int | None = None,
+        sequence_parallel: bool = False,
+        seq_dim: int = 1,
+        name: str = "",
+        _dense: nn.Linear | None = None,
+    ) -> None:
+        tp = group_size(group)
+        sizes = _chunk_sizes(out_features, chunks, name)
+        if head_dim is not None:
+            _check_heads(sizes, head_dim, tp, name)
+        label = f"out_features of {name!r}" if name else "out_features"
+        weight_spec = ShardSpec(dim=0, sizes=sizes, tp_size=tp, pad=self._pad, name=label)
+        bias_spec = ShardSpec(dim=0, sizes=sizes, tp_size=tp, pad=self._pad, name=label)
+        super().__init__(in_features, out_features, bias, device, dtype, group, weight_spec, bias_spec, _dense)
+        self.gather_output = gather_output
+        self.sequence_parallel, self.seq_dim = sequence_parallel, seq_dim
+        index = weight_spec.gather_index()
+        self.register_buffer("_gather_index", index, persistent=False)
+
+    @classmethod
+    def from_dense(cls, module: nn.Linear, group: ProcessGroup, **kwargs) -> ColumnParallelLinear:
+        """Build from an existing ``nn.Linear`` by slicing its weight and bias (keyword options as
+        in the constructor)."""
+        m = cls._check_dense(module)
+        return cls(m.in_features, m.out_features, m.bias is not None, group=group, _dense=m, **kwargs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.sequence_parallel:
+            x = gather_from_sp(x, self.group, self.seq_dim)  # (B, T, in)
+        else:
+            x = copy_to_tp(x, self.group)  # (..., in)
+        y = F.linear(x, self.weight, self.bias)  # (..., out/p)
+        if self.gather_output:
+            y = self._gather(y)  # (..., out)
+        return y
+
+    def _gather(self, y: Tensor) -> Tensor:
+        y = gather_from_tp(y, self.group)  # (..., p * out/p) in rank order
+        if self._gather_index is not None:
+            y = y.index_select(-1, self._gather_index)  # (..., out) dense layout
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features} "
+            f"(local {self.weight.shape[0]}), bias={self.bias is not None}, tp={self.tp_size}, "
+            f"chunks={list(self.weight_spec.sizes)}, gather_output={self.gather_output}"
+            + (", sequence_parallel=True" if self.sequence_parallel else "")
+        )
+
+
+class RowParallelLinear(_ParallelLinear):
+    """``Y = sum_r X_r A_r^T + b`` with ``A`` (out, in) split by input features: ``A = [A_1 .. A_p]``.
+
+    Local weight ``(out, in/p)``; bias ``(out,)`` replicated and added once after the reduction.
+    Input ``(..., in/p)`` sharded on the last dim (``input_is_parallel=True``, the output of a
+    :class:`ColumnParallelLinear`) or ``(..., in)`` replicated, then scattered. Output ``(..., out)``
+    all-reduced, or ``(B, T/p, out)`` reduce-scattered on ``seq_dim`` with ``sequence_parallel``.
+
+    Args:
+        in_features: as ``nn.Linear`` (the full size).
+        out_features: as ``nn.Linear``.
+        bias: as ``nn.Linear``.
+        group: the tensor-parallel process group.
+        input_is_parallel: the input is already split on its last dim.
+        sequence_parallel: reduce-scatter the output on ``seq_dim`` instead of all-reducing it.
+        seq_dim: the sequence dim of the output (batch-first: 1).
+        name: module name used in error messages.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        group: ProcessGroup,
+        input_is_parallel: bool = True,
+        sequence_parallel: bool = False,
+        seq_dim: int = 1,
+        name: str = "",
+        _dense: nn.Linear | None = None,
+    ) -> None:
+        label = f"in_features of {name!r}" if name else "in_features"
+        weight_spec = ShardSpec(dim=1, sizes=(in_features,), tp_size=group_size(group), name=label)
+        super().__init__(in_features, out_features, bias, device, dtype, group, weight_spec, None, _dense)
+        self.input_is_parallel = input_is_parallel
+        self.sequence_parallel, self.seq_dim = sequence_parallel, seq_dim
+        if self.bias is not None and sequence_parallel:
+            mark_partial_grad(self.bias)  # each rank adds it to its own sequence chunk
+
+    @classmethod
+    def from_dense(cls, module: nn.Linear, group: ProcessGroup, **kwargs) -> RowParallelLinear:
+        """Build from an existing ``nn.Linear`` by slicing its weight (keyword options as in the
+        constructor)."""
+        m = cls._check_dense(module)
+        return cls(m.in_features, m.out_features, m.bias is not None, group=group, _dense=m, **kwargs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.input_is_parallel:
+            x = scatter_to_tp(x, self.group)  # (..., in/p)
+        y = F.linear(x, self.weight)  # (..., out), partial sum
+        if self.sequence_parallel:
+            y = reduce_scatter_to_sp(y, self.group, self.seq_dim)  # (B, T/p, out)
+        else:
+            y = reduce_from_tp(y, self.group)  # (..., out)
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features} (local {self.weight.shape[1]}), out_features={self.out_features}, "
+            f"bias={self.bias is not None}, tp={self.tp_size}, input_is_parallel={self.input_is_parallel}"
+            + (", sequence_parallel=True" if self.sequence_parallel else "")
+        )
+
+
+class VocabParallelLMHead(ColumnParallelLinear):
+    """LM head ``logits = X E^T (+ b)``, ``E`` (V, H) split by vocabulary rows, V padded to ``Vp``.
+
+    Local weight ``(Vp/p, H)``: exactly the local weight of a :class:`VocabParallelEmbedding` of the
+    same vocabulary, so a tied ``lm_head.weight is wte.weight`` stays one parameter. With
+    ``gather_output=True`` (default) returns dense ``(..., V)`` logits (padding dropped), a drop-in
+    for ``nn.Linear``; with ``gather_output=False`` returns :class:`VocabShardedLogits`
+    ``(..., Vp/p)`` for :func:`lightning_tp.cross_entropy`.
+    """
+
+    _pad = True
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 group: ProcessGroup, gather_output: bool = True, name: str = "",
+                 _dense: nn.Linear | None = None) -> None:  # fmt: skip
+        super().__init__(in_features, out_features, bias, device, dtype, group=group,
+                         gather_output=gather_output, name=name, _dense=_dense)  # fmt: skip
+
+    @property
+    def vocab_size(self) -> int:
+        return self.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.linear(copy_to_tp(x, self.group), self.weight, self.bias)  # (..., Vp/p)
+        if self.gather_output:
+            return self._gather(y)  # (..., V)
+        return VocabShardedLogits.wrap(y, self.group, self.out_features)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding ``E`` (V, H) split by vocabulary rows, ``V`` padded to ``Vp``, a multiple of ``p``.
+
+    Rank ``r`` holds rows ``[r*Vp/p, (r+1)*Vp/p)``, local weight ``(Vp/p, H)``. Forward: look up the
+    ids in range (others give zero rows), then all-reduce: ``y = sum_r lookup_r(ids)``. Input
+    ``(...)`` replicated over TP, output ``(..., H)`` replicated.
+
+    Args:
+        num_embeddings: as ``nn.Embedding`` (the real vocabulary size).
+        embedding_dim: as ``nn.Embedding``.
+        padding_idx: as ``nn.Embedding`` (its row gets no gradient).
+        group: the tensor-parallel process group.
+        name: module name used in error messages.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: int | None = None,
+        device=None,
+        dtype=None,
+        *,
+        group: ProcessGroup,
+        name: str = "",
+        _dense: nn.Embedding | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.group = group
+        self.tp_size, self.tp_rank = group_size(group), group_rank(group)
+        label = f"num_embeddings of {name!r}" if name else "num_embeddings"
+        self.weight_spec = ShardSpec(dim=0, sizes=(num_embeddings,), tp_size=self.tp_size, pad=True, name=label)
+        if _dense is None:
+            _dense = nn.Embedding(num_embeddings, embedding_dim, padding_idx, device=device, dtype=dtype)
+        self.padding_idx = _dense.padding_idx
+        self.weight = _param(_dense.weight, self.weight_spec, self.tp_rank, _dense.weight.requires_grad)
+        self.vocab_start, n_valid = self.weight_spec.valid_range(self.tp_rank)
+        self.vocab_end = self.vocab_start + n_valid
+        pad = self.padding_idx
+        self._local_padding_idx = (
+            pad - self.vocab_start if pad is not None and self.vocab_start <= pad < self.vocab_end else None
+        )
+
+    @classmethod
+    def from_dense(cls, module: nn.Embedding, group: ProcessGroup, **kwargs) -> VocabParallelEmbedding:
+        """Build from an existing ``nn.Embedding`` by slicing (and padding) its weight."""
+        if not isinstance(module, nn.Embedding):
+            raise TypeError(f"VocabParallelEmbedding.from_dense expects an nn.Embedding, got {type(module).__name__}.")
+        unsupported = {
+            "max_norm": module.max_norm is not None,
+            "scale_grad_by_freq": module.scale_grad_by_freq,
+            "sparse": module.sparse,
+        }
+        bad = [k for k, v in unsupported.items() if v]
+        if bad:
+            raise ValueError(
+                f"nn.Embedding options {bad} cannot be vocab-parallel (they depend on which rows a batch "
+                "touches across all ranks). Map this embedding to 'replicate' in the policy or drop them."
+            )
+        return cls(module.num_embeddings, module.embedding_dim, group=group, _dense=module, **kwargs)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if ids.device.type == "cpu" and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            raise IndexError(f"index {bad} is out of range for an embedding of {self.num_embeddings} rows.")
+        if self.tp_size == 1:
+            return F.embedding(ids, self.weight, self._local_padding_idx)
+        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)  # (...)
+        local_ids = (ids - self.vocab_start).masked_fill(outside, 0)  # (...)
+        y = F.embedding(local_ids, self.weight, self._local_padding_idx)  # (..., H) partial
+        y = y.masked_fill(outside.unsqueeze(-1), 0.0)  # (..., H)
+        return reduce_from_tp(y, self.group)  # (..., H)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, local rows [{self.vocab_start}, {self.vocab_end}) "
+            f"of {self.weight.shape[0]}, tp={self.tp_size}"
+            + (f", padding_idx={self.padding_idx}" if self.padding_idx is not None else "")
+        )
+
+
+def _chunk_sizes(total: int, chunks: int | Sequence[int], name: str) -> tuple[int, ...]:
+    if isinstance(chunks, int):
+        if chunks < 1 or total % chunks != 0:
+            raise ValueError(
+                f"{name or 'module'}: out_features={total} cannot be divided into {chunks} equal fused "
+                "chunks; pass the chunk sizes explicitly, e.g. chunks=(q, k, v)."
+            )
+        return (total // chunks,) * chunks
+    sizes = tuple(int(s) for s in chunks)
+    if sum(sizes) != total or any(s < 1 for s in sizes):
+        raise ValueError(
+            f"{name or 'module'}: chunk sizes {list(sizes)} must be positive and sum to out_features={total}."
+        )
+    return sizes
+
+
+def _check_heads(sizes: tuple[int, ...], head_dim: int, tp: int, name: str) -> None:
+    label = repr(name) if name else "a fused projection"
+    for size in sizes:
+        if size % head_dim != 0:
+            raise ShardingError(f"{label}: chunk size {size} is not a whole number of heads of size {head_dim}.")
+        heads = size // head_dim
+        if heads % tp != 0:
+            raise ShardingError(
+                f"{label}: {heads} heads (chunk sizes {list(sizes)}, head_dim {head_dim}) cannot be split "
+                f"over tensor_parallel_size={tp}: every rank must hold whole heads. Use a "
+                f"tensor_parallel_size that divides {heads}, or replicate this attention block."
+            )
+
+
+@torch.no_grad()
+def gather_weight(param: Tensor, group: ProcessGroup) -> Tensor:
+    """Rebuild the dense tensor of a TP-sharded parameter (all-gather + unshard). Collective."""
+    spec = shard_spec(param)
+    if spec is None:
+        return param.detach().clone()
+    gathered = all_gather_dim(param.detach(), group, spec.dim)  # (.., p * local, ..)
+    return spec.unshard(list(gathered.chunk(spec.tp_size, dim=spec.dim)))

@@ -1,0 +1,134 @@
+"""A small multi-process harness for tests: persistent gloo worlds of spawned CPU processes.
+
+``run(world_size, fn, *args)`` runs ``fn(*args)`` on every rank of a world of ``world_size`` spawned
+processes (gloo, 1 thread each, short process-group timeout) and returns the per-rank results. A
+world is started once and reused by later calls (spawning costs seconds); a failure or a time-out
+tears it down so the next call starts clean. ``fn`` must be importable (a module-level function).
+
+Inside a worker, :func:`mesh` returns a cached :class:`~lightning_tp.mesh.TPMesh` per TP size.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import queue
+import socket
+import traceback
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+PG_TIMEOUT_S = int(os.environ.get("LTP_TEST_PG_TIMEOUT", "30"))
+CALL_TIMEOUT_S = int(os.environ.get("LTP_TEST_CALL_TIMEOUT", "120"))
+
+_worlds: dict[int, _World] = {}
+_meshes: dict[int, Any] = {}  # worker side
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, size: int, port: int, tasks: mp.Queue, results: mp.Queue) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=size,
+        timeout=datetime.timedelta(seconds=PG_TIMEOUT_S),
+    )
+    while True:
+        item = tasks.get()
+        if item is None:
+            break
+        fn, args, kwargs = item
+        try:
+            results.put((rank, True, fn(*args, **kwargs)))
+        except BaseException:  # noqa: BLE001 - reported to the parent
+            results.put((rank, False, traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class _World:
+    def __init__(self, size: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.size = size
+        self.results = ctx.Queue()
+        self.tasks = [ctx.Queue() for _ in range(size)]
+        port = _free_port()
+        self.procs = [
+            ctx.Process(target=_worker, args=(r, size, port, self.tasks[r], self.results), daemon=True)
+            for r in range(size)
+        ]
+        for p in self.procs:
+            p.start()
+
+    def run(self, fn, args, kwargs, timeout: float) -> list[Any]:
+        for q in self.tasks:
+            q.put((fn, args, kwargs))
+        out: dict[int, Any] = {}
+        errors: dict[int, str] = {}
+        deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
+        while len(out) + len(errors) < self.size:
+            left = (deadline - datetime.datetime.now()).total_seconds()
+            try:
+                rank, ok, value = self.results.get(timeout=max(left, 0.1))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(self.procs) if not p.is_alive()]
+                raise TimeoutError(
+                    f"{fn.__name__} did not finish on ranks {sorted(set(range(self.size)) - set(out) - set(errors))} "
+                    f"within {timeout}s (dead processes: {dead})"
+                ) from None
+            (out if ok else errors)[rank] = value
+        if errors:
+            first = min(errors)
+            raise AssertionError(f"{fn.__name__} failed on ranks {sorted(errors)}; rank {first}:\n{errors[first]}")
+        return [out[r] for r in range(self.size)]
+
+    def close(self) -> None:
+        for q in self.tasks:
+            try:
+                q.put(None)
+            except (ValueError, OSError):
+                pass
+        for p in self.procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+
+
+def run(world_size: int, fn, *args, timeout: float = CALL_TIMEOUT_S, **kwargs) -> list[Any]:
+    """Run ``fn(*args, **kwargs)`` on every rank of a ``world_size`` gloo world; per-rank results."""
+    world = _worlds.get(world_size)
+    if world is None:
+        world = _worlds[world_size] = _World(world_size)
+    try:
+        return world.run(fn, args, kwargs, timeout)
+    except BaseException:
+        _worlds.pop(world_size, None)
+        world.close()
+        raise
+
+
+def close_all() -> None:
+    """Stop every world (called at the end of the test session)."""
+    while _worlds:
+        _worlds.popitem()[1].close()
+
+
+def mesh(tp: int):
+    """Worker side: the (data_parallel, tensor_parallel) mesh for TP size ``tp``, built once."""
+    from lightning_tp.mesh import init_tp_mesh
+
+    if tp not in _meshes:
+        _meshes[tp] = init_tp_mesh(tp, "cpu")
+    return _meshes[tp]

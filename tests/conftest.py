@@ -1,0 +1,15 @@
+import os
+
+import pytest
+import torch
+
+import _dist
+
+os.environ.setdefault("WANDB_MODE", "offline")
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_worlds():
+    yield
+    _dist.close_all()

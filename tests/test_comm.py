@@ -1,0 +1,177 @@
+"""Each collective's forward and backward, exactly, on a TP2 x DP2 world.
+
+Inputs and output-grads depend on the global rank, so every expected value is a sum/concatenation
+over exactly the members of the group under test: using the wrong group gives other numbers.
+"""
+
+from collections import Counter
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import _dist
+from lightning_tp import comm
+from lightning_tp.errors import ShardingError
+from lightning_tp.layers import ColumnParallelLinear, RowParallelLinear
+
+
+def _val(rank: int, shape, scale: float = 1.0) -> torch.Tensor:
+    n = 1
+    for s in shape:
+        n *= s
+    return (torch.arange(n, dtype=torch.float64).reshape(shape) + 1000.0 * rank) * scale
+
+
+def _grad(rank, shape):
+    return _val(rank, shape, scale=0.5) + 7.0
+
+
+def _check_pair(fn, x_shape, expect_y, expect_grad, **kw):
+    rank = dist.get_rank()
+    x = _val(rank, x_shape).requires_grad_()
+    y = fn(x, **kw)
+    assert torch.equal(y, expect_y), (fn.__name__, y, expect_y)
+    y.backward(_grad(rank, y.shape))
+    assert torch.equal(x.grad, expect_grad), (fn.__name__, x.grad, expect_grad)
+
+
+def _check_collectives(dim_name: str):
+    m = _dist.mesh(2)
+    group = m.tp_group if dim_name == "tensor_parallel" else m.dp_group
+    members = dist.get_process_group_ranks(group)
+    rank, me = dist.get_rank(), dist.get_rank(group)
+    p = len(members)
+
+    # copy_to_tp: identity / all-reduce
+    _check_pair(comm.copy_to_tp, (2, 3), _val(rank, (2, 3)), sum(_grad(r, (2, 3)) for r in members), group=group)
+    # reduce_from_tp: all-reduce / identity
+    _check_pair(comm.reduce_from_tp, (2, 3), sum(_val(r, (2, 3)) for r in members), _grad(rank, (2, 3)), group=group)
+    # scatter_to_tp: own chunk of the last dim / all-gather the last dim
+    _check_pair(
+        comm.scatter_to_tp,
+        (2, 4),
+        _val(rank, (2, 4)).chunk(p, -1)[me],
+        torch.cat([_grad(r, (2, 4 // p)) for r in members], -1),
+        group=group,
+    )
+    # gather_from_tp: all-gather last dim / own chunk
+    _check_pair(
+        comm.gather_from_tp,
+        (2, 3),
+        torch.cat([_val(r, (2, 3)) for r in members], -1),
+        _grad(rank, (2, 3 * p)).chunk(p, -1)[me],
+        group=group,
+    )
+    # scatter_to_sp: own chunk of the sequence dim / all-gather it
+    _check_pair(
+        comm.scatter_to_sp,
+        (2, 4, 3),
+        _val(rank, (2, 4, 3)).chunk(p, 1)[me],
+        torch.cat([_grad(r, (2, 4 // p, 3)) for r in members], 1),
+        group=group,
+        dim=1,
+    )
+    # gather_from_sp: all-gather seq / reduce-scatter seq (grad_reduce) or own chunk
+    for grad_reduce in (True, False):
+        full_grad = sum(_grad(r, (2, 2 * p, 3)) for r in members) if grad_reduce else _grad(rank, (2, 2 * p, 3))
+        _check_pair(
+            comm.gather_from_sp,
+            (2, 2, 3),
+            torch.cat([_val(r, (2, 2, 3)) for r in members], 1),
+            full_grad.chunk(p, 1)[me],
+            group=group,
+            dim=1,
+            grad_reduce=grad_reduce,
+        )
+    # reduce_scatter_to_sp: reduce-scatter seq / all-gather seq
+    _check_pair(
+        comm.reduce_scatter_to_sp,
+        (2, 4, 3),
+        sum(_val(r, (2, 4, 3)) for r in members).chunk(p, 1)[me],
+        torch.cat([_grad(r, (2, 4 // p, 3)) for r in members], 1),
+        group=group,
+        dim=1,
+    )
+    # Another sequence dim (dim 0) goes through the same movedim path.
+    _check_pair(
+        comm.reduce_scatter_to_sp,
+        (4, 3),
+        sum(_val(r, (4, 3)) for r in members).chunk(p, 0)[me],
+        torch.cat([_grad(r, (4 // p, 3)) for r in members], 0),
+        group=group,
+        dim=0,
+    )
+    with pytest.raises(ShardingError, match="cannot split dim -1 of size 3 over a tensor-parallel group of 2"):
+        comm.scatter_to_tp(torch.zeros(2, 3), group)
+    with pytest.raises(ShardingError, match="reduce-scatter dim 1 of size 3 over a group of 2"):
+        comm.reduce_scatter_to_sp(torch.zeros(2, 3, 4), group, dim=1)
+    return members
+
+
+@pytest.mark.parametrize("dim_name", ["tensor_parallel", "data_parallel"])
+def test_collectives_exact_tp2_dp2(dim_name):
+    members = _dist.run(4, _check_collectives, dim_name)
+    if dim_name == "tensor_parallel":
+        assert members == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    else:
+        assert members == [[0, 2], [1, 3], [0, 2], [1, 3]]
+
+
+def _check_identity_on_group_of_one():
+    m = _dist.mesh(1)
+    x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    for fn in (comm.copy_to_tp, comm.reduce_from_tp, comm.scatter_to_tp, comm.gather_from_tp):
+        y = fn(x, m.tp_group)
+        assert torch.equal(y, x)
+    return True
+
+
+def test_group_of_one_is_identity():
+    assert all(_dist.run(2, _check_identity_on_group_of_one))
+
+
+@contextmanager
+def _count_collectives():
+    counts: Counter = Counter()
+    names = ["all_reduce", "all_gather_single", "all_gather_into_tensor", "reduce_scatter_single",
+             "reduce_scatter_tensor", "all_gather", "broadcast"]  # fmt: skip
+    saved = {n: getattr(dist, n) for n in names if hasattr(dist, n)}
+
+    def wrap(name, fn):
+        def counted(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+    for n, fn in saved.items():
+        setattr(dist, n, wrap(n, fn))
+    try:
+        yield counts
+    finally:
+        for n, fn in saved.items():
+            setattr(dist, n, fn)
+
+
+def _count_mlp_collectives(tp):
+    m = _dist.mesh(tp)
+    torch.manual_seed(0)
+    fc, proj = nn.Linear(8, 16), nn.Linear(16, 8)
+    col = ColumnParallelLinear.from_dense(fc, m.tp_group)
+    row = RowParallelLinear.from_dense(proj, m.tp_group)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    with _count_collectives() as fwd:
+        y = row(torch.nn.functional.gelu(col(x)))
+    with _count_collectives() as bwd:
+        y.sum().backward()
+    return dict(fwd), dict(bwd)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_mlp_one_all_reduce_forward_one_backward(tp):
+    for fwd, bwd in _dist.run(4, _count_mlp_collectives, tp):
+        assert fwd == {"all_reduce": 1}
+        assert bwd == {"all_reduce": 1}

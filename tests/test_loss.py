@@ -1,0 +1,145 @@
+"""Vocab-parallel cross entropy against F.cross_entropy on the unsharded logits (float64)."""
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import _dist
+from lightning_tp import cross_entropy, vocab_parallel_cross_entropy
+from lightning_tp.loss import VocabShardedLogits
+from lightning_tp.sharding import ShardSpec
+
+TOL = {"atol": 1e-10, "rtol": 0.0}
+WORLDS = [pytest.param(2, 2, id="tp2"), pytest.param(4, 4, id="tp4"), pytest.param(4, 2, id="dp2xtp2")]
+
+
+def _data(m, vocab, n=24, dtype=torch.float64):
+    g = torch.Generator().manual_seed(11 + m.dp_rank)  # same in a TP group, differs across DP
+    logits = torch.randn(n, vocab, generator=g, dtype=torch.float64) * 3
+    target = torch.randint(0, vocab, (n,), generator=g)
+    target[:3] = -100
+    target[3] = vocab - 1  # a target in the last (possibly padded) shard
+    target[4] = 0
+    return logits.to(dtype), target
+
+
+def _check_loss(tp, vocab, label_smoothing, reduction):
+    m = _dist.mesh(tp)
+    spec = ShardSpec(dim=-1, sizes=(vocab,), tp_size=tp, pad=True)
+    logits, target = _data(m, vocab)
+    ld_in = logits.clone().requires_grad_()
+    lp_in = spec.shard(logits, m.tp_rank).requires_grad_()
+    assert lp_in.shape[-1] == math.ceil(vocab / tp)
+    ld = F.cross_entropy(ld_in, target, label_smoothing=label_smoothing, reduction=reduction)
+    lp = vocab_parallel_cross_entropy(
+        lp_in, target, m.tp_group, vocab, label_smoothing=label_smoothing, reduction=reduction
+    )
+    torch.testing.assert_close(lp, ld, **TOL)
+    g = torch.linspace(0.5, 1.5, ld.numel(), dtype=torch.float64).reshape(ld.shape)
+    ld.backward(g)
+    lp.backward(g)
+    torch.testing.assert_close(lp_in.grad, spec.shard(ld_in.grad, m.tp_rank), **TOL)
+    _, n_valid = spec.valid_range(m.tp_rank)
+    assert torch.count_nonzero(lp_in.grad[:, n_valid:]) == 0  # padded columns: no gradient
+    assert torch.count_nonzero(lp_in.grad[:3]) == 0  # ignored targets: no gradient
+    return True
+
+
+@pytest.mark.parametrize(("world", "tp"), WORLDS)
+@pytest.mark.parametrize("vocab", [30, 32, 5])
+@pytest.mark.parametrize(("label_smoothing", "reduction"), [(0.0, "mean"), (0.1, "mean"), (0.0, "sum"), (0.2, "none")])
+def test_vocab_parallel_cross_entropy(world, tp, vocab, label_smoothing, reduction):
+    assert all(_dist.run(world, _check_loss, tp, vocab, label_smoothing, reduction))
+
+
+def _check_low_precision(tp, dtype):
+    m = _dist.mesh(tp)
+    vocab = 30
+    spec = ShardSpec(dim=-1, sizes=(vocab,), tp_size=tp, pad=True)
+    logits, target = _data(m, vocab, dtype=dtype)
+    ref = F.cross_entropy(logits.float(), target)
+    local = spec.shard(logits, m.tp_rank).requires_grad_()
+    out = vocab_parallel_cross_entropy(local, target, m.tp_group, vocab)
+    assert out.dtype == torch.float32  # computed in fp32 like Megatron
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    out.backward()
+    assert local.grad.dtype == dtype
+    return True
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_low_precision_logits_computed_in_fp32(dtype):
+    assert all(_dist.run(2, _check_low_precision, 2, dtype))
+
+
+def _check_reduction_sizes(tp):
+    """Only (b*s)-sized reductions: never the logits."""
+    m = _dist.mesh(tp)
+    vocab, n = 64, 10
+    logits, target = _data(m, vocab, n=n)
+    local = logits.chunk(tp, -1)[m.tp_rank].clone().requires_grad_()
+    sizes = []
+    real = dist.all_reduce
+
+    def counted(t, *a, **k):
+        sizes.append(t.numel())
+        return real(t, *a, **k)
+
+    dist.all_reduce = counted
+    try:
+        vocab_parallel_cross_entropy(local, target, m.tp_group, vocab).backward()
+        no_smoothing = list(sizes)
+        sizes.clear()
+        vocab_parallel_cross_entropy(local, target, m.tp_group, vocab, label_smoothing=0.1).backward()
+    finally:
+        dist.all_reduce = real
+    return no_smoothing, sizes
+
+
+def test_only_token_sized_reductions():
+    for plain, smoothed in _dist.run(2, _check_reduction_sizes, 2):
+        assert plain == [10, 20]  # max, then (target logit, sum exp) stacked
+        assert smoothed == [10, 30]
+
+
+def _check_sharded_logits_api(tp):
+    m = _dist.mesh(tp)
+    vocab = 30
+    logits, target = _data(m, vocab, n=12)
+    local = ShardSpec(dim=-1, sizes=(vocab,), tp_size=tp, pad=True).shard(logits, m.tp_rank)
+    sharded = VocabShardedLogits.wrap(local.view(3, 4, -1), m.tp_group, vocab)
+    flat = sharded.view(-1, sharded.size(-1)).contiguous().to(torch.float64)
+    assert isinstance(sharded.float(), VocabShardedLogits)
+    assert isinstance(flat, VocabShardedLogits) and flat.vocab_size == vocab
+    assert not isinstance(sharded.argmax(-1), VocabShardedLogits)  # other ops: plain local tensors
+    assert not isinstance(sharded[..., :2], VocabShardedLogits)
+    torch.testing.assert_close(cross_entropy(flat, target), F.cross_entropy(logits, target), **TOL)
+    with pytest.raises(ValueError, match=r"need a target of shape \(12,\) \(class dim last\), got \(3, 4\)"):
+        cross_entropy(flat, target.view(3, 4))
+    bad = target.clone()
+    bad[5] = vocab
+    with pytest.raises(IndexError, match="target 30 is out of bounds for a vocabulary of 30 classes"):
+        cross_entropy(flat, bad)
+    with pytest.raises(ValueError, match="reduction must be 'mean', 'sum' or 'none', got 'avg'"):
+        cross_entropy(flat, target, reduction="avg")
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\], got 1.5"):
+        cross_entropy(flat, target, label_smoothing=1.5)
+    return True
+
+
+def test_sharded_logits_api_and_errors():
+    assert all(_dist.run(2, _check_sharded_logits_api, 2))
+
+
+@pytest.mark.parametrize("shape", [(6, 9), (2, 9, 4)])
+def test_fallback_is_f_cross_entropy(shape):
+    torch.manual_seed(0)
+    logits = torch.randn(*shape, requires_grad=True)
+    target = torch.randint(0, 9, (shape[0], *shape[2:]))
+    target[0] = -100
+    a = cross_entropy(logits, target, label_smoothing=0.1)
+    b = F.cross_entropy(logits, target, label_smoothing=0.1)
+    assert torch.equal(a, b)
