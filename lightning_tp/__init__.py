@@ -19,12 +19,28 @@ from lightning_tp.layers import (
 )
 from lightning_tp.loss import VocabShardedLogits, cross_entropy, vocab_parallel_cross_entropy
 from lightning_tp.mesh import TPMesh, init_tp_mesh
+from lightning_tp.policy import (
+    Plan,
+    PolicyError,
+    PolicyWarning,
+    apply_plan,
+    apply_policy,
+    plan_policy,
+    register_policy,
+)
 from lightning_tp.random import RNGTracker, TPDropout, model_parallel_seed
 from lightning_tp.sharding import ShardSpec
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "Plan",
+    "PolicyError",
+    "PolicyWarning",
+    "apply_plan",
+    "apply_policy",
+    "plan_policy",
+    "register_policy",
     "ColumnParallelLinear",
     "LightningTPError",
     "MeshConfigError",

@@ -1,0 +1,44 @@
+"""Printing a :class:`~lightning_tp.policy.Plan`: module, style, full shape, local shape, params."""
+
+from __future__ import annotations
+
+import io
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from lightning_tp.policy import Plan
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return " x ".join(str(s) for s in shape) if shape else "-"
+
+
+def plan_table(plan: Plan) -> Table:
+    """A rich table of the plan, with a caption of parameters per rank vs unsharded."""
+    table = Table(title=f"lightning_tp plan: tensor_parallel_size={plan.tp_size}, policy: {plan.source}")
+    for col in ("module", "type", "style", "full shape", "local shape", "params / rank"):
+        table.add_column(col, justify="right" if col == "params / rank" else "left")
+    for m in plan.modules:
+        style = (
+            m.style + (f" {dict(m.options)}" if m.options else "") + (f" (tied to {m.tied_to})" if m.tied_to else "")
+        )
+        table.add_row(m.name, m.module_type, style, _shape(m.full_shape), _shape(m.local_shape), f"{m.local_params:,}")
+    for name in plan.unmatched:
+        table.add_row(name, "", "[yellow]unmatched (replicated)[/yellow]", "", "", "")
+    ratio = plan.local_params / plan.full_params if plan.full_params else 1.0
+    caption = [f"parameters per rank: {plan.local_params:,} of {plan.full_params:,} unsharded ({ratio:.1%})"]
+    caption += [f"{p or '<root>'}.{a}: {old} -> {new}" for p, a, old, new in plan.attribute_changes]
+    if plan.unused_patterns:
+        caption.append(f"patterns matching nothing: {plan.unused_patterns}")
+    table.caption = "\n".join(caption)
+    return table
+
+
+def render_plan(plan: Plan, width: int = 140) -> str:
+    """The plan table as plain text."""
+    buf = io.StringIO()
+    Console(file=buf, width=width, no_color=True, highlight=False).print(plan_table(plan))
+    return buf.getvalue()

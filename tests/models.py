@@ -1,0 +1,195 @@
+"""Small models written in different styles, for policy and parity tests (plain torch, no TP)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class PlainAttention(nn.Module):
+    """Separate q/k/v projections, head count and head size as attributes."""
+
+    def __init__(self, d, n_heads, n_kv_heads=None):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads or n_heads
+        self.head_dim = d // n_heads
+        self.q_proj = nn.Linear(d, n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(n_heads * self.head_dim, d, bias=False)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        rep = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d, hidden):
+        super().__init__()
+        self.gate_proj = nn.Linear(d, hidden, bias=False)
+        self.up_proj = nn.Linear(d, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class PlainBlock(nn.Module):
+    def __init__(self, d, n_heads, n_kv_heads=None):
+        super().__init__()
+        self.norm1, self.norm2 = nn.RMSNorm(d), nn.RMSNorm(d)
+        self.attn = PlainAttention(d, n_heads, n_kv_heads)
+        self.mlp = SwiGLU(d, 4 * d)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PlainGPT(nn.Module):
+    """Llama-like: separate q/k/v (optionally grouped-query), SwiGLU, untied or tied head."""
+
+    def __init__(self, vocab=30, d=16, n_layers=2, n_heads=4, n_kv_heads=None, tied=False, ctx=32):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(ctx, d)
+        self.layers = nn.ModuleList(PlainBlock(d, n_heads, n_kv_heads) for _ in range(n_layers))
+        self.norm = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        if tied:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, idx):
+        x = self.embed_tokens(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        for layer in self.layers:
+            x = layer(x)
+        return self.lm_head(self.norm(x))
+
+
+class NanoAttention(nn.Module):
+    """nanoGPT-style: fused c_attn split with ``self.n_embd``, ``n_head`` attribute."""
+
+    def __init__(self, n_embd, n_head, local_sizes=True):
+        super().__init__()
+        self.n_head, self.n_embd = n_head, n_embd
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
+        self.c_proj = nn.Linear(n_embd, n_embd)
+        self.attn_dropout, self.resid_dropout = nn.Dropout(0.0), nn.Dropout(0.0)
+        self.local_sizes = local_sizes
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        if self.local_sizes:
+            shape = (B, T, self.n_head, -1)
+        else:  # original nanoGPT: head size from the input's full width
+            shape = (B, T, self.n_head, C // self.n_head)
+        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        att = self.attn_dropout(att.masked_fill(~mask, float("-inf")).softmax(-1))
+        y = (att @ v).transpose(1, 2).contiguous()
+        y = y.view(B, T, -1) if self.local_sizes else y.view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class NanoMLP(nn.Module):
+    def __init__(self, n_embd):
+        super().__init__()
+        self.c_fc, self.c_proj = nn.Linear(n_embd, 4 * n_embd), nn.Linear(4 * n_embd, n_embd)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x)))
+
+
+class NanoBlock(nn.Module):
+    def __init__(self, n_embd, n_head, local_sizes):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
+        self.attn, self.mlp = NanoAttention(n_embd, n_head, local_sizes), NanoMLP(n_embd)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class NanoGPT(nn.Module):
+    """nanoGPT naming (transformer.wte/wpe/h.N, lm_head tied to wte)."""
+
+    def __init__(self, vocab=30, n_embd=16, n_layer=2, n_head=4, block_size=32, local_sizes=True):
+        super().__init__()
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(vocab, n_embd),
+                wpe=nn.Embedding(block_size, n_embd),
+                h=nn.ModuleList(NanoBlock(n_embd, n_head, local_sizes) for _ in range(n_layer)),
+                ln_f=nn.LayerNorm(n_embd),
+            )
+        )
+        self.lm_head = nn.Linear(n_embd, vocab, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight
+
+    def forward(self, idx):
+        t = self.transformer
+        x = t.wte(idx) + t.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for block in t.h:
+            x = block(x)
+        return self.lm_head(t.ln_f(x))
+
+
+def hf_llama(vocab=30, n_kv_heads=4, tied=False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=n_kv_heads, max_position_embeddings=64, tie_word_embeddings=tied,
+        attn_implementation="eager", bos_token_id=0, eos_token_id=1, pad_token_id=None,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg)
+
+
+def hf_gpt2(vocab=30):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, attn_implementation="eager", bos_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    return GPT2LMHeadModel(cfg)
+
+
+class HFLogits(nn.Module):
+    """Wrap a Hugging Face causal LM so that forward(ids) returns logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx):
+        return self.model(input_ids=idx, use_cache=False).logits
+
+
+BUILDERS = {
+    "plain": lambda: PlainGPT(),
+    "plain_gqa": lambda: PlainGPT(d=32, n_heads=8, n_kv_heads=4),
+    "plain_tied": lambda: PlainGPT(tied=True),
+    "nano": lambda: NanoGPT(),
+    "nano_full_width": lambda: NanoGPT(local_sizes=False),
+    "hf_llama": lambda: hf_llama(),
+    "hf_llama_tied": lambda: hf_llama(n_kv_heads=8, tied=True),
+    "hf_gpt2": lambda: hf_gpt2(),
+}
+
+
+def build(name: str, seed: int = 0, dtype=torch.float64) -> nn.Module:
+    torch.manual_seed(seed)
+    return BUILDERS[name]().to(dtype)

@@ -1,0 +1,266 @@
+"""The module-rewriting policy: auto rules, HF plans, ties, head attributes, errors, verify, report."""
+
+import importlib.util
+import warnings
+
+import models
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import _dist
+from lightning_tp import PolicyMismatchError, ShardingError, cross_entropy
+from lightning_tp.policy import (
+    PolicyError,
+    PolicyWarning,
+    apply_policy,
+    hf_plan,
+    plan_policy,
+    register_policy,
+    translate_hf_plan,
+)
+from lightning_tp.sharding import shard_spec
+
+HAS_HF = importlib.util.find_spec("transformers") is not None
+hf = pytest.mark.skipif(not HAS_HF, reason="transformers (extra 'hf') not installed")
+TOL = {"atol": 1e-10, "rtol": 0.0}
+
+
+def _forward(model, name, ids):
+    return models.HFLogits(model)(ids) if name.startswith("hf_") else model(ids)
+
+
+def _check_parity(name, tp, policy="auto"):
+    m = _dist.mesh(tp)
+    dense = models.build(name)
+    model = models.build(name)
+    wrapped = models.HFLogits(model) if name.startswith("hf_") else model
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PolicyWarning)  # auto must cover every linear/embedding
+        plan = apply_policy(wrapped, m.tp_group, policy)  # verify=True: the self-check passes
+    vocab = 30
+    g = torch.Generator().manual_seed(5 + m.dp_rank)
+    ids = torch.randint(0, vocab, (2, 12), generator=g)
+    tgt = torch.randint(0, vocab, (2, 12), generator=g)
+    tgt[0, :3] = -100
+    ld_logits, lt_logits = _forward(dense, name, ids), _forward(model, name, ids)
+    torch.testing.assert_close(lt_logits, ld_logits, **TOL)
+    ld = F.cross_entropy(ld_logits.reshape(-1, vocab), tgt.view(-1))
+    lt = cross_entropy(lt_logits.reshape(-1, lt_logits.size(-1)), tgt.view(-1))
+    torch.testing.assert_close(lt, ld, **TOL)
+    ld.backward()
+    lt.backward()
+    n_sharded = 0
+    for pname, param in model.named_parameters():
+        ref = dense.get_parameter(pname).grad
+        spec = shard_spec(param)
+        if spec is not None:
+            n_sharded += 1
+            owner = dense.get_submodule(pname.rpartition(".")[0])
+            if type(owner).__name__ == "Conv1D" and pname.endswith("weight"):
+                ref = ref.t()  # Conv1D stores (in, out)
+            ref = spec.shard(ref, m.tp_rank)
+        torch.testing.assert_close(param.grad, ref, **TOL, msg=lambda s, n=pname: f"{n}: {s}")
+    ties = {}
+    for a, b in [("lm_head", "embed_tokens"), ("lm_head", "transformer.wte"), ("lm_head", "model.embed_tokens")]:
+        try:
+            ties[(a, b)] = model.get_submodule(a).weight is model.get_submodule(b).weight
+        except AttributeError:
+            pass
+    return n_sharded, plan.tp_size, ties
+
+
+PARITY = ["plain", "plain_gqa", "plain_tied", "nano"]
+HF_PARITY = ["hf_llama", "hf_llama_tied", "hf_gpt2"]
+
+
+@pytest.mark.parametrize(("world", "tp"), [(2, 2), (4, 4)], ids=["tp2", "tp4"])
+@pytest.mark.parametrize("name", PARITY + [pytest.param(n, marks=hf) for n in HF_PARITY])
+def test_auto_policy_parity(world, tp, name):
+    for n_sharded, plan_tp, ties in _dist.run(world, _check_parity, name, tp):
+        assert n_sharded > 0 and plan_tp == tp
+        if name.endswith("tied") or name in ("nano", "hf_gpt2"):
+            assert any(ties.values()), ties  # the tie survived the rewrite on every rank
+
+
+def test_parity_dp2_tp2():
+    for n_sharded, _, _ in _dist.run(4, _check_parity, "plain_gqa", 2):
+        assert n_sharded > 0
+
+
+def _check_mismatch_caught(name):
+    m = _dist.mesh(2)
+    model = models.build(name)
+    with pytest.raises(PolicyMismatchError) as info:
+        apply_policy(model, m.tp_group, "auto")
+    return str(info.value)
+
+
+def test_verify_catches_full_width_reshape():
+    for msg in _dist.run(2, _check_mismatch_caught, "nano_full_width"):
+        assert "transformer.h.0.attn" in msg and "does not fit the policy" in msg
+
+
+class SilentlyWrong(nn.Module):
+    """Reads its head count from a config dict the policy cannot see: runs at TP 2, computes garbage."""
+
+    def __init__(self):
+        super().__init__()
+        self.cfg = {"heads": 2}
+        self.emb = nn.Embedding(16, 8)
+        self.attn = nn.Module()
+        self.attn.q = nn.Linear(8, 8)
+        self.attn.proj = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 16)
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        B, T, _ = x.shape
+        q = self.attn.q(x).view(B, T, self.cfg["heads"], -1).transpose(1, 2)  # (B, heads, T, hd): wrong hd at TP
+        att = torch.softmax(q @ q.transpose(-1, -2), -1) @ q
+        return self.head(self.attn.proj(att.transpose(1, 2).reshape(B, T, -1)))
+
+
+def _check_silent_mismatch():
+    m = _dist.mesh(2)
+    torch.manual_seed(0)
+    model = SilentlyWrong().double()
+    with pytest.raises(
+        PolicyMismatchError,
+        match=r"max abs difference .* > tolerance .* First module whose output differs: 'attn.proj'",
+    ):
+        apply_policy(model, m.tp_group, {"emb": "vocab", "attn.q": "column", "attn.proj": "row", "head": "vocab"})
+    return True
+
+
+def test_verify_catches_silent_mismatch_and_names_module():
+    assert all(_dist.run(2, _check_silent_mismatch))
+
+
+# ------------------------------------------------------------------------------------------------
+# Planning (single process, no process group).
+
+
+def test_auto_rules_and_attributes_nano():
+    plan = plan_policy(models.build("nano"), 2)
+    styles = {m.name: m.style for m in plan.modules}
+    assert styles["transformer.h.0.attn.c_attn"] == "qkv"
+    assert styles["transformer.h.0.attn.c_proj"] == "row"
+    assert styles["transformer.h.0.mlp.c_fc"] == "column"
+    assert styles["transformer.wte"] == styles["lm_head"] == "vocab"
+    assert styles["transformer.wpe"] == "replicate"
+    assert ("transformer.h.1.attn", "n_head", 4, 2) in plan.attribute_changes
+    assert ("transformer.h.1.attn", "n_embd", 16, 8) in plan.attribute_changes
+    assert plan.unmatched == [] and plan.unused_patterns == []
+
+
+def test_plan_report_table():
+    plan = plan_policy(models.build("plain_tied"), 4)
+    text = str(plan)
+    for col in ("module", "style", "full shape", "local shape", "params / rank"):
+        assert col in text
+    assert "layers.0.mlp.gate_proj" in text and "64 x 16" in text and "16 x 16" in text
+    assert "tied to embed_tokens" in text
+    assert "parameters per rank" in text and "layers.0.attn.n_heads: 4 -> 1" in text
+    assert plan.local_params < plan.full_params
+
+
+def test_gqa_kv_heads_not_divisible_is_refused():
+    with pytest.raises(
+        ShardingError, match=r"n_kv_heads=2 key/value heads cannot be split over tensor_parallel_size=4.*Grouped-query"
+    ):
+        plan_policy(models.PlainGPT(n_heads=4, n_kv_heads=2), 4)
+
+
+def test_heads_not_divisible():
+    with pytest.raises(
+        ShardingError, match=r"module 'layers.0.attn': n_heads=3 heads cannot be split over tensor_parallel_size=2"
+    ):
+        plan_policy(models.PlainGPT(d=12, n_heads=3), 2)
+
+
+@hf
+def test_hf_gqa_whole_heads_from_head_dim():
+    # Llama attention keeps head counts in its config only: whole heads are checked through head_dim.
+    with pytest.raises(
+        ShardingError, match=r"'model.model.layers.0.self_attn.k_proj': 2 heads .* tensor_parallel_size=4"
+    ):
+        plan_policy(models.HFLogits(models.hf_llama(n_kv_heads=2)), 4)
+
+
+@hf
+def test_hf_plan_translation():
+    model = models.HFLogits(models.hf_llama())
+    plan = hf_plan(model)
+    assert plan["model.model.layers.*.self_attn.q_proj"] == "colwise"
+    assert plan["model.lm_head"] == "colwise_gather_output"
+    p = plan_policy(model, 2)
+    styles = {m.name: m.style for m in p.modules}
+    assert p.source == "huggingface tp_plan"
+    assert styles["model.lm_head"] == "vocab" and styles["model.model.embed_tokens"] == "vocab"
+    assert styles["model.model.layers.1.mlp.down_proj"] == "row"
+    with pytest.raises(PolicyError, match=r"style 'moe_tp_experts' has no module-rewrite equivalent"):
+        translate_hf_plan({"layers.*.experts": "moe_tp_experts"})
+
+
+def test_style_on_wrong_module_type():
+    with pytest.raises(
+        TypeError,
+        match=r"style 'column' \(pattern 'embed_tokens'\) does not fit module 'embed_tokens' of type Embedding",
+    ):
+        plan_policy(models.build("plain"), 2, {"embed_tokens": "column"})
+    with pytest.raises(TypeError, match=r"style 'row' .* module 'norm' of type LayerNorm"):
+        plan_policy(models.build("plain"), 2, {"norm": "row"})
+
+
+def test_tie_the_policy_would_break():
+    with pytest.raises(
+        PolicyError, match=r"break a tied parameter shared by 'embed_tokens' \(vocab\), 'lm_head' \(replicate\)"
+    ):
+        plan_policy(models.build("plain_tied"), 2, {"embed_tokens": "vocab", "lm_head": "replicate"})
+
+
+def test_unmatched_and_unused_warn_and_strict_raises():
+    policy = {"layers.*.attn.[qkv]_proj": "column", "layers.*.attn.o_proj": "row", "nothing.here": "row"}
+    with pytest.warns(PolicyWarning) as record:
+        from lightning_tp.policy import warn_plan
+
+        warn_plan(plan_policy(models.build("plain"), 2, policy))
+    messages = " ".join(str(w.message) for w in record)
+    assert "layers.0.mlp.gate_proj" in messages and "embed_tokens" in messages
+    assert "patterns match no module: ['nothing.here']" in messages
+    with pytest.raises(PolicyError, match=r"strict policy: \d+ nn.Linear/nn.Embedding modules match no pattern"):
+        plan_policy(models.build("plain"), 2, policy, strict=True)
+
+
+def test_bad_policy_entries():
+    with pytest.raises(PolicyError, match=r"entry 'x': unknown style 'colwise'"):
+        plan_policy(models.build("plain"), 2, {"x": "colwise"})
+    with pytest.raises(PolicyError, match=r"options \['chunks'\] do not apply to style 'row'"):
+        plan_policy(models.build("plain"), 2, {"x": {"style": "row", "chunks": 3}})
+    with pytest.raises(PolicyError, match=r"neither 'auto', a registered name"):
+        plan_policy(models.build("plain"), 2, "no-such-policy")
+
+
+def test_yaml_registered_and_file_policies(tmp_path):
+    text = "embed_tokens: vocab\nlm_head: {style: vocab, gather_output: false}\n'*': replicate\n"
+    a = plan_policy(models.build("plain"), 2, text)
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    b = plan_policy(models.build("plain"), 2, str(path))
+    register_policy(
+        "test-embeddings-only",
+        {"embed_tokens": "vocab", "lm_head": {"style": "vocab", "gather_output": False}, "*": "replicate"},
+    )
+    c = plan_policy(models.build("plain"), 2, "test-embeddings-only")
+    for plan in (a, b, c):
+        styles = {m.name: (m.style, m.options) for m in plan.modules if m.style != "replicate"}
+        assert styles == {"embed_tokens": ("vocab", {}), "lm_head": ("vocab", {"gather_output": False})}
+
+
+def test_uneven_features_named():
+    with pytest.raises(
+        ShardingError, match=r"out_features of 'layers.0.attn.q_proj' of size 16 over tensor_parallel_size=3"
+    ):
+        plan_policy(models.PlainGPT(d=16, n_heads=4), 3)
