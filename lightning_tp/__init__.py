@@ -1,5 +1,8 @@
 """lightning_tp: Megatron-LM style tensor parallelism for PyTorch Lightning."""
 
+from lightning.pytorch.strategies import StrategyRegistry
+
+from lightning_tp.checkpoint import CheckpointError, consolidate, export
 from lightning_tp.comm import (
     copy_to_tp,
     gather_from_sp,
@@ -28,12 +31,22 @@ from lightning_tp.policy import (
     plan_policy,
     register_policy,
 )
+from lightning_tp.precision import TPGradScaler, TPMixedPrecision
 from lightning_tp.random import RNGTracker, TPDropout, model_parallel_seed
 from lightning_tp.sharding import ShardSpec
+from lightning_tp.strategy import MegatronTPStrategy
+
+MegatronTPStrategy.register_strategies(StrategyRegistry)
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "CheckpointError",
+    "MegatronTPStrategy",
+    "TPGradScaler",
+    "TPMixedPrecision",
+    "consolidate",
+    "export",
     "Plan",
     "PolicyError",
     "PolicyWarning",

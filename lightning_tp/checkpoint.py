@@ -1,0 +1,406 @@
+"""Sharded checkpoints on ``torch.distributed.checkpoint`` (DCP), resharding, consolidation.
+
+A checkpoint is a directory::
+
+    <name>.ckpt/
+        .metadata, __*_*.distcp   every rank's shards (DCP)
+        meta.pt                   the Trainer's state (loops, callbacks, schedulers, scaler) and the
+                                  layout; loaded with ``weights_only=True``
+
+Tensors are stored in a TP-size independent form: each TP-sharded parameter (and each optimizer
+state tensor shaped like it) is written as a ``DTensor`` over the mesh whose global shape is the
+dense, unpadded tensor (one DTensor per fused chunk: ``name::chunk{i}``). Vocabulary padding is never
+written. Loading at another TP size reads each rank's new slice (DCP reshards), padding rows become
+zeros. Replicated tensors are written once. The RNG states are per rank (``rng.rank{r}.*``) and
+restored only at the same world size.
+
+Saving writes to a temporary directory and renames it over the target only when every rank has
+finished, so a failed save never destroys the previous checkpoint. Loading validates keys and shapes
+before touching the model, reads into buffers, and only then copies into parameters.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+from torch.distributed import ProcessGroup
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from lightning_tp.errors import LightningTPError
+from lightning_tp.mesh import TPMesh
+from lightning_tp.sharding import ShardSpec, shard_spec
+
+META_FILE = "meta.pt"
+FORMAT_VERSION = 1
+_CHUNK = "::chunk"
+
+
+class CheckpointError(LightningTPError, RuntimeError):
+    """A checkpoint that cannot be loaded: corrupt, truncated, or from a different model."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Canonical (TP-size independent) views of local tensors.
+# ------------------------------------------------------------------------------------------------
+
+
+def _chunk_keys(key: str, spec: ShardSpec) -> list[str]:
+    return [key] if len(spec.sizes) == 1 else [f"{key}{_CHUNK}{c}" for c in range(len(spec.sizes))]
+
+
+def _global_shape(local_shape: torch.Size, spec: ShardSpec, chunk: int) -> torch.Size:
+    shape = list(local_shape)
+    shape[spec.dim] = spec.sizes[chunk]
+    return torch.Size(shape)
+
+
+def _canonical(key: str, local: Tensor, spec: ShardSpec | None, mesh: TPMesh) -> dict[str, Tensor]:
+    """``{key(s): tensor}`` to save for one local tensor (DTensors for sharded ones)."""
+    if spec is None:
+        return {key: local.detach()}
+    out, offset = {}, 0
+    for c, ckey in enumerate(_chunk_keys(key, spec)):
+        m = spec.local_sizes[c]
+        _, n_valid = spec.valid_range(mesh.tp_rank, c)
+        piece = local.detach().narrow(spec.dim, offset, n_valid).contiguous()
+        shape = _global_shape(local.shape, spec, c)
+        out[ckey] = DTensor.from_local(
+            piece, mesh.device_mesh, [Replicate(), Shard(spec.dim)], run_check=False, shape=shape,
+            stride=torch.empty(shape, device="meta").stride(),
+        )  # fmt: skip
+        offset += m
+    return out
+
+
+def _fill_local(local: Tensor, loaded: dict[str, Tensor], key: str, spec: ShardSpec | None, mesh: TPMesh) -> None:
+    """Copy what :func:`_canonical` buffers received back into ``local`` (padding zeroed)."""
+    with torch.no_grad():
+        if spec is None:
+            local.copy_(loaded[key])
+            return
+        local.zero_()
+        offset = 0
+        for c, ckey in enumerate(_chunk_keys(key, spec)):
+            _, n_valid = spec.valid_range(mesh.tp_rank, c)
+            local.narrow(spec.dim, offset, n_valid).copy_(loaded[ckey].to_local())
+            offset += spec.local_sizes[c]
+
+
+def _params(module: nn.Module) -> dict[str, Tensor]:
+    """Parameters (each shared one once) and persistent buffers, by name."""
+    state = dict(module.named_parameters())
+    persistent = set(module.state_dict(keep_vars=True))
+    state.update({n: b for n, b in module.named_buffers() if n in persistent})
+    return state
+
+
+def _aliases(module: nn.Module) -> dict[str, str]:
+    """State-dict names that refer to an already named tensor (ties): ``{alias: name}``."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, t in module.state_dict(keep_vars=True).items():
+        if id(t) in first:
+            aliases[name] = first[id(t)]
+        else:
+            first[id(t)] = name
+    return aliases
+
+
+def _transposed(module: nn.Module) -> list[str]:
+    plan = getattr(module, "_lightning_tp_plan", None)
+    return [f"{m.name}.weight" for m in (plan.modules if plan else []) if m.module_type == "Conv1D" and m.spec]
+
+
+# ------------------------------------------------------------------------------------------------
+# Save / load.
+# ------------------------------------------------------------------------------------------------
+
+
+def _state_to_save(module: nn.Module, optimizers: list[torch.optim.Optimizer], mesh: TPMesh):
+    tensors: dict[str, Tensor] = {}
+    layout: dict[str, Any] = {}
+    params = _params(module)
+    for name, t in params.items():
+        spec = shard_spec(t)
+        tensors.update(_canonical(f"model.{name}", t, spec, mesh))
+        layout[name] = None if spec is None else {"dim": spec.dim, "sizes": list(spec.sizes), "pad": spec.pad}
+    names = {id(p): n for n, p in params.items()}
+    optim_meta = []
+    for i, opt in enumerate(optimizers):
+        groups, extra = [], {}
+        for group in opt.param_groups:
+            groups.append(
+                {**{k: v for k, v in group.items() if k != "params"}, "params": [names[id(p)] for p in group["params"]]}
+            )
+            for p in group["params"]:
+                for k, v in opt.state.get(p, {}).items():
+                    key = f"optim{i}.{names[id(p)]}.{k}"
+                    if isinstance(v, Tensor):
+                        spec = shard_spec(p) if v.shape == p.shape else None
+                        tensors.update(_canonical(key, v, spec, mesh))
+                    else:
+                        extra.setdefault(names[id(p)], {})[k] = v
+        optim_meta.append({"param_groups": groups, "extra": extra})
+    return tensors, layout, optim_meta
+
+
+def save(
+    path: str | os.PathLike,
+    module: nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    mesh: TPMesh,
+    trainer_state: dict[str, Any],
+    rng_state: dict[str, Tensor] | None = None,
+) -> None:
+    """Save every rank's shards and the trainer state to directory ``path``. Collective."""
+    path = Path(path)
+    token = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    tmp = path.parent / f".{path.name}.tmp-{token[0]}"
+    tensors, layout, optim_meta = _state_to_save(module, optimizers, mesh)
+    for name, state in (rng_state or {}).items():
+        tensors[f"rng.rank{dist.get_rank()}.{name}"] = state
+    meta = dict(trainer_state)
+    meta["lightning_tp"] = {
+        "version": FORMAT_VERSION,
+        "tp_size": mesh.tp_size,
+        "world_size": mesh.world_size,
+        "layout": layout,
+        "transpose": _transposed(module),
+        "aliases": _aliases(module),
+        "optimizers": optim_meta,
+    }
+    try:
+        if dist.get_rank() == 0:
+            tmp.mkdir(parents=True, exist_ok=False)
+        dist.barrier()
+        dcp.save(tensors, checkpoint_id=str(tmp))
+        if dist.get_rank() == 0:
+            torch.save(meta, tmp / META_FILE)
+        ok = torch.tensor([1])
+    except Exception:
+        ok = torch.tensor([0])
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if not bool(ok):
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"saving {path} failed on another rank; the previous checkpoint is kept.")
+    if dist.get_rank() == 0:
+        old = path.parent / f".{path.name}.old-{token[0]}"
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        if old.exists():
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    dist.barrier()
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The trainer state and layout of a checkpoint (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_dir() or not (path / META_FILE).is_file():
+        raise CheckpointError(
+            f"{path} is not a lightning_tp checkpoint (a directory with {META_FILE} and DCP shards); "
+            "it may be missing, partially written or from another strategy."
+        )
+    try:
+        meta = torch.load(path / META_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot read {path / META_FILE}: {type(exc).__name__}: {exc}. The file is corrupt or truncated, or it "
+            "holds pickled objects, which are refused (loading uses weights_only=True)."
+        ) from exc
+    if not isinstance(meta, dict) or "lightning_tp" not in meta:
+        raise CheckpointError(f"{path / META_FILE} has no lightning_tp layout: not a lightning_tp checkpoint.")
+    return meta
+
+
+def _storage(path: Path) -> dict[str, TensorStorageMetadata]:
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except Exception as exc:
+        raise CheckpointError(f"cannot read the shard index of {path}: {type(exc).__name__}: {exc}") from exc
+    return {k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+
+
+def _check_model_keys(
+    path: Path, stored: dict[str, TensorStorageMetadata], expected: dict[str, torch.Size], strict: bool
+):
+    have = {k for k in stored if k.startswith("model.")}
+    missing = sorted(set(expected) - have)
+    unexpected = sorted(have - set(expected))
+    if missing or (strict and unexpected):
+        raise CheckpointError(
+            f"checkpoint {path} was saved with a different model: missing keys {_strip(missing)}, unexpected keys "
+            f"{_strip(unexpected)}. Load it into the model it was saved from (or load non-strictly)."
+        )
+    for key, shape in expected.items():
+        if tuple(stored[key].size) != tuple(shape):
+            raise CheckpointError(
+                f"checkpoint {path}: {key[len('model.') :]!r} has shape {tuple(stored[key].size)} in the checkpoint "
+                f"but {tuple(shape)} in the model: it was saved with a different model configuration."
+            )
+
+
+def _strip(keys: list[str]) -> list[str]:
+    return sorted({k[len("model.") :].split(_CHUNK)[0] for k in keys})
+
+
+def load(
+    path: str | os.PathLike,
+    module: nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    mesh: TPMesh,
+    strict: bool = True,
+) -> tuple[dict[str, Any], dict[str, Tensor] | None]:
+    """Load shards into ``module`` / ``optimizers`` at the current TP size (resharding as needed).
+    Returns ``(trainer_state, rng_state or None)``. Collective; raises :class:`CheckpointError`
+    before modifying anything on a bad checkpoint."""
+    path = Path(path)
+    meta = read_meta(path)
+    info = meta.pop("lightning_tp")
+    stored = _storage(path)
+    params = _params(module)
+    buffers: dict[str, Tensor] = {}
+    targets: list[tuple[Tensor, str, ShardSpec | None, str]] = []
+    expected: dict[str, torch.Size] = {}
+    for name, t in params.items():
+        spec = shard_spec(t)
+        canon = _canonical(f"model.{name}", torch.empty_like(t), spec, mesh)
+        expected.update({k: v.shape for k, v in canon.items()})
+        buffers.update(canon)
+        targets.append((t, f"model.{name}", spec, name))
+    _check_model_keys(path, stored, expected, strict)
+
+    names = {id(p): n for n, p in params.items()}
+    optim_targets = []
+    for i, opt in enumerate(optimizers):
+        if i >= len(info["optimizers"]):
+            raise CheckpointError(
+                f"checkpoint {path} has {len(info['optimizers'])} optimizers, the model has {len(optimizers)}."
+            )
+        for group in opt.param_groups:
+            for p in group["params"]:
+                prefix = f"optim{i}.{names[id(p)]}."
+                for key in sorted({k.split(_CHUNK)[0] for k in stored if k.startswith(prefix)}):
+                    state_key = key[len(prefix) :]
+                    spec = shard_spec(p)
+                    first = stored.get(key) or stored[f"{key}{_CHUNK}0"]
+                    if spec is not None and (key not in stored or tuple(first.size) == tuple(_dense_shape(p, spec))):
+                        buf = torch.zeros_like(p)
+                        buffers.update(_canonical(key, buf, spec, mesh))
+                    else:
+                        spec = None
+                        buf = torch.empty(first.size, dtype=first.properties.dtype)
+                        buffers[key] = buf
+                    optim_targets.append((i, p, state_key, buf, key, spec))
+    rng_keys = [k for k in stored if k.startswith(f"rng.rank{dist.get_rank()}.")]
+    same_layout = info["world_size"] == mesh.world_size and info["tp_size"] == mesh.tp_size
+    if same_layout:
+        for k in rng_keys:
+            buffers[k] = torch.empty(stored[k].size, dtype=stored[k].properties.dtype)
+
+    try:
+        dcp.load(buffers, checkpoint_id=str(path))
+    except Exception as exc:
+        raise CheckpointError(
+            f"reading the shards of {path} failed ({type(exc).__name__}: {str(exc)[:500]}). The checkpoint is corrupt "
+            "or truncated (a missing or short .distcp file); the model was not modified."
+        ) from exc
+
+    for t, key, spec, _ in targets:
+        _fill_local(t.data, buffers, key, spec, mesh)
+    for i, opt in enumerate(optimizers):
+        state: dict[int, dict[str, Any]] = {}
+        index = {id(p): j for j, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+        for _, p, state_key, buf, key, spec in (t for t in optim_targets if t[0] == i):
+            if spec is not None:
+                _fill_local(buf, buffers, key, spec, mesh)
+            state.setdefault(index[id(p)], {})[state_key] = buf
+        saved = info["optimizers"][i]
+        for name, extra in saved["extra"].items():
+            p = params.get(name)
+            if p is not None and id(p) in index:
+                state.setdefault(index[id(p)], {}).update(extra)
+        groups = []
+        for current, old in zip(opt.param_groups, saved["param_groups"], strict=False):
+            groups.append(
+                {**{k: v for k, v in old.items() if k != "params"}, "params": [index[id(p)] for p in current["params"]]}
+            )
+        opt.load_state_dict({"state": state, "param_groups": groups})
+    rng = {k.split(".", 2)[2]: buffers[k] for k in rng_keys} if same_layout else None
+    return meta, rng
+
+
+def _dense_shape(p: Tensor, spec: ShardSpec) -> torch.Size:
+    return _global_shape(p.shape, spec, 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Consolidation.
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def full_state_dict(module: nn.Module, group: ProcessGroup) -> dict[str, Tensor]:
+    """The dense state_dict of a rewritten module, in the original module's layout (collective)."""
+    from lightning_tp.layers import gather_weight
+
+    transpose = set(_transposed(module))
+    out = {}
+    for name, t in module.state_dict(keep_vars=True).items():
+        full = gather_weight(t, group) if shard_spec(t) is not None else t.detach().clone()
+        out[name] = full.t().contiguous() if name in transpose else full
+    return out
+
+
+def consolidate(path: str | os.PathLike) -> dict[str, Tensor]:
+    """One full, unsharded state_dict from a sharded checkpoint, without a process group.
+
+    The original (unmodified) LightningModule loads it with ``load_state_dict(strict=True)``.
+    """
+    path = Path(path)
+    info = read_meta(path)["lightning_tp"]
+    stored = _storage(path)
+    model_keys = {k: v for k, v in stored.items() if k.startswith("model.")}
+    buffers = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in model_keys.items()}
+    try:
+        dcp.load(buffers, checkpoint_id=str(path), no_dist=True)
+    except Exception as exc:
+        raise CheckpointError(f"reading the shards of {path} failed: {type(exc).__name__}: {exc}") from exc
+    out: dict[str, Tensor] = {}
+    for name, layout in info["layout"].items():
+        key = f"model.{name}"
+        if layout is None or len(layout["sizes"]) == 1:
+            out[name] = buffers[key]
+        else:
+            parts = [buffers[f"{key}{_CHUNK}{c}"] for c in range(len(layout["sizes"]))]
+            out[name] = torch.cat(parts, dim=layout["dim"])
+    for name in info["transpose"]:
+        out[name] = out[name].t().contiguous()
+    for alias, name in info.get("aliases", {}).items():
+        out[alias] = out[name]
+    return out
+
+
+def export(path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write :func:`consolidate` of checkpoint ``path`` to ``out`` (``torch.save``)."""
+    state = consolidate(path)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, out)
+    return out

@@ -1,0 +1,165 @@
+"""Precision plugins that know about tensor parallelism.
+
+Every Lightning precision the strategy supports (``32-true``, ``bf16-mixed``, ``16-mixed``,
+``bf16-true``, ``16-true``) is wrapped so that
+
+* gradient clipping by norm uses the norm of the whole unsharded model's gradient: squared norms of
+  TP-sharded parameters are summed over the TP group, replicated parameters are counted once, so the
+  norm (and the clip coefficient) is identical on every rank; the norm is logged as ``grad_norm``;
+* replicated parameters whose grads are partial sums (sequence-parallel norms and biases) are
+  all-reduced over TP after backward, before clipping and the step;
+* ``16-mixed`` uses :class:`TPGradScaler`, whose found-inf flag is reduced over all ranks, so every
+  rank skips (or takes) the step and changes its loss scale together, on CPU too.
+
+On CPU Lightning itself turns ``precision="16-mixed"`` into ``bf16-mixed`` before any strategy sees
+it. To train with fp16 autocast and dynamic loss scaling on CPU, pass the plugin explicitly:
+``Trainer(plugins=[TPMixedPrecision("16-mixed", "cpu")], ...)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
+from torch import Tensor
+from torch.distributed import ProcessGroup
+
+from lightning_tp.sharding import has_partial_grad, shard_spec
+
+
+def tp_grad_norm(params: list[Tensor], tp_group: ProcessGroup | None, norm_type: float = 2.0) -> Tensor:
+    """Norm of the unsharded model's gradient from this rank's parameters (identical on all ranks).
+
+    Sharded parameters contribute ``sum over TP`` of their local squared norms; replicated ones are
+    counted once (their grads are equal on every TP rank).
+    """
+    grads = [(p.grad, shard_spec(p) is not None) for p in params if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    device = grads[0][0].device
+    if norm_type == float("inf"):
+        sharded = max((g.detach().abs().max().float() for g, s in grads if s), default=torch.tensor(0.0, device=device))
+        replicated = max(
+            (g.detach().abs().max().float() for g, s in grads if not s), default=torch.tensor(0.0, device=device)
+        )
+        sharded = torch.as_tensor(sharded, device=device).clone()
+        if tp_group is not None and dist.get_world_size(tp_group) > 1:
+            dist.all_reduce(sharded, op=dist.ReduceOp.MAX, group=tp_group)
+        return torch.maximum(sharded, torch.as_tensor(replicated, device=device))
+    acc = torch.float64 if any(g.dtype == torch.float64 for g, _ in grads) else torch.float32
+
+    def total(select: bool) -> Tensor:
+        parts = [
+            torch.linalg.vector_norm(g.detach(), norm_type, dtype=acc) ** norm_type for g, s in grads if s == select
+        ]
+        return torch.stack(parts).sum() if parts else torch.zeros((), dtype=acc, device=device)
+
+    sharded = total(True)
+    if tp_group is not None and dist.get_world_size(tp_group) > 1:
+        dist.all_reduce(sharded, group=tp_group)
+    return (sharded + total(False)) ** (1.0 / norm_type)
+
+
+def clip_grads_by_norm_(params: list[Tensor], max_norm: float, tp_group: ProcessGroup | None) -> Tensor:
+    """Scale grads in place so that the unsharded gradient's 2-norm is at most ``max_norm`` (same
+    coefficient as ``torch.nn.utils.clip_grad_norm_``). Returns the norm before clipping."""
+    norm = tp_grad_norm(params, tp_group)
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for p in params:
+        if p.grad is not None:
+            p.grad.detach().mul_(coef.to(p.grad.device, p.grad.dtype))
+    return norm
+
+
+def all_reduce_partial_grads(params: list[Tensor], tp_group: ProcessGroup | None) -> None:
+    """Sum over TP the grads of replicated parameters that each rank computed only partially."""
+    if tp_group is None or dist.get_world_size(tp_group) == 1:
+        return
+    for p in params:
+        if p.grad is not None and has_partial_grad(p):
+            dist.all_reduce(p.grad, group=tp_group)
+
+
+class TPGradScaler(torch.amp.GradScaler):
+    """``GradScaler`` whose found-inf flags are reduced (max) over ``group`` (default: all ranks)
+    after unscaling, so an inf in one rank's gradient shard makes every rank skip the step and
+    back off its scale identically."""
+
+    group: ProcessGroup | None = None
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        super().unscale_(optimizer)
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        for found_inf in self._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
+            dist.all_reduce(found_inf, op=dist.ReduceOp.MAX, group=self.group)
+
+
+class _TPPrecisionMixin:
+    """TP-aware clipping, partial-grad reduction and ``grad_norm`` logging for a precision plugin."""
+
+    tp_group: ProcessGroup | None = None
+    last_grad_norm: Tensor | None = None
+
+    def _after_closure(self, model, optimizer) -> None:
+        all_reduce_partial_grads(list(self.main_params(optimizer)), self.tp_group)
+        self.last_grad_norm = None
+        super()._after_closure(model, optimizer)
+        if self.last_grad_norm is not None and model.trainer is not None:
+            model.log("grad_norm", self.last_grad_norm.float(), on_step=True, prog_bar=False, batch_size=1)
+
+    def clip_grad_by_norm(self, optimizer, clip_val: int | float) -> None:
+        params = [p for p in self.main_params(optimizer) if p.grad is not None]
+        self.last_grad_norm = clip_grads_by_norm_(params, float(clip_val), self.tp_group)
+
+
+class TPPrecision(_TPPrecisionMixin, Precision):
+    """``32-true`` with TP-aware clipping."""
+
+
+class TPDoublePrecision(_TPPrecisionMixin, DoublePrecision):
+    """``64-true`` with TP-aware clipping."""
+
+
+class TPHalfPrecision(_TPPrecisionMixin, HalfPrecision):
+    """``bf16-true`` / ``16-true`` with TP-aware clipping."""
+
+
+class TPMixedPrecision(_TPPrecisionMixin, MixedPrecision):
+    """``bf16-mixed`` / ``16-mixed`` autocast with TP-aware clipping; ``16-mixed`` scales the loss
+    with a :class:`TPGradScaler`. Works on CPU (pass it in ``plugins=`` for CPU fp16, see module doc).
+
+    Args:
+        precision: ``"16-mixed"`` or ``"bf16-mixed"``.
+        device: ``"cuda"`` or ``"cpu"``.
+        scaler: a scaler for ``16-mixed`` (default: a new :class:`TPGradScaler`).
+    """
+
+    def __init__(self, precision: str, device: str, scaler: torch.amp.GradScaler | None = None) -> None:
+        if scaler is None and precision == "16-mixed":
+            scaler = TPGradScaler(device=device)
+        super().__init__(precision, device, scaler)
+
+
+def to_tp_precision(plugin: Precision | None) -> Precision:
+    """The TP-aware version of a Lightning precision plugin (the strategy calls this on assignment)."""
+    if plugin is None or isinstance(plugin, _TPPrecisionMixin):
+        return plugin if plugin is not None else TPPrecision()
+    kind = type(plugin)
+    if kind is Precision:
+        return TPPrecision()
+    if kind is DoublePrecision:
+        return TPDoublePrecision()
+    if kind is HalfPrecision:
+        return TPHalfPrecision(plugin.precision)
+    if kind is MixedPrecision:
+        scaler: Any = plugin.scaler
+        if scaler is not None and not isinstance(scaler, TPGradScaler):
+            scaler = TPGradScaler(device=plugin.device)
+        return TPMixedPrecision(plugin.precision, plugin.device, scaler)
+    raise TypeError(
+        f"precision plugin {kind.__name__} is not supported by the megatron_tp strategy; use precision "
+        "'32-true', 'bf16-mixed', '16-mixed', 'bf16-true' or '16-true' (or a lightning_tp.precision plugin)."
+    )

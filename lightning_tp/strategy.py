@@ -1,0 +1,346 @@
+"""The Lightning strategy ``megatron_tp``: glue between the Trainer and the TP engine.
+
+Order of work (SPEC section 2): process group + (data_parallel, tensor_parallel) mesh; the user's
+``configure_model``; one weight sync from rank 0 (so every rank shards the same dense model); the
+policy rewrite with the parity self-check; precision conversion; DDP over the data-parallel group;
+optimizers over the local shards. Checkpoints go through :mod:`lightning_tp.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies import _StrategyRegistry
+from lightning.fabric.utilities.distributed import _distributed_is_initialized
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch.overrides.distributed import _sync_module_states
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from lightning_tp.errors import MeshConfigError
+from lightning_tp.mesh import TPMesh, init_tp_mesh, parallel_sizes
+from lightning_tp.policy import Plan, apply_policy
+from lightning_tp.precision import _TPPrecisionMixin, to_tp_precision
+from lightning_tp.random import RNGTracker, TPDropout, model_parallel_seed
+
+log = logging.getLogger(__name__)
+
+PLAN_ATTR = "_lightning_tp_plan"  # set on the LightningModule once it has been rewritten
+_ATTN_DROPOUT_HINTS = ("attn_drop", "attention_drop", "attn_dropout", "attention_dropout")
+
+
+class MegatronTPStrategy(DDPStrategy):
+    """Megatron-LM style tensor parallelism (x data parallelism) for the Lightning ``Trainer``.
+
+    ``world = DP x TP``; TP ranks are contiguous (``rank = dp_rank * tp + tp_rank``), so with the
+    default ``tensor_parallel_size="auto"`` (devices per node) TP stays inside a node and DP spans
+    nodes. The user's ``nn.Linear`` / ``nn.Embedding`` layers are rewritten by ``policy`` after
+    ``configure_model`` and before ``configure_optimizers``, so ``self.parameters()`` there are the
+    local shards.
+
+    Args:
+        tensor_parallel_size: ranks per model replica, or ``"auto"`` (devices per node).
+        policy: ``"auto"``, a registered policy name, a dict or a YAML mapping (see README).
+        verify: check the rewritten model against the unsharded one on a fixed random batch and raise
+            ``PolicyMismatchError`` if they differ.
+        sequence_parallel: Megatron sequence parallelism (not available yet: raises).
+        start_method: ``"popen"`` (subprocess/torchrun/SLURM), ``"spawn"`` or ``"fork"``.
+        process_group_backend: ``"gloo"`` / ``"nccl"``; default from the device.
+        timeout: process-group timeout.
+        strict: unmatched ``nn.Linear`` / ``nn.Embedding`` modules are an error, not a warning.
+        seed: base seed for the model-parallel RNG streams (default: ``PL_GLOBAL_SEED`` set by
+            ``seed_everything``, else a seed broadcast from rank 0).
+        **kwargs: passed to ``DistributedDataParallel`` (e.g. ``find_unused_parameters``).
+    """
+
+    strategy_name = "megatron_tp"
+
+    def __init__(
+        self,
+        tensor_parallel_size: Literal["auto"] | int = "auto",
+        policy: str | dict[str, Any] | None = "auto",
+        verify: bool = True,
+        sequence_parallel: bool = False,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        strict: bool = False,
+        seed: int | None = None,
+        accelerator: pl.accelerators.Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment=None,
+        checkpoint_io=None,
+        precision_plugin: Precision | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if tensor_parallel_size != "auto" and (
+            isinstance(tensor_parallel_size, bool)
+            or not isinstance(tensor_parallel_size, int)
+            or tensor_parallel_size < 1
+        ):
+            raise MeshConfigError(f"tensor_parallel_size must be 'auto' or an int >= 1, got {tensor_parallel_size!r}.")
+        if sequence_parallel:
+            raise NotImplementedError(
+                "sequence_parallel=True is not available yet in lightning_tp (the sequence-parallel "
+                "collectives and layers exist, the policy does not rewrite norms/dropout for it yet). "
+                "Use sequence_parallel=False."
+            )
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+            **kwargs,
+        )
+        self._tensor_parallel_size = tensor_parallel_size
+        self.policy, self.verify, self.strict = policy, verify, strict
+        self.sequence_parallel = sequence_parallel
+        self._seed = seed
+        self._tp_mesh: TPMesh | None = None
+        self.rng_tracker: RNGTracker | None = None
+
+    # -- precision: every plugin becomes its TP-aware variant ------------------------------------
+    @property
+    def precision_plugin(self) -> Precision:
+        return self._precision_plugin if self._precision_plugin is not None else to_tp_precision(None)
+
+    @precision_plugin.setter
+    def precision_plugin(self, plugin: Precision | None) -> None:
+        self._precision_plugin = None if plugin is None else to_tp_precision(plugin)
+
+    # -- topology ---------------------------------------------------------------------------------
+    @property
+    def tp_mesh(self) -> TPMesh:
+        if self._tp_mesh is None:
+            raise RuntimeError("the TP x DP mesh exists only after the strategy set up the environment.")
+        return self._tp_mesh
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        if self._tensor_parallel_size == "auto":
+            return self.num_processes
+        return int(self._tensor_parallel_size)
+
+    @property
+    def tp_group(self):
+        return self.tp_mesh.tp_group
+
+    @property
+    def dp_group(self):
+        return self.tp_mesh.dp_group
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        # Data is split by DP rank only: every TP rank of a replica sees the same batches.
+        return {"num_replicas": self.tp_mesh.dp_size, "rank": self.tp_mesh.dp_rank}
+
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        if self._start_method == "popen":
+            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+        else:
+            self._launcher = _TPMultiProcessingLauncher(self, start_method=self._start_method)
+
+    def setup_environment(self) -> None:
+        # Validate the layout before the process group exists: no collective on bad input.
+        world = self.num_nodes * self.num_processes
+        parallel_sizes(world, self.tensor_parallel_size)
+        super().setup_environment()
+        self._tp_mesh = init_tp_mesh(self.tensor_parallel_size, self.root_device.type)
+        for plugin in (self.precision_plugin,):
+            if isinstance(plugin, _TPPrecisionMixin):
+                plugin.tp_group = self._tp_mesh.tp_group
+        if self.lightning_module is not None:
+            self.lightning_module._device_mesh = self._tp_mesh.device_mesh
+        log.info("lightning_tp: %s", self._tp_mesh)
+
+    # -- model ------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer) -> None:
+        assert self.accelerator is not None and self.model is not None
+        self.accelerator.setup(trainer)
+        module = self.lightning_module
+        self.model_to_device()
+        if getattr(module, PLAN_ATTR, None) is None:
+            _sync_module_states(module)  # all ranks shard the same dense model
+            plan = self._rewrite(module)
+            object.__setattr__(module, PLAN_ATTR, plan)
+            self.rng_tracker = model_parallel_seed(
+                self._resolve_seed(), self.tp_mesh.tp_rank, self.tp_mesh.dp_rank, self.root_device
+            )
+            _wrap_attention_dropout(module, plan, self.rng_tracker)
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        if trainer.state.fn == TrainerFn.FITTING:
+            if self.tp_mesh.dp_size > 1:
+                self.configure_ddp()
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    def _rewrite(self, module: pl.LightningModule) -> Plan:
+        example = getattr(module, "example_input_array", None)
+        target: nn.Module = module
+        verify = self.verify
+        if verify and example is None and not is_overridden("forward", module, pl.LightningModule):
+            children = [c for c in module.children() if any(True for _ in c.parameters())]
+            if len(children) == 1:
+                target = children[0]  # verify the wrapped model; rewriting it rewrites the module
+            else:
+                log.warning("lightning_tp: no forward and no example_input_array: skipping verify.")
+                verify = False
+        if target is not module:
+            plan = apply_policy(target, self.tp_group, self.policy, strict=self.strict, verify=verify)
+            prefix = next(n for n, c in module.named_children() if c is target)
+            for row in plan.modules:
+                row.name = f"{prefix}.{row.name}"
+            plan.attribute_changes = [(f"{prefix}.{p}".rstrip("."), a, o, n) for p, a, o, n in plan.attribute_changes]
+            return plan
+        return apply_policy(
+            module, self.tp_group, self.policy, strict=self.strict, verify=verify, example_input=example
+        )
+
+    def _resolve_seed(self) -> int:
+        if self._seed is not None:
+            return int(self._seed)
+        env = os.environ.get("PL_GLOBAL_SEED")
+        if env is not None:
+            return int(env)
+        return int(self.broadcast(int(torch.randint(0, 2**31 - 1, ()).item())))
+
+    def _setup_model(self, model: nn.Module) -> DistributedDataParallel:
+        device_ids = self.determine_ddp_device_ids()
+        return DistributedDataParallel(model, device_ids=device_ids, process_group=self.dp_group, **self._ddp_kwargs)
+
+    # -- collectives for logging and metrics ------------------------------------------------------
+    def reduce(self, tensor: Tensor | Any, group: Any | None = None, reduce_op: Any = "mean") -> Tensor | Any:
+        """Reduce over the data-parallel group (TP ranks of a replica hold equal values)."""
+        if not isinstance(tensor, Tensor) or not _distributed_is_initialized():
+            return tensor
+        group = self.dp_group if group is None else group
+        return super().reduce(tensor, group=group, reduce_op=reduce_op)
+
+    def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
+        """Gather over the data-parallel group: one entry per model replica."""
+        group = self.dp_group if group is None and self._tp_mesh is not None else group
+        return super().all_gather(tensor, group=group, sync_grads=sync_grads)
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        if not _distributed_is_initialized():
+            return decision
+        flag = torch.tensor(int(decision), device=self.root_device)
+        dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+        return bool(flag == self.world_size) if all else bool(flag > 0)
+
+    # -- checkpoints: every rank's shards through torch.distributed.checkpoint --------------------
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # load into the sharded model and the optimizers built over the shards
+
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        return False  # checkpoint.load restores them (resharded)
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        # This rank's shards; save_checkpoint writes the resharding-ready form itself.
+        assert self.lightning_module is not None
+        return self.lightning_module.state_dict()
+
+    def optimizer_state(self, optimizer) -> dict[str, Any]:
+        return {}  # written by save_checkpoint from the live optimizers
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        from lightning_tp import checkpoint as ckpt
+
+        if storage_options is not None:
+            raise TypeError(
+                "megatron_tp writes checkpoints with torch.distributed.checkpoint; storage_options is not supported."
+            )
+        path = self.broadcast(str(filepath))
+        state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+        rng = self.rng_tracker.state_dict() if self.rng_tracker is not None else None
+        optimizers = [getattr(o, "_optimizer", o) for o in self.optimizers]
+        ckpt.save(path, self.lightning_module, optimizers, self.tp_mesh, state, rng)
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        from lightning_tp import checkpoint as ckpt
+
+        path = self.broadcast(str(checkpoint_path))
+        optimizers = [getattr(o, "_optimizer", o) for o in self.optimizers]
+        strict = getattr(self.lightning_module, "strict_loading", True)
+        state, rng = ckpt.load(path, self.lightning_module, optimizers, self.tp_mesh, strict=strict)
+        if rng is not None and self.rng_tracker is not None:
+            self.rng_tracker.load_state_dict(rng)
+        return state
+
+    def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
+        pass  # done in load_checkpoint
+
+    def load_optimizer_state_dict(self, checkpoint) -> None:
+        pass  # done in load_checkpoint
+
+    def remove_checkpoint(self, filepath) -> None:
+        if self.is_global_zero:
+            import shutil
+
+            path = os.fspath(filepath)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        for name, start_method in (
+            ("megatron_tp", "popen"),
+            ("megatron_tp_spawn", "spawn"),
+            ("megatron_tp_fork", "fork"),
+        ):
+            strategy_registry.register(
+                name, cls, description=f"Megatron-style tensor parallelism, start_method={start_method!r}",
+                start_method=start_method, override=True,
+            )  # fmt: skip
+
+
+class _TPMultiProcessingLauncher(_MultiProcessingLauncher):
+    """Spawn/fork launcher that sends the *consolidated* (unsharded) weights back to the main
+    process, where the user's module is still the original dense model."""
+
+    def _collect_rank_zero_results(self, trainer: pl.Trainer, results: Any):
+        from lightning_tp.checkpoint import full_state_dict
+
+        strategy = self._strategy
+        full = full_state_dict(trainer.lightning_module, strategy.tp_group)  # collective on every rank
+        output = super()._collect_rank_zero_results(trainer, results)
+        if output is None or output.weights_path is None:
+            return output
+        strategy.checkpoint_io.save_checkpoint(full, output.weights_path)
+        return output
+
+
+def _wrap_attention_dropout(module: nn.Module, plan: Plan, tracker: RNGTracker) -> None:
+    """Attention-probability dropouts of split attention blocks act on this rank's heads: draw their
+    masks from the model-parallel stream (other dropouts act on replicated activations and keep the
+    shared default stream)."""
+    split_parents = {row.name.rpartition(".")[0] for row in plan.modules if row.style in ("column", "qkv")}
+    for parent_name in split_parents:
+        parent = module.get_submodule(parent_name) if parent_name else module
+        for name, child in parent.named_children():
+            if type(child) is nn.Dropout and any(h in name.lower() for h in _ATTN_DROPOUT_HINTS):
+                setattr(parent, name, TPDropout.from_dense(child, tracker))

@@ -1,0 +1,129 @@
+"""Trainer-level tests of the megatron_tp strategy (CPU/gloo, assertions inside hooks)."""
+
+import hashlib
+
+import lightning as L
+import lit
+import pytest
+import torch
+import torch.distributed as dist
+
+import _dist
+from lightning_tp import MegatronTPStrategy
+from lightning_tp.errors import MeshConfigError
+from lightning_tp.sharding import shard_spec
+
+
+class Recorder(L.Callback):
+    """Per-step global loss (mean over DP replicas) and a hash of each rank's batch."""
+
+    def __init__(self):
+        self.losses, self.batch_hashes = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"].detach()
+        if dist.is_initialized() and hasattr(trainer.strategy, "tp_mesh"):
+            loss = trainer.strategy.reduce(loss, reduce_op="mean")
+        self.losses.append(float(loss))
+        self.batch_hashes.append(hashlib.sha1(batch[0].numpy().tobytes()).hexdigest())
+
+
+def _replicated_digest(module):
+    h = hashlib.sha1()
+    for name, p in sorted(module.named_parameters()):
+        if shard_spec(p) is None:
+            h.update(name.encode())
+            h.update(p.detach().numpy().tobytes())
+    return h.hexdigest()
+
+
+def reference_losses(steps=10, batch_size=8, clip=0.5):
+    torch.manual_seed(0)
+    model, rec = lit.LitGPT(batch_size=batch_size, ref_sampler=True), Recorder()
+    L.Trainer(**lit.trainer_kwargs(max_steps=steps, devices=1, gradient_clip_val=clip, callbacks=[rec])).fit(model)
+    return rec.losses
+
+
+def _fit(world, tp, steps=10, global_batch=8, clip=0.5, dropout=0.0, **kw):
+    with lit.external_launch(world):
+        dp = world // tp
+        model, rec = lit.LitGPT(batch_size=global_batch // dp, dropout=dropout), Recorder()
+        strategy = MegatronTPStrategy(tensor_parallel_size=tp)
+        trainer = L.Trainer(
+            **lit.trainer_kwargs(max_steps=steps, devices=world, strategy=strategy, gradient_clip_val=clip,
+                                 callbacks=[rec], **kw)
+        )  # fmt: skip
+        trainer.fit(model)
+        mesh = strategy.tp_mesh
+        norm = trainer.callback_metrics.get("grad_norm")
+        return {
+            "rank": dist.get_rank(),
+            "tp_rank": mesh.tp_rank,
+            "dp_rank": mesh.dp_rank,
+            "losses": rec.losses,
+            "hashes": rec.batch_hashes,
+            "replicated": _replicated_digest(model),
+            "grad_norm": None if norm is None else float(norm),
+            "lm_head_tied": model.model.lm_head.weight is model.model.embed_tokens.weight,
+        }
+
+
+@pytest.fixture(scope="module")
+def ref_losses():
+    return reference_losses()
+
+
+@pytest.mark.parametrize(("world", "tp"), [(2, 2), (4, 2)], ids=["tp2", "tp2xdp2"])
+def test_losses_match_single_process(world, tp, ref_losses):
+    results = _dist.run(world, _fit, world, tp)
+    for r in results:
+        assert len(r["losses"]) == 10
+        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref_losses), rtol=1e-5, atol=0)
+        assert r["lm_head_tied"]
+        assert r["grad_norm"] is not None and r["grad_norm"] > 0
+    # Replicated parameters are bit-identical across the TP ranks of a replica.
+    for dp in range(world // tp):
+        digests = {r["replicated"] for r in results if r["dp_rank"] == dp}
+        assert len(digests) == 1
+    # Batches: identical within a TP group, different across DP.
+    for dp in range(world // tp):
+        group = [r["hashes"] for r in results if r["dp_rank"] == dp]
+        assert all(h == group[0] for h in group)
+    if world // tp > 1:
+        a = next(r["hashes"] for r in results if r["dp_rank"] == 0)
+        b = next(r["hashes"] for r in results if r["dp_rank"] == 1)
+        assert all(x != y for x, y in zip(a, b, strict=True))
+
+
+def test_dropout_keeps_replicated_weights_identical_tp4():
+    results = _dist.run(4, _fit, 4, 4, steps=6, dropout=0.1)
+    assert len({r["replicated"] for r in results}) == 1
+    assert all(r["losses"] == results[0]["losses"] for r in results)
+
+
+def _bad_tp_size():
+    with lit.external_launch(4):
+        with pytest.raises(MeshConfigError, match="tensor_parallel_size=3 does not divide the world size 4"):
+            L.Trainer(**lit.trainer_kwargs(devices=4, strategy=MegatronTPStrategy(tensor_parallel_size=3))).fit(
+                lit.LitGPT()
+            )
+    return True
+
+
+def test_tp_not_dividing_world_raises_before_collective():
+    assert all(_dist.run(4, _bad_tp_size))
+
+
+def test_constructor_errors():
+    with pytest.raises(MeshConfigError, match=r"tensor_parallel_size must be 'auto' or an int >= 1, got 0"):
+        MegatronTPStrategy(tensor_parallel_size=0)
+    with pytest.raises(NotImplementedError, match="sequence_parallel=True is not available yet"):
+        MegatronTPStrategy(sequence_parallel=True)
+
+
+def test_registered_names():
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    for name, method in (("megatron_tp", "popen"), ("megatron_tp_spawn", "spawn"), ("megatron_tp_fork", "fork")):
+        strategy = StrategyRegistry.get(name)
+        assert isinstance(strategy, MegatronTPStrategy) and strategy._start_method == method
