@@ -21,9 +21,11 @@ before touching the model, reads into buffers, and only then copies into paramet
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +188,7 @@ def save(
         dist.barrier()
         dcp.save(tensors, checkpoint_id=str(tmp))
         if dist.get_rank() == 0:
+            meta["lightning_tp"]["files"] = _manifest(tmp)  # every rank's files are complete here
             torch.save(meta, tmp / META_FILE)
         ok = torch.tensor([1])
     except Exception:
@@ -227,6 +230,56 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(meta, dict) or "lightning_tp" not in meta:
         raise CheckpointError(f"{path / META_FILE} has no lightning_tp layout: not a lightning_tp checkpoint.")
     return meta
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _manifest(path: Path) -> dict[str, dict[str, Any]]:
+    return {
+        f.name: {"size": f.stat().st_size, "sha256": _sha256(f)}
+        for f in sorted(path.iterdir())
+        if f.is_file() and f.name != META_FILE
+    }
+
+
+def verify_files(path: str | os.PathLike, files: dict[str, dict[str, Any]], part: int = 0, parts: int = 1) -> list[str]:
+    """Problems with the checkpoint's files: missing, truncated (size) or corrupt (sha256). Sizes are
+    checked for every file, checksums for files ``part::parts`` (ranks split the reading)."""
+    path = Path(path)
+    problems = []
+    for i, (name, want) in enumerate(sorted(files.items())):
+        f = path / name
+        if not f.is_file():
+            problems.append(f"missing file {name}")
+        elif f.stat().st_size != want["size"]:
+            problems.append(f"{name} is truncated or extended: {f.stat().st_size} bytes, expected {want['size']}")
+        elif i % parts == part and _sha256(f) != want["sha256"]:
+            problems.append(f"{name} is corrupt: its sha256 does not match the one recorded at save time")
+    return problems
+
+
+def _raise_if_bad(path: Path, info: dict[str, Any], distributed: bool) -> None:
+    files = info.get("files")
+    if files is None:
+        return
+    if distributed:
+        problems = verify_files(path, files, dist.get_rank(), dist.get_world_size())
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, problems)
+        problems = sorted({p for rank_problems in gathered for p in rank_problems})
+    else:
+        problems = verify_files(path, files)
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated: {'; '.join(problems)}. Nothing was loaded; use an earlier "
+            "checkpoint."
+        )
 
 
 def _storage(path: Path) -> dict[str, TensorStorageMetadata]:
@@ -273,6 +326,7 @@ def load(
     path = Path(path)
     meta = read_meta(path)
     info = meta.pop("lightning_tp")
+    _raise_if_bad(path, info, distributed=True)
     stored = _storage(path)
     params = _params(module)
     buffers: dict[str, Tensor] = {}
@@ -301,8 +355,8 @@ def load(
                     spec = shard_spec(p)
                     first = stored.get(key) or stored[f"{key}{_CHUNK}0"]
                     if spec is not None and (key not in stored or tuple(first.size) == tuple(_dense_shape(p, spec))):
-                        buf = torch.zeros_like(p)
-                        buffers.update(_canonical(key, buf, spec, mesh))
+                        buf = torch.zeros_like(p)  # the local state; read through separate canonical buffers
+                        buffers.update(_canonical(key, torch.empty_like(p), spec, mesh))
                     else:
                         spec = None
                         buf = torch.empty(first.size, dtype=first.properties.dtype)
@@ -375,11 +429,14 @@ def consolidate(path: str | os.PathLike) -> dict[str, Tensor]:
     """
     path = Path(path)
     info = read_meta(path)["lightning_tp"]
+    _raise_if_bad(path, info, distributed=False)
     stored = _storage(path)
     model_keys = {k: v for k, v in stored.items() if k.startswith("model.")}
     buffers = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in model_keys.items()}
     try:
-        dcp.load(buffers, checkpoint_id=str(path), no_dist=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+            dcp.load(buffers, checkpoint_id=str(path), no_dist=True)
     except Exception as exc:
         raise CheckpointError(f"reading the shards of {path} failed: {type(exc).__name__}: {exc}") from exc
     out: dict[str, Tensor] = {}

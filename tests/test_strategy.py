@@ -127,3 +127,92 @@ def test_registered_names():
     for name, method in (("megatron_tp", "popen"), ("megatron_tp_spawn", "spawn"), ("megatron_tp_fork", "fork")):
         strategy = StrategyRegistry.get(name)
         assert isinstance(strategy, MegatronTPStrategy) and strategy._start_method == method
+
+
+class InjectInf(L.Callback):
+    """At one step, put an inf into one TP rank's gradient shard; record scale and params."""
+
+    def __init__(self, step):
+        self.step, self.rows = step, []
+
+    def on_after_backward(self, trainer, pl_module):
+        if trainer.global_step == self.step and trainer.strategy.tp_mesh.tp_rank == 1:
+            p = next(p for p in pl_module.parameters() if shard_spec(p) is not None and p.grad is not None)
+            p.grad.view(-1)[0] = float("inf")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._before = [p.detach().clone() for p in pl_module.parameters()]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        unchanged = all(torch.equal(a, b) for a, b in zip(self._before, pl_module.parameters(), strict=True))
+        scale = float(trainer.precision_plugin.scaler.get_scale())
+        self.rows.append((trainer.global_step, unchanged, scale))
+
+
+def _fit_fp16(world, tp, inject_step):
+    from lightning_tp import TPMixedPrecision
+
+    with lit.external_launch(world):
+        model, cb = lit.LitGPT(batch_size=8 // (world // tp), lr=1e-3), InjectInf(inject_step)
+        trainer = L.Trainer(
+            **lit.trainer_kwargs(max_steps=6, devices=world, strategy=MegatronTPStrategy(tensor_parallel_size=tp),
+                                 plugins=[TPMixedPrecision("16-mixed", "cpu")], gradient_clip_val=1.0, callbacks=[cb])
+        )  # fmt: skip
+        trainer.fit(model)
+        assert trainer.precision_plugin.precision == "16-mixed"  # not silently turned into bf16
+        return cb.rows
+
+
+@pytest.mark.parametrize(("world", "tp"), [(2, 2), (4, 2)], ids=["tp2", "tp2xdp2"])
+def test_fp16_inf_on_one_rank_skips_everywhere(world, tp):
+    inject = 2
+    results = _dist.run(world, _fit_fp16, world, tp, inject)
+    assert all(rows == results[0] for rows in results)  # every rank: same skips, same scales
+    rows = results[0]
+    # global_step does not advance on a skipped step; rows are (step after, unchanged, scale)
+    skipped = [i for i, (_, unchanged, _) in enumerate(rows) if unchanged]
+    assert skipped, rows
+    first = skipped[0]
+    scale_before = rows[first - 1][2] if first else 65536.0
+    assert rows[first][2] == scale_before / 2  # backed off once, identically everywhere
+    assert any(not unchanged for _, unchanged, _ in rows[first + 1 :])  # training continues
+
+
+class LogProbe(L.LightningModule):
+    """self.log(sync_dist=True) and strategy collectives see one value per DP replica."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = lit.LitGPT()
+        self.seen = {}
+
+    def forward(self, x):
+        return self.inner(x)
+
+    def test_step(self, batch, _):
+        s = self.trainer.strategy
+        value = torch.tensor(float(s.tp_mesh.dp_rank + 1))
+        self.log("dp_value", value, sync_dist=True, reduce_fx="mean")
+        self.seen["reduce_sum"] = float(s.reduce(value.clone(), reduce_op="sum"))
+        self.seen["gather"] = s.all_gather(value).tolist()
+        self.seen["broadcast"] = s.broadcast(dist.get_rank() + 100, src=1)
+        s.barrier()
+
+    def test_dataloader(self):
+        return self.inner.val_dataloader()
+
+
+def _log_semantics():
+    with lit.external_launch(4):
+        model = LogProbe()
+        trainer = L.Trainer(**lit.trainer_kwargs(devices=4, strategy=MegatronTPStrategy(tensor_parallel_size=2)))
+        metrics = trainer.test(model, verbose=False)[0]
+        return metrics["dp_value"], model.seen
+
+
+def test_reduce_gather_broadcast_over_dp():
+    for logged, seen in _dist.run(4, _log_semantics):
+        assert logged == pytest.approx(1.5)  # mean over the 2 DP replicas (values 1 and 2)
+        assert seen["reduce_sum"] == 3.0  # not 6: TP ranks are not counted twice
+        assert seen["gather"] == [1.0, 2.0]
+        assert seen["broadcast"] == 101
