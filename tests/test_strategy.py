@@ -33,14 +33,15 @@ def _replicated_digest(module):
     for name, p in sorted(module.named_parameters()):
         if shard_spec(p) is None:
             h.update(name.encode())
-            h.update(p.detach().numpy().tobytes())
+            h.update(p.detach().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
-def reference_losses(steps=10, batch_size=8, clip=0.5):
+def reference_losses(steps=10, batch_size=8, clip=0.5, **kw):
     torch.manual_seed(0)
     model, rec = lit.LitGPT(batch_size=batch_size, ref_sampler=True), Recorder()
-    L.Trainer(**lit.trainer_kwargs(max_steps=steps, devices=1, gradient_clip_val=clip, callbacks=[rec])).fit(model)
+    kwargs = lit.trainer_kwargs(max_steps=steps, devices=1, gradient_clip_val=clip, callbacks=[rec], **kw)
+    L.Trainer(**kwargs).fit(model)
     return rec.losses
 
 
@@ -216,3 +217,17 @@ def test_reduce_gather_broadcast_over_dp():
         assert seen["reduce_sum"] == 3.0  # not 6: TP ranks are not counted twice
         assert seen["gather"] == [1.0, 2.0]
         assert seen["broadcast"] == 101
+
+
+def test_clip_by_value_matches_single_process():
+    ref = reference_losses(steps=6, clip=0.05, gradient_clip_algorithm="value")
+    for r in _dist.run(2, _fit, 2, 2, steps=6, clip=0.05, gradient_clip_algorithm="value"):
+        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref), rtol=1e-5, atol=0)
+        assert r["grad_norm"] is None  # only norm clipping computes (and logs) the norm
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_bf16_precisions_train(precision):
+    for r in _dist.run(2, _fit, 2, 2, steps=4, precision=precision):
+        assert len(r["losses"]) == 4 and all(torch.isfinite(torch.tensor(r["losses"])))
+        assert r["losses"][-1] < r["losses"][0]
