@@ -206,3 +206,14 @@ def cross_entropy(
     return F.cross_entropy(
         logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction
     )
+
+
+def gather_logits(logits: Tensor) -> Tensor:
+    """Dense ``(..., V)`` logits from :class:`VocabShardedLogits` (all-gather, padding dropped);
+    other tensors are returned unchanged. Collective for sharded logits."""
+    if not isinstance(logits, VocabShardedLogits):
+        return logits
+    from lightning_tp.comm import all_gather_dim
+
+    group, vocab = logits.tp_group, logits.vocab_size
+    return all_gather_dim(logits.as_subclass(Tensor).contiguous(), group, -1)[..., :vocab]

@@ -226,7 +226,9 @@ class MegatronTPStrategy(DDPStrategy):
 
     def _setup_model(self, model: nn.Module) -> DistributedDataParallel:
         device_ids = self.determine_ddp_device_ids()
-        return DistributedDataParallel(model, device_ids=device_ids, process_group=self.dp_group, **self._ddp_kwargs)
+        # config parsers (LightningCLI) may fill every DDP default; ours win for these
+        kwargs = {k: v for k, v in self._ddp_kwargs.items() if k not in ("module", "device_ids", "process_group")}
+        return DistributedDataParallel(model, device_ids=device_ids, process_group=self.dp_group, **kwargs)
 
     # -- collectives for logging and metrics ------------------------------------------------------
     def reduce(self, tensor: Tensor | Any, group: Any | None = None, reduce_op: Any = "mean") -> Tensor | Any:
