@@ -1,0 +1,552 @@
+"""Throughput, memory and communication of lightning_tp against its anchors, on one machine.
+
+    python benchmarks/bench_tp.py                      # CPU defaults: GPT d512 L4 V8192 ctx256 b8, fp32
+    python benchmarks/bench_tp.py --steps 4 --repeats 1 --variants lightning_tp dtensor   # quick
+
+Variants, all training the same GPT (lightning_tp.models.GPT, untied head) with AdamW on the same
+global batch:
+
+* ``single``               one process (all cores), Lightning Trainer
+* ``lightning_tp``         MegatronTPStrategy TP=2, vocab-sharded logits + vocab-parallel loss
+* ``lightning_tp_gather``  the same with gathered logits (the default for unchanged user code)
+* ``model_parallel``       Lightning's ModelParallelStrategy with the equivalent torch DTensor plan
+                           (ColwiseParallel / RowwiseParallel, loss_parallel)
+* ``ddp``                  Lightning DDP, 2 processes
+* ``dtensor``              raw torch DTensor TP=2, no Lightning
+
+Writes ``results.json``, ``results.md`` and ``results.png`` to ``--out``. Each rank counts the
+bytes, calls and time of every collective in the measured steps (the torch.distributed functions
+are wrapped), and the report compares them with Megatron's minimum for this model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import queue
+import resource
+import socket
+import statistics
+import sys
+import time
+import traceback
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from comm_counter import CommCounter  # noqa: E402
+
+VARIANTS = ["single", "lightning_tp", "lightning_tp_gather", "model_parallel", "ddp", "dtensor"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared pieces
+# ------------------------------------------------------------------------------------------------
+
+
+def build_gpt(cfg: dict) -> torch.nn.Module:
+    from lightning_tp.models import GPT
+
+    torch.manual_seed(0)
+    return GPT(cfg["vocab"], cfg["ctx"], cfg["n_layer"], cfg["n_head"], cfg["n_embd"], 0.0, tie_weights=False)
+
+
+def batches(cfg: dict, n: int, per_rank: int, rank_offset: int = 0):
+    g = torch.Generator().manual_seed(1)
+    data = torch.randint(0, cfg["vocab"], (n * cfg["batch"], cfg["ctx"] + 1), generator=g)
+    out = []
+    for i in range(n):
+        chunk = data[i * cfg["batch"] : (i + 1) * cfg["batch"]][rank_offset * per_rank : (rank_offset + 1) * per_rank]
+        out.append((chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()))
+    return out
+
+
+def state_bytes(module: torch.nn.Module, optimizers: list) -> dict[str, int]:
+    params = list(module.parameters())
+
+    def nbytes(t):
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+
+    opt_state = sum(
+        nbytes(v) for opt in optimizers for st in opt.state.values() for v in st.values() if torch.is_tensor(v)
+    )
+    return {
+        "params": sum(nbytes(p) for p in params),
+        "grads": sum(nbytes(p.grad) for p in params if p.grad is not None),
+        "optimizer": opt_state,
+    }
+
+
+class Timer:
+    """Step times and per-step collective stats after ``warmup`` steps."""
+
+    def __init__(self, warmup: int, counter: CommCounter) -> None:
+        self.warmup, self.counter = warmup, counter
+        self.times: list[float] = []
+        self.comm: list[dict] = []
+        self._t0 = 0.0
+        self._step = 0
+
+    def start(self) -> None:
+        if self._step >= self.warmup:
+            self.counter.start()
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        if self._step >= self.warmup:
+            self.times.append(time.perf_counter() - self._t0)
+            self.comm.append(self.counter.stop())
+        self._step += 1
+
+
+def _lightning_callback(timer: Timer):
+    import lightning as L
+
+    class _CB(L.Callback):
+        def on_train_batch_start(self, *a, **k):
+            timer.start()
+
+        def on_train_batch_end(self, *a, **k):
+            timer.stop()
+
+    return _CB()
+
+
+def _lit_module(cfg: dict, n_batches: int, per_rank: int, loss_fn=None, configure=None):
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from lightning_tp import cross_entropy
+
+    class LitBench(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = build_gpt(cfg)
+
+        def forward(self, x):
+            return self.model(x)
+
+        def configure_model(self):
+            if configure is not None:
+                configure(self)
+
+        def training_step(self, batch, _):
+            x, y = batch
+            logits = self(x)
+            if loss_fn is not None:
+                return loss_fn(logits, y)
+            return cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+
+        def backward(self, loss, *args, **kwargs):
+            if loss_fn is not None and hasattr(loss_fn, "backward"):
+                loss_fn.backward(loss)
+            else:
+                loss.backward()
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-4)
+
+        def train_dataloader(self):
+            return DataLoader(_List(batches(cfg, n_batches, per_rank)), batch_size=None)
+
+    return LitBench()
+
+
+class _List(torch.utils.data.Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def _trainer(strategy, devices: int, steps: int, timer: Timer, **kw):
+    import lightning as L
+
+    return L.Trainer(
+        accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        use_distributed_sampler=False, callbacks=[_lightning_callback(timer)], **kw,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
+# Variants (run on every rank; rank 0's result is reported)
+# ------------------------------------------------------------------------------------------------
+
+
+def run_single(cfg, args, counter):
+    timer = Timer(args.warmup, counter)
+    model = _lit_module(cfg, args.warmup + args.steps, cfg["batch"])
+    trainer = _trainer("auto", 1, args.warmup + args.steps, timer)
+    trainer.fit(model)
+    return timer, state_bytes(model, trainer.optimizers)
+
+
+def _lightning_tp(cfg, args, counter, gather: bool):
+    from lightning_tp import MegatronTPStrategy
+
+    policy = {
+        "model.transformer.h.*.attn.c_attn": "qkv",
+        "model.transformer.h.*.attn.c_proj": "row",
+        "model.transformer.h.*.mlp.c_fc": "column",
+        "model.transformer.h.*.mlp.c_proj": "row",
+        "model.transformer.wte": "vocab",
+        "model.transformer.wpe": "replicate",
+        "model.lm_head": {"style": "vocab", "gather_output": gather},
+    }
+    timer = Timer(args.warmup, counter)
+    model = _lit_module(cfg, args.warmup + args.steps, cfg["batch"])
+    strategy = MegatronTPStrategy(tensor_parallel_size=2, policy=policy, timeout=datetime.timedelta(seconds=120))
+    trainer = _trainer(strategy, 2, args.warmup + args.steps, timer)
+    trainer.fit(model)
+    return timer, state_bytes(model, trainer.optimizers)
+
+
+def run_lightning_tp(cfg, args, counter):
+    return _lightning_tp(cfg, args, counter, gather=False)
+
+
+def run_lightning_tp_gather(cfg, args, counter):
+    return _lightning_tp(cfg, args, counter, gather=True)
+
+
+def dtensor_parallelize(model: torch.nn.Module, tp_mesh) -> None:
+    """The torch DTensor plan equivalent to lightning_tp's policy (q/k/v rows reordered so each
+    rank's contiguous shard holds whole heads of q, k and v, as lightning_tp's qkv style does)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from lightning_tp.sharding import ShardSpec
+
+    tp = tp_mesh.size()
+    plan: dict[str, Any] = {
+        "transformer.wte": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        "lm_head": ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1), use_local_output=False),
+    }
+    for i, block in enumerate(model.transformer.h):
+        attn = block.attn
+        spec = ShardSpec(dim=0, sizes=(attn.n_embd,) * 3, tp_size=tp)
+        with torch.no_grad():
+            for p in (attn.c_attn.weight, attn.c_attn.bias):
+                p.copy_(torch.cat([spec.shard(p, r) for r in range(tp)]))
+        attn.n_head //= tp
+        attn.n_embd //= tp
+        plan.update({
+            f"transformer.h.{i}.attn.c_attn": ColwiseParallel(),
+            f"transformer.h.{i}.attn.c_proj": RowwiseParallel(),
+            f"transformer.h.{i}.mlp.c_fc": ColwiseParallel(),
+            f"transformer.h.{i}.mlp.c_proj": RowwiseParallel(),
+        })  # fmt: skip
+    parallelize_module(model, tp_mesh, plan)
+
+
+class _LossParallel:
+    def __call__(self, logits, y):
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        with loss_parallel():
+            return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+    def backward(self, loss):
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        with loss_parallel():
+            loss.backward()
+
+
+def run_model_parallel(cfg, args, counter):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    timer = Timer(args.warmup, counter)
+
+    def configure(module):
+        dtensor_parallelize(module.model, module.device_mesh["tensor_parallel"])
+
+    model = _lit_module(cfg, args.warmup + args.steps, cfg["batch"], loss_fn=_LossParallel(), configure=configure)
+    strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)
+    trainer = _trainer(strategy, 2, args.warmup + args.steps, timer)
+    trainer.fit(model)
+    return timer, state_bytes(model, trainer.optimizers)
+
+
+def run_ddp(cfg, args, counter):
+    timer = Timer(args.warmup, counter)
+    per_rank = cfg["batch"] // 2
+    model = _lit_module(cfg, args.warmup + args.steps, per_rank)
+    # each rank reads its half of every global batch
+    rank = dist.get_rank()
+    model.train_dataloader = lambda: torch.utils.data.DataLoader(
+        _List(batches(cfg, args.warmup + args.steps, per_rank, rank)), batch_size=None
+    )
+    trainer = _trainer("ddp", 2, args.warmup + args.steps, timer)
+    trainer.fit(model)
+    return timer, state_bytes(model, trainer.optimizers)
+
+
+def run_dtensor(cfg, args, counter):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tensor_parallel",))
+    model = build_gpt(cfg)
+    dtensor_parallelize(model, mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss_fn = _LossParallel()
+    timer = Timer(args.warmup, counter)
+    for x, y in batches(cfg, args.warmup + args.steps, cfg["batch"]):
+        timer.start()
+        loss = loss_fn(model(x), y)
+        loss_fn.backward(loss)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        timer.stop()
+    return timer, state_bytes(model, [opt])
+
+
+RUNNERS = {name: globals()[f"run_{name}"] for name in VARIANTS}
+
+
+# ------------------------------------------------------------------------------------------------
+# Process management
+# ------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, name: str, cfg: dict, args, results) -> None:
+    try:
+        torch.set_num_threads(args.threads * (2 if world == 1 else 1))
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+            LOCAL_RANK=str(rank), NODE_RANK="0",
+        )  # fmt: skip
+        if world > 1:
+            dist.init_process_group(
+                "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                timeout=datetime.timedelta(seconds=120),
+            )  # fmt: skip
+        counter = CommCounter()
+        counter.install()
+        timer, mem = RUNNERS[name](cfg, args, counter)
+        tokens = cfg["batch"] * cfg["ctx"]
+        out = {
+            "rank": rank,
+            "step_s": timer.times,
+            "tokens_per_s": tokens / statistics.median(timer.times),
+            "comm": timer.comm,
+            "bytes": mem,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+        results.put(out)
+    except Exception:
+        results.put({"rank": rank, "error": traceback.format_exc()})
+
+
+def run_variant(name: str, cfg: dict, args) -> list[dict]:
+    world = 1 if name == "single" else 2
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, name, cfg, args, results)) for r in range(world)]
+    for p in procs:
+        p.start()
+    out = []
+    try:
+        for _ in range(world):
+            out.append(results.get(timeout=args.timeout))
+    except queue.Empty:
+        out.append({"rank": -1, "error": f"{name} timed out after {args.timeout}s"})
+    for p in procs:
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()
+    errors = [r["error"] for r in out if "error" in r]
+    if errors:
+        raise RuntimeError(f"variant {name} failed:\n{errors[0]}")
+    return sorted(out, key=lambda r: r["rank"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Theory and report
+# ------------------------------------------------------------------------------------------------
+
+
+def megatron_minimum(cfg: dict, tp: int, gathered_logits: bool) -> dict[str, int]:
+    """Bytes per training step that Megatron-style TP must communicate for this model (fp32).
+
+    Forward: the vocab-parallel embedding's all-reduce (b*s*h) and 2 all-reduces of b*s*h per layer
+    (attention and MLP outputs). Backward: 2 per layer (grads of the attention and MLP inputs) and
+    one for the LM head's input grad. Loss: vocab-parallel cross entropy needs 3 all-reduces of b*s
+    values (max, target logit, sum of exp); gathered logits need an all-gather of b*s*V instead.
+    """
+    b, s, h, L, V = cfg["batch"], cfg["ctx"], cfg["n_embd"], cfg["n_layer"], cfg["vocab"]
+    bsh = b * s * h * 4
+    layers = {"forward": (2 * L + 1) * bsh, "backward": (2 * L + 1) * bsh}
+    layers["loss"] = b * s * V * 4 * (tp - 1) // tp if gathered_logits else 3 * b * s * 4
+    layers["total"] = sum(layers.values())
+    return layers
+
+
+def summarize(raw: dict[str, list[list[dict]]], cfg: dict) -> dict[str, Any]:
+    summary: dict[str, Any] = {"config": cfg, "variants": {}}
+    for name, repeats in raw.items():
+        tps = [rep[0]["tokens_per_s"] for rep in repeats]
+        rank0 = repeats[-1][0]
+        comm_steps = rank0["comm"]
+        per_op: dict[str, dict[str, float]] = defaultdict(lambda: {"calls": 0, "bytes": 0, "seconds": 0.0})
+        for step in comm_steps:
+            for op, st in step.items():
+                for k in ("calls", "bytes", "seconds"):
+                    per_op[op][k] += st[k] / len(comm_steps)
+        comm_s = sum(v["seconds"] for v in per_op.values())
+        step_s = statistics.median(rank0["step_s"])
+        summary["variants"][name] = {
+            "tokens_per_s_median": statistics.median(tps),
+            "tokens_per_s_repeats": tps,
+            "step_s_median": step_s,
+            "comm_per_step": dict(per_op),
+            "comm_bytes_per_step": sum(v["bytes"] for v in per_op.values()),
+            "comm_calls_per_step": sum(v["calls"] for v in per_op.values()),
+            "comm_s_per_step": comm_s,
+            "comm_fraction": comm_s / step_s if step_s else 0.0,
+            "state_bytes_rank0": rank0["bytes"],
+            "peak_rss_mb": [r["peak_rss_mb"] for r in repeats[-1]],
+        }
+    v = summary["variants"]
+    if "lightning_tp" in v:
+        ours = v["lightning_tp"]["tokens_per_s_median"]
+        summary["ratios"] = {
+            f"lightning_tp / {k}": ours / x["tokens_per_s_median"] for k, x in v.items() if k != "lightning_tp"
+        }
+        theory = megatron_minimum(cfg, 2, gathered_logits=False)
+        summary["theory_lightning_tp"] = theory
+        summary["comm_vs_theory"] = v["lightning_tp"]["comm_bytes_per_step"] / theory["total"]
+        if "single" in v:
+            dense = sum(v["single"]["state_bytes_rank0"].values())
+            summary["state_bytes_ratio_vs_unsharded"] = sum(v["lightning_tp"]["state_bytes_rank0"].values()) / dense
+    if "lightning_tp_gather" in v:
+        summary["theory_lightning_tp_gather"] = megatron_minimum(cfg, 2, gathered_logits=True)
+        if "lightning_tp" in v:
+            summary["vocab_parallel_loss_saving_bytes"] = (
+                v["lightning_tp_gather"]["comm_bytes_per_step"] - v["lightning_tp"]["comm_bytes_per_step"]
+            )
+    return summary
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    cfg = summary["config"]
+    lines = [
+        f"GPT d_model {cfg['n_embd']}, {cfg['n_layer']} layers, vocab {cfg['vocab']}, ctx {cfg['ctx']}, batch {cfg['batch']}, "
+        f"fp32, CPU ({os.cpu_count()} cores), median of {len(next(iter(summary['variants'].values()))['tokens_per_s_repeats'])} repeats.",
+        "",
+        "| variant | tokens/s | step (s) | comm MB/step | comm calls/step | comm time share | param+grad+optim MB (rank 0) | peak RSS MB/rank |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in summary["variants"].items():
+        state = sum(r["state_bytes_rank0"].values()) / 2**20
+        lines.append(
+            f"| {name} | {r['tokens_per_s_median']:,.0f} | {r['step_s_median']:.3f} | {r['comm_bytes_per_step'] / 2**20:.1f} | "
+            f"{r['comm_calls_per_step']:.0f} | {r['comm_fraction']:.0%} | {state:.1f} | {', '.join(f'{m:.0f}' for m in r['peak_rss_mb'])} |"
+        )
+    lines.append("")
+    for k, x in summary.get("ratios", {}).items():
+        lines.append(f"- {k}: **{x:.2f}x**")
+    if "comm_vs_theory" in summary:
+        t = summary["theory_lightning_tp"]
+        lines.append(
+            f"- lightning_tp communication: {summary['variants']['lightning_tp']['comm_bytes_per_step'] / 2**20:.2f} MB/step vs "
+            f"Megatron minimum {t['total'] / 2**20:.2f} MB/step (forward {t['forward'] / 2**20:.1f}, backward {t['backward'] / 2**20:.1f}, "
+            f"loss {t['loss'] / 2**10:.1f} KB): ratio **{summary['comm_vs_theory']:.3f}**"
+        )
+    if "state_bytes_ratio_vs_unsharded" in summary:
+        lines.append(
+            f"- per-rank parameter + gradient + optimizer bytes vs unsharded: **{summary['state_bytes_ratio_vs_unsharded']:.3f}** (target <= 0.55)"
+        )
+    if "vocab_parallel_loss_saving_bytes" in summary:
+        lines.append(
+            f"- vocab-parallel loss saves {summary['vocab_parallel_loss_saving_bytes'] / 2**20:.1f} MB/step of communication "
+            "against gathering the logits"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary["variants"])
+    v = summary["variants"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    tps = [v[n]["tokens_per_s_median"] for n in names]
+    comm = [v[n]["comm_s_per_step"] for n in names]
+    step = [v[n]["step_s_median"] for n in names]
+    a.bar(names, tps, color=["#4c72b0" if n != "lightning_tp" else "#dd8452" for n in names])
+    a.set_ylabel("tokens / s (median)")
+    a.set_title("Training throughput")
+    a.tick_params(axis="x", rotation=30)
+    b.bar(names, [s - c for s, c in zip(step, comm, strict=True)], label="compute")
+    b.bar(names, comm, bottom=[s - c for s, c in zip(step, comm, strict=True)], label="communication")
+    b.set_ylabel("seconds / step (rank 0)")
+    b.set_title("Step time split")
+    b.tick_params(axis="x", rotation=30)
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="threads per TP/DP rank (single process: 2x)")
+    p.add_argument("--n-embd", type=int, default=512)
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--ctx", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = p.parse_args(argv)
+    cfg = {"n_embd": args.n_embd, "n_layer": args.n_layer, "n_head": args.n_head, "vocab": args.vocab,
+           "ctx": args.ctx, "batch": args.batch}  # fmt: skip
+    raw: dict[str, list] = {name: [] for name in args.variants}
+    for rep in range(args.repeats):
+        for name in args.variants:  # interleaved so drift hits every variant alike
+            t0 = time.time()
+            raw[name].append(run_variant(name, cfg, args))
+            print(
+                f"[{rep + 1}/{args.repeats}] {name}: {raw[name][-1][0]['tokens_per_s']:,.0f} tokens/s ({time.time() - t0:.0f}s)",
+                flush=True,
+            )
+    summary = summarize(raw, cfg)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(summary, indent=2))
+    (args.out / "results.md").write_text(markdown(summary))
+    plot(summary, args.out / "results.png")
+    print(markdown(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
