@@ -12,7 +12,14 @@ from lightning_tp.comm import (
     scatter_to_sp,
     scatter_to_tp,
 )
-from lightning_tp.errors import LightningTPError, MeshConfigError, PolicyMismatchError, ShardingError
+from lightning_tp.errors import (
+    CheckpointSkippedWarning,
+    LightningTPError,
+    MeshConfigError,
+    NonFiniteLossError,
+    PolicyMismatchError,
+    ShardingError,
+)
 from lightning_tp.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -42,6 +49,7 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "CheckpointError",
+    "CheckpointSkippedWarning",
     "MegatronTPStrategy",
     "TPGradScaler",
     "TPMixedPrecision",
@@ -57,6 +65,7 @@ __all__ = [
     "ColumnParallelLinear",
     "LightningTPError",
     "MeshConfigError",
+    "NonFiniteLossError",
     "PolicyMismatchError",
     "RNGTracker",
     "RowParallelLinear",

@@ -22,3 +22,15 @@ class ShardingError(LightningTPError, ValueError):
 
 class PolicyMismatchError(LightningTPError, RuntimeError):
     """The rewritten model's output differs from the unsharded model's output."""
+
+
+class NonFiniteLossError(LightningTPError, FloatingPointError):
+    """The training loss is NaN or infinite on some rank (``MegatronTPStrategy(nan_check=True)``).
+
+    Raised on every rank at the same step, before the backward pass and the optimizer step, so the
+    weights stay those of the last finite step.
+    """
+
+
+class CheckpointSkippedWarning(UserWarning):
+    """A checkpoint was not written because the run was interrupted by a fault on this rank."""

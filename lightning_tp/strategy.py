@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -29,9 +31,10 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_tp.errors import MeshConfigError
+from lightning_tp.errors import CheckpointSkippedWarning, MeshConfigError
+from lightning_tp.faults import check_finite_loss, enable_collective_debug, fault_in_flight
 from lightning_tp.mesh import TPMesh, init_tp_mesh, parallel_sizes
-from lightning_tp.policy import Plan, apply_policy
+from lightning_tp.policy import Plan, apply_policy, plan_policy, resolve_rules
 from lightning_tp.precision import _TPPrecisionMixin, to_tp_precision
 from lightning_tp.random import RNGTracker, TPDropout, model_parallel_seed
 
@@ -62,6 +65,12 @@ class MegatronTPStrategy(DDPStrategy):
         strict: unmatched ``nn.Linear`` / ``nn.Embedding`` modules are an error, not a warning.
         seed: base seed for the model-parallel RNG streams (default: ``PL_GLOBAL_SEED`` set by
             ``seed_everything``, else a seed broadcast from rank 0).
+        nan_check: raise ``NonFiniteLossError`` on every rank, naming the step, when the training
+            loss is NaN/inf on any rank (one scalar-per-rank all-reduce per step). Not applied with a
+            loss scaler (``16-mixed``), which skips such steps itself.
+        debug: set ``TORCH_DISTRIBUTED_DEBUG=DETAIL`` before the process group is created: a rank
+            that skips a collective or sends a mis-shaped tensor raises an error naming both sides
+            instead of hanging. Slower; for debugging.
         **kwargs: passed to ``DistributedDataParallel`` (e.g. ``find_unused_parameters``).
     """
 
@@ -78,6 +87,8 @@ class MegatronTPStrategy(DDPStrategy):
         timeout: timedelta | None = default_pg_timeout,
         strict: bool = False,
         seed: int | None = None,
+        nan_check: bool = True,
+        debug: bool = False,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment=None,
@@ -112,6 +123,7 @@ class MegatronTPStrategy(DDPStrategy):
         self.policy, self.verify, self.strict = policy, verify, strict
         self.sequence_parallel = sequence_parallel
         self._seed = seed
+        self.nan_check, self.debug = nan_check, debug
         self._tp_mesh: TPMesh | None = None
         self.rng_tracker: RNGTracker | None = None
 
@@ -150,8 +162,19 @@ class MegatronTPStrategy(DDPStrategy):
         # Data is split by DP rank only: every TP rank of a replica sees the same batches.
         return {"num_replicas": self.tp_mesh.dp_size, "rank": self.tp_mesh.dp_rank}
 
+    def _validate_config(self) -> None:
+        """Checks that need no model: the TP x DP layout and the styles/options of a dict policy."""
+        world = self.num_nodes * self.num_processes
+        try:
+            parallel_sizes(world, self.tensor_parallel_size)
+        except MeshConfigError as exc:
+            raise MeshConfigError(f"{exc} (Trainer devices={self.num_processes}, num_nodes={self.num_nodes})") from None
+        if isinstance(self.policy, Mapping):
+            resolve_rules(nn.Module(), self.policy)  # PolicyError for an unknown style or option
+
     def _configure_launcher(self) -> None:
         assert self.cluster_environment is not None
+        self._validate_config()  # at Trainer construction: before any process is launched
         if self._start_method == "popen":
             self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
         else:
@@ -159,8 +182,9 @@ class MegatronTPStrategy(DDPStrategy):
 
     def setup_environment(self) -> None:
         # Validate the layout before the process group exists: no collective on bad input.
-        world = self.num_nodes * self.num_processes
-        parallel_sizes(world, self.tensor_parallel_size)
+        self._validate_config()
+        if self.debug:
+            enable_collective_debug()
         super().setup_environment()
         self._tp_mesh = init_tp_mesh(self.tensor_parallel_size, self.root_device.type)
         for plugin in (self.precision_plugin,):
@@ -177,8 +201,11 @@ class MegatronTPStrategy(DDPStrategy):
         module = self.lightning_module
         self.model_to_device()
         if getattr(module, PLAN_ATTR, None) is None:
+            target, verify, example = self._rewrite_target(module)
+            # Policy, head-count and tie errors are raised here, identically on every rank, before any collective.
+            plan_policy(target, self.tensor_parallel_size, self.policy, strict=self.strict)
             _sync_module_states(module)  # all ranks shard the same dense model
-            plan = self._rewrite(module)
+            plan = self._rewrite(module, target, verify, example)
             object.__setattr__(module, PLAN_ATTR, plan)
             self.rng_tracker = model_parallel_seed(
                 self._resolve_seed(), self.tp_mesh.tp_rank, self.tp_mesh.dp_rank, self.root_device
@@ -194,17 +221,20 @@ class MegatronTPStrategy(DDPStrategy):
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
 
-    def _rewrite(self, module: pl.LightningModule) -> Plan:
+    def _rewrite_target(self, module: pl.LightningModule) -> tuple[nn.Module, bool, Any]:
+        """``(module to rewrite, verify, example input)``: the wrapped model when the LightningModule
+        has neither a forward nor an example input to verify with."""
         example = getattr(module, "example_input_array", None)
-        target: nn.Module = module
         verify = self.verify
         if verify and example is None and not is_overridden("forward", module, pl.LightningModule):
             children = [c for c in module.children() if any(True for _ in c.parameters())]
             if len(children) == 1:
-                target = children[0]  # verify the wrapped model; rewriting it rewrites the module
-            else:
-                log.warning("lightning_tp: no forward and no example_input_array: skipping verify.")
-                verify = False
+                return children[0], verify, example  # verify the wrapped model; rewriting it rewrites the module
+            log.warning("lightning_tp: no forward and no example_input_array: skipping verify.")
+            verify = False
+        return module, verify, example
+
+    def _rewrite(self, module: pl.LightningModule, target: nn.Module, verify: bool, example: Any) -> Plan:
         if target is not module:
             plan = apply_policy(target, self.tp_group, self.policy, strict=self.strict, verify=verify)
             prefix = next(n for n, c in module.named_children() if c is target)
@@ -229,6 +259,24 @@ class MegatronTPStrategy(DDPStrategy):
         # config parsers (LightningCLI) may fill every DDP default; ours win for these
         kwargs = {k: v for k, v in self._ddp_kwargs.items() if k not in ("module", "device_ids", "process_group")}
         return DistributedDataParallel(model, device_ids=device_ids, process_group=self.dp_group, **kwargs)
+
+    # -- faults -----------------------------------------------------------------------------------
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        output = super().training_step(*args, **kwargs)
+        if self.nan_check and getattr(self.precision_plugin, "scaler", None) is None:
+            trainer = self.lightning_module.trainer
+            check_finite_loss(output, self.root_device, trainer.global_step, trainer.current_epoch)
+        return output
+
+    def _fault(self) -> BaseException | None:
+        """The exception this rank is handling if a fault interrupted the Trainer (see ``faults``)."""
+        module = self.lightning_module
+        return fault_in_flight(getattr(module, "_trainer", None), self._tp_mesh is not None)
+
+    def barrier(self, name: str | None = None) -> None:
+        if self._fault() is not None:
+            return  # a faulted rank enters no collective: its peers may be blocked inside another one
+        super().barrier(name)
 
     # -- collectives for logging and metrics ------------------------------------------------------
     def reduce(self, tensor: Tensor | Any, group: Any | None = None, reduce_op: Any = "mean") -> Tensor | Any:
@@ -273,6 +321,24 @@ class MegatronTPStrategy(DDPStrategy):
         if storage_options is not None:
             raise TypeError(
                 "megatron_tp writes checkpoints with torch.distributed.checkpoint; storage_options is not supported."
+            )
+        fault = self._fault()
+        if fault is not None:
+            where = f"rank {self.global_rank}" if self._tp_mesh is not None else "the main process"
+            warnings.warn(
+                f"lightning_tp: not writing checkpoint {os.fspath(filepath)!r} in {where}: the run "
+                f"was interrupted by {type(fault).__name__}: {str(fault)[:200]}. This process may not hold the "
+                "trained shards or may be mid-step, and its peers may be blocked in a collective; the last "
+                "checkpoint written during training is the one to resume from.",
+                CheckpointSkippedWarning,
+                stacklevel=2,
+            )
+            return
+        if self._tp_mesh is None:
+            raise ckpt.CheckpointError(
+                f"cannot write checkpoint {os.fspath(filepath)!r}: this process is not part of the process group (the "
+                "main process of a spawn launch holds the dense model, not the shards). Checkpoints are written by "
+                "the ranks during fit (ModelCheckpoint); lightning_tp.export makes a dense file from one."
             )
         path = self.broadcast(str(filepath))
         state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}

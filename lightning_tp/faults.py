@@ -1,0 +1,112 @@
+"""Behaviour under faults: non-finite losses, interrupted runs, collective debugging.
+
+* :func:`check_finite_loss`: one all-reduce of a world-sized flag vector per training step, so every
+  rank learns which ranks hold a NaN/inf loss and all of them raise :class:`NonFiniteLossError`
+  together, before the backward pass and the optimizer step.
+* :func:`fault_in_flight`: the exception a rank is handling when the Trainer was interrupted by a
+  fault. Such a rank must enter no collective (its peers may be blocked inside another one, and
+  gloo/NCCL pair mismatched collectives silently or hang) and must write no checkpoint (its state
+  may be mid-step, and under ``spawn`` the main process holds the untrained dense model).
+  This includes Lightning's stop on SIGTERM: the rank that got the signal raises ``SIGTERMException``
+  at the end of its current batch while the others learn of it only at their next one, so a
+  collective save from ``on_exception`` would pair with their collectives.
+* :func:`enable_collective_debug`: ``TORCH_DISTRIBUTED_DEBUG=DETAIL`` before the process group is
+  created, so torch checks before every collective that all ranks run the same op with the same
+  shapes and raises a ``RuntimeError`` naming both sides of a mismatch instead of hanging.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_tp.errors import NonFiniteLossError
+
+_NAN, _INF = 1.0, 2.0
+
+
+def loss_of(output: Any) -> Tensor | None:
+    """The loss tensor of a ``training_step`` output (a tensor or a dict with ``"loss"``), else ``None``."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping) and isinstance(output.get("loss"), Tensor):
+        return output["loss"]
+    return None
+
+
+def check_finite_loss(output: Any, device: torch.device, step: int, epoch: int) -> None:
+    """Raise :class:`NonFiniteLossError` on every rank if the loss is NaN/inf on any rank. Collective.
+
+    Every rank contributes one entry of a world-sized vector (0 finite, 1 NaN, 2 inf; 0 when the
+    step returned no loss) and the vector is summed over the default group: one all-reduce and one
+    host sync per step.
+
+    Args:
+        output: what ``training_step`` returned on this rank.
+        device: where the flag vector lives (the strategy's root device).
+        step: the trainer's global step (optimizer steps taken so far).
+        epoch: the current epoch.
+
+    Raises:
+        NonFiniteLossError: some rank's loss is not finite; the message names the step and the ranks.
+    """
+    loss = loss_of(output)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    flags = torch.zeros(world, device=device)
+    if loss is not None:
+        loss = loss.detach()
+        code = torch.where(torch.isnan(loss).any(), _NAN, torch.where(torch.isinf(loss).any(), _INF, 0.0))
+        flags[rank] = code.to(device=device, dtype=flags.dtype)
+    if world > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.SUM)
+    bad = {int(r): ("NaN" if float(flags[r]) == _NAN else "inf") for r in torch.nonzero(flags).flatten().tolist()}
+    if not bad:
+        return
+    where = ", ".join(f"rank {r}: {kind}" for r, kind in sorted(bad.items()))
+    raise NonFiniteLossError(
+        f"the training loss is not finite at global step {step} (epoch {epoch}) on {len(bad)} of {world} ranks "
+        f"({where}). Training stopped on every rank before the backward pass, so the weights are those after "
+        f"step {step}; nothing was trained on the non-finite loss. Usual causes: a learning rate too high, "
+        "no gradient clipping (set gradient_clip_val), bad input data, or overflow in low precision (16-mixed "
+        "skips such steps with loss scaling). MegatronTPStrategy(nan_check=False) disables this check."
+    )
+
+
+def fault_in_flight(trainer: Any, distributed: bool) -> BaseException | None:
+    """The exception this rank is handling if the Trainer was interrupted by a fault, else ``None``.
+
+    Lightning calls ``on_exception`` hooks (e.g. ``OnExceptionCheckpoint``) inside the ``except``
+    block that caught the error, with the trainer status set to ``INTERRUPTED``.
+
+    Args:
+        trainer: the Trainer the module is attached to, or ``None`` (in the main process of a
+            ``spawn`` launch the module is never attached: the ranks run in the workers).
+        distributed: whether this process is part of the initialized process group (``False`` in the
+            main process of a ``spawn`` launch, which never holds the trained shards).
+    """
+    from lightning.pytorch.trainer.states import TrainerStatus
+
+    exc = sys.exc_info()[1]
+    if trainer is None:
+        return exc if exc is not None and not distributed else None  # spawn's main process, handling a worker's error
+    if trainer.state.status != TrainerStatus.INTERRUPTED:
+        return None
+    return exc if exc is not None else RuntimeError("the Trainer was interrupted")
+
+
+def enable_collective_debug() -> None:
+    """Turn on torch's collective consistency checks for process groups created from now on.
+
+    Sets ``TORCH_DISTRIBUTED_DEBUG=DETAIL`` (inherited by processes launched later) and applies it
+    to this process. Every collective then first compares op type, shapes and dtypes across ranks
+    (a small extra gloo collective each: for debugging, not for speed).
+    """
+    os.environ["TORCH_DISTRIBUTED_DEBUG"] = "DETAIL"
+    dist.set_debug_level_from_env()
