@@ -156,6 +156,31 @@ def _state_to_save(module: nn.Module, optimizers: list[torch.optim.Optimizer], m
     return tensors, layout, optim_meta
 
 
+def _failed_ranks(failed: bool) -> list[int]:
+    """Ranks that report ``failed`` (one all-reduce over the default group; every rank gets the list)."""
+    nccl = "nccl" in str(dist.get_backend())  # NCCL reduces CUDA tensors only
+    flags = torch.zeros(dist.get_world_size(), device=f"cuda:{torch.cuda.current_device()}" if nccl else "cpu")
+    flags[dist.get_rank()] = float(failed)
+    dist.all_reduce(flags, op=dist.ReduceOp.SUM)
+    return torch.nonzero(flags).flatten().tolist()
+
+
+def _replace(tmp: Path, path: Path, old: Path) -> None:
+    """Move ``tmp`` to ``path``; a previous ``path`` is moved aside first and put back on failure."""
+    if path.exists():
+        path.rename(old)
+    try:
+        tmp.rename(path)
+    except BaseException:
+        if old.exists() and not path.exists():
+            old.rename(path)
+        raise
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    elif old.exists():
+        old.unlink()
+
+
 def save(
     path: str | os.PathLike,
     module: nn.Module,
@@ -164,52 +189,62 @@ def save(
     trainer_state: dict[str, Any],
     rng_state: dict[str, Tensor] | None = None,
 ) -> None:
-    """Save every rank's shards and the trainer state to directory ``path``. Collective."""
+    """Save every rank's shards and the trainer state to directory ``path``. Collective.
+
+    Written to a temporary sibling directory, which replaces ``path`` only when every rank has
+    finished. Every rank runs the same collectives whatever fails where, so a failure on one rank
+    is a :class:`CheckpointError` on all of them (naming the failed ranks), the temporary directory
+    is removed and a previous checkpoint at ``path`` is left as it was.
+    """
     path = Path(path)
-    token = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
+    rank = dist.get_rank()
+    token = [uuid.uuid4().hex if rank == 0 else None]
     dist.broadcast_object_list(token, src=0)
     tmp = path.parent / f".{path.name}.tmp-{token[0]}"
-    tensors, layout, optim_meta = _state_to_save(module, optimizers, mesh)
-    for name, state in (rng_state or {}).items():
-        tensors[f"rng.rank{dist.get_rank()}.{name}"] = state
-    meta = dict(trainer_state)
-    meta["lightning_tp"] = {
-        "version": FORMAT_VERSION,
-        "tp_size": mesh.tp_size,
-        "world_size": mesh.world_size,
-        "layout": layout,
-        "transpose": _transposed(module),
-        "aliases": _aliases(module),
-        "optimizers": optim_meta,
-    }
-    try:
-        if dist.get_rank() == 0:
+    error: BaseException | None = None
+    try:  # local work: build what to write; rank 0 creates the directory
+        tensors, layout, optim_meta = _state_to_save(module, optimizers, mesh)
+        for name, state in (rng_state or {}).items():
+            tensors[f"rng.rank{rank}.{name}"] = state
+        meta = dict(trainer_state)
+        meta["lightning_tp"] = {
+            "version": FORMAT_VERSION,
+            "tp_size": mesh.tp_size,
+            "world_size": mesh.world_size,
+            "layout": layout,
+            "transpose": _transposed(module),
+            "aliases": _aliases(module),
+            "optimizers": optim_meta,
+        }
+        if rank == 0:
             tmp.mkdir(parents=True, exist_ok=False)
-        dist.barrier()
-        dcp.save(tensors, checkpoint_id=str(tmp))
-        if dist.get_rank() == 0:
-            meta["lightning_tp"]["files"] = _manifest(tmp)  # every rank's files are complete here
-            torch.save(meta, tmp / META_FILE)
-        ok = torch.tensor([1])
-    except Exception:
-        ok = torch.tensor([0])
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if dist.get_rank() == 0:
+    except Exception as exc:
+        error = exc
+    failed = _failed_ranks(error is not None)
+    if not failed:
+        try:
+            dcp.save(tensors, checkpoint_id=str(tmp))  # collective; a failure on one rank raises on all
+            if rank == 0:
+                meta["lightning_tp"]["files"] = _manifest(tmp)  # every rank's files are complete here
+                torch.save(meta, tmp / META_FILE)
+        except (Exception, dcp.CheckpointException) as exc:  # the latter is a BaseException
+            error = exc
+        failed = _failed_ranks(error is not None)
+    if not failed:
+        if rank == 0:
+            try:
+                _replace(tmp, path, path.parent / f".{path.name}.old-{token[0]}")
+            except Exception as exc:
+                error = exc
+        failed = _failed_ranks(error is not None)
+    if failed:
+        if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    if not bool(ok):
-        if dist.get_rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"saving {path} failed on another rank; the previous checkpoint is kept.")
-    if dist.get_rank() == 0:
-        old = path.parent / f".{path.name}.old-{token[0]}"
-        if path.exists():
-            path.rename(old)
-        tmp.rename(path)
-        if old.exists():
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-    dist.barrier()
+        cause = f": {type(error).__name__}: {str(error)[:1000]}" if error is not None else ""
+        raise CheckpointError(
+            f"saving checkpoint {path} failed on ranks {failed}{cause}. Nothing was written: the temporary directory "
+            "was removed and a previous checkpoint at that path, if any, is unchanged."
+        ) from error
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
@@ -324,7 +359,14 @@ def load(
     Returns ``(trainer_state, rng_state or None)``. Collective; raises :class:`CheckpointError`
     before modifying anything on a bad checkpoint."""
     path = Path(path)
-    meta = read_meta(path)
+    meta, error = None, None
+    try:
+        meta = read_meta(path)
+    except CheckpointError as exc:
+        error = exc
+    failed = _failed_ranks(error is not None)  # every rank raises, not only those that cannot read it
+    if failed:
+        raise error or CheckpointError(f"checkpoint {path} cannot be read on ranks {failed}; nothing was loaded.")
     info = meta.pop("lightning_tp")
     _raise_if_bad(path, info, distributed=True)
     stored = _storage(path)
@@ -370,7 +412,7 @@ def load(
 
     try:
         dcp.load(buffers, checkpoint_id=str(path))
-    except Exception as exc:
+    except (Exception, dcp.CheckpointException) as exc:  # the latter is a BaseException
         raise CheckpointError(
             f"reading the shards of {path} failed ({type(exc).__name__}: {str(exc)[:500]}). The checkpoint is corrupt "
             "or truncated (a missing or short .distcp file); the model was not modified."
@@ -437,7 +479,7 @@ def consolidate(path: str | os.PathLike) -> dict[str, Tensor]:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
             dcp.load(buffers, checkpoint_id=str(path), no_dist=True)
-    except Exception as exc:
+    except (Exception, dcp.CheckpointException) as exc:  # the latter is a BaseException
         raise CheckpointError(f"reading the shards of {path} failed: {type(exc).__name__}: {exc}") from exc
     out: dict[str, Tensor] = {}
     for name, layout in info["layout"].items():
