@@ -1,0 +1,108 @@
+"""Helpers for the reliability suite: run tests/reliability/scripts/fault_fit.py as real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent.parent
+SCRIPT = Path(__file__).resolve().parent / "scripts" / "fault_fit.py"
+PG_TIMEOUT_S = 20  # the strategy's process-group timeout in the scripts
+RUN_LIMIT_S = 240  # hard limit for one scripted run (a hang fails the test instead of blocking it)
+_LAUNCH_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without launcher variables, with tests/ importable and one thread per process."""
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_ENV and k != "TORCH_DISTRIBUTED_DEBUG"}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Run:
+    """A finished scripted run: exit codes and exit times by process name, output, and what each
+    process recorded (``rank0``/``rank1`` for the ranks, ``main`` for spawn's main process)."""
+
+    out: Path
+    returncodes: dict[str, int]
+    ended: dict[str, float]
+    output: str
+    records: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def fault_time(self) -> float:
+        return json.loads((self.out / "fault.json").read_text())["time"]
+
+    def seconds_to_exit(self) -> dict[str, float]:
+        """Seconds from the injected fault to the exit of every process this test started (an upper
+        bound) and to the last record of every other rank."""
+        times = {name: t - self.fault_time for name, t in self.ended.items()}
+        for name, record in self.records.items():
+            times.setdefault(name, record["time"] - self.fault_time)
+        return times
+
+
+def run_fault_fit(out: Path, *args: str, launch: str = "external") -> Run:
+    """Run the fault script with 2 ranks and wait for every process (bounded by ``RUN_LIMIT_S``).
+
+    ``external``: this function starts both ranks (like torchrun) and sees each exit code;
+    ``popen`` / ``spawn``: it starts the script once and Lightning starts the other rank(s).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(SCRIPT), str(out), "--launch", launch, "--timeout", str(PG_TIMEOUT_S), *args]
+    start = time.time()
+    if launch == "external":
+        port = str(_free_port())
+        envs = {
+            f"rank{r}": clean_env(LOCAL_RANK=str(r), NODE_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                  MASTER_PORT=port)
+            for r in range(2)
+        }  # fmt: skip
+    else:
+        envs = {"rank0" if launch == "popen" else "main": clean_env()}
+    logs = {name: open(out / f"{name}.log", "w") for name in envs}  # closed in the finally below
+    procs = {
+        name: subprocess.Popen(cmd, env=env, stdout=logs[name], stderr=subprocess.STDOUT, text=True)
+        for name, env in envs.items()
+    }
+    codes, ended = {}, {}
+    try:
+        while len(codes) < len(procs) and time.time() - start < RUN_LIMIT_S:
+            for name, proc in procs.items():
+                if name not in codes and proc.poll() is not None:
+                    codes[name], ended[name] = proc.returncode, time.time()
+            time.sleep(0.05)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for f in logs.values():
+            f.close()
+    output = "\n".join(f"----- {name} -----\n{(out / f'{name}.log').read_text()}" for name in envs)
+    assert len(codes) == len(procs), f"a process ran past {RUN_LIMIT_S}s (hang):\n{output[-6000:]}"
+    records = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json") if p.stem != "fault"}
+    return Run(out, codes, ended, output, records)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie waiting to be reaped counts as exited)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
