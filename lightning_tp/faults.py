@@ -13,6 +13,8 @@
 * :func:`enable_collective_debug`: ``TORCH_DISTRIBUTED_DEBUG=DETAIL`` before the process group is
   created, so torch checks before every collective that all ranks run the same op with the same
   shapes and raises a ``RuntimeError`` naming both sides of a mismatch instead of hanging.
+  :func:`unchecked_dp_group` gives DDP a data-parallel group without that wrapper (torch's DDP
+  crashes on a wrapped group).
 """
 
 from __future__ import annotations
@@ -20,13 +22,20 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
-from typing import Any
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from lightning_tp.errors import NonFiniteLossError
+from lightning_tp.mesh import global_rank
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+    from lightning_tp.mesh import TPMesh
 
 _NAN, _INF = 1.0, 2.0
 
@@ -110,3 +119,28 @@ def enable_collective_debug() -> None:
     """
     os.environ["TORCH_DISTRIBUTED_DEBUG"] = "DETAIL"
     dist.set_debug_level_from_env()
+
+
+def unchecked_dp_group(mesh: TPMesh, timeout: timedelta | None) -> ProcessGroup:
+    """This rank's data-parallel group, built again without the debug wrapper. Collective.
+
+    ``DistributedDataParallel`` segfaults while it is constructed on a group wrapped for
+    ``TORCH_DISTRIBUTED_DEBUG=DETAIL`` (seen with torch 2.13 on gloo), so in debug mode DDP gets
+    these groups; every other collective keeps the checks.
+
+    Args:
+        mesh: the TP x DP mesh (its groups were created in debug mode).
+        timeout: the process-group timeout for the new groups.
+    """
+    level = dist.get_debug_level()
+    dist.set_debug_level(dist.DebugLevel.OFF)
+    try:
+        mine = None
+        for tp_rank in range(mesh.tp_size):  # every rank creates every group, in the same order
+            ranks = [global_rank(dp_rank, tp_rank, mesh.tp_size) for dp_rank in range(mesh.dp_size)]
+            group = dist.new_group(ranks, timeout=timeout)
+            if tp_rank == mesh.tp_rank:
+                mine = group
+        return mine
+    finally:
+        dist.set_debug_level(level)

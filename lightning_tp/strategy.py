@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_tp.errors import CheckpointSkippedWarning, MeshConfigError
-from lightning_tp.faults import check_finite_loss, enable_collective_debug, fault_in_flight
+from lightning_tp.faults import check_finite_loss, enable_collective_debug, fault_in_flight, unchecked_dp_group
 from lightning_tp.mesh import TPMesh, init_tp_mesh, parallel_sizes
 from lightning_tp.policy import Plan, apply_policy, plan_policy, resolve_rules
 from lightning_tp.precision import _TPPrecisionMixin, to_tp_precision
@@ -125,6 +125,7 @@ class MegatronTPStrategy(DDPStrategy):
         self._seed = seed
         self.nan_check, self.debug = nan_check, debug
         self._tp_mesh: TPMesh | None = None
+        self._ddp_group = None  # debug mode: the DP group without the debug wrapper, for DDP
         self.rng_tracker: RNGTracker | None = None
 
     # -- precision: every plugin becomes its TP-aware variant ------------------------------------
@@ -187,6 +188,8 @@ class MegatronTPStrategy(DDPStrategy):
             enable_collective_debug()
         super().setup_environment()
         self._tp_mesh = init_tp_mesh(self.tensor_parallel_size, self.root_device.type)
+        if self.debug and self._tp_mesh.dp_size > 1:
+            self._ddp_group = unchecked_dp_group(self._tp_mesh, self._timeout)
         for plugin in (self.precision_plugin,):
             if isinstance(plugin, _TPPrecisionMixin):
                 plugin.tp_group = self._tp_mesh.tp_group
@@ -258,7 +261,8 @@ class MegatronTPStrategy(DDPStrategy):
         device_ids = self.determine_ddp_device_ids()
         # config parsers (LightningCLI) may fill every DDP default; ours win for these
         kwargs = {k: v for k, v in self._ddp_kwargs.items() if k not in ("module", "device_ids", "process_group")}
-        return DistributedDataParallel(model, device_ids=device_ids, process_group=self.dp_group, **kwargs)
+        group = self.dp_group if self._ddp_group is None else self._ddp_group
+        return DistributedDataParallel(model, device_ids=device_ids, process_group=group, **kwargs)
 
     # -- faults -----------------------------------------------------------------------------------
     def training_step(self, *args: Any, **kwargs: Any) -> Any:

@@ -56,21 +56,22 @@ class Run:
         return times
 
 
-def run_fault_fit(out: Path, *args: str, launch: str = "external") -> Run:
-    """Run the fault script with 2 ranks and wait for every process (bounded by ``RUN_LIMIT_S``).
+def run_fault_fit(out: Path, *args: str, launch: str = "external", world: int = 2) -> Run:
+    """Run the fault script with ``world`` ranks and wait for every process (bounded by ``RUN_LIMIT_S``).
 
     ``external``: this function starts both ranks (like torchrun) and sees each exit code;
     ``popen`` / ``spawn``: it starts the script once and Lightning starts the other rank(s).
     """
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(SCRIPT), str(out), "--launch", launch, "--timeout", str(PG_TIMEOUT_S), *args]
+    cmd = [sys.executable, str(SCRIPT), str(out), "--launch", launch, "--timeout", str(PG_TIMEOUT_S)]
+    cmd += ["--devices", str(world), *args]
     start = time.time()
     if launch == "external":
         port = str(_free_port())
         envs = {
-            f"rank{r}": clean_env(LOCAL_RANK=str(r), NODE_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+            f"rank{r}": clean_env(LOCAL_RANK=str(r), NODE_RANK="0", WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                                   MASTER_PORT=port)
-            for r in range(2)
+            for r in range(world)
         }  # fmt: skip
     else:
         envs = {"rank0" if launch == "popen" else "main": clean_env()}

@@ -35,20 +35,28 @@ def test_debug_mode_names_collective_mismatch(tmp_path, fault, names):
     assert sorted(p.name for p in (tmp_path / "ckpts").iterdir()) == ["epoch=0-step=2.ckpt"]
 
 
-def test_enable_collective_debug_sets_the_detail_level(monkeypatch):
+def test_debug_mode_with_data_parallelism_trains(tmp_path):
+    """TP 2 x DP 2 in debug mode: DDP gets a data-parallel group without the debug wrapper (torch's
+    DDP segfaults on a wrapped one); training and checkpoints work."""
+    run = run_fault_fit(tmp_path, "--fault", "none", "--debug", "--max-steps", "2", launch="external", world=4)
+    assert run.returncodes == {f"rank{r}": 0 for r in range(4)}, run.output[-6000:]
+    assert all(record["step"] == 2 for record in run.records.values())
+    assert sorted(p.name for p in (tmp_path / "ckpts").iterdir()) == ["epoch=0-step=2.ckpt"]
+
+
+def test_enable_collective_debug_sets_the_detail_level():
     import torch.distributed as dist
 
-    monkeypatch.delenv("TORCH_DISTRIBUTED_DEBUG", raising=False)
-    strategy = MegatronTPStrategy(debug=True)
-    assert strategy.debug and MegatronTPStrategy().debug is False
-    assert "TORCH_DISTRIBUTED_DEBUG" not in os.environ  # nothing happens at construction
     from lightning_tp.faults import enable_collective_debug
 
-    level = dist.get_debug_level()
+    assert MegatronTPStrategy(debug=True).debug and MegatronTPStrategy().debug is False  # nothing set at construction
+    saved, level = os.environ.pop("TORCH_DISTRIBUTED_DEBUG", None), dist.get_debug_level()
     try:
         enable_collective_debug()  # what setup_environment calls before init_process_group
         assert os.environ["TORCH_DISTRIBUTED_DEBUG"] == "DETAIL"
         assert dist.get_debug_level() == dist.DebugLevel.DETAIL
-    finally:
-        monkeypatch.delenv("TORCH_DISTRIBUTED_DEBUG", raising=False)
+    finally:  # later tests start processes with this environment
+        os.environ.pop("TORCH_DISTRIBUTED_DEBUG", None)
+        if saved is not None:
+            os.environ["TORCH_DISTRIBUTED_DEBUG"] = saved
         dist.set_debug_level(level)

@@ -1,4 +1,4 @@
-"""A 2-rank TP fit that injects one fault, for tests/reliability/test_faults.py.
+"""A TP-2 fit (2 ranks, or TP 2 x DP n with --devices) that injects one fault, for tests/reliability/test_faults.py.
 
     python fault_fit.py OUT --fault training_step --rank 1 --step 3 [--launch popen|spawn|external] [--debug]
 
@@ -108,7 +108,11 @@ def main(ns: argparse.Namespace) -> int:
     ]
     trainer = L.Trainer(
         **lit.trainer_kwargs(
-            devices=2, strategy=strategy, max_steps=ns.max_steps, callbacks=callbacks, enable_checkpointing=True
+            devices=ns.devices,
+            strategy=strategy,
+            max_steps=ns.max_steps,
+            callbacks=callbacks,
+            enable_checkpointing=True,
         )
     )
     trainer.fit(FaultyGPT(ns.fault, ns.rank, ns.step, str(out)))
@@ -124,6 +128,7 @@ if __name__ == "__main__":
     parser.add_argument("--max-steps", type=int, default=6)
     parser.add_argument("--launch", choices=("popen", "external", "spawn"), default="popen")
     parser.add_argument("--debug", action="store_true")
+    parser.add_argument("--devices", type=int, default=2, help="ranks (TP 2: more than 2 adds data parallelism)")
     parser.add_argument("--timeout", type=int, default=20)
     ns = parser.parse_args()
     name = "main" if ns.launch == "spawn" else f"rank{os.environ.get('LOCAL_RANK', 0)}"  # the process, not the rank
