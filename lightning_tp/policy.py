@@ -22,14 +22,13 @@ import fnmatch
 import math
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from lightning_tp.errors import LightningTPError, ShardingError
+from lightning_tp.errors import ShardingError
 from lightning_tp.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -38,263 +37,30 @@ from lightning_tp.layers import (
     _check_heads,
     _chunk_sizes,
 )
+from lightning_tp.rules import (  # noqa: F401  (re-exported: the policy API)
+    HEAD_ATTRS,
+    KV_HEAD_ATTRS,
+    STYLES,
+    WIDTH_ATTRS,
+    PolicyError,
+    PolicyWarning,
+    Rule,
+    Style,
+    _as_linear,
+    auto_rules,
+    dense_linear,
+    hf_plan,
+    infer_vocab_size,
+    register_policy,
+    registered_policies,
+    resolve_rules,
+    translate_hf_plan,
+)
 from lightning_tp.sharding import ShardSpec
-
-Style = Literal["column", "row", "qkv", "vocab", "replicate"]
-STYLES: tuple[str, ...] = ("column", "row", "qkv", "vocab", "replicate")
-_OPTIONS: dict[str, set[str]] = {
-    "column": {"gather_output"},
-    "row": {"input_is_parallel"},
-    "qkv": {"chunks", "head_dim", "gather_output"},
-    "vocab": {"gather_output"},
-    "replicate": set(),
-}
-HEAD_ATTRS = ("n_head", "n_heads", "num_heads", "num_attention_heads", "num_key_value_heads", "n_kv_heads")
-KV_HEAD_ATTRS = ("num_key_value_heads", "n_kv_heads")
-# Width attributes: divided only when equal to the size of a split chunk of a child projection,
-# i.e. when the attribute describes the sharded activation (GPT-2's ``split_size``).
-WIDTH_ATTRS = ("split_size", "n_embd", "embed_dim", "all_head_size", "inner_dim", "hidden_size", "d_model")
-
-
-class PolicyError(LightningTPError, ValueError):
-    """A policy that cannot be applied to this model (bad pattern, style, option or tie)."""
-
-
-class PolicyWarning(UserWarning):
-    """A policy that applies but probably not as meant (unmatched modules, unused patterns)."""
-
-
-@dataclass(frozen=True)
-class Rule:
-    """A style and its options, e.g. ``Rule("vocab", {"gather_output": False})``."""
-
-    style: str
-    options: Mapping[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def parse(cls, pattern: str, value: str | Mapping[str, Any] | Rule) -> Rule:
-        if isinstance(value, Rule):
-            return value
-        if isinstance(value, str):
-            style, options = value, {}
-        elif isinstance(value, Mapping) and "style" in value:
-            options = dict(value)
-            style = options.pop("style")
-        else:
-            raise PolicyError(
-                f"policy entry {pattern!r}: expected a style name or a mapping with a 'style' key, got {value!r}."
-            )
-        if style not in STYLES:
-            raise PolicyError(f"policy entry {pattern!r}: unknown style {style!r}; use one of {list(STYLES)}.")
-        unknown = set(options) - _OPTIONS[style]
-        if unknown:
-            raise PolicyError(
-                f"policy entry {pattern!r}: options {sorted(unknown)} do not apply to style {style!r} "
-                f"(allowed: {sorted(_OPTIONS[style]) or 'none'})."
-            )
-        return cls(style, options)
-
-
-# ------------------------------------------------------------------------------------------------
-# Policy sources: dict, YAML, registered names, Hugging Face plans, auto rules.
-# ------------------------------------------------------------------------------------------------
-
-_REGISTRY: dict[str, dict[str, Any]] = {}
-
-
-def register_policy(name: str, policy: Mapping[str, Any]) -> None:
-    """Register a named policy usable as ``policy="<name>"``."""
-    if name == "auto":
-        raise PolicyError("'auto' is reserved for the built-in rules.")
-    for pattern, value in policy.items():
-        Rule.parse(pattern, value)
-    _REGISTRY[name] = dict(policy)
-
-
-def registered_policies() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-# Hugging Face tp_plan styles -> ours. ``None``: not expressible as a module rewrite.
-_HF_STYLES: dict[str, Rule | None] = {
-    "colwise": Rule("column"),
-    "local_colwise": Rule("column"),
-    "colwise_rep": Rule("column", {"gather_output": True}),
-    "colwise_gather_output": Rule("column", {"gather_output": True}),
-    "rowwise": Rule("row"),
-    "local_rowwise": Rule("row"),
-    "rowwise_rep": Rule("row", {"input_is_parallel": False}),
-    "rowwise_split_input": Rule("row", {"input_is_parallel": False}),
-    "packed_colwise": Rule("qkv", {"chunks": 2}),
-    "packed_rowwise": Rule("row"),
-    "embedding_rowwise": Rule("vocab"),
-    "replicate": Rule("replicate"),
-    "replicated_with_grad_allreduce": Rule("replicate"),
-    "sequence_parallel": Rule("replicate"),
-    "isolated": Rule("replicate"),
-    "gather": Rule("replicate"),
-}
-
-
-def _own_hf_plan(module: nn.Module) -> dict[str, str] | None:
-    plan = getattr(module, "_tp_plan", None) or None
-    if not plan:
-        base = getattr(getattr(module, "config", None), "base_model_tp_plan", None)
-        if base and hasattr(module, "base_model_prefix"):
-            prefix = module.base_model_prefix
-            inner = prefix and isinstance(getattr(module, prefix, None), nn.Module)
-            plan = {(f"{prefix}.{k}" if inner else k): v for k, v in base.items()}
-    return dict(plan) if isinstance(plan, Mapping) and plan else None
-
-
-def hf_plan(model: nn.Module) -> dict[str, str] | None:
-    """The Hugging Face TP plan(s) of ``model`` or of the outermost HF models inside it (a
-    LightningModule holding ``self.model = AutoModelForCausalLM...``), with module-name prefixes."""
-    merged: dict[str, str] = {}
-    covered: list[str] = []
-    for name, module in model.named_modules():
-        if any(name == c or name.startswith(c + ".") for c in covered):
-            continue
-        plan = _own_hf_plan(module)
-        if plan:
-            covered.append(name)
-            merged.update({(f"{name}.{k}" if name else k): v for k, v in plan.items()})
-    return merged or None
-
-
-def translate_hf_plan(plan: Mapping[str, str]) -> dict[str, Rule]:
-    """Translate a Hugging Face ``tp_plan`` into our rules (an LM head's gathered column -> vocab)."""
-    rules: dict[str, Rule] = {}
-    for pattern, hf_style in plan.items():
-        if hf_style not in _HF_STYLES or _HF_STYLES[hf_style] is None:
-            raise PolicyError(
-                f"Hugging Face tp_plan entry {pattern!r}: style {hf_style!r} has no module-rewrite equivalent "
-                "in lightning_tp (expert/packed-expert styles need expert parallelism). Pass an explicit policy "
-                f"dict mapping {pattern!r} to one of {list(STYLES)}."
-            )
-        rules[pattern] = _HF_STYLES[hf_style]
-    return rules
-
-
-_AUTO_QKV = {"c_attn", "qkv", "wqkv", "qkv_proj", "to_qkv"}
-_AUTO_PACKED = {"gate_up_proj"}
-_AUTO_COLUMN = {
-    "q_proj", "k_proj", "v_proj", "q", "k", "v", "query", "key", "value", "wq", "wk", "wv",
-    "to_q", "to_k", "to_v", "fc", "c_fc", "fc1", "fc_in", "up_proj", "gate_proj", "w1", "w3",
-    "dense_h_to_4h",
-}  # fmt: skip
-_AUTO_ROW = {"o_proj", "out_proj", "c_proj", "wo", "o", "proj", "down_proj", "w2", "fc2", "fc_out", "dense_4h_to_h"}
-_TOKEN_EMBEDDING_HINTS = ("wte", "tok", "token", "word", "embed_tokens", "embedding")
-
-
-def infer_vocab_size(model: nn.Module) -> int | None:
-    """The vocabulary size: ``config.vocab_size``, else the token embedding's rows."""
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if isinstance(vocab, int):
-        return vocab
-    embeddings = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
-    if not embeddings:
-        return None
-    hinted = [m for n, m in embeddings if any(h in n.rsplit(".", 1)[-1].lower() for h in _TOKEN_EMBEDDING_HINTS)]
-    return max(m.num_embeddings for m in (hinted or [m for _, m in embeddings]))
-
-
-def auto_rules(model: nn.Module) -> dict[str, Rule]:
-    """Built-in rules for common transformer naming, resolved to one rule per module name.
-
-    Column/qkv projections are split only when a row projection shares their parent (the pair that
-    makes a TP region); token embeddings and LM heads (by vocabulary size) are vocab-parallel; other
-    embeddings are replicated.
-    """
-    vocab = infer_vocab_size(model)
-    linears = {n: m for n, m in model.named_modules() if _as_linear(m) is not None}
-    by_parent: dict[str, dict[str, str]] = {}
-    for name in linears:
-        parent, _, leaf = name.rpartition(".")
-        by_parent.setdefault(parent, {})[name] = leaf.lower()
-    rules: dict[str, Rule] = {}
-    for leaves in by_parent.values():
-        has_row = any(leaf in _AUTO_ROW for leaf in leaves.values())
-        has_col = any(leaf in _AUTO_COLUMN | _AUTO_QKV | _AUTO_PACKED for leaf in leaves.values())
-        if not (has_row and has_col):
-            continue
-        for name, leaf in leaves.items():
-            if leaf in _AUTO_QKV:
-                rules[name] = Rule("qkv")
-            elif leaf in _AUTO_PACKED:
-                rules[name] = Rule("qkv", {"chunks": 2})
-            elif leaf in _AUTO_COLUMN:
-                rules[name] = Rule("column")
-            elif leaf in _AUTO_ROW:
-                rules[name] = Rule("row")
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Embedding):
-            rules[name] = Rule("vocab" if module.num_embeddings == vocab else "replicate")
-        elif name not in rules and vocab is not None and (lin := _as_linear(module)) is not None:
-            if lin[1] == vocab:
-                rules[name] = Rule("vocab")
-    return rules
-
-
-def resolve_rules(model: nn.Module, policy: str | Mapping[str, Any] | None) -> tuple[str, dict[str, Rule]]:
-    """Turn any accepted policy form into ``(source, {pattern: Rule})``."""
-    if policy is None or policy == "auto":
-        plan = hf_plan(model)
-        if plan:
-            return "huggingface tp_plan", translate_hf_plan(plan)
-        return "auto", auto_rules(model)
-    if isinstance(policy, str):
-        if policy in _REGISTRY:
-            return f"registered '{policy}'", {p: Rule.parse(p, v) for p, v in _REGISTRY[policy].items()}
-        policy = _load_yaml(policy)
-    if not isinstance(policy, Mapping):
-        raise PolicyError(
-            f"policy must be 'auto', a registered name {registered_policies()}, a YAML mapping or a dict; got {policy!r}."
-        )
-    return "dict", {str(p): Rule.parse(str(p), v) for p, v in policy.items()}
-
-
-def _load_yaml(text: str) -> Any:
-    import yaml
-
-    path = Path(text)
-    if text.endswith((".yaml", ".yml")) or (len(text) < 4096 and "\n" not in text and path.is_file()):
-        if not path.is_file():
-            raise PolicyError(f"policy file {text!r} does not exist.")
-        text = path.read_text()
-    elif ":" not in text:
-        raise PolicyError(
-            f"policy {text!r} is neither 'auto', a registered name {registered_policies()}, a YAML file nor a "
-            "YAML mapping."
-        )
-    return yaml.safe_load(text)
-
 
 # ------------------------------------------------------------------------------------------------
 # Planning (no process group) and applying.
 # ------------------------------------------------------------------------------------------------
-
-
-def _as_linear(module: nn.Module) -> tuple[int, int] | None:
-    """``(in_features, out_features)`` of an ``nn.Linear`` or a GPT-2 style ``Conv1D`` (weight
-    ``(in, out)``), else ``None``."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
-        return module.weight.shape[0], module.weight.shape[1]
-    return None
-
-
-def dense_linear(module: nn.Module) -> nn.Linear:
-    """``module`` as an ``nn.Linear`` sharing its parameters (a ``Conv1D`` is transposed)."""
-    if isinstance(module, nn.Linear):
-        return module
-    nx, nf = _as_linear(module)
-    lin = nn.Linear(nx, nf, bias=module.bias is not None, device="meta")
-    lin.weight = nn.Parameter(module.weight.detach().t(), requires_grad=module.weight.requires_grad)
-    if module.bias is not None:
-        lin.bias = module.bias
-    return lin
 
 
 @dataclass

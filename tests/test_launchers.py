@@ -22,7 +22,14 @@ class PredictionFiles(L.Callback):
         torch.save(outputs, Path(self.out) / f"pred-rank{trainer.global_rank}-{batch_idx}.pt")
 
 
+def _fresh_port():
+    # Lightning's spawn launcher leaves MASTER_PORT in this process's environment; the next Trainer
+    # would reuse the port of the processes that just exited. Let each launch pick a free one.
+    os.environ.pop("MASTER_PORT", None)
+
+
 def test_spawn_fit_validate_test_predict(tmp_path):
+    _fresh_port()
     model = lit.LitGPT(batch_size=8, n_train=32)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     kwargs = lit.trainer_kwargs(devices=2, strategy="megatron_tp_spawn", max_steps=4, limit_val_batches=2)
@@ -33,8 +40,11 @@ def test_spawn_fit_validate_test_predict(tmp_path):
     assert model.state_dict().keys() == before.keys()
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert model.model.lm_head.weight.shape == (lit.VOCAB, 32)
+    _fresh_port()
     val = trainer.validate(model, verbose=False)
+    _fresh_port()
     test = trainer.test(model, verbose=False)
+    _fresh_port()
     trainer = L.Trainer(**{**kwargs, "callbacks": [PredictionFiles(tmp_path)]})
     assert trainer.predict(model) is None  # as with ddp_spawn
     assert val[0]["val_loss"] > 0 and test[0]["test_loss"] > 0
