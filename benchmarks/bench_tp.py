@@ -87,24 +87,34 @@ def state_bytes(module: torch.nn.Module, optimizers: list) -> dict[str, int]:
 
 
 class Timer:
-    """Step times and per-step collective stats after ``warmup`` steps."""
+    """Step phases: ``warmup`` untimed steps, ``steps`` timed steps (no instrumentation at all),
+    then ``comm_steps`` steps with every collective counted (wrapping the collectives costs
+    Python-level time on every op, so those steps are never used for throughput)."""
 
-    def __init__(self, warmup: int, counter: CommCounter) -> None:
-        self.warmup, self.counter = warmup, counter
-        self.times: list[float] = []
+    def __init__(self, args, counter: CommCounter) -> None:
+        self.warmup, self.timed, self.counter = args.warmup, args.steps, counter
+        self.total = args.warmup + args.steps + args.comm_steps
+        self.times: list[float] = []  # timed steps
+        self.counted_times: list[float] = []  # steps under the collective counter
         self.comm: list[dict] = []
         self._t0 = 0.0
         self._step = 0
 
+    def _counting(self) -> bool:
+        return self._step >= self.warmup + self.timed
+
     def start(self) -> None:
-        if self._step >= self.warmup:
+        if self._counting():
             self.counter.start()
         self._t0 = time.perf_counter()
 
     def stop(self) -> None:
-        if self._step >= self.warmup:
-            self.times.append(time.perf_counter() - self._t0)
+        elapsed = time.perf_counter() - self._t0
+        if self._counting():
+            self.counted_times.append(elapsed)
             self.comm.append(self.counter.stop())
+        elif self._step >= self.warmup:
+            self.times.append(elapsed)
         self._step += 1
 
 
@@ -188,9 +198,9 @@ def _trainer(strategy, devices: int, steps: int, timer: Timer, **kw):
 
 
 def run_single(cfg, args, counter):
-    timer = Timer(args.warmup, counter)
-    model = _lit_module(cfg, args.warmup + args.steps, cfg["batch"])
-    trainer = _trainer("auto", 1, args.warmup + args.steps, timer)
+    timer = Timer(args, counter)
+    model = _lit_module(cfg, timer.total, cfg["batch"])
+    trainer = _trainer("auto", 1, timer.total, timer)
     trainer.fit(model)
     return timer, state_bytes(model, trainer.optimizers)
 
@@ -207,10 +217,10 @@ def _lightning_tp(cfg, args, counter, gather: bool):
         "model.transformer.wpe": "replicate",
         "model.lm_head": {"style": "vocab", "gather_output": gather},
     }
-    timer = Timer(args.warmup, counter)
-    model = _lit_module(cfg, args.warmup + args.steps, cfg["batch"])
+    timer = Timer(args, counter)
+    model = _lit_module(cfg, timer.total, cfg["batch"])
     strategy = MegatronTPStrategy(tensor_parallel_size=2, policy=policy, timeout=datetime.timedelta(seconds=120))
-    trainer = _trainer(strategy, 2, args.warmup + args.steps, timer)
+    trainer = _trainer(strategy, 2, timer.total, timer)
     trainer.fit(model)
     return timer, state_bytes(model, trainer.optimizers)
 
@@ -270,28 +280,28 @@ class _LossParallel:
 def run_model_parallel(cfg, args, counter):
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    timer = Timer(args.warmup, counter)
+    timer = Timer(args, counter)
 
     def configure(module):
         dtensor_parallelize(module.model, module.device_mesh["tensor_parallel"])
 
-    model = _lit_module(cfg, args.warmup + args.steps, cfg["batch"], loss_fn=_LossParallel(), configure=configure)
+    model = _lit_module(cfg, timer.total, cfg["batch"], loss_fn=_LossParallel(), configure=configure)
     strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)
-    trainer = _trainer(strategy, 2, args.warmup + args.steps, timer)
+    trainer = _trainer(strategy, 2, timer.total, timer)
     trainer.fit(model)
     return timer, state_bytes(model, trainer.optimizers)
 
 
 def run_ddp(cfg, args, counter):
-    timer = Timer(args.warmup, counter)
+    timer = Timer(args, counter)
     per_rank = cfg["batch"] // 2
-    model = _lit_module(cfg, args.warmup + args.steps, per_rank)
+    model = _lit_module(cfg, timer.total, per_rank)
     # each rank reads its half of every global batch
     rank = dist.get_rank()
     model.train_dataloader = lambda: torch.utils.data.DataLoader(
-        _List(batches(cfg, args.warmup + args.steps, per_rank, rank)), batch_size=None
+        _List(batches(cfg, timer.total, per_rank, rank)), batch_size=None
     )
-    trainer = _trainer("ddp", 2, args.warmup + args.steps, timer)
+    trainer = _trainer("ddp", 2, timer.total, timer)
     trainer.fit(model)
     return timer, state_bytes(model, trainer.optimizers)
 
@@ -304,13 +314,13 @@ def run_dtensor(cfg, args, counter):
     dtensor_parallelize(model, mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     loss_fn = _LossParallel()
-    timer = Timer(args.warmup, counter)
-    for x, y in batches(cfg, args.warmup + args.steps, cfg["batch"]):
+    timer = Timer(args, counter)
+    for x, y in batches(cfg, timer.total, cfg["batch"]):
         timer.start()
+        opt.zero_grad(set_to_none=True)  # at the start, as Lightning does: grads count in the memory
         loss = loss_fn(model(x), y)
         loss_fn.backward(loss)
         opt.step()
-        opt.zero_grad(set_to_none=True)
         timer.stop()
     return timer, state_bytes(model, [opt])
 
@@ -350,6 +360,7 @@ def _worker(rank: int, world: int, port: int, name: str, cfg: dict, args, result
             "step_s": timer.times,
             "tokens_per_s": tokens / statistics.median(timer.times),
             "comm": timer.comm,
+            "counted_step_s": timer.counted_times,
             "bytes": mem,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
@@ -415,7 +426,8 @@ def summarize(raw: dict[str, list[list[dict]]], cfg: dict) -> dict[str, Any]:
                 for k in ("calls", "bytes", "seconds"):
                     per_op[op][k] += st[k] / len(comm_steps)
         comm_s = sum(v["seconds"] for v in per_op.values())
-        step_s = statistics.median(rank0["step_s"])
+        step_s = statistics.median([t for rep in repeats for t in rep[0]["step_s"]])  # all repeats, rank 0
+        counted_s = statistics.median(rank0["counted_step_s"]) if rank0["counted_step_s"] else step_s
         summary["variants"][name] = {
             "tokens_per_s_median": statistics.median(tps),
             "tokens_per_s_repeats": tps,
@@ -424,7 +436,7 @@ def summarize(raw: dict[str, list[list[dict]]], cfg: dict) -> dict[str, Any]:
             "comm_bytes_per_step": sum(v["bytes"] for v in per_op.values()),
             "comm_calls_per_step": sum(v["calls"] for v in per_op.values()),
             "comm_s_per_step": comm_s,
-            "comm_fraction": comm_s / step_s if step_s else 0.0,
+            "comm_fraction": comm_s / counted_s if counted_s else 0.0,
             "state_bytes_rank0": rank0["bytes"],
             "peak_rss_mb": [r["peak_rss_mb"] for r in repeats[-1]],
         }
@@ -496,8 +508,8 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     v = summary["variants"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     tps = [v[n]["tokens_per_s_median"] for n in names]
-    comm = [v[n]["comm_s_per_step"] for n in names]
     step = [v[n]["step_s_median"] for n in names]
+    comm = [v[n]["comm_fraction"] * t for n, t in zip(names, step, strict=True)]
     a.bar(names, tps, color=["#4c72b0" if n != "lightning_tp" else "#dd8452" for n in names])
     a.set_ylabel("tokens / s (median)")
     a.set_title("Training throughput")
@@ -517,6 +529,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--comm-steps", type=int, default=2, help="extra steps with every collective counted (not timed)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="threads per TP/DP rank (single process: 2x)")
     p.add_argument("--n-embd", type=int, default=512)

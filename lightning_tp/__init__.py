@@ -5,6 +5,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 from lightning_tp.checkpoint import CheckpointError, consolidate, export
 from lightning_tp.comm import (
     copy_to_tp,
+    copy_to_tp_linear,
     gather_from_sp,
     gather_from_tp,
     reduce_from_tp,
@@ -77,6 +78,7 @@ __all__ = [
     "VocabParallelLMHead",
     "VocabShardedLogits",
     "copy_to_tp",
+    "copy_to_tp_linear",
     "cross_entropy",
     "gather_from_sp",
     "gather_from_tp",

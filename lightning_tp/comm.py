@@ -7,6 +7,7 @@ the adjoint collective. The group is always passed explicitly.
 operator               forward                     backward
 =====================  ==========================  ==========================
 ``copy_to_tp``  (f)    identity                    all-reduce
+``copy_to_tp_linear``  f, then ``X W^T + b``       dW, db; all-reduce of dX overlapped with dW
 ``reduce_from_tp`` (g) all-reduce                  identity
 ``scatter_to_tp``      keep own chunk of last dim  all-gather last dim
 ``gather_from_tp``     all-gather last dim         keep own chunk of last dim
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
@@ -122,12 +124,61 @@ class _CopyToTP(torch.autograd.Function):
 
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, group: ProcessGroup) -> Tensor:
-        return all_reduce(x, group)
+    def forward(ctx, x: Tensor, group: ProcessGroup, inplace: bool) -> Tensor:
+        if not (inplace and x.is_contiguous()):
+            return all_reduce(x, group)
+        if group_size(group) > 1:
+            dist.all_reduce(x, group=group)
+        ctx.mark_dirty(x)  # autograd then refuses a backward that needed the pre-reduction x
+        return x
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return grad, None
+        return grad, None, None
+
+
+def _autocast_args(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Cast like autocast does for ``F.linear`` (floating tensors other than float64 go to the
+    autocast dtype) when autocast is on for the device, so backward sees the forward's dtypes."""
+    device = next(t for t in tensors if t is not None).device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(
+        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors
+    )
+
+
+class _CopyToTPLinear(torch.autograd.Function):
+    """Megatron's linear with asynchronous input-grad all-reduce: in backward the all-reduce of
+    ``dX`` is started as soon as ``dX`` exists and runs while ``dW`` is computed."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, group: ProcessGroup) -> Tensor:
+        x, weight, bias = _autocast_args(x, weight, bias)
+        ctx.group = group
+        ctx.save_for_backward(x, weight)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x, weight, bias)  # (..., out)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = grad_w = grad_b = work = None
+        if need_x:
+            grad_x = grad.matmul(weight)  # (..., in), partial over the group
+            if group_size(ctx.group) > 1:
+                work = dist.all_reduce(grad_x, group=ctx.group, async_op=True)
+        if need_w or need_b:
+            grad_2d = grad.reshape(-1, grad.shape[-1])  # (N, out)
+            if need_w:
+                grad_w = grad_2d.t().mm(x.reshape(-1, x.shape[-1]))  # (out, in)
+            if need_b:
+                grad_b = grad_2d.sum(dim=0)  # (out,)
+        if work is not None:
+            work.wait()
+        return grad_x, grad_w, grad_b, None
 
 
 class _ScatterToTP(torch.autograd.Function):
@@ -192,9 +243,19 @@ def copy_to_tp(x: Tensor, group: ProcessGroup) -> Tensor:
     return _CopyToTP.apply(x, group)
 
 
-def reduce_from_tp(x: Tensor, group: ProcessGroup) -> Tensor:
-    """forward: all-reduce (sum) over ``group``; backward: identity. Megatron's ``g``."""
-    return _ReduceFromTP.apply(x, group)
+def copy_to_tp_linear(x: Tensor, weight: Tensor, bias: Tensor | None, group: ProcessGroup) -> Tensor:
+    """forward: ``F.linear(copy_to_tp(x), weight, bias)``; backward: dW, db and the all-reduce of dX,
+    which runs while dW is computed (Megatron's async grad all-reduce)."""
+    return _CopyToTPLinear.apply(x, weight, bias, group)
+
+
+def reduce_from_tp(x: Tensor, group: ProcessGroup, inplace: bool = False) -> Tensor:
+    """forward: all-reduce (sum) over ``group``; backward: identity. Megatron's ``g``.
+
+    ``inplace=True`` reduces ``x`` itself (no copy): only for a fresh non-leaf tensor that nothing
+    else holds, such as the output of the layer's own matmul.
+    """
+    return _ReduceFromTP.apply(x, group, inplace)
 
 
 def scatter_to_tp(x: Tensor, group: ProcessGroup) -> Tensor:

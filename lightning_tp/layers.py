@@ -27,7 +27,7 @@ from torch.distributed import ProcessGroup
 
 from lightning_tp.comm import (
     all_gather_dim,
-    copy_to_tp,
+    copy_to_tp_linear,
     gather_from_sp,
     gather_from_tp,
     group_rank,
@@ -37,7 +37,7 @@ from lightning_tp.comm import (
     scatter_to_tp,
 )
 from lightning_tp.errors import ShardingError
-from lightning_tp.loss import VocabShardedLogits
+from lightning_tp.loss import LossWorkspace, VocabShardedLogits
 from lightning_tp.sharding import ShardSpec, mark_partial_grad, mark_sharded, shard_spec
 
 
@@ -150,9 +150,9 @@ class ColumnParallelLinear(_ParallelLinear):
     def forward(self, x: Tensor) -> Tensor:
         if self.sequence_parallel:
             x = gather_from_sp(x, self.group, self.seq_dim)  # (B, T, in)
+            y = F.linear(x, self.weight, self.bias)  # (B, T, out/p)
         else:
-            x = copy_to_tp(x, self.group)  # (..., in)
-        y = F.linear(x, self.weight, self.bias)  # (..., out/p)
+            y = copy_to_tp_linear(x, self.weight, self.bias, self.group)  # (..., out/p)
         if self.gather_output:
             y = self._gather(y)  # (..., out)
         return y
@@ -228,9 +228,9 @@ class RowParallelLinear(_ParallelLinear):
         if self.sequence_parallel:
             y = reduce_scatter_to_sp(y, self.group, self.seq_dim)  # (B, T/p, out)
         else:
-            y = reduce_from_tp(y, self.group)  # (..., out)
+            y = reduce_from_tp(y, self.group, inplace=True)  # (..., out)
         if self.bias is not None:
-            y = y + self.bias
+            y = y + self.bias.to(y.dtype)  # under autocast: bf16, like nn.Linear's output
         return y
 
     def extra_repr(self) -> str:
@@ -248,7 +248,8 @@ class VocabParallelLMHead(ColumnParallelLinear):
     same vocabulary, so a tied ``lm_head.weight is wte.weight`` stays one parameter. With
     ``gather_output=True`` (default) returns dense ``(..., V)`` logits (padding dropped), a drop-in
     for ``nn.Linear``; with ``gather_output=False`` returns :class:`VocabShardedLogits`
-    ``(..., Vp/p)`` for :func:`lightning_tp.cross_entropy`.
+    ``(..., Vp/p)`` for :func:`lightning_tp.cross_entropy`, which keeps its ``(..., Vp/p)``
+    buffer in this head's :class:`~lightning_tp.loss.LossWorkspace` between steps (CPU).
     """
 
     _pad = True
@@ -258,16 +259,17 @@ class VocabParallelLMHead(ColumnParallelLinear):
                  _dense: nn.Linear | None = None) -> None:  # fmt: skip
         super().__init__(in_features, out_features, bias, device, dtype, group=group,
                          gather_output=gather_output, name=name, _dense=_dense)  # fmt: skip
+        self._loss_workspace = LossWorkspace()  # the sharded loss's buffer, reused across steps when free
 
     @property
     def vocab_size(self) -> int:
         return self.out_features
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(copy_to_tp(x, self.group), self.weight, self.bias)  # (..., Vp/p)
+        y = copy_to_tp_linear(x, self.weight, self.bias, self.group)  # (..., Vp/p)
         if self.gather_output:
             return self._gather(y)  # (..., V)
-        return VocabShardedLogits.wrap(y, self.group, self.out_features)
+        return VocabShardedLogits.wrap(y, self.group, self.out_features, self._loss_workspace)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -341,8 +343,8 @@ class VocabParallelEmbedding(nn.Module):
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)  # (...)
         local_ids = (ids - self.vocab_start).masked_fill(outside, 0)  # (...)
         y = F.embedding(local_ids, self.weight, self._local_padding_idx)  # (..., H) partial
-        y = y.masked_fill(outside.unsqueeze(-1), 0.0)  # (..., H)
-        return reduce_from_tp(y, self.group)  # (..., H)
+        y = y.masked_fill_(outside.unsqueeze(-1), 0.0)  # (..., H), in place: y is this layer's own
+        return reduce_from_tp(y, self.group, inplace=True)  # (..., H)
 
     def extra_repr(self) -> str:
         return (

@@ -17,6 +17,7 @@ targets give loss 0 and grad 0, and ``reduction="mean"`` averages over non-ignor
 
 from __future__ import annotations
 
+import sys
 from typing import Literal
 
 import torch
@@ -38,6 +39,48 @@ _LAYOUT_OPS = frozenset(
 )  # fmt: skip
 
 
+class LossWorkspace:
+    """The ``(..., Vp/p)`` buffer of the vocab-parallel loss, kept across steps by the LM head.
+
+    The loss writes ``exp(z - M)`` into it and backward turns it into the logits' gradient in place.
+    A fresh buffer of that size costs a page fault per 4 KiB page on CPU (the allocator returns
+    blocks this large to the OS on free), measured at 10-90 ms per step for a 32 MiB slice; reusing
+    one avoids that. The buffer is reused only when nothing else references it (no backward still
+    pending, no grad kept by a hook, no view or alias), else a fresh one is made; on CUDA the
+    caching allocator already recycles memory, so a fresh buffer is always used there.
+    """
+
+    def __init__(self) -> None:
+        self._buf: Tensor | None = None
+
+    def take(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A buffer of ``shape``: the kept one if it fits and is unreferenced, else a new one."""
+        if self._fits(shape, dtype, device) and self._free():  # checked before any local reference exists
+            return self._buf
+        buf = torch.empty(shape, dtype=dtype, device=device)
+        if device.type == "cpu":
+            self._buf = buf
+        return buf
+
+    def _fits(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> bool:
+        return (
+            self._buf is not None
+            and self._buf.shape == shape
+            and self._buf.dtype == dtype
+            and self._buf.device == device
+        )
+
+    def _free(self) -> bool:
+        try:
+            return (
+                sys.getrefcount(self._buf) == 2  # self._buf and the argument: no other Python reference
+                and self._buf._use_count() == 1  # no C++ holder (saved for backward, a view's base)
+                and torch._C._storage_Use_Count(self._buf.untyped_storage()._cdata) == 2  # no alias of the memory
+            )
+        except (AttributeError, RuntimeError):  # counters not available in this torch: never reuse
+            return False
+
+
 class VocabShardedLogits(Tensor):
     """Logits whose last dim is this rank's slice of the (padded) vocabulary.
 
@@ -49,11 +92,14 @@ class VocabShardedLogits(Tensor):
 
     tp_group: ProcessGroup
     vocab_size: int
+    workspace: LossWorkspace | None
 
     @staticmethod
-    def wrap(local: Tensor, group: ProcessGroup, vocab_size: int) -> VocabShardedLogits:
+    def wrap(
+        local: Tensor, group: ProcessGroup, vocab_size: int, workspace: LossWorkspace | None = None
+    ) -> VocabShardedLogits:
         out = local.as_subclass(VocabShardedLogits)
-        out.tp_group, out.vocab_size = group, vocab_size
+        out.tp_group, out.vocab_size, out.workspace = group, vocab_size, workspace
         return out
 
     @classmethod
@@ -69,7 +115,7 @@ class VocabShardedLogits(Tensor):
             and out.dim() > 0
             and out.shape[-1] == src.shape[-1]
         ):
-            return VocabShardedLogits.wrap(out, src.tp_group, src.vocab_size)
+            return VocabShardedLogits.wrap(out, src.tp_group, src.vocab_size, src.workspace)
         return out
 
 
@@ -84,27 +130,38 @@ def _check_targets(target: Tensor, vocab_size: int, ignore_index: int) -> None:
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """One fresh ``(..., m)`` buffer in all: ``exp(z - M)``, made in forward and turned into the
+    gradient in place in backward (large fresh CPU buffers cost page faults on every step; the
+    logits themselves are only read, never copied or modified). Because backward consumes that
+    buffer, a second backward through the same loss (``retain_graph=True``) raises autograd's
+    "modified by an inplace operation" error instead of returning a wrong gradient."""
+
     @staticmethod
-    def forward(ctx, logits, target, group, vocab_size, ignore_index, label_smoothing):
+    def forward(ctx, logits, target, group, vocab_size, ignore_index, label_smoothing, workspace):
         m = logits.shape[-1]  # local (padded) vocab slice
         start = group_rank(group) * m
         n_valid = max(0, min(m, vocab_size - start))
         cdtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
-        z = logits.to(cdtype, copy=True)  # (..., m)
-        if n_valid < m:
-            z[..., n_valid:] = float("-inf")  # padded vocab columns get probability 0
+        valid = logits[..., :n_valid]  # (..., n_valid) view: padded vocab columns excluded
 
-        zmax = all_reduce(z.max(dim=-1).values, group, dist.ReduceOp.MAX)  # (...)
-        z.sub_(zmax.unsqueeze(-1))  # (..., m)
+        if n_valid > 0:
+            local_max = valid.amax(dim=-1).to(cdtype)  # (...)
+        else:
+            local_max = logits.new_full(logits.shape[:-1], float("-inf"), dtype=cdtype)
+        zmax = all_reduce(local_max, group, dist.ReduceOp.MAX)  # (...)
 
         in_range = (target >= start) & (target < start + n_valid)  # (...)
         local_t = (target - start).masked_fill(~in_range, 0)  # (...)
-        z_t = z.gather(-1, local_t.unsqueeze(-1)).squeeze(-1).masked_fill(~in_range, 0.0)  # (...)
-        terms = [z_t]
+        z_t = logits.gather(-1, local_t.unsqueeze(-1)).squeeze(-1).to(cdtype) - zmax  # (...)
+        terms = [z_t.masked_fill(~in_range, 0.0)]
         if label_smoothing > 0:
-            terms.append(z[..., :n_valid].sum(dim=-1))  # (...)
-        probs = z.exp_()  # (..., m), padded columns are exp(-inf) = 0
-        terms.append(probs.sum(dim=-1))
+            terms.append(valid.sum(dim=-1, dtype=cdtype) - n_valid * zmax)  # (...) sum_j (z_j - M)
+        exp = None if workspace is None else workspace.take(logits.shape, cdtype, logits.device)
+        exp = torch.sub(logits, zmax.unsqueeze(-1), out=exp)  # (..., m) in cdtype: the one large buffer
+        exp.exp_()
+        if n_valid < m:
+            exp[..., n_valid:] = 0.0  # padded vocab columns: probability 0
+        terms.append(exp.sum(dim=-1))
         sums = all_reduce(torch.stack(terms), group)  # (2 or 3, ...)
         z_t, sum_exp = sums[0], sums[-1]
 
@@ -115,26 +172,20 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         ignored = target == ignore_index
         loss = loss.masked_fill(ignored, 0.0)
 
-        probs.div_(sum_exp.unsqueeze(-1))  # softmax slice, (..., m)
-        ctx.save_for_backward(probs, local_t, in_range, ignored)
-        ctx.vocab_size, ctx.n_valid, ctx.eps, ctx.in_dtype = (
-            vocab_size,
-            n_valid,
-            label_smoothing,
-            logits.dtype,
-        )
+        ctx.save_for_backward(exp, sum_exp, local_t, in_range, ignored)
+        ctx.n_valid, ctx.eps, ctx.vocab_size, ctx.in_dtype = n_valid, label_smoothing, vocab_size, logits.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        probs, local_t, in_range, ignored = ctx.saved_tensors
-        grad = probs.clone()  # (..., m): d loss / d z = softmax - (1-eps) onehot - eps/V
-        onehot = in_range.to(grad.dtype) * (1.0 - ctx.eps)
-        grad.scatter_add_(-1, local_t.unsqueeze(-1), -onehot.unsqueeze(-1))
+        exp, sum_exp, local_t, in_range, ignored = ctx.saved_tensors
+        g = grad_loss.masked_fill(ignored, 0.0)  # (...)
+        # d loss / d z_j = g * (softmax_j - (1 - eps) [j = t] - eps / V)
+        grad = exp.mul_((g / sum_exp).unsqueeze(-1))  # (..., m) in place: g * softmax
+        grad.scatter_add_(-1, local_t.unsqueeze(-1), (g * in_range * -(1.0 - ctx.eps)).unsqueeze(-1))
         if ctx.eps > 0:
-            grad[..., : ctx.n_valid] -= ctx.eps / ctx.vocab_size
-        grad.mul_((grad_loss * (~ignored).to(grad_loss.dtype)).unsqueeze(-1))
-        return grad.to(ctx.in_dtype), None, None, None, None, None
+            grad[..., : ctx.n_valid] -= (g * (ctx.eps / ctx.vocab_size)).unsqueeze(-1)
+        return grad.to(ctx.in_dtype), None, None, None, None, None, None
 
 
 def _reduce(loss: Tensor, target: Tensor, ignore_index: int, reduction: Reduction) -> Tensor:
@@ -155,6 +206,7 @@ def vocab_parallel_cross_entropy(
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     reduction: Reduction = "mean",
+    workspace: LossWorkspace | None = None,
 ) -> Tensor:
     """Cross entropy of vocab-sharded logits, equal in value and gradient to the unsharded loss.
 
@@ -167,6 +219,8 @@ def vocab_parallel_cross_entropy(
         ignore_index: target value that contributes neither loss nor gradient.
         label_smoothing: ``eps`` in ``[0, 1]``, as in ``F.cross_entropy``.
         reduction: ``"mean"`` (over non-ignored targets), ``"sum"`` or ``"none"``.
+        workspace: a :class:`LossWorkspace` whose buffer is reused across calls when free (the
+            vocab-parallel LM head passes its own); ``None``: a fresh buffer each call.
     """
     if logits.shape[:-1] != target.shape:
         raise ValueError(
@@ -176,7 +230,7 @@ def vocab_parallel_cross_entropy(
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}.")
     _check_targets(target, vocab_size, ignore_index)
-    loss = _VocabParallelCrossEntropy.apply(logits, target, group, vocab_size, ignore_index, label_smoothing)
+    loss = _VocabParallelCrossEntropy.apply(logits, target, group, vocab_size, ignore_index, label_smoothing, workspace)
     return _reduce(loss, target, ignore_index, reduction)
 
 
@@ -202,6 +256,7 @@ def cross_entropy(
             ignore_index=ignore_index,
             label_smoothing=label_smoothing,
             reduction=reduction,
+            workspace=logits.workspace,
         )
     return F.cross_entropy(
         logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction

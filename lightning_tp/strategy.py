@@ -392,7 +392,16 @@ class MegatronTPStrategy(DDPStrategy):
 
 class _TPMultiProcessingLauncher(_MultiProcessingLauncher):
     """Spawn/fork launcher that sends the *consolidated* (unsharded) weights back to the main
-    process, where the user's module is still the original dense model."""
+    process, where the user's module is still the original dense model, and tears the process
+    groups down before a worker exits."""
+
+    def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
+        super()._wrapping_function(*args, **kwargs)
+        # Left to interpreter shutdown, the destruction of the TP/DP sub-groups' gloo threads
+        # aborted about one worker exit in six ("terminate called without an active exception",
+        # SIGABRT in the parent's join). Every rank reaches this point after the same collectives.
+        if _distributed_is_initialized():
+            dist.destroy_process_group()
 
     def _collect_rank_zero_results(self, trainer: pl.Trainer, results: Any):
         from lightning_tp.checkpoint import full_state_dict

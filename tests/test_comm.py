@@ -175,3 +175,105 @@ def test_mlp_one_all_reduce_forward_one_backward(tp):
     for fwd, bwd in _dist.run(4, _count_mlp_collectives, tp):
         assert fwd == {"all_reduce": 1}
         assert bwd == {"all_reduce": 1}
+
+
+def _check_copy_to_tp_linear():
+    """Exact on TP2 x DP2, over the TP and the DP group: y = x W^T + b; dX summed over the group."""
+    m = _dist.mesh(2)
+    out = []
+    for group in (m.tp_group, m.dp_group):
+        members, rank = dist.get_process_group_ranks(group), dist.get_rank()
+        w = _val(rank, (4, 3), 0.25).requires_grad_()
+        b = _val(rank, (4,), 0.5).requires_grad_()
+        x = _val(rank, (2, 5, 3)).requires_grad_()
+        y = comm.copy_to_tp_linear(x, w, b, group)
+        assert torch.equal(y, x.detach() @ w.detach().T + b.detach())
+        g = _grad(rank, y.shape)
+        y.backward(g)
+        assert torch.equal(x.grad, sum(_grad(r, y.shape) @ _val(r, (4, 3), 0.25) for r in members))
+        assert torch.equal(w.grad, g.reshape(-1, 4).T @ x.detach().reshape(-1, 3))
+        assert torch.equal(b.grad, g.reshape(-1, 4).sum(0))
+        out.append(True)
+    return all(out)
+
+
+def test_copy_to_tp_linear_exact_tp2_dp2():
+    assert all(_dist.run(4, _check_copy_to_tp_linear))
+
+
+def _trace_linear_backward(x_requires_grad, w_requires_grad):
+    """The order of collectives, their waits and matmuls in copy_to_tp_linear's backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    m = _dist.mesh(2)
+    events = []
+
+    class _Mm(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.bmm, torch.ops.aten.matmul):
+                events.append("mm")
+            return func(*args, **(kwargs or {}))
+
+    class _Work:
+        def __init__(self, work):
+            self.work = work
+
+        def wait(self):
+            events.append("wait")
+            return self.work.wait()
+
+    real = dist.all_reduce
+
+    def traced(t, *a, **k):
+        events.append("all_reduce(async)" if k.get("async_op") else "all_reduce")
+        work = real(t, *a, **k)
+        return _Work(work) if k.get("async_op") else work
+
+    x = torch.randn(3, 5, 8, requires_grad=x_requires_grad)
+    w = torch.randn(6, 8, requires_grad=w_requires_grad)
+    y = comm.copy_to_tp_linear(x, w, None, m.tp_group)
+    dist.all_reduce = traced
+    try:
+        with _Mm():
+            y.sum().backward()
+    finally:
+        dist.all_reduce = real
+    return events, x.grad is None, w.grad is None
+
+
+def test_copy_to_tp_linear_overlaps_the_input_grad_all_reduce_with_the_weight_grad():
+    for events, _, _ in _dist.run(2, _trace_linear_backward, True, True):
+        # dX, then its all-reduce starts, then dW is computed while it runs, then the wait
+        assert events == ["mm", "all_reduce(async)", "mm", "wait"], events
+
+
+@pytest.mark.parametrize(("x_grad", "w_grad"), [(False, True), (True, False)])
+def test_copy_to_tp_linear_skips_what_needs_no_grad(x_grad, w_grad):
+    for events, x_none, w_none in _dist.run(2, _trace_linear_backward, x_grad, w_grad):
+        assert x_none is (not x_grad) and w_none is (not w_grad)
+        if x_grad:
+            assert events == ["mm", "all_reduce(async)", "wait"], events
+        else:
+            assert events == ["mm"], events  # no collective for an input without grad
+
+
+def _check_inplace_reduce():
+    m = _dist.mesh(2)
+    members, rank = dist.get_process_group_ranks(m.tp_group), dist.get_rank()
+    a = _val(rank, (2, 3)).requires_grad_()
+    x = a * 2.0  # a fresh non-leaf tensor
+    y = comm.reduce_from_tp(x, m.tp_group, inplace=True)
+    assert y.data_ptr() == x.data_ptr()  # no copy
+    assert torch.equal(y, sum(2.0 * _val(r, (2, 3)) for r in members))
+    y.backward(_grad(rank, y.shape))
+    assert torch.equal(a.grad, 2.0 * _grad(rank, y.shape))
+    # exp saves its output for backward: reducing that output in place must not give a wrong grad
+    b = _val(rank, (2, 3), 1e-4).requires_grad_()
+    z = comm.reduce_from_tp(b.exp(), m.tp_group, inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        z.sum().backward()
+    return True
+
+
+def test_reduce_from_tp_inplace():
+    assert all(_dist.run(2, _check_inplace_reduce))

@@ -368,3 +368,32 @@ def _check_constructor_matches_dense_init(tp):
 def test_init_independent_of_tp_size():
     assert all(_dist.run(4, _check_constructor_matches_dense_init, 4))
     assert all(_dist.run(2, _check_constructor_matches_dense_init, 2))
+
+
+def _check_autocast_bf16(tp):
+    """Under CPU bf16 autocast the parallel layers compute like nn.Linear does (bf16 matmuls), and
+    the grads keep the parameters' fp32 dtype."""
+    m = _dist.mesh(tp)
+    torch.manual_seed(3)
+    fc, proj = nn.Linear(16, 32), nn.Linear(32, 16)
+    col = ColumnParallelLinear.from_dense(fc, m.tp_group)
+    row = RowParallelLinear.from_dense(proj, m.tp_group)
+    x = _inputs(m, 2, 4, 16, dtype=torch.float32)
+    xd, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hd, hp = fc(xd), col(xp)
+        assert hp.dtype == hd.dtype == torch.bfloat16
+        yd, yp = proj(F.gelu(hd)), row(F.gelu(hp))
+    assert yp.dtype == yd.dtype == torch.bfloat16
+    torch.testing.assert_close(hp, _local(hd, _act_spec(col.weight_spec), m), atol=0, rtol=0)  # same bf16 math
+    torch.testing.assert_close(yp.float(), yd.float(), atol=2e-2, rtol=2e-2)  # reduction order differs
+    yd.float().sum().backward()
+    yp.float().sum().backward()
+    assert col.weight.grad.dtype == torch.float32 and xp.grad.dtype == torch.float32
+    torch.testing.assert_close(col.weight.grad, _local(fc.weight.grad, col.weight_spec, m), atol=5e-2, rtol=2e-2)
+    torch.testing.assert_close(xp.grad, xd.grad, atol=5e-2, rtol=2e-2)
+    return True
+
+
+def test_parallel_layers_under_bf16_autocast():
+    assert all(_dist.run(2, _check_autocast_bf16, 2))

@@ -143,3 +143,85 @@ def test_fallback_is_f_cross_entropy(shape):
     a = cross_entropy(logits, target, label_smoothing=0.1)
     b = F.cross_entropy(logits, target, label_smoothing=0.1)
     assert torch.equal(a, b)
+
+
+def _check_second_backward_is_refused(tp):
+    m = _dist.mesh(tp)
+    logits, target = _data(m, 30)
+    local = ShardSpec(dim=-1, sizes=(30,), tp_size=tp, pad=True).shard(logits, m.tp_rank).requires_grad_()
+    loss = vocab_parallel_cross_entropy(local, target, m.tp_group, 30)
+    loss.backward(retain_graph=True)
+    # backward turns the saved exp buffer into the gradient in place: a second pass must fail loudly
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    return True
+
+
+def test_second_backward_through_the_loss_is_an_error_not_a_wrong_grad():
+    assert all(_dist.run(2, _check_second_backward_is_refused, 2))
+
+
+def _head_and_reference(m, tp, vocab=30, hidden=6):
+    from torch import nn
+
+    from lightning_tp.layers import VocabParallelLMHead
+
+    torch.manual_seed(2)
+    dense = nn.Linear(hidden, vocab, bias=False, dtype=torch.float64)
+    head = VocabParallelLMHead.from_dense(dense, m.tp_group, gather_output=False)
+    return dense, head
+
+
+def _step(m, dense, head, seed, keep=None):
+    """One head + loss + backward, checked against the dense reference; returns the grad buffer."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 5, dense.in_features, generator=g, dtype=torch.float64)
+    y = torch.randint(0, dense.out_features, (4, 5), generator=g)
+    dense.zero_grad()
+    head.zero_grad()
+    ref = F.cross_entropy(dense(x).flatten(0, 1), y.flatten())
+    ref.backward()
+    logits = head(x)
+    if keep is not None:
+        logits.register_hook(lambda grad: keep.append(grad))
+    loss = cross_entropy(logits.view(-1, logits.size(-1)), y.flatten())
+    torch.testing.assert_close(loss, ref, **TOL)
+    loss.backward()
+    torch.testing.assert_close(head.weight.grad, head.weight_spec.shard(dense.weight.grad, m.tp_rank), **TOL)
+    return head._loss_workspace._buf
+
+
+def _check_workspace(tp):
+    m = _dist.mesh(tp)
+    dense, head = _head_and_reference(m, tp)
+    ptrs = [_step(m, dense, head, seed).data_ptr() for seed in range(3)]
+    assert ptrs[0] == ptrs[1] == ptrs[2], "the loss buffer is reused across steps"
+
+    # a grad kept by a user's hook is never overwritten by a later step
+    kept: list = []
+    _step(m, dense, head, 10, keep=kept)
+    snapshot = kept[0].clone()
+    buf = _step(m, dense, head, 11)
+    assert torch.equal(kept[0], snapshot)
+    assert buf.data_ptr() != kept[0].data_ptr()
+    del kept
+
+    # two losses from the same head before one backward: two buffers, exact grads
+    x1, x2 = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+    y1, y2 = torch.tensor([1, 29, 4]), torch.tensor([0, 7, 28])
+    dense.zero_grad()
+    head.zero_grad()
+    (F.cross_entropy(dense(x1), y1) + F.cross_entropy(dense(x2), y2)).backward()
+    (cross_entropy(head(x1), y1) + cross_entropy(head(x2), y2)).backward()
+    torch.testing.assert_close(head.weight.grad, head.weight_spec.shard(dense.weight.grad, m.tp_rank), **TOL)
+
+    # a view of the buffer held by the user also blocks reuse
+    view = head._loss_workspace._buf.view(-1)
+    before = view.clone()
+    _step(m, dense, head, 12)
+    assert torch.equal(view, before)
+    return True
+
+
+def test_loss_workspace_is_reused_only_when_unreferenced():
+    assert all(_dist.run(2, _check_workspace, 2))
