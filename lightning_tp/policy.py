@@ -312,6 +312,25 @@ def _attribute_changes(
     return changes
 
 
+def _check_plan_fits(model: nn.Module, plan: Plan) -> None:
+    """Every planned module exists in ``model`` with the planned full shape (before any rewrite)."""
+    modules = dict(model.named_modules())
+    for entry in plan.modules:
+        module = modules.get(entry.name)
+        if module is None:
+            raise PolicyError(
+                f"plan entry {entry.name!r} names no module of this {type(model).__name__}: the plan was made "
+                "for another model. Plan this model with plan_policy(model, tp_size, policy)."
+            )
+        lin = _as_linear(module)
+        shape = (lin[1], lin[0]) if lin is not None else tuple(getattr(getattr(module, "weight", None), "shape", ()))
+        if entry.style != "replicate" and shape != tuple(entry.full_shape):
+            raise PolicyError(
+                f"plan entry {entry.name!r} expects shape {tuple(entry.full_shape)}, the module has {shape}: the plan "
+                "was made for another model. Plan this model with plan_policy(model, tp_size, policy)."
+            )
+
+
 def apply_plan(model: nn.Module, plan: Plan, group: ProcessGroup) -> nn.Module:
     """Rewrite ``model`` in place as ``plan`` says, with layers on ``group``. Returns ``model``."""
     from lightning_tp.comm import group_size
@@ -320,6 +339,7 @@ def apply_plan(model: nn.Module, plan: Plan, group: ProcessGroup) -> nn.Module:
         raise PolicyError(
             f"plan was made for tensor_parallel_size={plan.tp_size}, group has {group_size(group)} ranks."
         )
+    _check_plan_fits(model, plan)
     shared: dict[int, nn.Parameter] = {}
     for entry in plan.modules:
         if entry.style == "replicate":
@@ -383,7 +403,7 @@ def warn_plan(plan: Plan) -> None:
 def apply_policy(
     model: nn.Module,
     group: ProcessGroup | Any,
-    policy: str | Mapping[str, Any] | None = "auto",
+    policy: str | Mapping[str, Any] | Plan | None = "auto",
     *,
     strict: bool = False,
     verify: bool = True,
@@ -394,7 +414,8 @@ def apply_policy(
     Args:
         model: the user's model (plain ``nn.Linear`` / ``nn.Embedding`` layers).
         group: the tensor-parallel process group, or a :class:`~lightning_tp.mesh.TPMesh`.
-        policy: ``"auto"``, a registered name, a dict, or a YAML mapping / file.
+        policy: ``"auto"``, a registered name, a dict, or a YAML mapping / file; or a :class:`Plan`
+            already made by :func:`plan_policy` for this model (not planned again).
         strict: unmatched ``nn.Linear`` / ``nn.Embedding`` modules are an error instead of a warning.
         verify: run the parity self-check (one forward before and after on a fixed random batch).
         example_input: the batch for ``verify`` (default: random token ids, or floats for models
@@ -411,7 +432,7 @@ def apply_policy(
     from lightning_tp.verify import capture, check_parity, make_example_input
 
     group = getattr(group, "tp_group", group)
-    plan = plan_policy(model, group_size(group), policy, strict=strict)
+    plan = policy if isinstance(policy, Plan) else plan_policy(model, group_size(group), policy, strict=strict)
     warn_plan(plan)
     if verify:
         inputs = example_input if example_input is not None else make_example_input(model)

@@ -206,9 +206,9 @@ class MegatronTPStrategy(DDPStrategy):
         if getattr(module, PLAN_ATTR, None) is None:
             target, verify, example = self._rewrite_target(module)
             # Policy, head-count and tie errors are raised here, identically on every rank, before any collective.
-            plan_policy(target, self.tensor_parallel_size, self.policy, strict=self.strict)
+            plan = plan_policy(target, self.tensor_parallel_size, self.policy, strict=self.strict)
             _sync_module_states(module)  # all ranks shard the same dense model
-            plan = self._rewrite(module, target, verify, example)
+            plan = self._rewrite(module, target, plan, verify, example)
             object.__setattr__(module, PLAN_ATTR, plan)
             self.rng_tracker = model_parallel_seed(
                 self._resolve_seed(), self.tp_mesh.tp_rank, self.tp_mesh.dp_rank, self.root_device
@@ -237,17 +237,15 @@ class MegatronTPStrategy(DDPStrategy):
             verify = False
         return module, verify, example
 
-    def _rewrite(self, module: pl.LightningModule, target: nn.Module, verify: bool, example: Any) -> Plan:
+    def _rewrite(self, module: pl.LightningModule, target: nn.Module, plan: Plan, verify: bool, example: Any) -> Plan:
         if target is not module:
-            plan = apply_policy(target, self.tp_group, self.policy, strict=self.strict, verify=verify)
+            plan = apply_policy(target, self.tp_group, plan, strict=self.strict, verify=verify)
             prefix = next(n for n, c in module.named_children() if c is target)
             for row in plan.modules:
                 row.name = f"{prefix}.{row.name}"
             plan.attribute_changes = [(f"{prefix}.{p}".rstrip("."), a, o, n) for p, a, o, n in plan.attribute_changes]
             return plan
-        return apply_policy(
-            module, self.tp_group, self.policy, strict=self.strict, verify=verify, example_input=example
-        )
+        return apply_policy(module, self.tp_group, plan, strict=self.strict, verify=verify, example_input=example)
 
     def _resolve_seed(self) -> int:
         if self._seed is not None:

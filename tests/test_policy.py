@@ -264,3 +264,23 @@ def test_uneven_features_named():
         ShardingError, match=r"out_features of 'layers.0.attn.q_proj' of size 16 over tensor_parallel_size=3"
     ):
         plan_policy(models.PlainGPT(d=16, n_heads=4), 3)
+
+
+def _check_precomputed_plan():
+    m = _dist.mesh(2)
+    model, dense = models.build("plain_tied"), models.build("plain_tied")
+    plan = plan_policy(model, 2, "auto")
+    assert apply_policy(model, m.tp_group, plan) is plan  # applied as planned, not planned again
+    ids = torch.randint(0, 30, (2, 12), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(model(ids), dense(ids), **TOL)
+
+    other = models.build("nano")  # a plan made for another model is refused before any rewrite
+    before = {n: type(mod) for n, mod in other.named_modules()}
+    with pytest.raises(PolicyError, match="plan was made for another model"):
+        apply_policy(other, m.tp_group, plan_policy(models.build("plain"), 2, "auto"))
+    assert {n: type(mod) for n, mod in other.named_modules()} == before
+    return True
+
+
+def test_apply_policy_takes_a_precomputed_plan_for_this_model_only():
+    assert all(_dist.run(2, _check_precomputed_plan))
