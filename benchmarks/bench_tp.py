@@ -13,6 +13,16 @@ global batch:
                            (ColwiseParallel / RowwiseParallel, loss_parallel)
 * ``ddp``                  Lightning DDP, 2 processes
 * ``dtensor``              raw torch DTensor TP=2, no Lightning
+* ``lightning_tp_compute`` ``lightning_tp`` with every collective turned into a no-op after setup:
+                           not a result, the compute floor of the same engine (how fast TP=2 could
+                           be with free communication); bounds the ratio any engine can reach
+
+CUDA path: ``--accelerator cuda`` (the default when a GPU is present) runs the same variants on
+GPUs with NCCL and ``--precision bf16-mixed``; ``--preset gpt2-medium --variants single`` is the
+TP=1 MFU run. Model FLOPs per step come from ``measure_flops`` on a meta-device copy of the dense
+model and MFU from Lightning's ``ThroughputMonitor`` (``Throughput`` for raw DTensor), which knows
+the GPU's peak FLOPs; on CPU there is no peak, so FLOP/s are reported without MFU. Variants that
+need more GPUs than present are skipped with a message.
 
 Writes ``results.json``, ``results.md`` and ``results.png`` to ``--out``. Each rank counts the
 bytes, calls and time of every collective in the measured steps (the torch.distributed functions
@@ -44,7 +54,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from comm_counter import CommCounter  # noqa: E402
 
-VARIANTS = ["single", "lightning_tp", "lightning_tp_gather", "model_parallel", "ddp", "dtensor"]
+VARIANTS = ["single", "lightning_tp", "lightning_tp_gather", "model_parallel", "ddp", "dtensor", "lightning_tp_compute"]
+PRESETS = {
+    "cpu": {"n_embd": 512, "n_layer": 4, "n_head": 8, "vocab": 8192, "ctx": 256, "batch": 8},
+    "gpt2-medium": {"n_embd": 1024, "n_layer": 24, "n_head": 16, "vocab": 50304, "ctx": 1024, "batch": 8},
+}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -57,6 +71,18 @@ def build_gpt(cfg: dict) -> torch.nn.Module:
 
     torch.manual_seed(0)
     return GPT(cfg["vocab"], cfg["ctx"], cfg["n_layer"], cfg["n_head"], cfg["n_embd"], 0.0, tie_weights=False)
+
+
+def model_flops_per_batch(cfg: dict) -> int:
+    """Forward + backward FLOPs of the dense model for one global batch, counted on the meta device."""
+    from lightning.fabric.utilities.throughput import measure_flops
+
+    from lightning_tp.models import GPT
+
+    with torch.device("meta"):
+        model = GPT(cfg["vocab"], cfg["ctx"], cfg["n_layer"], cfg["n_head"], cfg["n_embd"], 0.0, tie_weights=False)
+        x = torch.zeros(cfg["batch"], cfg["ctx"], dtype=torch.long)
+    return measure_flops(model, lambda: model(x), loss_fn=torch.Tensor.sum)
 
 
 def batches(cfg: dict, n: int, per_rank: int, rank_offset: int = 0):
@@ -93,6 +119,9 @@ class Timer:
 
     def __init__(self, args, counter: CommCounter) -> None:
         self.warmup, self.timed, self.counter = args.warmup, args.steps, counter
+        self.cuda = args.accelerator == "cuda"
+        self.throughput: dict[str, float] = {}  # ThroughputMonitor's metrics after the timed steps
+        self.on_timed_end = None  # called once, when the last timed step has been measured
         self.total = args.warmup + args.steps + args.comm_steps
         self.times: list[float] = []  # timed steps
         self.counted_times: list[float] = []  # steps under the collective counter
@@ -104,22 +133,44 @@ class Timer:
         return self._step >= self.warmup + self.timed
 
     def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
         if self._counting():
             self.counter.start()
         self._t0 = time.perf_counter()
 
     def stop(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
         elapsed = time.perf_counter() - self._t0
         if self._counting():
             self.counted_times.append(elapsed)
             self.comm.append(self.counter.stop())
         elif self._step >= self.warmup:
             self.times.append(elapsed)
+            if len(self.times) == self.timed and self.on_timed_end is not None:
+                self.on_timed_end()
         self._step += 1
 
 
-def _lightning_callback(timer: Timer):
+def _lightning_callbacks(timer: Timer) -> list:
+    """Lightning's ThroughputMonitor (FLOP/s, MFU where the device's peak is known) and the step
+    timer; the monitor's window is the timed steps, read when the last of them ends (rank 0)."""
     import lightning as L
+    from lightning.pytorch.callbacks import ThroughputMonitor
+    from lightning.pytorch.trainer.states import RunningStage
+
+    monitor = ThroughputMonitor(
+        batch_size_fn=lambda batch: batch[0].size(0), length_fn=lambda batch: batch[0].numel(),
+        window_size=max(2, timer.timed),
+    )  # fmt: skip
+
+    def read() -> None:
+        tp = monitor._throughputs.get(RunningStage.TRAINING)
+        if tp is not None and dist_rank() == 0:
+            timer.throughput = {k: float(v) for k, v in tp.compute().items()}
+
+    timer.on_timed_end = read
 
     class _CB(L.Callback):
         def on_train_batch_start(self, *a, **k):
@@ -128,7 +179,11 @@ def _lightning_callback(timer: Timer):
         def on_train_batch_end(self, *a, **k):
             timer.stop()
 
-    return _CB()
+    return [monitor, _CB()]  # the monitor updates before the timer reads it
+
+
+def dist_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _lit_module(cfg: dict, n_batches: int, per_rank: int, loss_fn=None, configure=None):
@@ -141,6 +196,7 @@ def _lit_module(cfg: dict, n_batches: int, per_rank: int, loss_fn=None, configur
         def __init__(self):
             super().__init__()
             self.model = build_gpt(cfg)
+            self.flops_per_batch = cfg["flops_per_batch"]  # dense model, global batch (ThroughputMonitor)
 
         def forward(self, x):
             return self.model(x)
@@ -182,13 +238,13 @@ class _List(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def _trainer(strategy, devices: int, steps: int, timer: Timer, **kw):
+def _trainer(args, strategy, devices: int, timer: Timer):
     import lightning as L
 
     return L.Trainer(
-        accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        use_distributed_sampler=False, callbacks=[_lightning_callback(timer)], **kw,
+        accelerator=args.accelerator, devices=devices, strategy=strategy, precision=args.precision,
+        max_steps=timer.total, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, use_distributed_sampler=False, callbacks=_lightning_callbacks(timer),
     )  # fmt: skip
 
 
@@ -200,12 +256,12 @@ def _trainer(strategy, devices: int, steps: int, timer: Timer, **kw):
 def run_single(cfg, args, counter):
     timer = Timer(args, counter)
     model = _lit_module(cfg, timer.total, cfg["batch"])
-    trainer = _trainer("auto", 1, timer.total, timer)
+    trainer = _trainer(args, "auto", 1, timer)
     trainer.fit(model)
     return timer, state_bytes(model, trainer.optimizers)
 
 
-def _lightning_tp(cfg, args, counter, gather: bool):
+def _lightning_tp(cfg, args, counter, gather: bool, comm: bool = True):
     from lightning_tp import MegatronTPStrategy
 
     policy = {
@@ -220,9 +276,35 @@ def _lightning_tp(cfg, args, counter, gather: bool):
     timer = Timer(args, counter)
     model = _lit_module(cfg, timer.total, cfg["batch"])
     strategy = MegatronTPStrategy(tensor_parallel_size=2, policy=policy, timeout=datetime.timedelta(seconds=120))
-    trainer = _trainer(strategy, 2, timer.total, timer)
+    trainer = _trainer(args, strategy, 2, timer)
+    if not comm:
+        trainer.callbacks.append(_NoCollectives())
     trainer.fit(model)
     return timer, state_bytes(model, trainer.optimizers)
+
+
+def _NoCollectives():
+    """From the first training batch on, all-reduce, all-gather and reduce-scatter return at once
+    without communicating (values are wrong, shapes are right): what remains is compute."""
+    import lightning as L
+
+    names = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor")
+
+    class _Done:
+        def wait(self):
+            return True
+
+    class NoCollectives(L.Callback):
+        def on_train_start(self, *_):
+            self.saved = {n: getattr(dist, n) for n in names}
+            for n in names:
+                setattr(dist, n, lambda *a, **k: _Done() if k.get("async_op") else None)
+
+        def on_train_end(self, *_):
+            for n, fn in self.saved.items():
+                setattr(dist, n, fn)
+
+    return NoCollectives()
 
 
 def run_lightning_tp(cfg, args, counter):
@@ -231,6 +313,10 @@ def run_lightning_tp(cfg, args, counter):
 
 def run_lightning_tp_gather(cfg, args, counter):
     return _lightning_tp(cfg, args, counter, gather=True)
+
+
+def run_lightning_tp_compute(cfg, args, counter):
+    return _lightning_tp(cfg, args, counter, gather=False, comm=False)
 
 
 def dtensor_parallelize(model: torch.nn.Module, tp_mesh) -> None:
@@ -287,7 +373,7 @@ def run_model_parallel(cfg, args, counter):
 
     model = _lit_module(cfg, timer.total, cfg["batch"], loss_fn=_LossParallel(), configure=configure)
     strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)
-    trainer = _trainer(strategy, 2, timer.total, timer)
+    trainer = _trainer(args, strategy, 2, timer)
     trainer.fit(model)
     return timer, state_bytes(model, trainer.optimizers)
 
@@ -301,26 +387,43 @@ def run_ddp(cfg, args, counter):
     model.train_dataloader = lambda: torch.utils.data.DataLoader(
         _List(batches(cfg, timer.total, per_rank, rank)), batch_size=None
     )
-    trainer = _trainer("ddp", 2, timer.total, timer)
+    trainer = _trainer(args, "ddp", 2, timer)
     trainer.fit(model)
     return timer, state_bytes(model, trainer.optimizers)
 
 
 def run_dtensor(cfg, args, counter):
+    from lightning.fabric.utilities.throughput import Throughput, get_available_flops
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tensor_parallel",))
-    model = build_gpt(cfg)
+    device = torch.device(args.accelerator, dist.get_rank()) if args.accelerator == "cuda" else torch.device("cpu")
+    mesh = init_device_mesh(device.type, (2,), mesh_dim_names=("tensor_parallel",))
+    model = build_gpt(cfg).to(device)
     dtensor_parallelize(model, mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     loss_fn = _LossParallel()
     timer = Timer(args, counter)
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(args.precision)
+    # the same FLOP/s and MFU bookkeeping ThroughputMonitor does, through the class it uses
+    throughput = Throughput(available_flops=get_available_flops(device, dtype or torch.float32), world_size=2,
+                            window_size=max(2, timer.timed))  # fmt: skip
+    t_start, done = time.perf_counter(), 0
+
+    def read() -> None:
+        timer.throughput = {k: float(v) for k, v in throughput.compute().items()}
+
+    timer.on_timed_end = read
     for x, y in batches(cfg, timer.total, cfg["batch"]):
+        x, y = x.to(device), y.to(device)
         timer.start()
         opt.zero_grad(set_to_none=True)  # at the start, as Lightning does: grads count in the memory
-        loss = loss_fn(model(x), y)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = loss_fn(model(x), y)
         loss_fn.backward(loss)
         opt.step()
+        done += 1
+        throughput.update(time=time.perf_counter() - t_start, batches=done, samples=done * cfg["batch"],
+                          flops=cfg["flops_per_batch"])  # fmt: skip
         timer.stop()
     return timer, state_bytes(model, [opt])
 
@@ -342,13 +445,16 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, port: int, name: str, cfg: dict, args, results) -> None:
     try:
         torch.set_num_threads(args.threads * (2 if world == 1 else 1))
+        cuda = args.accelerator == "cuda"
+        if cuda:
+            torch.cuda.set_device(rank)
         os.environ.update(
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
             LOCAL_RANK=str(rank), NODE_RANK="0",
         )  # fmt: skip
         if world > 1:
             dist.init_process_group(
-                "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                "nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                 timeout=datetime.timedelta(seconds=120),
             )  # fmt: skip
         counter = CommCounter()
@@ -363,6 +469,8 @@ def _worker(rank: int, world: int, port: int, name: str, cfg: dict, args, result
             "counted_step_s": timer.counted_times,
             "bytes": mem,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_device_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+            "throughput": timer.throughput,
         }
         results.put(out)
     except Exception:
@@ -399,7 +507,10 @@ def run_variant(name: str, cfg: dict, args) -> list[dict]:
 
 
 def megatron_minimum(cfg: dict, tp: int, gathered_logits: bool) -> dict[str, int]:
-    """Bytes per training step that Megatron-style TP must communicate for this model (fp32).
+    """Bytes per training step that Megatron-style TP must communicate for this model (activations
+    in fp32, or 2 bytes under 16-bit precision, except the embedding's output under mixed precision,
+    which keeps the fp32 parameters' dtype as ``nn.Embedding`` does under autocast; the loss's
+    reductions are always fp32).
 
     Forward: the vocab-parallel embedding's all-reduce (b*s*h) and 2 all-reduces of b*s*h per layer
     (attention and MLP outputs). Backward: 2 per layer (grads of the attention and MLP inputs) and
@@ -407,11 +518,19 @@ def megatron_minimum(cfg: dict, tp: int, gathered_logits: bool) -> dict[str, int
     values (max, target logit, sum of exp); gathered logits need an all-gather of b*s*V instead.
     """
     b, s, h, L, V = cfg["batch"], cfg["ctx"], cfg["n_embd"], cfg["n_layer"], cfg["vocab"]
-    bsh = b * s * h * 4
-    layers = {"forward": (2 * L + 1) * bsh, "backward": (2 * L + 1) * bsh}
-    layers["loss"] = b * s * V * 4 * (tp - 1) // tp if gathered_logits else 3 * b * s * 4
+    precision = cfg.get("precision", "32-true")
+    act = 2 if "16" in precision else 4
+    emb = 2 if precision.endswith("-true") and act == 2 else 4
+    bsh = b * s * h * act
+    layers = {"forward": 2 * L * bsh + b * s * h * emb, "backward": (2 * L + 1) * bsh}
+    layers["loss"] = b * s * V * act * (tp - 1) // tp if gathered_logits else 3 * b * s * 4
     layers["total"] = sum(layers.values())
     return layers
+
+
+def _median_metric(repeats: list[list[dict]], key: str) -> float | None:
+    vals = [rep[0]["throughput"][key] for rep in repeats if key in rep[0].get("throughput", {})]
+    return statistics.median(vals) if vals else None
 
 
 def summarize(raw: dict[str, list[list[dict]]], cfg: dict) -> dict[str, Any]:
@@ -439,12 +558,17 @@ def summarize(raw: dict[str, list[list[dict]]], cfg: dict) -> dict[str, Any]:
             "comm_fraction": comm_s / counted_s if counted_s else 0.0,
             "state_bytes_rank0": rank0["bytes"],
             "peak_rss_mb": [r["peak_rss_mb"] for r in repeats[-1]],
+            "peak_device_mb": [r["peak_device_mb"] for r in repeats[-1]],
+            "flops_per_s_per_device": _median_metric(repeats, "device/flops_per_sec"),
+            "mfu": _median_metric(repeats, "device/mfu"),
         }
     v = summary["variants"]
     if "lightning_tp" in v:
         ours = v["lightning_tp"]["tokens_per_s_median"]
         summary["ratios"] = {
-            f"lightning_tp / {k}": ours / x["tokens_per_s_median"] for k, x in v.items() if k != "lightning_tp"
+            f"lightning_tp / {k}": ours / x["tokens_per_s_median"]
+            for k, x in v.items()
+            if k not in ("lightning_tp", "lightning_tp_compute")
         }
         theory = megatron_minimum(cfg, 2, gathered_logits=False)
         summary["theory_lightning_tp"] = theory
@@ -452,6 +576,13 @@ def summarize(raw: dict[str, list[list[dict]]], cfg: dict) -> dict[str, Any]:
         if "single" in v:
             dense = sum(v["single"]["state_bytes_rank0"].values())
             summary["state_bytes_ratio_vs_unsharded"] = sum(v["lightning_tp"]["state_bytes_rank0"].values()) / dense
+    if "lightning_tp_compute" in v:
+        floor = v["lightning_tp_compute"]["tokens_per_s_median"]
+        summary["bound_with_free_communication"] = {
+            f"lightning_tp_compute / {k}": floor / x["tokens_per_s_median"]
+            for k in ("dtensor", "model_parallel")
+            if (x := v.get(k)) is not None
+        }
     if "lightning_tp_gather" in v:
         summary["theory_lightning_tp_gather"] = megatron_minimum(cfg, 2, gathered_logits=True)
         if "lightning_tp" in v:
@@ -463,22 +594,34 @@ def summarize(raw: dict[str, list[list[dict]]], cfg: dict) -> dict[str, Any]:
 
 def markdown(summary: dict[str, Any]) -> str:
     cfg = summary["config"]
+    where = (
+        f"CUDA ({torch.cuda.get_device_name()})" if cfg["accelerator"] == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    )
+    cuda = cfg["accelerator"] == "cuda"
     lines = [
         f"GPT d_model {cfg['n_embd']}, {cfg['n_layer']} layers, vocab {cfg['vocab']}, ctx {cfg['ctx']}, batch {cfg['batch']}, "
-        f"fp32, CPU ({os.cpu_count()} cores), median of {len(next(iter(summary['variants'].values()))['tokens_per_s_repeats'])} repeats.",
+        f"{cfg['precision']}, {where}, median of {len(next(iter(summary['variants'].values()))['tokens_per_s_repeats'])} repeats; "
+        f"model {cfg['flops_per_batch'] / 1e12:.2f} TFLOP per step.",
         "",
-        "| variant | tokens/s | step (s) | comm MB/step | comm calls/step | comm time share | param+grad+optim MB (rank 0) | peak RSS MB/rank |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| variant | tokens/s | step (s) | TFLOP/s per device | MFU | comm MB/step | comm calls/step | comm time share "
+        f"| param+grad+optim MB (rank 0) | peak {'GPU memory' if cuda else 'RSS'} MB/rank |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, r in summary["variants"].items():
         state = sum(r["state_bytes_rank0"].values()) / 2**20
+        flops = "-" if r["flops_per_s_per_device"] is None else f"{r['flops_per_s_per_device'] / 1e12:.3f}"
+        mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
+        peak = r["peak_device_mb"] if cuda else r["peak_rss_mb"]
         lines.append(
-            f"| {name} | {r['tokens_per_s_median']:,.0f} | {r['step_s_median']:.3f} | {r['comm_bytes_per_step'] / 2**20:.1f} | "
-            f"{r['comm_calls_per_step']:.0f} | {r['comm_fraction']:.0%} | {state:.1f} | {', '.join(f'{m:.0f}' for m in r['peak_rss_mb'])} |"
+            f"| {name} | {r['tokens_per_s_median']:,.0f} | {r['step_s_median']:.3f} | {flops} | {mfu} | "
+            f"{r['comm_bytes_per_step'] / 2**20:.1f} | {r['comm_calls_per_step']:.0f} | {r['comm_fraction']:.0%} | {state:.1f} | "
+            f"{', '.join(f'{m:.0f}' for m in peak)} |"
         )
     lines.append("")
     for k, x in summary.get("ratios", {}).items():
         lines.append(f"- {k}: **{x:.2f}x**")
+    for k, x in summary.get("bound_with_free_communication", {}).items():
+        lines.append(f"- {k} (communication free: the ceiling of lightning_tp's ratio): {x:.2f}x")
     if "comm_vs_theory" in summary:
         t = summary["theory_lightning_tp"]
         lines.append(
@@ -532,20 +675,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--comm-steps", type=int, default=2, help="extra steps with every collective counted (not timed)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="threads per TP/DP rank (single process: 2x)")
-    p.add_argument("--n-embd", type=int, default=512)
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--ctx", type=int, default=256)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--accelerator", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if present")
+    p.add_argument("--precision", default=None, help="Lightning precision; default 32-true on CPU, bf16-mixed on CUDA")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="model size; flags below override")
+    for key in PRESETS["cpu"]:
+        p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None)
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
-    cfg = {"n_embd": args.n_embd, "n_layer": args.n_layer, "n_head": args.n_head, "vocab": args.vocab,
-           "ctx": args.ctx, "batch": args.batch}  # fmt: skip
-    raw: dict[str, list] = {name: [] for name in args.variants}
+    if args.accelerator == "auto":
+        args.accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.precision is None:
+        args.precision = "bf16-mixed" if args.accelerator == "cuda" else "32-true"
+    cfg = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in PRESETS[args.preset].items()}
+    cfg["flops_per_batch"] = model_flops_per_batch(cfg)
+    cfg["accelerator"], cfg["precision"] = args.accelerator, args.precision
+    gpus = torch.cuda.device_count() if args.accelerator == "cuda" else 0
+    variants = [n for n in args.variants if args.accelerator == "cpu" or n == "single" or gpus >= 2]
+    for n in set(args.variants) - set(variants):
+        print(f"skipping {n}: needs 2 GPUs, {gpus} present", flush=True)
+    raw: dict[str, list] = {name: [] for name in variants}
     for rep in range(args.repeats):
-        for name in args.variants:  # interleaved so drift hits every variant alike
+        for name in variants:  # interleaved so drift hits every variant alike
             t0 = time.time()
             raw[name].append(run_variant(name, cfg, args))
             print(

@@ -74,7 +74,9 @@ class CommCounter:
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 kwargs = kwargs or {}
                 name = str(func.overloadpacket)
-                if counter.active and "_c10d_functional" in name and "wait" not in name:
+                # _wrap_tensor_autograd only wraps an already issued collective's result: count it as waiting
+                waits = "wait" in name or "wrap_tensor" in name
+                if counter.active and "_c10d_functional" in name and not waits:
                     t0 = time.perf_counter()
                     out = func(*args, **kwargs)
                     if isinstance(out, torch.Tensor):
