@@ -34,6 +34,7 @@ from lightning_tp.comm import (
     group_size,
     reduce_from_tp,
     reduce_scatter_to_sp,
+    scatter_to_sp,
     scatter_to_tp,
 )
 from lightning_tp.errors import ShardingError
@@ -105,6 +106,9 @@ class ColumnParallelLinear(_ParallelLinear):
         sequence_parallel: input is sharded on ``seq_dim``; all-gather it forward, reduce-scatter
             its grad backward.
         seq_dim: the sequence dim of the input (batch-first: 1).
+        gathered_input: the input is the output of ``gather_from_sp(..., grad_reduce=True)`` done
+            by the enclosing block (sequence parallelism through the policy), whose backward already
+            sums the input grad over TP: this layer runs no collective.
         name: module name used in error messages.
     """
 
@@ -124,6 +128,7 @@ class ColumnParallelLinear(_ParallelLinear):
         head_dim: int | None = None,
         sequence_parallel: bool = False,
         seq_dim: int = 1,
+        gathered_input: bool = False,
         name: str = "",
         _dense: nn.Linear | None = None,
     ) -> None:
@@ -137,6 +142,7 @@ class ColumnParallelLinear(_ParallelLinear):
         super().__init__(in_features, out_features, bias, device, dtype, group, weight_spec, bias_spec, _dense)
         self.gather_output = gather_output
         self.sequence_parallel, self.seq_dim = sequence_parallel, seq_dim
+        self.gathered_input = gathered_input
         index = weight_spec.gather_index()
         self.register_buffer("_gather_index", index, persistent=False)
 
@@ -151,6 +157,8 @@ class ColumnParallelLinear(_ParallelLinear):
         if self.sequence_parallel:
             x = gather_from_sp(x, self.group, self.seq_dim)  # (B, T, in)
             y = F.linear(x, self.weight, self.bias)  # (B, T, out/p)
+        elif self.gathered_input:
+            y = F.linear(x, self.weight, self.bias)  # (..., out/p); the block's gather reduces dX
         else:
             y = copy_to_tp_linear(x, self.weight, self.bias, self.group)  # (..., out/p)
         if self.gather_output:
@@ -255,10 +263,10 @@ class VocabParallelLMHead(ColumnParallelLinear):
     _pad = True
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 group: ProcessGroup, gather_output: bool = True, name: str = "",
-                 _dense: nn.Linear | None = None) -> None:  # fmt: skip
-        super().__init__(in_features, out_features, bias, device, dtype, group=group,
-                         gather_output=gather_output, name=name, _dense=_dense)  # fmt: skip
+                 group: ProcessGroup, gather_output: bool = True, sequence_parallel: bool = False,
+                 seq_dim: int = 1, name: str = "", _dense: nn.Linear | None = None) -> None:  # fmt: skip
+        super().__init__(in_features, out_features, bias, device, dtype, group=group, gather_output=gather_output,
+                         sequence_parallel=sequence_parallel, seq_dim=seq_dim, name=name, _dense=_dense)  # fmt: skip
         self._loss_workspace = LossWorkspace()  # the sharded loss's buffer, reused across steps when free
 
     @property
@@ -266,7 +274,11 @@ class VocabParallelLMHead(ColumnParallelLinear):
         return self.out_features
 
     def forward(self, x: Tensor) -> Tensor:
-        y = copy_to_tp_linear(x, self.weight, self.bias, self.group)  # (..., Vp/p)
+        if self.sequence_parallel:
+            x = gather_from_sp(x, self.group, self.seq_dim)  # (B, T, H)
+            y = F.linear(x, self.weight, self.bias)  # (B, T, Vp/p)
+        else:
+            y = copy_to_tp_linear(x, self.weight, self.bias, self.group)  # (..., Vp/p)
         if self.gather_output:
             return self._gather(y)  # (..., V)
         return VocabShardedLogits.wrap(y, self.group, self.out_features, self._loss_workspace)
@@ -277,13 +289,15 @@ class VocabParallelEmbedding(nn.Module):
 
     Rank ``r`` holds rows ``[r*Vp/p, (r+1)*Vp/p)``, local weight ``(Vp/p, H)``. Forward: look up the
     ids in range (others give zero rows), then all-reduce: ``y = sum_r lookup_r(ids)``. Input
-    ``(...)`` replicated over TP, output ``(..., H)`` replicated.
+    ``(...)`` replicated over TP, output ``(..., H)`` replicated; with ``sequence_parallel`` the
+    all-reduce is a reduce-scatter over the ids' last dim (the sequence): output ``(..., T/p, H)``.
 
     Args:
         num_embeddings: as ``nn.Embedding`` (the real vocabulary size).
         embedding_dim: as ``nn.Embedding``.
         padding_idx: as ``nn.Embedding`` (its row gets no gradient).
         group: the tensor-parallel process group.
+        sequence_parallel: reduce-scatter the output over the sequence (the ids' last dim).
         name: module name used in error messages.
     """
 
@@ -296,12 +310,13 @@ class VocabParallelEmbedding(nn.Module):
         dtype=None,
         *,
         group: ProcessGroup,
+        sequence_parallel: bool = False,
         name: str = "",
         _dense: nn.Embedding | None = None,
     ) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.group = group
+        self.group, self.sequence_parallel = group, sequence_parallel
         self.tp_size, self.tp_rank = group_size(group), group_rank(group)
         label = f"num_embeddings of {name!r}" if name else "num_embeddings"
         self.weight_spec = ShardSpec(dim=0, sizes=(num_embeddings,), tp_size=self.tp_size, pad=True, name=label)
@@ -344,6 +359,8 @@ class VocabParallelEmbedding(nn.Module):
         local_ids = (ids - self.vocab_start).masked_fill(outside, 0)  # (...)
         y = F.embedding(local_ids, self.weight, self._local_padding_idx)  # (..., H) partial
         y = y.masked_fill_(outside.unsqueeze(-1), 0.0)  # (..., H), in place: y is this layer's own
+        if self.sequence_parallel:
+            return reduce_scatter_to_sp(y, self.group, -2)  # (..., T/p, H)
         return reduce_from_tp(y, self.group, inplace=True)  # (..., H)
 
     def extra_repr(self) -> str:
@@ -351,7 +368,34 @@ class VocabParallelEmbedding(nn.Module):
             f"{self.num_embeddings}, {self.embedding_dim}, local rows [{self.vocab_start}, {self.vocab_end}) "
             f"of {self.weight.shape[0]}, tp={self.tp_size}"
             + (f", padding_idx={self.padding_idx}" if self.padding_idx is not None else "")
+            + (", sequence_parallel=True" if self.sequence_parallel else "")
         )
+
+
+class SequenceShardedEmbedding(nn.Embedding):
+    """A replicated ``nn.Embedding`` (positions, token types) inside a sequence-parallel model: the
+    whole table on every rank, output ``(..., T/p, H)``, this rank's chunk of the ids' last dim (the
+    sequence), to be added to the sequence-sharded token embeddings. Backward all-gathers the
+    chunks' grads, so the weight's grad is complete and identical on every rank. Same parameter
+    (``weight``) and state-dict key as the ``nn.Embedding`` it replaces.
+    """
+
+    group: ProcessGroup
+
+    @classmethod
+    def from_dense(cls, module: nn.Embedding, group: ProcessGroup) -> SequenceShardedEmbedding:
+        if not isinstance(module, nn.Embedding):
+            raise TypeError(
+                f"SequenceShardedEmbedding.from_dense expects an nn.Embedding, got {type(module).__name__}."
+            )
+        new = cls.__new__(cls)
+        new.__dict__.update(module.__dict__)  # same options, same Parameter object (ties kept)
+        new._parameters = dict(module._parameters)
+        new.group = group
+        return new
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return scatter_to_sp(super().forward(ids), self.group, -2)  # (..., T/p, H)
 
 
 def _chunk_sizes(total: int, chunks: int | Sequence[int], name: str) -> tuple[int, ...]:

@@ -25,13 +25,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
 from lightning_tp.errors import ShardingError
 from lightning_tp.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
+    SequenceShardedEmbedding,
     VocabParallelEmbedding,
     VocabParallelLMHead,
     _check_heads,
@@ -56,7 +57,7 @@ from lightning_tp.rules import (  # noqa: F401  (re-exported: the policy API)
     resolve_rules,
     translate_hf_plan,
 )
-from lightning_tp.sharding import ShardSpec
+from lightning_tp.sharding import ShardSpec, has_partial_grad, mark_partial_grad, shard_spec
 
 # ------------------------------------------------------------------------------------------------
 # Planning (no process group) and applying.
@@ -92,6 +93,7 @@ class Plan:
     attribute_changes: list[tuple[str, str, int, int]]
     full_params: int
     local_params: int
+    sequence_parallel: bool = False
 
     def rows(self) -> list[PlannedModule]:
         return self.modules
@@ -162,9 +164,17 @@ def _planned(name: str, module: nn.Module, rule: Rule, pattern: str | None, tp: 
 
 
 def plan_policy(
-    model: nn.Module, tp_size: int, policy: str | Mapping[str, Any] | None = "auto", strict: bool = False
+    model: nn.Module,
+    tp_size: int,
+    policy: str | Mapping[str, Any] | None = "auto",
+    strict: bool = False,
+    sequence_parallel: bool = False,
 ) -> Plan:
     """Resolve and validate ``policy`` for ``model`` at ``tp_size``, without touching the model.
+
+    With ``sequence_parallel`` the plan also makes the activations between the parallel layers
+    (norms, dropouts, residual adds) sequence-sharded, Megatron's sequence parallelism: see
+    :func:`apply_plan`.
 
     Raises:
         PolicyError: bad policy entries, a tie the policy would break, unmatched modules (``strict``).
@@ -219,7 +229,34 @@ def plan_policy(
     full = sum(p.numel() for p in params)
     local = sum(local_numel.get(id(p), p.numel()) for p in params)
     ordered = [planned[n] for n in modules if n in planned]
-    return Plan(tp_size, source, ordered, unmatched, unused, changes, full, local)
+    if sequence_parallel:
+        _check_sequence_parallel(ordered)
+    return Plan(tp_size, source, ordered, unmatched, unused, changes, full, local, sequence_parallel)
+
+
+def _check_sequence_parallel(entries: list[PlannedModule]) -> None:
+    for entry in entries:
+        if entry.style == "row" and not entry.options.get("input_is_parallel", True):
+            raise PolicyError(
+                f"module {entry.name!r}: style 'row' with input_is_parallel=False cannot be sequence parallel (its "
+                "input would be the sequence-sharded activations). Make its input come from a column layer, or "
+                "use sequence_parallel=False."
+            )
+    for entry in entries:
+        if entry.style in ("column", "qkv") and "." not in entry.name:
+            raise PolicyError(
+                f"module {entry.name!r}: sequence parallelism gathers the sequence at the input of the block that "
+                "holds a column layer, and this one sits directly in the model. Put it in a submodule (a block), "
+                "or use sequence_parallel=False."
+            )
+    if not any(e.style == "vocab" and e.module_type != "Embedding" for e in entries) and not any(
+        e.style in ("column", "qkv") and e.options.get("gather_output") for e in entries
+    ):
+        raise PolicyError(
+            "sequence_parallel=True needs the model's output to leave through a vocab-parallel LM head (or a "
+            "column layer with gather_output): otherwise the output stays sequence-sharded. Add the head to the "
+            "policy as 'vocab', or use sequence_parallel=False."
+        )
 
 
 def _is_container_match(name: str, pattern: str, modules: dict[str, nn.Module]) -> bool:
@@ -332,7 +369,17 @@ def _check_plan_fits(model: nn.Module, plan: Plan) -> None:
 
 
 def apply_plan(model: nn.Module, plan: Plan, group: ProcessGroup) -> nn.Module:
-    """Rewrite ``model`` in place as ``plan`` says, with layers on ``group``. Returns ``model``."""
+    """Rewrite ``model`` in place as ``plan`` says, with layers on ``group``. Returns ``model``.
+
+    A sequence-parallel plan keeps the activations outside the column-to-row regions sharded on the
+    sequence (the dim before the features, ``(B, T/p, H)``): token embeddings reduce-scatter instead
+    of all-reducing, column layers and the LM head all-gather their input, row layers
+    reduce-scatter their output, other ``nn.Embedding``s (positions) keep this rank's chunk, and
+    every parameter that stays whole is marked for a sum of its gradient over TP (the strategy's
+    precision plugin does it; elsewhere call ``lightning_tp.precision.all_reduce_partial_grads``).
+    The sequence length must divide by TP, and the model must not re-derive the sequence length
+    from the sharded activations (the parity self-check catches models that do).
+    """
     from lightning_tp.comm import group_size
 
     if group_size(group) != plan.tp_size:
@@ -348,7 +395,7 @@ def apply_plan(model: nn.Module, plan: Plan, group: ProcessGroup) -> nn.Module:
         parent = model.get_submodule(parent_name)
         dense = getattr(parent, leaf)
         original_weight = dense.weight
-        new = _build(entry, dense, group)
+        new = _build(entry, dense, group, plan.sequence_parallel)
         if id(original_weight) in shared:
             new.weight = shared[id(original_weight)]
         else:
@@ -356,20 +403,67 @@ def apply_plan(model: nn.Module, plan: Plan, group: ProcessGroup) -> nn.Module:
         setattr(parent, leaf, new)
     for parent_name, attr, _, new_value in plan.attribute_changes:
         setattr(model.get_submodule(parent_name), attr, new_value)
+    if plan.sequence_parallel:
+        _sequence_parallel_rest(model, plan, group)
     return model
 
 
-def _build(entry: PlannedModule, dense: nn.Module, group: ProcessGroup) -> nn.Module:
+class _GatherSequence:
+    """Forward pre-hook of a block holding column layers (sequence parallelism): all-gathers the
+    sequence of every floating input of shape ``(..., T/p, in)`` (``in`` one of its column layers'
+    input sizes), so the block reads the full sequence length and its column layers need no
+    collective; backward reduce-scatters the grad (sums the column layers' partial input grads)."""
+
+    def __init__(self, group: ProcessGroup, in_features: set[int]) -> None:
+        self.group, self.in_features = group, in_features
+
+    def _gather(self, x: Any) -> Any:
+        from lightning_tp.comm import gather_from_sp
+
+        if isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 2 and x.shape[-1] in self.in_features:
+            return gather_from_sp(x, self.group, -2)
+        return x
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return tuple(self._gather(a) for a in args), {k: self._gather(v) for k, v in kwargs.items()}
+
+
+def _sequence_parallel_rest(model: nn.Module, plan: Plan, group: ProcessGroup) -> None:
+    """What sequence parallelism changes outside the parallel layers: blocks holding column layers
+    gather the sequence at their input, replicated ``nn.Embedding``s (positions, token types) give
+    this rank's sequence chunk, and every parameter that stays whole (norms, row biases, anything
+    else that sees the sharded activations or this rank's heads) gets only this rank's share of its
+    gradient, so it is marked for a sum over TP before the step."""
+    blocks: dict[str, set[int]] = {}
+    for entry in plan.modules:
+        if entry.style in ("column", "qkv"):
+            blocks.setdefault(entry.name.rpartition(".")[0], set()).add(entry.full_shape[1])
+    for name, in_features in blocks.items():
+        model.get_submodule(name).register_forward_pre_hook(_GatherSequence(group, in_features), with_kwargs=True)
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Embedding:
+            parent_name, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), leaf, SequenceShardedEmbedding.from_dense(module, group))
+    for module in model.modules():
+        if isinstance(module, SequenceShardedEmbedding):
+            continue  # its weight's grad is already complete (the backward all-gathers the chunks)
+        for param in module.parameters(recurse=False):
+            if shard_spec(param) is None and not has_partial_grad(param):
+                mark_partial_grad(param)
+
+
+def _build(entry: PlannedModule, dense: nn.Module, group: ProcessGroup, sequence_parallel: bool = False) -> nn.Module:
     opts, name = entry.options, entry.name
+    sp = {"sequence_parallel": True, "seq_dim": -2} if sequence_parallel else {}
     if entry.style == "vocab":
         if isinstance(dense, nn.Embedding):
-            return VocabParallelEmbedding.from_dense(dense, group, name=name)
+            return VocabParallelEmbedding.from_dense(dense, group, name=name, sequence_parallel=sequence_parallel)
         return VocabParallelLMHead.from_dense(
-            dense_linear(dense), group, gather_output=opts.get("gather_output", True), name=name
+            dense_linear(dense), group, gather_output=opts.get("gather_output", True), name=name, **sp
         )
     if entry.style == "row":
         return RowParallelLinear.from_dense(
-            dense_linear(dense), group, input_is_parallel=opts.get("input_is_parallel", True), name=name
+            dense_linear(dense), group, input_is_parallel=opts.get("input_is_parallel", True), name=name, **sp
         )
     return ColumnParallelLinear.from_dense(
         dense_linear(dense),
@@ -377,6 +471,7 @@ def _build(entry: PlannedModule, dense: nn.Module, group: ProcessGroup) -> nn.Mo
         gather_output=opts.get("gather_output", False),
         chunks=opts.get("chunks", 1),
         head_dim=opts.get("head_dim"),
+        gathered_input=sequence_parallel,  # the enclosing block gathers the sequence (see _GatherSequence)
         name=name,
     )
 
@@ -408,6 +503,7 @@ def apply_policy(
     strict: bool = False,
     verify: bool = True,
     example_input: Any = None,
+    sequence_parallel: bool = False,
 ) -> Plan:
     """Plan, validate, rewrite ``model`` in place and (``verify``) check it against itself unsharded.
 
@@ -420,6 +516,8 @@ def apply_policy(
         verify: run the parity self-check (one forward before and after on a fixed random batch).
         example_input: the batch for ``verify`` (default: random token ids, or floats for models
             without embeddings); a tensor, a tuple of positional args or a dict of keyword args.
+        sequence_parallel: Megatron sequence parallelism (see :func:`apply_plan`); a given
+            :class:`Plan` keeps its own setting.
 
     Returns:
         The applied :class:`Plan` (prints as a table).
@@ -432,7 +530,10 @@ def apply_policy(
     from lightning_tp.verify import capture, check_parity, make_example_input
 
     group = getattr(group, "tp_group", group)
-    plan = policy if isinstance(policy, Plan) else plan_policy(model, group_size(group), policy, strict=strict)
+    if isinstance(policy, Plan):
+        plan = policy
+    else:
+        plan = plan_policy(model, group_size(group), policy, strict=strict, sequence_parallel=sequence_parallel)
     warn_plan(plan)
     if verify:
         inputs = example_input if example_input is not None else make_example_input(model)

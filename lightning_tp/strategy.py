@@ -58,7 +58,9 @@ class MegatronTPStrategy(DDPStrategy):
         policy: ``"auto"``, a registered policy name, a dict or a YAML mapping (see README).
         verify: check the rewritten model against the unsharded one on a fixed random batch and raise
             ``PolicyMismatchError`` if they differ.
-        sequence_parallel: Megatron sequence parallelism (not available yet: raises).
+        sequence_parallel: Megatron sequence parallelism: activations between the parallel layers are
+            sharded on the sequence (see :func:`lightning_tp.policy.apply_plan`); needs a vocab-parallel
+            LM head and a sequence length divisible by TP.
         start_method: ``"popen"`` (subprocess/torchrun/SLURM), ``"spawn"`` or ``"fork"``.
         process_group_backend: ``"gloo"`` / ``"nccl"``; default from the device.
         timeout: process-group timeout.
@@ -102,12 +104,6 @@ class MegatronTPStrategy(DDPStrategy):
             or tensor_parallel_size < 1
         ):
             raise MeshConfigError(f"tensor_parallel_size must be 'auto' or an int >= 1, got {tensor_parallel_size!r}.")
-        if sequence_parallel:
-            raise NotImplementedError(
-                "sequence_parallel=True is not available yet in lightning_tp (the sequence-parallel "
-                "collectives and layers exist, the policy does not rewrite norms/dropout for it yet). "
-                "Use sequence_parallel=False."
-            )
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -206,14 +202,17 @@ class MegatronTPStrategy(DDPStrategy):
         if getattr(module, PLAN_ATTR, None) is None:
             target, verify, example = self._rewrite_target(module)
             # Policy, head-count and tie errors are raised here, identically on every rank, before any collective.
-            plan = plan_policy(target, self.tensor_parallel_size, self.policy, strict=self.strict)
+            plan = plan_policy(
+                target, self.tensor_parallel_size, self.policy, strict=self.strict,
+                sequence_parallel=self.sequence_parallel,
+            )  # fmt: skip
             _sync_module_states(module)  # all ranks shard the same dense model
             plan = self._rewrite(module, target, plan, verify, example)
             object.__setattr__(module, PLAN_ATTR, plan)
             self.rng_tracker = model_parallel_seed(
                 self._resolve_seed(), self.tp_mesh.tp_rank, self.tp_mesh.dp_rank, self.root_device
             )
-            _wrap_attention_dropout(module, plan, self.rng_tracker)
+            _wrap_tp_dropout(module, plan, self.rng_tracker)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if trainer.state.fn == TrainerFn.FITTING:
@@ -413,10 +412,20 @@ class _TPMultiProcessingLauncher(_MultiProcessingLauncher):
         return output
 
 
-def _wrap_attention_dropout(module: nn.Module, plan: Plan, tracker: RNGTracker) -> None:
+def _wrap_tp_dropout(module: nn.Module, plan: Plan, tracker: RNGTracker) -> None:
     """Attention-probability dropouts of split attention blocks act on this rank's heads: draw their
     masks from the model-parallel stream (other dropouts act on replicated activations and keep the
-    shared default stream)."""
+    shared default stream). With sequence parallelism every dropout acts on this rank's own
+    sequence chunk or heads, so all of them use the model-parallel stream."""
+    if plan.sequence_parallel:
+        # the dropouts of the model that holds the parallel layers (not e.g. one on gathered logits outside it)
+        parents = [row.name.split(".")[:-1] for row in plan.modules if row.style != "replicate"]
+        root = module.get_submodule(".".join(os.path.commonprefix(parents)))  # element-wise on the name parts
+        for name, child in list(root.named_modules()):
+            if type(child) is nn.Dropout:
+                parent_name, _, leaf = name.rpartition(".")
+                setattr(root.get_submodule(parent_name), leaf, TPDropout.from_dense(child, tracker))
+        return
     split_parents = {row.name.rpartition(".")[0] for row in plan.modules if row.style in ("column", "qkv")}
     for parent_name in split_parents:
         parent = module.get_submodule(parent_name) if parent_name else module

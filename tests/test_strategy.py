@@ -11,6 +11,7 @@ import torch.distributed as dist
 import _dist
 from lightning_tp import MegatronTPStrategy
 from lightning_tp.errors import MeshConfigError
+from lightning_tp.layers import SequenceShardedEmbedding
 from lightning_tp.sharding import shard_spec
 
 
@@ -45,11 +46,15 @@ def reference_losses(steps=10, batch_size=8, clip=0.5, **kw):
     return rec.losses
 
 
-def _fit(world, tp, steps=10, global_batch=8, clip=0.5, dropout=0.0, **kw):
+def _token_embedding(model):
+    return model.embed_tokens if hasattr(model, "embed_tokens") else model.transformer.wte
+
+
+def _fit(world, tp, steps=10, global_batch=8, clip=0.5, dropout=0.0, sp=False, model="plain", **kw):
     with lit.external_launch(world):
         dp = world // tp
-        model, rec = lit.LitGPT(batch_size=global_batch // dp, dropout=dropout), Recorder()
-        strategy = MegatronTPStrategy(tensor_parallel_size=tp)
+        model, rec = lit.LitGPT(batch_size=global_batch // dp, dropout=dropout, model=model), Recorder()
+        strategy = MegatronTPStrategy(tensor_parallel_size=tp, sequence_parallel=sp)
         trainer = L.Trainer(
             **lit.trainer_kwargs(max_steps=steps, devices=world, strategy=strategy, gradient_clip_val=clip,
                                  callbacks=[rec], **kw)
@@ -65,7 +70,8 @@ def _fit(world, tp, steps=10, global_batch=8, clip=0.5, dropout=0.0, **kw):
             "hashes": rec.batch_hashes,
             "replicated": _replicated_digest(model),
             "grad_norm": None if norm is None else float(norm),
-            "lm_head_tied": model.model.lm_head.weight is model.model.embed_tokens.weight,
+            "lm_head_tied": model.model.lm_head.weight is _token_embedding(model.model).weight,
+            "sequence_sharded": any(isinstance(x, SequenceShardedEmbedding) for x in model.modules()),
         }
 
 
@@ -96,6 +102,25 @@ def test_losses_match_single_process(world, tp, ref_losses):
         assert all(x != y for x, y in zip(a, b, strict=True))
 
 
+@pytest.mark.parametrize(("world", "tp"), [(2, 2), (4, 2)], ids=["tp2", "tp2xdp2"])
+def test_sequence_parallel_losses_match_single_process(world, tp, ref_losses):
+    """Megatron sequence parallelism in the Trainer: same losses as one process (10 AdamW steps with
+    clipping: the norms' partial grads are summed over TP before clipping and the step)."""
+    results = _dist.run(world, _fit, world, tp, sp=True)
+    for r in results:
+        assert r["sequence_sharded"] and r["lm_head_tied"]
+        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref_losses), rtol=1e-5, atol=0)
+        assert r["grad_norm"] is not None and r["grad_norm"] > 0
+    for dp in range(world // tp):
+        assert len({r["replicated"] for r in results if r["dp_rank"] == dp}) == 1
+
+
+def test_sequence_parallel_dropout_keeps_replicated_weights_identical():
+    results = _dist.run(2, _fit, 2, 2, steps=6, dropout=0.1, sp=True, model="nano")
+    assert len({r["replicated"] for r in results}) == 1
+    assert all(r["losses"] == results[0]["losses"] for r in results)
+
+
 def test_dropout_keeps_replicated_weights_identical_tp4():
     results = _dist.run(4, _fit, 4, 4, steps=6, dropout=0.1)
     assert len({r["replicated"] for r in results}) == 1
@@ -118,8 +143,6 @@ def test_tp_not_dividing_world_raises_before_collective():
 def test_constructor_errors():
     with pytest.raises(MeshConfigError, match=r"tensor_parallel_size must be 'auto' or an int >= 1, got 0"):
         MegatronTPStrategy(tensor_parallel_size=0)
-    with pytest.raises(NotImplementedError, match="sequence_parallel=True is not available yet"):
-        MegatronTPStrategy(sequence_parallel=True)
 
 
 def test_registered_names():
