@@ -193,3 +193,15 @@ BUILDERS = {
 def build(name: str, seed: int = 0, dtype=torch.float64) -> nn.Module:
     torch.manual_seed(seed)
     return BUILDERS[name]().to(dtype)
+
+
+def loss_parity_backward(dense_logits, tp_logits, target, vocab, tol):
+    """Cross entropy of the dense and the parallel logits (``lightning_tp.cross_entropy``: sharded or
+    not) must agree; backpropagates both."""
+    from lightning_tp import cross_entropy
+
+    ld = F.cross_entropy(dense_logits.reshape(-1, vocab), target.view(-1))
+    lt = cross_entropy(tp_logits.reshape(-1, tp_logits.size(-1)), target.view(-1))
+    torch.testing.assert_close(lt, ld, **tol)
+    ld.backward()
+    lt.backward()

@@ -6,11 +6,10 @@ import warnings
 import models
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import _dist
-from lightning_tp import PolicyMismatchError, ShardingError, cross_entropy
+from lightning_tp import PolicyMismatchError, ShardingError
 from lightning_tp.policy import (
     PolicyError,
     PolicyWarning,
@@ -46,11 +45,7 @@ def _check_parity(name, tp, policy="auto"):
     tgt[0, :3] = -100
     ld_logits, lt_logits = _forward(dense, name, ids), _forward(model, name, ids)
     torch.testing.assert_close(lt_logits, ld_logits, **TOL)
-    ld = F.cross_entropy(ld_logits.reshape(-1, vocab), tgt.view(-1))
-    lt = cross_entropy(lt_logits.reshape(-1, lt_logits.size(-1)), tgt.view(-1))
-    torch.testing.assert_close(lt, ld, **TOL)
-    ld.backward()
-    lt.backward()
+    models.loss_parity_backward(ld_logits, lt_logits, tgt, vocab, TOL)
     n_sharded = 0
     for pname, param in model.named_parameters():
         ref = dense.get_parameter(pname).grad

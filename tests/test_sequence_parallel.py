@@ -5,10 +5,9 @@ import importlib.util
 import models
 import pytest
 import torch
-import torch.nn.functional as F
 
 import _dist
-from lightning_tp import ShardingError, cross_entropy
+from lightning_tp import ShardingError
 from lightning_tp.layers import SequenceShardedEmbedding
 from lightning_tp.policy import PolicyError, apply_policy, plan_policy
 from lightning_tp.precision import all_reduce_partial_grads
@@ -69,11 +68,7 @@ def _check_sp_parity(name, tp, sharded_loss):
     assert "all_reduce" not in counts and counts.keys() & {"reduce_scatter_tensor", "reduce_scatter_single"}, counts
     if not sharded_loss:
         torch.testing.assert_close(lt_logits, ld_logits, **TOL)
-    ld = F.cross_entropy(ld_logits.reshape(-1, vocab), tgt.view(-1))
-    lt = cross_entropy(lt_logits.reshape(-1, lt_logits.size(-1)), tgt.view(-1))
-    torch.testing.assert_close(lt, ld, **TOL)
-    ld.backward()
-    lt.backward()
+    models.loss_parity_backward(ld_logits, lt_logits, tgt, vocab, TOL)
     params = list(model.parameters())
     partial = [n for n, p in model.named_parameters() if has_partial_grad(p)]
     all_reduce_partial_grads(params, m.tp_group)
