@@ -8,8 +8,10 @@ optimizers over the local shards. Checkpoints go through :mod:`lightning_tp.chec
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Mapping
 from datetime import timedelta
@@ -393,12 +395,19 @@ class _TPMultiProcessingLauncher(_MultiProcessingLauncher):
     groups down before a worker exits."""
 
     def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
-        super()._wrapping_function(*args, **kwargs)
-        # Left to interpreter shutdown, the destruction of the TP/DP sub-groups' gloo threads
-        # aborted about one worker exit in six ("terminate called without an active exception",
-        # SIGABRT in the parent's join). Every rank reaches this point after the same collectives.
+        super()._wrapping_function(*args, **kwargs)  # rank 0's results are in the (synchronous) queue
+        # Every rank reaches this point after the same collectives. Left to a normal interpreter
+        # exit, the teardown of torch's gloo process groups aborted about one worker in ten
+        # ("terminate called without an active exception", SIGABRT in the parent's join; after
+        # destroy_process_group the groups' runloop and tcp-loop threads are still alive). The
+        # work is done: run Python's exit handlers (loggers finish), flush, and leave without
+        # the C++ teardown.
         if _distributed_is_initialized():
             dist.destroy_process_group()
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(0)
 
     def _collect_rank_zero_results(self, trainer: pl.Trainer, results: Any):
         from lightning_tp.checkpoint import full_state_dict
