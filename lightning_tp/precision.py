@@ -74,12 +74,25 @@ def clip_grads_by_norm_(params: list[Tensor], max_norm: float, tp_group: Process
 
 
 def all_reduce_partial_grads(params: list[Tensor], tp_group: ProcessGroup | None) -> None:
-    """Sum over TP the grads of replicated parameters that each rank computed only partially."""
+    """Sum over TP the grads of replicated parameters that each rank computed only partially
+    (one flat all-reduce per dtype and device, not one per parameter)."""
     if tp_group is None or dist.get_world_size(tp_group) == 1:
         return
+    buckets: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
     for p in params:
-        if p.grad is not None and has_partial_grad(p):
+        if p.grad is None or not has_partial_grad(p):
+            continue
+        if p.grad.is_sparse:
             dist.all_reduce(p.grad, group=tp_group)
+        else:
+            buckets.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
+    for grads in buckets.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])  # (sum of numels,)
+        dist.all_reduce(flat, group=tp_group)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
 
 
 class TPGradScaler(torch.amp.GradScaler):
