@@ -13,6 +13,7 @@ global batch:
                            (ColwiseParallel / RowwiseParallel, loss_parallel)
 * ``ddp``                  Lightning DDP, 2 processes
 * ``dtensor``              raw torch DTensor TP=2, no Lightning
+* ``lightning_tp_sp``      ``lightning_tp`` with Megatron sequence parallelism (``sequence_parallel=True``)
 * ``lightning_tp_compute`` ``lightning_tp`` with every collective turned into a no-op after setup:
                            not a result, the compute floor of the same engine (how fast TP=2 could
                            be with free communication); bounds the ratio any engine can reach
@@ -54,7 +55,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from comm_counter import CommCounter  # noqa: E402
 
-VARIANTS = ["single", "lightning_tp", "lightning_tp_gather", "model_parallel", "ddp", "dtensor", "lightning_tp_compute"]
+VARIANTS = [
+    "single", "lightning_tp", "lightning_tp_gather", "model_parallel", "ddp", "dtensor", "lightning_tp_compute",
+    "lightning_tp_sp",
+]  # fmt: skip
 PRESETS = {
     "cpu": {"n_embd": 512, "n_layer": 4, "n_head": 8, "vocab": 8192, "ctx": 256, "batch": 8},
     "gpt2-medium": {"n_embd": 1024, "n_layer": 24, "n_head": 16, "vocab": 50304, "ctx": 1024, "batch": 8},
@@ -261,7 +265,7 @@ def run_single(cfg, args, counter):
     return timer, state_bytes(model, trainer.optimizers)
 
 
-def _lightning_tp(cfg, args, counter, gather: bool, comm: bool = True):
+def _lightning_tp(cfg, args, counter, gather: bool, comm: bool = True, sp: bool = False):
     from lightning_tp import MegatronTPStrategy
 
     policy = {
@@ -275,7 +279,9 @@ def _lightning_tp(cfg, args, counter, gather: bool, comm: bool = True):
     }
     timer = Timer(args, counter)
     model = _lit_module(cfg, timer.total, cfg["batch"])
-    strategy = MegatronTPStrategy(tensor_parallel_size=2, policy=policy, timeout=datetime.timedelta(seconds=120))
+    strategy = MegatronTPStrategy(
+        tensor_parallel_size=2, policy=policy, sequence_parallel=sp, timeout=datetime.timedelta(seconds=120)
+    )
     trainer = _trainer(args, strategy, 2, timer)
     if not comm:
         trainer.callbacks.append(_NoCollectives())
@@ -313,6 +319,10 @@ def run_lightning_tp(cfg, args, counter):
 
 def run_lightning_tp_gather(cfg, args, counter):
     return _lightning_tp(cfg, args, counter, gather=True)
+
+
+def run_lightning_tp_sp(cfg, args, counter):
+    return _lightning_tp(cfg, args, counter, gather=False, sp=True)
 
 
 def run_lightning_tp_compute(cfg, args, counter):
@@ -528,6 +538,23 @@ def megatron_minimum(cfg: dict, tp: int, gathered_logits: bool) -> dict[str, int
     return layers
 
 
+def megatron_minimum_sp(cfg: dict) -> dict[str, int]:
+    """The same for Megatron sequence parallelism, counted as the counter counts (all-gather: the
+    gathered output; reduce-scatter: the full input). Every all-reduce of b*s*h becomes a
+    reduce-scatter plus an all-gather (the same bytes on the wire in a ring, twice the payload
+    counted). Forward: the embedding's reduce-scatter, per layer 2 all-gathers (attention and MLP
+    inputs) and 2 reduce-scatters (their outputs), the LM head's all-gather; backward mirrors it.
+    Plus the position table's grad all-gather (s*h) and one all-reduce of the whole parameters'
+    partial grads (LayerNorm weights and biases, row-parallel biases). fp32 only."""
+    b, s, h, L = cfg["batch"], cfg["ctx"], cfg["n_embd"], cfg["n_layer"]
+    bsh = b * s * h * 4
+    out = {"forward": (4 * L + 2) * bsh, "backward": (4 * L + 2) * bsh + s * h * 4}
+    out["partial_grads"] = ((2 * L + 1) * 2 * h + 2 * L * h) * 4
+    out["loss"] = 3 * b * s * 4
+    out["total"] = sum(out.values())
+    return out
+
+
 def _median_metric(repeats: list[list[dict]], key: str) -> float | None:
     vals = [rep[0]["throughput"][key] for rep in repeats if key in rep[0].get("throughput", {})]
     return statistics.median(vals) if vals else None
@@ -576,6 +603,10 @@ def summarize(raw: dict[str, list[list[dict]]], cfg: dict) -> dict[str, Any]:
         if "single" in v:
             dense = sum(v["single"]["state_bytes_rank0"].values())
             summary["state_bytes_ratio_vs_unsharded"] = sum(v["lightning_tp"]["state_bytes_rank0"].values()) / dense
+    if "lightning_tp_sp" in v:
+        theory = megatron_minimum_sp(cfg)
+        summary["theory_lightning_tp_sp"] = theory
+        summary["comm_vs_theory_sp"] = v["lightning_tp_sp"]["comm_bytes_per_step"] / theory["total"]
     if "lightning_tp_compute" in v:
         floor = v["lightning_tp_compute"]["tokens_per_s_median"]
         summary["bound_with_free_communication"] = {
@@ -628,6 +659,12 @@ def markdown(summary: dict[str, Any]) -> str:
             f"- lightning_tp communication: {summary['variants']['lightning_tp']['comm_bytes_per_step'] / 2**20:.2f} MB/step vs "
             f"Megatron minimum {t['total'] / 2**20:.2f} MB/step (forward {t['forward'] / 2**20:.1f}, backward {t['backward'] / 2**20:.1f}, "
             f"loss {t['loss'] / 2**10:.1f} KB): ratio **{summary['comm_vs_theory']:.3f}**"
+        )
+    if "comm_vs_theory_sp" in summary:
+        lines.append(
+            f"- lightning_tp_sp communication (all-gather + reduce-scatter payloads): "
+            f"{summary['variants']['lightning_tp_sp']['comm_bytes_per_step'] / 2**20:.2f} MB/step vs the sequence-parallel "
+            f"minimum {summary['theory_lightning_tp_sp']['total'] / 2**20:.2f} MB/step: ratio **{summary['comm_vs_theory_sp']:.3f}**"
         )
     if "state_bytes_ratio_vs_unsharded" in summary:
         lines.append(
