@@ -19,6 +19,7 @@ from lightning_tp.errors import (
     MeshConfigError,
     NonFiniteLossError,
     PolicyMismatchError,
+    SequenceParallelGradError,
     ShardingError,
 )
 from lightning_tp.layers import (
@@ -67,6 +68,7 @@ __all__ = [
     "LightningTPError",
     "MeshConfigError",
     "NonFiniteLossError",
+    "SequenceParallelGradError",
     "PolicyMismatchError",
     "RNGTracker",
     "RowParallelLinear",

@@ -181,6 +181,37 @@ class _CopyToTPLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
+class _LinearRegather(torch.autograd.Function):
+    """``F.linear(X, W, b)`` where ``X = all_gather(shard)`` along ``dim`` (sequence parallelism):
+    saves the shard, not ``X``, and gathers it again in backward for ``dW`` (Megatron's choice:
+    one more all-gather in backward for ``(p-1)/p`` less activation memory). The grad of ``X`` is
+    returned to ``X``'s own producer (the gather, whose backward reduce-scatters it)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, shard: Tensor, weight: Tensor, bias: Tensor | None, group: ProcessGroup, dim: int):
+        x, weight, bias = _autocast_args(x, weight, bias)
+        shard = _autocast_args(shard)[0]
+        ctx.group, ctx.dim = group, dim
+        ctx.save_for_backward(shard, weight)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x, weight, bias)  # (..., out)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        shard, weight = ctx.saved_tensors
+        need_x, _, need_w, need_b = ctx.needs_input_grad[:4]
+        grad_x = grad.matmul(weight) if need_x else None  # (..., in), partial over the group
+        grad_w = grad_b = None
+        if need_w or need_b:
+            grad_2d = grad.reshape(-1, grad.shape[-1])  # (N, out)
+            if need_w:
+                x = all_gather_dim(shard, ctx.group, ctx.dim)  # (..., in) again
+                grad_w = grad_2d.t().mm(x.reshape(-1, x.shape[-1]))  # (out, in)
+            if need_b:
+                grad_b = grad_2d.sum(dim=0)  # (out,)
+        return grad_x, None, grad_w, grad_b, None, None
+
+
 class _ScatterToTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, group: ProcessGroup) -> Tensor:
@@ -247,6 +278,14 @@ def copy_to_tp_linear(x: Tensor, weight: Tensor, bias: Tensor | None, group: Pro
     """forward: ``F.linear(copy_to_tp(x), weight, bias)``; backward: dW, db and the all-reduce of dX,
     which runs while dW is computed (Megatron's async grad all-reduce)."""
     return _CopyToTPLinear.apply(x, weight, bias, group)
+
+
+def linear_regather(
+    x: Tensor, shard: Tensor, weight: Tensor, bias: Tensor | None, group: ProcessGroup, dim: int
+) -> Tensor:
+    """``F.linear(x, weight, bias)`` for ``x = gather_from_sp(shard, group, dim)``, keeping only
+    ``shard`` for backward and gathering it again there (sequence parallelism's activation saving)."""
+    return _LinearRegather.apply(x, shard, weight, bias, group, dim)
 
 
 def reduce_from_tp(x: Tensor, group: ProcessGroup, inplace: bool = False) -> Tensor:

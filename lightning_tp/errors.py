@@ -34,3 +34,7 @@ class NonFiniteLossError(LightningTPError, FloatingPointError):
 
 class CheckpointSkippedWarning(UserWarning):
     """A checkpoint was not written because the run was interrupted by a fault on this rank."""
+
+
+class SequenceParallelGradError(LightningTPError, RuntimeError):
+    """Sequence parallelism would sum a complete gradient over TP, or leave a partial one unsummed."""

@@ -32,6 +32,7 @@ from lightning_tp.comm import (
     gather_from_tp,
     group_rank,
     group_size,
+    linear_regather,
     reduce_from_tp,
     reduce_scatter_to_sp,
     scatter_to_sp,
@@ -155,10 +156,14 @@ class ColumnParallelLinear(_ParallelLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.sequence_parallel:
-            x = gather_from_sp(x, self.group, self.seq_dim)  # (B, T, in)
-            y = F.linear(x, self.weight, self.bias)  # (B, T, out/p)
+            full = gather_from_sp(x, self.group, self.seq_dim)  # (B, T, in)
+            y = linear_regather(full, x, self.weight, self.bias, self.group, self.seq_dim)  # (B, T, out/p)
         elif self.gathered_input:
-            y = F.linear(x, self.weight, self.bias)  # (..., out/p); the block's gather reduces dX
+            shard, version = getattr(x, "_tp_sequence_shard", (None, None))  # set by the block's gather (policy SP)
+            if shard is not None and x._version == version:  # x unchanged since the gather: shard reproduces it
+                y = linear_regather(x, shard, self.weight, self.bias, self.group, -2)  # (..., out/p)
+            else:
+                y = F.linear(x, self.weight, self.bias)  # (..., out/p); the block's gather reduces dX
         else:
             y = copy_to_tp_linear(x, self.weight, self.bias, self.group)  # (..., out/p)
         if self.gather_output:
@@ -275,8 +280,8 @@ class VocabParallelLMHead(ColumnParallelLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.sequence_parallel:
-            x = gather_from_sp(x, self.group, self.seq_dim)  # (B, T, H)
-            y = F.linear(x, self.weight, self.bias)  # (B, T, Vp/p)
+            full = gather_from_sp(x, self.group, self.seq_dim)  # (B, T, H)
+            y = linear_regather(full, x, self.weight, self.bias, self.group, self.seq_dim)  # (B, T, Vp/p)
         else:
             y = copy_to_tp_linear(x, self.weight, self.bias, self.group)  # (..., Vp/p)
         if self.gather_output:

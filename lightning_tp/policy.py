@@ -57,7 +57,7 @@ from lightning_tp.rules import (  # noqa: F401  (re-exported: the policy API)
     resolve_rules,
     translate_hf_plan,
 )
-from lightning_tp.sharding import ShardSpec, has_partial_grad, mark_partial_grad, shard_spec
+from lightning_tp.sharding import ShardSpec, has_partial_grad_mark, mark_partial_grad, shard_spec
 
 # ------------------------------------------------------------------------------------------------
 # Planning (no process group) and applying.
@@ -366,6 +366,13 @@ def _check_plan_fits(model: nn.Module, plan: Plan) -> None:
                 f"plan entry {entry.name!r} expects shape {tuple(entry.full_shape)}, the module has {shape}: the plan "
                 "was made for another model. Plan this model with plan_policy(model, tp_size, policy)."
             )
+    for parent_name, attr, old, _ in plan.attribute_changes:
+        value = getattr(modules.get(parent_name), attr, None)
+        if value != old:
+            raise PolicyError(
+                f"plan changes {parent_name}.{attr} from {old}, the module has {value!r}: the plan was made for "
+                "another model. Plan this model with plan_policy(model, tp_size, policy)."
+            )
 
 
 def apply_plan(model: nn.Module, plan: Plan, group: ProcessGroup) -> nn.Module:
@@ -375,8 +382,10 @@ def apply_plan(model: nn.Module, plan: Plan, group: ProcessGroup) -> nn.Module:
     sequence (the dim before the features, ``(B, T/p, H)``): token embeddings reduce-scatter instead
     of all-reducing, column layers and the LM head all-gather their input, row layers
     reduce-scatter their output, other ``nn.Embedding``s (positions) keep this rank's chunk, and
-    every parameter that stays whole is marked for a sum of its gradient over TP (the strategy's
-    precision plugin does it; elsewhere call ``lightning_tp.precision.all_reduce_partial_grads``).
+    norm layers' parameters and row biases are marked for a sum of their gradient over TP (the
+    strategy's precision plugin does it and checks the marks at the first step; elsewhere call
+    ``lightning_tp.precision.all_reduce_partial_grads``). Other whole parameters that see sharded
+    activations must be marked by the user (``mark_partial_grad``).
     The sequence length must divide by TP, and the model must not re-derive the sequence length
     from the sharded activations (the parity self-check catches models that do).
     """
@@ -421,7 +430,10 @@ class _GatherSequence:
         from lightning_tp.comm import gather_from_sp
 
         if isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 2 and x.shape[-1] in self.in_features:
-            return gather_from_sp(x, self.group, -2)
+            full = gather_from_sp(x, self.group, -2)
+            # column layers save this shard and gather it again in backward, unless `full` was modified in place
+            full._tp_sequence_shard = (x, full._version)
+            return full
         return x
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -431,9 +443,10 @@ class _GatherSequence:
 def _sequence_parallel_rest(model: nn.Module, plan: Plan, group: ProcessGroup) -> None:
     """What sequence parallelism changes outside the parallel layers: blocks holding column layers
     gather the sequence at their input, replicated ``nn.Embedding``s (positions, token types) give
-    this rank's sequence chunk, and every parameter that stays whole (norms, row biases, anything
-    else that sees the sharded activations or this rank's heads) gets only this rank's share of its
-    gradient, so it is marked for a sum over TP before the step."""
+    this rank's sequence chunk, and norm layers' parameters (which see the sharded activations or
+    this rank's heads) get only this rank's share of their gradient, so they are marked for a sum
+    over TP before the step (row biases mark themselves). The strategy checks the marks against the
+    first step's gradients (``check_partial_grad_marks``)."""
     blocks: dict[str, set[int]] = {}
     for entry in plan.modules:
         if entry.style in ("column", "qkv"):
@@ -445,11 +458,17 @@ def _sequence_parallel_rest(model: nn.Module, plan: Plan, group: ProcessGroup) -
             parent_name, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent_name), leaf, SequenceShardedEmbedding.from_dense(module, group))
     for module in model.modules():
-        if isinstance(module, SequenceShardedEmbedding):
-            continue  # its weight's grad is already complete (the backward all-gathers the chunks)
+        if not _is_norm(module):
+            continue
         for param in module.parameters(recurse=False):
-            if shard_spec(param) is None and not has_partial_grad(param):
+            if shard_spec(param) is None and not has_partial_grad_mark(param):  # a user's mark stands
                 mark_partial_grad(param)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    """Norm layers: under sequence parallelism they run on sequence-sharded activations (or on this
+    rank's heads), so their parameters' grads are partial, as Megatron marks them."""
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)) or "norm" in type(module).__name__.lower()
 
 
 def _build(entry: PlannedModule, dense: nn.Module, group: ProcessGroup, sequence_parallel: bool = False) -> nn.Module:
@@ -531,6 +550,11 @@ def apply_policy(
 
     group = getattr(group, "tp_group", group)
     if isinstance(policy, Plan):
+        if sequence_parallel and not policy.sequence_parallel:
+            raise PolicyError(
+                "sequence_parallel=True with a Plan made without it: plan with "
+                "plan_policy(model, tp_size, policy, sequence_parallel=True)."
+            )
         plan = policy
     else:
         plan = plan_policy(model, group_size(group), policy, strict=strict, sequence_parallel=sequence_parallel)

@@ -110,13 +110,55 @@ class TPGradScaler(torch.amp.GradScaler):
             dist.all_reduce(found_inf, op=dist.ReduceOp.MAX, group=self.group)
 
 
+def check_partial_grad_marks(named_params: list[tuple[str, Tensor]], tp_group: ProcessGroup) -> None:
+    """Sequence parallelism's check of which whole parameters get partial grads (once, at the first
+    step, before any is summed): a grad that differs across the TP ranks is partial and must be
+    marked; one identical on every rank is complete and must not be (summing it multiplies it by
+    TP). Raises ``SequenceParallelGradError`` naming the parameters, on every rank alike."""
+    from lightning_tp.errors import SequenceParallelGradError
+
+    whole = [(n, p) for n, p in named_params if p.grad is not None and shard_spec(p) is None and not p.grad.is_sparse]
+    if not whole or dist.get_world_size(tp_group) == 1:
+        return
+    sums = torch.stack([torch.stack([p.grad.double().sum(), p.grad.double().square().sum()]) for _, p in whole])
+    hi, lo = sums.clone(), sums.clone()  # (n, 2)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=tp_group)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=tp_group)
+    differs = ((hi - lo).abs() > 1e-6 * torch.maximum(hi.abs(), lo.abs()) + 1e-30).any(dim=1).tolist()
+    nonzero = (hi.abs() + lo.abs()).sum(dim=1).gt(0).tolist()
+    unmarked = [n for (n, p), d in zip(whole, differs, strict=True) if d and not has_partial_grad(p)]
+    wrongly = [n for (n, p), d, z in zip(whole, differs, nonzero, strict=True) if has_partial_grad(p) and z and not d]
+    if unmarked or wrongly:
+        parts = []
+        if unmarked:
+            parts.append(
+                f"the grads of {unmarked} differ across the tensor-parallel ranks (they see sequence-sharded "
+                "activations) but are not summed: call lightning_tp.sharding.mark_partial_grad(param) on them in "
+                "configure_model"
+            )
+        if wrongly:
+            parts.append(
+                f"the grads of {wrongly} are complete on every rank (they see replicated activations) but would be "
+                "summed over TP: call lightning_tp.sharding.mark_partial_grad(param, False) on them in configure_model"
+            )
+        raise SequenceParallelGradError(
+            "sequence parallelism: " + "; ".join(parts) + ". Or use sequence_parallel=False."
+        )
+
+
 class _TPPrecisionMixin:
     """TP-aware clipping, partial-grad reduction and ``grad_norm`` logging for a precision plugin."""
 
     tp_group: ProcessGroup | None = None
     last_grad_norm: Tensor | None = None
+    check_grad_names: dict[int, str] | None = None  # sequence parallelism: check the marks at the first step
 
     def _after_closure(self, model, optimizer) -> None:
+        if self.check_grad_names is not None and self.tp_group is not None:
+            names = self.check_grad_names
+            self.check_grad_names = None
+            params = [(names.get(id(p), "?"), p) for p in self.main_params(optimizer)]
+            check_partial_grad_marks(params, self.tp_group)
         all_reduce_partial_grads(list(self.main_params(optimizer)), self.tp_group)
         self.last_grad_norm = None
         super()._after_closure(model, optimizer)

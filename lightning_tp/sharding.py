@@ -137,11 +137,17 @@ def shard_spec(param: Tensor) -> ShardSpec | None:
     return getattr(param, SPEC_ATTR, None)
 
 
-def mark_partial_grad(param: Tensor) -> Tensor:
+def mark_partial_grad(param: Tensor, partial: bool = True) -> Tensor:
     """Record that a replicated Parameter's grad is a partial sum that must be all-reduced over TP
-    before the optimizer step (e.g. the bias of a sequence-parallel row layer)."""
-    setattr(param, PARTIAL_GRAD_ATTR, True)
+    before the optimizer step (e.g. the bias of a sequence-parallel row layer), or with
+    ``partial=False`` that it is complete (sequence parallelism then leaves the mark as it is)."""
+    setattr(param, PARTIAL_GRAD_ATTR, bool(partial))
     return param
+
+
+def has_partial_grad_mark(param: Tensor) -> bool:
+    """Whether ``param`` was marked either way by :func:`mark_partial_grad`."""
+    return hasattr(param, PARTIAL_GRAD_ATTR)
 
 
 def has_partial_grad(param: Tensor) -> bool:

@@ -217,6 +217,9 @@ class MegatronTPStrategy(DDPStrategy):
             _wrap_tp_dropout(module, plan, self.rng_tracker)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
+        if self.sequence_parallel and isinstance(self.precision_plugin, _TPPrecisionMixin):
+            # which whole parameters' grads are partial is checked against the first step's grads
+            self.precision_plugin.check_grad_names = {id(p): n for n, p in module.named_parameters()}
         if trainer.state.fn == TrainerFn.FITTING:
             if self.tp_mesh.dp_size > 1:
                 self.configure_ddp()
@@ -404,7 +407,8 @@ class _TPMultiProcessingLauncher(_MultiProcessingLauncher):
         # the C++ teardown.
         if _distributed_is_initialized():
             dist.destroy_process_group()
-        atexit._run_exitfuncs()
+        if self._start_method != "fork":  # a forked child inherited the parent's handlers (temp dirs, loggers)
+            atexit._run_exitfuncs()
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         os._exit(0)

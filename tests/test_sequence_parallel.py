@@ -1,6 +1,7 @@
 """Megatron sequence parallelism through the policy: float64 parity with the unsharded model."""
 
 import importlib.util
+import math
 
 import models
 import pytest
@@ -134,3 +135,89 @@ def _check_hf_llama_refused():
 def test_model_that_reads_sequence_length_from_activations_is_caught_by_verify():
     # HF Llama derives positions from the (now sequence-sharded) embeddings: the self-check refuses it
     assert all(_dist.run(2, _check_hf_llama_refused))
+
+
+def _saved_activation_shapes(name, sp):
+    """Shapes of the tensors autograd keeps for backward in one forward of the rewritten model."""
+    m = _dist.mesh(2)
+    model = models.build(name)
+    apply_policy(model, m.tp_group, "auto", sequence_parallel=sp, verify=False)
+    params = {p.data_ptr() for p in model.parameters()}
+    shapes = []
+
+    def pack(t):
+        if t.data_ptr() not in params and t.is_floating_point():
+            shapes.append(tuple(t.shape))
+        return t
+
+    ids = torch.randint(0, 30, (3, 12), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids).sum().backward()
+    return shapes
+
+
+@pytest.mark.parametrize("name", ["plain", "nano"])
+def test_sequence_parallel_keeps_no_full_sequence_hidden_state_for_backward(name):
+    """Megatron's activation saving: column layers and the LM head keep the sequence shard of their
+    input and gather it again in backward, so no full-sequence hidden state (B*T*H elements, H wide,
+    in any view) is kept for backward; without SP there are several."""
+    hidden, full, shard = 16, 3 * 12 * 16, 3 * 6 * 16  # models.build: d_model 16; batch 3, T 12, TP 2
+
+    def hidden_states(shapes, numel):
+        return [s for s in shapes if s[-1] == hidden and math.prod(s) == numel]
+
+    for dense_shapes, sp_shapes in zip(
+        _dist.run(2, _saved_activation_shapes, name, False),
+        _dist.run(2, _saved_activation_shapes, name, True),
+        strict=True,
+    ):
+        assert hidden_states(dense_shapes, full)
+        assert not hidden_states(sp_shapes, full), sp_shapes
+        assert hidden_states(sp_shapes, shard)
+
+
+class _Scaled(torch.nn.Module):
+    """A model with whole parameters that are not norms: a logit scale on the gathered logits
+    (complete grad on every rank) and, optionally, a layer-scale vector on the sharded residual."""
+
+    def __init__(self, layer_scale):
+        super().__init__()
+        self.inner = models.build("nano")
+        self.logit_scale = torch.nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+        self.gamma = torch.nn.Parameter(torch.full((16,), 0.9, dtype=torch.float64)) if layer_scale else None
+        if layer_scale:
+            self.inner.transformer.h[0].register_forward_hook(lambda _, __, out: out * self.gamma)
+
+    def forward(self, idx):
+        return self.inner(idx) * self.logit_scale
+
+
+def _check_whole_params(layer_scale):
+    from lightning_tp.errors import SequenceParallelGradError
+    from lightning_tp.precision import check_partial_grad_marks
+
+    m = _dist.mesh(2)
+    torch.manual_seed(0)
+    dense, model = _Scaled(layer_scale), _Scaled(layer_scale)
+    model.load_state_dict(dense.state_dict())
+    apply_policy(model, m.tp_group, "auto", sequence_parallel=True)
+    ids = torch.randint(0, 30, (2, 12), generator=torch.Generator().manual_seed(1))
+    dense(ids).square().mean().backward()
+    model(ids).square().mean().backward()
+    named = list(model.named_parameters())
+    if layer_scale:
+        with pytest.raises(SequenceParallelGradError, match=r"\['gamma'\] differ across the tensor-parallel ranks"):
+            check_partial_grad_marks(named, m.tp_group)
+        return True
+    check_partial_grad_marks(named, m.tp_group)  # the marks fit: no error
+    all_reduce_partial_grads([p for _, p in named], m.tp_group)
+    torch.testing.assert_close(model.logit_scale.grad, dense.logit_scale.grad, **TOL)  # not summed over TP
+    for name, p in named:
+        if shard_spec(p) is None:
+            torch.testing.assert_close(p.grad, dense.get_parameter(name).grad, **TOL)
+    return True
+
+
+@pytest.mark.parametrize("layer_scale", [False, True], ids=["logit_scale", "layer_scale"])
+def test_whole_parameters_outside_norms_are_summed_only_when_partial(layer_scale):
+    assert all(_dist.run(2, _check_whole_params, layer_scale))
