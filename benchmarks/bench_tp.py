@@ -543,12 +543,14 @@ def megatron_minimum_sp(cfg: dict) -> dict[str, int]:
     gathered output; reduce-scatter: the full input). Every all-reduce of b*s*h becomes a
     reduce-scatter plus an all-gather (the same bytes on the wire in a ring, twice the payload
     counted). Forward: the embedding's reduce-scatter, per layer 2 all-gathers (attention and MLP
-    inputs) and 2 reduce-scatters (their outputs), the LM head's all-gather; backward mirrors it.
-    Plus the position table's grad all-gather (s*h) and one all-reduce of the whole parameters'
-    partial grads (LayerNorm weights and biases, row-parallel biases). fp32 only."""
+    inputs) and 2 reduce-scatters (their outputs), the LM head's all-gather; backward mirrors it
+    and, as Megatron does, all-gathers each column layer's input again for its weight gradient
+    (2 per layer for this GPT's fused q/k/v, plus the LM head) instead of keeping it. Plus the
+    position table's grad all-gather (s*h) and one all-reduce of the partial grads (LayerNorm
+    weights and biases, row-parallel biases). fp32 only."""
     b, s, h, L = cfg["batch"], cfg["ctx"], cfg["n_embd"], cfg["n_layer"]
     bsh = b * s * h * 4
-    out = {"forward": (4 * L + 2) * bsh, "backward": (4 * L + 2) * bsh + s * h * 4}
+    out = {"forward": (4 * L + 2) * bsh, "backward": (4 * L + 2) * bsh + (2 * L + 1) * bsh + s * h * 4}
     out["partial_grads"] = ((2 * L + 1) * 2 * h + 2 * L * h) * 4
     out["loss"] = 3 * b * s * 4
     out["total"] = sum(out.values())
