@@ -149,6 +149,26 @@ def _autocast_args(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     )
 
 
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear`` on tensors already cast as autocast would (see :func:`_autocast_args`)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x, weight, bias)  # (..., out)
+
+
+def _param_grads(grad: Tensor, x, need_w: bool, need_b: bool) -> tuple[Tensor | None, Tensor | None]:
+    """``dW = grad^T x`` and ``db`` (grad summed over all leading dims) of ``F.linear``; ``x`` is the
+    input or a callable that makes it (only called when ``dW`` is needed)."""
+    grad_w = grad_b = None
+    if need_w or need_b:
+        grad_2d = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        if need_w:
+            x = x() if callable(x) else x
+            grad_w = grad_2d.t().mm(x.reshape(-1, x.shape[-1]))  # (out, in)
+        if need_b:
+            grad_b = grad_2d.sum(dim=0)  # (out,)
+    return grad_w, grad_b
+
+
 class _CopyToTPLinear(torch.autograd.Function):
     """Megatron's linear with asynchronous input-grad all-reduce: in backward the all-reduce of
     ``dX`` is started as soon as ``dX`` exists and runs while ``dW`` is computed."""
@@ -158,24 +178,18 @@ class _CopyToTPLinear(torch.autograd.Function):
         x, weight, bias = _autocast_args(x, weight, bias)
         ctx.group = group
         ctx.save_for_backward(x, weight)
-        with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x, weight, bias)  # (..., out)
+        return _linear(x, weight, bias)  # (..., out)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x = grad_w = grad_b = work = None
+        grad_x = work = None
         if need_x:
             grad_x = grad.matmul(weight)  # (..., in), partial over the group
             if group_size(ctx.group) > 1:
                 work = dist.all_reduce(grad_x, group=ctx.group, async_op=True)
-        if need_w or need_b:
-            grad_2d = grad.reshape(-1, grad.shape[-1])  # (N, out)
-            if need_w:
-                grad_w = grad_2d.t().mm(x.reshape(-1, x.shape[-1]))  # (out, in)
-            if need_b:
-                grad_b = grad_2d.sum(dim=0)  # (out,)
+        grad_w, grad_b = _param_grads(grad, x, need_w, need_b)  # while the all-reduce runs
         if work is not None:
             work.wait()
         return grad_x, grad_w, grad_b, None
@@ -193,22 +207,15 @@ class _LinearRegather(torch.autograd.Function):
         shard = _autocast_args(shard)[0]
         ctx.group, ctx.dim = group, dim
         ctx.save_for_backward(shard, weight)
-        with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x, weight, bias)  # (..., out)
+        return _linear(x, weight, bias)  # (..., out)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         shard, weight = ctx.saved_tensors
         need_x, _, need_w, need_b = ctx.needs_input_grad[:4]
         grad_x = grad.matmul(weight) if need_x else None  # (..., in), partial over the group
-        grad_w = grad_b = None
-        if need_w or need_b:
-            grad_2d = grad.reshape(-1, grad.shape[-1])  # (N, out)
-            if need_w:
-                x = all_gather_dim(shard, ctx.group, ctx.dim)  # (..., in) again
-                grad_w = grad_2d.t().mm(x.reshape(-1, x.shape[-1]))  # (out, in)
-            if need_b:
-                grad_b = grad_2d.sum(dim=0)  # (out,)
+        gather = lambda: all_gather_dim(shard, ctx.group, ctx.dim)  # noqa: E731  (..., in) again
+        grad_w, grad_b = _param_grads(grad, gather, need_w, need_b)
         return grad_x, None, grad_w, grad_b, None, None
 
 
