@@ -155,20 +155,22 @@ class ColumnParallelLinear(_ParallelLinear):
         return cls(m.in_features, m.out_features, m.bias is not None, group=group, _dense=m, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.sequence_parallel:
-            full = gather_from_sp(x, self.group, self.seq_dim)  # (B, T, in)
-            y = linear_regather(full, x, self.weight, self.bias, self.group, self.seq_dim)  # (B, T, out/p)
-        elif self.gathered_input:
-            shard, version = getattr(x, "_tp_sequence_shard", (None, None))  # set by the block's gather (policy SP)
-            if shard is not None and x._version == version:  # x unchanged since the gather: shard reproduces it
-                y = linear_regather(x, shard, self.weight, self.bias, self.group, -2)  # (..., out/p)
-            else:
-                y = F.linear(x, self.weight, self.bias)  # (..., out/p); the block's gather reduces dX
-        else:
-            y = copy_to_tp_linear(x, self.weight, self.bias, self.group)  # (..., out/p)
+        y = self._local_linear(x)  # (..., out/p)
         if self.gather_output:
             y = self._gather(y)  # (..., out)
         return y
+
+    def _local_linear(self, x: Tensor) -> Tensor:
+        """``x A_r^T + b_r`` with the collectives of the input's layout: (..., in) -> (..., out/p)."""
+        if self.sequence_parallel:
+            full = gather_from_sp(x, self.group, self.seq_dim)  # (B, T, in)
+            return linear_regather(full, x, self.weight, self.bias, self.group, self.seq_dim)  # (B, T, out/p)
+        if self.gathered_input:
+            shard, version = getattr(x, "_tp_sequence_shard", (None, None))  # set by the block's gather (policy SP)
+            if shard is not None and x._version == version:  # x unchanged since the gather: shard reproduces it
+                return linear_regather(x, shard, self.weight, self.bias, self.group, -2)  # (..., out/p)
+            return F.linear(x, self.weight, self.bias)  # (..., out/p); the block's gather reduces dX
+        return copy_to_tp_linear(x, self.weight, self.bias, self.group)  # (..., out/p)
 
     def _gather(self, y: Tensor) -> Tensor:
         y = gather_from_tp(y, self.group)  # (..., p * out/p) in rank order
@@ -279,11 +281,7 @@ class VocabParallelLMHead(ColumnParallelLinear):
         return self.out_features
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.sequence_parallel:
-            full = gather_from_sp(x, self.group, self.seq_dim)  # (B, T, H)
-            y = linear_regather(full, x, self.weight, self.bias, self.group, self.seq_dim)  # (B, T, Vp/p)
-        else:
-            y = copy_to_tp_linear(x, self.weight, self.bias, self.group)  # (..., Vp/p)
+        y = self._local_linear(x)  # (..., Vp/p)
         if self.gather_output:
             return self._gather(y)  # (..., V)
         return VocabShardedLogits.wrap(y, self.group, self.out_features, self._loss_workspace)

@@ -242,7 +242,6 @@ def _check_sequence_parallel(entries: list[PlannedModule]) -> None:
                 "input would be the sequence-sharded activations). Make its input come from a column layer, or "
                 "use sequence_parallel=False."
             )
-    for entry in entries:
         if entry.style in ("column", "qkv") and "." not in entry.name:
             raise PolicyError(
                 f"module {entry.name!r}: sequence parallelism gathers the sequence at the input of the block that "
@@ -455,8 +454,7 @@ def _sequence_parallel_rest(model: nn.Module, plan: Plan, group: ProcessGroup) -
         model.get_submodule(name).register_forward_pre_hook(_GatherSequence(group, in_features), with_kwargs=True)
     for name, module in list(model.named_modules()):
         if type(module) is nn.Embedding:
-            parent_name, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), leaf, SequenceShardedEmbedding.from_dense(module, group))
+            model.set_submodule(name, SequenceShardedEmbedding.from_dense(module, group))
     for module in model.modules():
         if not _is_norm(module):
             continue

@@ -394,8 +394,8 @@ class MegatronTPStrategy(DDPStrategy):
 
 class _TPMultiProcessingLauncher(_MultiProcessingLauncher):
     """Spawn/fork launcher that sends the *consolidated* (unsharded) weights back to the main
-    process, where the user's module is still the original dense model, and tears the process
-    groups down before a worker exits."""
+    process, where the user's module is still the original dense model, and ends a worker without
+    torch's C++ teardown once its work is done."""
 
     def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
         super()._wrapping_function(*args, **kwargs)  # rank 0's results are in the (synchronous) queue
@@ -436,8 +436,7 @@ def _wrap_tp_dropout(module: nn.Module, plan: Plan, tracker: RNGTracker) -> None
         root = module.get_submodule(".".join(os.path.commonprefix(parents)))  # element-wise on the name parts
         for name, child in list(root.named_modules()):
             if type(child) is nn.Dropout:
-                parent_name, _, leaf = name.rpartition(".")
-                setattr(root.get_submodule(parent_name), leaf, TPDropout.from_dense(child, tracker))
+                root.set_submodule(name, TPDropout.from_dense(child, tracker))
         return
     split_parents = {row.name.rpartition(".")[0] for row in plan.modules if row.style in ("column", "qkv")}
     for parent_name in split_parents:
