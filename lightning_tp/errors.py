@@ -36,5 +36,18 @@ class CheckpointSkippedWarning(UserWarning):
     """A checkpoint was not written because the run was interrupted by a fault on this rank."""
 
 
-class SequenceParallelGradError(LightningTPError, RuntimeError):
+class PartialGradError(LightningTPError, RuntimeError):
+    """A replicated parameter's gradient differs across the tensor-parallel ranks (it sees only this
+    rank's heads, features or sequence chunk) but is not marked for a sum over TP, or is marked but
+    complete on every rank (summing it would multiply it by TP). Raised at the first optimizer step."""
+
+
+class SequenceParallelGradError(PartialGradError):
     """Sequence parallelism would sum a complete gradient over TP, or leave a partial one unsummed."""
+
+
+class VerifyInputError(LightningTPError, ValueError):
+    """The parity self-check (``verify=True``) cannot run the unsharded model on its example input.
+
+    Raised before the model is rewritten; pass a batch the model accepts (``example_input_array``
+    on the LightningModule, ``example_input=`` to ``apply_policy``) or ``verify=False``."""

@@ -346,25 +346,16 @@ class VocabParallelEmbedding(nn.Module):
         }
         bad = [k for k, v in unsupported.items() if v]
         if bad:
-            raise ValueError(
+            raise ShardingError(
                 f"nn.Embedding options {bad} cannot be vocab-parallel (they depend on which rows a batch "
                 "touches across all ranks). Map this embedding to 'replicate' in the policy or drop them."
             )
+        if type(module) is not nn.Embedding:
+            return _vocab_parallel_subclass(module, group, **kwargs)
         return cls(module.num_embeddings, module.embedding_dim, group=group, _dense=module, **kwargs)
 
     def forward(self, ids: Tensor) -> Tensor:
-        if ids.device.type == "cpu" and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
-            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
-            raise IndexError(f"index {bad} is out of range for an embedding of {self.num_embeddings} rows.")
-        if self.tp_size == 1:
-            return F.embedding(ids, self.weight, self._local_padding_idx)
-        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)  # (...)
-        local_ids = (ids - self.vocab_start).masked_fill(outside, 0)  # (...)
-        y = F.embedding(local_ids, self.weight, self._local_padding_idx)  # (..., H) partial
-        y = y.masked_fill_(outside.unsqueeze(-1), 0.0)  # (..., H), in place: y is this layer's own
-        if self.sequence_parallel:
-            return reduce_scatter_to_sp(y, self.group, -2)  # (..., T/p, H)
-        return reduce_from_tp(y, self.group, inplace=True)  # (..., H)
+        return _vocab_parallel_lookup(self, ids)
 
     def extra_repr(self) -> str:
         return (
@@ -373,6 +364,93 @@ class VocabParallelEmbedding(nn.Module):
             + (f", padding_idx={self.padding_idx}" if self.padding_idx is not None else "")
             + (", sequence_parallel=True" if self.sequence_parallel else "")
         )
+
+
+def _vocab_parallel_lookup(emb: nn.Module, ids: Tensor) -> Tensor:
+    """``y = sum_r lookup_r(ids)``: this rank's rows for the ids in its vocabulary range, zeros for
+    the others, summed over TP (reduce-scattered over the sequence with ``sequence_parallel``)."""
+    if ids.device.type == "cpu" and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= emb.num_embeddings):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        raise IndexError(f"index {bad} is out of range for an embedding of {emb.num_embeddings} rows.")
+    if emb.tp_size == 1:
+        return F.embedding(ids, emb.weight, emb._local_padding_idx)
+    outside = (ids < emb.vocab_start) | (ids >= emb.vocab_end)  # (...)
+    local_ids = (ids - emb.vocab_start).masked_fill(outside, 0)  # (...)
+    y = F.embedding(local_ids, emb.weight, emb._local_padding_idx)  # (..., H) partial
+    y = y.masked_fill_(outside.unsqueeze(-1), 0.0)  # (..., H), in place: y is this layer's own
+    if emb.sequence_parallel:
+        return reduce_scatter_to_sp(y, emb.group, -2)  # (..., T/p, H)
+    return reduce_from_tp(y, emb.group, inplace=True)  # (..., H)
+
+
+class _VocabParallelLookup(nn.Embedding):
+    """The lookup of :class:`VocabParallelEmbedding` as ``nn.Embedding.forward``: mixed in after a
+    user's ``nn.Embedding`` subclass, so the subclass's own forward (e.g. ``super().forward(ids) *
+    scale``) keeps its extra math around the parallel lookup."""
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return _vocab_parallel_lookup(self, ids)
+
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def _vocab_parallel_subclass(module: nn.Embedding, group: ProcessGroup, *, sequence_parallel: bool = False,
+                             name: str = "") -> nn.Embedding:  # fmt: skip
+    """Turn an ``nn.Embedding`` subclass into its vocab-parallel form in place: its class becomes
+    ``(its class, _VocabParallelLookup)`` (``super().forward`` inside its forward now runs the
+    parallel lookup; ``isinstance`` checks still hold) and its weight this rank's padded rows.
+    Every other attribute (buffers such as a scale, options) stays as it was."""
+    cls = type(module)
+    if cls not in _SUBCLASSES:
+        _SUBCLASSES[cls] = type(f"VocabParallel{cls.__name__}", (cls, _VocabParallelLookup), {})
+    tp_size = group_size(group)
+    label = f"num_embeddings of {name!r}" if name else "num_embeddings"
+    spec = ShardSpec(dim=0, sizes=(module.num_embeddings,), tp_size=tp_size, pad=True, name=label)
+    module.weight = _param(module.weight, spec, group_rank(group), module.weight.requires_grad)
+    module.__class__ = _SUBCLASSES[cls]
+    module.group, module.sequence_parallel, module.weight_spec = group, sequence_parallel, spec
+    module.tp_size, module.tp_rank = tp_size, group_rank(group)
+    module.vocab_start, n_valid = spec.valid_range(module.tp_rank)
+    module.vocab_end = module.vocab_start + n_valid
+    pad = module.padding_idx
+    module._local_padding_idx = (
+        pad - module.vocab_start if pad is not None and module.vocab_start <= pad < module.vocab_end else None
+    )
+    return module
+
+
+class HeadParallelEmbedding(nn.Module):
+    """Embedding ``E`` (N, D) split by columns, ``D`` = attention heads: rank ``r`` holds columns
+    ``[r*D/p, (r+1)*D/p)``, local weight ``(N, D/p)``; output ``(..., D/p)``, this rank's heads
+    (a per-head table such as T5's relative-position bias). No collective: like a column layer's
+    output it stays sharded inside the attention block.
+
+    Args:
+        module: the dense ``nn.Embedding`` to slice.
+        group: the tensor-parallel process group.
+        name: module name used in error messages.
+    """
+
+    def __init__(self, module: nn.Embedding, group: ProcessGroup, name: str = "") -> None:
+        super().__init__()
+        if not isinstance(module, nn.Embedding) or module.max_norm is not None or module.sparse:
+            raise TypeError(
+                f"{name or 'module'}: a head-parallel embedding needs a plain nn.Embedding (no max_norm, not "
+                f"sparse), got {module!r}. Map it to 'replicate' in the policy."
+            )
+        self.num_embeddings, self.embedding_dim = module.num_embeddings, module.embedding_dim
+        self.padding_idx = module.padding_idx
+        self.group, self.tp_size = group, group_size(group)
+        label = f"embedding_dim of {name!r}" if name else "embedding_dim"
+        self.weight_spec = ShardSpec(dim=1, sizes=(module.embedding_dim,), tp_size=self.tp_size, name=label)
+        self.weight = _param(module.weight, self.weight_spec, group_rank(group), module.weight.requires_grad)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return F.embedding(ids, self.weight, self.padding_idx)  # (..., D/p)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim} (local {self.weight.shape[1]}), tp={self.tp_size}"
 
 
 class SequenceShardedEmbedding(nn.Embedding):
@@ -404,14 +482,14 @@ class SequenceShardedEmbedding(nn.Embedding):
 def _chunk_sizes(total: int, chunks: int | Sequence[int], name: str) -> tuple[int, ...]:
     if isinstance(chunks, int):
         if chunks < 1 or total % chunks != 0:
-            raise ValueError(
+            raise ShardingError(
                 f"{name or 'module'}: out_features={total} cannot be divided into {chunks} equal fused "
                 "chunks; pass the chunk sizes explicitly, e.g. chunks=(q, k, v)."
             )
         return (total // chunks,) * chunks
     sizes = tuple(int(s) for s in chunks)
     if sum(sizes) != total or any(s < 1 for s in sizes):
-        raise ValueError(
+        raise ShardingError(
             f"{name or 'module'}: chunk sizes {list(sizes)} must be positive and sum to out_features={total}."
         )
     return sizes

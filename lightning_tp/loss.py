@@ -30,13 +30,35 @@ from lightning_tp.comm import all_reduce, group_rank
 
 Reduction = Literal["mean", "sum", "none"]
 
-# Ops through which sharded logits keep their meaning (layout of the last dim unchanged).
+# Ops through which sharded logits keep their meaning when the last dim is kept (a reshape, a
+# cast, a slice of positions): the result is sharded logits again.
 _LAYOUT_OPS = frozenset(
     {
         "view", "reshape", "flatten", "contiguous", "float", "double", "half", "bfloat16", "to",
         "type_as", "__getitem__", "clone", "detach", "view_as", "reshape_as", "squeeze", "unsqueeze",
+        "requires_grad_", "retain_grad",
     }
 )  # fmt: skip
+# Elementwise ops with only scalar operands (temperature, logit soft-capping): applied to the shard.
+_SCALAR_ELEMENTWISE = frozenset(
+    {
+        "add", "sub", "mul", "div", "true_divide", "neg", "tanh", "clamp", "clamp_min", "clamp_max",
+        "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__",
+        "__neg__", "add_", "sub_", "mul_", "div_", "tanh_", "clamp_", "__iadd__", "__isub__", "__imul__",
+        "__itruediv__",
+    }
+)  # fmt: skip
+# Metadata: answered by the local shard, no gather.
+_METADATA = frozenset(
+    {
+        "size", "dim", "ndimension", "numel", "nelement", "is_floating_point", "is_complex", "element_size",
+        "is_contiguous", "stride", "storage_offset", "data_ptr", "get_device", "untyped_storage",
+        "register_hook", "__len__", "__hash__", "backward", "is_shared", "is_pinned", "_use_count",
+        "as_subclass", "__deepcopy__",
+    }
+)  # fmt: skip
+_GATHERED_PROPERTIES = frozenset({"T", "mT", "H", "mH", "real", "imag"})
+_CROSS_ENTROPY = {F.cross_entropy}
 
 
 class LossWorkspace:
@@ -82,12 +104,24 @@ class LossWorkspace:
 
 
 class VocabShardedLogits(Tensor):
-    """Logits whose last dim is this rank's slice of the (padded) vocabulary.
+    """Logits whose last dim is this rank's slice of the (padded) vocabulary, ``(..., Vp/p)``.
 
-    Returned by a vocab-parallel LM head with ``gather_output=False``. Reshapes and dtype casts keep
-    the type (so ``logits.view(-1, logits.size(-1))`` still works); any other op returns a plain
-    tensor of the local slice. :func:`cross_entropy` recognises the type and computes the
-    vocab-parallel loss.
+    Returned by a vocab-parallel LM head (the default, ``gather_output=False``). They are never
+    silently wrong:
+
+    * ``F.cross_entropy`` / ``nn.CrossEntropyLoss`` on them (``(N, Vp/p)`` logits, ``(N,)``
+      targets; so also a Hugging Face model's own ``labels=`` loss) computes the vocab-parallel
+      cross entropy: same value and gradient as on the dense logits, only ``(N,)``-sized
+      reductions. Class weights or the legacy ``size_average``/``reduce`` use the gathered logits.
+    * Reshapes, casts and position slices keep the type; a reshape that names the full vocabulary
+      (``logits.view(-1, config.vocab_size)``, as Hugging Face's loss does) is read as the local
+      slice. Elementwise ops with scalar operands (temperature, soft-capping) run on the shard.
+    * Every other op (argmax, softmax, log_softmax, topk, max, sort, sampling, ...) gets
+      the dense ``(..., V)`` logits, all-gathered (differentiably) on first use and kept, and
+      returns a plain tensor (``repr`` shows the local shard: printing on one rank runs no collective). An in-place op that cannot run on the shard raises
+      :class:`~lightning_tp.errors.ShardingError` instead of computing a wrong value.
+
+    Metadata (``shape``, ``size()``, ``dim()``, ``dtype``) describes the local shard.
     """
 
     tp_group: ProcessGroup
@@ -102,21 +136,125 @@ class VocabShardedLogits(Tensor):
         out.tp_group, out.vocab_size, out.workspace = group, vocab_size, workspace
         return out
 
+    def gathered(self) -> Tensor:
+        """The dense ``(..., V)`` logits (all-gather over TP, padding dropped; differentiable),
+        computed once per tensor. Collective: every TP rank must call it."""
+        cached = self.__dict__.get("_gathered")
+        if cached is not None and cached[1] == self._version:
+            return cached[0]
+        from lightning_tp.comm import gather_from_tp
+
+        with torch._C.DisableTorchFunctionSubclass():
+            dense = gather_from_tp(self, self.tp_group)[..., : self.vocab_size]  # (..., V)
+        self.__dict__["_gathered"] = (dense, self._version)
+        return dense
+
+    def __repr__(self, *, tensor_contents=None) -> str:  # no collective: printing on one rank must not hang
+        with torch._C.DisableTorchFunctionSubclass():
+            local = Tensor.__repr__(self.as_subclass(Tensor))
+        return f"VocabShardedLogits(this rank's {self.shape[-1]} of {self.vocab_size} vocabulary columns:\n{local})"
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(
+            "VocabShardedLogits hold this rank's vocabulary slice and its process group and cannot be pickled "
+            "(torch.save, returning them from a spawned worker): gather them first with "
+            "lightning_tp.loss.gather_logits(logits), or save the local shard with logits.as_subclass(torch.Tensor)."
+        )
+
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        with torch._C.DisableTorchFunctionSubclass():
-            out = func(*args, **(kwargs or {}))
-        src = args[0] if args and isinstance(args[0], VocabShardedLogits) else None
+        kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if (
-            src is not None
-            and name in _LAYOUT_OPS
-            and isinstance(out, Tensor)
-            and out.dim() > 0
-            and out.shape[-1] == src.shape[-1]
-        ):
-            return VocabShardedLogits.wrap(out, src.tp_group, src.vocab_size, src.workspace)
-        return out
+        src = _first_sharded(args, kwargs)
+        if src is None:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        if name == "__get__":  # a property: metadata of the shard, except transposes / views of values
+            prop = getattr(getattr(func, "__self__", None), "__name__", "")
+            if prop not in _GATHERED_PROPERTIES:
+                with torch._C.DisableTorchFunctionSubclass():
+                    return func(*args, **kwargs)
+        elif name in _METADATA:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        elif func in _CROSS_ENTROPY and (routed := _route_cross_entropy(args, kwargs)) is not None:
+            return routed
+        elif name in _LAYOUT_OPS or (name in _SCALAR_ELEMENTWISE and _scalar_operands(args, kwargs, src)):
+            if name in ("view", "reshape"):
+                args = (args[0], *_local_shape(args[1:], src))
+            with torch._C.DisableTorchFunctionSubclass():
+                out = func(*args, **kwargs)
+            if isinstance(out, Tensor) and out.dim() > 0 and out.shape[-1] == src.shape[-1]:
+                if out is src:  # in place
+                    src.__dict__.pop("_gathered", None)
+                    return src
+                return VocabShardedLogits.wrap(out, src.tp_group, src.vocab_size, src.workspace)
+            if name.endswith("_") or out is src:
+                return out
+            # the op moved or merged the vocabulary dim: do it again on the dense logits
+        if name.endswith("_") and not name.startswith("__") or name in ("__setitem__", "__iadd__", "__imul__"):
+            from lightning_tp.errors import ShardingError
+
+            raise ShardingError(
+                f"in-place {name!r} on vocab-sharded logits (this rank holds {src.shape[-1]} of {src.vocab_size} "
+                "vocabulary columns) cannot give the dense result. Gather first: "
+                "`logits = lightning_tp.loss.gather_logits(logits)`, or build the LM head with gather_output=True "
+                "(policy entry {'style': 'vocab', 'gather_output': True})."
+            )
+        args, kwargs = _replace_sharded((args, kwargs))
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+
+def _first_sharded(args, kwargs) -> VocabShardedLogits | None:
+    from torch.utils._pytree import tree_leaves
+
+    return next((a for a in tree_leaves((args, kwargs)) if isinstance(a, VocabShardedLogits)), None)
+
+
+def _replace_sharded(tree):
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda a: a.gathered() if isinstance(a, VocabShardedLogits) else a, tree)
+
+
+def _scalar_operands(args, kwargs, src: VocabShardedLogits) -> bool:
+    from torch.utils._pytree import tree_leaves
+
+    # a 0-dim tensor that needs a gradient (a learned logit scale) would get only this shard's share
+    return all(
+        a is src or not isinstance(a, Tensor) or (a.dim() == 0 and not a.requires_grad)
+        for a in tree_leaves((args, kwargs))
+    )
+
+
+def _local_shape(shape: tuple, src: VocabShardedLogits) -> tuple:
+    """A reshape's sizes with a last size naming the full vocabulary read as the local slice."""
+    sizes = list(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)) else list(shape)
+    if sizes and sizes[-1] == src.vocab_size and src.shape[-1] != src.vocab_size:
+        sizes[-1] = src.shape[-1]
+    return tuple(sizes)
+
+
+def _route_cross_entropy(args, kwargs) -> Tensor | None:
+    """``F.cross_entropy(sharded (N, Vp/p) or (Vp/p,), target, ...)`` as the vocab-parallel loss,
+    or ``None`` when it needs the dense logits (class weights, legacy options, class dim not last)."""
+    names = ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction", "label_smoothing")
+    bound = dict(zip(names, args, strict=False)) | kwargs
+    logits, target = bound.get("input"), bound.get("target")
+    if not isinstance(logits, VocabShardedLogits) or isinstance(target, VocabShardedLogits):
+        return None
+    if any(bound.get(k) is not None for k in ("weight", "size_average", "reduce")):
+        return None
+    if logits.dim() not in (1, 2) or target.is_floating_point() or target.shape != logits.shape[:-1]:
+        return None  # probabilities as targets or a class dim that is not the last
+    return cross_entropy(
+        logits,
+        target,
+        ignore_index=bound.get("ignore_index", -100),
+        label_smoothing=bound.get("label_smoothing", 0.0),
+        reduction=bound.get("reduction", "mean"),
+    )
 
 
 def _check_targets(target: Tensor, vocab_size: int, ignore_index: int) -> None:
@@ -264,11 +402,8 @@ def cross_entropy(
 
 
 def gather_logits(logits: Tensor) -> Tensor:
-    """Dense ``(..., V)`` logits from :class:`VocabShardedLogits` (all-gather, padding dropped);
-    other tensors are returned unchanged. Collective for sharded logits."""
+    """Dense ``(..., V)`` logits from :class:`VocabShardedLogits` (all-gather, padding dropped;
+    differentiable); other tensors are returned unchanged. Collective for sharded logits."""
     if not isinstance(logits, VocabShardedLogits):
         return logits
-    from lightning_tp.comm import all_gather_dim
-
-    group, vocab = logits.tp_group, logits.vocab_size
-    return all_gather_dim(logits.as_subclass(Tensor).contiguous(), group, -1)[..., :vocab]
+    return logits.gathered()

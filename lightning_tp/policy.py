@@ -18,6 +18,7 @@ Every check raises before the first module is touched.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 import warnings
@@ -31,6 +32,7 @@ from torch.distributed import ProcessGroup
 from lightning_tp.errors import ShardingError
 from lightning_tp.layers import (
     ColumnParallelLinear,
+    HeadParallelEmbedding,
     RowParallelLinear,
     SequenceShardedEmbedding,
     VocabParallelEmbedding,
@@ -79,6 +81,7 @@ class PlannedModule:
     local_params: int
     spec: ShardSpec | None = None
     tied_to: str | None = None
+    note: str | None = None
 
 
 @dataclass
@@ -119,13 +122,14 @@ def _planned(name: str, module: nn.Module, rule: Rule, pattern: str | None, tp: 
     is_embedding = isinstance(module, nn.Embedding)
     fits = {
         "column": is_linear,
+        "heads": is_embedding,
         "row": is_linear,
         "qkv": is_linear,
         "vocab": is_linear or is_embedding,
         "replicate": True,
     }[style]
     if not fits:
-        need = "nn.Linear or nn.Embedding" if style == "vocab" else "nn.Linear"
+        need = {"vocab": "nn.Linear or nn.Embedding", "heads": "nn.Embedding"}.get(style, "nn.Linear")
         raise TypeError(
             f"policy style {style!r} (pattern {pattern!r}) does not fit module {name!r} of type "
             f"{type(module).__name__}: {style!r} needs an {need}. Narrow the pattern or use 'replicate'."
@@ -135,7 +139,9 @@ def _planned(name: str, module: nn.Module, rule: Rule, pattern: str | None, tp: 
     if is_linear:
         shape = (_as_linear(module)[1], _as_linear(module)[0])  # (out, in) as nn.Linear
     spec = None
-    if style in ("column", "qkv") or (style == "vocab" and is_linear):
+    if style == "heads":  # a per-head table: embedding_dim split like the attention heads
+        spec = ShardSpec(dim=1, sizes=(shape[1],), tp_size=tp, name=f"embedding_dim of {name!r}")
+    elif style in ("column", "qkv") or (style == "vocab" and is_linear):
         out, inp = shape
         chunks = opts.get("chunks", 3 if style == "qkv" else 1)
         sizes = _chunk_sizes(out, chunks, name)
@@ -197,7 +203,9 @@ def plan_policy(
             continue
         used.add(pattern)
         rule = rules[pattern]
-        if not candidate and rule.style == "replicate":
+        if rule.style == "replicate" and not ("partial_grad" in rule.options and _own_params(module)):
+            if candidate:
+                planned[name] = _planned(name, module, rule, None if source == "auto" else pattern, tp_size)
             continue
         if not candidate and _is_container_match(name, pattern, modules):
             continue  # a broad pattern that also covers the parents of the modules it targets
@@ -209,6 +217,7 @@ def plan_policy(
             rule = Rule("qkv", {**rule.options, "chunks": _gqa_chunks(modules, name, module) or 3})
         planned[name] = _planned(name, module, rule, None if source == "auto" else pattern, tp_size)
 
+    _plan_head_local(modules, planned, tp_size)
     _check_ties(model, planned)
     changes = _attribute_changes(modules, planned, tp_size)
     unused = [p for p in rules if p not in used]
@@ -258,6 +267,85 @@ def _check_sequence_parallel(entries: list[PlannedModule]) -> None:
         )
 
 
+def _own_params(module: nn.Module) -> list[nn.Parameter]:
+    return list(module.parameters(recurse=False))
+
+
+def _sharded_output(entry: PlannedModule) -> bool:
+    """A split projection whose output stays sharded: the block after it sees only this rank's heads."""
+    return (
+        entry.style in ("column", "qkv")
+        and entry.spec is not None
+        and entry.spec.dim == 0
+        and not (entry.options.get("gather_output", False))
+    )
+
+
+def _plan_head_local(modules: dict[str, nn.Module], planned: dict[str, PlannedModule], tp: int) -> None:
+    """What else a block with head-split projections holds, planned from its attributes:
+
+    * an ``nn.Embedding`` child as wide as the block's head count (a per-head table such as T5's
+      relative-position bias) is split by heads (style ``heads``), like the projections;
+    * a replicated child whose parameters are ``(head_dim,)`` vectors (Qwen3/Gemma3 ``q_norm`` /
+      ``k_norm``) runs on this rank's heads only: its gradient is partial and summed over TP.
+
+    Entries the policy already gave are kept.
+    """
+    if tp == 1:
+        return
+    parents = {e.name.rpartition(".")[0] for e in planned.values() if _sharded_output(e)}
+    for parent_name in parents:
+        parent = modules[parent_name]
+        heads = next((getattr(parent, a) for a in HEAD_ATTRS[:4] if _is_int(getattr(parent, a, None))), None)
+        head_dim = getattr(parent, "head_dim", None)
+        for leaf, child in parent.named_children():
+            name = f"{parent_name}.{leaf}" if parent_name else leaf
+            if name in planned and (planned[name].pattern is not None or planned[name].style != "replicate"):
+                continue  # the policy's own entry (auto's default 'replicate' for small embeddings yields)
+            if type(child) is nn.Embedding and heads and child.embedding_dim == heads:
+                planned[name] = _planned(name, child, Rule("heads"), None, tp)
+            elif (
+                _is_int(head_dim)
+                and _as_linear(child) is None
+                and not isinstance(child, nn.Embedding)
+                and (params := _own_params(child))
+                and not any(True for _ in child.children())
+                and all(tuple(p.shape) == (head_dim,) for p in params)
+            ):
+                planned[name] = _planned(name, child, Rule("replicate", {"partial_grad": True}), None, tp)
+
+
+def _per_head_fused(plan: Plan, model: nn.Module, groups: dict[str, int]) -> Plan:
+    """The plan with fused projections that the model reads per head (found by verify's reference
+    forward) split as plain columns: rank ``r`` holds groups ``[r n/p, (r+1) n/p)``, each with its
+    own q, k and v, which is what ``view(..., heads, 3 * head_dim)`` then reads."""
+    if not groups:
+        return plan
+    rows = []
+    for entry in plan.modules:
+        if entry.name in groups:
+            n = groups[entry.name]
+            if n % plan.tp_size:
+                raise ShardingError(
+                    f"module {entry.name!r}: its output is read per head as {n} groups, which cannot be split over "
+                    f"tensor_parallel_size={plan.tp_size}. Use a tensor_parallel_size that divides {n}, or map it "
+                    "to 'replicate'."
+                )
+            module = model.get_submodule(entry.name)
+            entry = _planned(entry.name, module, Rule("column"), entry.pattern, plan.tp_size)
+            entry.note = f"fused, read per head ({n} groups)"
+        rows.append(entry)
+    return dataclasses.replace(plan, modules=rows)
+
+
+def _planned_layer(plan: Plan, name: str) -> bool:
+    return any(e.name == name and e.style != "replicate" for e in plan.modules)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def _is_container_match(name: str, pattern: str, modules: dict[str, nn.Module]) -> bool:
     prefix = name + "."
     return any(n.startswith(prefix) and fnmatch.fnmatchcase(n, pattern) for n in modules)
@@ -276,32 +364,48 @@ def _gqa_chunks(modules: dict[str, nn.Module], name: str, module: nn.Module) -> 
     return None
 
 
-def _check_ties(model: nn.Module, planned: dict[str, PlannedModule]) -> None:
+def _param_owners(model: nn.Module) -> dict[int, list[tuple[str, str]]]:
+    """``id(param) -> [(module name, param name), ...]``: every place that holds each parameter."""
     owners: dict[int, list[tuple[str, str]]] = {}
     for mod_name, module in model.named_modules(remove_duplicate=False):
         for p_name, param in module.named_parameters(recurse=False, remove_duplicate=False):
             owners.setdefault(id(param), []).append((mod_name, p_name))
-    for group in owners.values():
+    return owners
+
+
+def _check_ties(model: nn.Module, planned: dict[str, PlannedModule]) -> None:
+    """Modules that share a parameter must split it the same way. A module that only holds the
+    parameter (not an ``nn.Linear``/``nn.Embedding``, e.g. BERT's ``cls.predictions`` holding the
+    decoder's bias) follows the layer that uses it: :func:`apply_plan` points it at the new shard."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for group in _param_owners(model).values():
         if len({m for m, _ in group}) < 2:
             continue
         layouts = {}
         for mod_name, p_name in group:
             entry = planned.get(mod_name)
+            module = modules[mod_name]
+            if entry is None and _as_linear(module) is None and not isinstance(module, nn.Embedding):
+                continue  # a holder, not a user of the parameter
             if entry is not None and p_name == "bias" and entry.style == "row":
-                layouts[mod_name] = None
+                layouts[(mod_name, p_name)] = None
+            elif entry is not None and p_name == "bias" and entry.spec is not None:
+                layouts[(mod_name, p_name)] = ("bias", entry.spec.sizes, entry.spec.padded_sizes)
             else:
-                layouts[mod_name] = _weight_key(entry.spec) if entry is not None else None
+                layouts[(mod_name, p_name)] = _weight_key(entry.spec) if entry is not None else None
         if len(set(layouts.values())) > 1:
-            desc = ", ".join(f"{m!r} ({planned[m].style if m in planned else 'unmatched/replicate'})" for m in layouts)
+            desc = ", ".join(
+                f"'{m}.{p}' ({planned[m].style if m in planned else 'unmatched/replicate'})" for m, p in layouts
+            )
             raise PolicyError(
                 f"the policy would break a tied parameter shared by {desc}: each side would be split differently. "
-                "Give all modules that share a weight the same style (e.g. 'vocab' for both a tied embedding and "
-                "LM head), or 'replicate' for all of them."
+                "Give all modules that share a parameter the same style (e.g. 'vocab' for both a tied embedding "
+                "and LM head), or 'replicate' for all of them."
             )
-        first = group[0][0]
-        for mod_name, _ in group[1:]:
-            if mod_name in planned and planned[mod_name].tied_to is None and mod_name != first:
-                planned[mod_name].tied_to = first
+        users = [m for m, _ in layouts]
+        for mod_name in users[1:]:
+            if mod_name in planned and planned[mod_name].tied_to is None and mod_name != users[0]:
+                planned[mod_name].tied_to = users[0]
 
 
 def _attribute_changes(
@@ -312,7 +416,7 @@ def _attribute_changes(
         return changes
     split_children: dict[str, list[PlannedModule]] = {}
     for entry in planned.values():
-        if entry.style in ("column", "qkv"):
+        if _sharded_output(entry):  # a gathered output (Phi-3's colwise_gather_output) keeps every head
             split_children.setdefault(entry.name.rpartition(".")[0], []).append(entry)
     for parent_name, children in split_children.items():
         parent = modules[parent_name]
@@ -338,8 +442,7 @@ def _attribute_changes(
         head_dim = getattr(parent, "head_dim", None)
         if isinstance(head_dim, int) and not isinstance(head_dim, bool) and head_dim > 0:
             for child in children:
-                if child.style in ("column", "qkv"):
-                    _check_heads(child.spec.sizes, head_dim, tp, child.name)
+                _check_heads(child.spec.sizes, head_dim, tp, child.name)
         chunk_sizes = {s for c in children for s in c.spec.sizes}
         for attr in WIDTH_ATTRS:
             value = getattr(parent, attr, None)
@@ -395,20 +498,31 @@ def apply_plan(model: nn.Module, plan: Plan, group: ProcessGroup) -> nn.Module:
             f"plan was made for tensor_parallel_size={plan.tp_size}, group has {group_size(group)} ranks."
         )
     _check_plan_fits(model, plan)
-    shared: dict[int, nn.Parameter] = {}
+    owners = _param_owners(model)
+    replaced: dict[int, nn.Parameter] = {}  # id(dense parameter) -> the parameter that replaces it
     for entry in plan.modules:
         if entry.style == "replicate":
             continue
-        parent_name, _, leaf = entry.name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        dense = getattr(parent, leaf)
-        original_weight = dense.weight
+        dense = model.get_submodule(entry.name)
+        originals = dict(dense.named_parameters(recurse=False))
         new = _build(entry, dense, group, plan.sequence_parallel)
-        if id(original_weight) in shared:
-            new.weight = shared[id(original_weight)]
-        else:
-            shared[id(original_weight)] = new.weight
-        setattr(parent, leaf, new)
+        for p_name, old in originals.items():
+            if id(old) in replaced:  # a tie: the first layer's new parameter serves every user
+                setattr(new, p_name, replaced[id(old)])
+            elif isinstance(getattr(new, p_name, None), nn.Parameter):
+                replaced[id(old)] = getattr(new, p_name)
+        if new is not dense:
+            model.set_submodule(entry.name, new)
+    for old_id, param in replaced.items():  # modules that only hold a replaced parameter follow it
+        for mod_name, p_name in owners.get(old_id, []):
+            holder = model.get_submodule(mod_name)
+            if getattr(holder, p_name, None) is not param and not _planned_layer(plan, mod_name):
+                setattr(holder, p_name, param)
+    for entry in plan.modules:
+        if entry.options.get("partial_grad"):
+            for param in model.get_submodule(entry.name).parameters(recurse=False):
+                if not has_partial_grad_mark(param):  # a user's mark stands
+                    mark_partial_grad(param)
     for parent_name, attr, _, new_value in plan.attribute_changes:
         setattr(model.get_submodule(parent_name), attr, new_value)
     if plan.sequence_parallel:
@@ -476,8 +590,10 @@ def _build(entry: PlannedModule, dense: nn.Module, group: ProcessGroup, sequence
         if isinstance(dense, nn.Embedding):
             return VocabParallelEmbedding.from_dense(dense, group, name=name, sequence_parallel=sequence_parallel)
         return VocabParallelLMHead.from_dense(
-            dense_linear(dense), group, gather_output=opts.get("gather_output", True), name=name, **sp
+            dense_linear(dense), group, gather_output=opts.get("gather_output", False), name=name, **sp
         )
+    if entry.style == "heads":  # a per-head table split by heads
+        return HeadParallelEmbedding(dense, group, name=name)
     if entry.style == "row":
         return RowParallelLinear.from_dense(
             dense_linear(dense), group, input_is_parallel=opts.get("input_is_parallel", True), name=name, **sp
@@ -544,7 +660,7 @@ def apply_policy(
         PolicyMismatchError: the rewritten model does not compute what the unsharded one did.
     """
     from lightning_tp.comm import group_size
-    from lightning_tp.verify import capture, check_parity, make_example_input
+    from lightning_tp.verify import capture, check_parity, check_reference, interleaved_groups, make_example_input
 
     group = getattr(group, "tp_group", group)
     if isinstance(policy, Plan):
@@ -559,7 +675,10 @@ def apply_policy(
     warn_plan(plan)
     if verify:
         inputs = example_input if example_input is not None else make_example_input(model)
-        reference = capture(model, inputs)
+        fused = tuple(m.name for m in plan.modules if m.style == "qkv")
+        reference = capture(model, inputs, fused=fused)
+        check_reference(reference, inputs)  # a batch the model does not take: raised before any rewrite
+        plan = _per_head_fused(plan, model, interleaved_groups(plan, model, reference[-1]))
     apply_plan(model, plan, group)
     if verify:
         check_parity(model, inputs, reference, plan, group)

@@ -110,40 +110,72 @@ class TPGradScaler(torch.amp.GradScaler):
             dist.all_reduce(found_inf, op=dist.ReduceOp.MAX, group=self.group)
 
 
-def check_partial_grad_marks(named_params: list[tuple[str, Tensor]], tp_group: ProcessGroup) -> None:
-    """Sequence parallelism's check of which whole parameters get partial grads (once, at the first
-    step, before any is summed): a grad that differs across the TP ranks is partial and must be
-    marked; one identical on every rank is complete and must not be (summing it multiplies it by
-    TP). Raises ``SequenceParallelGradError`` naming the parameters, on every rank alike."""
-    from lightning_tp.errors import SequenceParallelGradError
+# relative tolerance for "the same gradient on every TP rank", by gradient dtype
+_SAME_GRAD_RTOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
+
+
+def check_partial_grad_marks(
+    named_params: list[tuple[str, Tensor]], tp_group: ProcessGroup, sequence_parallel: bool = False
+) -> bool:
+    """The first-step safety net for partial gradients (one reduction, before any is summed).
+
+    Every replicated parameter's gradient is compared across the TP group (its sum and sum of
+    squares, within the dtype's tolerance): one that differs is partial (the parameter sees only
+    this rank's heads, features or sequence chunk) and must be marked for a sum over TP; one that
+    is identical on every rank is complete and must not be (summing it multiplies it by TP).
+
+    Returns ``False`` (check not done, try at the next step) when some gradient is not finite (a
+    ``16-mixed`` step about to be skipped), on every rank alike.
+
+    Raises:
+        PartialGradError (``SequenceParallelGradError`` under sequence parallelism): naming the
+            parameters, on every rank alike.
+    """
+    from lightning_tp.errors import PartialGradError, SequenceParallelGradError
 
     whole = [(n, p) for n, p in named_params if p.grad is not None and shard_spec(p) is None and not p.grad.is_sparse]
-    if not whole or dist.get_world_size(tp_group) == 1:
-        return
-    sums = torch.stack([torch.stack([p.grad.double().sum(), p.grad.double().square().sum()]) for _, p in whole])
+    if dist.get_world_size(tp_group) == 1:
+        return True
+    device = whole[0][1].grad.device if whole else torch.device("cpu")
+    stats = [torch.stack([p.grad.double().sum(), p.grad.double().square().sum()]) for _, p in whole]
+    sums = torch.stack(stats) if stats else torch.zeros((0, 2), dtype=torch.float64, device=device)
     hi, lo = sums.clone(), sums.clone()  # (n, 2)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=tp_group)
     dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=tp_group)
-    differs = ((hi - lo).abs() > 1e-6 * torch.maximum(hi.abs(), lo.abs()) + 1e-30).any(dim=1).tolist()
+    nonfinite = not bool(torch.isfinite(hi).all() and torch.isfinite(lo).all())
+    rtol = torch.tensor([_SAME_GRAD_RTOL.get(p.grad.dtype, 1e-5) for _, p in whole], dtype=torch.float64)
+    rtol = rtol.to(device).unsqueeze(1)  # (n, 1)
+    differs = ((hi - lo).abs() > rtol * torch.maximum(hi.abs(), lo.abs()) + 1e-30).any(dim=1).tolist()
     nonzero = (hi.abs() + lo.abs()).sum(dim=1).gt(0).tolist()
     unmarked = [n for (n, p), d in zip(whole, differs, strict=True) if d and not has_partial_grad(p)]
     wrongly = [n for (n, p), d, z in zip(whole, differs, nonzero, strict=True) if has_partial_grad(p) and z and not d]
-    if unmarked or wrongly:
-        parts = []
-        if unmarked:
-            parts.append(
-                f"the grads of {unmarked} differ across the tensor-parallel ranks (they see sequence-sharded "
-                "activations) but are not summed: call lightning_tp.sharding.mark_partial_grad(param) on them in "
-                "configure_model"
-            )
-        if wrongly:
-            parts.append(
-                f"the grads of {wrongly} are complete on every rank (they see replicated activations) but would be "
-                "summed over TP: call lightning_tp.sharding.mark_partial_grad(param, False) on them in configure_model"
-            )
-        raise SequenceParallelGradError(
-            "sequence parallelism: " + "; ".join(parts) + ". Or use sequence_parallel=False."
+    # every rank (all DP groups too) defers, passes or raises together: one tiny reduction over the world
+    verdict = torch.tensor([float(nonfinite), float(bool(unmarked or wrongly))], device=device)
+    dist.all_reduce(verdict, op=dist.ReduceOp.MAX)
+    if verdict[0] > 0:
+        return False
+    if verdict[1] == 0:
+        return True
+    parts = (
+        [] if (unmarked or wrongly) else ["another tensor-parallel group found partial gradients that are not summed"]
+    )
+    if unmarked:
+        why = "sequence-sharded activations or " if sequence_parallel else ""
+        parts.append(
+            f"the gradients of {unmarked} differ across the tensor-parallel ranks (each rank's covers only its "
+            f"{why}heads/features) but are not summed over TP: mark them with "
+            "lightning_tp.sharding.mark_partial_grad(param) in configure_model, or give their modules the policy "
+            "style {'style': 'replicate', 'partial_grad': True}"
         )
+    if wrongly:
+        parts.append(
+            f"the gradients of {wrongly} are complete and identical on every tensor-parallel rank but are marked "
+            "partial and would be summed over TP (multiplied by the TP size): call "
+            "lightning_tp.sharding.mark_partial_grad(param, False) on them in configure_model, or drop "
+            "'partial_grad' from their policy entry"
+        )
+    error = SequenceParallelGradError if sequence_parallel else PartialGradError
+    raise error("; ".join(parts) + ". (lightning_tp checks this once, at the first optimizer step.)")
 
 
 class _TPPrecisionMixin:
@@ -151,14 +183,15 @@ class _TPPrecisionMixin:
 
     tp_group: ProcessGroup | None = None
     last_grad_norm: Tensor | None = None
-    check_grad_names: dict[int, str] | None = None  # sequence parallelism: check the marks at the first step
+    check_grad_names: dict[int, str] | None = None  # the partial-grad marks are checked at the first step
+    sequence_parallel: bool = False
 
     def _after_closure(self, model, optimizer) -> None:
         if self.check_grad_names is not None and self.tp_group is not None:
             names = self.check_grad_names
-            self.check_grad_names = None
             params = [(names.get(id(p), "?"), p) for p in self.main_params(optimizer)]
-            check_partial_grad_marks(params, self.tp_group)
+            if check_partial_grad_marks(params, self.tp_group, self.sequence_parallel):
+                self.check_grad_names = None  # done (not at a step with non-finite grads)
         all_reduce_partial_grads(list(self.main_params(optimizer)), self.tp_group)
         self.last_grad_norm = None
         super()._after_closure(model, optimizer)

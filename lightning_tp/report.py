@@ -23,7 +23,10 @@ def plan_table(plan: Plan) -> Table:
         table.add_column(col, justify="right" if col == "params / rank" else "left")
     for m in plan.modules:
         style = (
-            m.style + (f" {dict(m.options)}" if m.options else "") + (f" (tied to {m.tied_to})" if m.tied_to else "")
+            m.style
+            + (f" {dict(m.options)}" if m.options else "")
+            + (f" (tied to {m.tied_to})" if m.tied_to else "")
+            + (f" ({m.note})" if m.note else "")
         )
         table.add_row(m.name, m.module_type, style, _shape(m.full_shape), _shape(m.local_shape), f"{m.local_params:,}")
     for name in plan.unmatched:

@@ -15,17 +15,20 @@ from torch import nn
 
 from lightning_tp.errors import LightningTPError
 
-Style = Literal["column", "row", "qkv", "vocab", "replicate"]
-STYLES: tuple[str, ...] = ("column", "row", "qkv", "vocab", "replicate")
+Style = Literal["column", "row", "qkv", "vocab", "heads", "replicate"]
+STYLES: tuple[str, ...] = ("column", "row", "qkv", "vocab", "heads", "replicate")
 _OPTIONS: dict[str, set[str]] = {
     "column": {"gather_output"},
     "row": {"input_is_parallel"},
     "qkv": {"chunks", "head_dim", "gather_output"},
     "vocab": {"gather_output"},
-    "replicate": set(),
+    "heads": set(),
+    "replicate": {"partial_grad"},
 }
-HEAD_ATTRS = ("n_head", "n_heads", "num_heads", "num_attention_heads", "num_key_value_heads", "n_kv_heads")
-KV_HEAD_ATTRS = ("num_key_value_heads", "n_kv_heads")
+HEAD_ATTRS = (
+    "n_head", "n_heads", "num_heads", "num_attention_heads", "num_key_value_heads", "n_kv_heads", "kv_heads",
+)  # fmt: skip
+KV_HEAD_ATTRS = ("num_key_value_heads", "n_kv_heads", "kv_heads")
 # Width attributes: divided only when equal to the size of a split chunk of a child projection,
 # i.e. when the attribute describes the sharded activation (GPT-2's ``split_size``).
 WIDTH_ATTRS = ("split_size", "n_embd", "embed_dim", "all_head_size", "inner_dim", "hidden_size", "d_model")
@@ -104,7 +107,8 @@ _HF_STYLES: dict[str, Rule | None] = {
     "packed_rowwise": Rule("row"),
     "embedding_rowwise": Rule("vocab"),
     "replicate": Rule("replicate"),
-    "replicated_with_grad_allreduce": Rule("replicate"),
+    # whole on every rank, but each rank's gradient covers only its heads: summed over TP before the step
+    "replicated_with_grad_allreduce": Rule("replicate", {"partial_grad": True}),
     "sequence_parallel": Rule("replicate"),
     "isolated": Rule("replicate"),
     "gather": Rule("replicate"),

@@ -217,9 +217,10 @@ class MegatronTPStrategy(DDPStrategy):
             _wrap_tp_dropout(module, plan, self.rng_tracker)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
-        if self.sequence_parallel and isinstance(self.precision_plugin, _TPPrecisionMixin):
+        if isinstance(self.precision_plugin, _TPPrecisionMixin):
             # which whole parameters' grads are partial is checked against the first step's grads
             self.precision_plugin.check_grad_names = {id(p): n for n, p in module.named_parameters()}
+            self.precision_plugin.sequence_parallel = self.sequence_parallel
         if trainer.state.fn == TrainerFn.FITTING:
             if self.tp_mesh.dp_size > 1:
                 self.configure_ddp()

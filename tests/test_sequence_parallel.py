@@ -47,10 +47,11 @@ def _counting_collectives():
 def _check_sp_parity(name, tp, sharded_loss):
     m = _dist.mesh(tp)
     dense, model = models.build(name), models.build(name)
-    policy = "auto"
-    if sharded_loss:
-        head = "lm_head"
-        policy = {**{p: s for p, s in _auto_patterns(model).items()}, head: {"style": "vocab", "gather_output": False}}
+    head = "lm_head"  # sharded logits (the default) or gathered by the head
+    policy = {
+        **{p: s for p, s in _auto_patterns(model).items()},
+        head: {"style": "vocab", "gather_output": not sharded_loss},
+    }
     plan = apply_policy(model, m.tp_group, policy, sequence_parallel=True)  # verify=True: the self-check passes
     assert plan.sequence_parallel
     assert any(isinstance(x, SequenceShardedEmbedding) for x in model.modules())  # the position table
@@ -200,16 +201,21 @@ def _check_whole_params(layer_scale):
     torch.manual_seed(0)
     dense, model = _Scaled(layer_scale), _Scaled(layer_scale)
     model.load_state_dict(dense.state_dict())
-    apply_policy(model, m.tp_group, "auto", sequence_parallel=True)
+    if layer_scale:  # verify's backward already finds the unmarked partial gradient, before training
+        with pytest.raises(PolicyMismatchError, match=r"'gamma'.*Summed over the TP ranks it is right"):
+            apply_policy(model, m.tp_group, "auto", sequence_parallel=True)
+        model = _Scaled(layer_scale)
+        model.load_state_dict(dense.state_dict())
+    apply_policy(model, m.tp_group, "auto", sequence_parallel=True, verify=not layer_scale)
     ids = torch.randint(0, 30, (2, 12), generator=torch.Generator().manual_seed(1))
     dense(ids).square().mean().backward()
     model(ids).square().mean().backward()
     named = list(model.named_parameters())
     if layer_scale:
         with pytest.raises(SequenceParallelGradError, match=r"\['gamma'\] differ across the tensor-parallel ranks"):
-            check_partial_grad_marks(named, m.tp_group)
+            check_partial_grad_marks(named, m.tp_group, sequence_parallel=True)
         return True
-    check_partial_grad_marks(named, m.tp_group)  # the marks fit: no error
+    check_partial_grad_marks(named, m.tp_group, sequence_parallel=True)  # the marks fit: no error
     all_reduce_partial_grads([p for _, p in named], m.tp_group)
     torch.testing.assert_close(model.logit_scale.grad, dense.logit_scale.grad, **TOL)  # not summed over TP
     for name, p in named:

@@ -89,7 +89,8 @@ BAD_CONFIGS = {
     ),
     "policy-breaks-a-tie": (
         {"policy": {**GPT_POLICY, "model.lm_head": "replicate"}}, {}, "PolicyError",
-        r"the policy would break a tied parameter shared by 'model\.transformer\.wte' \(vocab\), 'model\.lm_head'",
+        r"the policy would break a tied parameter shared by 'model\.transformer\.wte\.weight' \(vocab\), "
+        r"'model\.lm_head\.weight'",
     ),
 }  # fmt: skip
 

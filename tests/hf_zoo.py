@@ -1,0 +1,381 @@
+"""Tiny Hugging Face models built from configs (no downloads), one per architecture, for TP parity tests.
+
+Every builder returns a float64 model in train mode with every dropout probability 0 and eager
+attention. Vocabulary sizes are chosen so that some are not divisible by 2 or 4 (padding at TP 2 / 4)
+and none equals the width of any other linear layer or embedding (so "auto" cannot take a projection
+or a position table for an LM head). Head layouts vary on purpose: grouped-query, multi-query,
+fused per-chunk and per-head-interleaved q/k/v, explicit ``head_dim`` different from hidden/heads.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+L, T_DEC = 2, 7  # layers; decoder length for encoder-decoder models
+COMMON = {"attn_implementation": "eager", "use_cache": False}
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=130, hidden_size=64, intermediate_size=64, num_hidden_layers=L, num_attention_heads=8,
+        num_key_value_heads=4, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=False, attention_dropout=0.0, **COMMON,
+    ))  # fmt: skip
+
+
+def _mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return MistralForCausalLM(MistralConfig(
+        vocab_size=98, hidden_size=32, intermediate_size=64, num_hidden_layers=L, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=64, sliding_window=5, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, attention_dropout=0.0, **COMMON,
+    ))  # fmt: skip
+
+
+def _qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=101,
+            hidden_size=64,
+            intermediate_size=64,
+            num_hidden_layers=L,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            attention_dropout=0.0,
+            **COMMON,
+        )
+    )  # (q/k/v carry biases)
+
+
+def _qwen3():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=126,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=L,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=16,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            attention_dropout=0.0,
+            **COMMON,
+        )
+    )  # (q_norm/k_norm over head_dim; q_proj 32 -> 128)
+
+
+def _gemma():
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    return GemmaForCausalLM(
+        GemmaConfig(
+            vocab_size=102,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=L,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            head_dim=16,
+            max_position_embeddings=64,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=1,
+            attention_dropout=0.0,
+            **COMMON,
+        )
+    )  # (tied head; embedding scaled by sqrt(hidden) inside the embedding module)
+
+
+def _phi3():
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    return Phi3ForCausalLM(
+        Phi3Config(
+            vocab_size=110,
+            hidden_size=64,
+            intermediate_size=64,
+            num_hidden_layers=L,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            max_position_embeddings=64,
+            original_max_position_embeddings=64,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attention_dropout=0.0,
+            **COMMON,
+        )
+    )  # (fused qkv_proj (q, k, v) and gate_up_proj (gate, up))
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=97,
+            n_embd=32,
+            n_layer=L,
+            n_head=4,
+            n_inner=64,
+            n_positions=64,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=1,
+            eos_token_id=2,
+            **COMMON,
+        )
+    )  # (Conv1D weights (in, out); c_attn chunks (q, k, v))
+
+
+def _gpt_neox():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    return GPTNeoXForCausalLM(
+        GPTNeoXConfig(
+            vocab_size=106,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=L,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            attention_dropout=0.0,
+            hidden_dropout=0.0,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+            **COMMON,
+        )
+    )  # (query_key_value interleaved per head: (heads, 3, head_dim))
+
+
+def _gptj():
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    return GPTJForCausalLM(
+        GPTJConfig(
+            vocab_size=114,
+            n_embd=32,
+            n_layer=L,
+            n_head=4,
+            rotary_dim=4,
+            n_inner=64,
+            n_positions=64,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            **COMMON,
+        )
+    )  # (lm_head has a bias; parallel attention + MLP)
+
+
+def _gpt_bigcode(multi_query: bool):
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+
+    return GPTBigCodeForCausalLM(
+        GPTBigCodeConfig(
+            vocab_size=99 if multi_query else 118,
+            n_embd=32,
+            n_layer=L,
+            n_head=4,
+            n_inner=64,
+            n_positions=64,
+            multi_query=multi_query,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=1,
+            eos_token_id=2,
+            **COMMON,
+        )
+    )  # (MQA: c_attn (q 32, k 8, v 8); MHA: c_attn interleaved per head (heads, 3 * head_dim))
+
+
+def _falcon(new_arch: bool):
+    from transformers import FalconConfig, FalconForCausalLM
+
+    extra = {"new_decoder_architecture": True, "num_kv_heads": 4, "num_attention_heads": 8, "hidden_size": 64}
+    base = {"multi_query": True, "num_attention_heads": 4, "hidden_size": 32}  # Falcon-7B style
+    return FalconForCausalLM(FalconConfig(
+        vocab_size=127 if new_arch else 122, num_hidden_layers=L, ffn_hidden_size=64 if not new_arch else 128,
+        max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0, bos_token_id=1, eos_token_id=2,
+        **(extra if new_arch else base), **COMMON,
+    ))  # fmt: skip
+
+
+def _bloom():
+    from transformers import BloomConfig, BloomForCausalLM
+
+    return BloomForCausalLM(
+        BloomConfig(
+            vocab_size=100,
+            hidden_size=32,
+            n_layer=L,
+            n_head=4,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            **COMMON,
+        )
+    )  # (ALiBi built in BloomModel from all heads; query_key_value interleaved per head)
+
+
+def _opt():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    return OPTForCausalLM(
+        OPTConfig(
+            vocab_size=103,
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=L,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            word_embed_proj_dim=32,
+            dropout=0.0,
+            attention_dropout=0.0,
+            activation_dropout=0.0,
+            layerdrop=0.0,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            **COMMON,
+        )
+    )  # (fc1/fc2 sit in the decoder layer next to self_attn; positions offset by 2)
+
+
+def _t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration(
+        T5Config(
+            vocab_size=105,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=L,
+            num_decoder_layers=L,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+            dropout_rate=0.0,
+            feed_forward_proj="relu",
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+            **COMMON,
+        )
+    )  # (relative_attention_bias: Embedding(num_buckets, n_heads) in block 0 of each stack)
+
+
+def _bert():
+    from transformers import BertConfig, BertForMaskedLM
+
+    return BertForMaskedLM(
+        BertConfig(
+            vocab_size=111,
+            hidden_size=32,
+            num_hidden_layers=L,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            type_vocab_size=2,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            pad_token_id=0,
+            attn_implementation="eager",
+        )
+    )  # (decoder tied to word_embeddings, decoder.bias tied to cls.predictions.bias)
+
+
+BUILDERS = {
+    "llama": _llama,
+    "mistral": _mistral,
+    "qwen2": _qwen2,
+    "qwen3": _qwen3,
+    "gemma": _gemma,
+    "phi3": _phi3,
+    "gpt2": _gpt2,
+    "gpt_neox": _gpt_neox,
+    "gptj": _gptj,
+    "gpt_bigcode_mq": lambda: _gpt_bigcode(True),
+    "gpt_bigcode_mha": lambda: _gpt_bigcode(False),
+    "falcon": lambda: _falcon(False),
+    "falcon_new_arch": lambda: _falcon(True),
+    "bloom": _bloom,
+    "opt": _opt,
+    "t5": _t5,
+    "bert": _bert,
+}
+ARCHS = list(BUILDERS)
+
+
+def build(arch: str, seed: int | None = None) -> nn.Module:
+    """The float64 model for ``arch``; the same weights on every call with the same seed."""
+    torch.manual_seed(ARCHS.index(arch) + 1000 if seed is None else seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = BUILDERS[arch]()
+    model = model.to(torch.float64)
+    model.train()
+    return model
+
+
+def vocab_size(model: nn.Module) -> int:
+    return model.config.vocab_size
+
+
+def inputs(arch: str, model: nn.Module, batch: int = 2, seq: int = 12, seed: int = 0) -> dict:
+    """Keyword inputs for ``model(**inputs)``: token ids (some of them the pad id 0), plus decoder ids
+    for encoder-decoder models. Identical on every rank."""
+    g = torch.Generator().manual_seed(seed)
+    v = vocab_size(model)
+    ids = torch.randint(0, v, (batch, seq), generator=g)
+    ids[0, 3] = 0  # a padding_idx row is looked up (its gradient must stay zero where HF sets padding_idx)
+    ids[1, -1] = v - 1  # the last real vocabulary row (next to the padding rows at TP 4)
+    kwargs = {"input_ids": ids}
+    if arch == "t5":
+        dec = torch.randint(0, v, (batch, T_DEC), generator=g)
+        dec[:, 0] = 0
+        kwargs["decoder_input_ids"] = dec
+    if arch != "bert":
+        kwargs["use_cache"] = False
+    return kwargs
+
+
+def targets(arch: str, model: nn.Module, kwargs: dict, seed: int = 1) -> torch.Tensor:
+    """Fixed targets with the shape of the logits' leading dims (a few ignored with -100)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = kwargs.get("decoder_input_ids", kwargs["input_ids"])
+    tgt = torch.randint(0, vocab_size(model), tuple(ids.shape), generator=g)
+    tgt[0, :2] = -100
+    return tgt

@@ -1,0 +1,113 @@
+"""Vocab-sharded logits are never silently wrong: F.cross_entropy / nn.CrossEntropyLoss (and so a Hugging
+Face model's own ``labels=`` loss) run the vocab-parallel loss; every op needing the whole vocabulary sees
+the gathered logits; in-place ops that cannot run on a shard raise."""
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import _dist
+from lightning_tp import ShardingError, VocabShardedLogits, apply_policy
+from lightning_tp.layers import VocabParallelLMHead
+
+HAS_HF = importlib.util.find_spec("transformers") is not None
+hf = pytest.mark.skipif(not HAS_HF, reason="transformers (extra 'hf') not installed")
+V = 13  # not divisible by 2 or 4: padded shards
+
+
+def _close(a, b):
+    torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def _ops(tp):
+    m = _dist.mesh(tp)
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(8, V, bias=False).double()
+    head = VocabParallelLMHead.from_dense(dense, m.tp_group, gather_output=False)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(2))
+    y[0, 0] = 3
+    d, s = dense(x), head(x)
+    assert isinstance(s, VocabShardedLogits) and s.shape[-1] < V
+    # the losses people write, unchanged: routed to the vocab-parallel loss
+    flat = s.float().double().view(-1, V)  # Hugging Face's view with the full vocabulary
+    assert isinstance(flat, VocabShardedLogits) and flat.shape[-1] == s.shape[-1]
+    for kw in ({}, {"ignore_index": 3}, {"label_smoothing": 0.1}, {"reduction": "sum"}, {"reduction": "none"}):
+        _close(F.cross_entropy(s.view(-1, V), y.view(-1), **kw), F.cross_entropy(d.view(-1, V), y.view(-1), **kw))
+        _close(torch.nn.CrossEntropyLoss(**kw)(s.reshape(-1, s.size(-1)), y.view(-1)),
+               torch.nn.CrossEntropyLoss(**kw)(d.reshape(-1, V), y.view(-1)))  # fmt: skip
+    w = torch.rand(V, dtype=torch.float64)
+    _close(F.cross_entropy(s.view(-1, V), y.view(-1), weight=w), F.cross_entropy(d.view(-1, V), y.view(-1), weight=w))
+    # ops that need the whole vocabulary see the gathered logits
+    assert torch.equal(s.argmax(-1), d.argmax(-1))
+    assert torch.equal(torch.topk(s, 3).indices, torch.topk(d, 3).indices)
+    assert torch.equal(s.sort(-1).indices, d.sort(-1).indices)
+    _close(s.softmax(-1), d.softmax(-1))
+    _close(F.log_softmax(s, dim=-1), F.log_softmax(d, dim=-1))
+    _close(s.max(-1).values, d.max(-1).values)
+    _close(s.reshape(-1), d.reshape(-1))  # merges the vocabulary dim: done on the dense logits
+    _close(s.transpose(1, 2), d.transpose(1, 2))
+    g = torch.Generator().manual_seed(0)
+    samples = torch.multinomial(s[:, -1].softmax(-1), 4, generator=g)
+    assert torch.equal(samples, torch.multinomial(d[:, -1].softmax(-1), 4, generator=torch.Generator().manual_seed(0)))
+    # position slices, casts and scalar elementwise ops (temperature, soft-capping) stay sharded
+    for t in (s[:, -1, :], s / 0.7, torch.tanh(s / 3.0) * 3.0, s.float(), s[..., :-1, :].contiguous()):
+        assert isinstance(t, VocabShardedLogits)
+    _close((torch.tanh(s / 3.0) * 3.0).softmax(-1), (torch.tanh(d / 3.0) * 3.0).softmax(-1))
+    assert "of 13 vocabulary columns" in repr(s)  # printing is local: no collective
+    with pytest.raises(ShardingError, match=r"in-place 'masked_fill_' on vocab-sharded logits.*gather_logits"):
+        s.clone().masked_fill_(torch.zeros(s.shape, dtype=torch.bool), 0.0)
+    with pytest.raises(ShardingError, match=r"in-place '__setitem__'"):
+        s.clone()[..., 0] = 1.0
+    # gradients through the routed loss and through gathered ops equal the dense ones
+    for loss_fn in (lambda z: F.cross_entropy(z.view(-1, V), y.view(-1), label_smoothing=0.1),
+                    lambda z: z.log_softmax(-1)[..., 3].sum() + z.max(-1).values.sum()):  # fmt: skip
+        xd, xs = x.clone().requires_grad_(), x.clone().requires_grad_()
+        loss_fn(dense(xd)).backward()
+        loss_fn(head(xs)).backward()
+        _close(xs.grad, xd.grad)
+    return True
+
+
+@pytest.mark.parametrize(("world", "tp"), [(2, 2), (4, 4)])
+def test_sharded_logits_behave_like_dense(world, tp):
+    assert all(_dist.run(world, _ops, tp))
+
+
+def _hf_llama_own_loss(tp):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    m = _dist.mesh(tp)
+    cfg = LlamaConfig(vocab_size=66, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                      attn_implementation="eager", tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(cfg).double()
+    model = LlamaForCausalLM(cfg).double()
+    model.load_state_dict(dense.state_dict())
+    apply_policy(model, m.tp_group, "auto")
+    ids = torch.randint(0, 66, (2, 9), generator=torch.Generator().manual_seed(4))  # B*T even: view(-1, V) ambiguous
+    out = model(input_ids=ids, labels=ids)
+    ref = dense(input_ids=ids, labels=ids)
+    assert isinstance(out.logits, VocabShardedLogits)  # the default: logits stay sharded, the loss is parallel
+    _close(out.loss, ref.loss)
+    out.loss.backward()
+    ref.loss.backward()
+    from lightning_tp.comm import all_gather_dim
+    from lightning_tp.sharding import shard_spec
+
+    spec, grad = shard_spec(model.model.embed_tokens.weight), model.model.embed_tokens.weight.grad
+    fp32 = {"atol": 1e-6, "rtol": 1e-5}  # Hugging Face's loss casts the logits to float32
+    got = spec.unshard(list(all_gather_dim(grad, m.tp_group, 0).chunk(tp)))
+    torch.testing.assert_close(got, dense.model.embed_tokens.weight.grad, **fp32)
+    torch.testing.assert_close(model.model.norm.weight.grad, dense.model.norm.weight.grad, **fp32)
+    gen = model.generate(ids[:, :4], max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(gen, dense.generate(ids[:, :4], max_new_tokens=5, do_sample=False, pad_token_id=0))
+    return True
+
+
+@hf
+def test_hf_own_labels_loss_and_generate_on_sharded_logits():
+    assert all(_dist.run(2, _hf_llama_own_loss, 2))
