@@ -17,6 +17,7 @@ targets give loss 0 and grad 0, and ``reduction="mean"`` averages over non-ignor
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Literal
 
@@ -140,19 +141,25 @@ class VocabShardedLogits(Tensor):
         """The dense ``(..., V)`` logits (all-gather over TP, padding dropped; differentiable),
         computed once per tensor. Collective: every TP rank must call it."""
         cached = self.__dict__.get("_gathered")
-        if cached is not None and cached[1] == self._version:
-            return cached[0]
+        if cached is not None:
+            dense, version, dense_version = cached
+            tracked = not (torch.is_grad_enabled() and self.requires_grad and dense.grad_fn is None)
+            if version == self._version and dense_version == dense._version and tracked:
+                return dense  # unchanged on both sides, and gathered with autograd when it is needed now
         from lightning_tp.comm import gather_from_tp
 
         with torch._C.DisableTorchFunctionSubclass():
             dense = gather_from_tp(self, self.tp_group)[..., : self.vocab_size]  # (..., V)
-        self.__dict__["_gathered"] = (dense, self._version)
+        self.__dict__["_gathered"] = (dense, self._version, dense._version)
         return dense
 
     def __repr__(self, *, tensor_contents=None) -> str:  # no collective: printing on one rank must not hang
         with torch._C.DisableTorchFunctionSubclass():
             local = Tensor.__repr__(self.as_subclass(Tensor))
         return f"VocabShardedLogits(this rank's {self.shape[-1]} of {self.vocab_size} vocabulary columns:\n{local})"
+
+    def __format__(self, spec: str) -> str:  # f"{logits}": local too
+        return self.__repr__() if not spec else format(self.as_subclass(Tensor), spec)
 
     def __reduce_ex__(self, protocol):
         raise TypeError(
@@ -179,7 +186,9 @@ class VocabShardedLogits(Tensor):
                 return func(*args, **kwargs)
         elif func in _CROSS_ENTROPY and (routed := _route_cross_entropy(args, kwargs)) is not None:
             return routed
-        elif name in _LAYOUT_OPS or (name in _SCALAR_ELEMENTWISE and _scalar_operands(args, kwargs, src)):
+        elif (name in _LAYOUT_OPS and args and args[0] is src and _keeps_vocab_dim(name, args, kwargs, src)) or (
+            name in _SCALAR_ELEMENTWISE and _scalar_operands(args, kwargs, src)
+        ):
             if name in ("view", "reshape"):
                 args = (args[0], *_local_shape(args[1:], src))
             with torch._C.DisableTorchFunctionSubclass():
@@ -192,7 +201,8 @@ class VocabShardedLogits(Tensor):
             if name.endswith("_") or out is src:
                 return out
             # the op moved or merged the vocabulary dim: do it again on the dense logits
-        if name.endswith("_") and not name.startswith("__") or name in ("__setitem__", "__iadd__", "__imul__"):
+        in_place = name.endswith("_") and not name.startswith("__") or name in ("__setitem__", "__iadd__", "__imul__")
+        if in_place and args and args[0] is src:  # writing into a plain tensor from sharded logits gathers them
             from lightning_tp.errors import ShardingError
 
             raise ShardingError(
@@ -204,6 +214,45 @@ class VocabShardedLogits(Tensor):
         args, kwargs = _replace_sharded((args, kwargs))
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
+
+
+def _keeps_vocab_dim(name: str, args: tuple, kwargs: dict, src: VocabShardedLogits) -> bool:
+    """Whether a layout op on ``src`` leaves its last (vocabulary) dim whole and last."""
+    last = src.dim() - 1
+    if name in ("squeeze", "unsqueeze"):
+        dim = args[1] if len(args) > 1 else kwargs.get("dim")
+        if dim is None:
+            return name == "unsqueeze" or src.shape[-1] != 1
+        dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+        return all(d % (src.dim() + (name == "unsqueeze")) < last + (name == "unsqueeze") for d in dims)
+    if name == "flatten":
+        end = args[2] if len(args) > 2 else kwargs.get("end_dim", -1)
+        return end % src.dim() != last
+    if name in ("view", "reshape"):
+        sizes = _local_shape(args[1:], src)
+        if not sizes or any(isinstance(x, torch.dtype) for x in sizes):
+            return name == "view" and bool(sizes)  # view(dtype): same layout
+        lead = math.prod(x for x in sizes[:-1] if x != -1)
+        return sizes[-1] == src.shape[-1] or (
+            sizes[-1] == -1 and -1 not in sizes[:-1] and lead * src.shape[-1] == src.numel()
+        )
+    if name == "__getitem__":
+        return _index_keeps_last(args[1], src.dim())
+    return True
+
+
+def _index_keeps_last(index, ndim: int) -> bool:
+    """Whether ``x[index]`` leaves the last dim of ``x`` whole (a full slice there, or not reached)."""
+    items = index if isinstance(index, tuple) else (index,)
+    if any(i is Ellipsis for i in items):
+        after = items[[i is Ellipsis for i in items].index(True) + 1 :]
+        after = [i for i in after if i is not None]
+        return not after or (isinstance(after[-1], slice) and after[-1] == slice(None))
+    used = sum(i.dim() if isinstance(i, Tensor) and i.dtype == torch.bool else 1 for i in items if i is not None)
+    if used < ndim:
+        return True
+    last = [i for i in items if i is not None][-1]
+    return used == ndim and isinstance(last, slice) and last == slice(None)
 
 
 def _first_sharded(args, kwargs) -> VocabShardedLogits | None:

@@ -144,8 +144,11 @@ def check_partial_grad_marks(
     dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=tp_group)
     nonfinite = not bool(torch.isfinite(hi).all() and torch.isfinite(lo).all())
     rtol = torch.tensor([_SAME_GRAD_RTOL.get(p.grad.dtype, 1e-5) for _, p in whole], dtype=torch.float64)
-    rtol = rtol.to(device).unsqueeze(1)  # (n, 1)
-    differs = ((hi - lo).abs() > rtol * torch.maximum(hi.abs(), lo.abs()) + 1e-30).any(dim=1).tolist()
+    numel = torch.tensor([float(p.grad.numel()) for _, p in whole], dtype=torch.float64, device=device)
+    # scale of each statistic: a sum can cancel, so its scale is sqrt(numel * sum of squares) >= |sum|
+    sq = torch.maximum(hi[:, 1].abs(), lo[:, 1].abs())  # (n,)
+    scale = torch.stack([(numel * sq).sqrt(), sq], dim=1)  # (n, 2)
+    differs = ((hi - lo).abs() > rtol.to(device).unsqueeze(1) * scale + 1e-30).any(dim=1).tolist()
     nonzero = (hi.abs() + lo.abs()).sum(dim=1).gt(0).tolist()
     unmarked = [n for (n, p), d in zip(whole, differs, strict=True) if d and not has_partial_grad(p)]
     wrongly = [n for (n, p), d, z in zip(whole, differs, nonzero, strict=True) if has_partial_grad(p) and z and not d]
@@ -185,13 +188,21 @@ class _TPPrecisionMixin:
     last_grad_norm: Tensor | None = None
     check_grad_names: dict[int, str] | None = None  # the partial-grad marks are checked at the first step
     sequence_parallel: bool = False
+    _checked_any: bool = False
 
     def _after_closure(self, model, optimizer) -> None:
         if self.check_grad_names is not None and self.tp_group is not None:
             names = self.check_grad_names
-            params = [(names.get(id(p), "?"), p) for p in self.main_params(optimizer)]
+            params = [(names[id(p)], p) for p in self.main_params(optimizer) if id(p) in names]
             if check_partial_grad_marks(params, self.tp_group, self.sequence_parallel):
-                self.check_grad_names = None  # done (not at a step with non-finite grads)
+                # each parameter is checked once, at its first step with a gradient (several optimizers,
+                # steps without a backward); the check ends when a step finds none left to check
+                checked = [id(p) for _, p in params if p.grad is not None]
+                for key in checked:
+                    names.pop(key)
+                if not names or (not checked and self._checked_any):
+                    self.check_grad_names = None  # what is left gets no gradient (unused parameters)
+                self._checked_any = self._checked_any or bool(checked)
         all_reduce_partial_grads(list(self.main_params(optimizer)), self.tp_group)
         self.last_grad_norm = None
         super()._after_closure(model, optimizer)

@@ -219,7 +219,7 @@ class MegatronTPStrategy(DDPStrategy):
         self.model_to_device()
         if isinstance(self.precision_plugin, _TPPrecisionMixin):
             # which whole parameters' grads are partial is checked against the first step's grads
-            self.precision_plugin.check_grad_names = {id(p): n for n, p in module.named_parameters()}
+            self.precision_plugin.check_grad_names = {id(p): n for n, p in module.named_parameters() if p.requires_grad}
             self.precision_plugin.sequence_parallel = self.sequence_parallel
         if trainer.state.fn == TrainerFn.FITTING:
             if self.tp_mesh.dp_size > 1:

@@ -164,6 +164,8 @@ def interleaved_groups(plan: Plan, model: nn.Module, reshaped: dict[str, tuple[i
         parent = model.get_submodule(entry.name.rpartition(".")[0])
         heads = {getattr(parent, a) for a in HEAD_ATTRS if isinstance(getattr(parent, a, None), int)}
         n, rest = shape[0], math.prod(shape[1:])
+        if n == len(entry.spec.sizes) and len(set(entry.spec.sizes)) == 1 and rest == entry.spec.sizes[0]:
+            continue  # (3, heads, head_dim): [Q | K | V] chunks, even when the head count is 3
         per_head = entry.full_shape[0] // max(heads) if heads else 0
         if n in heads and rest > per_head // len(entry.spec.sizes) and n * rest == entry.full_shape[0]:
             found[entry.name] = n

@@ -61,6 +61,28 @@ def _ops(tp):
         s.clone().masked_fill_(torch.zeros(s.shape, dtype=torch.bool), 0.0)
     with pytest.raises(ShardingError, match=r"in-place '__setitem__'"):
         s.clone()[..., 0] = 1.0
+    # review findings: slices/casts that only look like the local width, caches, formatting, copies
+    m_local = s.shape[-1]
+    _close(s[..., 0], d[..., 0])
+    _close(s[..., :m_local], d[..., :m_local])
+    _close(s[..., torch.arange(m_local)], d[..., torch.arange(m_local)])
+    mask = torch.ones(2, m_local, dtype=torch.bool)
+    assert not isinstance(mask.to(s), VocabShardedLogits) and not isinstance(mask.type_as(s), VocabShardedLogits)
+    assert "vocabulary columns" in f"{s}"
+    buf = torch.empty_like(d)
+    buf.copy_(s)
+    _close(buf, d)
+    t = s.detach().clone()
+    t.transpose(1, 2)[:, 3] = 1e9  # writes into the gathered copy, not into t
+    assert torch.equal(t.argmax(-1), d.argmax(-1))
+    xd, xs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ls = head(xs)
+    with torch.no_grad():
+        ls.argmax(-1)  # gathered without autograd first
+    (F.cross_entropy(ls.view(-1, V), y.view(-1)) + (ls.softmax(-1) ** 2).sum()).backward()
+    ld = dense(xd)
+    (F.cross_entropy(ld.view(-1, V), y.view(-1)) + (ld.softmax(-1) ** 2).sum()).backward()
+    _close(xs.grad, xd.grad)
     # gradients through the routed loss and through gathered ops equal the dense ones
     for loss_fn in (lambda z: F.cross_entropy(z.view(-1, V), y.view(-1), label_smoothing=0.1),
                     lambda z: z.log_softmax(-1)[..., 3].sum() + z.max(-1).values.sum()):  # fmt: skip
