@@ -41,7 +41,6 @@ import datetime
 import json
 import os
 import platform
-import queue
 import resource
 import statistics
 import sys
@@ -53,10 +52,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_tp import _free_port, state_bytes  # noqa: E402
+from bench_tp import spawn_variant, state_bytes  # noqa: E402
 from comm_counter import CommCounter  # noqa: E402
 
 VARIANTS = ["single", "single_1t", "lightning_tp", "transformers_tp"]
@@ -191,29 +189,7 @@ def _worker(rank: int, world: int, port: int, name: str, cfg: dict, args, result
 
 
 def run_variant(name: str, cfg: dict, args) -> list[dict]:
-    world = 1 if name.startswith("single") else 2
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, name, cfg, args, results)) for r in range(world)]
-    for p in procs:
-        p.start()
-    out = []
-    try:
-        for _ in range(world):
-            out.append(results.get(timeout=args.timeout))
-            if "error" in out[-1]:
-                break
-    except queue.Empty:
-        out.append({"rank": -1, "error": f"{name} timed out after {args.timeout}s"})
-    for p in procs:
-        p.join(timeout=30)
-        if p.is_alive():
-            p.kill()
-    errors = [r["error"] for r in out if "error" in r]
-    if errors:
-        raise RuntimeError(f"variant {name} failed (rank {[r['rank'] for r in out if 'error' in r][0]}):\n{errors[0]}")
-    return sorted(out, key=lambda r: r["rank"])
+    return spawn_variant(_worker, name, 1 if name.startswith("single") else 2, cfg, args, join_s=30)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -487,28 +487,35 @@ def _worker(rank: int, world: int, port: int, name: str, cfg: dict, args, result
         results.put({"rank": rank, "error": traceback.format_exc()})
 
 
-def run_variant(name: str, cfg: dict, args) -> list[dict]:
-    world = 1 if name == "single" else 2
+def spawn_variant(worker, name: str, world: int, cfg: dict, args, join_s: float = 10) -> list[dict]:
+    """Run ``worker(rank, world, port, name, cfg, args, results)`` in ``world`` spawned processes and
+    return their result dicts by rank; the first error (or a time-out of ``args.timeout``) raises."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, name, cfg, args, results)) for r in range(world)]
+    procs = [ctx.Process(target=worker, args=(r, world, port, name, cfg, args, results)) for r in range(world)]
     for p in procs:
         p.start()
     out = []
     try:
         for _ in range(world):
             out.append(results.get(timeout=args.timeout))
+            if "error" in out[-1]:
+                break
     except queue.Empty:
         out.append({"rank": -1, "error": f"{name} timed out after {args.timeout}s"})
     for p in procs:
-        p.join(timeout=10)
+        p.join(timeout=join_s)
         if p.is_alive():
             p.kill()
-    errors = [r["error"] for r in out if "error" in r]
-    if errors:
-        raise RuntimeError(f"variant {name} failed:\n{errors[0]}")
+    failed = [r for r in out if "error" in r]
+    if failed:
+        raise RuntimeError(f"variant {name} failed (rank {failed[0]['rank']}):\n{failed[0]['error']}")
     return sorted(out, key=lambda r: r["rank"])
+
+
+def run_variant(name: str, cfg: dict, args) -> list[dict]:
+    return spawn_variant(_worker, name, 1 if name == "single" else 2, cfg, args)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -53,6 +53,24 @@ def all_reduce(x: Tensor, group: ProcessGroup, op: dist.ReduceOp.RedOpType = dis
     return out
 
 
+def all_reduce_coalesced(tensors: list[Tensor], group: ProcessGroup) -> list[Tensor]:
+    """The sums over ``group`` of ``tensors`` (new tensors, inputs unchanged), in one flat all-reduce
+    per dtype and device instead of one per tensor."""
+    out: list[Tensor | None] = [None] * len(tensors)
+    buckets: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, t in enumerate(tensors):
+        buckets.setdefault((t.dtype, t.device), []).append(i)
+    for index in buckets.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in index])  # (sum of numels,)
+        if group_size(group) > 1:
+            dist.all_reduce(flat, group=group)
+        offset = 0
+        for i in index:
+            out[i] = flat[offset : offset + tensors[i].numel()].view_as(tensors[i])
+            offset += tensors[i].numel()
+    return out
+
+
 def _gather_single(out: Tensor, x: Tensor, group: ProcessGroup) -> None:
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     fn(out, x, group=group)

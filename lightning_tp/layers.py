@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
+from lightning_tp._compat import tensor_version
 from lightning_tp.comm import (
     all_gather_dim,
     copy_to_tp_linear,
@@ -167,7 +168,7 @@ class ColumnParallelLinear(_ParallelLinear):
             return linear_regather(full, x, self.weight, self.bias, self.group, self.seq_dim)  # (B, T, out/p)
         if self.gathered_input:
             shard, version = getattr(x, "_tp_sequence_shard", (None, None))  # set by the block's gather (policy SP)
-            if shard is not None and x._version == version:  # x unchanged since the gather: shard reproduces it
+            if shard is not None and tensor_version(x) == version:  # x unchanged since the gather: shard reproduces it
                 return linear_regather(x, shard, self.weight, self.bias, self.group, -2)  # (..., out/p)
             return F.linear(x, self.weight, self.bias)  # (..., out/p); the block's gather reduces dX
         return copy_to_tp_linear(x, self.weight, self.bias, self.group)  # (..., out/p)
@@ -319,20 +320,10 @@ class VocabParallelEmbedding(nn.Module):
     ) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.group, self.sequence_parallel = group, sequence_parallel
-        self.tp_size, self.tp_rank = group_size(group), group_rank(group)
-        label = f"num_embeddings of {name!r}" if name else "num_embeddings"
-        self.weight_spec = ShardSpec(dim=0, sizes=(num_embeddings,), tp_size=self.tp_size, pad=True, name=label)
         if _dense is None:
             _dense = nn.Embedding(num_embeddings, embedding_dim, padding_idx, device=device, dtype=dtype)
         self.padding_idx = _dense.padding_idx
-        self.weight = _param(_dense.weight, self.weight_spec, self.tp_rank, _dense.weight.requires_grad)
-        self.vocab_start, n_valid = self.weight_spec.valid_range(self.tp_rank)
-        self.vocab_end = self.vocab_start + n_valid
-        pad = self.padding_idx
-        self._local_padding_idx = (
-            pad - self.vocab_start if pad is not None and self.vocab_start <= pad < self.vocab_end else None
-        )
+        _shard_vocab_rows(self, _dense.weight, group, sequence_parallel, name)
 
     @classmethod
     def from_dense(cls, module: nn.Embedding, group: ProcessGroup, **kwargs) -> VocabParallelEmbedding:
@@ -364,6 +355,22 @@ class VocabParallelEmbedding(nn.Module):
             + (f", padding_idx={self.padding_idx}" if self.padding_idx is not None else "")
             + (", sequence_parallel=True" if self.sequence_parallel else "")
         )
+
+
+def _shard_vocab_rows(emb: nn.Module, weight: Tensor, group: ProcessGroup, sequence_parallel: bool, name: str) -> None:
+    """Give ``emb`` (with ``num_embeddings`` and ``padding_idx`` set) this rank's padded rows of the
+    dense ``weight`` and what :func:`_vocab_parallel_lookup` reads: its row range and local padding index."""
+    emb.group, emb.sequence_parallel = group, sequence_parallel
+    emb.tp_size, emb.tp_rank = group_size(group), group_rank(group)
+    label = f"num_embeddings of {name!r}" if name else "num_embeddings"
+    emb.weight_spec = ShardSpec(dim=0, sizes=(emb.num_embeddings,), tp_size=emb.tp_size, pad=True, name=label)
+    emb.weight = _param(weight, emb.weight_spec, emb.tp_rank, weight.requires_grad)
+    emb.vocab_start, n_valid = emb.weight_spec.valid_range(emb.tp_rank)
+    emb.vocab_end = emb.vocab_start + n_valid
+    pad = emb.padding_idx
+    emb._local_padding_idx = (
+        pad - emb.vocab_start if pad is not None and emb.vocab_start <= pad < emb.vocab_end else None
+    )
 
 
 def _vocab_parallel_lookup(emb: nn.Module, ids: Tensor) -> Tensor:
@@ -404,19 +411,8 @@ def _vocab_parallel_subclass(module: nn.Embedding, group: ProcessGroup, *, seque
     cls = type(module)
     if cls not in _SUBCLASSES:
         _SUBCLASSES[cls] = type(f"VocabParallel{cls.__name__}", (cls, _VocabParallelLookup), {})
-    tp_size = group_size(group)
-    label = f"num_embeddings of {name!r}" if name else "num_embeddings"
-    spec = ShardSpec(dim=0, sizes=(module.num_embeddings,), tp_size=tp_size, pad=True, name=label)
-    module.weight = _param(module.weight, spec, group_rank(group), module.weight.requires_grad)
+    _shard_vocab_rows(module, module.weight, group, sequence_parallel, name)
     module.__class__ = _SUBCLASSES[cls]
-    module.group, module.sequence_parallel, module.weight_spec = group, sequence_parallel, spec
-    module.tp_size, module.tp_rank = tp_size, group_rank(group)
-    module.vocab_start, n_valid = spec.valid_range(module.tp_rank)
-    module.vocab_end = module.vocab_start + n_valid
-    pad = module.padding_idx
-    module._local_padding_idx = (
-        pad - module.vocab_start if pad is not None and module.vocab_start <= pad < module.vocab_end else None
-    )
     return module
 
 
@@ -515,5 +511,11 @@ def gather_weight(param: Tensor, group: ProcessGroup) -> Tensor:
     spec = shard_spec(param)
     if spec is None:
         return param.detach().clone()
-    gathered = all_gather_dim(param.detach(), group, spec.dim)  # (.., p * local, ..)
+    return gather_sharded(param.detach(), spec, group)
+
+
+def gather_sharded(local: Tensor, spec: ShardSpec, group: ProcessGroup) -> Tensor:
+    """The dense tensor laid out by ``spec`` from every rank's ``local`` shard (a weight or its
+    gradient): all-gather on ``spec.dim``, then unshard (reorder fused chunks, drop padding). Collective."""
+    gathered = all_gather_dim(local, group, spec.dim)  # (.., p * local, ..)
     return spec.unshard(list(gathered.chunk(spec.tp_size, dim=spec.dim)))

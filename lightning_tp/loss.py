@@ -27,6 +27,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
+from lightning_tp._compat import (
+    DisableTorchFunctionSubclass,
+    storage_use_count,
+    tensor_version,
+    tree_leaves,
+    tree_map,
+    use_count,
+)
 from lightning_tp.comm import all_reduce, group_rank
 
 Reduction = Literal["mean", "sum", "none"]
@@ -97,8 +105,8 @@ class LossWorkspace:
         try:
             return (
                 sys.getrefcount(self._buf) == 2  # self._buf and the argument: no other Python reference
-                and self._buf._use_count() == 1  # no C++ holder (saved for backward, a view's base)
-                and torch._C._storage_Use_Count(self._buf.untyped_storage()._cdata) == 2  # no alias of the memory
+                and use_count(self._buf) == 1  # no C++ holder (saved for backward, a view's base)
+                and storage_use_count(self._buf) == 2  # no alias of the memory
             )
         except (AttributeError, RuntimeError):  # counters not available in this torch: never reuse
             return False
@@ -139,22 +147,23 @@ class VocabShardedLogits(Tensor):
 
     def gathered(self) -> Tensor:
         """The dense ``(..., V)`` logits (all-gather over TP, padding dropped; differentiable),
-        computed once per tensor. Collective: every TP rank must call it."""
+        kept and reused until this tensor or the kept copy changes in place, or autograd needs a
+        copy that was gathered without it. Collective: every TP rank must call it."""
         cached = self.__dict__.get("_gathered")
         if cached is not None:
             dense, version, dense_version = cached
             tracked = not (torch.is_grad_enabled() and self.requires_grad and dense.grad_fn is None)
-            if version == self._version and dense_version == dense._version and tracked:
+            if version == tensor_version(self) and dense_version == tensor_version(dense) and tracked:
                 return dense  # unchanged on both sides, and gathered with autograd when it is needed now
         from lightning_tp.comm import gather_from_tp
 
-        with torch._C.DisableTorchFunctionSubclass():
+        with DisableTorchFunctionSubclass():
             dense = gather_from_tp(self, self.tp_group)[..., : self.vocab_size]  # (..., V)
-        self.__dict__["_gathered"] = (dense, self._version, dense._version)
+        self.__dict__["_gathered"] = (dense, tensor_version(self), tensor_version(dense))
         return dense
 
     def __repr__(self, *, tensor_contents=None) -> str:  # no collective: printing on one rank must not hang
-        with torch._C.DisableTorchFunctionSubclass():
+        with DisableTorchFunctionSubclass():
             local = Tensor.__repr__(self.as_subclass(Tensor))
         return f"VocabShardedLogits(this rank's {self.shape[-1]} of {self.vocab_size} vocabulary columns:\n{local})"
 
@@ -174,15 +183,15 @@ class VocabShardedLogits(Tensor):
         name = getattr(func, "__name__", "")
         src = _first_sharded(args, kwargs)
         if src is None:
-            with torch._C.DisableTorchFunctionSubclass():
+            with DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
         if name == "__get__":  # a property: metadata of the shard, except transposes / views of values
             prop = getattr(getattr(func, "__self__", None), "__name__", "")
             if prop not in _GATHERED_PROPERTIES:
-                with torch._C.DisableTorchFunctionSubclass():
+                with DisableTorchFunctionSubclass():
                     return func(*args, **kwargs)
         elif name in _METADATA:
-            with torch._C.DisableTorchFunctionSubclass():
+            with DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
         elif func in _CROSS_ENTROPY and (routed := _route_cross_entropy(args, kwargs)) is not None:
             return routed
@@ -191,7 +200,7 @@ class VocabShardedLogits(Tensor):
         ):
             if name in ("view", "reshape"):
                 args = (args[0], *_local_shape(args[1:], src))
-            with torch._C.DisableTorchFunctionSubclass():
+            with DisableTorchFunctionSubclass():
                 out = func(*args, **kwargs)
             if isinstance(out, Tensor) and out.dim() > 0 and out.shape[-1] == src.shape[-1]:
                 if out is src:  # in place
@@ -212,7 +221,7 @@ class VocabShardedLogits(Tensor):
                 "(policy entry {'style': 'vocab', 'gather_output': True})."
             )
         args, kwargs = _replace_sharded((args, kwargs))
-        with torch._C.DisableTorchFunctionSubclass():
+        with DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
 
 
@@ -256,20 +265,14 @@ def _index_keeps_last(index, ndim: int) -> bool:
 
 
 def _first_sharded(args, kwargs) -> VocabShardedLogits | None:
-    from torch.utils._pytree import tree_leaves
-
     return next((a for a in tree_leaves((args, kwargs)) if isinstance(a, VocabShardedLogits)), None)
 
 
 def _replace_sharded(tree):
-    from torch.utils._pytree import tree_map
-
     return tree_map(lambda a: a.gathered() if isinstance(a, VocabShardedLogits) else a, tree)
 
 
 def _scalar_operands(args, kwargs, src: VocabShardedLogits) -> bool:
-    from torch.utils._pytree import tree_leaves
-
     # a 0-dim tensor that needs a gradient (a learned logit scale) would get only this shard's share
     return all(
         a is src or not isinstance(a, Tensor) or (a.dim() == 0 and not a.requires_grad)

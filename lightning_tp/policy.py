@@ -29,6 +29,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
+from lightning_tp._compat import tensor_version
 from lightning_tp.errors import ShardingError
 from lightning_tp.layers import (
     ColumnParallelLinear,
@@ -289,7 +290,8 @@ def _plan_head_local(modules: dict[str, nn.Module], planned: dict[str, PlannedMo
     * a replicated child whose parameters are ``(head_dim,)`` vectors (Qwen3/Gemma3 ``q_norm`` /
       ``k_norm``) runs on this rank's heads only: its gradient is partial and summed over TP.
 
-    Entries the policy already gave are kept.
+    Entries the policy gave (a pattern of the user's or a Hugging Face plan, or a split) are kept; auto's
+    default ``replicate`` of a small embedding yields to the head split.
     """
     if tp == 1:
         return
@@ -480,6 +482,8 @@ def _check_plan_fits(model: nn.Module, plan: Plan) -> None:
 def apply_plan(model: nn.Module, plan: Plan, group: ProcessGroup) -> nn.Module:
     """Rewrite ``model`` in place as ``plan`` says, with layers on ``group``. Returns ``model``.
 
+    Parameters of ``replicate`` rows with ``partial_grad`` are marked for a sum of their gradient
+    over TP; a module that only holds a replaced parameter (a tie) is pointed at the new one.
     A sequence-parallel plan keeps the activations outside the column-to-row regions sharded on the
     sequence (the dim before the features, ``(B, T/p, H)``): token embeddings reduce-scatter instead
     of all-reducing, column layers and the LM head all-gather their input, row layers
@@ -545,7 +549,7 @@ class _GatherSequence:
         if isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 2 and x.shape[-1] in self.in_features:
             full = gather_from_sp(x, self.group, -2)
             # column layers save this shard and gather it again in backward, unless `full` was modified in place
-            full._tp_sequence_shard = (x, full._version)
+            full._tp_sequence_shard = (x, tensor_version(full))
             return full
         return x
 

@@ -6,8 +6,10 @@ Every Lightning precision the strategy supports (``32-true``, ``bf16-mixed``, ``
 * gradient clipping by norm uses the norm of the whole unsharded model's gradient: squared norms of
   TP-sharded parameters are summed over the TP group, replicated parameters are counted once, so the
   norm (and the clip coefficient) is identical on every rank; the norm is logged as ``grad_norm``;
-* replicated parameters whose grads are partial sums (sequence-parallel norms and biases) are
-  all-reduced over TP after backward, before clipping and the step;
+* replicated parameters whose grads are partial sums (marked by the plan: per-head norms such as
+  Qwen3's ``q_norm``, sequence-parallel norms and biases) are all-reduced over TP after backward,
+  before clipping and the step; at the first step with gradients the marks are checked against the
+  gradients themselves (:func:`check_partial_grad_marks`);
 * ``16-mixed`` uses :class:`TPGradScaler`, whose found-inf flag is reduced over all ranks, so every
   rank skips (or takes) the step and changes its loss scale together, on CPU too.
 
@@ -26,6 +28,7 @@ from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, 
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
+from lightning_tp.comm import all_reduce_coalesced
 from lightning_tp.sharding import has_partial_grad, shard_spec
 
 
@@ -78,21 +81,16 @@ def all_reduce_partial_grads(params: list[Tensor], tp_group: ProcessGroup | None
     (one flat all-reduce per dtype and device, not one per parameter)."""
     if tp_group is None or dist.get_world_size(tp_group) == 1:
         return
-    buckets: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+    dense = []
     for p in params:
         if p.grad is None or not has_partial_grad(p):
             continue
         if p.grad.is_sparse:
             dist.all_reduce(p.grad, group=tp_group)
         else:
-            buckets.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
-    for grads in buckets.values():
-        flat = torch.cat([g.reshape(-1) for g in grads])  # (sum of numels,)
-        dist.all_reduce(flat, group=tp_group)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+            dense.append(p.grad)
+    for grad, total in zip(dense, all_reduce_coalesced(dense, tp_group), strict=True):
+        grad.copy_(total)
 
 
 class TPGradScaler(torch.amp.GradScaler):

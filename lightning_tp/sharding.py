@@ -139,8 +139,8 @@ def shard_spec(param: Tensor) -> ShardSpec | None:
 
 def mark_partial_grad(param: Tensor, partial: bool = True) -> Tensor:
     """Record that a replicated Parameter's grad is a partial sum that must be all-reduced over TP
-    before the optimizer step (e.g. the bias of a sequence-parallel row layer), or with
-    ``partial=False`` that it is complete (sequence parallelism then leaves the mark as it is)."""
+    before the optimizer step (e.g. a per-head norm, the bias of a sequence-parallel row layer), or
+    with ``partial=False`` that it is complete (the policy then leaves the mark as it is)."""
     setattr(param, PARTIAL_GRAD_ATTR, bool(partial))
     return param
 

@@ -12,7 +12,9 @@ into the dense layout; activations that are sharded inside a TP region are skipp
 first that differs is named. A forward that raises is reported with the module it raised in.
 
 Tolerances follow the least precise floating dtype the unsharded forward computed in (a float64
-model whose norms compute in float32 is compared at float32 tolerance).
+model whose norms compute in float32 is compared at float32 tolerance). The reference forward also
+records how each fused q/k/v output is first reshaped (:func:`interleaved_groups`), so that
+:func:`~lightning_tp.policy.apply_policy` splits per-head layouts as plain columns.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 from torch.overrides import TorchFunctionMode
 
-from lightning_tp.comm import all_gather_dim, all_reduce
+from lightning_tp.comm import all_gather_dim, all_reduce, all_reduce_coalesced
 from lightning_tp.errors import PolicyMismatchError, VerifyInputError
+from lightning_tp.layers import gather_sharded
 from lightning_tp.loss import VocabShardedLogits
 from lightning_tp.sharding import ShardSpec, has_partial_grad, shard_spec
 
@@ -354,14 +357,14 @@ def _check_grads(
         return
     transposed = {f"{m.name}.weight" for m in plan.modules if m.module_type == "Conv1D" and m.spec is not None}
     whole = [(n, p) for n, p in model.named_parameters() if shard_spec(p) is None and grads.get(n) is not None]
-    summed = _sum_over_tp([grads[n] for n, _ in whole], group)  # one flat all-reduce
+    summed = all_reduce_coalesced([grads[n] for n, _ in whole], group)  # one flat all-reduce
     totals = dict(zip([n for n, _ in whole], summed, strict=True))
     first, detail = len(ref_grads) + 1, ""
     for index, (name, param) in enumerate(model.named_parameters()):
         got, ref = grads.get(name), ref_grads.get(name)
         spec = shard_spec(param)
         if spec is not None and got is not None:
-            got = spec.unshard(list(all_gather_dim(got, group, spec.dim).chunk(spec.tp_size, dim=spec.dim)))
+            got = gather_sharded(got, spec, group)
         elif has_partial_grad(param) and got is not None:
             got = totals[name]
         if got is not None and name in transposed:
@@ -398,18 +401,6 @@ def _device(model: nn.Module) -> torch.device:
     """Where the flags of the check's collectives live (CPU for gloo, the GPU for NCCL)."""
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
-
-
-def _sum_over_tp(tensors: list[Tensor], group: ProcessGroup) -> list[Tensor]:
-    if not tensors:
-        return []
-    dtype = max((t.dtype for t in tensors), key=lambda d: torch.finfo(d).bits)
-    flat = all_reduce(torch.cat([t.reshape(-1).to(dtype) for t in tensors]), group)  # (sum of numels,)
-    out, offset = [], 0
-    for t in tensors:
-        out.append(flat[offset : offset + t.numel()].view_as(t).to(t.dtype))
-        offset += t.numel()
-    return out
 
 
 def _first_mismatch(
