@@ -335,7 +335,7 @@ def dtensor_parallelize(model: torch.nn.Module, tp_mesh) -> None:
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    from lightning_tp.sharding import ShardSpec
+    from lightning_tp.engine.sharding import ShardSpec
 
     tp = tp_mesh.size()
     plan: dict[str, Any] = {

@@ -1,7 +1,7 @@
 """Count bytes, calls and time of every torch.distributed collective while enabled.
 
 The wrappers replace the functions on the ``torch.distributed`` module, so every caller that looks
-them up at call time (lightning_tp.comm, DDP's Python paths, Lightning's collectives, DTensor's
+them up at call time (lightning_tp.engine.comm, DDP's Python paths, Lightning's collectives, DTensor's
 functional collectives are not Python-level and are counted through ``_c10d_functional`` ops where
 possible) is seen.
 """

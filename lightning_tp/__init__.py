@@ -2,8 +2,7 @@
 
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_tp.checkpoint import CheckpointError, consolidate, export
-from lightning_tp.comm import (
+from lightning_tp.engine.comm import (
     copy_to_tp,
     copy_to_tp_linear,
     gather_from_sp,
@@ -13,6 +12,18 @@ from lightning_tp.comm import (
     scatter_to_sp,
     scatter_to_tp,
 )
+from lightning_tp.engine.layers import (
+    ColumnParallelLinear,
+    HeadParallelEmbedding,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    VocabParallelLMHead,
+    gather_weight,
+)
+from lightning_tp.engine.loss import VocabShardedLogits, cross_entropy, gather_logits, vocab_parallel_cross_entropy
+from lightning_tp.engine.mesh import TPMesh, init_tp_mesh
+from lightning_tp.engine.random import RNGTracker, TPDropout, model_parallel_seed
+from lightning_tp.engine.sharding import ShardSpec, mark_partial_grad
 from lightning_tp.errors import (
     CheckpointSkippedWarning,
     LightningTPError,
@@ -24,16 +35,9 @@ from lightning_tp.errors import (
     ShardingError,
     VerifyInputError,
 )
-from lightning_tp.layers import (
-    ColumnParallelLinear,
-    HeadParallelEmbedding,
-    RowParallelLinear,
-    VocabParallelEmbedding,
-    VocabParallelLMHead,
-    gather_weight,
-)
-from lightning_tp.loss import VocabShardedLogits, cross_entropy, vocab_parallel_cross_entropy
-from lightning_tp.mesh import TPMesh, init_tp_mesh
+from lightning_tp.lightning.checkpoint import CheckpointError, consolidate, export
+from lightning_tp.lightning.precision import TPGradScaler, TPMixedPrecision
+from lightning_tp.lightning.strategy import MegatronTPStrategy
 from lightning_tp.policy import (
     Plan,
     PolicyError,
@@ -43,10 +47,6 @@ from lightning_tp.policy import (
     plan_policy,
     register_policy,
 )
-from lightning_tp.precision import TPGradScaler, TPMixedPrecision
-from lightning_tp.random import RNGTracker, TPDropout, model_parallel_seed
-from lightning_tp.sharding import ShardSpec
-from lightning_tp.strategy import MegatronTPStrategy
 
 MegatronTPStrategy.register_strategies(StrategyRegistry)
 
@@ -90,8 +90,10 @@ __all__ = [
     "cross_entropy",
     "gather_from_sp",
     "gather_from_tp",
+    "gather_logits",
     "gather_weight",
     "init_tp_mesh",
+    "mark_partial_grad",
     "model_parallel_seed",
     "reduce_from_tp",
     "reduce_scatter_to_sp",

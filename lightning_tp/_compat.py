@@ -1,5 +1,7 @@
-"""Private torch names lightning_tp needs, in one place (each breaks on some future release;
-``tests/test_compat.py`` fails naming the symbol when it is gone).
+"""Every private Lightning or torch name lightning_tp still needs, in one place. Each breaks on some
+future release; ``tests/test_compat.py`` fails naming the symbol when it is gone or behaves otherwise.
+
+torch (no public equivalent):
 
 * ``tree_leaves`` / ``tree_map`` (``torch.utils._pytree``): flatten nested args/kwargs of an op on
   sharded logits exactly as torch's own dispatch does (containers torch registers, e.g. ``torch.Size``).
@@ -10,9 +12,28 @@
 * ``use_count`` / ``storage_use_count`` (``Tensor._use_count``, ``torch._C._storage_Use_Count``):
   whether a reusable buffer is referenced from C++ (saved for backward, a view, an alias); callers
   treat ``AttributeError``/``RuntimeError`` as "unknown: do not reuse".
+* ``found_inf_per_device`` (``GradScaler._per_optimizer_states``): the found-inf flags a scaler
+  recorded while unscaling, to reduce them over ranks before it decides to skip the step.
+* ``run_exit_handlers`` (``atexit._run_exitfuncs``): a spawned worker that leaves with ``os._exit``
+  (gloo teardown aborts otherwise) still runs Python's exit handlers (loggers finish).
+
+Lightning (imported on first use, so the engine, which imports this module, imports no Lightning):
+
+* ``MultiProcessingLauncher`` / ``SubprocessScriptLauncher``
+  (``lightning.pytorch.strategies.launchers``): the launchers a strategy picks in
+  ``_configure_launcher``; the spawn one is subclassed to send consolidated weights back.
+* :data:`LIGHTNING_HOOKS`: private hooks the strategy, launcher and precision plugins override
+  (Lightning calls them; there is no public hook at that point of setup or of the optimizer step).
+* ``set_launcher`` (``Strategy._launcher``): where ``_configure_launcher`` must leave the launcher.
+* ``set_device_mesh`` (``LightningModule._device_mesh``): what ``LightningModule.device_mesh``
+  returns (Lightning's ``ModelParallelStrategy`` sets it the same way).
 """
 
 from __future__ import annotations
+
+import atexit
+import importlib
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,8 +57,66 @@ def storage_use_count(t: Tensor) -> int:
     return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
 
 
+def found_inf_per_device(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> dict[Any, Tensor]:
+    """The found-inf flags ``scaler.unscale_(optimizer)`` recorded, by device."""
+    return scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+
+
+def run_exit_handlers() -> None:
+    """Run the functions registered with ``atexit`` now (before an ``os._exit``)."""
+    atexit._run_exitfuncs()
+
+
+# Lightning: name -> (module, attribute), imported on first access through module __getattr__.
+_LIGHTNING = {
+    "MultiProcessingLauncher": ("lightning.pytorch.strategies.launchers", "_MultiProcessingLauncher"),
+    "SubprocessScriptLauncher": ("lightning.pytorch.strategies.launchers", "_SubprocessScriptLauncher"),
+}
+
+#: (class, private method) that lightning_tp overrides: Lightning must still define and call them
+LIGHTNING_HOOKS = (
+    ("lightning.pytorch.strategies.DDPStrategy", "_configure_launcher"),  # pick our launchers
+    ("lightning.pytorch.strategies.DDPStrategy", "_setup_model"),  # DDP over the data-parallel group only
+    ("lightning.pytorch.plugins.precision.Precision", "_after_closure"),  # partial grads summed before clipping
+    ("lightning.pytorch.strategies.launchers._MultiProcessingLauncher", "_wrapping_function"),  # worker exit
+    ("lightning.pytorch.strategies.launchers._MultiProcessingLauncher", "_collect_rank_zero_results"),  # weights
+)
+
+
+def lightning_class(path: str) -> type:
+    """The class at dotted ``path`` (``"package.module.Class"``)."""
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def set_launcher(strategy: Any, launcher: Any) -> None:
+    """Install ``launcher`` on a Lightning strategy (read back by ``strategy.launcher``)."""
+    strategy._launcher = launcher
+
+
+def set_device_mesh(module: Any, mesh: Any) -> None:
+    """Make ``module.device_mesh`` (a LightningModule) return ``mesh``."""
+    module._device_mesh = mesh
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LIGHTNING:
+        module, attr = _LIGHTNING[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "DisableTorchFunctionSubclass",
+    "MultiProcessingLauncher",  # noqa: F822 (module __getattr__)
+    "SubprocessScriptLauncher",  # noqa: F822 (module __getattr__)
+    "found_inf_per_device",
+    "lightning_class",
+    "run_exit_handlers",
+    "set_device_mesh",
+    "set_launcher",
     "storage_use_count",
     "tensor_version",
     "tree_leaves",

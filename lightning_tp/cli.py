@@ -18,9 +18,9 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 
 import lightning_tp  # noqa: F401  (registers the strategy names)
-from lightning_tp.checkpoint import export
+from lightning_tp.lightning.checkpoint import export
+from lightning_tp.lightning.strategy import MegatronTPStrategy
 from lightning_tp.policy import plan_policy
-from lightning_tp.strategy import MegatronTPStrategy
 
 
 def _cli(args: list[str], run: bool = True) -> LightningCLI:
@@ -43,10 +43,15 @@ def plan_main(args: list[str]) -> str:
     if hasattr(model, "configure_model"):
         model.configure_model()
     strategy = cli.trainer.strategy
-    tp, policy, strict = 1, "auto", False
+    tp, policy, strict, sp = 1, "auto", False, False
     if isinstance(strategy, MegatronTPStrategy):
-        tp, policy, strict = strategy.tensor_parallel_size, strategy.policy, strategy.strict
-    plan = plan_policy(model, tp, policy, strict=strict)
+        tp, policy, strict, sp = (
+            strategy.tensor_parallel_size,
+            strategy.policy,
+            strategy.strict,
+            strategy.sequence_parallel,
+        )
+    plan = plan_policy(model, tp, policy, strict=strict, sequence_parallel=sp)
     text = str(plan)
     print(text)
     return text

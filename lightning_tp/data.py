@@ -4,7 +4,7 @@ The default corpus is one every machine with Python has without a download: the 
 library's own source files (``*.py`` under ``sysconfig``'s ``stdlib``, tests excluded), read in a
 fixed order up to ``max_chars``. Any local text files or folders can be given instead. A byte-level
 BPE tokenizer is trained on the corpus with Hugging Face ``tokenizers`` and cached together with the
-token ids; a plain byte tokenizer (256 ids) is the fallback. The split is deterministic: the last
+token ids; ``tokenizer="byte"`` uses plain UTF-8 bytes (256 ids) instead. The split is deterministic: the last
 ``val_fraction`` of the token stream is validation.
 """
 
@@ -62,7 +62,7 @@ def read_corpus(files: list[Path], max_chars: int | None) -> list[str]:
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as tokens (vocabulary 256): the fallback when ``tokenizers`` is unavailable."""
+    """UTF-8 bytes as tokens (vocabulary 256): the ``tokenizer="byte"`` choice (no training, no cache of a tokenizer)."""
 
     vocab_size = 256
 

@@ -5,7 +5,7 @@ processes (gloo, 1 thread each, short process-group timeout) and returns the per
 world is started once and reused by later calls (spawning costs seconds); a failure or a time-out
 tears it down so the next call starts clean. ``fn`` must be importable (a module-level function).
 
-Inside a worker, :func:`mesh` returns a cached :class:`~lightning_tp.mesh.TPMesh` per TP size.
+Inside a worker, :func:`mesh` returns a cached :class:`~lightning_tp.engine.mesh.TPMesh` per TP size.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def close_all() -> None:
 
 def mesh(tp: int):
     """Worker side: the (data_parallel, tensor_parallel) mesh for TP size ``tp``, built once."""
-    from lightning_tp.mesh import init_tp_mesh
+    from lightning_tp.engine.mesh import init_tp_mesh
 
     if tp not in _meshes:
         _meshes[tp] = init_tp_mesh(tp, "cpu")

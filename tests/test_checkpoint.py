@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 import _dist
 from lightning_tp import CheckpointError, MegatronTPStrategy, consolidate
-from lightning_tp.checkpoint import full_state_dict, load, save
+from lightning_tp.lightning.checkpoint import full_state_dict, load, save
 from lightning_tp.policy import apply_policy
 
 
@@ -76,8 +76,8 @@ def _gpt_with_optimizer(tp, seed=0):
 
 def _optim_full(model, opt, group):
     """Dense exp_avg of every parameter (gathered), by name."""
-    from lightning_tp.layers import gather_weight
-    from lightning_tp.sharding import mark_sharded, shard_spec
+    from lightning_tp.engine.layers import gather_weight
+    from lightning_tp.engine.sharding import mark_sharded, shard_spec
 
     out = {}
     for name, p in model.named_parameters():
@@ -131,7 +131,7 @@ def _export_logits(path):
     m, model, _ = _gpt_with_optimizer(2)
     save(path, model, [], m, {})
     x = torch.randint(0, lit.VOCAB, (2, lit.SEQ), generator=torch.Generator().manual_seed(3))
-    from lightning_tp.loss import gather_logits
+    from lightning_tp.engine.loss import gather_logits
 
     return gather_logits(model(x)).detach(), x  # vocab-sharded logits are not picklable: gathered
 

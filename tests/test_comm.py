@@ -13,9 +13,9 @@ import torch.distributed as dist
 from torch import nn
 
 import _dist
-from lightning_tp import comm
+from lightning_tp.engine import comm
+from lightning_tp.engine.layers import ColumnParallelLinear, RowParallelLinear
 from lightning_tp.errors import ShardingError
-from lightning_tp.layers import ColumnParallelLinear, RowParallelLinear
 
 
 def _val(rank: int, shape, scale: float = 1.0) -> torch.Tensor:
@@ -277,3 +277,29 @@ def _check_inplace_reduce():
 
 def test_reduce_from_tp_inplace():
     assert all(_dist.run(2, _check_inplace_reduce))
+
+
+def _check_broadcast_coalesced():
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    tensors = [
+        torch.full((3, 2), float(rank)),  # float32
+        torch.full((5,), float(rank + 10), dtype=torch.float64),
+        torch.tensor([rank % 2 == 1, True]),  # bool (sent as bytes)
+        torch.arange(4, dtype=torch.int64) * (rank + 1),
+        torch.full((300,), float(rank)),  # a second bucket at a tiny bucket size
+    ]
+    views = [t[:1] for t in tensors]  # written in place: views see the new values
+    comm.broadcast_coalesced(tensors, src=0, bucket_bytes=64)
+    expect = [
+        torch.zeros(3, 2), torch.full((5,), 10.0, dtype=torch.float64), torch.tensor([False, True]),
+        torch.arange(4, dtype=torch.int64), torch.zeros(300),
+    ]  # fmt: skip
+    return all(torch.equal(t, e) for t, e in zip(tensors, expect, strict=True)) and all(
+        torch.equal(v, e[:1]) for v, e in zip(views, expect, strict=True)
+    )
+
+
+def test_broadcast_coalesced_gives_every_rank_rank0s_values():
+    assert all(_dist.run(4, _check_broadcast_coalesced))

@@ -1,4 +1,4 @@
-"""Every private torch name lightning_tp uses lives in lightning_tp._compat: each must still exist and
+"""Every private Lightning or torch name lightning_tp uses lives in lightning_tp._compat: each must still exist and
 behave as used (a failure names the symbol an upstream release removed or changed)."""
 
 import pytest
@@ -10,6 +10,27 @@ from lightning_tp import _compat
 @pytest.mark.parametrize("symbol", sorted(_compat.__all__))
 def test_private_symbol_exists(symbol):
     assert callable(getattr(_compat, symbol, None)), f"lightning_tp._compat.{symbol} is gone upstream"
+
+
+def test_no_private_upstream_names_outside_compat():
+    """Lightning/torch private names are imported only in _compat (static scan of the package)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(_compat.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        if path.name == "_compat.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("lightning", "torch"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                private += [node.module] if any(p.startswith("_") for p in node.module.split(".")) else []
+                offenders += [f"{path.name}: {node.module}.{n}" for n in private]
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "torch":
+                if node.attr.startswith("_"):
+                    offenders.append(f"{path.name}: torch.{node.attr}")
+    assert not offenders, offenders
 
 
 def test_private_symbols_behave_as_used():
@@ -43,3 +64,69 @@ def test_private_symbols_behave_as_used():
     assert _compat.use_count(u) == 1 and _compat.storage_use_count(u) >= 1
     view = u[:2]
     assert _compat.storage_use_count(u) > 1 and view.numel() == 2
+
+
+def test_scaler_found_inf_flags_are_where_compat_reads_them():
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=0.1)
+    scaler.scale((p * float("inf")).sum()).backward()
+    scaler.unscale_(opt)
+    flags = _compat.found_inf_per_device(scaler, opt)
+    assert flags and all(float(f) == 1.0 for f in flags.values())
+
+
+def test_run_exit_handlers_runs_registered_functions():
+    # in a fresh interpreter: running this process's exit handlers would tear down pytest's own
+    import subprocess
+    import sys
+
+    code = (
+        "import atexit\nfrom lightning_tp import _compat\nseen = []\natexit.register(seen.append, 1)\n"
+        "_compat.run_exit_handlers()\nprint(seen)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[1]", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["MultiProcessingLauncher", "SubprocessScriptLauncher"])
+def test_lightning_launchers_exist(name):
+    from lightning.pytorch.strategies.launchers.launcher import _Launcher
+
+    cls = getattr(_compat, name)
+    assert isinstance(cls, type) and issubclass(cls, _Launcher), f"lightning_tp._compat.{name} is gone upstream"
+
+
+@pytest.mark.parametrize(("path", "hook"), _compat.LIGHTNING_HOOKS, ids=lambda x: x.rsplit(".", 1)[-1])
+def test_overridden_lightning_hooks_exist(path, hook):
+    """lightning_tp overrides these private hooks: Lightning must still define (and so call) them."""
+    assert callable(getattr(_compat.lightning_class(path), hook, None)), f"{path}.{hook} is gone upstream"
+
+
+def test_set_launcher_and_device_mesh_are_what_lightning_reads():
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import DDPStrategy
+
+    strategy, marker = DDPStrategy(), object()
+    _compat.set_launcher(strategy, marker)
+    assert strategy.launcher is marker
+    module = pl.LightningModule()
+    _compat.set_device_mesh(module, marker)
+    assert module.device_mesh is marker
+
+
+def test_lightning_names_load_lazily():
+    """The engine imports _compat; importing it must not import Lightning."""
+    import subprocess
+    import sys
+
+    # lightning_tp/__init__ imports Lightning itself, so load _compat as a standalone file
+    path = _compat.__file__
+    code = (
+        "import sys, importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('compat_alone', {path!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "print('lightning' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]

@@ -84,8 +84,8 @@ def _error_info(exc: BaseException) -> dict:
 
 def _gather_grad(param, grad, group):
     """The dense gradient of ``param`` (collective for sharded parameters)."""
-    from lightning_tp.comm import all_gather_dim
-    from lightning_tp.sharding import shard_spec
+    from lightning_tp.engine.comm import all_gather_dim
+    from lightning_tp.engine.sharding import shard_spec
 
     spec = shard_spec(param)
     if spec is None:
@@ -100,11 +100,11 @@ def _is_conv1d(model, pname: str) -> bool:
 
 
 def _exactness(arch, dense, mesh, kwargs, tgt) -> dict:
+    from lightning_tp.engine.loss import gather_logits
+    from lightning_tp.engine.sharding import has_partial_grad, shard_spec
     from lightning_tp.errors import LightningTPError
-    from lightning_tp.loss import gather_logits
+    from lightning_tp.lightning.precision import all_reduce_partial_grads
     from lightning_tp.policy import apply_policy
-    from lightning_tp.precision import all_reduce_partial_grads
-    from lightning_tp.sharding import has_partial_grad, shard_spec
 
     group = mesh.tp_group
     model = copy.deepcopy(dense)

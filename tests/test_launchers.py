@@ -9,7 +9,7 @@ import lightning as L
 import lit
 import torch
 
-from lightning_tp.layers import ColumnParallelLinear
+from lightning_tp.engine.layers import ColumnParallelLinear
 
 
 class PredictionFiles(L.Callback):

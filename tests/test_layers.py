@@ -14,16 +14,16 @@ from torch import nn
 
 import _dist
 from lightning_tp import cross_entropy
-from lightning_tp.errors import ShardingError
-from lightning_tp.layers import (
+from lightning_tp.engine.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
     VocabParallelLMHead,
     gather_weight,
 )
-from lightning_tp.loss import VocabShardedLogits
-from lightning_tp.sharding import ShardSpec, has_partial_grad, shard_spec
+from lightning_tp.engine.loss import VocabShardedLogits
+from lightning_tp.engine.sharding import ShardSpec, has_partial_grad, shard_spec
+from lightning_tp.errors import ShardingError
 
 TOL = {"atol": 1e-10, "rtol": 0.0}
 WORLDS = [pytest.param(2, 2, id="tp2"), pytest.param(4, 4, id="tp4"), pytest.param(4, 2, id="dp2xtp2")]

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 import _dist
 from lightning_tp import cross_entropy, vocab_parallel_cross_entropy
-from lightning_tp.loss import VocabShardedLogits
-from lightning_tp.sharding import ShardSpec
+from lightning_tp.engine.loss import VocabShardedLogits
+from lightning_tp.engine.sharding import ShardSpec
 
 TOL = {"atol": 1e-10, "rtol": 0.0}
 WORLDS = [pytest.param(2, 2, id="tp2"), pytest.param(4, 4, id="tp4"), pytest.param(4, 2, id="dp2xtp2")]
@@ -164,7 +164,7 @@ def test_second_backward_through_the_loss_is_an_error_not_a_wrong_grad():
 def _head_and_reference(m, tp, vocab=30, hidden=6):
     from torch import nn
 
-    from lightning_tp.layers import VocabParallelLMHead
+    from lightning_tp.engine.layers import VocabParallelLMHead
 
     torch.manual_seed(2)
     dense = nn.Linear(hidden, vocab, bias=False, dtype=torch.float64)

@@ -2,8 +2,8 @@ import pytest
 import torch.distributed as dist
 
 import _dist
+from lightning_tp.engine.mesh import global_rank, init_tp_mesh, parallel_sizes, rank_coords
 from lightning_tp.errors import MeshConfigError
-from lightning_tp.mesh import global_rank, init_tp_mesh, parallel_sizes, rank_coords
 
 
 @pytest.mark.parametrize(("world", "tp", "expected"), [(4, 2, (2, 2)), (4, 4, (1, 4)), (8, 1, (8, 1)), (6, 3, (2, 3))])

@@ -11,10 +11,10 @@ from torch import nn
 
 import _dist
 from lightning_tp import PolicyMismatchError, apply_policy, plan_policy
+from lightning_tp.engine.sharding import has_partial_grad, shard_spec
 from lightning_tp.errors import PartialGradError
-from lightning_tp.precision import all_reduce_partial_grads, check_partial_grad_marks
-from lightning_tp.rules import hf_plan, translate_hf_plan
-from lightning_tp.sharding import has_partial_grad, shard_spec
+from lightning_tp.lightning.precision import all_reduce_partial_grads, check_partial_grad_marks
+from lightning_tp.policy.rules import hf_plan, translate_hf_plan
 
 HAS_HF = importlib.util.find_spec("transformers") is not None
 hf = pytest.mark.skipif(not HAS_HF, reason="transformers (extra 'hf') not installed")
@@ -36,7 +36,7 @@ def _loss(model, ids):
 
 
 def _grads_match(model, dense, group):
-    from lightning_tp.comm import all_gather_dim
+    from lightning_tp.engine.comm import all_gather_dim
 
     for name, p in model.named_parameters():
         ref, got = dense.get_parameter(name).grad, p.grad

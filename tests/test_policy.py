@@ -10,7 +10,8 @@ from torch import nn
 
 import _dist
 from lightning_tp import PolicyMismatchError, ShardingError
-from lightning_tp.loss import gather_logits
+from lightning_tp.engine.loss import gather_logits
+from lightning_tp.engine.sharding import shard_spec
 from lightning_tp.policy import (
     PolicyError,
     PolicyWarning,
@@ -20,7 +21,6 @@ from lightning_tp.policy import (
     register_policy,
     translate_hf_plan,
 )
-from lightning_tp.sharding import shard_spec
 
 HAS_HF = importlib.util.find_spec("transformers") is not None
 hf = pytest.mark.skipif(not HAS_HF, reason="transformers (extra 'hf') not installed")

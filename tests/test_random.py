@@ -6,7 +6,7 @@ import torch.distributed as dist
 from torch import nn
 
 import _dist
-from lightning_tp.random import MODEL_PARALLEL, RNGTracker, TPDropout, derive_seed, model_parallel_seed
+from lightning_tp.engine.random import MODEL_PARALLEL, RNGTracker, TPDropout, derive_seed, model_parallel_seed
 
 
 def _mask(drop: nn.Module, n: int = 256) -> torch.Tensor:

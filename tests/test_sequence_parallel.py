@@ -9,11 +9,11 @@ import torch
 
 import _dist
 from lightning_tp import ShardingError
-from lightning_tp.layers import SequenceShardedEmbedding
+from lightning_tp.engine.sequence import SequenceShardedEmbedding
+from lightning_tp.engine.sharding import has_partial_grad, shard_spec
+from lightning_tp.lightning.precision import all_reduce_partial_grads
 from lightning_tp.policy import PolicyError, apply_policy, plan_policy
-from lightning_tp.precision import all_reduce_partial_grads
-from lightning_tp.sharding import has_partial_grad, shard_spec
-from lightning_tp.verify import PolicyMismatchError
+from lightning_tp.policy.verify import PolicyMismatchError
 
 HAS_HF = importlib.util.find_spec("transformers") is not None
 TOL = {"atol": 1e-10, "rtol": 0.0}
@@ -195,7 +195,7 @@ class _Scaled(torch.nn.Module):
 
 def _check_whole_params(layer_scale):
     from lightning_tp.errors import SequenceParallelGradError
-    from lightning_tp.precision import check_partial_grad_marks
+    from lightning_tp.lightning.precision import check_partial_grad_marks
 
     m = _dist.mesh(2)
     torch.manual_seed(0)
@@ -227,3 +227,100 @@ def _check_whole_params(layer_scale):
 @pytest.mark.parametrize("layer_scale", [False, True], ids=["logit_scale", "layer_scale"])
 def test_whole_parameters_outside_norms_are_summed_only_when_partial(layer_scale):
     assert all(_dist.run(2, _check_whole_params, layer_scale))
+
+
+class _Gain(torch.nn.Module):
+    """An elementwise learned scale whose class name says nothing about norms."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.linspace(0.5, 1.5, d))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+class _PreNormAttention(torch.nn.Module):
+    """Attention that holds its own pre-norm: under sequence parallelism the norm runs on the gathered
+    (full) sequence, so its gradient is complete, unlike a norm outside the block."""
+
+    def __init__(self, d, n_heads):
+        super().__init__()
+        self.n_heads = n_heads
+        self.ln = torch.nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
+        self.attn_drop = torch.nn.Dropout(0.0)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        h = self.ln(x)
+        q, k, v = (p(h).view(B, T, self.n_heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(self.attn_drop(y).transpose(1, 2).reshape(B, T, -1))
+
+
+class _GainModel(torch.nn.Module):
+    def __init__(self, vocab=30, d=16, n_heads=4, ctx=32):
+        super().__init__()
+        self.tok = torch.nn.Embedding(vocab, d)
+        self.pos = torch.nn.Embedding(ctx, d)
+        self.attn = torch.nn.ModuleList(_PreNormAttention(d, n_heads) for _ in range(2))
+        self.gain = torch.nn.ModuleList(_Gain(d) for _ in range(2))
+        self.drop = torch.nn.Dropout(0.0)
+        self.head = torch.nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx):
+        x = self.drop(self.tok(idx) + self.pos(torch.arange(idx.shape[1])))
+        for attn, gain in zip(self.attn, self.gain, strict=True):
+            x = gain(x + attn(x))
+        return self.head(x)
+
+
+def _gain_model():
+    torch.manual_seed(3)
+    return _GainModel().double()
+
+
+def test_sequence_parallel_pieces_are_plan_rows():
+    model = _gain_model()
+    plain = {(r.name, r.style) for r in plan_policy(model, 2, "auto").modules}
+    plan = plan_policy(model, 2, "auto", sequence_parallel=True)
+    rows = {r.name: r for r in plan.modules}
+    assert {n for n, r in rows.items() if r.style == "sequence_gather"} == {"attn.0", "attn.1"}
+    assert rows["attn.0"].options == {"in_features": [16]}
+    assert rows["pos"].style == "sequence_embedding"
+    assert rows["drop"].style == "tp_dropout" and rows["attn.1.attn_drop"].style == "tp_dropout"
+    partial = {n for n, r in rows.items() if r.options.get("partial_grad")}
+    # found by where they run, not by their class name; a norm inside the gathering block too: the
+    # block's input reduce-scatter is where its column layers' partial input grads are summed
+    assert partial == {"gain.0", "gain.1", "attn.0.ln", "attn.1.ln"}
+    # without sequence parallelism: none of these rows (the attention dropout still draws per rank)
+    assert not {n for n, s in plain if s in ("sequence_gather", "sequence_embedding")}
+    assert not any(n.startswith("gain") for n, _ in plain) and ("attn.0.attn_drop", "tp_dropout") in plain
+    text = str(plan)
+    assert "sequence_parallel" in text.splitlines()[0] + text.splitlines()[1]
+    for name in ("attn.0", "gain.0", "pos", "drop"):
+        assert any(line.startswith(f"│ {name} ") for line in text.splitlines()), name
+
+
+def _check_gain_model():
+    from lightning_tp.lightning.precision import check_partial_grad_marks
+
+    m = _dist.mesh(2)
+    dense, model = _gain_model(), _gain_model()
+    apply_policy(model, m.tp_group, "auto", sequence_parallel=True)  # verify: outputs and every gradient
+    ids = torch.randint(0, 30, (2, 12), generator=torch.Generator().manual_seed(1))
+    tgt = torch.randint(0, 30, (2, 12), generator=torch.Generator().manual_seed(2))
+    models.loss_parity_backward(dense(ids), model(ids), tgt, 30, TOL)
+    named = list(model.named_parameters())
+    check_partial_grad_marks(named, m.tp_group, sequence_parallel=True)  # the planned marks fit the gradients
+    all_reduce_partial_grads([p for _, p in named], m.tp_group)
+    for name, p in named:
+        ref = dense.get_parameter(name).grad
+        spec = shard_spec(p)
+        torch.testing.assert_close(p.grad, ref if spec is None else spec.shard(ref, m.tp_rank), **TOL)
+    return True
+
+
+def test_sequence_parallel_marks_follow_where_a_module_runs():
+    assert all(_dist.run(2, _check_gain_model))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import _dist
 from lightning_tp import ShardingError, VocabShardedLogits, apply_policy
-from lightning_tp.layers import VocabParallelLMHead
+from lightning_tp.engine.layers import VocabParallelLMHead
 
 HAS_HF = importlib.util.find_spec("transformers") is not None
 hf = pytest.mark.skipif(not HAS_HF, reason="transformers (extra 'hf') not installed")
@@ -117,8 +117,8 @@ def _hf_llama_own_loss(tp):
     _close(out.loss, ref.loss)
     out.loss.backward()
     ref.loss.backward()
-    from lightning_tp.comm import all_gather_dim
-    from lightning_tp.sharding import shard_spec
+    from lightning_tp.engine.comm import all_gather_dim
+    from lightning_tp.engine.sharding import shard_spec
 
     spec, grad = shard_spec(model.model.embed_tokens.weight), model.model.embed_tokens.weight.grad
     fp32 = {"atol": 1e-6, "rtol": 1e-5}  # Hugging Face's loss casts the logits to float32

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from lightning_tp.engine.sharding import ShardSpec
 from lightning_tp.errors import ShardingError
-from lightning_tp.sharding import ShardSpec
 
 
 @pytest.mark.parametrize(

@@ -10,9 +10,9 @@ import torch.distributed as dist
 
 import _dist
 from lightning_tp import MegatronTPStrategy
+from lightning_tp.engine.sequence import SequenceShardedEmbedding
+from lightning_tp.engine.sharding import shard_spec
 from lightning_tp.errors import MeshConfigError
-from lightning_tp.layers import SequenceShardedEmbedding
-from lightning_tp.sharding import shard_spec
 
 
 class Recorder(L.Callback):
@@ -150,7 +150,7 @@ def test_registered_names():
 
     for name, method in (("megatron_tp", "popen"), ("megatron_tp_spawn", "spawn"), ("megatron_tp_fork", "fork")):
         strategy = StrategyRegistry.get(name)
-        assert isinstance(strategy, MegatronTPStrategy) and strategy._start_method == method
+        assert isinstance(strategy, MegatronTPStrategy) and strategy.start_method == method
 
 
 class InjectInf(L.Callback):

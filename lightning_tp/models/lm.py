@@ -1,4 +1,7 @@
-"""``CausalLM``: a LightningModule for causal language modelling (plain model code, any strategy)."""
+"""``CausalLM``: a LightningModule for causal language modelling. Its model code is plain (no TP
+layers); under ``megatron_tp`` it reads the strategy's public ``dp_group`` / ``tp_mesh`` (metric
+reduction over data-parallel replicas, FLOPs per device) and ``sequence_parallel`` (sampling pads
+the prompt to a multiple of TP); under any other strategy those default to one process."""
 
 from __future__ import annotations
 
@@ -11,7 +14,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from lightning_tp.loss import cross_entropy, gather_logits
+from lightning_tp.engine.loss import cross_entropy, gather_logits
+from lightning_tp.engine.sharding import shard_spec
 from lightning_tp.models.gpt import GPT
 
 
@@ -96,7 +100,8 @@ class CausalLM(L.LightningModule):
         dm = self.trainer.datamodule
         tokens = getattr(dm, "batch_size", 1) * getattr(dm, "block_size", self.hparams.block_size)
         dense_params = sum(
-            p.numel() * (p.tp_shard_spec.tp_size if hasattr(p, "tp_shard_spec") else 1) for p in self.parameters()
+            p.numel() if (spec := shard_spec(p)) is None else p.numel() // spec.local_size * spec.full_size
+            for p in self.parameters()
         )
         self.flops_per_batch = 6 * dense_params * tokens // tp  # per device, for ThroughputMonitor / MFU
 
@@ -146,7 +151,10 @@ class CausalLM(L.LightningModule):
 
     def _sequence_multiple(self) -> int:
         """What the sequence length must divide by: the TP size under sequence parallelism, else 1."""
-        strategy = getattr(self._trainer, "strategy", None)
+        try:
+            strategy = self.trainer.strategy
+        except RuntimeError:  # not attached to a Trainer
+            return 1
         if getattr(strategy, "sequence_parallel", False):
             return int(strategy.tensor_parallel_size)
         return 1

@@ -28,8 +28,8 @@ from torch.distributed.checkpoint import FileSystemWriter
 
 import _dist
 from lightning_tp import CheckpointError, MegatronTPStrategy, consolidate
-from lightning_tp import checkpoint as ckpt
-from lightning_tp.checkpoint import full_state_dict, load, read_meta, save
+from lightning_tp.lightning import checkpoint as ckpt
+from lightning_tp.lightning.checkpoint import full_state_dict, load, read_meta, save
 from lightning_tp.policy import apply_policy
 
 

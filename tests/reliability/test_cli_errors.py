@@ -23,7 +23,7 @@ import yaml
 from _procs import clean_env
 
 import _dist
-from lightning_tp.checkpoint import save
+from lightning_tp.lightning.checkpoint import save
 from lightning_tp.models import CausalLM
 from lightning_tp.policy import apply_policy
 

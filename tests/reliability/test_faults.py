@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 import _dist
 from lightning_tp import MegatronTPStrategy, consolidate
-from lightning_tp.checkpoint import read_meta
+from lightning_tp.lightning.checkpoint import read_meta
 
 GOOD_STEP = 2  # checkpoints every 2 steps, the fault at step 3: the last good checkpoint holds step 2
 

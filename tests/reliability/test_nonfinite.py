@@ -107,7 +107,7 @@ def test_fp16_mixed_skips_a_nan_loss_and_continues():
 
 def test_loss_of_reads_the_step_output():
     """The check reads only the step's output: a step that returns no loss contributes 'finite'."""
-    from lightning_tp.faults import loss_of
+    from lightning_tp.lightning.faults import loss_of
 
     t = torch.tensor(1.0)
     assert loss_of(t) is t and loss_of({"loss": t, "x": 1}) is t

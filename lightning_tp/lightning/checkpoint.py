@@ -38,9 +38,10 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from lightning_tp.engine.mesh import TPMesh
+from lightning_tp.engine.sharding import ShardSpec, shard_spec
 from lightning_tp.errors import LightningTPError
-from lightning_tp.mesh import TPMesh
-from lightning_tp.sharding import ShardSpec, shard_spec
+from lightning_tp.policy.plan import applied_plan
 
 META_FILE = "meta.pt"
 FORMAT_VERSION = 1
@@ -119,7 +120,7 @@ def _aliases(module: nn.Module) -> dict[str, str]:
 
 
 def _transposed(module: nn.Module) -> list[str]:
-    plan = getattr(module, "_lightning_tp_plan", None)
+    plan = applied_plan(module)
     return [f"{m.name}.weight" for m in (plan.modules if plan else []) if m.module_type == "Conv1D" and m.spec]
 
 
@@ -454,7 +455,7 @@ def _dense_shape(p: Tensor, spec: ShardSpec) -> torch.Size:
 @torch.no_grad()
 def full_state_dict(module: nn.Module, group: ProcessGroup) -> dict[str, Tensor]:
     """The dense state_dict of a rewritten module, in the original module's layout (collective)."""
-    from lightning_tp.layers import gather_weight
+    from lightning_tp.engine.layers import gather_weight
 
     transpose = set(_transposed(module))
     out = {}

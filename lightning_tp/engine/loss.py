@@ -35,7 +35,7 @@ from lightning_tp._compat import (
     tree_map,
     use_count,
 )
-from lightning_tp.comm import all_reduce, group_rank
+from lightning_tp.engine.comm import all_reduce, group_rank
 
 Reduction = Literal["mean", "sum", "none"]
 
@@ -155,7 +155,7 @@ class VocabShardedLogits(Tensor):
             tracked = not (torch.is_grad_enabled() and self.requires_grad and dense.grad_fn is None)
             if version == tensor_version(self) and dense_version == tensor_version(dense) and tracked:
                 return dense  # unchanged on both sides, and gathered with autograd when it is needed now
-        from lightning_tp.comm import gather_from_tp
+        from lightning_tp.engine.comm import gather_from_tp
 
         with DisableTorchFunctionSubclass():
             dense = gather_from_tp(self, self.tp_group)[..., : self.vocab_size]  # (..., V)
@@ -174,7 +174,7 @@ class VocabShardedLogits(Tensor):
         raise TypeError(
             "VocabShardedLogits hold this rank's vocabulary slice and its process group and cannot be pickled "
             "(torch.save, returning them from a spawned worker): gather them first with "
-            "lightning_tp.loss.gather_logits(logits), or save the local shard with logits.as_subclass(torch.Tensor)."
+            "lightning_tp.gather_logits(logits), or save the local shard with logits.as_subclass(torch.Tensor)."
         )
 
     @classmethod
@@ -217,7 +217,7 @@ class VocabShardedLogits(Tensor):
             raise ShardingError(
                 f"in-place {name!r} on vocab-sharded logits (this rank holds {src.shape[-1]} of {src.vocab_size} "
                 "vocabulary columns) cannot give the dense result. Gather first: "
-                "`logits = lightning_tp.loss.gather_logits(logits)`, or build the LM head with gather_output=True "
+                "`logits = lightning_tp.gather_logits(logits)`, or build the LM head with gather_output=True "
                 "(policy entry {'style': 'vocab', 'gather_output': True})."
             )
         args, kwargs = _replace_sharded((args, kwargs))

@@ -1,15 +1,16 @@
-"""Printing a :class:`~lightning_tp.policy.Plan`: module, style, full shape, local shape, params."""
+"""Printing a :class:`~lightning_tp.policy.plan.Plan`: module, style, full shape, local shape, params.
+
+Reads the plan's fields only (no import of the plan module: the plan imports this one)."""
 
 from __future__ import annotations
 
 import io
-from typing import TYPE_CHECKING
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-if TYPE_CHECKING:
-    from lightning_tp.policy import Plan
+Plan = Any  # a lightning_tp.policy.plan.Plan
 
 
 def _shape(shape: tuple[int, ...]) -> str:
@@ -18,7 +19,8 @@ def _shape(shape: tuple[int, ...]) -> str:
 
 def plan_table(plan: Plan) -> Table:
     """A rich table of the plan, with a caption of parameters per rank vs unsharded."""
-    table = Table(title=f"lightning_tp plan: tensor_parallel_size={plan.tp_size}, policy: {plan.source}")
+    sp = ", sequence_parallel" if plan.sequence_parallel else ""
+    table = Table(title=f"lightning_tp plan: tensor_parallel_size={plan.tp_size}{sp}, policy: {plan.source}")
     for col in ("module", "type", "style", "full shape", "local shape", "params / rank"):
         table.add_column(col, justify="right" if col == "params / rank" else "left")
     for m in plan.modules:

@@ -71,6 +71,29 @@ def all_reduce_coalesced(tensors: list[Tensor], group: ProcessGroup) -> list[Ten
     return out
 
 
+def broadcast_coalesced(tensors: list[Tensor], src: int = 0, group: ProcessGroup | None = None,
+                        bucket_bytes: int = 256 * 2**20) -> None:  # fmt: skip
+    """Overwrite ``tensors`` in place with global rank ``src``'s values: one flat broadcast per
+    dtype, device and ``bucket_bytes`` instead of one per tensor (module weights before sharding)."""
+    buckets: dict[tuple[torch.dtype, torch.device], list[list[int]]] = {}
+    sizes: dict[tuple[torch.dtype, torch.device], int] = {}
+    for i, t in enumerate(tensors):
+        key = (t.dtype, t.device)
+        nbytes = t.numel() * t.element_size()
+        if key not in buckets or sizes[key] + nbytes > bucket_bytes:
+            buckets.setdefault(key, []).append([])
+            sizes[key] = 0
+        buckets[key][-1].append(i)
+        sizes[key] += nbytes
+    for index in (idx for groups in buckets.values() for idx in groups):
+        flat = torch.cat([tensors[i].detach().reshape(-1) for i in index])  # (sum of numels,)
+        dist.broadcast(flat.view(torch.uint8) if flat.dtype == torch.bool else flat, src=src, group=group)
+        offset = 0
+        for i in index:
+            tensors[i].detach().copy_(flat[offset : offset + tensors[i].numel()].view_as(tensors[i]))
+            offset += tensors[i].numel()
+
+
 def _gather_single(out: Tensor, x: Tensor, group: ProcessGroup) -> None:
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     fn(out, x, group=group)

@@ -29,13 +29,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_tp.engine.mesh import global_rank
 from lightning_tp.errors import NonFiniteLossError
-from lightning_tp.mesh import global_rank
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-    from lightning_tp.mesh import TPMesh
+    from lightning_tp.engine.mesh import TPMesh
 
 _NAN, _INF = 1.0, 2.0
 

@@ -14,15 +14,16 @@ first that differs is named. A forward that raises is reported with the module i
 Tolerances follow the least precise floating dtype the unsharded forward computed in (a float64
 model whose norms compute in float32 is compared at float32 tolerance). The reference forward also
 records how each fused q/k/v output is first reshaped (:func:`interleaved_groups`), so that
-:func:`~lightning_tp.policy.apply_policy` splits per-head layouts as plain columns.
+:func:`~lightning_tp.policy.apply.apply_policy` splits per-head layouts as plain columns.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,14 +31,14 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 from torch.overrides import TorchFunctionMode
 
-from lightning_tp.comm import all_gather_dim, all_reduce, all_reduce_coalesced
+from lightning_tp.engine.comm import all_gather_dim, all_reduce, all_reduce_coalesced
+from lightning_tp.engine.layers import gather_sharded
+from lightning_tp.engine.loss import VocabShardedLogits
+from lightning_tp.engine.sharding import ShardSpec, has_partial_grad, shard_spec
 from lightning_tp.errors import PolicyMismatchError, VerifyInputError
-from lightning_tp.layers import gather_sharded
-from lightning_tp.loss import VocabShardedLogits
-from lightning_tp.sharding import ShardSpec, has_partial_grad, shard_spec
-
-if TYPE_CHECKING:
-    from lightning_tp.policy import Plan
+from lightning_tp.policy.plan import Plan
+from lightning_tp.policy.rules import HEAD_ATTRS, infer_vocab_size
+from lightning_tp.policy.styles import Qkv, as_linear
 
 # (atol, rtol relative to the reference's max magnitude), by the output dtype
 TOLERANCES = {torch.float64: (1e-9, 1e-9), torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-2, 3e-2), torch.float16: (1e-3, 1e-2)}  # fmt: skip
@@ -50,11 +51,6 @@ Records = dict[tuple[str, int], Any]
 def make_example_input(model: nn.Module, batch: int = 2, seq: int = 8, seed: int = 0) -> Tensor:
     """A fixed random batch, identical on every rank: token ids for a model with embeddings (below
     the smallest embedding size), else floats of the first linear layer's input width."""
-    import inspect
-
-    from lightning_tp.policy import _as_linear
-    from lightning_tp.rules import infer_vocab_size
-
     gen = torch.Generator().manual_seed(seed)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -74,7 +70,7 @@ def make_example_input(model: nn.Module, batch: int = 2, seq: int = 8, seed: int
             }
         return ids
     for module in model.modules():
-        if (lin := _as_linear(module)) is not None:
+        if (lin := as_linear(module)) is not None:
             return torch.randn(batch, seq, lin[0], generator=gen, dtype=module.weight.dtype).to(device)
     raise VerifyInputError(
         "cannot build an example input for a model with no nn.Linear/nn.Embedding: set example_input_array on the "
@@ -157,12 +153,10 @@ def interleaved_groups(plan: Plan, model: nn.Module, reshaped: dict[str, tuple[i
     holding more than one head's slice (GPT-BigCode / GPT-NeoX ``view(..., heads, 3 * head_dim)``,
     BLOOM ``(heads, 3, head_dim)``, Falcon ``(kv_heads, q_per_kv + 2, head_dim)``). A plain column
     split then gives every rank whole groups."""
-    from lightning_tp.rules import HEAD_ATTRS
-
     found: dict[str, int] = {}
     for entry in plan.modules:
         shape = reshaped.get(entry.name)
-        if entry.style != "qkv" or not shape or len(shape) < 2:
+        if not isinstance(entry.kind, Qkv) or not shape or len(shape) < 2:
             continue
         parent = model.get_submodule(entry.name.rpartition(".")[0])
         heads = {getattr(parent, a) for a in HEAD_ATTRS if isinstance(getattr(parent, a, None), int)}
@@ -192,10 +186,16 @@ def _probe_loss(outputs: list[Tensor], group: ProcessGroup | None) -> Tensor | N
 
 
 def capture(
-    model: nn.Module, inputs: Any, group: ProcessGroup | None = None, grads: bool = True, fused: tuple[str, ...] = ()
+    model: nn.Module,
+    inputs: Any,
+    group: ProcessGroup | None = None,
+    grads: bool = True,
+    fused: tuple[str, ...] = (),
+    run: nn.Module | None = None,
 ) -> tuple[list[Tensor], Records, BaseException | None, str | None, dict[str, Tensor | None], torch.dtype | None, dict]:
-    """Run one forward (eval mode) and, with ``grads``, one backward of :func:`_probe_loss`,
-    leaving RNG, training flags and every parameter's ``.grad`` as they were.
+    """Run one forward (eval mode) of ``run`` (default ``model``; a submodule of it) and, with
+    ``grads``, one backward of :func:`_probe_loss`, leaving RNG, training flags and every
+    parameter's ``.grad`` as they were. Modules and parameters are named as in ``model``.
 
     Returns:
         (output leaves, module records, exception, module it was raised in, ``{parameter name:
@@ -218,7 +218,7 @@ def capture(
             for _, p in named:
                 p.grad = None
             with watch:
-                leaves = [t for t in _leaves(_run(model, inputs)) if t is not None]
+                leaves = [t for t in _leaves(_run(model if run is None else run, inputs)) if t is not None]
             out = [t.detach() for t in leaves]
             loss = _probe_loss(leaves, group) if grads else None
             if loss is not None:
@@ -284,16 +284,19 @@ def _diff(got: Tensor | None, ref: Tensor | None, loosest: torch.dtype | None = 
     return float((got.to(ref.dtype) - ref).abs().max()) if ref.numel() else 0.0, atol + rtol * scale
 
 
-def check_parity(model: nn.Module, inputs: Any, reference: tuple, plan: Plan, group: ProcessGroup) -> float:
-    """Run the rewritten model on ``inputs`` (forward and backward) and compare with ``reference``
-    (from :func:`capture` on the unsharded model). Returns the max abs difference of the outputs.
+def check_parity(
+    model: nn.Module, inputs: Any, reference: tuple, plan: Plan, group: ProcessGroup, run: nn.Module | None = None
+) -> float:
+    """Run the rewritten model (``run``, as in :func:`capture`) on ``inputs`` (forward and backward)
+    and compare with ``reference`` (from :func:`capture` on the unsharded model). Returns the max
+    abs difference of the outputs.
 
     Raises:
         PolicyMismatchError: outputs or gradients differ beyond the tolerance, or the forward raised.
     """
     check_reference(reference, inputs)
     ref_out, ref_records, _, _, ref_grads, loosest, _ = reference
-    out, records, error, where, grads, _, _ = capture(model, inputs, group, grads=bool(ref_grads))
+    out, records, error, where, grads, _, _ = capture(model, inputs, group, grads=bool(ref_grads), run=run)
     if error is not None:
         raise PolicyMismatchError(
             f"the rewritten model's forward/backward failed in module {where or '<root>'!r}: {type(error).__name__}: "
@@ -301,11 +304,7 @@ def check_parity(model: nn.Module, inputs: Any, reference: tuple, plan: Plan, gr
             "or head count read from the input or the config). Fix the policy (map that block to 'replicate') "
             "or make the forward use local sizes (view(..., -1, head_dim)); pass verify=False to skip this check."
         ) from error
-    specs = {
-        m.name: ShardSpec(dim=-1, sizes=m.spec.sizes, tp_size=plan.tp_size, pad=m.spec.pad)
-        for m in plan.modules
-        if m.style in ("column", "qkv", "heads") and not m.options.get("gather_output", False)
-    }
+    specs = {m.name: spec for m in plan.modules if (spec := m.kind.output_spec(m)) is not None}
     worst, bad = 0.0, None
     if len(out) != len(ref_out):
         bad = (float("inf"), 0.0)
@@ -333,7 +332,7 @@ def check_parity(model: nn.Module, inputs: Any, reference: tuple, plan: Plan, gr
 def _fused_hint(first: str, plan: Plan) -> str:
     """Name the fused projections inside the module that differs first: the usual cause is a fused
     layout that is not ``[Q | K | V]``."""
-    fused = [m.name for m in plan.modules if m.style == "qkv" and (not first or m.name.startswith(first + "."))]
+    fused = [m.name for m in plan.modules if isinstance(m.kind, Qkv) and (not first or m.name.startswith(first + "."))]
     if not fused:
         return ""
     return (
@@ -381,7 +380,7 @@ def _check_grads(
             detail = f"parameter {name!r}: max abs difference {d[0]:.3e} > tolerance {d[1]:.3e}" + (
                 ". Summed over the TP ranks it is right: each rank's gradient covers only its heads/features. "
                 "Mark it partial: policy entry {'style': 'replicate', 'partial_grad': True} for its module, or "
-                "lightning_tp.sharding.mark_partial_grad(param) before the rewrite"
+                "lightning_tp.mark_partial_grad(param) before the rewrite"
                 if partial
                 else ""
             )

@@ -28,8 +28,9 @@ from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, 
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from lightning_tp.comm import all_reduce_coalesced
-from lightning_tp.sharding import has_partial_grad, shard_spec
+from lightning_tp._compat import found_inf_per_device
+from lightning_tp.engine.comm import all_reduce_coalesced
+from lightning_tp.engine.sharding import has_partial_grad, shard_spec
 
 
 def tp_grad_norm(params: list[Tensor], tp_group: ProcessGroup | None, norm_type: float = 2.0) -> Tensor:
@@ -104,7 +105,7 @@ class TPGradScaler(torch.amp.GradScaler):
         super().unscale_(optimizer)
         if not (dist.is_available() and dist.is_initialized()):
             return
-        for found_inf in self._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
+        for found_inf in found_inf_per_device(self, optimizer).values():
             dist.all_reduce(found_inf, op=dist.ReduceOp.MAX, group=self.group)
 
 
@@ -165,43 +166,65 @@ def check_partial_grad_marks(
         parts.append(
             f"the gradients of {unmarked} differ across the tensor-parallel ranks (each rank's covers only its "
             f"{why}heads/features) but are not summed over TP: mark them with "
-            "lightning_tp.sharding.mark_partial_grad(param) in configure_model, or give their modules the policy "
+            "lightning_tp.mark_partial_grad(param) in configure_model, or give their modules the policy "
             "style {'style': 'replicate', 'partial_grad': True}"
         )
     if wrongly:
         parts.append(
             f"the gradients of {wrongly} are complete and identical on every tensor-parallel rank but are marked "
             "partial and would be summed over TP (multiplied by the TP size): call "
-            "lightning_tp.sharding.mark_partial_grad(param, False) on them in configure_model, or drop "
+            "lightning_tp.mark_partial_grad(param, False) on them in configure_model, or drop "
             "'partial_grad' from their policy entry"
         )
     error = SequenceParallelGradError if sequence_parallel else PartialGradError
     raise error("; ".join(parts) + ". (lightning_tp checks this once, at the first optimizer step.)")
 
 
+class PartialGradCheck:
+    """The first-step safety net over a model's trainable parameters (see
+    :func:`check_partial_grad_marks`): each parameter is checked once, at its first optimizer step
+    with a gradient (several optimizers, steps without a backward); done when a step finds none left.
+
+    Args:
+        named_params: ``(name, parameter)`` of the parameters to check.
+        sequence_parallel: the plan is sequence parallel (names that in the error).
+    """
+
+    def __init__(self, named_params: list[tuple[str, Tensor]], sequence_parallel: bool = False) -> None:
+        self.names = {id(p): n for n, p in named_params if p.requires_grad}
+        self.sequence_parallel = sequence_parallel
+        self.done, self._checked_any = not self.names, False
+
+    def __call__(self, params: list[Tensor], tp_group: ProcessGroup) -> None:
+        if self.done:
+            return
+        named = [(self.names[id(p)], p) for p in params if id(p) in self.names]
+        if not check_partial_grad_marks(named, tp_group, self.sequence_parallel):
+            return  # non-finite gradients (a skipped 16-mixed step): try again at the next step
+        checked = [id(p) for _, p in named if p.grad is not None]
+        for key in checked:
+            self.names.pop(key)
+        self.done = not self.names or (not checked and self._checked_any)  # the rest get no gradient
+        self._checked_any = self._checked_any or bool(checked)
+
+
 class _TPPrecisionMixin:
-    """TP-aware clipping, partial-grad reduction and ``grad_norm`` logging for a precision plugin."""
+    """TP-aware clipping, partial-grad reduction and ``grad_norm`` logging for a precision plugin.
+    The strategy calls :meth:`configure_tp` once the TP group and the rewritten model exist."""
 
     tp_group: ProcessGroup | None = None
     last_grad_norm: Tensor | None = None
-    check_grad_names: dict[int, str] | None = None  # the partial-grad marks are checked at the first step
-    sequence_parallel: bool = False
-    _checked_any: bool = False
+    partial_grad_check: PartialGradCheck | None = None
+
+    def configure_tp(self, tp_group: ProcessGroup, partial_grad_check: PartialGradCheck | None = None) -> None:
+        """Use ``tp_group`` for clipping and partial grads; run ``partial_grad_check`` at the first steps."""
+        self.tp_group, self.partial_grad_check = tp_group, partial_grad_check
 
     def _after_closure(self, model, optimizer) -> None:
-        if self.check_grad_names is not None and self.tp_group is not None:
-            names = self.check_grad_names
-            params = [(names[id(p)], p) for p in self.main_params(optimizer) if id(p) in names]
-            if check_partial_grad_marks(params, self.tp_group, self.sequence_parallel):
-                # each parameter is checked once, at its first step with a gradient (several optimizers,
-                # steps without a backward); the check ends when a step finds none left to check
-                checked = [id(p) for _, p in params if p.grad is not None]
-                for key in checked:
-                    names.pop(key)
-                if not names or (not checked and self._checked_any):
-                    self.check_grad_names = None  # what is left gets no gradient (unused parameters)
-                self._checked_any = self._checked_any or bool(checked)
-        all_reduce_partial_grads(list(self.main_params(optimizer)), self.tp_group)
+        params = list(self.main_params(optimizer))
+        if self.partial_grad_check is not None and self.tp_group is not None:
+            self.partial_grad_check(params, self.tp_group)
+        all_reduce_partial_grads(params, self.tp_group)
         self.last_grad_norm = None
         super()._after_closure(model, optimizer)
         if self.last_grad_norm is not None and model.trainer is not None:
@@ -258,5 +281,5 @@ def to_tp_precision(plugin: Precision | None) -> Precision:
         return TPMixedPrecision(plugin.precision, plugin.device, scaler)
     raise TypeError(
         f"precision plugin {kind.__name__} is not supported by the megatron_tp strategy; use precision "
-        "'32-true', 'bf16-mixed', '16-mixed', 'bf16-true' or '16-true' (or a lightning_tp.precision plugin)."
+        "'32-true', 'bf16-mixed', '16-mixed', 'bf16-true' or '16-true' (or a lightning_tp.lightning.precision plugin)."
     )

@@ -1,7 +1,7 @@
 """Where policy rules come from: styles and their options, dict/YAML/registered policies, Hugging
 Face ``tp_plan`` translation and the built-in ``auto`` rules for common transformer naming.
 
-:mod:`lightning_tp.policy` turns the rules into a validated plan and applies it.
+:func:`lightning_tp.policy.plan.plan_policy` turns the rules into a validated plan.
 """
 
 from __future__ import annotations
@@ -9,22 +9,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from torch import nn
 
 from lightning_tp.errors import LightningTPError
+from lightning_tp.policy.styles import STYLES, as_linear
 
-Style = Literal["column", "row", "qkv", "vocab", "heads", "replicate"]
-STYLES: tuple[str, ...] = ("column", "row", "qkv", "vocab", "heads", "replicate")
-_OPTIONS: dict[str, set[str]] = {
-    "column": {"gather_output"},
-    "row": {"input_is_parallel"},
-    "qkv": {"chunks", "head_dim", "gather_output"},
-    "vocab": {"gather_output"},
-    "heads": set(),
-    "replicate": {"partial_grad"},
-}
 HEAD_ATTRS = (
     "n_head", "n_heads", "num_heads", "num_attention_heads", "num_key_value_heads", "n_kv_heads", "kv_heads",
 )  # fmt: skip
@@ -64,11 +55,11 @@ class Rule:
             )
         if style not in STYLES:
             raise PolicyError(f"policy entry {pattern!r}: unknown style {style!r}; use one of {list(STYLES)}.")
-        unknown = set(options) - _OPTIONS[style]
+        unknown = set(options) - STYLES[style].options
         if unknown:
             raise PolicyError(
                 f"policy entry {pattern!r}: options {sorted(unknown)} do not apply to style {style!r} "
-                f"(allowed: {sorted(_OPTIONS[style]) or 'none'})."
+                f"(allowed: {sorted(STYLES[style].options) or 'none'})."
             )
         return cls(style, options)
 
@@ -186,7 +177,7 @@ def auto_rules(model: nn.Module) -> dict[str, Rule]:
     embeddings are replicated.
     """
     vocab = infer_vocab_size(model)
-    linears = {n: m for n, m in model.named_modules() if _as_linear(m) is not None}
+    linears = {n: m for n, m in model.named_modules() if as_linear(m) is not None}
     by_parent: dict[str, dict[str, str]] = {}
     for name in linears:
         parent, _, leaf = name.rpartition(".")
@@ -209,7 +200,7 @@ def auto_rules(model: nn.Module) -> dict[str, Rule]:
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding):
             rules[name] = Rule("vocab" if module.num_embeddings == vocab else "replicate")
-        elif name not in rules and vocab is not None and (lin := _as_linear(module)) is not None:
+        elif name not in rules and vocab is not None and (lin := as_linear(module)) is not None:
             if lin[1] == vocab:
                 rules[name] = Rule("vocab")
     return rules
@@ -247,30 +238,3 @@ def _load_yaml(text: str) -> Any:
             "YAML mapping."
         )
     return yaml.safe_load(text)
-
-
-# ------------------------------------------------------------------------------------------------
-# Linear-like modules.
-# ------------------------------------------------------------------------------------------------
-
-
-def _as_linear(module: nn.Module) -> tuple[int, int] | None:
-    """``(in_features, out_features)`` of an ``nn.Linear`` or a GPT-2 style ``Conv1D`` (weight
-    ``(in, out)``), else ``None``."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
-        return module.weight.shape[0], module.weight.shape[1]
-    return None
-
-
-def dense_linear(module: nn.Module) -> nn.Linear:
-    """``module`` as an ``nn.Linear`` sharing its parameters (a ``Conv1D`` is transposed)."""
-    if isinstance(module, nn.Linear):
-        return module
-    nx, nf = _as_linear(module)
-    lin = nn.Linear(nx, nf, bias=module.bias is not None, device="meta")
-    lin.weight = nn.Parameter(module.weight.detach().t(), requires_grad=module.weight.requires_grad)
-    if module.bias is not None:
-        lin.bias = module.bias
-    return lin

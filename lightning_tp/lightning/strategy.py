@@ -1,17 +1,19 @@
 """The Lightning strategy ``megatron_tp``: glue between the Trainer and the TP engine.
 
-Order of work (SPEC section 2): process group + (data_parallel, tensor_parallel) mesh; the user's
-``configure_model``; one weight sync from rank 0 (so every rank shards the same dense model); the
-policy rewrite with the parity self-check; precision conversion; DDP over the data-parallel group;
-optimizers over the local shards. Checkpoints go through :mod:`lightning_tp.checkpoint`.
+Order of work: process group + (data_parallel, tensor_parallel) mesh (``setup_environment``); the
+user's ``configure_model``; then ``setup``: the plan (errors raised identically on every rank,
+before any collective), one weight sync from rank 0 (every rank shards the same dense model), the
+model-parallel RNG, the rewrite with the parity self-check, precision conversion, DDP over the
+data-parallel group, optimizers over the local shards. Checkpoints go through
+:mod:`lightning_tp.lightning.checkpoint`.
 """
 
 from __future__ import annotations
 
-import atexit
+import inspect
 import logging
 import os
-import sys
+import shutil
 import warnings
 from collections.abc import Mapping
 from datetime import timedelta
@@ -21,29 +23,32 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.strategies import _StrategyRegistry
-from lightning.fabric.utilities.distributed import _distributed_is_initialized
-from lightning.fabric.utilities.optimizer import _optimizers_to_device
-from lightning.pytorch.overrides.distributed import _sync_module_states
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from lightning_tp._compat import SubprocessScriptLauncher, set_device_mesh, set_launcher, tree_map
+from lightning_tp.engine.comm import broadcast_coalesced
+from lightning_tp.engine.mesh import TPMesh, init_tp_mesh, parallel_sizes
+from lightning_tp.engine.random import RNGTracker, model_parallel_seed
 from lightning_tp.errors import CheckpointSkippedWarning, MeshConfigError
-from lightning_tp.faults import check_finite_loss, enable_collective_debug, fault_in_flight, unchecked_dp_group
-from lightning_tp.mesh import TPMesh, init_tp_mesh, parallel_sizes
-from lightning_tp.policy import Plan, apply_policy, plan_policy, resolve_rules
-from lightning_tp.precision import _TPPrecisionMixin, to_tp_precision
-from lightning_tp.random import RNGTracker, TPDropout, model_parallel_seed
+from lightning_tp.lightning import checkpoint as ckpt
+from lightning_tp.lightning.faults import (
+    check_finite_loss,
+    enable_collective_debug,
+    fault_in_flight,
+    unchecked_dp_group,
+)
+from lightning_tp.lightning.launcher import TPMultiProcessingLauncher
+from lightning_tp.lightning.precision import PartialGradCheck, TPPrecision, _TPPrecisionMixin, to_tp_precision
+from lightning_tp.policy import applied_plan, apply_policy, plan_policy, resolve_rules
 
 log = logging.getLogger(__name__)
-
-PLAN_ATTR = "_lightning_tp_plan"  # set on the LightningModule once it has been rewritten
-_ATTN_DROPOUT_HINTS = ("attn_drop", "attention_drop", "attn_dropout", "attention_dropout")
+_DDP_STRATEGY_PARAMS = frozenset(inspect.signature(DDPStrategy.__init__).parameters)
 
 
 class MegatronTPStrategy(DDPStrategy):
@@ -106,6 +111,7 @@ class MegatronTPStrategy(DDPStrategy):
             or tensor_parallel_size < 1
         ):
             raise MeshConfigError(f"tensor_parallel_size must be 'auto' or an int >= 1, got {tensor_parallel_size!r}.")
+        self._default_precision = TPPrecision()  # what precision_plugin is until one is set
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -118,6 +124,9 @@ class MegatronTPStrategy(DDPStrategy):
             **kwargs,
         )
         self._tensor_parallel_size = tensor_parallel_size
+        self.start_method, self.pg_timeout = start_method, timeout
+        # for DistributedDataParallel: what DDPStrategy's own parameters (ddp_comm_hook, ...) did not take
+        self.ddp_kwargs = {k: v for k, v in kwargs.items() if k not in _DDP_STRATEGY_PARAMS}
         self.policy, self.verify, self.strict = policy, verify, strict
         self.sequence_parallel = sequence_parallel
         self._seed = seed
@@ -127,13 +136,15 @@ class MegatronTPStrategy(DDPStrategy):
         self.rng_tracker: RNGTracker | None = None
 
     # -- precision: every plugin becomes its TP-aware variant ------------------------------------
-    @property
-    def precision_plugin(self) -> Precision:
-        return self._precision_plugin if self._precision_plugin is not None else to_tp_precision(None)
+    def _get_precision_plugin(self) -> Precision:
+        plugin = DDPStrategy.precision_plugin.fget(self)
+        return plugin if isinstance(plugin, _TPPrecisionMixin) else self._default_precision  # none set yet
 
-    @precision_plugin.setter
-    def precision_plugin(self, plugin: Precision | None) -> None:
-        self._precision_plugin = None if plugin is None else to_tp_precision(plugin)
+    def _set_precision_plugin(self, plugin: Precision | None) -> None:
+        # None stays None: Lightning reads "no plugin given to the strategy" from it
+        DDPStrategy.precision_plugin.fset(self, None if plugin is None else to_tp_precision(plugin))
+
+    precision_plugin = property(_get_precision_plugin, _set_precision_plugin)
 
     # -- topology ---------------------------------------------------------------------------------
     @property
@@ -174,10 +185,11 @@ class MegatronTPStrategy(DDPStrategy):
     def _configure_launcher(self) -> None:
         assert self.cluster_environment is not None
         self._validate_config()  # at Trainer construction: before any process is launched
-        if self._start_method == "popen":
-            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+        if self.start_method == "popen":
+            launcher = SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
         else:
-            self._launcher = _TPMultiProcessingLauncher(self, start_method=self._start_method)
+            launcher = TPMultiProcessingLauncher(self, start_method=self.start_method)
+        set_launcher(self, launcher)
 
     def setup_environment(self) -> None:
         # Validate the layout before the process group exists: no collective on bad input.
@@ -187,12 +199,10 @@ class MegatronTPStrategy(DDPStrategy):
         super().setup_environment()
         self._tp_mesh = init_tp_mesh(self.tensor_parallel_size, self.root_device.type)
         if self.debug and self._tp_mesh.dp_size > 1:
-            self._ddp_group = unchecked_dp_group(self._tp_mesh, self._timeout)
-        for plugin in (self.precision_plugin,):
-            if isinstance(plugin, _TPPrecisionMixin):
-                plugin.tp_group = self._tp_mesh.tp_group
+            self._ddp_group = unchecked_dp_group(self._tp_mesh, self.pg_timeout)
+        self.precision_plugin.configure_tp(self._tp_mesh.tp_group)
         if self.lightning_module is not None:
-            self.lightning_module._device_mesh = self._tp_mesh.device_mesh
+            set_device_mesh(self.lightning_module, self._tp_mesh.device_mesh)
         log.info("lightning_tp: %s", self._tp_mesh)
 
     # -- model ------------------------------------------------------------------------------------
@@ -201,26 +211,12 @@ class MegatronTPStrategy(DDPStrategy):
         self.accelerator.setup(trainer)
         module = self.lightning_module
         self.model_to_device()
-        if getattr(module, PLAN_ATTR, None) is None:
-            target, verify, example = self._rewrite_target(module)
-            # Policy, head-count and tie errors are raised here, identically on every rank, before any collective.
-            plan = plan_policy(
-                target, self.tensor_parallel_size, self.policy, strict=self.strict,
-                sequence_parallel=self.sequence_parallel,
-            )  # fmt: skip
-            _sync_module_states(module)  # all ranks shard the same dense model
-            plan = self._rewrite(module, target, plan, verify, example)
-            object.__setattr__(module, PLAN_ATTR, plan)
-            self.rng_tracker = model_parallel_seed(
-                self._resolve_seed(), self.tp_mesh.tp_rank, self.tp_mesh.dp_rank, self.root_device
-            )
-            _wrap_tp_dropout(module, plan, self.rng_tracker)
+        if applied_plan(module) is None:
+            self._shard(module)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
-        if isinstance(self.precision_plugin, _TPPrecisionMixin):
-            # which whole parameters' grads are partial is checked against the first step's grads
-            self.precision_plugin.check_grad_names = {id(p): n for n, p in module.named_parameters() if p.requires_grad}
-            self.precision_plugin.sequence_parallel = self.sequence_parallel
+        check = PartialGradCheck(list(module.named_parameters()), self.sequence_parallel)  # at the first steps
+        self.precision_plugin.configure_tp(self.tp_group, check)
         if trainer.state.fn == TrainerFn.FITTING:
             if self.tp_mesh.dp_size > 1:
                 self.configure_ddp()
@@ -229,28 +225,33 @@ class MegatronTPStrategy(DDPStrategy):
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
 
-    def _rewrite_target(self, module: pl.LightningModule) -> tuple[nn.Module, bool, Any]:
-        """``(module to rewrite, verify, example input)``: the wrapped model when the LightningModule
-        has neither a forward nor an example input to verify with."""
-        example = getattr(module, "example_input_array", None)
-        verify = self.verify
-        if verify and example is None and not is_overridden("forward", module, pl.LightningModule):
-            children = [c for c in module.children() if any(True for _ in c.parameters())]
-            if len(children) == 1:
-                return children[0], verify, example  # verify the wrapped model; rewriting it rewrites the module
-            log.warning("lightning_tp: no forward and no example_input_array: skipping verify.")
-            verify = False
-        return module, verify, example
+    def _shard(self, module: pl.LightningModule) -> None:
+        """Plan, sync, seed, rewrite (+ verify) the LightningModule in place."""
+        forward, verify, example = self._verify_target(module)
+        # Policy, head-count and tie errors are raised here, identically on every rank, before any collective.
+        plan = plan_policy(
+            module, self.tensor_parallel_size, self.policy, strict=self.strict, sequence_parallel=self.sequence_parallel
+        )
+        broadcast_coalesced([t.detach() for t in (*module.parameters(), *module.buffers())])  # rank 0's weights
+        self.rng_tracker = model_parallel_seed(
+            self._resolve_seed(), self.tp_mesh.tp_rank, self.tp_mesh.dp_rank, self.root_device
+        )
+        apply_policy(
+            module, self.tp_group, plan, strict=self.strict, verify=verify, example_input=example,
+            rng_tracker=self.rng_tracker, forward_module=forward,
+        )  # fmt: skip
 
-    def _rewrite(self, module: pl.LightningModule, target: nn.Module, plan: Plan, verify: bool, example: Any) -> Plan:
-        if target is not module:
-            plan = apply_policy(target, self.tp_group, plan, strict=self.strict, verify=verify)
-            prefix = next(n for n, c in module.named_children() if c is target)
-            for row in plan.modules:
-                row.name = f"{prefix}.{row.name}"
-            plan.attribute_changes = [(f"{prefix}.{p}".rstrip("."), a, o, n) for p, a, o, n in plan.attribute_changes]
-            return plan
-        return apply_policy(module, self.tp_group, plan, strict=self.strict, verify=verify, example_input=example)
+    def _verify_target(self, module: pl.LightningModule) -> tuple[nn.Module | None, bool, Any]:
+        """``(module whose forward verify runs, verify, example input)``: the wrapped model when the
+        LightningModule has neither a forward nor an example input to verify with."""
+        example = getattr(module, "example_input_array", None)
+        if not self.verify or example is not None or is_overridden("forward", module, pl.LightningModule):
+            return None, self.verify, example
+        children = [c for c in module.children() if any(True for _ in c.parameters())]
+        if len(children) == 1:
+            return children[0], True, None  # verify the wrapped model; rewriting the module rewrites it
+        log.warning("lightning_tp: no forward and no example_input_array: skipping verify.")
+        return None, False, None
 
     def _resolve_seed(self) -> int:
         if self._seed is not None:
@@ -263,7 +264,7 @@ class MegatronTPStrategy(DDPStrategy):
     def _setup_model(self, model: nn.Module) -> DistributedDataParallel:
         device_ids = self.determine_ddp_device_ids()
         # config parsers (LightningCLI) may fill every DDP default; ours win for these
-        kwargs = {k: v for k, v in self._ddp_kwargs.items() if k not in ("module", "device_ids", "process_group")}
+        kwargs = {k: v for k, v in self.ddp_kwargs.items() if k not in ("module", "device_ids", "process_group")}
         group = self.dp_group if self._ddp_group is None else self._ddp_group
         return DistributedDataParallel(model, device_ids=device_ids, process_group=group, **kwargs)
 
@@ -277,8 +278,11 @@ class MegatronTPStrategy(DDPStrategy):
 
     def _fault(self) -> BaseException | None:
         """The exception this rank is handling if a fault interrupted the Trainer (see ``faults``)."""
-        module = self.lightning_module
-        return fault_in_flight(getattr(module, "_trainer", None), self._tp_mesh is not None)
+        try:
+            trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        except RuntimeError:  # not attached to a Trainer
+            trainer = None
+        return fault_in_flight(trainer, self._tp_mesh is not None)
 
     def barrier(self, name: str | None = None) -> None:
         if self._fault() is not None:
@@ -288,7 +292,7 @@ class MegatronTPStrategy(DDPStrategy):
     # -- collectives for logging and metrics ------------------------------------------------------
     def reduce(self, tensor: Tensor | Any, group: Any | None = None, reduce_op: Any = "mean") -> Tensor | Any:
         """Reduce over the data-parallel group (TP ranks of a replica hold equal values)."""
-        if not isinstance(tensor, Tensor) or not _distributed_is_initialized():
+        if not isinstance(tensor, Tensor) or not _initialized():
             return tensor
         group = self.dp_group if group is None else group
         return super().reduce(tensor, group=group, reduce_op=reduce_op)
@@ -299,7 +303,7 @@ class MegatronTPStrategy(DDPStrategy):
         return super().all_gather(tensor, group=group, sync_grads=sync_grads)
 
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
-        if not _distributed_is_initialized():
+        if not _initialized():
             return decision
         flag = torch.tensor(int(decision), device=self.root_device)
         dist.all_reduce(flag, op=dist.ReduceOp.SUM)
@@ -323,8 +327,6 @@ class MegatronTPStrategy(DDPStrategy):
         return {}  # written by save_checkpoint from the live optimizers
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
-        from lightning_tp import checkpoint as ckpt
-
         if storage_options is not None:
             raise TypeError(
                 "megatron_tp writes checkpoints with torch.distributed.checkpoint; storage_options is not supported."
@@ -350,14 +352,12 @@ class MegatronTPStrategy(DDPStrategy):
         path = self.broadcast(str(filepath))
         state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
         rng = self.rng_tracker.state_dict() if self.rng_tracker is not None else None
-        optimizers = [getattr(o, "_optimizer", o) for o in self.optimizers]
+        optimizers = [_unwrapped(o) for o in self.optimizers]
         ckpt.save(path, self.lightning_module, optimizers, self.tp_mesh, state, rng)
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
-        from lightning_tp import checkpoint as ckpt
-
         path = self.broadcast(str(checkpoint_path))
-        optimizers = [getattr(o, "_optimizer", o) for o in self.optimizers]
+        optimizers = [_unwrapped(o) for o in self.optimizers]
         strict = getattr(self.lightning_module, "strict_loading", True)
         state, rng = ckpt.load(path, self.lightning_module, optimizers, self.tp_mesh, strict=strict)
         if rng is not None and self.rng_tracker is not None:
@@ -372,8 +372,6 @@ class MegatronTPStrategy(DDPStrategy):
 
     def remove_checkpoint(self, filepath) -> None:
         if self.is_global_zero:
-            import shutil
-
             path = os.fspath(filepath)
             if os.path.isdir(path):
                 shutil.rmtree(path)
@@ -381,7 +379,7 @@ class MegatronTPStrategy(DDPStrategy):
                 os.remove(path)
 
     @classmethod
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+    def register_strategies(cls, strategy_registry: Any) -> None:
         for name, start_method in (
             ("megatron_tp", "popen"),
             ("megatron_tp_spawn", "spawn"),
@@ -393,55 +391,18 @@ class MegatronTPStrategy(DDPStrategy):
             )  # fmt: skip
 
 
-class _TPMultiProcessingLauncher(_MultiProcessingLauncher):
-    """Spawn/fork launcher that sends the *consolidated* (unsharded) weights back to the main
-    process, where the user's module is still the original dense model, and ends a worker without
-    torch's C++ teardown once its work is done."""
-
-    def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
-        super()._wrapping_function(*args, **kwargs)  # rank 0's results are in the (synchronous) queue
-        # Every rank reaches this point after the same collectives. Left to a normal interpreter
-        # exit, the teardown of torch's gloo process groups aborted about one worker in ten
-        # ("terminate called without an active exception", SIGABRT in the parent's join; after
-        # destroy_process_group the groups' runloop and tcp-loop threads are still alive). The
-        # work is done: run Python's exit handlers (loggers finish), flush, and leave without
-        # the C++ teardown.
-        if _distributed_is_initialized():
-            dist.destroy_process_group()
-        if self._start_method != "fork":  # a forked child inherited the parent's handlers (temp dirs, loggers)
-            atexit._run_exitfuncs()
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        os._exit(0)
-
-    def _collect_rank_zero_results(self, trainer: pl.Trainer, results: Any):
-        from lightning_tp.checkpoint import full_state_dict
-
-        strategy = self._strategy
-        full = full_state_dict(trainer.lightning_module, strategy.tp_group)  # collective on every rank
-        output = super()._collect_rank_zero_results(trainer, results)
-        if output is None or output.weights_path is None:
-            return output
-        strategy.checkpoint_io.save_checkpoint(full, output.weights_path)
-        return output
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
-def _wrap_tp_dropout(module: nn.Module, plan: Plan, tracker: RNGTracker) -> None:
-    """Attention-probability dropouts of split attention blocks act on this rank's heads: draw their
-    masks from the model-parallel stream (other dropouts act on replicated activations and keep the
-    shared default stream). With sequence parallelism every dropout acts on this rank's own
-    sequence chunk or heads, so all of them use the model-parallel stream."""
-    if plan.sequence_parallel:
-        # the dropouts of the model that holds the parallel layers (not e.g. one on gathered logits outside it)
-        parents = [row.name.split(".")[:-1] for row in plan.modules if row.style != "replicate"]
-        root = module.get_submodule(".".join(os.path.commonprefix(parents)))  # element-wise on the name parts
-        for name, child in list(root.named_modules()):
-            if type(child) is nn.Dropout:
-                root.set_submodule(name, TPDropout.from_dense(child, tracker))
-        return
-    split_parents = {row.name.rpartition(".")[0] for row in plan.modules if row.style in ("column", "qkv")}
-    for parent_name in split_parents:
-        parent = module.get_submodule(parent_name) if parent_name else module
-        for name, child in parent.named_children():
-            if type(child) is nn.Dropout and any(h in name.lower() for h in _ATTN_DROPOUT_HINTS):
-                setattr(parent, name, TPDropout.from_dense(child, tracker))
+def _unwrapped(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer behind a ``LightningOptimizer``."""
+    return optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+
+
+def _optimizers_to_device(optimizers: list[Any], device: torch.device) -> None:
+    """Move optimizer state (e.g. restored on CPU) to ``device``."""
+    for optimizer in optimizers:
+        opt = _unwrapped(optimizer)
+        for param, state in opt.state.items():
+            opt.state[param] = tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, state)

@@ -19,14 +19,14 @@ loss masks them).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
-from lightning_tp._compat import tensor_version
-from lightning_tp.comm import (
+from lightning_tp.engine.comm import (
     all_gather_dim,
     copy_to_tp_linear,
     gather_from_sp,
@@ -36,12 +36,14 @@ from lightning_tp.comm import (
     linear_regather,
     reduce_from_tp,
     reduce_scatter_to_sp,
-    scatter_to_sp,
     scatter_to_tp,
 )
+from lightning_tp.engine.loss import LossWorkspace, VocabShardedLogits
+from lightning_tp.engine.sharding import ShardSpec, mark_partial_grad, mark_sharded, shard_spec
 from lightning_tp.errors import ShardingError
-from lightning_tp.loss import LossWorkspace, VocabShardedLogits
-from lightning_tp.sharding import ShardSpec, mark_partial_grad, mark_sharded, shard_spec
+
+if TYPE_CHECKING:
+    from lightning_tp.engine.sequence import SequenceGather
 
 
 def _param(full: Tensor | None, spec: ShardSpec | None, tp_rank: int, requires_grad: bool) -> nn.Parameter:
@@ -108,9 +110,10 @@ class ColumnParallelLinear(_ParallelLinear):
         sequence_parallel: input is sharded on ``seq_dim``; all-gather it forward, reduce-scatter
             its grad backward.
         seq_dim: the sequence dim of the input (batch-first: 1).
-        gathered_input: the input is the output of ``gather_from_sp(..., grad_reduce=True)`` done
-            by the enclosing block (sequence parallelism through the policy), whose backward already
-            sums the input grad over TP: this layer runs no collective.
+        sequence_gather: the enclosing block's :class:`~lightning_tp.engine.sequence.SequenceGather`
+            (sequence parallelism through the policy): the input arrives gathered, and its backward
+            reduce-scatter sums the input grad over TP, so this layer's forward runs no collective;
+            its backward all-gathers the saved input shard again for the weight gradient.
         name: module name used in error messages.
     """
 
@@ -130,21 +133,21 @@ class ColumnParallelLinear(_ParallelLinear):
         head_dim: int | None = None,
         sequence_parallel: bool = False,
         seq_dim: int = 1,
-        gathered_input: bool = False,
+        sequence_gather: SequenceGather | None = None,
         name: str = "",
         _dense: nn.Linear | None = None,
     ) -> None:
         tp = group_size(group)
-        sizes = _chunk_sizes(out_features, chunks, name)
+        sizes = chunk_sizes(out_features, chunks, name)
         if head_dim is not None:
-            _check_heads(sizes, head_dim, tp, name)
+            check_heads(sizes, head_dim, tp, name)
         label = f"out_features of {name!r}" if name else "out_features"
         weight_spec = ShardSpec(dim=0, sizes=sizes, tp_size=tp, pad=self._pad, name=label)
         bias_spec = ShardSpec(dim=0, sizes=sizes, tp_size=tp, pad=self._pad, name=label)
         super().__init__(in_features, out_features, bias, device, dtype, group, weight_spec, bias_spec, _dense)
         self.gather_output = gather_output
         self.sequence_parallel, self.seq_dim = sequence_parallel, seq_dim
-        self.gathered_input = gathered_input
+        self.sequence_gather = sequence_gather
         index = weight_spec.gather_index()
         self.register_buffer("_gather_index", index, persistent=False)
 
@@ -166,9 +169,9 @@ class ColumnParallelLinear(_ParallelLinear):
         if self.sequence_parallel:
             full = gather_from_sp(x, self.group, self.seq_dim)  # (B, T, in)
             return linear_regather(full, x, self.weight, self.bias, self.group, self.seq_dim)  # (B, T, out/p)
-        if self.gathered_input:
-            shard, version = getattr(x, "_tp_sequence_shard", (None, None))  # set by the block's gather (policy SP)
-            if shard is not None and tensor_version(x) == version:  # x unchanged since the gather: shard reproduces it
+        if self.sequence_gather is not None:
+            shard = self.sequence_gather.shard_of(x)  # (..., T/p, in) if x is the block's unchanged gathered input
+            if shard is not None:
                 return linear_regather(x, shard, self.weight, self.bias, self.group, -2)  # (..., out/p)
             return F.linear(x, self.weight, self.bias)  # (..., out/p); the block's gather reduces dX
         return copy_to_tp_linear(x, self.weight, self.bias, self.group)  # (..., out/p)
@@ -265,7 +268,7 @@ class VocabParallelLMHead(ColumnParallelLinear):
     ``gather_output=True`` (default) returns dense ``(..., V)`` logits (padding dropped), a drop-in
     for ``nn.Linear``; with ``gather_output=False`` returns :class:`VocabShardedLogits`
     ``(..., Vp/p)`` for :func:`lightning_tp.cross_entropy`, which keeps its ``(..., Vp/p)``
-    buffer in this head's :class:`~lightning_tp.loss.LossWorkspace` between steps (CPU).
+    buffer in this head's :class:`~lightning_tp.engine.loss.LossWorkspace` between steps (CPU).
     """
 
     _pad = True
@@ -449,33 +452,7 @@ class HeadParallelEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim} (local {self.weight.shape[1]}), tp={self.tp_size}"
 
 
-class SequenceShardedEmbedding(nn.Embedding):
-    """A replicated ``nn.Embedding`` (positions, token types) inside a sequence-parallel model: the
-    whole table on every rank, output ``(..., T/p, H)``, this rank's chunk of the ids' last dim (the
-    sequence), to be added to the sequence-sharded token embeddings. Backward all-gathers the
-    chunks' grads, so the weight's grad is complete and identical on every rank. Same parameter
-    (``weight``) and state-dict key as the ``nn.Embedding`` it replaces.
-    """
-
-    group: ProcessGroup
-
-    @classmethod
-    def from_dense(cls, module: nn.Embedding, group: ProcessGroup) -> SequenceShardedEmbedding:
-        if not isinstance(module, nn.Embedding):
-            raise TypeError(
-                f"SequenceShardedEmbedding.from_dense expects an nn.Embedding, got {type(module).__name__}."
-            )
-        new = cls.__new__(cls)
-        new.__dict__.update(module.__dict__)  # same options, same Parameter object (ties kept)
-        new._parameters = dict(module._parameters)
-        new.group = group
-        return new
-
-    def forward(self, ids: Tensor) -> Tensor:
-        return scatter_to_sp(super().forward(ids), self.group, -2)  # (..., T/p, H)
-
-
-def _chunk_sizes(total: int, chunks: int | Sequence[int], name: str) -> tuple[int, ...]:
+def chunk_sizes(total: int, chunks: int | Sequence[int], name: str) -> tuple[int, ...]:
     if isinstance(chunks, int):
         if chunks < 1 or total % chunks != 0:
             raise ShardingError(
@@ -491,7 +468,7 @@ def _chunk_sizes(total: int, chunks: int | Sequence[int], name: str) -> tuple[in
     return sizes
 
 
-def _check_heads(sizes: tuple[int, ...], head_dim: int, tp: int, name: str) -> None:
+def check_heads(sizes: tuple[int, ...], head_dim: int, tp: int, name: str) -> None:
     label = repr(name) if name else "a fused projection"
     for size in sizes:
         if size % head_dim != 0:

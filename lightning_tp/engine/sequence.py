@@ -1,0 +1,106 @@
+"""Megatron sequence parallelism outside the parallel linears.
+
+Between the tensor-parallel regions the activations are sharded on the sequence, ``(B, T/p, H)``.
+Two pieces make the rest of a model work on them:
+
+* :class:`SequenceGather`: forward hooks on a block that holds column layers. At the block's input
+  it all-gathers the sequence (forward: all-gather on dim -2; backward: reduce-scatter, which also
+  sums the column layers' partial input grads over TP), so the block reads the full sequence and its
+  column layers run no collective in forward. Each column layer built with this object reads the
+  shard behind its (gathered) input from it, to all-gather it again in backward instead of saving
+  the full input.
+* :class:`SequenceShardedEmbedding`: a replicated ``nn.Embedding`` (positions, token types) that
+  gives this rank's sequence chunk, to be added to the sequence-sharded token embeddings.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+from torch import Tensor, nn
+from torch.distributed import ProcessGroup
+from torch.utils.hooks import RemovableHandle
+
+from lightning_tp._compat import tensor_version
+from lightning_tp.engine.comm import gather_from_sp, scatter_to_sp
+
+
+class SequenceGather:
+    """All-gathers the sequence of a block's inputs (sequence parallelism); see the module doc.
+
+    Gathered: every floating input (positional or keyword) of shape ``(..., T/p, in)`` with ``in``
+    one of ``in_features`` (the input widths of the block's column layers); other inputs (masks,
+    ids, rotary tables) pass unchanged.
+
+    Args:
+        group: the tensor-parallel process group.
+        in_features: input widths of the column layers inside the block.
+    """
+
+    def __init__(self, group: ProcessGroup, in_features: Iterable[int]) -> None:
+        self.group, self.in_features = group, frozenset(int(i) for i in in_features)
+        # id(gathered) -> (weak ref to it, this rank's shard, its version when gathered); one block call
+        self._shards: dict[int, tuple[weakref.ref, Tensor, int]] = {}
+
+    def attach(self, block: nn.Module) -> list[RemovableHandle]:
+        """Register the gather on ``block``'s input (and the cache's reset at its output)."""
+        return [
+            block.register_forward_pre_hook(self._pre, with_kwargs=True),
+            block.register_forward_hook(self._post, always_call=True),
+        ]
+
+    def shard_of(self, full: Tensor) -> Tensor | None:
+        """This rank's shard of ``full`` if ``full`` is an unchanged input this gather produced in
+        the current block call, else ``None``."""
+        entry = self._shards.get(id(full))
+        if entry is None or entry[0]() is not full or tensor_version(full) != entry[2]:
+            return None
+        return entry[1]
+
+    def _gather(self, x: Any) -> Any:
+        if isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 2 and x.shape[-1] in self.in_features:
+            full = gather_from_sp(x, self.group, -2)  # (..., T, in)
+            self._shards[id(full)] = (weakref.ref(full), x, tensor_version(full))
+            return full
+        return x
+
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        self._shards.clear()
+        return tuple(self._gather(a) for a in args), {k: self._gather(v) for k, v in kwargs.items()}
+
+    def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._shards.clear()  # the column layers took what they need; keep no activation alive
+
+    def __repr__(self) -> str:
+        return f"SequenceGather(in_features={sorted(self.in_features)})"
+
+
+class SequenceShardedEmbedding(nn.Embedding):
+    """A replicated ``nn.Embedding`` (positions, token types) inside a sequence-parallel model: the
+    whole table on every rank, output ``(..., T/p, H)``, this rank's chunk of the ids' last dim (the
+    sequence). Backward all-gathers the chunks' grads, so the weight's grad is complete and identical
+    on every rank. Same parameter object (``weight``, ties kept) and state-dict key as the
+    ``nn.Embedding`` it replaces.
+    """
+
+    group: ProcessGroup
+
+    @classmethod
+    def from_dense(cls, module: nn.Embedding, group: ProcessGroup) -> SequenceShardedEmbedding:
+        if type(module) is not nn.Embedding:
+            raise TypeError(
+                f"SequenceShardedEmbedding.from_dense expects a plain nn.Embedding, got {type(module).__name__}."
+            )
+        new = cls(
+            module.num_embeddings, module.embedding_dim, module.padding_idx, module.max_norm, module.norm_type,
+            module.scale_grad_by_freq, module.sparse, device="meta",
+        )  # fmt: skip
+        new.weight = module.weight  # the same Parameter object
+        new.train(module.training)
+        new.group = group
+        return new
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return scatter_to_sp(super().forward(ids), self.group, -2)  # (..., T/p, H)

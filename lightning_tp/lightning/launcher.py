@@ -1,0 +1,52 @@
+"""The spawn/fork launcher of ``megatron_tp_spawn`` / ``megatron_tp_fork``."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import lightning.pytorch as pl
+import torch.distributed as dist
+
+from lightning_tp._compat import MultiProcessingLauncher, run_exit_handlers
+from lightning_tp.lightning.checkpoint import full_state_dict
+
+
+class TPMultiProcessingLauncher(MultiProcessingLauncher):
+    """Spawn/fork launcher that sends the *consolidated* (unsharded) weights back to the main
+    process, where the user's module is still the original dense model, and ends a worker without
+    torch's C++ teardown once its work is done.
+
+    Args:
+        strategy: the :class:`~lightning_tp.lightning.strategy.MegatronTPStrategy` it launches.
+        start_method: ``"spawn"``, ``"fork"`` or ``"forkserver"``.
+    """
+
+    def __init__(self, strategy: Any, start_method: str = "spawn") -> None:
+        super().__init__(strategy, start_method=start_method)
+        self.tp_strategy, self.start_method = strategy, start_method
+
+    def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
+        super()._wrapping_function(*args, **kwargs)  # rank 0's results are in the (synchronous) queue
+        # Every rank reaches this point after the same collectives. Left to a normal interpreter
+        # exit, the teardown of torch's gloo process groups aborted about one worker in ten
+        # ("terminate called without an active exception", SIGABRT in the parent's join; after
+        # destroy_process_group the groups' runloop and tcp-loop threads are still alive). The
+        # work is done: run Python's exit handlers (loggers finish), flush, and leave without
+        # the C++ teardown.
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        if self.start_method != "fork":  # a forked child inherited the parent's handlers (temp dirs, loggers)
+            run_exit_handlers()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(0)
+
+    def _collect_rank_zero_results(self, trainer: pl.Trainer, results: Any):
+        full = full_state_dict(trainer.lightning_module, self.tp_strategy.tp_group)  # collective on every rank
+        output = super()._collect_rank_zero_results(trainer, results)
+        if output is None or output.weights_path is None:
+            return output
+        self.tp_strategy.checkpoint_io.save_checkpoint(full, output.weights_path)
+        return output

@@ -1,0 +1,209 @@
+"""Executing a :class:`~lightning_tp.policy.plan.Plan`: :func:`apply_plan` rewrites a model in
+place row by row (each row's style builds its module); :func:`apply_policy` plans, checks the
+unsharded model on a fixed batch, applies, and checks the rewritten model against it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from lightning_tp.engine.comm import group_size
+from lightning_tp.engine.random import RNGTracker
+from lightning_tp.errors import ShardingError
+from lightning_tp.policy.plan import Plan, PlannedModule, _param_owners, attach_plan, plan_policy, planned_row
+from lightning_tp.policy.rules import PolicyError, PolicyWarning, Rule
+from lightning_tp.policy.styles import BuildContext, Qkv, SequenceGatherStyle, as_linear
+from lightning_tp.policy.verify import capture, check_parity, check_reference, interleaved_groups, make_example_input
+
+
+def _per_head_fused(plan: Plan, model: nn.Module, groups: dict[str, int]) -> Plan:
+    """The plan with fused projections that the model reads per head (found by verify's reference
+    forward) split as plain columns: rank ``r`` holds groups ``[r n/p, (r+1) n/p)``, each with its
+    own q, k and v, which is what ``view(..., heads, 3 * head_dim)`` then reads."""
+    if not groups:
+        return plan
+    rows = []
+    for entry in plan.modules:
+        if entry.name in groups:
+            n = groups[entry.name]
+            if n % plan.tp_size:
+                raise ShardingError(
+                    f"module {entry.name!r}: its output is read per head as {n} groups, which cannot be split over "
+                    f"tensor_parallel_size={plan.tp_size}. Use a tensor_parallel_size that divides {n}, or map it "
+                    "to 'replicate'."
+                )
+            module = model.get_submodule(entry.name)
+            entry = planned_row(entry.name, module, Rule("column"), entry.pattern, plan.tp_size)
+            entry.note = f"fused, read per head ({n} groups)"
+        rows.append(entry)
+    return dataclasses.replace(plan, modules=rows)
+
+
+def _check_plan_fits(model: nn.Module, plan: Plan) -> None:
+    """Every planned module exists in ``model`` with the planned full shape (before any rewrite)."""
+    modules = dict(model.named_modules())
+    for entry in plan.modules:
+        module = modules.get(entry.name)
+        if module is None:
+            raise PolicyError(
+                f"plan entry {entry.name!r} names no module of this {type(model).__name__}: the plan was made "
+                "for another model. Plan this model with plan_policy(model, tp_size, policy)."
+            )
+        lin = as_linear(module)
+        shape = (lin[1], lin[0]) if lin is not None else tuple(getattr(getattr(module, "weight", None), "shape", ()))
+        if entry.splits and shape != tuple(entry.full_shape):
+            raise PolicyError(
+                f"plan entry {entry.name!r} expects shape {tuple(entry.full_shape)}, the module has {shape}: the plan "
+                "was made for another model. Plan this model with plan_policy(model, tp_size, policy)."
+            )
+    for parent_name, attr, old, _ in plan.attribute_changes:
+        value = getattr(modules.get(parent_name), attr, None)
+        if value != old:
+            raise PolicyError(
+                f"plan changes {parent_name}.{attr} from {old}, the module has {value!r}: the plan was made for "
+                "another model. Plan this model with plan_policy(model, tp_size, policy)."
+            )
+
+
+def apply_plan(model: nn.Module, plan: Plan, group: ProcessGroup, rng_tracker: RNGTracker | None = None) -> nn.Module:
+    """Rewrite ``model`` in place as ``plan`` says, with layers on ``group``. Returns ``model``.
+
+    Each row's style builds its module (split layers, sequence-sharded position embeddings,
+    per-rank dropouts drawing from ``rng_tracker``'s model-parallel stream; without a tracker they
+    stay ``nn.Dropout``); a tie stays one parameter (the first layer's new parameter serves every
+    user, and modules that only hold it are pointed at it); then ``replicate`` rows with
+    ``partial_grad`` mark their parameters for a sum of their gradient over TP (the strategy's
+    precision plugin does it and checks the marks at the first step; elsewhere call
+    ``lightning_tp.lightning.precision.all_reduce_partial_grads``), blocks of a sequence-parallel
+    plan get their sequence gathers, and head-count attributes are divided.
+
+    Under sequence parallelism the sequence length must divide by TP, and the model must not
+    re-derive the sequence length from the sharded activations (the parity self-check catches
+    models that do). The plan is recorded on ``model`` (:func:`~lightning_tp.policy.plan.applied_plan`).
+    """
+    if group_size(group) != plan.tp_size:
+        raise PolicyError(
+            f"plan was made for tensor_parallel_size={plan.tp_size}, group has {group_size(group)} ranks."
+        )
+    _check_plan_fits(model, plan)
+    ctx = BuildContext(group, plan.sequence_parallel, rng_tracker)
+    for row in plan.modules:
+        if isinstance(row.kind, SequenceGatherStyle):
+            ctx.in_features[row.name] = set(row.options["in_features"])
+    owners = _param_owners(model)
+    replaced: dict[int, nn.Parameter] = {}  # id(dense parameter) -> the parameter that replaces it
+    for row in plan.modules:
+        if row.kind.replaces:
+            _replace(model, row, ctx, replaced)
+    split = {row.name for row in plan.modules if row.splits}
+    for old_id, param in replaced.items():  # modules that only hold a replaced parameter follow it
+        for mod_name, p_name in owners.get(old_id, []):
+            holder = model.get_submodule(mod_name)
+            if getattr(holder, p_name, None) is not param and mod_name not in split:
+                setattr(holder, p_name, param)
+    for row in plan.modules:
+        if not row.kind.replaces:
+            row.kind.build(row, model.get_submodule(row.name), ctx)
+    for parent_name, attr, _, new_value in plan.attribute_changes:
+        setattr(model.get_submodule(parent_name), attr, new_value)
+    attach_plan(model, plan)
+    return model
+
+
+def _replace(model: nn.Module, row: PlannedModule, ctx: BuildContext, replaced: dict[int, nn.Parameter]) -> None:
+    dense = model.get_submodule(row.name)
+    originals = dict(dense.named_parameters(recurse=False))
+    new = row.kind.build(row, dense, ctx)
+    for p_name, old in originals.items():
+        if id(old) in replaced:  # a tie: the first layer's new parameter serves every user
+            setattr(new, p_name, replaced[id(old)])
+        elif isinstance(getattr(new, p_name, None), nn.Parameter):
+            replaced[id(old)] = getattr(new, p_name)
+    if new is not dense:
+        model.set_submodule(row.name, new)
+
+
+def warn_plan(plan: Plan) -> None:
+    """Warn about unmatched modules and patterns that match nothing."""
+    if plan.unmatched:
+        warnings.warn(
+            f"{len(plan.unmatched)} nn.Linear/nn.Embedding modules are not matched by the policy ({plan.source}) and "
+            f"stay replicated: {plan.unmatched}. Map them explicitly (style 'replicate' silences this), or pass "
+            "strict=True to make this an error.",
+            PolicyWarning,
+            stacklevel=3,
+        )
+    if plan.unused_patterns:
+        warnings.warn(
+            f"policy patterns match no module: {plan.unused_patterns}. Patterns are fnmatch patterns on fully "
+            "qualified module names (see `lightning-tp plan`).",
+            PolicyWarning,
+            stacklevel=3,
+        )
+
+
+def apply_policy(
+    model: nn.Module,
+    group: ProcessGroup | Any,
+    policy: str | Mapping[str, Any] | Plan | None = "auto",
+    *,
+    strict: bool = False,
+    verify: bool = True,
+    example_input: Any = None,
+    sequence_parallel: bool = False,
+    rng_tracker: RNGTracker | None = None,
+    forward_module: nn.Module | None = None,
+) -> Plan:
+    """Plan, validate, rewrite ``model`` in place and (``verify``) check it against itself unsharded.
+
+    Args:
+        model: the user's model (plain ``nn.Linear`` / ``nn.Embedding`` layers).
+        group: the tensor-parallel process group, or a :class:`~lightning_tp.engine.mesh.TPMesh`.
+        policy: ``"auto"``, a registered name, a dict, or a YAML mapping / file; or a :class:`Plan`
+            already made by :func:`plan_policy` for this model (not planned again).
+        strict: unmatched ``nn.Linear`` / ``nn.Embedding`` modules are an error instead of a warning.
+        verify: run the parity self-check (one forward before and after on a fixed random batch).
+        example_input: the batch for ``verify`` (default: random token ids, or floats for models
+            without embeddings); a tensor, a tuple of positional args or a dict of keyword args.
+        sequence_parallel: Megatron sequence parallelism (see :func:`apply_plan`); a given
+            :class:`Plan` keeps its own setting.
+        rng_tracker: the model-parallel RNG tracker the per-rank dropouts draw from (see
+            :func:`apply_plan`).
+        forward_module: the module whose forward ``verify`` calls with ``example_input``: ``model``
+            (default) or one of its submodules (a wrapper without a forward of its own).
+
+    Returns:
+        The applied :class:`Plan` (prints as a table).
+
+    Raises:
+        PolicyError, TypeError, ShardingError: before any module is touched.
+        PolicyMismatchError: the rewritten model does not compute what the unsharded one did.
+    """
+    group = getattr(group, "tp_group", group)
+    if isinstance(policy, Plan):
+        if sequence_parallel and not policy.sequence_parallel:
+            raise PolicyError(
+                "sequence_parallel=True with a Plan made without it: plan with "
+                "plan_policy(model, tp_size, policy, sequence_parallel=True)."
+            )
+        plan = policy
+    else:
+        plan = plan_policy(model, group_size(group), policy, strict=strict, sequence_parallel=sequence_parallel)
+    warn_plan(plan)
+    if verify:
+        run = model if forward_module is None else forward_module
+        inputs = example_input if example_input is not None else make_example_input(run)
+        fused = tuple(m.name for m in plan.modules if isinstance(m.kind, Qkv))
+        reference = capture(model, inputs, fused=fused, run=run)
+        check_reference(reference, inputs)  # a batch the model does not take: raised before any rewrite
+        plan = _per_head_fused(plan, model, interleaved_groups(plan, model, reference[-1]))
+    apply_plan(model, plan, group, rng_tracker)
+    if verify:
+        check_parity(model, inputs, reference, plan, group, run=run)
+    return plan

@@ -1,0 +1,473 @@
+"""The Plan: the complete, executable description of a model's rewrite for one TP size.
+
+:func:`plan_policy` resolves a policy against a model without any process group (a dry run) and
+finds everything the rewrite will change, once: which module gets which style (a row each, with
+its shard spec and local shape), the head-count/width attributes divided by TP, ties, partial
+gradients, and under sequence parallelism the blocks that gather the sequence, the position
+embeddings that keep this rank's chunk and the dropouts that draw per-rank masks.
+:func:`~lightning_tp.policy.apply.apply_plan` executes it; ``lightning-tp plan`` prints it.
+Every check raises before the first module is touched.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from lightning_tp.engine.layers import check_heads
+from lightning_tp.engine.sharding import ShardSpec
+from lightning_tp.errors import ShardingError
+from lightning_tp.policy.report import plan_table, render_plan
+from lightning_tp.policy.rules import (
+    HEAD_ATTRS,
+    KV_HEAD_ATTRS,
+    WIDTH_ATTRS,
+    PolicyError,
+    Rule,
+    infer_vocab_size,
+    resolve_rules,
+)
+from lightning_tp.policy.styles import ALL_STYLES, STYLES, Column, Row, Style, Vocab, as_linear
+
+PLAN_ATTR = "_lightning_tp_plan"  # where apply_plan leaves the applied plan on the rewritten model
+
+
+@dataclass
+class PlannedModule:
+    """One row of a plan: a module, the style that rewrites it and what that gives."""
+
+    name: str
+    module_type: str
+    style: str
+    options: dict[str, Any]
+    pattern: str | None
+    full_shape: tuple[int, ...]
+    local_shape: tuple[int, ...]
+    full_params: int
+    local_params: int
+    spec: ShardSpec | None = None
+    tied_to: str | None = None
+    note: str | None = None
+
+    @property
+    def splits(self) -> bool:
+        """Whether the row splits the module's weight over TP."""
+        return self.spec is not None
+
+    @property
+    def kind(self) -> Style:
+        """The style object that builds this row."""
+        return ALL_STYLES[self.style]
+
+
+@dataclass
+class Plan:
+    """A validated policy for one model and TP size: what :func:`~lightning_tp.policy.apply.apply_plan` will do."""
+
+    tp_size: int
+    source: str
+    modules: list[PlannedModule]
+    unmatched: list[str]
+    unused_patterns: list[str]
+    attribute_changes: list[tuple[str, str, int, int]]
+    full_params: int
+    local_params: int
+    sequence_parallel: bool = False
+
+    def __str__(self) -> str:
+        return render_plan(self)
+
+    def __rich__(self):
+        return plan_table(self)
+
+
+def attach_plan(model: nn.Module, plan: Plan) -> None:
+    """Record on ``model`` the plan it was rewritten with (not a submodule, not in its state_dict)."""
+    object.__setattr__(model, PLAN_ATTR, plan)
+
+
+def applied_plan(model: nn.Module) -> Plan | None:
+    """The plan ``model`` was rewritten with, ``None`` for a model not rewritten."""
+    plan = getattr(model, PLAN_ATTR, None)
+    return plan if isinstance(plan, Plan) else None
+
+
+def _weight_key(spec: ShardSpec | None) -> tuple | None:
+    return None if spec is None else (spec.dim % 2, spec.sizes, spec.padded_sizes)
+
+
+def planned_row(
+    name: str, module: nn.Module, rule: Rule, pattern: str | None, tp: int, note: str | None = None
+) -> PlannedModule:
+    """The plan row of ``module`` under ``rule``: its style's fit, shard spec and local shapes.
+
+    Raises:
+        TypeError: the style does not fit the module.
+    """
+    style, opts = ALL_STYLES[rule.style], dict(rule.options)
+    if not style.fits(module):
+        raise TypeError(
+            f"policy style {style.name!r} (pattern {pattern!r}) does not fit module {name!r} of type "
+            f"{type(module).__name__}: {style.name!r} needs {style.need}. Narrow the pattern or use 'replicate'."
+        )
+    full_params = sum(p.numel() for p in module.parameters(recurse=False))
+    shape = style.shape(module)
+    spec = style.spec(name, module, shape, opts, tp)
+    local = shape if spec is None else tuple(spec.local_size if d == spec.dim else s for d, s in enumerate(shape))
+    local_params = full_params
+    if spec is not None:
+        bias = getattr(module, "bias", None)
+        local_params = math.prod(local) + (0 if bias is None else style.bias_local(bias, spec))
+    return PlannedModule(
+        name, type(module).__name__, style.name, opts, pattern, shape, local, full_params, local_params, spec,
+        note=note,
+    )  # fmt: skip
+
+
+def plan_policy(
+    model: nn.Module,
+    tp_size: int,
+    policy: str | Mapping[str, Any] | None = "auto",
+    strict: bool = False,
+    sequence_parallel: bool = False,
+) -> Plan:
+    """Resolve and validate ``policy`` for ``model`` at ``tp_size``, without touching the model.
+
+    With ``sequence_parallel`` the plan also makes the activations between the parallel layers
+    (norms, dropouts, residual adds) sequence-sharded, Megatron's sequence parallelism: see
+    :func:`apply_plan`.
+
+    Raises:
+        PolicyError: bad policy entries, a tie the policy would break, unmatched modules (``strict``).
+        TypeError: a style on a module it does not fit.
+        ShardingError: sizes or head counts not divisible by ``tp_size``.
+    """
+    source, rules = resolve_rules(model, policy)
+    modules = dict(model.named_modules())
+    planned, unmatched, used = _match(model, modules, source, rules, tp_size)
+    _plan_head_local(modules, planned, tp_size)
+    _check_ties(model, planned)
+    changes = _attribute_changes(modules, planned, tp_size)
+    if unmatched and strict:
+        raise PolicyError(
+            f"strict policy: {len(unmatched)} nn.Linear/nn.Embedding modules match no pattern: {unmatched}. "
+            "Add patterns for them (style 'replicate' keeps a module whole)."
+        )
+    full, local = _param_counts(model, modules, planned)
+    if sequence_parallel:
+        _check_sequence_parallel(modules, list(planned.values()))
+        _plan_sequence_parallel(modules, planned, tp_size)
+    _plan_dropouts(modules, planned, tp_size, sequence_parallel)
+    ordered = [planned[n] for n in modules if n in planned]
+    unused = [p for p in rules if p not in used]
+    return Plan(tp_size, source, ordered, unmatched, unused, changes, full, local, sequence_parallel)
+
+
+def _match(
+    model: nn.Module, modules: dict[str, nn.Module], source: str, rules: dict[str, Rule], tp: int
+) -> tuple[dict[str, PlannedModule], list[str], set[str]]:
+    """``(rows by module name, unmatched linear/embedding names, patterns used)``: the first
+    matching pattern of each module."""
+    used: set[str] = set()
+    planned: dict[str, PlannedModule] = {}
+    unmatched: list[str] = []
+    for name, module in modules.items():
+        if not name:
+            continue
+        pattern = next((p for p in rules if fnmatch.fnmatchcase(name, p)), None)
+        candidate = as_linear(module) is not None or isinstance(module, nn.Embedding)
+        if pattern is None:
+            if candidate:
+                unmatched.append(name)
+            continue
+        used.add(pattern)
+        rule, shown = rules[pattern], (None if source == "auto" else pattern)
+        if not STYLES[rule.style].replaces and not ("partial_grad" in rule.options and _own_params(module)):
+            if candidate:
+                planned[name] = planned_row(name, module, rule, shown, tp)
+            continue
+        if not candidate and _is_container_match(name, pattern, modules):
+            continue  # a broad pattern that also covers the parents of the modules it targets
+        if source.startswith("huggingface") and rule.style == "column" and rule.options.get("gather_output"):
+            lin = as_linear(module)
+            if lin is not None and lin[1] == infer_vocab_size(model):
+                rule = Rule("vocab")  # an LM head: vocab-parallel (pads the vocabulary, ties with the embedding)
+        if rule.style == "qkv" and "chunks" not in rule.options:
+            rule = Rule("qkv", {**rule.options, "chunks": _gqa_chunks(modules, name, module) or 3})
+        planned[name] = planned_row(name, module, rule, shown, tp)
+    return planned, unmatched, used
+
+
+def _param_counts(
+    model: nn.Module, modules: dict[str, nn.Module], planned: dict[str, PlannedModule]
+) -> tuple[int, int]:
+    """(unsharded parameters, parameters per rank), each shared parameter once."""
+    local_numel: dict[int, int] = {}
+    for entry in planned.values():
+        module = modules[entry.name]
+        if entry.spec is None:
+            continue
+        local_numel[id(module.weight)] = math.prod(entry.local_shape)
+        if getattr(module, "bias", None) is not None:
+            local_numel[id(module.bias)] = entry.kind.bias_local(module.bias, entry.spec)
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(local_numel.get(id(p), p.numel()) for p in params)
+
+
+def _check_sequence_parallel(modules: dict[str, nn.Module], entries: list[PlannedModule]) -> None:
+    for entry in entries:
+        if isinstance(entry.kind, Row) and not entry.options.get("input_is_parallel", True):
+            raise PolicyError(
+                f"module {entry.name!r}: style 'row' with input_is_parallel=False cannot be sequence parallel (its "
+                "input would be the sequence-sharded activations). Make its input come from a column layer, or "
+                "use sequence_parallel=False."
+            )
+        if isinstance(entry.kind, Column) and "." not in entry.name:
+            raise PolicyError(
+                f"module {entry.name!r}: sequence parallelism gathers the sequence at the input of the block that "
+                "holds a column layer, and this one sits directly in the model. Put it in a submodule (a block), "
+                "or use sequence_parallel=False."
+            )
+    if not any(isinstance(e.kind, Vocab) and as_linear(modules[e.name]) is not None for e in entries) and not any(
+        isinstance(e.kind, Column) and e.options.get("gather_output") for e in entries
+    ):
+        raise PolicyError(
+            "sequence_parallel=True needs the model's output to leave through a vocab-parallel LM head (or a "
+            "column layer with gather_output): otherwise the output stays sequence-sharded. Add the head to the "
+            "policy as 'vocab', or use sequence_parallel=False."
+        )
+
+
+def _split_root(planned: dict[str, PlannedModule]) -> str:
+    """The innermost module holding every split layer (the model the TP regions belong to)."""
+    parents = [row.name.split(".")[:-1] for row in planned.values() if row.splits]
+    common: list[str] = []
+    for parts in zip(*parents, strict=False) if parents else ():
+        if len(set(parts)) > 1:
+            break
+        common.append(parts[0])
+    return ".".join(common)
+
+
+def _within(name: str, root: str) -> bool:
+    return not root or name == root or name.startswith(root + ".")
+
+
+def _plan_sequence_parallel(modules: dict[str, nn.Module], planned: dict[str, PlannedModule], tp: int) -> None:
+    """Megatron sequence parallelism outside the parallel layers, as plan rows:
+
+    * each block holding column layers gathers the sequence at its input (``sequence_gather``);
+    * replicated ``nn.Embedding``s (positions, token types) give this rank's chunk (``sequence_embedding``);
+    * every other module of the split model that holds whole parameters (norms, gains) gets a
+      partial gradient (``replicate`` with ``partial_grad``): outside the blocks it runs on this
+      rank's sequence chunk; inside a block it runs on the gathered sequence, but the gather's
+      backward (a reduce-scatter) is where the column layers' partial input grads are summed, so
+      what runs before them sees partial grads too. A policy entry with an explicit ``partial_grad``
+      stands.
+    """
+    blocks: dict[str, set[int]] = {}
+    for row in planned.values():
+        if isinstance(row.kind, Column):
+            blocks.setdefault(row.name.rpartition(".")[0], set()).add(row.full_shape[1])
+    root = _split_root(planned)
+    split = {id(p) for r in planned.values() if r.splits for p in modules[r.name].parameters(recurse=False)}
+    for name, module in modules.items():
+        if name in blocks:
+            note = "all-gathers the sequence at the block input"
+            options: dict[str, Any] = {"in_features": sorted(blocks[name])}
+            if any(id(p) not in split for p in _own_params(module)):
+                options["partial_grad"] = True  # the block's own whole parameters, as below
+            planned.setdefault(name, planned_row(name, module, Rule("sequence_gather", options), None, tp, note))
+        elif (name in planned and planned[name].splits) or not _within(name, root):
+            continue
+        elif type(module) is nn.Embedding:
+            planned[name] = planned_row(
+                name, module, Rule("sequence_embedding"), None, tp, "this rank's sequence chunk"
+            )
+        elif (
+            any(id(p) not in split for p in _own_params(module))  # not only a holder of a split layer's parameter
+            and "partial_grad" not in (planned[name].options if name in planned else {})
+        ):
+            rule = Rule("replicate", {"partial_grad": True})
+            planned[name] = planned_row(name, module, rule, None, tp, "partial under sequence parallelism")
+
+
+_ATTN_DROPOUT_HINTS = ("attn_drop", "attention_drop", "attn_dropout", "attention_dropout")
+
+
+def _plan_dropouts(
+    modules: dict[str, nn.Module], planned: dict[str, PlannedModule], tp: int, sequence_parallel: bool
+) -> None:
+    """Dropouts on activations split over TP draw per-rank masks (``tp_dropout``): attention-probability
+    dropouts (named like ``attn_drop``) of blocks with split projections, and under sequence
+    parallelism every ``nn.Dropout`` of the split model (each acts on this rank's chunk or heads).
+    Other dropouts act on replicated activations and keep the shared default stream."""
+    if sequence_parallel:
+        root = _split_root(planned)
+        found = [n for n, m in modules.items() if type(m) is nn.Dropout and _within(n, root)]
+        note = "on sequence-sharded activations"
+    else:
+        parents = {row.name.rpartition(".")[0] for row in planned.values() if isinstance(row.kind, Column)}
+        found = [
+            n
+            for n, m in modules.items()
+            if type(m) is nn.Dropout
+            and n.rpartition(".")[0] in parents
+            and any(h in n.rpartition(".")[2].lower() for h in _ATTN_DROPOUT_HINTS)
+        ]
+        note = "on this rank's heads"
+    for name in found:
+        planned[name] = planned_row(name, modules[name], Rule("tp_dropout"), None, tp, note)
+
+
+def _plan_head_local(modules: dict[str, nn.Module], planned: dict[str, PlannedModule], tp: int) -> None:
+    """What else a block with head-split projections holds, planned from its attributes:
+
+    * an ``nn.Embedding`` child as wide as the block's head count (a per-head table such as T5's
+      relative-position bias) is split by heads (style ``heads``), like the projections;
+    * a replicated child whose parameters are ``(head_dim,)`` vectors (Qwen3/Gemma3 ``q_norm`` /
+      ``k_norm``) runs on this rank's heads only: its gradient is partial and summed over TP.
+
+    Entries the policy gave (a pattern of the user's or a Hugging Face plan, or a split) are kept; auto's
+    default ``replicate`` of a small embedding yields to the head split.
+    """
+    if tp == 1:
+        return
+    parents = {e.name.rpartition(".")[0] for e in planned.values() if e.kind.splits_heads(e.options)}
+    for parent_name in parents:
+        parent = modules[parent_name]
+        heads = next((getattr(parent, a) for a in HEAD_ATTRS[:4] if _is_int(getattr(parent, a, None))), None)
+        head_dim = getattr(parent, "head_dim", None)
+        for leaf, child in parent.named_children():
+            name = f"{parent_name}.{leaf}" if parent_name else leaf
+            if name in planned and (planned[name].pattern is not None or planned[name].splits):
+                continue  # the policy's own entry (auto's default 'replicate' for small embeddings yields)
+            if type(child) is nn.Embedding and heads and child.embedding_dim == heads:
+                planned[name] = planned_row(name, child, Rule("heads"), None, tp)
+            elif (
+                _is_int(head_dim)
+                and as_linear(child) is None
+                and not isinstance(child, nn.Embedding)
+                and (params := _own_params(child))
+                and not any(True for _ in child.children())
+                and all(tuple(p.shape) == (head_dim,) for p in params)
+            ):
+                planned[name] = planned_row(name, child, Rule("replicate", {"partial_grad": True}), None, tp)
+
+
+def _own_params(module: nn.Module) -> list[nn.Parameter]:
+    return list(module.parameters(recurse=False))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_container_match(name: str, pattern: str, modules: dict[str, nn.Module]) -> bool:
+    prefix = name + "."
+    return any(n.startswith(prefix) and fnmatch.fnmatchcase(n, pattern) for n in modules)
+
+
+def _gqa_chunks(modules: dict[str, nn.Module], name: str, module: nn.Module) -> tuple[int, ...] | None:
+    lin = as_linear(module)
+    parent = modules.get(name.rpartition(".")[0])
+    if lin is None or parent is None:
+        return None
+    heads = next((getattr(parent, a) for a in HEAD_ATTRS[:4] if isinstance(getattr(parent, a, None), int)), None)
+    kv = next((getattr(parent, a) for a in KV_HEAD_ATTRS if isinstance(getattr(parent, a, None), int)), None)
+    head_dim = getattr(parent, "head_dim", None)
+    if heads and kv and isinstance(head_dim, int) and (heads + 2 * kv) * head_dim == lin[1] and kv != heads:
+        return (heads * head_dim, kv * head_dim, kv * head_dim)
+    return None
+
+
+def _param_owners(model: nn.Module) -> dict[int, list[tuple[str, str]]]:
+    """``id(param) -> [(module name, param name), ...]``: every place that holds each parameter."""
+    owners: dict[int, list[tuple[str, str]]] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for p_name, param in module.named_parameters(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(param), []).append((mod_name, p_name))
+    return owners
+
+
+def _check_ties(model: nn.Module, planned: dict[str, PlannedModule]) -> None:
+    """Modules that share a parameter must split it the same way. A module that only holds the
+    parameter (not an ``nn.Linear``/``nn.Embedding``, e.g. BERT's ``cls.predictions`` holding the
+    decoder's bias) follows the layer that uses it: :func:`apply_plan` points it at the new shard."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for group in _param_owners(model).values():
+        if len({m for m, _ in group}) < 2:
+            continue
+        layouts = {}
+        for mod_name, p_name in group:
+            entry = planned.get(mod_name)
+            module = modules[mod_name]
+            if entry is None and as_linear(module) is None and not isinstance(module, nn.Embedding):
+                continue  # a holder, not a user of the parameter
+            if entry is not None and p_name == "bias" and entry.spec is not None and entry.spec.dim == 0:
+                layouts[(mod_name, p_name)] = ("bias", entry.spec.sizes, entry.spec.padded_sizes)
+            elif entry is not None and p_name == "bias":
+                layouts[(mod_name, p_name)] = None  # whole on every rank (a row layer's bias)
+            else:
+                layouts[(mod_name, p_name)] = _weight_key(entry.spec) if entry is not None else None
+        if len(set(layouts.values())) > 1:
+            desc = ", ".join(
+                f"'{m}.{p}' ({planned[m].style if m in planned else 'unmatched/replicate'})" for m, p in layouts
+            )
+            raise PolicyError(
+                f"the policy would break a tied parameter shared by {desc}: each side would be split differently. "
+                "Give all modules that share a parameter the same style (e.g. 'vocab' for both a tied embedding "
+                "and LM head), or 'replicate' for all of them."
+            )
+        users = [m for m, _ in layouts]
+        for mod_name in users[1:]:
+            if mod_name in planned and planned[mod_name].tied_to is None and mod_name != users[0]:
+                planned[mod_name].tied_to = users[0]
+
+
+def _attribute_changes(
+    modules: dict[str, nn.Module], planned: dict[str, PlannedModule], tp: int
+) -> list[tuple[str, str, int, int]]:
+    changes: list[tuple[str, str, int, int]] = []
+    if tp == 1:
+        return changes
+    split_children: dict[str, list[PlannedModule]] = {}
+    for entry in planned.values():
+        if entry.kind.splits_heads(entry.options):  # a gathered output (Phi-3's colwise_gather_output) keeps every head
+            split_children.setdefault(entry.name.rpartition(".")[0], []).append(entry)
+    for parent_name, children in split_children.items():
+        parent = modules[parent_name]
+        label = parent_name or type(parent).__name__
+        for attr in HEAD_ATTRS:
+            value = getattr(parent, attr, None)
+            if not isinstance(value, int) or isinstance(value, bool):
+                continue
+            if value % tp != 0:
+                kind = "key/value heads" if attr in KV_HEAD_ATTRS else "heads"
+                hint = (
+                    " Grouped-query attention needs num_key_value_heads divisible by the TP size "
+                    "(key/value heads are not replicated across ranks)."
+                    if attr in KV_HEAD_ATTRS
+                    else ""
+                )
+                raise ShardingError(
+                    f"module {label!r}: {attr}={value} {kind} cannot be split over tensor_parallel_size={tp}: "
+                    f"{value} is not divisible by {tp}.{hint} Use a tensor_parallel_size that divides {value}, "
+                    "or map this block's projections to 'replicate'."
+                )
+            changes.append((parent_name, attr, value, value // tp))
+        head_dim = getattr(parent, "head_dim", None)
+        if isinstance(head_dim, int) and not isinstance(head_dim, bool) and head_dim > 0:
+            for child in children:
+                check_heads(child.spec.sizes, head_dim, tp, child.name)
+        chunk_sizes = {s for c in children for s in c.spec.sizes}
+        for attr in WIDTH_ATTRS:
+            value = getattr(parent, attr, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value in chunk_sizes:
+                changes.append((parent_name, attr, value, value // tp))
+    return changes
