@@ -26,6 +26,7 @@ from lightning_tp.engine.random import RNGTracker, TPDropout, model_parallel_see
 from lightning_tp.engine.sharding import ShardSpec, mark_partial_grad
 from lightning_tp.errors import (
     CheckpointSkippedWarning,
+    DeferredInitError,
     LightningTPError,
     MeshConfigError,
     NonFiniteLossError,
@@ -35,7 +36,8 @@ from lightning_tp.errors import (
     ShardingError,
     VerifyInputError,
 )
-from lightning_tp.lightning.checkpoint import CheckpointError, consolidate, export
+from lightning_tp.lightning.checkpoint import CheckpointError, consolidate
+from lightning_tp.lightning.export import export
 from lightning_tp.lightning.precision import TPGradScaler, TPMixedPrecision
 from lightning_tp.lightning.strategy import MegatronTPStrategy
 from lightning_tp.policy import (
@@ -55,6 +57,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "CheckpointError",
     "CheckpointSkippedWarning",
+    "DeferredInitError",
     "MegatronTPStrategy",
     "TPGradScaler",
     "TPMixedPrecision",

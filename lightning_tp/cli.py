@@ -4,6 +4,7 @@
     lightning-tp fit --config recipes/gpt-cpu.yaml          # also validate / test / predict
     lightning-tp plan --config recipes/llama-hf.yaml        # the policy table, no training
     lightning-tp export CKPT OUT.pt                          # one dense state_dict
+    lightning-tp export CKPT OUT_DIR --format hf             # a from_pretrained directory
 
 W&B runs offline unless ``WANDB_API_KEY`` (or ``WANDB_MODE``) is set.
 """
@@ -18,7 +19,7 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 
 import lightning_tp  # noqa: F401  (registers the strategy names)
-from lightning_tp.lightning.checkpoint import export
+from lightning_tp.lightning.export import export
 from lightning_tp.lightning.strategy import MegatronTPStrategy
 from lightning_tp.policy import plan_policy
 
@@ -60,9 +61,15 @@ def plan_main(args: list[str]) -> str:
 def export_main(args: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="lightning-tp export", description="Consolidate a sharded checkpoint.")
     parser.add_argument("checkpoint", help="a lightning_tp checkpoint directory (*.ckpt)")
-    parser.add_argument("out", help="output file for the dense state_dict (torch.save)")
+    parser.add_argument(
+        "out", help="output: a file for the dense state_dict (torch.save), or a directory (--format hf)"
+    )
+    parser.add_argument("--format", choices=["pt", "hf"], default="pt", help="hf: a from_pretrained directory")
     ns = parser.parse_args(args)
-    out = export(ns.checkpoint, ns.out)
+    out = export(ns.checkpoint, ns.out, format=ns.format)
+    if ns.format == "hf":
+        print(f"wrote {out}: config.json + safetensors; load with <ModelClass>.from_pretrained({str(out)!r})")
+        return
     state = torch.load(out, weights_only=True, map_location="cpu")
     n = sum(t.numel() for t in state.values())
     print(

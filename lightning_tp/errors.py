@@ -51,3 +51,9 @@ class VerifyInputError(LightningTPError, ValueError):
 
     Raised before the model is rewritten; pass a batch the model accepts (``example_input_array``
     on the LightningModule, ``example_input=`` to ``apply_policy``) or ``verify=False``."""
+
+
+class DeferredInitError(LightningTPError, TypeError):
+    """A model built on the meta device cannot be initialized: a module holding tensors has no
+    initializer (``reset_parameters``, its model's ``_init_weights`` or the LightningModule's
+    ``init_weights(module)`` hook)."""

@@ -281,3 +281,83 @@ def _check_precomputed_plan():
 
 def test_apply_policy_takes_a_precomputed_plan_for_this_model_only():
     assert all(_dist.run(2, _check_precomputed_plan))
+
+
+class _Wrapper(nn.Module):
+    """A LightningModule-like holder of the model (what the strategy plans and rewrites)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+
+def test_patterns_relative_to_a_wrapped_model_are_a_clear_error():
+    from lightning_tp.policy import PolicyError
+
+    wrapped = _Wrapper(models.build("plain"))
+    child_relative = {"layers.*.attn.q_proj": "column", "layers.*.attn.o_proj": "row"}
+    with pytest.raises(PolicyError, match=r"match inside its child module: .*'model\.layers\.\*\.attn\.q_proj'"):
+        plan_policy(wrapped, 2, child_relative)
+    prefixed = {f"model.{k}": v for k, v in child_relative.items()}
+    assert {r.name for r in plan_policy(wrapped, 2, prefixed).modules if r.splits} == {
+        f"model.layers.{i}.attn.{p}" for i in (0, 1) for p in ("q_proj", "o_proj")
+    }
+
+
+def test_vocab_size_comes_from_a_nested_config():
+    from types import SimpleNamespace
+
+    from lightning_tp.policy.rules import infer_vocab_size
+
+    inner = nn.Module()
+    inner.config = SimpleNamespace(vocab_size=100)
+    inner.word_embeddings = nn.Embedding(100, 8)
+    inner.position_embeddings = nn.Embedding(512, 8)  # also "hinted" by its name, and larger
+    assert infer_vocab_size(inner) == infer_vocab_size(_Wrapper(inner)) == 100
+
+
+class _FlatLM(nn.Module):
+    """Column layers directly in the model (no block): sequence parallelism cannot gather for them."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(30, 16)
+        self.fc = nn.Linear(16, 64)
+        self.proj = nn.Linear(64, 16)
+        self.lm_head = nn.Linear(16, 30, bias=False)
+
+
+def test_sequence_parallel_column_outside_a_block_is_refused_also_when_wrapped():
+    from lightning_tp.policy import PolicyError
+
+    policy = {"fc": "column", "proj": "row", "tok": "vocab", "lm_head": "vocab"}
+    for model, pol in ((_FlatLM(), policy), (_Wrapper(_FlatLM()), {f"model.{k}": v for k, v in policy.items()})):
+        with pytest.raises(PolicyError, match="sits directly in the model"):
+            plan_policy(model, 2, pol, sequence_parallel=True)
+
+
+class _ScaledAttention(models.PlainAttention):
+    def __init__(self, d, n_heads):
+        super().__init__(d, n_heads)
+        self.scale = nn.Parameter(torch.ones(d))
+
+
+def test_a_policy_entry_on_a_gathering_block_keeps_its_gather():
+    model = models.build("plain")
+    model.layers[0].attn = _ScaledAttention(16, 4)
+    auto = {r.name: {"style": r.style, **r.options} for r in plan_policy(model, 2, "auto").modules}
+    plan = plan_policy(model, 2, {"layers.0.attn": {"style": "replicate", "partial_grad": False}, **auto},
+                       sequence_parallel=True)  # fmt: skip
+    rows = {r.name: r for r in plan.modules}
+    assert rows["layers.0.attn"].style == "sequence_gather" and rows["layers.0.attn"].pattern == "layers.0.attn"
+    assert rows["layers.0.attn"].options == {"in_features": [16], "partial_grad": False}  # the user's word stands
+    assert rows["layers.1.attn"].style == "sequence_gather" and "partial_grad" not in rows["layers.1.attn"].options
+    plan = plan_policy(model, 2, "auto", sequence_parallel=True)
+    assert {r.name: r for r in plan.modules}["layers.0.attn"].options == {"in_features": [16], "partial_grad": True}
+
+
+def test_a_column_layer_without_its_blocks_gather_row_is_refused():
+    from lightning_tp.policy.styles import BuildContext
+
+    with pytest.raises(ShardingError, match="no 'sequence_gather' row for block 'layers.0.attn'"):
+        BuildContext(group=None, sequence_parallel=True).gather("layers.0.attn")

@@ -48,7 +48,9 @@ if TYPE_CHECKING:
 
 def _param(full: Tensor | None, spec: ShardSpec | None, tp_rank: int, requires_grad: bool) -> nn.Parameter:
     data = full.detach() if spec is None else spec.shard(full.detach(), tp_rank)
-    param = nn.Parameter(data.clone() if spec is None else data, requires_grad=requires_grad)
+    if spec is None or data.untyped_storage().nbytes() > data.numel() * data.element_size():
+        data = data.clone()  # a slice would keep the whole dense tensor's memory alive
+    param = nn.Parameter(data, requires_grad=requires_grad)
     return param if spec is None else mark_sharded(param, spec)
 
 

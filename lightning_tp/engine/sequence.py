@@ -41,15 +41,14 @@ class SequenceGather:
 
     def __init__(self, group: ProcessGroup, in_features: Iterable[int]) -> None:
         self.group, self.in_features = group, frozenset(int(i) for i in in_features)
-        # id(gathered) -> (weak ref to it, this rank's shard, its version when gathered); one block call
+        # id(gathered) -> (weak ref to it, this rank's shard, its version when gathered). An entry
+        # lives as long as the gathered tensor (a recompute of a checkpointed region inside the block
+        # finds it again); it is dropped when that tensor is freed.
         self._shards: dict[int, tuple[weakref.ref, Tensor, int]] = {}
 
-    def attach(self, block: nn.Module) -> list[RemovableHandle]:
-        """Register the gather on ``block``'s input (and the cache's reset at its output)."""
-        return [
-            block.register_forward_pre_hook(self._pre, with_kwargs=True),
-            block.register_forward_hook(self._post, always_call=True),
-        ]
+    def attach(self, block: nn.Module) -> RemovableHandle:
+        """Register the gather on ``block``'s input."""
+        return block.register_forward_pre_hook(self._pre, with_kwargs=True)
 
     def shard_of(self, full: Tensor) -> Tensor | None:
         """This rank's shard of ``full`` if ``full`` is an unchanged input this gather produced in
@@ -62,16 +61,15 @@ class SequenceGather:
     def _gather(self, x: Any) -> Any:
         if isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 2 and x.shape[-1] in self.in_features:
             full = gather_from_sp(x, self.group, -2)  # (..., T, in)
-            self._shards[id(full)] = (weakref.ref(full), x, tensor_version(full))
+            key = id(full)
+            shards = self._shards
+            ref = weakref.ref(full, lambda _, key=key: shards.pop(key, None))
+            self._shards[key] = (ref, x, tensor_version(full))
             return full
         return x
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        self._shards.clear()
         return tuple(self._gather(a) for a in args), {k: self._gather(v) for k, v in kwargs.items()}
-
-    def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self._shards.clear()  # the column layers took what they need; keep no activation alive
 
     def __repr__(self) -> str:
         return f"SequenceGather(in_features={sorted(self.in_features)})"

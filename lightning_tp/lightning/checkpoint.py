@@ -216,6 +216,7 @@ def save(
             "transpose": _transposed(module),
             "aliases": _aliases(module),
             "optimizers": optim_meta,
+            "hf": hf_info(module),
         }
         if rank == 0:
             tmp.mkdir(parents=True, exist_ok=False)
@@ -246,6 +247,20 @@ def save(
             f"saving checkpoint {path} failed on ranks {failed}{cause}. Nothing was written: the temporary directory "
             "was removed and a previous checkpoint at that path, if any, is unchanged."
         ) from error
+
+
+def hf_info(module: nn.Module) -> dict[str, str] | None:
+    """The outermost Hugging Face model inside ``module``: its state-dict prefix, class and config
+    (JSON), so that a checkpoint can be exported as a ``from_pretrained`` directory."""
+    for name, sub in module.named_modules():
+        config = getattr(sub, "config", None)
+        if callable(getattr(sub, "save_pretrained", None)) and callable(getattr(config, "to_json_string", None)):
+            return {
+                "prefix": f"{name}." if name else "",
+                "class": type(sub).__name__,
+                "config": config.to_json_string(),
+            }
+    return None
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
@@ -465,6 +480,19 @@ def full_state_dict(module: nn.Module, group: ProcessGroup) -> dict[str, Tensor]
     return out
 
 
+def read_offline(path: Path, keys: dict[str, TensorStorageMetadata]) -> dict[str, Tensor]:
+    """The stored tensors ``keys`` (names -> their storage metadata) of checkpoint ``path``, read
+    without a process group."""
+    buffers = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in keys.items()}
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+            dcp.load(buffers, checkpoint_id=str(path), no_dist=True)
+    except (Exception, dcp.CheckpointException) as exc:  # the latter is a BaseException
+        raise CheckpointError(f"reading {sorted(keys)[:3]} from {path} failed: {type(exc).__name__}: {exc}") from exc
+    return buffers
+
+
 def consolidate(path: str | os.PathLike) -> dict[str, Tensor]:
     """One full, unsharded state_dict from a sharded checkpoint, without a process group.
 
@@ -474,14 +502,7 @@ def consolidate(path: str | os.PathLike) -> dict[str, Tensor]:
     info = read_meta(path)["lightning_tp"]
     _raise_if_bad(path, info, distributed=False)
     stored = _storage(path)
-    model_keys = {k: v for k, v in stored.items() if k.startswith("model.")}
-    buffers = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in model_keys.items()}
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-            dcp.load(buffers, checkpoint_id=str(path), no_dist=True)
-    except (Exception, dcp.CheckpointException) as exc:  # the latter is a BaseException
-        raise CheckpointError(f"reading the shards of {path} failed: {type(exc).__name__}: {exc}") from exc
+    buffers = read_offline(path, {k: v for k, v in stored.items() if k.startswith("model.")})
     out: dict[str, Tensor] = {}
     for name, layout in info["layout"].items():
         key = f"model.{name}"
@@ -494,13 +515,4 @@ def consolidate(path: str | os.PathLike) -> dict[str, Tensor]:
         out[name] = out[name].t().contiguous()
     for alias, name in info.get("aliases", {}).items():
         out[alias] = out[name]
-    return out
-
-
-def export(path: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write :func:`consolidate` of checkpoint ``path`` to ``out`` (``torch.save``)."""
-    state = consolidate(path)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, out)
     return out

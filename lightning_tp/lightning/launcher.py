@@ -16,7 +16,9 @@ from lightning_tp.lightning.checkpoint import full_state_dict
 class TPMultiProcessingLauncher(MultiProcessingLauncher):
     """Spawn/fork launcher that sends the *consolidated* (unsharded) weights back to the main
     process, where the user's module is still the original dense model, and ends a worker without
-    torch's C++ teardown once its work is done.
+    torch's C++ teardown once its work is done. A model built on the meta device (deferred init)
+    gets no weights back: the main process keeps its meta model; the trained weights are in the
+    checkpoints the ranks wrote.
 
     Args:
         strategy: the :class:`~lightning_tp.lightning.strategy.MegatronTPStrategy` it launches.
@@ -44,6 +46,12 @@ class TPMultiProcessingLauncher(MultiProcessingLauncher):
         os._exit(0)
 
     def _collect_rank_zero_results(self, trainer: pl.Trainer, results: Any):
+        if self.tp_strategy.deferred_init:  # built on meta: the main process never holds the dense model
+            output = super()._collect_rank_zero_results(trainer, results)
+            if output is not None and output.weights_path is not None:
+                self.tp_strategy.checkpoint_io.remove_checkpoint(output.weights_path)  # rank 0's shards only
+                output = output._replace(weights_path=None)
+            return output
         full = full_state_dict(trainer.lightning_module, self.tp_strategy.tp_group)  # collective on every rank
         output = super()._collect_rank_zero_results(trainer, results)
         if output is None or output.weights_path is None:

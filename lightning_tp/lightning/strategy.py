@@ -15,7 +15,8 @@ import logging
 import os
 import shutil
 import warnings
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -33,8 +34,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_tp._compat import SubprocessScriptLauncher, set_device_mesh, set_launcher, tree_map
 from lightning_tp.engine.comm import broadcast_coalesced
+from lightning_tp.engine.init import Materializer, is_deferred
 from lightning_tp.engine.mesh import TPMesh, init_tp_mesh, parallel_sizes
-from lightning_tp.engine.random import RNGTracker, model_parallel_seed
+from lightning_tp.engine.random import RNGTracker, derive_seed, model_parallel_seed
 from lightning_tp.errors import CheckpointSkippedWarning, MeshConfigError
 from lightning_tp.lightning import checkpoint as ckpt
 from lightning_tp.lightning.faults import (
@@ -45,9 +47,11 @@ from lightning_tp.lightning.faults import (
 )
 from lightning_tp.lightning.launcher import TPMultiProcessingLauncher
 from lightning_tp.lightning.precision import PartialGradCheck, TPPrecision, _TPPrecisionMixin, to_tp_precision
+from lightning_tp.lightning.pretrained import load_pretrained
 from lightning_tp.policy import applied_plan, apply_policy, plan_policy, resolve_rules
 
 log = logging.getLogger(__name__)
+_INIT_STREAM = 0x1417  # the deferred-init seed: derived from the run's seed, apart from the dropout streams
 _DDP_STRATEGY_PARAMS = frozenset(inspect.signature(DDPStrategy.__init__).parameters)
 
 
@@ -80,6 +84,11 @@ class MegatronTPStrategy(DDPStrategy):
         debug: set ``TORCH_DISTRIBUTED_DEBUG=DETAIL`` before the process group is created: a rank
             that skips a collective or sends a mis-shaped tensor raises an error naming both sides
             instead of hanging. Slower; for debugging.
+        pretrained: weights loaded into the rewritten model, each rank reading only its slices: a
+            Hugging Face model directory (safetensors, one file or sharded with its index), one
+            ``.safetensors`` file or a ``.pt`` state dict. With a meta-device model no random init runs.
+        pretrained_prefix: prepended to every key of the weights file (default: the prefix that
+            matches the most keys, e.g. a LightningModule's ``model.``).
         **kwargs: passed to ``DistributedDataParallel`` (e.g. ``find_unused_parameters``).
     """
 
@@ -98,6 +107,8 @@ class MegatronTPStrategy(DDPStrategy):
         seed: int | None = None,
         nan_check: bool = True,
         debug: bool = False,
+        pretrained: str | os.PathLike | None = None,
+        pretrained_prefix: str | None = None,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment=None,
@@ -131,9 +142,11 @@ class MegatronTPStrategy(DDPStrategy):
         self.sequence_parallel = sequence_parallel
         self._seed = seed
         self.nan_check, self.debug = nan_check, debug
+        self.pretrained, self.pretrained_prefix = pretrained, pretrained_prefix
         self._tp_mesh: TPMesh | None = None
         self._ddp_group = None  # debug mode: the DP group without the debug wrapper, for DDP
         self.rng_tracker: RNGTracker | None = None
+        self.deferred_init = False  # the model was built on the meta device and initialized layer by layer
 
     # -- precision: every plugin becomes its TP-aware variant ------------------------------------
     def _get_precision_plugin(self) -> Precision:
@@ -145,6 +158,17 @@ class MegatronTPStrategy(DDPStrategy):
         DDPStrategy.precision_plugin.fset(self, None if plugin is None else to_tp_precision(plugin))
 
     precision_plugin = property(_get_precision_plugin, _set_precision_plugin)
+
+    @contextmanager
+    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
+        """``trainer.init_module(empty_init=True)`` builds the model on the meta device: the strategy
+        then plans and rewrites it there and initializes it one layer at a time (deferred init)."""
+        if not empty_init:
+            with super().tensor_init_context(empty_init):
+                yield
+            return
+        with torch.device("meta"), self.precision_plugin.tensor_init_context():
+            yield
 
     # -- topology ---------------------------------------------------------------------------------
     @property
@@ -210,7 +234,8 @@ class MegatronTPStrategy(DDPStrategy):
         assert self.accelerator is not None and self.model is not None
         self.accelerator.setup(trainer)
         module = self.lightning_module
-        self.model_to_device()
+        if not is_deferred(module):
+            self.model_to_device()
         if applied_plan(module) is None:
             self._shard(module)
         self.model = self.precision_plugin.convert_module(self.model)
@@ -226,20 +251,36 @@ class MegatronTPStrategy(DDPStrategy):
             _optimizers_to_device(self.optimizers, self.root_device)
 
     def _shard(self, module: pl.LightningModule) -> None:
-        """Plan, sync, seed, rewrite (+ verify) the LightningModule in place."""
+        """Plan, sync (or, for a meta-device model, initialize layer by layer), seed, rewrite (+ verify)
+        the LightningModule in place."""
         forward, verify, example = self._verify_target(module)
-        # Policy, head-count and tie errors are raised here, identically on every rank, before any collective.
+        # Policy, head-count, tie and initializer errors are raised here, identically on every rank, before any
+        # collective.
         plan = plan_policy(
             module, self.tensor_parallel_size, self.policy, strict=self.strict, sequence_parallel=self.sequence_parallel
         )
-        broadcast_coalesced([t.detach() for t in (*module.parameters(), *module.buffers())])  # rank 0's weights
-        self.rng_tracker = model_parallel_seed(
-            self._resolve_seed(), self.tp_mesh.tp_rank, self.tp_mesh.dp_rank, self.root_device
-        )
+        self.deferred_init = is_deferred(module)
+        materializer = None
+        if self.deferred_init:  # every rank initializes the same dense layers from the shared seed
+            hook = getattr(module, "init_weights", None)
+            materializer = Materializer(
+                module, self.root_device, 0, hook if callable(hook) else None, initialize=self.pretrained is None
+            )
+        else:
+            ignore = set(getattr(module, "_ddp_params_and_buffers_to_ignore", ()))  # DDP's documented opt-out
+            named = [*module.named_parameters(), *module.named_buffers()]
+            broadcast_coalesced([t.detach() for n, t in named if n not in ignore])  # rank 0's weights
+        seed = self._resolve_seed()
+        self.rng_tracker = model_parallel_seed(seed, self.tp_mesh.tp_rank, self.tp_mesh.dp_rank, self.root_device)
+        if materializer is not None:
+            materializer.seed = derive_seed(seed, _INIT_STREAM)
         apply_policy(
             module, self.tp_group, plan, strict=self.strict, verify=verify, example_input=example,
-            rng_tracker=self.rng_tracker, forward_module=forward,
+            rng_tracker=self.rng_tracker, forward_module=forward, materializer=materializer,
         )  # fmt: skip
+        if self.pretrained is not None:  # each rank reads its own slices
+            n = load_pretrained(module, self.pretrained, self.tp_mesh.tp_rank, self.pretrained_prefix)
+            log.info("lightning_tp: loaded %d pretrained tensors from %s", n, self.pretrained)
 
     def _verify_target(self, module: pl.LightningModule) -> tuple[nn.Module | None, bool, Any]:
         """``(module whose forward verify runs, verify, example input)``: the wrapped model when the
@@ -400,9 +441,14 @@ def _unwrapped(optimizer: Any) -> torch.optim.Optimizer:
     return optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
 
 
+def _to(device: torch.device):
+    return lambda t: t.to(device) if isinstance(t, Tensor) else t
+
+
 def _optimizers_to_device(optimizers: list[Any], device: torch.device) -> None:
     """Move optimizer state (e.g. restored on CPU) to ``device``."""
     for optimizer in optimizers:
         opt = _unwrapped(optimizer)
         for param, state in opt.state.items():
-            opt.state[param] = tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, state)
+            # the "step" counter stays where it is (on CPU: no device sync per parameter per step)
+            opt.state[param] = {k: v if k == "step" else tree_map(_to(device), v) for k, v in state.items()}

@@ -1,6 +1,6 @@
 """Which module becomes what: rules (where a policy comes from), styles (one object per kind of
 rewrite), the plan (the complete rewrite, found once), applying it, the parity self-check and the
-plan table. Imports point one way: styles <- rules <- report/plan <- verify <- apply.
+plan table. Imports point one way: styles <- rules <- ties, report <- plan <- verify <- apply.
 
 A policy maps fnmatch patterns on fully qualified module names to a style (first match wins)::
 

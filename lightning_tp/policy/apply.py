@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,9 +15,10 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from lightning_tp.engine.comm import group_size
+from lightning_tp.engine.init import Materializer, is_deferred
 from lightning_tp.engine.random import RNGTracker
-from lightning_tp.errors import ShardingError
-from lightning_tp.policy.plan import Plan, PlannedModule, _param_owners, attach_plan, plan_policy, planned_row
+from lightning_tp.errors import DeferredInitError, ShardingError
+from lightning_tp.policy.plan import Plan, PlannedModule, attach_plan, plan_policy, planned_row
 from lightning_tp.policy.rules import PolicyError, PolicyWarning, Rule
 from lightning_tp.policy.styles import BuildContext, Qkv, SequenceGatherStyle, as_linear
 from lightning_tp.policy.verify import capture, check_parity, check_reference, interleaved_groups, make_example_input
@@ -71,7 +73,13 @@ def _check_plan_fits(model: nn.Module, plan: Plan) -> None:
             )
 
 
-def apply_plan(model: nn.Module, plan: Plan, group: ProcessGroup, rng_tracker: RNGTracker | None = None) -> nn.Module:
+def apply_plan(
+    model: nn.Module,
+    plan: Plan,
+    group: ProcessGroup,
+    rng_tracker: RNGTracker | None = None,
+    materializer: Materializer | None = None,
+) -> nn.Module:
     """Rewrite ``model`` in place as ``plan`` says, with layers on ``group``. Returns ``model``.
 
     Each row's style builds its module (split layers, sequence-sharded position embeddings,
@@ -86,6 +94,10 @@ def apply_plan(model: nn.Module, plan: Plan, group: ProcessGroup, rng_tracker: R
     Under sequence parallelism the sequence length must divide by TP, and the model must not
     re-derive the sequence length from the sharded activations (the parity self-check catches
     models that do). The plan is recorded on ``model`` (:func:`~lightning_tp.policy.plan.applied_plan`).
+
+    A model on the meta device (deferred init) needs a ``materializer``
+    (:class:`~lightning_tp.engine.init.Materializer`): each layer is materialized and initialized
+    dense, then its split modules keep this rank's slices, one layer at a time.
     """
     if group_size(group) != plan.tp_size:
         raise PolicyError(
@@ -96,17 +108,30 @@ def apply_plan(model: nn.Module, plan: Plan, group: ProcessGroup, rng_tracker: R
     for row in plan.modules:
         if isinstance(row.kind, SequenceGatherStyle):
             ctx.in_features[row.name] = set(row.options["in_features"])
-    owners = _param_owners(model)
-    replaced: dict[int, nn.Parameter] = {}  # id(dense parameter) -> the parameter that replaces it
-    for row in plan.modules:
-        if row.kind.replaces:
+    replaced: _Replaced = {}
+    rows = [row for row in plan.modules if row.kind.replaces]
+    if materializer is None:
+        if is_deferred(model):
+            raise DeferredInitError(
+                "the model holds tensors on the meta device: apply_plan needs a materializer "
+                "(lightning_tp.engine.init.Materializer(model, device, seed)) to initialize it layer by layer."
+            )
+        for row in rows:
             _replace(model, row, ctx, replaced)
+    else:
+        for name, unit, recurse in list(materializer.units()):
+            materializer.materialize(name, unit, recurse)
+            for row in rows:
+                if row.name == name or (recurse and row.name.startswith(name + ".")):
+                    _replace(model, row, ctx, replaced)
+        materializer.finish()
     split = {row.name for row in plan.modules if row.splits}
-    for old_id, param in replaced.items():  # modules that only hold a replaced parameter follow it
-        for mod_name, p_name in owners.get(old_id, []):
-            holder = model.get_submodule(mod_name)
-            if getattr(holder, p_name, None) is not param and mod_name not in split:
-                setattr(holder, p_name, param)
+    for mod_name, holder in model.named_modules(remove_duplicate=False):  # holders of a replaced parameter follow it
+        if mod_name in split:
+            continue
+        for p_name, param in list(holder.named_parameters(recurse=False, remove_duplicate=False)):
+            if (new := _replacement(replaced, param)) is not None:
+                setattr(holder, p_name, new)
     for row in plan.modules:
         if not row.kind.replaces:
             row.kind.build(row, model.get_submodule(row.name), ctx)
@@ -116,15 +141,25 @@ def apply_plan(model: nn.Module, plan: Plan, group: ProcessGroup, rng_tracker: R
     return model
 
 
-def _replace(model: nn.Module, row: PlannedModule, ctx: BuildContext, replaced: dict[int, nn.Parameter]) -> None:
+# id(dense parameter) -> (weak reference to it, the parameter that replaces it). Weak, so a dense
+# layer is freed once replaced (deferred init); checked by identity, as a freed id may be reused.
+_Replaced = dict[int, tuple[weakref.ref, nn.Parameter]]
+
+
+def _replacement(replaced: _Replaced, old: nn.Parameter) -> nn.Parameter | None:
+    entry = replaced.get(id(old))
+    return entry[1] if entry is not None and entry[0]() is old else None
+
+
+def _replace(model: nn.Module, row: PlannedModule, ctx: BuildContext, replaced: _Replaced) -> None:
     dense = model.get_submodule(row.name)
     originals = dict(dense.named_parameters(recurse=False))
     new = row.kind.build(row, dense, ctx)
     for p_name, old in originals.items():
-        if id(old) in replaced:  # a tie: the first layer's new parameter serves every user
-            setattr(new, p_name, replaced[id(old)])
+        if (tied := _replacement(replaced, old)) is not None:  # a tie: the first layer's new parameter serves all
+            setattr(new, p_name, tied)
         elif isinstance(getattr(new, p_name, None), nn.Parameter):
-            replaced[id(old)] = getattr(new, p_name)
+            replaced[id(old)] = (weakref.ref(old), getattr(new, p_name))
     if new is not dense:
         model.set_submodule(row.name, new)
 
@@ -159,6 +194,7 @@ def apply_policy(
     sequence_parallel: bool = False,
     rng_tracker: RNGTracker | None = None,
     forward_module: nn.Module | None = None,
+    materializer: Materializer | None = None,
 ) -> Plan:
     """Plan, validate, rewrite ``model`` in place and (``verify``) check it against itself unsharded.
 
@@ -177,6 +213,8 @@ def apply_policy(
             :func:`apply_plan`).
         forward_module: the module whose forward ``verify`` calls with ``example_input``: ``model``
             (default) or one of its submodules (a wrapper without a forward of its own).
+        materializer: for a model on the meta device (see :func:`apply_plan`); ``verify`` is
+            skipped for it with a warning (the check needs the dense model).
 
     Returns:
         The applied :class:`Plan` (prints as a table).
@@ -196,6 +234,15 @@ def apply_policy(
     else:
         plan = plan_policy(model, group_size(group), policy, strict=strict, sequence_parallel=sequence_parallel)
     warn_plan(plan)
+    if verify and is_deferred(model):
+        warnings.warn(
+            "verify=True skipped: the model is on the meta device (deferred init) and the parity self-check "
+            "compares against the dense model, which is never built. The first-step partial-gradient check "
+            "still runs under the strategy.",
+            PolicyWarning,
+            stacklevel=2,
+        )
+        verify = False
     if verify:
         run = model if forward_module is None else forward_module
         inputs = example_input if example_input is not None else make_example_input(run)
@@ -203,7 +250,7 @@ def apply_policy(
         reference = capture(model, inputs, fused=fused, run=run)
         check_reference(reference, inputs)  # a batch the model does not take: raised before any rewrite
         plan = _per_head_fused(plan, model, interleaved_groups(plan, model, reference[-1]))
-    apply_plan(model, plan, group, rng_tracker)
+    apply_plan(model, plan, group, rng_tracker, materializer)
     if verify:
         check_parity(model, inputs, reference, plan, group, run=run)
     return plan

@@ -33,6 +33,7 @@ from lightning_tp.policy.rules import (
     resolve_rules,
 )
 from lightning_tp.policy.styles import ALL_STYLES, STYLES, Column, Row, Style, Vocab, as_linear
+from lightning_tp.policy.ties import check_ties
 
 PLAN_ATTR = "_lightning_tp_plan"  # where apply_plan leaves the applied plan on the rewritten model
 
@@ -97,10 +98,6 @@ def applied_plan(model: nn.Module) -> Plan | None:
     return plan if isinstance(plan, Plan) else None
 
 
-def _weight_key(spec: ShardSpec | None) -> tuple | None:
-    return None if spec is None else (spec.dim % 2, spec.sizes, spec.padded_sizes)
-
-
 def planned_row(
     name: str, module: nn.Module, rule: Rule, pattern: str | None, tp: int, note: str | None = None
 ) -> PlannedModule:
@@ -151,7 +148,7 @@ def plan_policy(
     modules = dict(model.named_modules())
     planned, unmatched, used = _match(model, modules, source, rules, tp_size)
     _plan_head_local(modules, planned, tp_size)
-    _check_ties(model, planned)
+    check_ties(model, planned)
     changes = _attribute_changes(modules, planned, tp_size)
     if unmatched and strict:
         raise PolicyError(
@@ -165,7 +162,29 @@ def plan_policy(
     _plan_dropouts(modules, planned, tp_size, sequence_parallel)
     ordered = [planned[n] for n in modules if n in planned]
     unused = [p for p in rules if p not in used]
+    _check_relative_names(model, modules, unused, ordered)
     return Plan(tp_size, source, ordered, unmatched, unused, changes, full, local, sequence_parallel)
+
+
+def _check_relative_names(
+    model: nn.Module, modules: dict[str, nn.Module], unused: list[str], rows: list[PlannedModule]
+) -> None:
+    """A policy written relative to a wrapped model (``blocks.*`` for a LightningModule's
+    ``self.model.blocks``) splits nothing: say so with the names that would match."""
+    if not unused or any(r.splits for r in rows):
+        return
+    hints = {
+        p: f"{child}.{p}"
+        for p in unused
+        for child, _ in model.named_children()
+        if any(fnmatch.fnmatchcase(n, f"{child}.{p}") for n in modules)
+    }
+    if hints:
+        raise PolicyError(
+            f"policy patterns {list(hints)} match no module of this {type(model).__name__}, so nothing would be "
+            f"split; they match inside its child module: {hints}. Patterns name modules relative to the module "
+            "that is rewritten (the LightningModule under the strategy; `lightning-tp plan` prints the names)."
+        )
 
 
 def _match(
@@ -220,6 +239,7 @@ def _param_counts(
 
 
 def _check_sequence_parallel(modules: dict[str, nn.Module], entries: list[PlannedModule]) -> None:
+    root = _split_root({e.name: e for e in entries})
     for entry in entries:
         if isinstance(entry.kind, Row) and not entry.options.get("input_is_parallel", True):
             raise PolicyError(
@@ -227,7 +247,7 @@ def _check_sequence_parallel(modules: dict[str, nn.Module], entries: list[Planne
                 "input would be the sequence-sharded activations). Make its input come from a column layer, or "
                 "use sequence_parallel=False."
             )
-        if isinstance(entry.kind, Column) and "." not in entry.name:
+        if isinstance(entry.kind, Column) and entry.name.rpartition(".")[0] in ("", root):
             raise PolicyError(
                 f"module {entry.name!r}: sequence parallelism gathers the sequence at the input of the block that "
                 "holds a column layer, and this one sits directly in the model. Put it in a submodule (a block), "
@@ -280,11 +300,16 @@ def _plan_sequence_parallel(modules: dict[str, nn.Module], planned: dict[str, Pl
         if name in blocks:
             note = "all-gathers the sequence at the block input"
             options: dict[str, Any] = {"in_features": sorted(blocks[name])}
-            if any(id(p) not in split for p in _own_params(module)):
+            given = planned.get(name)  # a block is never a split row; the policy may mark its parameters
+            if given is not None and "partial_grad" in given.options:
+                options["partial_grad"] = given.options["partial_grad"]
+            elif any(id(p) not in split for p in _own_params(module)) and name != root:
                 options["partial_grad"] = True  # the block's own whole parameters, as below
-            planned.setdefault(name, planned_row(name, module, Rule("sequence_gather", options), None, tp, note))
-        elif (name in planned and planned[name].splits) or not _within(name, root):
-            continue
+            row = planned_row(name, module, Rule("sequence_gather", options), None, tp, note)
+            row.pattern = given.pattern if given is not None else None
+            planned[name] = row
+        elif (name in planned and planned[name].splits) or not _within(name, root) or name == root:
+            continue  # the split model's root: its own parameters may act on gathered outputs (a logit scale)
         elif type(module) is nn.Embedding:
             planned[name] = planned_row(
                 name, module, Rule("sequence_embedding"), None, tp, "this rank's sequence chunk"
@@ -384,50 +409,6 @@ def _gqa_chunks(modules: dict[str, nn.Module], name: str, module: nn.Module) -> 
     if heads and kv and isinstance(head_dim, int) and (heads + 2 * kv) * head_dim == lin[1] and kv != heads:
         return (heads * head_dim, kv * head_dim, kv * head_dim)
     return None
-
-
-def _param_owners(model: nn.Module) -> dict[int, list[tuple[str, str]]]:
-    """``id(param) -> [(module name, param name), ...]``: every place that holds each parameter."""
-    owners: dict[int, list[tuple[str, str]]] = {}
-    for mod_name, module in model.named_modules(remove_duplicate=False):
-        for p_name, param in module.named_parameters(recurse=False, remove_duplicate=False):
-            owners.setdefault(id(param), []).append((mod_name, p_name))
-    return owners
-
-
-def _check_ties(model: nn.Module, planned: dict[str, PlannedModule]) -> None:
-    """Modules that share a parameter must split it the same way. A module that only holds the
-    parameter (not an ``nn.Linear``/``nn.Embedding``, e.g. BERT's ``cls.predictions`` holding the
-    decoder's bias) follows the layer that uses it: :func:`apply_plan` points it at the new shard."""
-    modules = dict(model.named_modules(remove_duplicate=False))
-    for group in _param_owners(model).values():
-        if len({m for m, _ in group}) < 2:
-            continue
-        layouts = {}
-        for mod_name, p_name in group:
-            entry = planned.get(mod_name)
-            module = modules[mod_name]
-            if entry is None and as_linear(module) is None and not isinstance(module, nn.Embedding):
-                continue  # a holder, not a user of the parameter
-            if entry is not None and p_name == "bias" and entry.spec is not None and entry.spec.dim == 0:
-                layouts[(mod_name, p_name)] = ("bias", entry.spec.sizes, entry.spec.padded_sizes)
-            elif entry is not None and p_name == "bias":
-                layouts[(mod_name, p_name)] = None  # whole on every rank (a row layer's bias)
-            else:
-                layouts[(mod_name, p_name)] = _weight_key(entry.spec) if entry is not None else None
-        if len(set(layouts.values())) > 1:
-            desc = ", ".join(
-                f"'{m}.{p}' ({planned[m].style if m in planned else 'unmatched/replicate'})" for m, p in layouts
-            )
-            raise PolicyError(
-                f"the policy would break a tied parameter shared by {desc}: each side would be split differently. "
-                "Give all modules that share a parameter the same style (e.g. 'vocab' for both a tied embedding "
-                "and LM head), or 'replicate' for all of them."
-            )
-        users = [m for m, _ in layouts]
-        for mod_name in users[1:]:
-            if mod_name in planned and planned[mod_name].tied_to is None and mod_name != users[0]:
-                planned[mod_name].tied_to = users[0]
 
 
 def _attribute_changes(

@@ -158,10 +158,12 @@ _TOKEN_EMBEDDING_HINTS = ("wte", "tok", "token", "word", "embed_tokens", "embedd
 
 
 def infer_vocab_size(model: nn.Module) -> int | None:
-    """The vocabulary size: ``config.vocab_size``, else the token embedding's rows."""
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if isinstance(vocab, int):
-        return vocab
+    """The vocabulary size: ``config.vocab_size`` of the outermost module that has one (the model, or
+    a Hugging Face model inside a LightningModule), else the token embedding's rows."""
+    for _, module in model.named_modules():
+        vocab = getattr(getattr(module, "config", None), "vocab_size", None)
+        if isinstance(vocab, int) and not isinstance(vocab, bool):
+            return vocab
     embeddings = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
     if not embeddings:
         return None

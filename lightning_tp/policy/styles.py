@@ -28,6 +28,7 @@ from lightning_tp.engine.layers import (
 from lightning_tp.engine.random import RNGTracker, TPDropout
 from lightning_tp.engine.sequence import SequenceGather, SequenceShardedEmbedding
 from lightning_tp.engine.sharding import ShardSpec, has_partial_grad_mark, mark_partial_grad, shard_spec
+from lightning_tp.errors import ShardingError
 
 
 class PlannedModule(Protocol):
@@ -73,9 +74,14 @@ class BuildContext:
     in_features: dict[str, set[int]] = field(default_factory=dict)
 
     def gather(self, block: str) -> SequenceGather:
-        """The sequence gather of ``block`` (made on first use)."""
+        """The sequence gather of ``block`` (made on first use; the plan must have its row)."""
+        if block not in self.in_features:
+            raise ShardingError(
+                f"sequence parallelism: the plan has no 'sequence_gather' row for block {block!r}, which holds "
+                "column layers. Make the plan with plan_policy(model, tp, policy, sequence_parallel=True)."
+            )
         if block not in self.gathers:
-            self.gathers[block] = SequenceGather(self.group, self.in_features.get(block, ()))
+            self.gathers[block] = SequenceGather(self.group, self.in_features[block])
         return self.gathers[block]
 
 

@@ -1,0 +1,247 @@
+"""Pretrained weights into a rewritten (sharded) model, each rank reading only its slices.
+
+Sources: a Hugging Face model directory (``model.safetensors``, or shards listed in
+``model.safetensors.index.json``), one ``.safetensors`` file (read with ``safe_open(...).get_slice``),
+or a ``.pt`` / ``.bin`` state dict (``torch.load(mmap=True, weights_only=True)``: pages are read only
+where sliced), e.g. what ``lightning-tp export`` writes.
+
+Key names: the file's keys and the model's state-dict names may differ by a prefix (a LightningModule's
+``model.``, Hugging Face's ``model.`` of the base model); the prefix pair that matches the most keys
+is used, or ``prefix`` (prepended to every file key) when given. Every check (missing and unexpected
+keys, shapes, lossy dtype casts, unreadable files) runs on the file headers before the first tensor
+is copied, and raises :class:`~lightning_tp.lightning.checkpoint.CheckpointError` naming the file
+and the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from lightning_tp.engine.sharding import ShardSpec, shard_spec
+from lightning_tp.lightning.checkpoint import CheckpointError, _transposed
+
+_INDEX = "model.safetensors.index.json"
+
+
+class _Source:
+    """Uniform read access to one weights file: ``keys``, ``shape``, ``dtype``, ``read(key, dim, start, n)``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                self._st = safe_open(str(path), framework="pt")
+                self._slices = {k: self._st.get_slice(k) for k in self._st.keys()}  # noqa: SIM118
+                self._tensors = None
+            else:
+                self._st, self._slices = None, None
+                state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+                if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+                    raise CheckpointError(f"{path}: expected a state dict of tensors (name -> tensor).")
+                self._tensors = state
+        except CheckpointError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any reader failure is an unreadable file
+            raise CheckpointError(f"cannot read pretrained weights {path}: {type(exc).__name__}: {exc}") from exc
+
+    def keys(self) -> list[str]:
+        return list(self._slices if self._slices is not None else self._tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if self._slices is not None:
+            return tuple(self._slices[key].get_shape())
+        return tuple(self._tensors[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        if self._slices is not None:
+            return _ST_DTYPES[self._slices[key].get_dtype()]
+        return self._tensors[key].dtype
+
+    def read(self, key: str, dim: int | None = None, start: int = 0, n: int = 0) -> Tensor:
+        """The whole tensor, or ``n`` elements from ``start`` along ``dim``."""
+        try:
+            if self._slices is not None:
+                sl = self._slices[key]
+                if dim is None:
+                    return sl[:]
+                index = tuple([slice(None)] * dim + [slice(start, start + n)])
+                return sl[index]
+            t = self._tensors[key]
+            return t.clone() if dim is None else t.narrow(dim, start, n).clone()
+        except Exception as exc:  # noqa: BLE001 - a truncated file fails here
+            raise CheckpointError(f"cannot read {key!r} from {self.path}: {type(exc).__name__}: {exc}") from exc
+
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def _files(path: Path) -> list[Path]:
+    if path.is_dir():
+        index = path / _INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise CheckpointError(f"{index}: not a safetensors index (no 'weight_map'): {exc}") from exc
+            return [path / f for f in sorted(set(weight_map.values()))]
+        for name in ("model.safetensors", "pytorch_model.bin", "model.pt"):
+            if (path / name).is_file():
+                return [path / name]
+        raise CheckpointError(f"pretrained directory {path} holds no model.safetensors, {_INDEX} or pytorch_model.bin.")
+    if not path.is_file():
+        raise CheckpointError(f"pretrained weights {path} do not exist.")
+    return [path]
+
+
+def _tensors(model: nn.Module) -> dict[str, list[str]]:
+    """``{first state-dict name: [every name of that tensor]}`` (ties under every name)."""
+    names: dict[int, list[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(t), []).append(name)
+    return {group[0]: group for group in names.values()}
+
+
+def _match(model_names: set[str], file_keys: list[str], prefix: str | None) -> dict[str, str]:
+    """``{file key: model name}`` under the best prefix pair (or ``prefix`` + file key)."""
+    if prefix is not None:
+        return {k: prefix + k for k in file_keys if prefix + k in model_names}
+    candidates = {("", "")}
+    for name in list(model_names)[:2000]:
+        parts = name.split(".")
+        candidates.update((".".join(parts[:i]) + ".", "") for i in range(1, min(4, len(parts))))
+    for key in file_keys[:2000]:
+        parts = key.split(".")
+        candidates.update(("", ".".join(parts[:i]) + ".") for i in range(1, min(4, len(parts))))
+    for name in list(model_names)[:200]:  # both sides prefixed: model.model.x <- model.x in a wrapper
+        parts = name.split(".")
+        for key in file_keys[:200]:
+            kparts = key.split(".")
+            for i in range(1, min(4, len(parts))):
+                for j in range(1, min(4, len(kparts))):
+                    if parts[i:] == kparts[j:]:
+                        candidates.add((".".join(parts[:i]) + ".", ".".join(kparts[:j]) + "."))
+    best: dict[str, str] = {}
+    for add, strip in sorted(candidates):
+        found = {}
+        for k in file_keys:
+            if k.startswith(strip) and (name := add + k[len(strip) :]) in model_names:
+                found[k] = name
+        if len(found) > len(best):
+            best = found
+    return best
+
+
+def _ignored(model: nn.Module) -> list[re.Pattern]:
+    """Unexpected-key patterns the model declares harmless (Hugging Face ``_keys_to_ignore_on_load_unexpected``)."""
+    patterns = []
+    for module in model.modules():
+        for p in getattr(module, "_keys_to_ignore_on_load_unexpected", None) or ():
+            patterns.append(re.compile(p))
+    return patterns
+
+
+def load_pretrained(model: nn.Module, path: str | os.PathLike, tp_rank: int, prefix: str | None = None) -> int:
+    """Copy pretrained weights into the (rewritten) ``model``, reading only this rank's slices.
+
+    Returns the number of tensors loaded.
+
+    Raises:
+        CheckpointError: unreadable files, missing or unexpected keys, shape mismatches or lossy dtype
+            casts, naming the file and the key; raised before anything is copied.
+    """
+    sources = [_Source(f) for f in _files(Path(path))]
+    where: dict[str, _Source] = {}
+    for src in sources:
+        for key in src.keys():
+            where[key] = src
+    tensors = _tensors(model)
+    alias_of = {n: first for first, group in tensors.items() for n in group}
+    live = model.state_dict(keep_vars=True)
+    matched = _match(set(alias_of), list(where), prefix)
+    ignore = _ignored(model)
+    unexpected = [k for k in where if k not in matched and not any(p.search(k) for p in ignore)]
+    by_tensor: dict[str, str] = {}
+    for key, name in matched.items():
+        by_tensor.setdefault(alias_of[name], key)
+    missing = [first for first in tensors if first not in by_tensor]
+    src_name = str(path)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"pretrained weights {src_name} do not fit this model: missing keys {missing[:20]}"
+            f"{' ...' if len(missing) > 20 else ''}, unexpected keys {unexpected[:20]}"
+            f"{' ...' if len(unexpected) > 20 else ''}. Check the model configuration, or give "
+            "pretrained_prefix= (prepended to every key of the file)."
+        )
+    transposed = set(_transposed(model))
+    plan: list[tuple[Tensor, _Source, str, ShardSpec | None, bool]] = []
+    for first, key in by_tensor.items():
+        target, src = live[first], where[key]
+        spec = shard_spec(target)
+        flip = any(n in transposed for n in tensors[first])
+        full = _full_shape(target, spec)
+        file_shape = src.shape(key)
+        if (tuple(reversed(file_shape)) if flip else file_shape) != full:
+            raise CheckpointError(
+                f"{src.path}: {key!r} has shape {list(file_shape)}, the model's {first!r} needs {list(full)}."
+            )
+        dtype = src.dtype(key)
+        if target.is_floating_point() and dtype.is_floating_point and _lossy(dtype, target.dtype):
+            raise CheckpointError(
+                f"{src.path}: {key!r} is {dtype} and the model's {first!r} is {target.dtype}: loading would lose "
+                "precision. Build the model in the file's dtype (or wider), or convert the file."
+            )
+        plan.append((target, src, key, spec, flip))
+    with torch.no_grad():
+        for target, src, key, spec, flip in plan:
+            target.copy_(_local(src, key, spec, tp_rank, flip, target.shape))
+    return len(plan)
+
+
+def _full_shape(t: Tensor, spec: ShardSpec | None) -> tuple[int, ...]:
+    shape = list(t.shape)
+    if spec is not None:
+        shape[spec.dim] = spec.full_size
+    return tuple(shape)
+
+
+_WIDTH = {torch.float64: (11, 52), torch.float32: (8, 23), torch.bfloat16: (8, 7), torch.float16: (5, 10)}
+
+
+def _lossy(src: torch.dtype, dst: torch.dtype) -> bool:
+    a, b = _WIDTH.get(src), _WIDTH.get(dst)
+    return a is not None and b is not None and (b[0] < a[0] or b[1] < a[1])
+
+
+def _local(src: _Source, key: str, spec: ShardSpec | None, tp_rank: int, flip: bool, shape: torch.Size) -> Tensor:
+    """This rank's part of ``key``: each chunk's slice along the split dim, zero padding appended."""
+    if spec is None:
+        full = src.read(key)
+        return full.t() if flip else full
+    dim = spec.dim if not flip else 1 - spec.dim  # a Conv1D stores (in, out)
+    pieces, offset = [], 0
+    for chunk, size in enumerate(spec.sizes):
+        start, n = spec.valid_range(tp_rank, chunk)
+        local = spec.local_sizes[chunk]
+        piece = src.read(key, dim, offset + start, n) if n > 0 else None
+        if flip and piece is not None:
+            piece = piece.t()
+        if n < local:  # padding rows of a vocabulary
+            pad_shape = list(shape)
+            pad_shape[spec.dim] = local - n
+            pad = torch.zeros(pad_shape, dtype=piece.dtype if piece is not None else torch.float32)
+            piece = pad if piece is None else torch.cat([piece, pad], dim=spec.dim)
+        pieces.append(piece)
+        offset += size
+    return torch.cat(pieces, dim=spec.dim) if len(pieces) > 1 else pieces[0]

@@ -1,0 +1,147 @@
+"""Deferred (meta-device) init: rewritten on meta, materialized one layer at a time, and the gathered
+initial weights do not depend on the TP size."""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+
+import lightning as L
+import lit
+import models
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import _dist
+from lightning_tp import DeferredInitError, MegatronTPStrategy
+from lightning_tp.engine.init import Materializer, is_deferred
+from lightning_tp.engine.random import derive_seed
+from lightning_tp.lightning.checkpoint import full_state_dict
+from lightning_tp.policy import apply_policy
+
+HAS_HF = importlib.util.find_spec("transformers") is not None
+SEED = 1234
+
+
+def _meta(name: str) -> nn.Module:
+    with torch.device("meta"):
+        model = models.BUILDERS[name]()
+    return model.double()
+
+
+def _deferred_weights(name: str) -> list[dict[str, torch.Tensor]]:
+    out = []
+    for tp in (1, 2, 4):
+        m = _dist.mesh(tp)
+        model = _meta(name)
+        assert is_deferred(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # unmatched modules of the HF models
+            apply_policy(model, m.tp_group, "auto", verify=False, materializer=Materializer(model, "cpu", SEED))
+        assert not is_deferred(model)
+        full = full_state_dict(model, m.tp_group)
+        out.append(full if dist.get_rank() in (0, 3) else {})
+    return out
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["plain", "plain_tied", pytest.param("hf_llama", marks=pytest.mark.skipif(not HAS_HF, reason="hf extra")),
+     pytest.param("hf_gpt2", marks=pytest.mark.skipif(not HAS_HF, reason="hf extra"))],
+)  # fmt: skip
+def test_gathered_initial_weights_do_not_depend_on_tp(name):
+    results = _dist.run(4, _deferred_weights, name)
+    tp1, tp2, tp4 = results[0]
+    assert tp1.keys() == tp2.keys() == tp4.keys() and tp1
+    for key, ref in tp1.items():
+        assert not ref.is_meta and torch.isfinite(ref).all(), key
+        for other in (tp2, tp4, results[3][0], results[3][2]):  # TP sizes, and another data-parallel rank
+            assert torch.equal(other[key], ref), key
+    weights = [v for k, v in tp1.items() if k.endswith("weight") and v.dim() == 2]
+    assert all(w.std() > 0 for w in weights)  # initialized, not left at zeros
+    norms = [v for k, v in tp1.items() if ("norm" in k or "ln" in k) and k.endswith("weight")]
+    assert norms and all(torch.equal(w, torch.ones_like(w)) for w in norms)  # each module's own initializer ran
+    if name == "plain_tied":
+        assert torch.equal(tp1["lm_head.weight"], tp1["embed_tokens.weight"])
+    if name == "hf_llama":  # a buffer the constructor computes is recomputed (not left as empty memory)
+        dense = models.BUILDERS[name]().double()
+        inv = [k for k in dense.state_dict(keep_vars=True) if k.endswith("inv_freq")]
+        assert all(torch.equal(tp1[k], dense.state_dict()[k]) for k in inv)
+
+
+class _NoInit(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(4))
+
+
+def test_module_without_initializer_is_named_before_anything_is_built():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 4), _NoInit())
+    with pytest.raises(DeferredInitError, match=r"modules \['1 \(_NoInit\)'\] hold tensors but have no initializer"):
+        Materializer(model, "cpu", 0)
+    assert is_deferred(model)  # nothing materialized
+    seen = []
+    Materializer(model, "cpu", 0, init_fn=seen.append)  # a user hook covers it
+    assert not seen  # nothing run yet: only at materialization
+
+
+class _MetaLit(lit.LitGPT):
+    """Builds its model on the meta device in configure_model (Lightning's large-model idiom)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        del self.model
+        self.start_weights: dict[str, torch.Tensor] = {}
+
+    def configure_model(self):
+        if not hasattr(self, "model"):
+            with torch.device("meta"):
+                self.model = models.PlainGPT(vocab=lit.VOCAB, d=32, n_layers=2, n_heads=4, tied=True, ctx=lit.SEQ)
+
+    def on_fit_start(self):
+        self.start_weights = full_state_dict(self.model, self.trainer.strategy.tp_group)
+
+
+def _fit_deferred(world, tp):
+    with lit.external_launch(world):
+        model = _MetaLit(batch_size=8 // (world // tp))
+        trainer = L.Trainer(
+            **lit.trainer_kwargs(max_steps=3, devices=world, strategy=MegatronTPStrategy(tensor_parallel_size=tp,
+                                                                                         seed=SEED))
+        )  # fmt: skip
+        with pytest.warns(UserWarning, match="verify=True skipped: the model is on the meta device"):
+            trainer.fit(model)
+        losses = [float(x) for x in trainer.callback_metrics.values()]
+        return model.start_weights if dist.get_rank() == 0 else {}, losses, trainer.strategy.deferred_init
+
+
+def _expected_start():
+    holder = nn.Module()  # seeds follow module names: the same names as inside the LightningModule
+    with torch.device("meta"):
+        holder.model = models.PlainGPT(vocab=lit.VOCAB, d=32, n_layers=2, n_heads=4, tied=True, ctx=lit.SEQ)
+    m = _dist.mesh(1)
+    apply_policy(holder, m.tp_group, "auto", verify=False,
+                 materializer=Materializer(holder, "cpu", derive_seed(SEED, 0x1417)))  # fmt: skip
+    return full_state_dict(holder.model, m.tp_group)
+
+
+def test_trainer_with_a_meta_model_initializes_like_tp1():
+    (start, losses, deferred), _ = _dist.run(2, _fit_deferred, 2, 2)
+    expected = _dist.run(2, _expected_start)[0]
+    assert deferred and losses and all(torch.isfinite(torch.tensor(losses)))
+    assert start.keys() == expected.keys()
+    for key, ref in expected.items():
+        assert torch.equal(start[key], ref), key
+
+
+def test_init_module_with_empty_init_builds_on_meta():
+    trainer = L.Trainer(**lit.trainer_kwargs(devices=1, strategy=MegatronTPStrategy(tensor_parallel_size=1)))
+    with trainer.init_module(empty_init=True):
+        layer = nn.Linear(4, 4)
+    assert layer.weight.is_meta and is_deferred(layer)
+    with trainer.init_module(empty_init=False):
+        layer = nn.Linear(4, 4)
+    assert not layer.weight.is_meta

@@ -1,0 +1,188 @@
+"""Sharded pretrained loading: each rank reads its slices; equal to a dense load followed by sharding."""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+
+import models
+import pytest
+import torch
+from torch import nn
+
+import _dist
+from lightning_tp import CheckpointError, consolidate
+from lightning_tp.engine.init import Materializer
+from lightning_tp.engine.loss import gather_logits
+from lightning_tp.engine.sharding import shard_spec
+from lightning_tp.lightning.pretrained import load_pretrained
+from lightning_tp.policy import apply_policy
+
+HAS_HF = importlib.util.find_spec("transformers") is not None
+
+
+class _Holder(nn.Module):
+    """A LightningModule-like wrapper: its names carry a ``model.`` prefix the file does not have."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        out = self.model(ids)
+        return getattr(out, "logits", out)
+
+
+def _save(name: str, path, hf: bool):
+    dense = models.build(name)
+    if hf:
+        dense.save_pretrained(path)  # model.safetensors (+ config.json)
+    else:
+        torch.save(dense.state_dict(), path)
+    return dense
+
+
+def _check_load(name: str, path: str, tp: int, deferred: bool):
+    m = _dist.mesh(tp)
+    dense = models.build(name)  # the same weights as saved (same seed)
+    if deferred:
+        with torch.device("meta"):
+            model = _Holder(models.BUILDERS[name]())
+        model = model.double()
+        materializer = Materializer(model, "cpu", 0, initialize=False)
+    else:
+        model, materializer = _Holder(models.build(name, seed=99)), None  # other weights, overwritten
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        apply_policy(model, m.tp_group, "auto", verify=False, materializer=materializer)
+    n = load_pretrained(model, path, m.tp_rank)
+    ref = dict(dense.named_parameters())
+    for pname, p in model.named_parameters():
+        full = ref[pname.removeprefix("model.")]
+        spec = shard_spec(p)
+        if spec is not None:
+            owner = dense.get_submodule(pname.removeprefix("model.").rpartition(".")[0])
+            conv1d = type(owner).__name__ == "Conv1D" and pname.endswith("weight")  # stores (in, out)
+            full = spec.shard(full.t() if conv1d else full, m.tp_rank)
+        assert torch.equal(p.detach(), full.detach()), pname
+    ids = torch.randint(0, 30, (2, 8), generator=torch.Generator().manual_seed(0))
+    got = gather_logits(model(ids))
+    want = _Holder(dense)(ids)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    return n
+
+
+CASES = [("plain_tied", False), pytest.param("hf_llama", True, marks=pytest.mark.skipif(not HAS_HF, reason="hf")),
+         pytest.param("hf_gpt2", True, marks=pytest.mark.skipif(not HAS_HF, reason="hf"))]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "hf"), CASES)
+def test_sharded_load_equals_dense_load_then_shard(name, hf, tmp_path):
+    """Into a meta-device model (no random init), and for the .pt case also into a built one."""
+    path = tmp_path / ("hf" if hf else "weights.pt")
+    _save(name, path, hf)
+    for tp, deferred in ((2, True), (4, True), *(((2, False),) if not hf else ())):
+        counts = _dist.run(4, _check_load, name, str(path), tp, deferred)
+        assert len(set(counts)) == 1 and counts[0] > 0
+
+
+def test_bad_pretrained_inputs_are_clear_errors(tmp_path):
+    model = models.build("plain")
+    state = model.state_dict()
+    good = tmp_path / "good.pt"
+    torch.save(state, good)
+    assert load_pretrained(models.build("plain", seed=5), good, 0) == len(state)
+
+    missing = tmp_path / "missing.pt"
+    torch.save({k: v for k, v in state.items() if k != "norm.weight"}, missing)
+    with pytest.raises(CheckpointError, match=r"missing keys \['norm\.weight'\]"):
+        load_pretrained(models.build("plain"), missing, 0)
+
+    extra = tmp_path / "extra.pt"
+    torch.save({**state, "head2.weight": torch.zeros(2)}, extra)
+    with pytest.raises(CheckpointError, match=r"unexpected keys \['head2\.weight'\]"):
+        load_pretrained(models.build("plain"), extra, 0)
+
+    wrong = tmp_path / "shape.pt"
+    torch.save({**state, "norm.weight": torch.zeros(3, dtype=torch.float64)}, wrong)
+    with pytest.raises(
+        CheckpointError, match=r"shape.pt: 'norm.weight' has shape \[3\], the model's 'norm.weight' needs \[16\]"
+    ):
+        load_pretrained(models.build("plain"), wrong, 0)
+
+    fp32_model = models.build("plain", dtype=torch.float32)
+    before = {k: v.clone() for k, v in fp32_model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="torch.float64 and the model's .* is torch.float32: loading would lose"):
+        load_pretrained(fp32_model, good, 0)  # float64 file into a float32 model
+    assert all(torch.equal(v, before[k]) for k, v in fp32_model.state_dict().items())  # nothing half-loaded
+    upcast = tmp_path / "fp32.pt"
+    torch.save({k: v.float() for k, v in state.items()}, upcast)
+    load_pretrained(models.build("plain"), upcast, 0)  # float32 file into a float64 model: fine
+
+    with pytest.raises(CheckpointError, match="do not exist"):
+        load_pretrained(models.build("plain"), tmp_path / "nope.pt", 0)
+
+
+@pytest.mark.skipif(not HAS_HF, reason="hf extra")
+def test_truncated_safetensors_is_a_clear_error(tmp_path):
+    model = models.build("hf_llama")
+    model.save_pretrained(tmp_path / "hf")
+    f = tmp_path / "hf" / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_pretrained(_Holder(models.build("hf_llama")), tmp_path / "hf", 0)
+
+
+def _save_hf_holder(path: str, name: str):
+    from lightning_tp.lightning.checkpoint import save
+
+    m = _dist.mesh(2)
+    model = _Holder(models.build(name))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        apply_policy(model, m.tp_group, "auto", verify=False)
+    with torch.no_grad():  # weights that differ from any fresh construction
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype))
+    save(path, model, [], m, {})
+    ids = torch.randint(0, 30, (2, 8), generator=torch.Generator().manual_seed(0))
+    return gather_logits(model(ids)).detach(), ids
+
+
+@pytest.mark.skipif(not HAS_HF, reason="hf extra")
+@pytest.mark.parametrize("name", ["hf_llama_tied", "hf_gpt2"])
+def test_hf_export_loads_with_from_pretrained(name, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lightning_tp import export
+
+    logits, ids = _dist.run(2, _save_hf_holder, str(tmp_path / "ckpt"), name)[0]
+    out = export(tmp_path / "ckpt", tmp_path / "hf", format="hf", max_shard_bytes=20_000)  # several files
+    files = sorted(p.name for p in out.iterdir())
+    assert "config.json" in files and "model.safetensors.index.json" in files and len(files) > 3
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64)
+    dense = {k.removeprefix("model."): v for k, v in consolidate(tmp_path / "ckpt").items()}
+    for key, value in loaded.state_dict().items():  # every weight exactly as trained
+        assert torch.equal(value, dense[key]), key
+    # logits: the model computes its norms in float32, so the TP run and the dense one round differently
+    torch.testing.assert_close(loaded(ids).logits, logits, rtol=1e-6, atol=1e-6)
+
+
+def _save_plain(path: str):
+    from lightning_tp.lightning.checkpoint import save
+
+    m = _dist.mesh(2)
+    model = models.build("plain")
+    apply_policy(model, m.tp_group, "auto", verify=False)
+    save(path, model, [], m, {})
+    return True
+
+
+def test_hf_export_without_a_hugging_face_model_is_a_clear_error(tmp_path):
+    from lightning_tp import export
+
+    _dist.run(2, _save_plain, str(tmp_path / "ckpt"))
+    with pytest.raises(CheckpointError, match="holds no Hugging Face model"):
+        export(tmp_path / "ckpt", tmp_path / "hf", format="hf")
+    assert not (tmp_path / "hf").exists()
