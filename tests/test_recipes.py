@@ -3,6 +3,7 @@
 import inspect
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,33 @@ from lightning_tp.cli import _cli, main, plan_main
 from lightning_tp.policy import plan_policy
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
-CPU_RECIPES = ["gpt-cpu.yaml", "gpt-tp2-dp2.yaml", "llama-hf.yaml"]
+CPU_RECIPES = ["gpt-cpu.yaml", "gpt-tp2-dp2.yaml", "llama-hf.yaml", "llama-hf-finetune.yaml"]
+PRETRAINED_RECIPES = {"llama-hf-finetune.yaml"}  # need a pretrained directory: the tests make a small one
+
+
+@pytest.fixture(scope="module")
+def hf_base(tmp_path_factory):
+    """A small pretrained Hugging Face Llama directory (what `save_pretrained` writes)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=8192, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, bos_token_id=None,
+        eos_token_id=None, pad_token_id=None,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("hf") / "llama-hf-base"
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def _overrides(recipe: Path, request) -> list[str]:
+    """Command-line overrides a recipe needs here (its pretrained directory)."""
+    if recipe.name not in PRETRAINED_RECIPES:
+        return []
+    base = request.getfixturevalue("hf_base")
+    return [f"--model.init_args.pretrained={base}", f"--trainer.strategy.init_args.pretrained={base}"]
+
+
 GPU_RECIPES = ["gpt-small-tp8.yaml"]
 
 
@@ -39,12 +66,19 @@ NOT_COMPARED = {"accelerator", "strategy", "logger", "callbacks"}  # accelerator
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
-def test_recipe_parses_and_plans(recipe):
+def test_recipe_parses_and_plans(recipe, request):
     """The CLI builds what the YAML says, and ``plan`` prints the plan the policy makes for that model."""
     config = yaml.safe_load(recipe.read_text())
     if config["model"]["init_args"].get("arch", "").startswith("hf-"):
         pytest.importorskip("transformers")
-    args = ["--config", str(recipe)]
+    overrides = _overrides(recipe, request)
+    for arg in overrides:  # what the YAML says, with the overrides applied
+        key, _, value = arg.removeprefix("--").partition("=")
+        node = config
+        for part in key.split(".")[:-1]:
+            node = node[part]
+        node[key.split(".")[-1]] = value
+    args = ["--config", str(recipe), *overrides]
     if not torch.cuda.is_available():
         args.append("--trainer.accelerator=cpu")
     cli = _cli(args, run=False)
@@ -65,7 +99,7 @@ def test_recipe_parses_and_plans(recipe):
     assert type(cli.model).__name__ == model_cfg["class_path"].rsplit(".", 1)[1]
     assert {k: cli.model.hparams[k] for k in model_cfg["init_args"]} == model_cfg["init_args"]
 
-    text = plan_main(["--config", str(recipe)])
+    text = plan_main(["--config", str(recipe), *overrides])
     if hasattr(cli.model, "configure_model"):
         cli.model.configure_model()
     tp = strategy.tensor_parallel_size
@@ -85,11 +119,12 @@ def test_recipe_parses_and_plans(recipe):
         assert row.style in line and local_shape in line and f"{row.local_params:,}" in line, (row, line)
 
 
-def _smoke(recipe: str, tmp: Path, steps: int = 6) -> subprocess.CompletedProcess:
+def _smoke(recipe: str, tmp: Path, steps: int = 6, extra: list[str] = ()) -> subprocess.CompletedProcess:
     args = [
         sys.executable, "-m", "lightning_tp", "fit", "--config", str(Path(__file__).parent.parent / "recipes" / recipe),
         f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}", "--trainer.limit_val_batches=1",
         "--trainer.log_every_n_steps=1", "--data.init_args.max_chars=200000", f"--data.init_args.cache_dir={tmp / 'cache'}",
+        *extra,
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK")}
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1")
@@ -97,11 +132,13 @@ def _smoke(recipe: str, tmp: Path, steps: int = 6) -> subprocess.CompletedProces
 
 
 @pytest.mark.parametrize("recipe", CPU_RECIPES)
-def test_cpu_recipe_smoke_run(recipe, tmp_path):
-    if recipe == "llama-hf.yaml":
+def test_cpu_recipe_smoke_run(recipe, tmp_path, request):
+    if recipe.startswith("llama-hf"):
         pytest.importorskip("transformers")
-    out = _smoke(recipe, tmp_path)
+    out = _smoke(recipe, tmp_path, extra=_overrides(Path(recipe), request))
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    if recipe in PRETRAINED_RECIPES:
+        assert re.search(r"lightning_tp: loaded 21 pretrained tensors from \S*llama-hf-base", out.stdout + out.stderr)
     runs = list((tmp_path / "runs" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1  # one W&B run (rank 0 only)
     log = next(runs[0].glob("*.wandb")).read_bytes()

@@ -29,6 +29,7 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -280,7 +281,7 @@ class MegatronTPStrategy(DDPStrategy):
         )  # fmt: skip
         if self.pretrained is not None:  # each rank reads its own slices
             n = load_pretrained(module, self.pretrained, self.tp_mesh.tp_rank, self.pretrained_prefix)
-            log.info("lightning_tp: loaded %d pretrained tensors from %s", n, self.pretrained)
+            rank_zero_info(f"lightning_tp: loaded {n} pretrained tensors from {self.pretrained} (each rank its slices)")
 
     def _verify_target(self, module: pl.LightningModule) -> tuple[nn.Module | None, bool, Any]:
         """``(module whose forward verify runs, verify, example input)``: the wrapped model when the

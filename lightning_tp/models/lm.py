@@ -43,6 +43,10 @@ class CausalLM(L.LightningModule):
         betas: AdamW betas.
         sample_prompt: text that starts the validation sample.
         sample_tokens: tokens to generate for the sample (0: no sample).
+        pretrained: a Hugging Face model directory: the model is built from its ``config.json`` on
+            the meta device in ``configure_model`` (sizes and ties come from there, ``arch`` must be
+            ``"hf-llama"``); give the strategy the same ``pretrained=`` so that each rank loads only
+            its slices of the weights (fine-tuning, see ``recipes/llama-hf-finetune.yaml``).
     """
 
     def __init__(
@@ -63,10 +67,13 @@ class CausalLM(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         sample_prompt: str = "def ",
         sample_tokens: int = 24,
+        pretrained: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = self._build()
+        if pretrained is not None and arch != "hf-llama":
+            raise ValueError(f"pretrained={pretrained!r} needs arch='hf-llama' (a Hugging Face model), got {arch!r}.")
+        self.model = self._build() if pretrained is None else None  # built on meta in configure_model
         self.example_input_array = torch.zeros(2, min(16, block_size), dtype=torch.long)
         self.val_loss = MeanMetric()
         self._last_batch_end: float | None = None
@@ -86,6 +93,15 @@ class CausalLM(L.LightningModule):
             )  # fmt: skip
             return LlamaForCausalLM(config)
         raise ValueError(f"arch must be 'gpt' or 'hf-llama', got {h.arch!r}.")
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(self.hparams.pretrained)
+        with torch.device("meta"):  # the strategy initializes nothing and loads each rank's slices
+            self.model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
 
     def forward(self, idx: Tensor) -> Tensor:
         out = self.model(idx) if self.hparams.arch == "gpt" else self.model(input_ids=idx, use_cache=False).logits
