@@ -2,7 +2,7 @@
 the eager path (every rank builds the dense model, then shards it) against deferred init (built on
 the meta device, materialized one layer at a time), at TP 1, 2, 4 on CPU.
 
-    python benchmarks/bench_memory.py                                  # GPT ~1.5B params (d 1600, 48 layers)
+    python benchmarks/bench_memory.py                                  # GPT 1.56B params (d 1600, 48 layers, 32 heads)
     python benchmarks/bench_memory.py --n-embd 1024 --n-layer 24 --tp 1 2 --modes deferred   # smaller
 
 Each configuration runs in fresh processes (gloo, 1 thread each); every rank reports its peak RSS
@@ -95,7 +95,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n-embd", type=int, default=1600)
     p.add_argument("--n-layer", type=int, default=48)
-    p.add_argument("--n-head", type=int, default=25)
+    p.add_argument("--n-head", type=int, default=32)  # divisible by 1, 2, 4, 8
     p.add_argument("--vocab", type=int, default=50304)
     p.add_argument("--ctx", type=int, default=1024)
     p.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4])

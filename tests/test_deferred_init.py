@@ -145,3 +145,34 @@ def test_init_module_with_empty_init_builds_on_meta():
     with trainer.init_module(empty_init=False):
         layer = nn.Linear(4, 4)
     assert not layer.weight.is_meta
+
+
+@pytest.mark.parametrize(("name", "layers"), [("plain", "layers"), ("nano", "transformer.h")])
+def test_units_are_one_layer_each(name, layers):
+    """Deferred init materializes one layer at a time: a stack (a ModuleList, also inside a
+    ModuleDict as nanoGPT's transformer.h) is never one unit; each of its layers is."""
+    model = _meta(name)
+    units = list(Materializer(model, "cpu", 0).units())
+    deep = [n for n, _, with_children in units if with_children]
+    stack = model.get_submodule(layers)
+    assert [n for n in deep if n.startswith(layers + ".")] == [f"{layers}.{i}" for i in range(len(stack))]
+    for n, unit, with_children in units:
+        held = sum(p.numel() for p in (unit.parameters() if with_children else unit.parameters(recurse=False)))
+        assert held <= max(sum(p.numel() for p in layer.parameters()) for layer in stack) + 30 * 64, n
+
+
+def _dense_layers_freed():
+    m = _dist.mesh(2)
+    model = _meta("plain_tied")
+    materializer = Materializer(model, "cpu", SEED)
+    apply_policy(model, m.tp_group, "auto", verify=False, materializer=materializer)
+    owned = {id(t) for t in (*model.parameters(), *model.buffers())}
+    alive = [r() for _, r in materializer._done.values() if r() is not None]
+    assert alive and all(id(t) in owned for t in alive)  # only what the model itself keeps (replicated ones)
+    assert not materializer._holders  # no reference to a replaced dense module is kept
+    return True
+
+
+def test_dense_layers_are_freed_once_split():
+    """Memory: a dense layer built for deferred init lives only until its split modules replace it."""
+    assert all(_dist.run(2, _dense_layers_freed))

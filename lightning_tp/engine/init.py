@@ -77,9 +77,10 @@ class Materializer:
         self.model, self.device, self.seed, self.init_fn = model, torch.device(device), int(seed), init_fn
         self.initialize = initialize  # False: pretrained weights follow; only computed buffers are initialized
         self._initializers = self._find_initializers()
-        # id(meta tensor) -> (weak ref to it, its materialized tensor): ties materialize once; checked
-        # by identity, since the id of a freed meta tensor may be reused
-        self._done: dict[int, tuple[weakref.ref, Tensor]] = {}
+        # id(meta tensor) -> (weak refs to it and to its materialized tensor): a tie materializes once.
+        # Weak both ways: a dense layer must be freed as soon as its split modules replace it (ids of
+        # freed tensors are reused, hence the identity check).
+        self._done: dict[int, tuple[weakref.ref, weakref.ref]] = {}
         self._holders: dict[int, list[tuple[nn.Module, str]]] = {}  # id(meta parameter) -> every holder
         for module in model.modules():
             for p_name, p in module.named_parameters(recurse=False, remove_duplicate=False):
@@ -116,17 +117,20 @@ class Materializer:
         return found
 
     def units(self) -> Iterator[tuple[str, nn.Module, bool]]:
-        """``(name, module, with children)`` in module order: layers of module lists with their
-        children, every other module on its own."""
+        """``(name, module, with children)`` in module order. A layer (an element of an
+        ``nn.ModuleList`` / ``nn.ModuleDict`` that holds no such container itself) comes with its
+        children; containers are never units (their elements are); every other module comes alone."""
+        containers = (nn.ModuleList, nn.ModuleDict)
         inside: list[str] = []
         for name, module in self.model.named_modules():
-            if any(name.startswith(u + ".") for u in inside[-1:]):
+            if any(name.startswith(u + ".") for u in inside[-1:]) or isinstance(module, containers):
                 continue
             parent = self.model.get_submodule(name.rpartition(".")[0]) if name else None
-            if isinstance(parent, (nn.ModuleList, nn.ModuleDict)):
+            stack = any(isinstance(m, containers) for m in module.modules())
+            if isinstance(parent, containers) and not stack:
                 inside.append(name)
                 yield name, module, True
-            elif not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            else:
                 yield name, module, False
 
     def materialize(self, name: str, unit: nn.Module, recurse: bool) -> None:
@@ -138,14 +142,14 @@ class Materializer:
             created = False
             for t_name, t in _own_meta(module):
                 entry = self._done.get(id(t))
-                real = entry[1] if entry is not None and entry[0]() is t else None
+                real = entry[1]() if entry is not None and entry[0]() is t else None
                 if real is None:
                     real = torch.empty_like(t, device=self.device)
                     if isinstance(t, nn.Parameter):
                         real = nn.Parameter(real, requires_grad=t.requires_grad)
-                    self._done[id(t)] = (weakref.ref(t), real)
+                    self._done[id(t)] = (weakref.ref(t), weakref.ref(real))
                     created = True
-                for holder, h_name in self._holders.get(id(t), [(module, t_name)]):
+                for holder, h_name in self._holders.pop(id(t), [(module, t_name)]):  # held no longer
                     setattr(holder, h_name, real)
             if created and (self.initialize or _computed_buffers(module)):
                 fresh.append((mod_name, module))
