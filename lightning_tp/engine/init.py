@@ -1,8 +1,8 @@
 """Deferred initialization: a model built on the meta device is rewritten while still on meta, then
 materialized one layer at a time, so no rank ever holds the whole dense model.
 
-Each *unit* (an element of an ``nn.ModuleList`` / ``nn.ModuleDict``, i.e. one transformer layer with
-its children; any other module on its own) is materialized dense on the target device, its modules'
+Each *unit* (an element of an ``nn.ModuleList`` / ``nn.ModuleDict`` that holds no such stack itself,
+i.e. one transformer layer with its children; any other module on its own; containers never) is materialized dense on the target device, its modules'
 own initializers run (children before parents, as ``nn.Module.apply`` and Hugging Face do), and only
 then are its split layers built, keeping this rank's slices (Megatron's master-weight init). Every
 module is initialized under a seed derived from the shared seed and the module's *name*, so the dense
