@@ -19,7 +19,7 @@ from lightning_tp import DeferredInitError, MegatronTPStrategy
 from lightning_tp.engine.init import Materializer, is_deferred
 from lightning_tp.engine.random import derive_seed
 from lightning_tp.lightning.checkpoint import full_state_dict
-from lightning_tp.policy import apply_policy
+from lightning_tp.policy import PolicyWarning, apply_policy
 
 HAS_HF = importlib.util.find_spec("transformers") is not None
 SEED = 1234
@@ -112,7 +112,8 @@ def _fit_deferred(world, tp):
             **lit.trainer_kwargs(max_steps=3, devices=world, strategy=MegatronTPStrategy(tensor_parallel_size=tp,
                                                                                          seed=SEED))
         )  # fmt: skip
-        with pytest.warns(UserWarning, match="verify=True skipped: the model is on the meta device"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PolicyWarning)  # verify runs block by block: nothing skipped
             trainer.fit(model)
         losses = [float(x) for x in trainer.callback_metrics.values()]
         return model.start_weights if dist.get_rank() == 0 else {}, losses, trainer.strategy.deferred_init
@@ -176,3 +177,112 @@ def _dense_layers_freed():
 def test_dense_layers_are_freed_once_split():
     """Memory: a dense layer built for deferred init lives only until its split modules replace it."""
     assert all(_dist.run(2, _dense_layers_freed))
+
+
+# --- verify=True without the dense model: block by block ---------------------------------------
+
+
+def _meta_model(name: str) -> nn.Module:
+    if name in models.BUILDERS:
+        return _meta(name)
+    import hf_zoo
+
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        return hf_zoo.BUILDERS[name]().double()
+
+
+def _block_verify(cases: list[tuple[str, int, bool]]) -> list[tuple[int, list[str], list[str]]]:
+    """apply_policy(verify=True) on meta models: (blocks checked, plan notes, warnings) per case."""
+    import lightning_tp.policy.apply as apply_mod
+
+    out = []
+    for name, tp, sp in cases:
+        m = _dist.mesh(tp)
+        model = _meta_model(name)
+        example = None
+        if name not in models.BUILDERS:
+            import hf_zoo
+
+            example = hf_zoo.inputs(name, hf_zoo.build(name))
+        checked, real = [], apply_mod.check_blocks
+        apply_mod.check_blocks = lambda *a, **k: checked.append(real(*a, **k)) or checked[-1]
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                plan = apply_policy(model, m.tp_group, "auto", verify=True, example_input=example,
+                                    sequence_parallel=sp, materializer=Materializer(model, "cpu", SEED))  # fmt: skip
+        finally:
+            apply_mod.check_blocks = real
+        assert not is_deferred(model)
+        notes = [f"{r.name}: {r.note}" for r in plan.modules if r.note and "per head" in r.note]
+        out.append((checked[0], notes, [str(w.message) for w in caught if "block by block" in str(w.message)]))
+    return out
+
+
+HF_BLOCK_CASES = [("llama", 2, False), ("gpt2", 2, False), ("gpt_bigcode_mha", 2, False), ("t5", 2, False)]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_verify_checks_a_meta_model_block_by_block(world):
+    """Deferred init with verify=True: every layer holding split modules is checked against the same
+    layer built dense from the same weights (the plain GPTs with and without sequence parallelism,
+    nanoGPT; at TP 2 also Hugging Face Llama, GPT-2 with Conv1D, GPT-BigCode whose fused c_attn is
+    read per head, found from a forward on meta tensors, and T5)."""
+    cases = [("plain", world, False), ("plain_tied", world, True), ("nano", world, True)]
+    if world == 2 and HAS_HF:
+        cases += HF_BLOCK_CASES
+    results = _dist.run(world, _block_verify, cases)[0]
+    by_name = dict(zip([c[0] for c in cases], results, strict=True))
+    # every unit holding a rewritten module: embedding, 2 layers, head; under sequence parallelism
+    # also the position table (its rows become this rank's sequence chunk)
+    assert by_name["plain"][0] == 4 and by_name["plain_tied"][0] == 5 and by_name["nano"][0] >= 3
+    for name, (checked, notes, warned) in by_name.items():
+        assert checked >= 3, name
+        assert bool(notes) == (name == "gpt_bigcode_mha"), (name, notes)  # per-head c_attn -> column
+        assert bool(warned) == (name == "t5"), (name, warned)
+    if "t5" in by_name:  # blocks after the first receive the head-split position bias: said, not hidden
+        assert "blocks were not checked" in by_name["t5"][2][0] and "others matched" in by_name["t5"][2][0]
+
+
+class _NormedMLP(nn.Module):
+    """Normalizes its hidden features between fc1 and fc2: a column split of fc1 changes the result."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return x + self.fc2(h / h.norm(dim=-1, keepdim=True))
+
+
+class _Stack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(40, 16)
+        self.blocks = nn.ModuleList(_NormedMLP() for _ in range(3))
+        self.head = nn.Linear(16, 40)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def _wrong_policy_on_meta():
+    from lightning_tp import PolicyMismatchError
+
+    m = _dist.mesh(2)
+    with torch.device("meta"):
+        model = _Stack().double()
+    policy = {"blocks.*.fc1": "column", "blocks.*.fc2": "row", "emb": "replicate", "head": "replicate"}
+    with pytest.raises(PolicyMismatchError, match=r"block by block\): the output of 'blocks.0' differs") as info:
+        apply_policy(model, m.tp_group, policy, verify=True, materializer=Materializer(model, "cpu", SEED))
+    return str(info.value)
+
+
+def test_block_verify_names_the_first_layer_that_differs():
+    message = _dist.run(2, _wrong_policy_on_meta)[0]
+    assert "tolerance" in message

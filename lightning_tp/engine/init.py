@@ -53,6 +53,24 @@ def _name_seed(seed: int, name: str) -> int:
     return derive_seed(seed, int.from_bytes(digest[:8], "little"))
 
 
+def units(model: nn.Module) -> Iterator[tuple[str, nn.Module, bool]]:
+    """``(name, module, with children)`` in module order. A layer (an element of an
+    ``nn.ModuleList`` / ``nn.ModuleDict`` that holds no such container itself) comes with its
+    children; containers are never units (their elements are); every other module comes alone."""
+    containers = (nn.ModuleList, nn.ModuleDict)
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(u + ".") for u in inside[-1:]) or isinstance(module, containers):
+            continue
+        parent = model.get_submodule(name.rpartition(".")[0]) if name else None
+        stack = any(isinstance(m, containers) for m in module.modules())
+        if isinstance(parent, containers) and not stack:
+            inside.append(name)
+            yield name, module, True
+        else:
+            yield name, module, False
+
+
 class Materializer:
     """Materializes and initializes a meta model unit by unit (see the module doc).
 
@@ -117,21 +135,8 @@ class Materializer:
         return found
 
     def units(self) -> Iterator[tuple[str, nn.Module, bool]]:
-        """``(name, module, with children)`` in module order. A layer (an element of an
-        ``nn.ModuleList`` / ``nn.ModuleDict`` that holds no such container itself) comes with its
-        children; containers are never units (their elements are); every other module comes alone."""
-        containers = (nn.ModuleList, nn.ModuleDict)
-        inside: list[str] = []
-        for name, module in self.model.named_modules():
-            if any(name.startswith(u + ".") for u in inside[-1:]) or isinstance(module, containers):
-                continue
-            parent = self.model.get_submodule(name.rpartition(".")[0]) if name else None
-            stack = any(isinstance(m, containers) for m in module.modules())
-            if isinstance(parent, containers) and not stack:
-                inside.append(name)
-                yield name, module, True
-            else:
-                yield name, module, False
+        """The model's units (see :func:`units`)."""
+        return units(self.model)
 
     def materialize(self, name: str, unit: nn.Module, recurse: bool) -> None:
         """Create ``unit``'s meta tensors on the device (a tensor several modules hold, once) and run

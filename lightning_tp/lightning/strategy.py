@@ -278,10 +278,13 @@ class MegatronTPStrategy(DDPStrategy):
         apply_policy(
             module, self.tp_group, plan, strict=self.strict, verify=verify, example_input=example,
             rng_tracker=self.rng_tracker, forward_module=forward, materializer=materializer,
+            load_weights=self._load_pretrained if self.pretrained is not None else None,
         )  # fmt: skip
-        if self.pretrained is not None:  # each rank reads its own slices
-            n = load_pretrained(module, self.pretrained, self.tp_mesh.tp_rank, self.pretrained_prefix)
-            rank_zero_info(f"lightning_tp: loaded {n} pretrained tensors from {self.pretrained} (each rank its slices)")
+
+    def _load_pretrained(self, module: nn.Module) -> None:
+        """Each rank reads its own slices (after the rewrite; before a meta model's block-by-block verify)."""
+        n = load_pretrained(module, self.pretrained, self.tp_mesh.tp_rank, self.pretrained_prefix)
+        rank_zero_info(f"lightning_tp: loaded {n} pretrained tensors from {self.pretrained} (each rank its slices)")
 
     def _verify_target(self, module: pl.LightningModule) -> tuple[nn.Module | None, bool, Any]:
         """``(module whose forward verify runs, verify, example input)``: the wrapped model when the

@@ -8,12 +8,14 @@ from __future__ import annotations
 import dataclasses
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
+from lightning_tp._compat import tree_map
 from lightning_tp.engine.comm import group_size
 from lightning_tp.engine.init import Materializer, is_deferred
 from lightning_tp.engine.random import RNGTracker
@@ -21,7 +23,15 @@ from lightning_tp.errors import DeferredInitError, ShardingError
 from lightning_tp.policy.plan import Plan, PlannedModule, attach_plan, plan_policy, planned_row
 from lightning_tp.policy.rules import PolicyError, PolicyWarning, Rule
 from lightning_tp.policy.styles import BuildContext, Qkv, SequenceGatherStyle, as_linear
-from lightning_tp.policy.verify import capture, check_parity, check_reference, interleaved_groups, make_example_input
+from lightning_tp.policy.verify import (
+    block_templates,
+    capture,
+    check_blocks,
+    check_parity,
+    check_reference,
+    interleaved_groups,
+    make_example_input,
+)
 
 
 def _per_head_fused(plan: Plan, model: nn.Module, groups: dict[str, int]) -> Plan:
@@ -164,6 +174,22 @@ def _replace(model: nn.Module, row: PlannedModule, ctx: BuildContext, replaced: 
         model.set_submodule(row.name, new)
 
 
+def _to(inputs: Any, device: torch.device | str) -> Any:
+    return tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, inputs)
+
+
+def _meta_reshapes(model: nn.Module, run: nn.Module, plan: Plan, inputs: Any) -> dict[str, int]:
+    """For a meta-device model: how it reads its fused projections (see
+    :func:`~lightning_tp.policy.verify.interleaved_groups`), from a forward on meta tensors (shapes
+    only, no memory). ``{}`` when the forward cannot run on meta (the block check still catches a
+    wrong split)."""
+    fused = tuple(m.name for m in plan.modules if isinstance(m.kind, Qkv))
+    if not fused:
+        return {}
+    reference = capture(model, inputs, grads=False, fused=fused, run=run)
+    return interleaved_groups(plan, model, reference[-1]) if reference[2] is None else {}
+
+
 def warn_plan(plan: Plan) -> None:
     """Warn about unmatched modules and patterns that match nothing."""
     if plan.unmatched:
@@ -195,6 +221,7 @@ def apply_policy(
     rng_tracker: RNGTracker | None = None,
     forward_module: nn.Module | None = None,
     materializer: Materializer | None = None,
+    load_weights: Callable[[nn.Module], Any] | None = None,
 ) -> Plan:
     """Plan, validate, rewrite ``model`` in place and (``verify``) check it against itself unsharded.
 
@@ -213,8 +240,12 @@ def apply_policy(
             :func:`apply_plan`).
         forward_module: the module whose forward ``verify`` calls with ``example_input``: ``model``
             (default) or one of its submodules (a wrapper without a forward of its own).
-        materializer: for a model on the meta device (see :func:`apply_plan`); ``verify`` is
-            skipped for it with a warning (the check needs the dense model).
+        materializer: for a model on the meta device (see :func:`apply_plan`). ``verify`` then
+            checks it block by block (:func:`~lightning_tp.policy.verify.check_blocks`: each layer
+            holding rewritten modules against the same layer built dense from the same weights,
+            one layer at a time), as the whole dense model is never built.
+        load_weights: called with the rewritten model (e.g. to load pretrained weights); for a
+            meta-device model before the block-by-block check, otherwise after the check.
 
     Returns:
         The applied :class:`Plan` (prints as a table).
@@ -234,17 +265,20 @@ def apply_policy(
     else:
         plan = plan_policy(model, group_size(group), policy, strict=strict, sequence_parallel=sequence_parallel)
     warn_plan(plan)
+    run = model if forward_module is None else forward_module
     if verify and is_deferred(model):
-        warnings.warn(
-            "verify=True skipped: the model is on the meta device (deferred init) and the parity self-check "
-            "compares against the dense model, which is never built. The first-step partial-gradient check "
-            "still runs under the strategy.",
-            PolicyWarning,
-            stacklevel=2,
-        )
-        verify = False
+        if materializer is None:  # apply_plan says what is missing
+            apply_plan(model, plan, group, rng_tracker, materializer)
+        device = materializer.device
+        inputs = make_example_input(run, device=device) if example_input is None else _to(example_input, device)
+        plan = _per_head_fused(plan, model, _meta_reshapes(model, run, plan, _to(inputs, "meta")))
+        checks = block_templates(model, plan, list(materializer.units()))  # meta copies: no memory
+        apply_plan(model, plan, group, rng_tracker, materializer)
+        if load_weights is not None:
+            load_weights(model)
+        check_blocks(model, checks, inputs, plan, group, run=run)
+        return plan
     if verify:
-        run = model if forward_module is None else forward_module
         inputs = example_input if example_input is not None else make_example_input(run)
         fused = tuple(m.name for m in plan.modules if isinstance(m.kind, Qkv))
         reference = capture(model, inputs, fused=fused, run=run)
@@ -253,4 +287,6 @@ def apply_policy(
     apply_plan(model, plan, group, rng_tracker, materializer)
     if verify:
         check_parity(model, inputs, reference, plan, group, run=run)
+    if load_weights is not None:
+        load_weights(model)
     return plan

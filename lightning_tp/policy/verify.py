@@ -19,8 +19,11 @@ records how each fused q/k/v output is first reshaped (:func:`interleaved_groups
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import inspect
 import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -31,14 +34,15 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 from torch.overrides import TorchFunctionMode
 
-from lightning_tp.engine.comm import all_gather_dim, all_reduce, all_reduce_coalesced
+from lightning_tp._compat import tree_map
+from lightning_tp.engine.comm import all_gather_dim, all_reduce, all_reduce_coalesced, group_rank, group_size
 from lightning_tp.engine.layers import gather_sharded
 from lightning_tp.engine.loss import VocabShardedLogits
 from lightning_tp.engine.sharding import ShardSpec, has_partial_grad, shard_spec
 from lightning_tp.errors import PolicyMismatchError, VerifyInputError
 from lightning_tp.policy.plan import Plan
-from lightning_tp.policy.rules import HEAD_ATTRS, infer_vocab_size
-from lightning_tp.policy.styles import Qkv, as_linear
+from lightning_tp.policy.rules import HEAD_ATTRS, PolicyWarning, infer_vocab_size
+from lightning_tp.policy.styles import Qkv, SequenceGatherStyle, as_linear
 
 # (atol, rtol relative to the reference's max magnitude), by the output dtype
 TOLERANCES = {torch.float64: (1e-9, 1e-9), torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-2, 3e-2), torch.float16: (1e-3, 1e-2)}  # fmt: skip
@@ -48,12 +52,16 @@ _LOOSENESS = [torch.float64, torch.float32, torch.bfloat16, torch.float16]  # TO
 Records = dict[tuple[str, int], Any]
 
 
-def make_example_input(model: nn.Module, batch: int = 2, seq: int = 8, seed: int = 0) -> Tensor:
+def make_example_input(
+    model: nn.Module, batch: int = 2, seq: int = 8, seed: int = 0, device: torch.device | str | None = None
+) -> Tensor:
     """A fixed random batch, identical on every rank: token ids for a model with embeddings (below
-    the smallest embedding size), else floats of the first linear layer's input width."""
+    the smallest embedding size), else floats of the first linear layer's input width; on
+    ``device`` (default: where the model's first parameter is)."""
     gen = torch.Generator().manual_seed(seed)
     param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
+    if device is None:
+        device = param.device if param is not None else torch.device("cpu")
     embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
     if embeddings:
         vocab = infer_vocab_size(model)
@@ -122,6 +130,9 @@ def _run(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
+_META_SCALARS = {Tensor.item: 0, Tensor.__bool__: False, Tensor.__int__: 0, Tensor.__float__: 0.0, Tensor.__index__: 0}
+
+
 class _DtypeWatch(TorchFunctionMode):
     """Records the floating dtypes of every op's output (a float64 model may compute in float32)
     and, for the outputs of fused projections (``watched``: ``id(tensor) -> module name``), the
@@ -134,6 +145,10 @@ class _DtypeWatch(TorchFunctionMode):
         self.reshaped: dict[str, tuple[int, ...]] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _META_SCALARS and args and isinstance(args[0], Tensor) and args[0].is_meta:
+            # a forward on meta tensors (shapes only, for a meta-device model): data-dependent
+            # values (mask checks) are taken as zero / False; only reshapes are read from it
+            return _META_SCALARS[func]
         out = func(*args, **(kwargs or {}))
         if isinstance(out, Tensor) and out.is_floating_point():
             self.seen.add(out.dtype)
@@ -233,8 +248,7 @@ def capture(
                 p.grad = saved[id(p)]
             for h in hooks:
                 h.remove()
-    loosest = max(watch.seen, key=lambda d: _LOOSENESS.index(d) if d in _LOOSENESS else -1, default=None)
-    return out, records, error, where, got_grads, loosest, watch.reshaped
+    return out, records, error, where, got_grads, watch_loosest(watch), watch.reshaped
 
 
 def check_reference(reference: tuple, inputs: Any) -> None:
@@ -316,7 +330,8 @@ def check_parity(
     device = _device(model)
     flag = all_reduce(torch.tensor([1.0 if bad else 0.0], device=device), group, dist.ReduceOp.MAX)
     if float(flag) == 0.0:
-        _check_grads(model, grads, ref_grads, plan, group, loosest)
+        transposed = frozenset(f"{m.name}.weight" for m in plan.modules if m.module_type == "Conv1D" and m.splits)
+        _check_grads(list(model.named_parameters()), grads, ref_grads, transposed, group, loosest)
         return worst
     first = _first_mismatch(records, ref_records, specs, group, loosest)
     diff, allowed = bad if bad is not None else (float("nan"), float("nan"))
@@ -343,23 +358,23 @@ def _fused_hint(first: str, plan: Plan) -> str:
 
 
 def _check_grads(
-    model: nn.Module,
+    named: list[tuple[str, nn.Parameter]],
     grads: dict[str, Tensor | None],
     ref_grads: dict[str, Tensor | None],
-    plan: Plan,
+    transposed: frozenset[str],
     group: ProcessGroup,
     loosest: torch.dtype | None,
 ) -> None:
-    """Every parameter's gradient (sharded ones gathered, marked-partial ones summed over TP) against
-    the unsharded model's; raises :class:`PolicyMismatchError` naming the first that differs."""
+    """Every parameter's gradient (sharded ones gathered, marked-partial ones summed over TP;
+    ``transposed``: Conv1D weights, stored ``(in, out)`` in the unsharded model) against the
+    unsharded model's; raises :class:`PolicyMismatchError` naming the first that differs."""
     if not ref_grads:
         return
-    transposed = {f"{m.name}.weight" for m in plan.modules if m.module_type == "Conv1D" and m.spec is not None}
-    whole = [(n, p) for n, p in model.named_parameters() if shard_spec(p) is None and grads.get(n) is not None]
+    whole = [(n, p) for n, p in named if shard_spec(p) is None and grads.get(n) is not None]
     summed = all_reduce_coalesced([grads[n] for n, _ in whole], group)  # one flat all-reduce
     totals = dict(zip([n for n, _ in whole], summed, strict=True))
     first, detail = len(ref_grads) + 1, ""
-    for index, (name, param) in enumerate(model.named_parameters()):
+    for index, (name, param) in enumerate(named):
         got, ref = grads.get(name), ref_grads.get(name)
         spec = shard_spec(param)
         if spec is not None and got is not None:
@@ -384,7 +399,8 @@ def _check_grads(
                 if partial
                 else ""
             )
-    worst = all_reduce(torch.tensor([float(first)], device=_device(model)), group, dist.ReduceOp.MIN)
+    device = named[0][1].device if named else torch.device("cpu")
+    worst = all_reduce(torch.tensor([float(first)], device=device), group, dist.ReduceOp.MIN)
     if int(worst) > len(ref_grads):
         return
     if int(worst) != first:
@@ -422,3 +438,301 @@ def _first_mismatch(
             if d is not None and d[0] > d[1] and first == "<model output>":
                 first = key[0] or "<root>"
     return first
+
+
+# --- Block by block (deferred init, pretrained): the dense model is never built ------------------
+
+
+@dataclasses.dataclass
+class BlockCheck:
+    """One unit (a layer with its children, or one module) holding rewritten modules, kept as a
+    meta-device copy of its dense form from before the rewrite (no memory)."""
+
+    name: str
+    template: nn.Module
+    gathers: frozenset[int]  # input widths its sequence gathers all-gather (sequence parallelism)
+    spec: ShardSpec | None  # its output's layout when the unit is one split layer
+    transposed: frozenset[str]  # Conv1D weights (relative names): stored (in, out) in the dense form
+
+
+def block_templates(model: nn.Module, plan: Plan, units: list[tuple[str, nn.Module, bool]]) -> list[BlockCheck]:
+    """Before the rewrite of a meta-device ``model``: a meta copy of every unit (``(name, module,
+    with children)``, as :meth:`~lightning_tp.engine.init.Materializer.units` gives them) that holds
+    a row the rewrite replaces, for :func:`check_blocks`."""
+    checks = []
+    for name, unit, recurse in units:
+
+        def inside(row_name: str, name=name, recurse=recurse) -> bool:
+            return row_name == name or (recurse and (not name or row_name.startswith(name + ".")))
+
+        rows = [row for row in plan.modules if inside(row.name)]
+        if not any(row.kind.replaces for row in rows):
+            continue
+        template = copy.deepcopy(unit if recurse else _alone(unit))
+        gathers = frozenset(w for row in rows if isinstance(row.kind, SequenceGatherStyle) for w in row.options["in_features"])  # fmt: skip
+        own = next((row for row in rows if row.name == name), None)
+        spec = own.kind.output_spec(own) if own is not None and own.kind.replaces else None
+        prefix = f"{name}." if name else ""
+        transposed = frozenset(
+            f"{row.name}.weight".removeprefix(prefix) for row in rows if row.module_type == "Conv1D" and row.splits
+        )
+        checks.append(BlockCheck(name, template, gathers, spec, transposed))
+    return checks
+
+
+def _alone(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` without its children (a unit that comes alone)."""
+    shell = copy.copy(module)
+    shell._modules = {}
+    return shell
+
+
+def _detached(tree: Any) -> Any:
+    """``tree`` with its tensors detached copies and other objects copied (a layer may update a cache
+    it is given, or its input in place); modules, and objects that cannot be copied, pass as they are."""
+
+    def leaf(x: Any) -> Any:
+        if isinstance(x, Tensor):
+            return x.detach().clone()
+        if x is None or isinstance(x, nn.Module | int | float | str | bool):
+            return x
+        try:
+            return copy.deepcopy(x)
+        except Exception:  # noqa: BLE001
+            return x
+
+    return tree_map(leaf, tree)
+
+
+def _unit_inputs(
+    run: nn.Module, model: nn.Module, inputs: Any, names: list[str]
+) -> tuple[dict, BaseException | None, str]:
+    """``{unit name: (args, kwargs)}`` of each unit's first call in one forward (no grad, eval mode,
+    RNG untouched) of the rewritten model, as the unit receives them (before its own hooks)."""
+    seen: dict[str, tuple[tuple, dict]] = {}
+    handles = []
+    for name in names:
+
+        def pre(mod, args, kwargs, name=name):
+            if name not in seen:
+                seen[name] = _detached((args, kwargs))
+
+        handles.append(model.get_submodule(name).register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
+    training = {m: m.training for m in model.modules()}
+    stack: list[str] = []
+    error, where = None, ""
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), _recording(model, {}, stack):
+        model.eval()
+        try:
+            _run(run, inputs)
+        except Exception as exc:  # noqa: BLE001 - reported as a policy mismatch
+            error, where = exc, (stack[-1] if stack else "")
+        finally:
+            for h in handles:
+                h.remove()
+            for m, flag in training.items():
+                m.train(flag)
+    return seen, error, where
+
+
+@torch.no_grad()
+def _dense_unit(check: BlockCheck, unit: nn.Module, group: ProcessGroup, device: torch.device) -> nn.Module:
+    """The dense unit, materialized from the rewritten one's weights (sharded ones gathered). Collective."""
+    dense = copy.deepcopy(check.template).to_empty(device=device)  # the template stays on meta
+    local = dict(unit.named_parameters(remove_duplicate=False))
+    for name, param in dense.named_parameters(remove_duplicate=False):
+        got = local.get(name)
+        if got is None:
+            raise PolicyMismatchError(f"verify: the rewritten {check.name!r} has no parameter {name!r}.")
+        spec = shard_spec(got)
+        value = got.detach() if spec is None else gather_sharded(got.detach(), spec, group)
+        param.copy_(value.t() if name in check.transposed else value)
+    buffers = dict(unit.named_buffers(remove_duplicate=False))
+    for name, buf in dense.named_buffers(remove_duplicate=False):
+        if name in buffers:
+            buf.copy_(buffers[name])
+    return dense
+
+
+def _layout(got: Tensor, ref: Tensor, spec: ShardSpec | None, tp: int) -> tuple[str, ShardSpec | None] | None:
+    """How this rank's output ``got`` lies in the dense ``ref``: ``("full", None)``, ``("split",
+    spec)`` on the last dim, ``("sequence", None)`` on dim -2; ``None``: not comparable."""
+    if isinstance(got, VocabShardedLogits):
+        return "split", ShardSpec(dim=-1, sizes=(got.vocab_size,), tp_size=tp, pad=True)
+    if got.shape == ref.shape:
+        return "full", None
+    if spec is not None and got.shape[:-1] == ref.shape[:-1] and spec.full_size == ref.shape[-1]:
+        return "split", spec
+    if got.dim() >= 2 and got.shape[-2] * tp == ref.shape[-2] and got.shape[-1] == ref.shape[-1]:
+        return "sequence", None
+    return None
+
+
+def _block_probes(
+    outs: list[Tensor], refs: list[Tensor], spec: ShardSpec | None, group: ProcessGroup, loosest
+) -> tuple[Tensor | None, Tensor | None, tuple[float, float] | None]:
+    """For the rewritten block's outputs ``outs`` and the dense block's ``refs`` (both still in the
+    graph): ``(sum_i <out_i, R_i>`` on this rank's part of each output, ``sum_i <ref_i, R_i>``, the
+    first output difference beyond tolerance``)``, with fixed random ``R_i`` (this rank's slice of
+    it for ``out_i``). Outputs split on a dim other than the last or the sequence (a per-head
+    tensor) are left out of all three; at least one output must be compared."""
+    tp, rank = group_size(group), group_rank(group)
+    local_total, dense_total, bad, compared = None, None, None, 0
+    if len(outs) != len(refs):
+        bad = (float("inf"), 0.0)
+    for i, (got, ref) in enumerate(zip(outs, refs, strict=False)):
+        layout = _layout(got, ref, spec, tp)
+        if layout is None:  # split on another dim (a per-head tensor, e.g. T5's position bias): not compared
+            continue
+        compared += 1
+        kind, out_spec = layout
+        plain = got.as_subclass(Tensor) if isinstance(got, VocabShardedLogits) else got
+        if kind == "split":
+            dense = _dense(plain.detach(), out_spec, group)
+        elif kind == "sequence":
+            dense = all_gather_dim(plain.detach().contiguous(), group, -2)
+        else:
+            dense = plain.detach()
+        d = _diff(dense, ref.detach(), loosest) or (float("inf"), 0.0)
+        if d[0] > d[1] and bad is None:
+            bad = d
+        if not ref.is_floating_point():
+            continue
+        r = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1234 + i), dtype=torch.float64)
+        r, scale = r.to(ref.device), max(1, ref.numel()) ** 0.5
+        if ref.requires_grad:
+            term = (ref.double() * r).sum() / scale
+            dense_total = term if dense_total is None else dense_total + term
+        if kind == "split":
+            r = out_spec.shard(r, rank)
+        elif kind == "sequence":
+            r = r.chunk(tp, dim=-2)[rank]
+        if plain.requires_grad:
+            term = (plain.double() * r).sum() / scale
+            local_total = term if local_total is None else local_total + term
+    if refs and not compared:
+        bad = bad or (float("inf"), 0.0)  # nothing of this block's output could be matched with the dense one
+    return local_total, dense_total, bad
+
+
+def _run_unit(module: nn.Module, args: tuple, kwargs: dict, watch: _DtypeWatch | None = None) -> list[Tensor]:
+    args, kwargs = _detached((args, kwargs))
+    with torch.random.fork_rng(devices=[]):
+        module.eval()
+        if watch is None:
+            out = module(*args, **kwargs)
+        else:
+            with watch:
+                out = module(*args, **kwargs)
+    return [t for t in _leaves(out) if t is not None]
+
+
+def _gather_inputs(tree: Any, widths: frozenset[int], group: ProcessGroup) -> Any:
+    """The block's inputs as the dense unit takes them: sequence-sharded ones (what its sequence
+    gathers all-gather: floating, ``(..., T/p, w)`` with ``w`` in ``widths``) gathered on dim -2."""
+    if not widths:
+        return tree
+
+    def gather(x):
+        if isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 2 and x.shape[-1] in widths:
+            return all_gather_dim(x.contiguous(), group, -2)
+        return x
+
+    return tree_map(gather, tree)
+
+
+def check_blocks(
+    model: nn.Module,
+    checks: list[BlockCheck],
+    inputs: Any,
+    plan: Plan,
+    group: ProcessGroup,
+    run: nn.Module | None = None,
+) -> int:
+    """Verify a rewritten model that was never dense (deferred init, pretrained) block by block.
+
+    One forward of the rewritten model on ``inputs`` records what each checked unit receives; then,
+    unit by unit, a dense copy of the unit is materialized from the rewritten unit's weights (sharded
+    ones gathered; one unit at a time), both run forward and backward (of a fixed random projection
+    of the outputs) on those inputs, and outputs and every parameter's gradient are compared as
+    :func:`check_parity` does. What runs outside the checked units (e.g. a loss in the model's own
+    forward) is not compared. Returns the number of units checked.
+
+    Raises:
+        PolicyMismatchError: naming the first unit (in execution order) that differs.
+    """
+    run = model if run is None else run
+    units = {c.name: c for c in checks}
+    seen, error, where = _unit_inputs(run, model, inputs, list(units))
+    if error is not None:
+        raise PolicyMismatchError(
+            f"verify (block by block): the rewritten model's forward failed in module {where or '<root>'!r}: "
+            f"{type(error).__name__}: {error}. Its forward does not fit the policy (for example it reshapes with a "
+            "full hidden size or head count); map that block to 'replicate', or pass verify=False to skip this check."
+        ) from error
+    device = _device(model)
+    checked, skipped = 0, []
+    for name, (args, kwargs) in seen.items():  # execution order: the same on every rank
+        check, unit = units[name], model.get_submodule(name)
+        dense = _dense_unit(check, unit, group, device)
+        watch = _DtypeWatch()
+        # sequence parallelism: inputs the block's sequence gathers, or its layers themselves, all-gather
+        own = {
+            m.in_features
+            for m in unit.modules()
+            if getattr(m, "sequence_parallel", False) is True and isinstance(getattr(m, "in_features", None), int)
+        }
+        dense_args, dense_kwargs = _gather_inputs((args, kwargs), check.gathers | own, group)
+        try:
+            refs = _run_unit(dense, dense_args, dense_kwargs, watch)
+        except Exception as exc:  # noqa: BLE001 - the same on every rank (identical inputs)
+            # it receives an activation in a sharded layout only the rewritten block takes (T5's
+            # head-split position bias, passed from block to block)
+            skipped.append(f"{name} ({type(exc).__name__}: {str(exc)[:120]})")
+            continue
+        named = list(unit.named_parameters())
+        saved = {id(p): p.grad for _, p in named}
+        training = {m: m.training for m in unit.modules()}
+        try:
+            for _, p in named:
+                p.grad = None
+            outs = _run_unit(unit, args, kwargs)
+            loss, dense_loss, bad = _block_probes(outs, refs, check.spec, group, watch_loosest(watch))
+            for probe in (dense_loss, loss):
+                if probe is not None:
+                    probe.backward()
+            grads = {n: (None if p.grad is None else p.grad.detach().clone()) for n, p in named}
+            ref_grads = {n: (None if p.grad is None else p.grad.detach()) for n, p in dense.named_parameters()}
+        finally:
+            for _, p in named:
+                p.grad = saved[id(p)]
+            for m, flag in training.items():
+                m.train(flag)
+        del dense, refs, outs, loss, dense_loss
+        flag = all_reduce(torch.tensor([1.0 if bad else 0.0], device=device), group, dist.ReduceOp.MAX)
+        if float(flag):
+            diff, allowed = bad if bad is not None else (float("nan"), float("nan"))
+            raise PolicyMismatchError(
+                f"verify (block by block): the output of {name or '<root>'!r} differs from the same block built dense "
+                f"from the same weights: max abs difference {diff:.3e} > tolerance {allowed:.3e}.{_fused_hint(name, plan)} "
+                "The policy does not fit this block's forward; check its modules' styles and the head/width "
+                "attributes it reads (`lightning-tp plan` shows the plan)."
+            )
+        try:
+            _check_grads(named, grads, ref_grads, check.transposed, group, watch_loosest(watch))
+        except PolicyMismatchError as exc:
+            raise PolicyMismatchError(f"verify (block by block), in {name or '<root>'!r}: {exc}") from None
+        checked += 1
+    if skipped:
+        warnings.warn(
+            f"verify (block by block): {len(skipped)} of {len(seen)} blocks were not checked: the same block built "
+            f"dense cannot take the inputs it receives in the rewritten model: {skipped}. The {checked} others matched.",
+            PolicyWarning,
+            stacklevel=3,
+        )
+    return checked
+
+
+def watch_loosest(watch: _DtypeWatch) -> torch.dtype | None:
+    """The least precise floating dtype a watched forward computed in."""
+    return max(watch.seen, key=lambda d: _LOOSENESS.index(d) if d in _LOOSENESS else -1, default=None)
