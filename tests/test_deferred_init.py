@@ -206,7 +206,9 @@ def _block_verify(cases: list[tuple[str, int, bool]]) -> list[tuple[int, list[st
 
             example = hf_zoo.inputs(name, hf_zoo.build(name))
         checked, real = [], apply_mod.check_blocks
-        apply_mod.check_blocks = lambda *a, **k: checked.append(real(*a, **k)) or checked[-1]
+        apply_mod.check_blocks = lambda *a, checked=checked, real=real, **k: (
+            checked.append(real(*a, **k)) or checked[-1]
+        )
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")

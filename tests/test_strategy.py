@@ -13,6 +13,7 @@ from lightning_tp import MegatronTPStrategy
 from lightning_tp.engine.sequence import SequenceShardedEmbedding
 from lightning_tp.engine.sharding import shard_spec
 from lightning_tp.errors import MeshConfigError
+from lightning_tp.lightning.zero import local
 
 
 class Recorder(L.Callback):
@@ -34,7 +35,8 @@ def _replicated_digest(module):
     for name, p in sorted(module.named_parameters()):
         if shard_spec(p) is None:
             h.update(name.encode())
-            h.update(p.detach().contiguous().view(torch.uint8).numpy().tobytes())
+            part = local(p)  # ZeRO: this DP rank's part
+            h.update(part.detach().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -50,11 +52,11 @@ def _token_embedding(model):
     return model.embed_tokens if hasattr(model, "embed_tokens") else model.transformer.wte
 
 
-def _fit(world, tp, steps=10, global_batch=8, clip=0.5, dropout=0.0, sp=False, model="plain", **kw):
+def _fit(world, tp, steps=10, global_batch=8, clip=0.5, dropout=0.0, sp=False, model="plain", strategy_kw=None, **kw):
     with lit.external_launch(world):
         dp = world // tp
         model, rec = lit.LitGPT(batch_size=global_batch // dp, dropout=dropout, model=model), Recorder()
-        strategy = MegatronTPStrategy(tensor_parallel_size=tp, sequence_parallel=sp)
+        strategy = MegatronTPStrategy(tensor_parallel_size=tp, sequence_parallel=sp, **(strategy_kw or {}))
         trainer = L.Trainer(
             **lit.trainer_kwargs(max_steps=steps, devices=world, strategy=strategy, gradient_clip_val=clip,
                                  callbacks=[rec], **kw)
@@ -72,6 +74,17 @@ def _fit(world, tp, steps=10, global_batch=8, clip=0.5, dropout=0.0, sp=False, m
             "grad_norm": None if norm is None else float(norm),
             "lm_head_tied": model.model.lm_head.weight is _token_embedding(model.model).weight,
             "sequence_sharded": any(isinstance(x, SequenceShardedEmbedding) for x in model.modules()),
+            "optimizer_bytes": sum(
+                local(t).nbytes
+                for opt in trainer.optimizers
+                for state in opt.state.values()
+                for t in state.values()
+                if torch.is_tensor(t) and t.dim() > 0
+            ),
+            "zero_active": strategy.zero_active,
+            "checkpointed": sum("_tp_checkpointed_forward" in m.__dict__ for m in model.modules()),
+            # TP-local parameter bytes (a ZeRO DTensor's shape is the TP-local shape, its local part 1/DP of it)
+            "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
         }
 
 
@@ -154,7 +167,8 @@ def test_registered_names():
 
 
 class InjectInf(L.Callback):
-    """At one step, put an inf into one TP rank's gradient shard; record scale and params."""
+    """At one step, put an inf into one TP rank's gradient shard (under ZeRO: its DP part of it);
+    record scale and whether the parameters changed."""
 
     def __init__(self, step):
         self.step, self.rows = step, []
@@ -162,13 +176,14 @@ class InjectInf(L.Callback):
     def on_after_backward(self, trainer, pl_module):
         if trainer.global_step == self.step and trainer.strategy.tp_mesh.tp_rank == 1:
             p = next(p for p in pl_module.parameters() if shard_spec(p) is not None and p.grad is not None)
-            p.grad.view(-1)[0] = float("inf")
+            local(p.grad).view(-1)[0] = float("inf")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._before = [p.detach().clone() for p in pl_module.parameters()]
+        self._before = [local(p).detach().clone() for p in pl_module.parameters()]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        unchanged = all(torch.equal(a, b) for a, b in zip(self._before, pl_module.parameters(), strict=True))
+        after = [local(p) for p in pl_module.parameters()]
+        unchanged = all(torch.equal(a, b) for a, b in zip(self._before, after, strict=True))
         scale = float(trainer.precision_plugin.scaler.get_scale())
         self.rows.append((trainer.global_step, unchanged, scale))
 

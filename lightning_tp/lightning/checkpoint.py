@@ -36,11 +36,12 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from lightning_tp.engine.mesh import TPMesh
 from lightning_tp.engine.sharding import ShardSpec, shard_spec
 from lightning_tp.errors import LightningTPError
+from lightning_tp.lightning.zero import local
 from lightning_tp.policy.plan import applied_plan
 
 META_FILE = "meta.pt"
@@ -99,6 +100,28 @@ def _fill_local(local: Tensor, loaded: dict[str, Tensor], key: str, spec: ShardS
             offset += spec.local_sizes[c]
 
 
+# ZeRO (stages 2/3): parameters and optimizer state are DTensors split over the DP group. A
+# checkpoint holds them in the stage-0 form (this rank's whole TP shard), so that it loads at any
+# stage and DP size: gathered over DP when saved, split again when loaded.
+
+
+def _whole(t: Tensor) -> Tensor:
+    """This rank's whole TP shard of ``t`` (all-gathered over DP for a ZeRO DTensor: collective)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _empty_whole(t: Tensor) -> Tensor:
+    """A plain tensor shaped like this rank's whole TP shard of ``t``."""
+    return torch.empty(t.shape, dtype=t.dtype, device=local(t).device)
+
+
+def _split_like(whole: Tensor, like: Tensor) -> Tensor:
+    """``whole`` split over DP as ``like`` is (no communication), or ``whole`` for a plain ``like``."""
+    if not isinstance(like, DTensor):
+        return whole
+    return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None)
+
+
 def _params(module: nn.Module) -> dict[str, Tensor]:
     """Parameters (each shared one once) and persistent buffers, by name."""
     state = dict(module.named_parameters())
@@ -135,7 +158,7 @@ def _state_to_save(module: nn.Module, optimizers: list[torch.optim.Optimizer], m
     params = _params(module)
     for name, t in params.items():
         spec = shard_spec(t)
-        tensors.update(_canonical(f"model.{name}", t, spec, mesh))
+        tensors.update(_canonical(f"model.{name}", _whole(t), spec, mesh))
         layout[name] = None if spec is None else {"dim": spec.dim, "sizes": list(spec.sizes), "pad": spec.pad}
     names = {id(p): n for n, p in params.items()}
     optim_meta = []
@@ -150,7 +173,7 @@ def _state_to_save(module: nn.Module, optimizers: list[torch.optim.Optimizer], m
                     key = f"optim{i}.{names[id(p)]}.{k}"
                     if isinstance(v, Tensor):
                         spec = shard_spec(p) if v.shape == p.shape else None
-                        tensors.update(_canonical(key, v, spec, mesh))
+                        tensors.update(_canonical(key, _whole(v), spec, mesh))
                     else:
                         extra.setdefault(names[id(p)], {})[k] = v
         optim_meta.append({"param_groups": groups, "extra": extra})
@@ -392,7 +415,7 @@ def load(
     expected: dict[str, torch.Size] = {}
     for name, t in params.items():
         spec = shard_spec(t)
-        canon = _canonical(f"model.{name}", torch.empty_like(t), spec, mesh)
+        canon = _canonical(f"model.{name}", _empty_whole(t), spec, mesh)
         expected.update({k: v.shape for k, v in canon.items()})
         buffers.update(canon)
         targets.append((t, f"model.{name}", spec, name))
@@ -413,8 +436,8 @@ def load(
                     spec = shard_spec(p)
                     first = stored.get(key) or stored[f"{key}{_CHUNK}0"]
                     if spec is not None and (key not in stored or tuple(first.size) == tuple(_dense_shape(p, spec))):
-                        buf = torch.zeros_like(p)  # the local state; read through separate canonical buffers
-                        buffers.update(_canonical(key, torch.empty_like(p), spec, mesh))
+                        buf = _empty_whole(p)  # the local state; read through separate canonical buffers
+                        buffers.update(_canonical(key, _empty_whole(p), spec, mesh))
                     else:
                         spec = None
                         buf = torch.empty(first.size, dtype=first.properties.dtype)
@@ -435,13 +458,21 @@ def load(
         ) from exc
 
     for t, key, spec, _ in targets:
-        _fill_local(t.data, buffers, key, spec, mesh)
+        if isinstance(t, DTensor):  # ZeRO: this rank's whole TP shard, then its DP part
+            whole = _empty_whole(t)
+            _fill_local(whole, buffers, key, spec, mesh)
+            with torch.no_grad():
+                local(t).copy_(_split_like(whole, t).to_local())
+        else:
+            _fill_local(t.data, buffers, key, spec, mesh)
     for i, opt in enumerate(optimizers):
         state: dict[int, dict[str, Any]] = {}
         index = {id(p): j for j, p in enumerate(p for g in opt.param_groups for p in g["params"])}
         for _, p, state_key, buf, key, spec in (t for t in optim_targets if t[0] == i):
             if spec is not None:
                 _fill_local(buf, buffers, key, spec, mesh)
+            if buf.shape == p.shape and buf.dim() > 0:
+                buf = _split_like(buf, p)  # ZeRO: the optimizer state is split over DP as its parameter is
             state.setdefault(index[id(p)], {})[state_key] = buf
         saved = info["optimizers"][i]
         for name, extra in saved["extra"].items():
@@ -470,12 +501,13 @@ def _dense_shape(p: Tensor, spec: ShardSpec) -> torch.Size:
 @torch.no_grad()
 def full_state_dict(module: nn.Module, group: ProcessGroup) -> dict[str, Tensor]:
     """The dense state_dict of a rewritten module, in the original module's layout (collective)."""
-    from lightning_tp.engine.layers import gather_weight
+    from lightning_tp.engine.layers import gather_sharded
 
     transpose = set(_transposed(module))
     out = {}
     for name, t in module.state_dict(keep_vars=True).items():
-        full = gather_weight(t, group) if shard_spec(t) is not None else t.detach().clone()
+        whole, spec = _whole(t.detach()), shard_spec(t)  # ZeRO: gathered over DP first
+        full = gather_sharded(whole, spec, group) if spec is not None else whole.clone()
         out[name] = full.t().contiguous() if name in transpose else full
     return out
 

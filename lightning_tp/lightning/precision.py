@@ -31,49 +31,65 @@ from torch.distributed import ProcessGroup
 from lightning_tp._compat import found_inf_per_device
 from lightning_tp.engine.comm import all_reduce_coalesced
 from lightning_tp.engine.sharding import has_partial_grad, shard_spec
+from lightning_tp.lightning.zero import is_dp_sharded, local
 
 
-def tp_grad_norm(params: list[Tensor], tp_group: ProcessGroup | None, norm_type: float = 2.0) -> Tensor:
+def tp_grad_norm(
+    params: list[Tensor], tp_group: ProcessGroup | None, norm_type: float = 2.0, dp_group: ProcessGroup | None = None
+) -> Tensor:
     """Norm of the unsharded model's gradient from this rank's parameters (identical on all ranks).
 
     Sharded parameters contribute ``sum over TP`` of their local squared norms; replicated ones are
-    counted once (their grads are equal on every TP rank).
+    counted once (their grads are equal on every TP rank). Gradients split over data parallelism
+    (ZeRO: DTensors over ``dp_group``) contribute ``sum over DP`` of their local parts.
     """
-    grads = [(p.grad, shard_spec(p) is not None) for p in params if p.grad is not None]
+    grads = [(local(p.grad), shard_spec(p) is not None, is_dp_sharded(p.grad)) for p in params if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
     device = grads[0][0].device
-    if norm_type == float("inf"):
-        sharded = max((g.detach().abs().max().float() for g, s in grads if s), default=torch.tensor(0.0, device=device))
-        replicated = max(
-            (g.detach().abs().max().float() for g, s in grads if not s), default=torch.tensor(0.0, device=device)
-        )
-        sharded = torch.as_tensor(sharded, device=device).clone()
-        if tp_group is not None and dist.get_world_size(tp_group) > 1:
-            dist.all_reduce(sharded, op=dist.ReduceOp.MAX, group=tp_group)
-        return torch.maximum(sharded, torch.as_tensor(replicated, device=device))
-    acc = torch.float64 if any(g.dtype == torch.float64 for g, _ in grads) else torch.float32
+    tp_group = tp_group if tp_group is not None and dist.get_world_size(tp_group) > 1 else None
+    dp_group = dp_group if dp_group is not None and any(d for *_, d in grads) else None
+    if norm_type == float("inf"):  # a max: any rank's copy of a replicated gradient gives the same
+        top = max((g.detach().abs().max().float() for g, *_ in grads if g.numel()), default=None)
+        top = torch.zeros((), device=device) if top is None else top.clone()
+        for group in (tp_group, dp_group):
+            if group is not None:
+                dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        return top
+    acc = torch.float64 if any(g.dtype == torch.float64 for g, *_ in grads) else torch.float32
 
-    def total(select: bool) -> Tensor:
+    def total(tp_split: bool, dp_split: bool) -> Tensor:
         parts = [
-            torch.linalg.vector_norm(g.detach(), norm_type, dtype=acc) ** norm_type for g, s in grads if s == select
+            torch.linalg.vector_norm(g.detach(), norm_type, dtype=acc) ** norm_type
+            for g, s, d in grads
+            if s == tp_split and d == dp_split
         ]
         return torch.stack(parts).sum() if parts else torch.zeros((), dtype=acc, device=device)
 
-    sharded = total(True)
-    if tp_group is not None and dist.get_world_size(tp_group) > 1:
-        dist.all_reduce(sharded, group=tp_group)
-    return (sharded + total(False)) ** (1.0 / norm_type)
+    # [split over TP, whole on every TP rank] x [split over DP or not]
+    sums = torch.stack([total(True, True), total(False, True), total(True, False), total(False, False)])
+    if dp_group is not None:
+        dp_part = sums[:2].clone()
+        dist.all_reduce(dp_part, group=dp_group)
+        sums = torch.cat([dp_part, sums[2:]])
+    tp_part = sums[0] + sums[2]
+    if tp_group is not None:
+        tp_part = tp_part.clone()
+        dist.all_reduce(tp_part, group=tp_group)
+    return (tp_part + sums[1] + sums[3]) ** (1.0 / norm_type)
 
 
-def clip_grads_by_norm_(params: list[Tensor], max_norm: float, tp_group: ProcessGroup | None) -> Tensor:
+def clip_grads_by_norm_(
+    params: list[Tensor], max_norm: float, tp_group: ProcessGroup | None, dp_group: ProcessGroup | None = None
+) -> Tensor:
     """Scale grads in place so that the unsharded gradient's 2-norm is at most ``max_norm`` (same
     coefficient as ``torch.nn.utils.clip_grad_norm_``). Returns the norm before clipping."""
-    norm = tp_grad_norm(params, tp_group)
+    norm = tp_grad_norm(params, tp_group, dp_group=dp_group)
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
     for p in params:
         if p.grad is not None:
-            p.grad.detach().mul_(coef.to(p.grad.device, p.grad.dtype))
+            g = local(p.grad)
+            g.detach().mul_(coef.to(g.device, g.dtype))
     return norm
 
 
@@ -86,10 +102,11 @@ def all_reduce_partial_grads(params: list[Tensor], tp_group: ProcessGroup | None
     for p in params:
         if p.grad is None or not has_partial_grad(p):
             continue
-        if p.grad.is_sparse:
-            dist.all_reduce(p.grad, group=tp_group)
+        grad = local(p.grad)  # under ZeRO: this DP rank's part, the same part on every TP rank
+        if grad.is_sparse:
+            dist.all_reduce(grad, group=tp_group)
         else:
-            dense.append(p.grad)
+            dense.append(grad)
     for grad, total in zip(dense, all_reduce_coalesced(dense, tp_group), strict=True):
         grad.copy_(total)
 
@@ -135,15 +152,16 @@ def check_partial_grad_marks(
     whole = [(n, p) for n, p in named_params if p.grad is not None and shard_spec(p) is None and not p.grad.is_sparse]
     if dist.get_world_size(tp_group) == 1:
         return True
-    device = whole[0][1].grad.device if whole else torch.device("cpu")
-    stats = [torch.stack([p.grad.double().sum(), p.grad.double().square().sum()]) for _, p in whole]
+    grads = [local(p.grad).double() for _, p in whole]  # under ZeRO: the same DP part on every TP rank
+    device = grads[0].device if grads else torch.device("cpu")
+    stats = [torch.stack([g.sum(), g.square().sum()]) for g in grads]
     sums = torch.stack(stats) if stats else torch.zeros((0, 2), dtype=torch.float64, device=device)
     hi, lo = sums.clone(), sums.clone()  # (n, 2)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=tp_group)
     dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=tp_group)
     nonfinite = not bool(torch.isfinite(hi).all() and torch.isfinite(lo).all())
     rtol = torch.tensor([_SAME_GRAD_RTOL.get(p.grad.dtype, 1e-5) for _, p in whole], dtype=torch.float64)
-    numel = torch.tensor([float(p.grad.numel()) for _, p in whole], dtype=torch.float64, device=device)
+    numel = torch.tensor([float(g.numel()) for g in grads], dtype=torch.float64, device=device)
     # scale of each statistic: a sum can cancel, so its scale is sqrt(numel * sum of squares) >= |sum|
     sq = torch.maximum(hi[:, 1].abs(), lo[:, 1].abs())  # (n,)
     scale = torch.stack([(numel * sq).sqrt(), sq], dim=1)  # (n, 2)
@@ -213,12 +231,19 @@ class _TPPrecisionMixin:
     The strategy calls :meth:`configure_tp` once the TP group and the rewritten model exist."""
 
     tp_group: ProcessGroup | None = None
+    dp_group: ProcessGroup | None = None
     last_grad_norm: Tensor | None = None
     partial_grad_check: PartialGradCheck | None = None
 
-    def configure_tp(self, tp_group: ProcessGroup, partial_grad_check: PartialGradCheck | None = None) -> None:
-        """Use ``tp_group`` for clipping and partial grads; run ``partial_grad_check`` at the first steps."""
-        self.tp_group, self.partial_grad_check = tp_group, partial_grad_check
+    def configure_tp(
+        self,
+        tp_group: ProcessGroup,
+        partial_grad_check: PartialGradCheck | None = None,
+        dp_group: ProcessGroup | None = None,
+    ) -> None:
+        """Use ``tp_group`` for clipping and partial grads (``dp_group``: the group ZeRO splits
+        gradients over); run ``partial_grad_check`` at the first steps."""
+        self.tp_group, self.partial_grad_check, self.dp_group = tp_group, partial_grad_check, dp_group
 
     def _after_closure(self, model, optimizer) -> None:
         params = list(self.main_params(optimizer))
@@ -232,7 +257,7 @@ class _TPPrecisionMixin:
 
     def clip_grad_by_norm(self, optimizer, clip_val: int | float) -> None:
         params = [p for p in self.main_params(optimizer) if p.grad is not None]
-        self.last_grad_norm = clip_grads_by_norm_(params, float(clip_val), self.tp_group)
+        self.last_grad_norm = clip_grads_by_norm_(params, float(clip_val), self.tp_group, self.dp_group)
 
 
 class TPPrecision(_TPPrecisionMixin, Precision):

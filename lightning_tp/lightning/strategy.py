@@ -31,6 +31,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_tp._compat import SubprocessScriptLauncher, set_device_mesh, set_launcher, tree_map
@@ -38,6 +39,7 @@ from lightning_tp.engine.comm import broadcast_coalesced
 from lightning_tp.engine.init import Materializer, is_deferred
 from lightning_tp.engine.mesh import TPMesh, init_tp_mesh, parallel_sizes
 from lightning_tp.engine.random import RNGTracker, derive_seed, model_parallel_seed
+from lightning_tp.engine.recompute import apply_activation_checkpointing, checkpoint_targets
 from lightning_tp.errors import CheckpointSkippedWarning, MeshConfigError
 from lightning_tp.lightning import checkpoint as ckpt
 from lightning_tp.lightning.faults import (
@@ -49,6 +51,7 @@ from lightning_tp.lightning.faults import (
 from lightning_tp.lightning.launcher import TPMultiProcessingLauncher
 from lightning_tp.lightning.precision import PartialGradCheck, TPPrecision, _TPPrecisionMixin, to_tp_precision
 from lightning_tp.lightning.pretrained import load_pretrained
+from lightning_tp.lightning.zero import ZERO_STAGES, dp_mesh, dp_shard, keep_param_attrs, no_gradient_sync
 from lightning_tp.policy import applied_plan, apply_policy, plan_policy, resolve_rules
 
 log = logging.getLogger(__name__)
@@ -90,6 +93,14 @@ class MegatronTPStrategy(DDPStrategy):
             ``.safetensors`` file or a ``.pt`` state dict. With a meta-device model no random init runs.
         pretrained_prefix: prepended to every key of the weights file (default: the prefix that
             matches the most keys, e.g. a LightningModule's ``model.``).
+        zero_stage: memory across data parallelism. ``0``: DDP over the DP group (every replica
+            holds its TP shard's full gradients and optimizer state). ``2``: gradients and optimizer
+            state split over the DP group, ``3``: parameters too (gathered per layer for forward
+            and backward); both on torch's FSDP2 over the DP group (``lightning_tp.lightning.zero``).
+        activation_checkpointing: module classes and/or fnmatch patterns on module names (e.g.
+            ``"model.layers.*"``) whose forward is recomputed in backward instead of keeping its
+            activations; the model-parallel RNG streams are restored for the recompute, so dropout
+            masks (and gradients) equal those without it (``lightning_tp.engine.recompute``).
         **kwargs: passed to ``DistributedDataParallel`` (e.g. ``find_unused_parameters``).
     """
 
@@ -110,6 +121,8 @@ class MegatronTPStrategy(DDPStrategy):
         debug: bool = False,
         pretrained: str | os.PathLike | None = None,
         pretrained_prefix: str | None = None,
+        zero_stage: Literal[0, 2, 3] = 0,
+        activation_checkpointing: type | str | list[type | str] | None = None,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment=None,
@@ -123,6 +136,11 @@ class MegatronTPStrategy(DDPStrategy):
             or tensor_parallel_size < 1
         ):
             raise MeshConfigError(f"tensor_parallel_size must be 'auto' or an int >= 1, got {tensor_parallel_size!r}.")
+        if isinstance(zero_stage, bool) or zero_stage not in ZERO_STAGES:
+            raise MeshConfigError(
+                f"zero_stage must be 0 (DDP over the data-parallel group), 2 (gradients and optimizer state split over "
+                f"it) or 3 (parameters too), got {zero_stage!r}."
+            )
         self._default_precision = TPPrecision()  # what precision_plugin is until one is set
         super().__init__(
             accelerator=accelerator,
@@ -144,6 +162,11 @@ class MegatronTPStrategy(DDPStrategy):
         self._seed = seed
         self.nan_check, self.debug = nan_check, debug
         self.pretrained, self.pretrained_prefix = pretrained, pretrained_prefix
+        self.zero_stage = int(zero_stage)
+        self.activation_checkpointing = (
+            None if activation_checkpointing is None else checkpoint_targets(activation_checkpointing)
+        )
+        self.zero_active = False  # ZeRO sharding applied (zero_stage > 0 and more than one DP rank, fitting)
         self._tp_mesh: TPMesh | None = None
         self._ddp_group = None  # debug mode: the DP group without the debug wrapper, for DDP
         self.rng_tracker: RNGTracker | None = None
@@ -239,12 +262,20 @@ class MegatronTPStrategy(DDPStrategy):
             self.model_to_device()
         if applied_plan(module) is None:
             self._shard(module)
+        if self.activation_checkpointing is not None:  # before ZeRO wraps the layers (FSDP2's order)
+            done = apply_activation_checkpointing(module, self.activation_checkpointing, self.rng_tracker)
+            log.info("lightning_tp: activation checkpointing of %d modules: %s", len(done), done)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting and self.tp_mesh.dp_size > 1 and self.zero_stage and not isinstance(module, FSDPModule):
+            dp_shard(module, dp_mesh(self.dp_group, self.root_device.type), self.zero_stage)
+        if isinstance(module, FSDPModule):  # sharded now, or by an earlier fit (then validate/test/predict)
+            self.model, self.zero_active = _ZeroRoot(module), True  # FSDP2's hooks run on module's __call__
         check = PartialGradCheck(list(module.named_parameters()), self.sequence_parallel)  # at the first steps
-        self.precision_plugin.configure_tp(self.tp_group, check)
-        if trainer.state.fn == TrainerFn.FITTING:
-            if self.tp_mesh.dp_size > 1:
+        self.precision_plugin.configure_tp(self.tp_group, check, self.dp_group if self.zero_active else None)
+        if fitting:
+            if self.tp_mesh.dp_size > 1 and not self.zero_active:
                 self.configure_ddp()
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
@@ -312,6 +343,23 @@ class MegatronTPStrategy(DDPStrategy):
         kwargs = {k: v for k, v in self.ddp_kwargs.items() if k not in ("module", "device_ids", "process_group")}
         group = self.dp_group if self._ddp_group is None else self._ddp_group
         return DistributedDataParallel(model, device_ids=device_ids, process_group=group, **kwargs)
+
+    def teardown(self) -> None:
+        module = self.lightning_module
+        if self.zero_active and module is not None:
+            with keep_param_attrs(module):  # Lightning's teardown moves the model (DTensor params: swapped)
+                super().teardown()
+            return
+        super().teardown()
+
+    @contextmanager
+    def block_backward_sync(self) -> Generator[None, None, None]:
+        if self.zero_active:  # gradient accumulation under ZeRO: reduce-scatter at the last micro-batch only
+            with no_gradient_sync(self.lightning_module):
+                yield
+            return
+        with super().block_backward_sync():
+            yield
 
     # -- faults -----------------------------------------------------------------------------------
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -434,6 +482,19 @@ class MegatronTPStrategy(DDPStrategy):
                 name, cls, description=f"Megatron-style tensor parallelism, start_method={start_method!r}",
                 start_method=start_method, override=True,
             )  # fmt: skip
+
+
+class _ZeroRoot(nn.Module):
+    """What the Trainer calls under ZeRO: its forward calls the FSDP2-sharded LightningModule, so
+    Lightning's forward redirection runs ``training_step`` (and the others) inside the module's
+    ``__call__``, where FSDP2 gathers the root's parameters and arranges the gradient reduce-scatter."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
 
 
 def _initialized() -> bool:
