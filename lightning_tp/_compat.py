@@ -99,6 +99,12 @@ def set_device_mesh(module: Any, mesh: Any) -> None:
     module._device_mesh = mesh
 
 
+def disable_sigterm_broadcast(trainer: Any) -> None:
+    """Turn off Lightning 2.6's per-batch broadcast of rank 0's SIGTERM flag (the strategy agrees on
+    signals itself, from every rank, in one reduction per step)."""
+    trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
+
+
 def __getattr__(name: str) -> Any:
     if name in _LIGHTNING:
         module, attr = _LIGHTNING[name]
@@ -110,6 +116,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "DisableTorchFunctionSubclass",
+    "disable_sigterm_broadcast",
     "MultiProcessingLauncher",  # noqa: F822 (module __getattr__)
     "SubprocessScriptLauncher",  # noqa: F822 (module __getattr__)
     "found_inf_per_device",

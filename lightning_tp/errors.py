@@ -57,3 +57,13 @@ class DeferredInitError(LightningTPError, TypeError):
     """A model built on the meta device cannot be initialized: a module holding tensors has no
     initializer (``reset_parameters``, its model's ``_init_weights`` or the LightningModule's
     ``init_weights(module)`` hook)."""
+
+
+class PreemptedError(LightningTPError, RuntimeError):
+    """Training stopped on a signal (SIGTERM, SIGINT, SLURM's requeue signal): every rank left the
+    loop after the same step and, unless ``save_on_signal=False``, wrote one checkpoint together. The
+    message names the signal, the ranks that received it, the step and the checkpoint."""
+
+    def __init__(self, message: str, signum: int = 0, step: int = 0, checkpoint: str | None = None) -> None:
+        super().__init__(message)
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint

@@ -115,6 +115,20 @@ def test_set_launcher_and_device_mesh_are_what_lightning_reads():
     assert module.device_mesh is marker
 
 
+def test_disable_sigterm_broadcast_replaces_lightnings_per_batch_broadcast():
+    """Lightning's training epoch loop broadcasts rank 0's SIGTERM flag every batch through this
+    method; the strategy turns it into a no-op on its trainer (it agrees on signals itself)."""
+    import inspect
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+
+    assert "self._broadcast_sigterm_tensor()" in inspect.getsource(_TrainingEpochLoop.advance)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    _compat.disable_sigterm_broadcast(trainer)
+    assert trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor() is None
+
+
 def test_lightning_names_load_lazily():
     """The engine imports _compat; importing it must not import Lightning."""
     import subprocess

@@ -49,18 +49,22 @@ def loss_of(output: Any) -> Tensor | None:
     return None
 
 
-def check_finite_loss(output: Any, device: torch.device, step: int, epoch: int) -> None:
+def check_finite_loss(output: Any, device: torch.device, step: int, epoch: int, signum: int = 0) -> dict[int, int]:
     """Raise :class:`NonFiniteLossError` on every rank if the loss is NaN/inf on any rank. Collective.
 
     Every rank contributes one entry of a world-sized vector (0 finite, 1 NaN, 2 inf; 0 when the
-    step returned no loss) and the vector is summed over the default group: one all-reduce and one
-    host sync per step.
+    step returned no loss), and the signal it received (``signum``, 0 for none) to a second one;
+    both are summed over the default group: one all-reduce and one host sync per step.
 
     Args:
         output: what ``training_step`` returned on this rank.
         device: where the flag vector lives (the strategy's root device).
         step: the trainer's global step (optimizer steps taken so far).
         epoch: the current epoch.
+        signum: the signal this rank received (see :mod:`lightning_tp.lightning.signals`).
+
+    Returns:
+        ``{rank: signal}`` for the ranks that received a signal (the same on every rank).
 
     Raises:
         NonFiniteLossError: some rank's loss is not finite; the message names the step and the ranks.
@@ -68,16 +72,19 @@ def check_finite_loss(output: Any, device: torch.device, step: int, epoch: int) 
     loss = loss_of(output)
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
-    flags = torch.zeros(world, device=device)
+    flags = torch.zeros(2 * world, device=device)
+    flags[world + rank] = float(signum)
     if loss is not None:
         loss = loss.detach()
         code = torch.where(torch.isnan(loss).any(), _NAN, torch.where(torch.isinf(loss).any(), _INF, 0.0))
         flags[rank] = code.to(device=device, dtype=flags.dtype)
     if world > 1:
         dist.all_reduce(flags, op=dist.ReduceOp.SUM)
-    bad = {int(r): ("NaN" if float(flags[r]) == _NAN else "inf") for r in torch.nonzero(flags).flatten().tolist()}
+    values = flags.tolist()
+    signalled = {r: int(values[world + r]) for r in range(world) if values[world + r]}
+    bad = {r: ("NaN" if values[r] == _NAN else "inf") for r in range(world) if values[r]}
     if not bad:
-        return
+        return signalled
     where = ", ".join(f"rank {r}: {kind}" for r, kind in sorted(bad.items()))
     raise NonFiniteLossError(
         f"the training loss is not finite at global step {step} (epoch {epoch}) on {len(bad)} of {world} ranks "
@@ -86,6 +93,17 @@ def check_finite_loss(output: Any, device: torch.device, step: int, epoch: int) 
         "no gradient clipping (set gradient_clip_val), bad input data, or overflow in low precision (16-mixed "
         "skips such steps with loss scaling). MegatronTPStrategy(nan_check=False) disables this check."
     )
+
+
+def agree_on_signals(device: torch.device, signum: int) -> dict[int, int]:
+    """``{rank: signal}`` for the ranks that received a signal, the same on every rank: one
+    all-reduce of a world-sized vector (when the non-finite-loss check does not carry it). Collective."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    flags = torch.zeros(world, device=device)
+    flags[dist.get_rank() if dist.is_initialized() else 0] = float(signum)
+    if world > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.SUM)
+    return {r: int(v) for r, v in enumerate(flags.tolist()) if v}
 
 
 def fault_in_flight(trainer: Any, distributed: bool) -> BaseException | None:

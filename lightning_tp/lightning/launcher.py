@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -28,6 +30,28 @@ class TPMultiProcessingLauncher(MultiProcessingLauncher):
     def __init__(self, strategy: Any, start_method: str = "spawn") -> None:
         super().__init__(strategy, start_method=start_method)
         self.tp_strategy, self.start_method = strategy, start_method
+
+    def launch(self, function: Callable, *args: Any, trainer: pl.Trainer | None = None, **kwargs: Any) -> Any:
+        """Launch the workers; while they run, SIGTERM / SIGINT sent to this (main) process are
+        forwarded to them, where the strategy stops every rank after the same step (a copy of a
+        signal the workers also got, like a terminal's Ctrl-C, counts once there)."""
+
+        def forward(signum: int, frame: Any) -> None:
+            for proc in self.procs:
+                if proc.is_alive() and proc.pid is not None:
+                    os.kill(proc.pid, signum)
+
+        previous = {}
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous[signum] = signal.signal(signum, forward)
+            except ValueError:  # not the main thread: nothing to forward
+                break
+        try:
+            return super().launch(function, *args, trainer=trainer, **kwargs)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
         super()._wrapping_function(*args, **kwargs)  # rank 0's results are in the (synchronous) queue

@@ -14,6 +14,7 @@ import inspect
 import logging
 import os
 import shutil
+import signal
 import warnings
 from collections.abc import Generator, Mapping
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
@@ -34,7 +36,13 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_tp._compat import SubprocessScriptLauncher, set_device_mesh, set_launcher, tree_map
+from lightning_tp._compat import (
+    SubprocessScriptLauncher,
+    disable_sigterm_broadcast,
+    set_device_mesh,
+    set_launcher,
+    tree_map,
+)
 from lightning_tp.engine.comm import broadcast_coalesced
 from lightning_tp.engine.init import Materializer, is_deferred
 from lightning_tp.engine.mesh import TPMesh, init_tp_mesh, parallel_sizes
@@ -43,6 +51,7 @@ from lightning_tp.engine.recompute import apply_activation_checkpointing, checkp
 from lightning_tp.errors import CheckpointSkippedWarning, MeshConfigError
 from lightning_tp.lightning import checkpoint as ckpt
 from lightning_tp.lightning.faults import (
+    agree_on_signals,
     check_finite_loss,
     enable_collective_debug,
     fault_in_flight,
@@ -51,6 +60,7 @@ from lightning_tp.lightning.faults import (
 from lightning_tp.lightning.launcher import TPMultiProcessingLauncher
 from lightning_tp.lightning.precision import PartialGradCheck, TPPrecision, _TPPrecisionMixin, to_tp_precision
 from lightning_tp.lightning.pretrained import load_pretrained
+from lightning_tp.lightning.signals import SignalFlag, SignalStop
 from lightning_tp.lightning.zero import ZERO_STAGES, dp_mesh, dp_shard, keep_param_attrs, no_gradient_sync
 from lightning_tp.policy import applied_plan, apply_policy, plan_policy, resolve_rules
 
@@ -101,6 +111,10 @@ class MegatronTPStrategy(DDPStrategy):
             ``"model.layers.*"``) whose forward is recomputed in backward instead of keeping its
             activations; the model-parallel RNG streams are restored for the recompute, so dropout
             masks (and gradients) equal those without it (``lightning_tp.engine.recompute``).
+        save_on_signal: on SIGTERM / SIGINT (or SLURM's requeue signal) to any rank, every rank stops
+            after the same step; with ``True`` they first write one checkpoint together
+            (``default_root_dir/hpc_ckpt_N.ckpt``), then raise ``PreemptedError`` naming the signal,
+            the step and the checkpoint (``lightning_tp.lightning.signals``).
         **kwargs: passed to ``DistributedDataParallel`` (e.g. ``find_unused_parameters``).
     """
 
@@ -123,6 +137,7 @@ class MegatronTPStrategy(DDPStrategy):
         pretrained_prefix: str | None = None,
         zero_stage: Literal[0, 2, 3] = 0,
         activation_checkpointing: type | str | list[type | str] | None = None,
+        save_on_signal: bool = True,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment=None,
@@ -163,6 +178,10 @@ class MegatronTPStrategy(DDPStrategy):
         self.nan_check, self.debug = nan_check, debug
         self.pretrained, self.pretrained_prefix = pretrained, pretrained_prefix
         self.zero_stage = int(zero_stage)
+        self.save_on_signal = bool(save_on_signal)
+        self.signal_flag: SignalFlag | None = None
+        self.requeue_signal: int | None = None  # SLURM auto-requeue: the signal after which the job is requeued
+        self._agreed: dict[int, int] | None = None  # signals agreed on in this step's non-finite-loss reduction
         self.activation_checkpointing = (
             None if activation_checkpointing is None else checkpoint_targets(activation_checkpointing)
         )
@@ -366,8 +385,40 @@ class MegatronTPStrategy(DDPStrategy):
         output = super().training_step(*args, **kwargs)
         if self.nan_check and getattr(self.precision_plugin, "scaler", None) is None:
             trainer = self.lightning_module.trainer
-            check_finite_loss(output, self.root_device, trainer.global_step, trainer.current_epoch)
+            signum = self.signal_flag.signum if self.signal_flag is not None else 0
+            self._agreed = check_finite_loss(
+                output, self.root_device, trainer.global_step, trainer.current_epoch, signum
+            )
         return output
+
+    # -- signals ----------------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        trainer = self.lightning_module.trainer
+        signals = [signal.SIGTERM, signal.SIGINT]
+        env = self.cluster_environment
+        self.requeue_signal = None
+        if isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal is not None:
+            self.requeue_signal = int(env.requeue_signal)  # stop, checkpoint, then `scontrol requeue`
+            signals.append(self.requeue_signal)
+        self.signal_flag = SignalFlag(tuple(signals))
+        self.signal_flag.install()  # replaces Lightning's handlers while training runs
+        disable_sigterm_broadcast(trainer)
+        if not any(isinstance(cb, SignalStop) for cb in trainer.callbacks):
+            trainer.callbacks.append(SignalStop(self))
+
+    def on_train_end(self) -> None:
+        if self.signal_flag is not None:
+            self.signal_flag.uninstall()
+        super().on_train_end()
+
+    def agreed_signals(self) -> dict[int, int]:
+        """``{rank: signal}`` agreed on for this step (same on every rank): from the non-finite-loss
+        reduction when it ran in this step's ``training_step``, else one reduction now. Collective."""
+        agreed, self._agreed = self._agreed, None
+        if agreed is not None:
+            return agreed
+        return agree_on_signals(self.root_device, self.signal_flag.signum if self.signal_flag is not None else 0)
 
     def _fault(self) -> BaseException | None:
         """The exception this rank is handling if a fault interrupted the Trainer (see ``faults``)."""

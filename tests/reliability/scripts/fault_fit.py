@@ -11,6 +11,7 @@ raised in ``OUT/rank{r}.json``; the injected fault's wall time is in ``OUT/fault
 import argparse
 import json
 import os
+import signal
 import time
 import traceback
 from datetime import timedelta
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from lightning_tp import MegatronTPStrategy
 
-FAULTS = ("none", "training_step", "dataloader", "callback", "bad_shape", "skip_collective")
+FAULTS = ("none", "training_step", "dataloader", "callback", "bad_shape", "skip_collective", "signal", "signal_parent")
 
 
 def _mark_fault(out: Path, what: str) -> None:
@@ -74,6 +75,14 @@ class FaultyCallback(L.Callback):
     def __init__(self, fault: str, rank: int, step: int, out: Path):
         self.fault, self.rank, self.step, self.out = fault, rank, step, out
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        """``signal``: SIGTERM to this rank's process; ``signal_parent``: to spawn's main process (rank 0 sends it)."""
+        if trainer.global_step != self.step or trainer.global_rank != self.rank:
+            return
+        if self.fault in ("signal", "signal_parent"):
+            _mark_fault(self.out, self.fault)
+            os.kill(os.getppid() if self.fault == "signal_parent" else os.getpid(), signal.SIGTERM)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step != self.step:
             return
@@ -113,6 +122,7 @@ def main(ns: argparse.Namespace) -> int:
             max_steps=ns.max_steps,
             callbacks=callbacks,
             enable_checkpointing=True,
+            default_root_dir=str(out),  # where a signal's checkpoint goes (hpc_ckpt_N.ckpt)
         )
     )
     trainer.fit(FaultyGPT(ns.fault, ns.rank, ns.step, str(out)))
