@@ -105,6 +105,14 @@ def disable_sigterm_broadcast(trainer: Any) -> None:
     trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
 
 
+def take_lightning_sigterm(trainer: Any) -> bool:
+    """Whether Lightning's SIGTERM handler recorded a signal (``trainer.received_sigterm``); clears
+    it, so that Lightning's loops do not raise ``SIGTERMException`` on this rank alone."""
+    connector = trainer._signal_connector
+    received, connector.received_sigterm = bool(connector.received_sigterm), False
+    return received
+
+
 def __getattr__(name: str) -> Any:
     if name in _LIGHTNING:
         module, attr = _LIGHTNING[name]
@@ -117,6 +125,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "DisableTorchFunctionSubclass",
     "disable_sigterm_broadcast",
+    "take_lightning_sigterm",
     "MultiProcessingLauncher",  # noqa: F822 (module __getattr__)
     "SubprocessScriptLauncher",  # noqa: F822 (module __getattr__)
     "found_inf_per_device",

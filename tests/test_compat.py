@@ -127,6 +127,9 @@ def test_disable_sigterm_broadcast_replaces_lightnings_per_batch_broadcast():
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     _compat.disable_sigterm_broadcast(trainer)
     assert trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor() is None
+    assert not _compat.take_lightning_sigterm(trainer)
+    trainer._signal_connector.received_sigterm = True  # what Lightning's SIGTERM handler sets
+    assert trainer.received_sigterm and _compat.take_lightning_sigterm(trainer) and not trainer.received_sigterm
 
 
 def test_lightning_names_load_lazily():

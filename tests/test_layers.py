@@ -397,3 +397,33 @@ def _check_autocast_bf16(tp):
 
 def test_parallel_layers_under_bf16_autocast():
     assert all(_dist.run(2, _check_autocast_bf16, 2))
+
+
+def _gather_into_matches(tp):
+    from lightning_tp.engine.layers import gather_sharded, gather_sharded_into
+
+    m = _dist.mesh(tp)
+    gen = torch.Generator().manual_seed(0)
+    specs = [
+        ShardSpec(0, (12,), tp),
+        ShardSpec(1, (8,), tp),
+        ShardSpec(0, (8, 4, 4), tp),  # plain, dim 1, fused
+        ShardSpec(0, (30,), tp, pad=True),
+        ShardSpec(0, (6, 3, 3), tp, pad=True),
+    ]  # padded (vocab), fused padded
+    for spec in specs:
+        shape = [spec.full_size, 5] if spec.dim == 0 else [5, spec.full_size]
+        full = torch.randn(shape, generator=gen)
+        local = spec.shard(full, m.tp_rank)
+        dst = torch.full_like(full, float("nan"))
+        gather_sharded_into(dst, local, spec, m.tp_group)
+        assert torch.equal(dst, full) and torch.equal(gather_sharded(local, spec, m.tp_group), full), spec
+        dst_t = torch.empty(full.t().shape).t()  # a transposed view, as for a Conv1D weight
+        gather_sharded_into(dst_t, local, spec, m.tp_group)
+        assert torch.equal(dst_t, full), spec
+    return True
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_gather_sharded_into_writes_the_dense_layout(world):
+    assert all(_dist.run(world, _gather_into_matches, world))

@@ -493,6 +493,21 @@ def gather_weight(param: Tensor, group: ProcessGroup) -> Tensor:
     return gather_sharded(param.detach(), spec, group)
 
 
+@torch.no_grad()
+def gather_sharded_into(dst: Tensor, local: Tensor, spec: ShardSpec, group: ProcessGroup) -> None:
+    """:func:`gather_sharded` written into ``dst`` (the dense tensor, or a view of it) piece by
+    piece: no second dense-sized copy beside the gather buffer. Collective."""
+    gathered = all_gather_dim(local.contiguous(), group, spec.dim)  # (.., p * local, ..), rank order
+    shards = gathered.chunk(spec.tp_size, dim=spec.dim)
+    full_offset = local_offset = 0
+    for c, (size, m) in enumerate(zip(spec.sizes, spec.local_sizes, strict=True)):
+        for r, shard in enumerate(shards):
+            start, n_valid = spec.valid_range(r, c)
+            if n_valid > 0:
+                dst.narrow(spec.dim, full_offset + start, n_valid).copy_(shard.narrow(spec.dim, local_offset, n_valid))
+        full_offset, local_offset = full_offset + size, local_offset + m
+
+
 def gather_sharded(local: Tensor, spec: ShardSpec, group: ProcessGroup) -> Tensor:
     """The dense tensor laid out by ``spec`` from every rank's ``local`` shard (a weight or its
     gradient): all-gather on ``spec.dim``, then unshard (reorder fused chunks, drop padding). Collective."""

@@ -36,7 +36,13 @@ class TPMultiProcessingLauncher(MultiProcessingLauncher):
         forwarded to them, where the strategy stops every rank after the same step (a copy of a
         signal the workers also got, like a terminal's Ctrl-C, counts once there)."""
 
+        launcher_pid = os.getpid()
+
         def forward(signum: int, frame: Any) -> None:
+            if os.getpid() != launcher_pid:  # a forked worker inherited this handler: not its job
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return
             for proc in self.procs:
                 if proc.is_alive() and proc.pid is not None:
                     os.kill(proc.pid, signum)

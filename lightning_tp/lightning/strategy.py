@@ -41,6 +41,7 @@ from lightning_tp._compat import (
     disable_sigterm_broadcast,
     set_device_mesh,
     set_launcher,
+    take_lightning_sigterm,
     tree_map,
 )
 from lightning_tp.engine.comm import broadcast_coalesced
@@ -277,15 +278,17 @@ class MegatronTPStrategy(DDPStrategy):
         assert self.accelerator is not None and self.model is not None
         self.accelerator.setup(trainer)
         module = self.lightning_module
-        if not is_deferred(module):
-            self.model_to_device()
+        with keep_param_attrs(module):  # a ZeRO module from an earlier fit: moving it swaps its parameters' dicts
+            if not is_deferred(module):
+                self.model_to_device()
         if applied_plan(module) is None:
             self._shard(module)
         if self.activation_checkpointing is not None:  # before ZeRO wraps the layers (FSDP2's order)
             done = apply_activation_checkpointing(module, self.activation_checkpointing, self.rng_tracker)
             log.info("lightning_tp: activation checkpointing of %d modules: %s", len(done), done)
-        self.model = self.precision_plugin.convert_module(self.model)
-        self.model_to_device()
+        with keep_param_attrs(module):
+            self.model = self.precision_plugin.convert_module(self.model)
+            self.model_to_device()
         fitting = trainer.state.fn == TrainerFn.FITTING
         if fitting and self.tp_mesh.dp_size > 1 and self.zero_stage and not isinstance(module, FSDPModule):
             dp_shard(module, dp_mesh(self.dp_group, self.root_device.type), self.zero_stage)
@@ -403,8 +406,14 @@ class MegatronTPStrategy(DDPStrategy):
             signals.append(self.requeue_signal)
         self.signal_flag = SignalFlag(tuple(signals))
         self.signal_flag.install()  # replaces Lightning's handlers while training runs
+        if take_lightning_sigterm(trainer):  # a SIGTERM between Lightning's handler and ours: agreed on like any
+            self.signal_flag.signum = int(signal.SIGTERM)
         disable_sigterm_broadcast(trainer)
-        if not any(isinstance(cb, SignalStop) for cb in trainer.callbacks):
+        self._agreed = None
+        stops = [cb for cb in trainer.callbacks if isinstance(cb, SignalStop)]
+        if stops:
+            stops[0].pending.clear()  # a new fit on the same Trainer
+        else:
             trainer.callbacks.append(SignalStop(self))
 
     def on_train_end(self) -> None:

@@ -36,7 +36,7 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_tp._compat import tree_map
 from lightning_tp.engine.comm import all_gather_dim, all_reduce, all_reduce_coalesced, group_rank, group_size
-from lightning_tp.engine.layers import gather_sharded
+from lightning_tp.engine.layers import gather_sharded, gather_sharded_into
 from lightning_tp.engine.loss import VocabShardedLogits
 from lightning_tp.engine.sharding import ShardSpec, has_partial_grad, shard_spec
 from lightning_tp.errors import PolicyMismatchError, VerifyInputError
@@ -504,6 +504,13 @@ def _detached(tree: Any) -> Any:
     return tree_map(leaf, tree)
 
 
+class _Discard(dict):
+    """Records nothing (only the module stack of :func:`_recording` is wanted)."""
+
+    def __setitem__(self, key, value) -> None:
+        pass
+
+
 def _unit_inputs(
     run: nn.Module, model: nn.Module, inputs: Any, names: list[str]
 ) -> tuple[dict, BaseException | None, str]:
@@ -521,7 +528,7 @@ def _unit_inputs(
     training = {m: m.training for m in model.modules()}
     stack: list[str] = []
     error, where = None, ""
-    with torch.random.fork_rng(devices=[]), torch.no_grad(), _recording(model, {}, stack):
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), _recording(model, _Discard(), stack):
         model.eval()
         try:
             _run(run, inputs)
@@ -544,9 +551,11 @@ def _dense_unit(check: BlockCheck, unit: nn.Module, group: ProcessGroup, device:
         got = local.get(name)
         if got is None:
             raise PolicyMismatchError(f"verify: the rewritten {check.name!r} has no parameter {name!r}.")
-        spec = shard_spec(got)
-        value = got.detach() if spec is None else gather_sharded(got.detach(), spec, group)
-        param.copy_(value.t() if name in check.transposed else value)
+        spec, target = shard_spec(got), (param.t() if name in check.transposed else param)
+        if spec is None:
+            target.copy_(got.detach())
+        else:  # straight into the dense copy: one gather buffer beside it, no second copy
+            gather_sharded_into(target, got.detach(), spec, group)
     buffers = dict(unit.named_buffers(remove_duplicate=False))
     for name, buf in dense.named_buffers(remove_duplicate=False):
         if name in buffers:
@@ -683,12 +692,18 @@ def check_blocks(
             if getattr(m, "sequence_parallel", False) is True and isinstance(getattr(m, "in_features", None), int)
         }
         dense_args, dense_kwargs = _gather_inputs((args, kwargs), check.gathers | own, group)
+        failure = None
         try:
             refs = _run_unit(dense, dense_args, dense_kwargs, watch)
-        except Exception as exc:  # noqa: BLE001 - the same on every rank (identical inputs)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - decided together below
             # it receives an activation in a sharded layout only the rewritten block takes (T5's
             # head-split position bias, passed from block to block)
-            skipped.append(f"{name} ({type(exc).__name__}: {str(exc)[:120]})")
+            failure = f"{name} ({type(exc).__name__}: {str(exc)[:120]})"
+        if float(all_reduce(torch.tensor([float(failure is not None)], device=device), group, dist.ReduceOp.MAX)):
+            skipped.append(failure or f"{name} (failed on another rank)")  # every rank skips it
+            del dense
             continue
         named = list(unit.named_parameters())
         saved = {id(p): p.grad for _, p in named}
@@ -722,6 +737,7 @@ def check_blocks(
             _check_grads(named, grads, ref_grads, check.transposed, group, watch_loosest(watch))
         except PolicyMismatchError as exc:
             raise PolicyMismatchError(f"verify (block by block), in {name or '<root>'!r}: {exc}") from None
+        del grads, ref_grads  # one dense layer (and its gradient) at a time
         checked += 1
     if skipped:
         warnings.warn(
