@@ -53,6 +53,14 @@ def _name_seed(seed: int, name: str) -> int:
     return derive_seed(seed, int.from_bytes(digest[:8], "little"))
 
 
+def param_slots(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Parameter]]:
+    """``(module name, module, parameter name, parameter)`` for every place a parameter is held
+    (a tied parameter once per holder)."""
+    for name, module in model.named_modules(remove_duplicate=False):
+        for p_name, p in module.named_parameters(recurse=False, remove_duplicate=False):
+            yield name, module, p_name, p
+
+
 def units(model: nn.Module) -> Iterator[tuple[str, nn.Module, bool]]:
     """``(name, module, with children)`` in module order. A layer (an element of an
     ``nn.ModuleList`` / ``nn.ModuleDict`` that holds no such container itself) comes with its
@@ -100,9 +108,8 @@ class Materializer:
         # freed tensors are reused, hence the identity check).
         self._done: dict[int, tuple[weakref.ref, weakref.ref]] = {}
         self._holders: dict[int, list[tuple[nn.Module, str]]] = {}  # id(meta parameter) -> every holder
-        for module in model.modules():
-            for p_name, p in module.named_parameters(recurse=False, remove_duplicate=False):
-                self._holders.setdefault(id(p), []).append((module, p_name))
+        for _, module, p_name, p in param_slots(model):
+            self._holders.setdefault(id(p), []).append((module, p_name))
 
     def _find_initializers(self) -> dict[str, list[InitFn]]:
         """``{module name: initializers}`` for every module holding meta tensors, in the order eager

@@ -1,15 +1,15 @@
 """Behaviour under faults: non-finite losses, interrupted runs, collective debugging.
 
-* :func:`check_finite_loss`: one all-reduce of a world-sized flag vector per training step, so every
-  rank learns which ranks hold a NaN/inf loss and all of them raise :class:`NonFiniteLossError`
-  together, before the backward pass and the optimizer step.
+* :func:`check_finite_loss`: one all-reduce of a flag vector per training step, so every rank learns
+  which ranks hold a NaN/inf loss and all of them raise :class:`NonFiniteLossError` together, before
+  the backward pass and the optimizer step; the same reduction carries the signals each rank received
+  (:mod:`lightning_tp.lightning.signals`; :func:`agree_on_signals` when the check is off).
 * :func:`fault_in_flight`: the exception a rank is handling when the Trainer was interrupted by a
   fault. Such a rank must enter no collective (its peers may be blocked inside another one, and
   gloo/NCCL pair mismatched collectives silently or hang) and must write no checkpoint (its state
   may be mid-step, and under ``spawn`` the main process holds the untrained dense model).
-  This includes Lightning's stop on SIGTERM: the rank that got the signal raises ``SIGTERMException``
-  at the end of its current batch while the others learn of it only at their next one, so a
-  collective save from ``on_exception`` would pair with their collectives.
+  A signal while training runs is not such a fault: the strategy stops every rank after the same
+  step and writes its checkpoint before raising (:mod:`lightning_tp.lightning.signals`).
 * :func:`enable_collective_debug`: ``TORCH_DISTRIBUTED_DEBUG=DETAIL`` before the process group is
   created, so torch checks before every collective that all ranks run the same op with the same
   shapes and raises a ``RuntimeError`` naming both sides of a mismatch instead of hanging.

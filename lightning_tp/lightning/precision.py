@@ -4,8 +4,9 @@ Every Lightning precision the strategy supports (``32-true``, ``bf16-mixed``, ``
 ``bf16-true``, ``16-true``) is wrapped so that
 
 * gradient clipping by norm uses the norm of the whole unsharded model's gradient: squared norms of
-  TP-sharded parameters are summed over the TP group, replicated parameters are counted once, so the
-  norm (and the clip coefficient) is identical on every rank; the norm is logged as ``grad_norm``;
+  TP-sharded parameters are summed over the TP group, replicated parameters are counted once, parts
+  split over DP by ZeRO are summed over the DP group, so the norm (and the clip coefficient) is
+  identical on every rank; the norm is logged as ``grad_norm``;
 * replicated parameters whose grads are partial sums (marked by the plan: per-head norms such as
   Qwen3's ``q_norm``, sequence-parallel norms and biases) are all-reduced over TP after backward,
   before clipping and the step; at the first step with gradients the marks are checked against the

@@ -2,10 +2,13 @@
 
 Order of work: process group + (data_parallel, tensor_parallel) mesh (``setup_environment``); the
 user's ``configure_model``; then ``setup``: the plan (errors raised identically on every rank,
-before any collective), one weight sync from rank 0 (every rank shards the same dense model), the
-model-parallel RNG, the rewrite with the parity self-check, precision conversion, DDP over the
-data-parallel group, optimizers over the local shards. Checkpoints go through
-:mod:`lightning_tp.lightning.checkpoint`.
+before any collective), one weight sync from rank 0 (every rank shards the same dense model; a
+meta-device model is initialized layer by layer instead), the model-parallel RNG, the rewrite with
+the parity self-check (block by block for a meta-device model, after pretrained weights are
+loaded), activation checkpointing, precision conversion, DDP over the data-parallel group (or ZeRO
+2/3 on FSDP2: :mod:`lightning_tp.lightning.zero`), optimizers over the local shards. While training
+runs, signals are agreed on per step (:mod:`lightning_tp.lightning.signals`). Checkpoints go
+through :mod:`lightning_tp.lightning.checkpoint`.
 """
 
 from __future__ import annotations

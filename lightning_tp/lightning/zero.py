@@ -25,7 +25,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
-from lightning_tp.engine.init import units
+from lightning_tp.engine.init import param_slots, units
 
 ZERO_STAGES = (0, 2, 3)
 
@@ -49,28 +49,21 @@ def dp_mesh(dp_group: ProcessGroup, device_type: str) -> DeviceMesh:
 def _holders(model: nn.Module) -> dict[int, set[str]]:
     """``id(parameter) -> names of the modules that hold it`` (ties: several)."""
     found: dict[int, set[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        for _, p in module.named_parameters(recurse=False, remove_duplicate=False):
-            found.setdefault(id(p), set()).add(name)
+    for name, _, _, p in param_slots(model):
+        found.setdefault(id(p), set()).add(name)
     return found
 
 
 def _param_attrs(model: nn.Module) -> dict[tuple[str, str], dict]:
     """``{(module name, parameter name): the parameter's attributes}`` (the TP marks among them)."""
-    return {
-        (name, p_name): dict(p.__dict__)
-        for name, module in model.named_modules(remove_duplicate=False)
-        for p_name, p in module.named_parameters(recurse=False, remove_duplicate=False)
-        if p.__dict__
-    }
+    return {(name, p_name): dict(p.__dict__) for name, _, p_name, p in param_slots(model) if p.__dict__}
 
 
 def _restore_attrs(model: nn.Module, attrs: dict[tuple[str, str], dict]) -> None:
-    for name, module in model.named_modules(remove_duplicate=False):
-        for p_name, p in module.named_parameters(recurse=False, remove_duplicate=False):
-            for key, value in attrs.get((name, p_name), {}).items():
-                if key not in p.__dict__:
-                    p.__dict__[key] = value
+    for name, _, p_name, p in param_slots(model):
+        for key, value in attrs.get((name, p_name), {}).items():
+            if key not in p.__dict__:
+                p.__dict__[key] = value
 
 
 @contextmanager
