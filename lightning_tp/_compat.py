@@ -67,6 +67,11 @@ def run_exit_handlers() -> None:
     atexit._run_exitfuncs()
 
 
+def clear_exit_handlers() -> None:
+    """Forget the functions registered with ``atexit`` so far (a forked child: they are its parent's)."""
+    atexit._clear()
+
+
 # Lightning: name -> (module, attribute), imported on first access through module __getattr__.
 _LIGHTNING = {
     "MultiProcessingLauncher": ("lightning.pytorch.strategies.launchers", "_MultiProcessingLauncher"),
@@ -131,6 +136,7 @@ __all__ = [
     "found_inf_per_device",
     "lightning_class",
     "run_exit_handlers",
+    "clear_exit_handlers",
     "set_device_mesh",
     "set_launcher",
     "storage_use_count",

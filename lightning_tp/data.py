@@ -21,7 +21,7 @@ from typing import Literal
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 _TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".json", ".csv", ".yaml", ".yml", ".html", ".tex", ".c", ".h"}
 
@@ -114,6 +114,36 @@ class BlockDataset(Dataset):
         return chunk[:-1], chunk[1:]
 
 
+class ResumableSampler(DistributedSampler):
+    """A :class:`~torch.utils.data.DistributedSampler` that can start one epoch part-way through.
+
+    ``resume(epoch, samples)`` makes the iteration of epoch ``epoch`` leave out its first ``samples``
+    indices (of this replica), so that a run resumed from a checkpoint written mid-epoch sees exactly
+    the batches an uninterrupted run would have seen next; other epochs are unchanged. Lightning keeps
+    a :class:`~torch.utils.data.DistributedSampler` the loader already has (it injects one only
+    when there is none), so give this one the strategy's ``num_replicas``/``rank``
+    (``trainer.distributed_sampler_kwargs``): with tensor parallelism every TP rank of a replica
+    must see the same batches. :class:`TextDataModule` shows the use: its ``state_dict`` records the
+    epoch and the batches done (from the trainer's progress, which counts what was trained, not
+    what the loader prefetched) and ``load_state_dict`` calls ``resume``.
+    """
+
+    def __init__(self, dataset: Dataset, **kwargs) -> None:
+        super().__init__(dataset, **kwargs)
+        self._resume: tuple[int, int] | None = None
+
+    def resume(self, epoch: int, samples: int) -> None:
+        if samples < 0:
+            raise ValueError(f"samples must be >= 0, got {samples}.")
+        self._resume = (int(epoch), int(samples))
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        if self._resume is not None and self._resume[0] == self.epoch:
+            indices = indices[self._resume[1] :]
+        return iter(indices)
+
+
 class TextDataModule(L.LightningDataModule):
     """Tokenized text in fixed-length blocks for causal language modelling.
 
@@ -151,6 +181,7 @@ class TextDataModule(L.LightningDataModule):
         self.tokenizer = None
         self.train_tokens: Tensor | None = None
         self.val_tokens: Tensor | None = None
+        self._resume: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
 
     def _files(self) -> list[Path]:
         return _expand(self.paths) if self.paths else default_corpus_files()
@@ -205,8 +236,36 @@ class TextDataModule(L.LightningDataModule):
         self.train_tokens, self.val_tokens = tokens[:split], tokens[split:]
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled by seed and epoch, split over data-parallel replicas (``ResumableSampler``): a run
+        resumed from a mid-epoch checkpoint continues with the next batch of that epoch."""
         ds = BlockDataset(self.train_tokens, self.block_size)
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=True, drop_last=True, num_workers=self.num_workers)
+        trainer = self.trainer
+        split = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {"num_replicas": 1, "rank": 0}
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # what Lightning's injected sampler would use
+        sampler = ResumableSampler(ds, shuffle=True, seed=seed, drop_last=True, **split)
+        if self._resume is not None:
+            sampler.resume(self._resume[0], self._resume[1] * self.batch_size)
+        # its own generator: creating the epoch's iterator draws no number from torch's global generator, which a
+        # resumed run restores before it re-creates the iterator (dropout would then differ from an uninterrupted run)
+        generator = torch.Generator().manual_seed(seed)
+        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, drop_last=True, num_workers=self.num_workers,
+                          generator=generator)  # fmt: skip
+
+    def state_dict(self) -> dict:
+        """The epoch and the training batches done in it, saved in every checkpoint."""
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": trainer.current_epoch, "batches": done}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "epoch" in state_dict:
+            self._resume = (int(state_dict["epoch"]), int(state_dict["batches"]))
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit":
+            self._resume = None  # a later fit without a checkpoint starts from the first batch
 
     def val_dataloader(self) -> DataLoader:
         ds = BlockDataset(self.val_tokens, self.block_size)

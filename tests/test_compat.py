@@ -76,17 +76,17 @@ def test_scaler_found_inf_flags_are_where_compat_reads_them():
     assert flags and all(float(f) == 1.0 for f in flags.values())
 
 
-def test_run_exit_handlers_runs_registered_functions():
+def test_exit_handlers_run_and_clear():
     # in a fresh interpreter: running this process's exit handlers would tear down pytest's own
     import subprocess
     import sys
 
     code = (
         "import atexit\nfrom lightning_tp import _compat\nseen = []\natexit.register(seen.append, 1)\n"
-        "_compat.run_exit_handlers()\nprint(seen)\n"
+        "_compat.clear_exit_handlers()\natexit.register(seen.append, 2)\n_compat.run_exit_handlers()\nprint(seen)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.stdout.strip() == "[1]", out.stderr[-2000:]
+    assert out.stdout.strip() == "[2]", out.stderr[-2000:]
 
 
 @pytest.mark.parametrize("name", ["MultiProcessingLauncher", "SubprocessScriptLauncher"])

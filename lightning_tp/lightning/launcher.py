@@ -11,7 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch.distributed as dist
 
-from lightning_tp._compat import MultiProcessingLauncher, run_exit_handlers
+from lightning_tp._compat import MultiProcessingLauncher, clear_exit_handlers, run_exit_handlers
 from lightning_tp.lightning.checkpoint import full_state_dict
 
 
@@ -60,6 +60,8 @@ class TPMultiProcessingLauncher(MultiProcessingLauncher):
                 signal.signal(signum, handler)
 
     def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
+        if self.start_method == "fork":
+            clear_exit_handlers()  # the parent's (its temp dirs, loggers): not this child's to run
         super()._wrapping_function(*args, **kwargs)  # rank 0's results are in the (synchronous) queue
         # Every rank reaches this point after the same collectives. Left to a normal interpreter
         # exit, the teardown of torch's gloo process groups aborted about one worker in ten
@@ -69,8 +71,7 @@ class TPMultiProcessingLauncher(MultiProcessingLauncher):
         # the C++ teardown.
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-        if self.start_method != "fork":  # a forked child inherited the parent's handlers (temp dirs, loggers)
-            run_exit_handlers()
+        run_exit_handlers()  # this worker's own (a W&B run started here finishes and writes its data)
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         os._exit(0)

@@ -105,7 +105,7 @@ def requeue_slurm_job() -> int:
 class SignalStop(pl.Callback):
     """Added by the strategy while training runs: at the end of the step at which the ranks agreed
     that one of them was signalled (after its optimizer step; with gradient accumulation, at the
-    next optimizer step), every rank writes one checkpoint together and raises
+    next optimizer step, the epoch's last batch included), every rank writes one checkpoint together and raises
     :class:`~lightning_tp.errors.PreemptedError`."""
 
     def __init__(self, strategy: Any) -> None:
@@ -114,7 +114,8 @@ class SignalStop(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.pending.update(self.strategy.agreed_signals())
-        if not self.pending or (batch_idx + 1) % trainer.accumulate_grad_batches:
+        last_of_epoch = batch_idx + 1 == trainer.num_training_batches  # Lightning steps there, accumulated or not
+        if not self.pending or ((batch_idx + 1) % trainer.accumulate_grad_batches and not last_of_epoch):
             return
         signum = min(self.pending.values())
         step, path = trainer.global_step, None

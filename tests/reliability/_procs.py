@@ -59,8 +59,10 @@ class Run:
 def run_fault_fit(out: Path, *args: str, launch: str = "external", world: int = 2) -> Run:
     """Run the fault script with ``world`` ranks and wait for every process (bounded by ``RUN_LIMIT_S``).
 
-    ``external``: this function starts both ranks (like torchrun) and sees each exit code;
-    ``popen`` / ``spawn``: it starts the script once and Lightning starts the other rank(s).
+    ``external``: this function starts both ranks (like torchrun) and sees each exit code; ``slurm``:
+    the same with the variables srun sets (``scontrol`` is a stand-in on ``PATH`` that records its
+    arguments in ``out/scontrol.txt``); ``popen`` / ``spawn``: it starts the script once and Lightning
+    starts the other rank(s).
     """
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(SCRIPT), str(out), "--launch", launch, "--timeout", str(PG_TIMEOUT_S)]
@@ -73,6 +75,15 @@ def run_fault_fit(out: Path, *args: str, launch: str = "external", world: int = 
                                   MASTER_PORT=port)
             for r in range(world)
         }  # fmt: skip
+    elif launch == "slurm":
+        bin_dir = out / "bin"
+        bin_dir.mkdir(exist_ok=True)
+        (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {out / "scontrol.txt"}\n')
+        (bin_dir / "scontrol").chmod(0o755)
+        slurm = dict(SLURM_JOB_ID="4242", SLURM_JOB_NAME="fault_fit", SLURM_NTASKS=str(world), SLURM_NTASKS_PER_NODE=str(world),
+                     SLURM_NNODES="1", SLURM_NODEID="0", SLURM_NODELIST="127.0.0.1", MASTER_PORT=str(_free_port()),
+                     PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")  # fmt: skip
+        envs = {f"rank{r}": clean_env(SLURM_PROCID=str(r), SLURM_LOCALID=str(r), **slurm) for r in range(world)}
     else:
         envs = {"rank0" if launch == "popen" else "main": clean_env()}
     logs = {name: open(out / f"{name}.log", "w") for name in envs}  # closed in the finally below

@@ -36,7 +36,20 @@ class SendSignal(L.Callback):
             os.kill(os.getpid(), self.signum)
 
 
-def _fit(root: str, steps: int, signal_spec=None, ckpt_path=None, save=True):
+def _corpus_data(root: str):
+    """The project's data module on a small local text (bytes below lit.VOCAB): 64 blocks, 8 batches
+    of 4 per data-parallel replica at DP 2."""
+    from lightning_tp.data import TextDataModule
+
+    text = Path(root) / "corpus.txt"
+    if not text.exists():  # written once by the test, before the ranks start
+        text.parent.mkdir(parents=True, exist_ok=True)
+        text.write_text("".join(chr((7 * i) % lit.VOCAB) for i in range(64 * lit.SEQ + 64)))
+    return TextDataModule(paths=[str(text)], tokenizer="byte", vocab_size=256, block_size=lit.SEQ, batch_size=4,
+                          val_fraction=0.05, cache_dir=str(Path(root) / "cache"))  # fmt: skip
+
+
+def _fit(root: str, steps: int, signal_spec=None, ckpt_path=None, save=True, data=False):
     with lit.external_launch(2):
         # 4 steps per epoch, the signal in step 4 (index 3): the stop is at an epoch's end, where Lightning
         # resumes a plain DataLoader exactly (mid-epoch it restarts the epoch's data unless the loader is stateful)
@@ -44,12 +57,13 @@ def _fit(root: str, steps: int, signal_spec=None, ckpt_path=None, save=True):
         callbacks = [rec, ModelCheckpoint(dirpath=os.path.join(root, "ckpts"), every_n_train_steps=2, save_top_k=-1)]
         if signal_spec is not None:
             callbacks.append(SendSignal(*signal_spec))
-        strategy = MegatronTPStrategy(tensor_parallel_size=2, save_on_signal=save)
+        # data=True: TP 1 x DP 2 on the project's data module, which resumes mid-epoch exactly
+        strategy = MegatronTPStrategy(tensor_parallel_size=1 if data else 2, save_on_signal=save)
         trainer = L.Trainer(**lit.trainer_kwargs(max_steps=steps, devices=2, strategy=strategy, callbacks=callbacks,
                                                  enable_checkpointing=True, default_root_dir=root))  # fmt: skip
         start, error = time.time(), None
         try:
-            trainer.fit(model, ckpt_path=ckpt_path)
+            trainer.fit(model, datamodule=_corpus_data(root) if data else None, ckpt_path=ckpt_path)
         except PreemptedError as exc:
             error = {"message": str(exc), "signum": exc.signum, "step": exc.step, "checkpoint": exc.checkpoint}
         handler = signal.getsignal(signal.SIGTERM)
@@ -86,6 +100,21 @@ def test_signal_stops_every_rank_at_the_same_step_and_resumes_exactly(tmp_path, 
         assert res["error"] is None and res["step"] == 6
 
 
+def test_mid_epoch_signal_resumes_exactly_with_the_data_module(tmp_path):
+    """A stop in the middle of an epoch (step 3 of 8) at DP 2: the project's data module records the
+    batches done, and the resumed run (found as Lightning's SLURM auto-resume finds it, ``ckpt_path="hpc"``)
+    continues with the next batch of each replica: the same losses as an uninterrupted run."""
+    root = str(tmp_path / "stopped")
+    _corpus_data(root), _corpus_data(str(tmp_path / "full"))
+    full = _dist.run(2, _fit, str(tmp_path / "full"), 6, None, None, True, True)
+    stopped = _dist.run(2, _fit, root, 6, (signal.SIGTERM, (1,), 2), None, True, True)
+    assert [r["error"]["step"] for r in stopped] == [3, 3]
+    resumed = _dist.run(2, _fit, root, 6, None, "hpc", True, True)
+    for f, stop, res in zip(full, stopped, resumed, strict=True):
+        assert len(stop["losses"]) == 3 and res["step"] == 6
+        assert stop["losses"] + res["losses"] == f["losses"]
+
+
 def test_save_on_signal_false_stops_without_a_checkpoint(tmp_path):
     for r in _dist.run(2, _fit, str(tmp_path), 6, (signal.SIGTERM, (1,), 1), None, False):
         assert r["error"]["checkpoint"] is None and "no checkpoint was written" in r["error"]["message"]
@@ -116,24 +145,104 @@ def test_second_signal_exits_at_once():
     assert time.time() - start < 20
 
 
-@pytest.mark.parametrize(("launch", "fault", "rank"), [("popen", "signal", 1), ("spawn", "signal_parent", 0)],
-                         ids=["popen-rank1", "spawn-parent-forwards"])  # fmt: skip
+def _assert_no_process_left(run) -> None:
+    from _procs import pid_alive
+
+    deadline = time.time() + 20  # popen's child rank ends on its own, maybe just after the main process
+    while [r for r in run.records.values() if pid_alive(r["pid"])] and time.time() < deadline:
+        time.sleep(0.2)
+    assert not [r for r in run.records.values() if pid_alive(r["pid"])]  # no orphan left behind
+
+
+def _assert_complete(ckpt: Path, step: int) -> None:
+    """A finished, loadable checkpoint of ``step``: every rank's files as its manifest lists them."""
+    from lightning_tp.lightning.checkpoint import consolidate, verify_files
+
+    meta = read_meta(ckpt)
+    assert meta["global_step"] == step and not verify_files(ckpt, meta["lightning_tp"]["files"])
+    assert consolidate(ckpt)  # the whole model reads back
+
+
+@pytest.mark.parametrize(("launch", "fault", "rank"),
+                         [("popen", "signal", 1), ("spawn", "signal_parent", 0), ("external", "signal", 0)],
+                         ids=["popen-rank1", "spawn-parent-forwards", "torchrun-style-rank0"])  # fmt: skip
 def test_signal_through_the_launchers(tmp_path, launch, fault, rank):
-    """Real processes: SIGTERM to popen's child rank only, or to spawn's main process (which
-    forwards it to the workers): every process exits non-zero naming the signal, within seconds,
-    after one collective checkpoint of the step in which the signal came."""
-    from _procs import pid_alive, run_fault_fit
+    """Real processes: SIGTERM to popen's child rank only, to spawn's main process (which forwards it
+    to the workers), or to rank 0 of two externally started ranks (torchrun): every process exits
+    non-zero naming the signal, within seconds, after one collective checkpoint of the step in which
+    the signal came."""
+    from _procs import run_fault_fit
 
     run = run_fault_fit(tmp_path, "--fault", fault, "--rank", str(rank), "--step", "3", launch=launch)
     assert all(code != 0 for code in run.returncodes.values()), run.output[-3000:]
     assert "PreemptedError" in run.output and "SIGTERM" in run.output, run.output[-3000:]
     assert max(run.seconds_to_exit().values()) < 60, run.seconds_to_exit()
     ckpt = tmp_path / "hpc_ckpt_1.ckpt"
-    assert ckpt.is_dir() and read_meta(ckpt)["global_step"] == 4, sorted(p.name for p in tmp_path.iterdir())
-    deadline = time.time() + 20  # popen's child rank ends on its own, maybe just after the main process
-    while [r for r in run.records.values() if pid_alive(r["pid"])] and time.time() < deadline:
-        time.sleep(0.2)
-    assert not [r for r in run.records.values() if pid_alive(r["pid"])]  # no orphan left behind
+    assert ckpt.is_dir(), sorted(p.name for p in tmp_path.iterdir())
+    _assert_complete(ckpt, 4)
+    _assert_no_process_left(run)
+
+
+def test_slurm_requeue_signal_checkpoints_requeues_and_the_requeued_job_resumes(tmp_path):
+    """srun-style ranks with SLURM's variables (Lightning's SLURMEnvironment, auto_requeue on): SIGUSR1
+    to rank 1 stops both ranks after step 4 with hpc_ckpt_1, rank 0 runs ``scontrol requeue 4242``;
+    the requeued job (the same command again) resumes from hpc_ckpt_1 without being given a path."""
+    from _procs import run_fault_fit
+
+    run = run_fault_fit(tmp_path, "--fault", "requeue_signal", "--rank", "1", "--step", "3", launch="slurm")
+    assert all(code != 0 for code in run.returncodes.values()), run.output[-3000:]
+    assert "PreemptedError" in run.output and "SIGUSR1" in run.output, run.output[-3000:]
+    assert max(run.seconds_to_exit().values()) < 60, run.seconds_to_exit()
+    _assert_complete(tmp_path / "hpc_ckpt_1.ckpt", 4)
+    assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", "4242"]  # once, by rank 0
+    (tmp_path / "fault.json").unlink()
+    again = run_fault_fit(tmp_path, launch="slurm")
+    assert all(code == 0 for code in again.returncodes.values()), again.output[-3000:]
+    assert [again.records[f"rank{r}"]["start_step"] for r in range(2)] == [4, 4]
+    assert [again.records[f"rank{r}"]["step"] for r in range(2)] == [6, 6]
+
+
+class SignalInSave(L.Callback):
+    """SIGTERM to rank 1 while the checkpoint of step 2 is being written (Lightning's hook inside the save)."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        if trainer.global_step == 2 and trainer.global_rank == 1 and not trainer.strategy.signal_flag.signum:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _fit_signal_in_save(root: str):
+    with lit.external_launch(2):
+        callbacks = [SignalInSave(), ModelCheckpoint(dirpath=os.path.join(root, "ckpts"), every_n_train_steps=2,
+                                                     save_top_k=-1)]  # fmt: skip
+        trainer = L.Trainer(**lit.trainer_kwargs(max_steps=6, devices=2, strategy=MegatronTPStrategy(tensor_parallel_size=2),
+                                                 callbacks=callbacks, enable_checkpointing=True, default_root_dir=root))  # fmt: skip
+        with pytest.raises(PreemptedError) as info:
+            trainer.fit(lit.LitGPT(batch_size=8, n_train=32))
+        return info.value.step
+
+
+def test_signal_during_a_save(tmp_path):
+    """SIGTERM while the step-2 checkpoint is written: that save finishes (complete, loadable) and the
+    ranks stop after the next step with hpc_ckpt_1 of step 3."""
+    assert _dist.run(2, _fit_signal_in_save, str(tmp_path)) == [3, 3]
+    _assert_complete(tmp_path / "ckpts" / "epoch=0-step=2.ckpt", 2)
+    _assert_complete(tmp_path / "hpc_ckpt_1.ckpt", 3)
+
+
+def test_second_signal_during_a_save_keeps_the_previous_checkpoint(tmp_path):
+    """A second SIGTERM while the step-4 checkpoint is written: that rank exits at once (143); the other
+    fails promptly; the step-2 checkpoint is intact and loadable, and no step-4 checkpoint exists."""
+    from _procs import run_fault_fit
+
+    run = run_fault_fit(tmp_path, "--fault", "second_signal_in_save", "--rank", "1", "--step", "4",
+                        launch="external")  # fmt: skip
+    assert run.returncodes["rank1"] == 128 + signal.SIGTERM, run.output[-3000:]
+    assert run.returncodes["rank0"] != 0 and "second signal (SIGTERM): exiting now" in run.output
+    assert max(run.seconds_to_exit().values()) < 60, run.seconds_to_exit()
+    _assert_complete(tmp_path / "ckpts" / "epoch=0-step=2.ckpt", 2)
+    assert sorted(p.name for p in (tmp_path / "ckpts").glob("*.ckpt")) == ["epoch=0-step=2.ckpt"]
+    assert not list(tmp_path.glob("hpc_ckpt_*"))
+    _assert_no_process_left(run)
 
 
 def test_requeue_runs_scontrol_for_this_job(tmp_path, monkeypatch):
@@ -151,3 +260,25 @@ def test_requeue_runs_scontrol_for_this_job(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
     assert requeue_slurm_job() == 0 and (tmp_path / "called").read_text().split() == ["requeue", "77_3"]
+
+
+def test_stop_waits_for_the_optimizer_step_of_an_accumulation_window():
+    """With accumulate_grad_batches=4 the stop comes at the next optimizer step: batch 4 of a window, or
+    the epoch's last batch, where Lightning steps with a partial window."""
+    from types import SimpleNamespace
+
+    from lightning_tp.lightning.signals import SignalStop
+
+    strategy = SimpleNamespace(
+        agreed_signals=lambda: {1: int(signal.SIGTERM)}, save_on_signal=False, requeue_signal=None
+    )
+    trainer = SimpleNamespace(accumulate_grad_batches=4, num_training_batches=6, global_step=1, world_size=2,
+                              is_global_zero=True)  # fmt: skip
+    stops = []
+    for batch_idx in range(6):
+        try:
+            SignalStop(strategy).on_train_batch_end(trainer, None, None, None, batch_idx)
+        except PreemptedError as exc:
+            stops.append(batch_idx)
+            assert "rank [1]" in str(exc) and exc.checkpoint is None
+    assert stops == [3, 5]

@@ -1,11 +1,14 @@
 """A TP-2 fit (2 ranks, or TP 2 x DP n with --devices) that injects one fault, for tests/reliability/test_faults.py.
 
-    python fault_fit.py OUT --fault training_step --rank 1 --step 3 [--launch popen|spawn|external] [--debug]
+    python fault_fit.py OUT --fault training_step --rank 1 --step 3 [--launch popen|spawn|external|slurm] [--debug]
 
 ``--launch popen``: Lightning re-launches this script for rank 1; ``external``: the caller starts
-both ranks with LOCAL_RANK/WORLD_SIZE/MASTER_* set (like torchrun); ``spawn``: megatron_tp_spawn.
+both ranks with LOCAL_RANK/WORLD_SIZE/MASTER_* set (like torchrun); ``slurm``: the caller starts both
+ranks with SLURM_* set (like srun; Lightning picks its SLURMEnvironment, auto-requeue on SIGUSR1);
+``spawn``: megatron_tp_spawn.
 ModelCheckpoint writes every 2 steps and OnExceptionCheckpoint is on. Each rank records what it
-raised in ``OUT/rank{r}.json``; the injected fault's wall time is in ``OUT/fault.json``.
+raised (and the global step it started from) in ``OUT/rank{r}.json``; the injected fault's wall time
+is in ``OUT/fault.json``.
 """
 
 import argparse
@@ -26,7 +29,18 @@ from torch.utils.data import DataLoader
 
 from lightning_tp import MegatronTPStrategy
 
-FAULTS = ("none", "training_step", "dataloader", "callback", "bad_shape", "skip_collective", "signal", "signal_parent")
+FAULTS = (
+    "none",
+    "training_step",
+    "dataloader",
+    "callback",
+    "bad_shape",
+    "skip_collective",
+    "signal",
+    "signal_parent",
+    "requeue_signal",
+    "second_signal_in_save",
+)
 
 
 def _mark_fault(out: Path, what: str) -> None:
@@ -74,14 +88,31 @@ class FaultyCallback(L.Callback):
 
     def __init__(self, fault: str, rank: int, step: int, out: Path):
         self.fault, self.rank, self.step, self.out = fault, rank, step, out
+        self.start_step = None
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        """``signal``: SIGTERM to this rank's process; ``signal_parent``: to spawn's main process (rank 0 sends it)."""
+    def on_train_start(self, trainer, pl_module):
+        self.start_step = trainer.global_step  # above 0 when resumed
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        """``second_signal_in_save``: SIGTERM while the checkpoint of step ``step`` is being written, then
+        a second one 1.2 s later (this rank exits at once, mid-save)."""
         if trainer.global_step != self.step or trainer.global_rank != self.rank:
             return
-        if self.fault in ("signal", "signal_parent"):
+        if self.fault == "second_signal_in_save":
             _mark_fault(self.out, self.fault)
-            os.kill(os.getppid() if self.fault == "signal_parent" else os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1.2)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        """``signal``: SIGTERM to this rank's process; ``signal_parent``: to spawn's main process (rank 0
+        sends it); ``requeue_signal``: SIGUSR1 (SLURM's requeue signal) to this rank's process."""
+        if trainer.global_step != self.step or trainer.global_rank != self.rank:
+            return
+        if self.fault in ("signal", "signal_parent", "requeue_signal"):
+            _mark_fault(self.out, self.fault)
+            target = os.getppid() if self.fault == "signal_parent" else os.getpid()
+            os.kill(target, signal.SIGUSR1 if self.fault == "requeue_signal" else signal.SIGTERM)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step != self.step:
@@ -110,8 +141,9 @@ def main(ns: argparse.Namespace) -> int:
         start_method="spawn" if ns.launch == "spawn" else "popen",
         debug=ns.debug,
     )
+    faulty = FaultyCallback(ns.fault, ns.rank, ns.step, out)
     callbacks = [
-        FaultyCallback(ns.fault, ns.rank, ns.step, out),
+        faulty,
         ModelCheckpoint(dirpath=out / "ckpts", every_n_train_steps=2, save_top_k=-1),
         OnExceptionCheckpoint(dirpath=out / "ckpts"),
     ]
@@ -125,8 +157,8 @@ def main(ns: argparse.Namespace) -> int:
             default_root_dir=str(out),  # where a signal's checkpoint goes (hpc_ckpt_N.ckpt)
         )
     )
-    trainer.fit(FaultyGPT(ns.fault, ns.rank, ns.step, str(out)))
-    return trainer.global_step
+    trainer.fit(FaultyGPT(ns.fault, ns.rank, ns.step, str(out)))  # on SLURM: resumes from hpc_ckpt_N by itself
+    return {"step": trainer.global_step, "start_step": faulty.start_step}
 
 
 if __name__ == "__main__":
@@ -136,19 +168,20 @@ if __name__ == "__main__":
     parser.add_argument("--rank", type=int, default=1)
     parser.add_argument("--step", type=int, default=3)
     parser.add_argument("--max-steps", type=int, default=6)
-    parser.add_argument("--launch", choices=("popen", "external", "spawn"), default="popen")
+    parser.add_argument("--launch", choices=("popen", "external", "spawn", "slurm"), default="popen")
     parser.add_argument("--debug", action="store_true")
     parser.add_argument("--devices", type=int, default=2, help="ranks (TP 2: more than 2 adds data parallelism)")
     parser.add_argument("--timeout", type=int, default=20)
     ns = parser.parse_args()
-    name = "main" if ns.launch == "spawn" else f"rank{os.environ.get('LOCAL_RANK', 0)}"  # the process, not the rank
+    local = os.environ.get("SLURM_LOCALID", os.environ.get("LOCAL_RANK", 0))
+    name = "main" if ns.launch == "spawn" else f"rank{local}"  # the process, not the rank
     try:
-        step = main(ns)
+        done = main(ns)
     except BaseException as exc:
         record = {"error": f"{type(exc).__name__}: {exc}", "time": time.time(), "pid": os.getpid()}
         record["trace"] = traceback.format_exc()
         (Path(ns.out) / f"{name}.json").write_text(json.dumps(record))
         raise
     (Path(ns.out) / f"{name}.json").write_text(
-        json.dumps({"error": None, "time": time.time(), "pid": os.getpid(), "step": step})
+        json.dumps({"error": None, "time": time.time(), "pid": os.getpid(), **done})
     )
