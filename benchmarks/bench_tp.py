@@ -25,6 +25,10 @@ model and MFU from Lightning's ``ThroughputMonitor`` (``Throughput`` for raw DTe
 the GPU's peak FLOPs; on CPU there is no peak, so FLOP/s are reported without MFU. Variants that
 need more GPUs than present are skipped with a message.
 
+``--compile``: every variant ``torch.compile``s each transformer block (inductor; lightning_tp via
+``lightning_tp.engine.compiled.compile_layers``) and the report adds the compiled graphs and graph
+breaks per variant; compare with an eager run in another ``--out``.
+
 Writes ``results.json``, ``results.md`` and ``results.png`` to ``--out``. Each rank counts the
 bytes, calls and time of every collective in the measured steps (the torch.distributed functions
 are wrapped), and the report compares them with Megatron's minimum for this model.
@@ -208,6 +212,12 @@ def _lit_module(cfg: dict, n_batches: int, per_rank: int, loss_fn=None, configur
         def configure_model(self):
             if configure is not None:
                 configure(self)
+
+        def on_fit_start(self):
+            if cfg.get("compile"):
+                from lightning_tp.engine.compiled import compile_layers
+
+                compile_layers(self.model)  # each block; after the strategy's rewrite
 
         def training_step(self, batch, _):
             x, y = batch
@@ -410,6 +420,10 @@ def run_dtensor(cfg, args, counter):
     mesh = init_device_mesh(device.type, (2,), mesh_dim_names=("tensor_parallel",))
     model = build_gpt(cfg).to(device)
     dtensor_parallelize(model, mesh)
+    if cfg.get("compile"):
+        from lightning_tp.engine.compiled import compile_layers
+
+        compile_layers(model)  # the same regional compilation as the other variants
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     loss_fn = _LossParallel()
     timer = Timer(args, counter)
@@ -470,6 +484,8 @@ def _worker(rank: int, world: int, port: int, name: str, cfg: dict, args, result
         counter = CommCounter()
         counter.install()
         timer, mem = RUNNERS[name](cfg, args, counter)
+        from torch._dynamo.utils import counters  # what torch.compile traced (zero when not compiling)
+
         tokens = cfg["batch"] * cfg["ctx"]
         out = {
             "rank": rank,
@@ -481,6 +497,8 @@ def _worker(rank: int, world: int, port: int, name: str, cfg: dict, args, result
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_device_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
             "throughput": timer.throughput,
+            "graphs": int(counters["stats"]["unique_graphs"]),
+            "graph_breaks": int(sum(counters["graph_break"].values())),
         }
         results.put(out)
     except Exception:
@@ -597,6 +615,8 @@ def summarize(raw: dict[str, list[list[dict]]], cfg: dict) -> dict[str, Any]:
             "peak_device_mb": [r["peak_device_mb"] for r in repeats[-1]],
             "flops_per_s_per_device": _median_metric(repeats, "device/flops_per_sec"),
             "mfu": _median_metric(repeats, "device/mfu"),
+            "graphs": rank0.get("graphs", 0),
+            "graph_breaks": rank0.get("graph_breaks", 0),
         }
     v = summary["variants"]
     if "lightning_tp" in v:
@@ -641,7 +661,8 @@ def markdown(summary: dict[str, Any]) -> str:
     lines = [
         f"GPT d_model {cfg['n_embd']}, {cfg['n_layer']} layers, vocab {cfg['vocab']}, ctx {cfg['ctx']}, batch {cfg['batch']}, "
         f"{cfg['precision']}, {where}, median of {len(next(iter(summary['variants'].values()))['tokens_per_s_repeats'])} repeats; "
-        f"model {cfg['flops_per_batch'] / 1e12:.2f} TFLOP per step.",
+        f"model {cfg['flops_per_batch'] / 1e12:.2f} TFLOP per step"
+        + ("; every transformer block torch.compile'd (inductor)." if cfg.get("compile") else "; eager."),
         "",
         "| variant | tokens/s | step (s) | TFLOP/s per device | MFU | comm MB/step | comm calls/step | comm time share "
         f"| param+grad+optim MB (rank 0) | peak {'GPU memory' if cuda else 'RSS'} MB/rank |",
@@ -657,6 +678,9 @@ def markdown(summary: dict[str, Any]) -> str:
             f"{r['comm_bytes_per_step'] / 2**20:.1f} | {r['comm_calls_per_step']:.0f} | {r['comm_fraction']:.0%} | {state:.1f} | "
             f"{', '.join(f'{m:.0f}' for m in peak)} |"
         )
+    if cfg.get("compile"):
+        lines += ["", "| variant | compiled graphs (rank 0) | graph breaks |", "| --- | ---: | ---: |"]
+        lines += [f"| {n} | {r['graphs']} | {r['graph_breaks']} |" for n, r in summary["variants"].items()]
     lines.append("")
     for k, x in summary.get("ratios", {}).items():
         lines.append(f"- {k}: **{x:.2f}x**")
@@ -727,6 +751,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for key in PRESETS["cpu"]:
         p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None)
     p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--compile", action="store_true", help="torch.compile every transformer block (all variants)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
     if args.accelerator == "auto":
@@ -735,7 +760,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.precision = "bf16-mixed" if args.accelerator == "cuda" else "32-true"
     cfg = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in PRESETS[args.preset].items()}
     cfg["flops_per_batch"] = model_flops_per_batch(cfg)
-    cfg["accelerator"], cfg["precision"] = args.accelerator, args.precision
+    cfg["accelerator"], cfg["precision"], cfg["compile"] = args.accelerator, args.precision, args.compile
     gpus = torch.cuda.device_count() if args.accelerator == "cuda" else 0
     variants = [n for n in args.variants if args.accelerator == "cpu" or n == "single" or gpus >= 2]
     for n in set(args.variants) - set(variants):

@@ -14,8 +14,11 @@ torch (no public equivalent):
   treat ``AttributeError``/``RuntimeError`` as "unknown: do not reuse".
 * ``found_inf_per_device`` (``GradScaler._per_optimizer_states``): the found-inf flags a scaler
   recorded while unscaling, to reduce them over ranks before it decides to skip the step.
-* ``run_exit_handlers`` (``atexit._run_exitfuncs``): a spawned worker that leaves with ``os._exit``
-  (gloo teardown aborts otherwise) still runs Python's exit handlers (loggers finish).
+* ``run_exit_handlers`` / ``clear_exit_handlers`` (``atexit._run_exitfuncs`` / ``atexit._clear``): a
+  worker that leaves with ``os._exit`` (gloo teardown aborts otherwise) still runs Python's exit
+  handlers (loggers finish); a forked one first forgets its parent's.
+* ``assert_async`` (``torch._assert_async``): a check on tensor values that ``torch.compile`` keeps
+  in the graph (raising at run time) where a Python ``if tensor:`` would break the graph.
 
 Lightning (imported on first use, so the engine, which imports this module, imports no Lightning):
 
@@ -65,6 +68,11 @@ def found_inf_per_device(scaler: torch.amp.GradScaler, optimizer: torch.optim.Op
 def run_exit_handlers() -> None:
     """Run the functions registered with ``atexit`` now (before an ``os._exit``)."""
     atexit._run_exitfuncs()
+
+
+def assert_async(condition: Tensor, message: str) -> None:
+    """Raise ``RuntimeError(message)`` when the one-element ``condition`` is false; traceable."""
+    torch._assert_async(condition, message)
 
 
 def clear_exit_handlers() -> None:
@@ -137,6 +145,7 @@ __all__ = [
     "lightning_class",
     "run_exit_handlers",
     "clear_exit_handlers",
+    "assert_async",
     "set_device_mesh",
     "set_launcher",
     "storage_use_count",

@@ -245,6 +245,8 @@ class TextDataModule(L.LightningDataModule):
         sampler = ResumableSampler(ds, shuffle=True, seed=seed, drop_last=True, **split)
         if self._resume is not None:
             sampler.resume(self._resume[0], self._resume[1] * self.batch_size)
+            # Lightning creates the iterator before it sets the epoch; with workers the indices are drawn then
+            sampler.set_epoch(self._resume[0])
         # its own generator: creating the epoch's iterator draws no number from torch's global generator, which a
         # resumed run restores before it re-creates the iterator (dropout would then differ from an uninterrupted run)
         generator = torch.Generator().manual_seed(seed)

@@ -37,6 +37,13 @@ class LitGPT(L.LightningModule):
         torch.manual_seed(1234)
         if model == "plain":
             self.model = models.PlainGPT(vocab=VOCAB, d=32, n_layers=2, n_heads=4, tied=tied, ctx=SEQ)
+        elif model == "litgpt":  # Lightning's LLM library (extra 'litgpt'): Llama-style, grouped-query attention
+            from litgpt.config import Config
+            from litgpt.model import GPT
+
+            self.model = GPT(Config(name="lit", block_size=SEQ, n_layer=2, n_embd=32, n_head=4, n_query_groups=2,
+                                    vocab_size=VOCAB, padded_vocab_size=VOCAB, norm_class_name="RMSNorm",
+                                    mlp_class_name="LLaMAMLP", intermediate_size=48, bias=False))  # fmt: skip
         else:
             self.model = models.NanoGPT(vocab=VOCAB, n_embd=32, n_layer=2, n_head=4, block_size=SEQ)
         self.drop = torch.nn.Dropout(dropout)

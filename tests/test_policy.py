@@ -361,3 +361,59 @@ def test_a_column_layer_without_its_blocks_gather_row_is_refused():
 
     with pytest.raises(ShardingError, match="no 'sequence_gather' row for block 'layers.0.attn'"):
         BuildContext(group=None, sequence_parallel=True).gather("layers.0.attn")
+
+
+def test_head_counts_in_a_config_object_are_divided_on_a_copy_the_block_alone_holds():
+    """A block without head attributes of its own that reads them from a config it holds (LitGPT's
+    self.config.n_head; here a frozen dataclass): the plan divides the config's values, applying it
+    gives the block its own copy; the model's config is untouched. A config whose copies share their
+    storage (the write would reach every module) is refused by name."""
+    import dataclasses
+
+    from lightning_tp.policy.apply import _set_attributes
+    from lightning_tp.policy.rules import PolicyError
+
+    @dataclasses.dataclass(frozen=True)
+    class Cfg:
+        n_head: int = 4
+        n_query_groups: int = 2
+        head_size: int = 8
+
+    class Attn(nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.config = config
+            self.qkv = nn.Linear(32, (4 + 2 * 2) * 8)
+            self.proj = nn.Linear(32, 32)
+
+    class Mlp(nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.config, self.fc, self.proj = config, nn.Linear(32, 64), nn.Linear(64, 32)
+
+    class Model(nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.config = config
+            self.h = nn.ModuleList([nn.ModuleDict({"attn": Attn(config), "mlp": Mlp(config)})])
+
+    model = Model(Cfg())
+    plan = plan_policy(model, 2, "auto")
+    assert [m.options.get("chunks") for m in plan.modules if m.name == "h.0.attn.qkv"] == [(32, 16, 16)]
+    changes = sorted(plan.attribute_changes)
+    assert changes == [("h.0.attn", "config.n_head", 4, 2), ("h.0.attn", "config.n_query_groups", 2, 1)], changes
+    _set_attributes(model, plan.attribute_changes)
+    attn = model.h[0]["attn"]
+    assert (attn.config.n_head, attn.config.n_query_groups, attn.config.head_size) == (2, 1, 8)
+    assert model.config.n_head == 4 and model.h[0]["mlp"].config is model.config
+
+    class Shared:  # copy.copy returns the same object: a write would change every module's config
+        def __init__(self):
+            self.n_head, self.n_query_groups, self.head_size = 4, 2, 8
+
+        def __copy__(self):
+            return self
+
+    model = Model(Shared())
+    with pytest.raises(PolicyError, match=r"h.0.attn.config.n_head = 2 .* changed the original too"):
+        _set_attributes(model, plan_policy(model, 2, "auto").attribute_changes)

@@ -229,7 +229,10 @@ class _CopyToTPLinear(torch.autograd.Function):
         if need_x:
             grad_x = grad.matmul(weight)  # (..., in), partial over the group
             if group_size(ctx.group) > 1:
-                work = dist.all_reduce(grad_x, group=ctx.group, async_op=True)
+                if torch.compiler.is_compiling():  # traced: a functional all-reduce, which the compiler schedules
+                    dist.all_reduce(grad_x, group=ctx.group)
+                else:
+                    work = dist.all_reduce(grad_x, group=ctx.group, async_op=True)
         grad_w, grad_b = _param_grads(grad, x, need_w, need_b)  # while the all-reduce runs
         if work is not None:
             work.wait()

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
+from lightning_tp._compat import assert_async
 from lightning_tp.engine.comm import (
     all_gather_dim,
     copy_to_tp_linear,
@@ -271,6 +272,7 @@ class VocabParallelLMHead(ColumnParallelLinear):
     for ``nn.Linear``; with ``gather_output=False`` returns :class:`VocabShardedLogits`
     ``(..., Vp/p)`` for :func:`lightning_tp.cross_entropy`, which keeps its ``(..., Vp/p)``
     buffer in this head's :class:`~lightning_tp.engine.loss.LossWorkspace` between steps (CPU).
+    Inside a region ``torch.compile`` traces, the logits are always gathered (dense).
     """
 
     _pad = True
@@ -288,7 +290,9 @@ class VocabParallelLMHead(ColumnParallelLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self._local_linear(x)  # (..., Vp/p)
-        if self.gather_output:
+        if self.gather_output or torch.compiler.is_compiling():
+            # Traced by torch.compile: dense logits (the compiler cannot trace VocabShardedLogits' torch-function
+            # dispatch). Compile the blocks instead of the whole model to keep the vocab-parallel loss.
             return self._gather(y)  # (..., V)
         return VocabShardedLogits.wrap(y, self.group, self.out_features, self._loss_workspace)
 
@@ -381,7 +385,11 @@ def _shard_vocab_rows(emb: nn.Module, weight: Tensor, group: ProcessGroup, seque
 def _vocab_parallel_lookup(emb: nn.Module, ids: Tensor) -> Tensor:
     """``y = sum_r lookup_r(ids)``: this rank's rows for the ids in its vocabulary range, zeros for
     the others, summed over TP (reduce-scattered over the sequence with ``sequence_parallel``)."""
-    if ids.device.type == "cpu" and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= emb.num_embeddings):
+    if torch.compiler.is_compiling():  # the same check inside the graph (no .item(): no graph break)
+        if ids.device.type == "cpu" and ids.numel():
+            inside = (ids.min() >= 0) & (ids.max() < emb.num_embeddings)
+            assert_async(inside, f"a token id is out of range for an embedding of {emb.num_embeddings} rows.")
+    elif ids.device.type == "cpu" and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= emb.num_embeddings):
         bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
         raise IndexError(f"index {bad} is out of range for an embedding of {emb.num_embeddings} rows.")
     if emb.tp_size == 1:

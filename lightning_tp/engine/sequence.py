@@ -19,6 +19,7 @@ import weakref
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 from torch.utils.hooks import RemovableHandle
@@ -53,6 +54,8 @@ class SequenceGather:
     def shard_of(self, full: Tensor) -> Tensor | None:
         """This rank's shard of ``full`` if ``full`` is an unchanged input this gather produced in
         the current block call, else ``None``."""
+        if torch.compiler.is_compiling():
+            return None  # traced: no bookkeeping by identity; the layer keeps the gathered input for dW
         entry = self._shards.get(id(full))
         if entry is None or entry[0]() is not full or tensor_version(full) != entry[2]:
             return None
@@ -61,6 +64,8 @@ class SequenceGather:
     def _gather(self, x: Any) -> Any:
         if isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 2 and x.shape[-1] in self.in_features:
             full = gather_from_sp(x, self.group, -2)  # (..., T, in)
+            if torch.compiler.is_compiling():
+                return full
             key = id(full)
             shards = self._shards
             ref = weakref.ref(full, lambda _, key=key: shards.pop(key, None))

@@ -61,8 +61,15 @@ class TPMultiProcessingLauncher(MultiProcessingLauncher):
 
     def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
         if self.start_method == "fork":
-            clear_exit_handlers()  # the parent's (its temp dirs, loggers): not this child's to run
-        super()._wrapping_function(*args, **kwargs)  # rank 0's results are in the (synchronous) queue
+            # The parent's exit handlers (its temp dirs, loggers) are not this child's to run. (A
+            # weakref.finalize the child creates itself then does not run at exit either.)
+            clear_exit_handlers()
+        try:
+            super()._wrapping_function(*args, **kwargs)  # rank 0's results are in the (synchronous) queue
+        except BaseException:
+            if self.start_method == "fork":  # multiprocessing ends a forked child with os._exit: handlers now
+                run_exit_handlers()
+            raise
         # Every rank reaches this point after the same collectives. Left to a normal interpreter
         # exit, the teardown of torch's gloo process groups aborted about one worker in ten
         # ("terminate called without an active exception", SIGABRT in the parent's join; after

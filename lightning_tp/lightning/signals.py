@@ -114,7 +114,9 @@ class SignalStop(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.pending.update(self.strategy.agreed_signals())
-        last_of_epoch = batch_idx + 1 == trainer.num_training_batches  # Lightning steps there, accumulated or not
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        # Lightning steps at the epoch's last batch, accumulated or not (a loader of unknown length: is_last_batch)
+        last_of_epoch = batch_idx + 1 == trainer.num_training_batches or progress.is_last_batch
         if not self.pending or ((batch_idx + 1) % trainer.accumulate_grad_batches and not last_of_epoch):
             return
         signum = min(self.pending.values())

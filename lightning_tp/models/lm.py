@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from lightning_tp.engine.compiled import compile_layers
 from lightning_tp.engine.loss import cross_entropy, gather_logits
 from lightning_tp.engine.sharding import shard_spec
 from lightning_tp.models.gpt import GPT
@@ -47,6 +48,9 @@ class CausalLM(L.LightningModule):
             the meta device in ``configure_model`` (sizes and ties come from there, ``arch`` must be
             ``"hf-llama"``); give the strategy the same ``pretrained=`` so that each rank loads only
             its slices of the weights (fine-tuning, see ``recipes/llama-hf-finetune.yaml``).
+        compile: ``torch.compile`` each transformer block when training starts
+            (:func:`~lightning_tp.engine.compiled.compile_layers`: the head and the vocab-parallel
+            loss stay eager).
     """
 
     def __init__(
@@ -68,6 +72,7 @@ class CausalLM(L.LightningModule):
         sample_prompt: str = "def ",
         sample_tokens: int = 24,
         pretrained: str | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -108,6 +113,8 @@ class CausalLM(L.LightningModule):
         return out
 
     def on_fit_start(self) -> None:
+        if self.hparams.compile and not getattr(self, "_compiled_layers", None):
+            self._compiled_layers = compile_layers(self.model)
         # metrics sum over data-parallel replicas only (TP ranks of a replica hold the same values)
         group = getattr(self.trainer.strategy, "dp_group", None)
         if group is not None:

@@ -5,6 +5,7 @@ unsharded model on a fixed batch, applies, and checks the rewritten model agains
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import warnings
 import weakref
@@ -75,7 +76,7 @@ def _check_plan_fits(model: nn.Module, plan: Plan) -> None:
                 "was made for another model. Plan this model with plan_policy(model, tp_size, policy)."
             )
     for parent_name, attr, old, _ in plan.attribute_changes:
-        value = getattr(modules.get(parent_name), attr, None)
+        value = _get_path(modules.get(parent_name), attr)
         if value != old:
             raise PolicyError(
                 f"plan changes {parent_name}.{attr} from {old}, the module has {value!r}: the plan was made for "
@@ -145,10 +146,43 @@ def apply_plan(
     for row in plan.modules:
         if not row.kind.replaces:
             row.kind.build(row, model.get_submodule(row.name), ctx)
-    for parent_name, attr, _, new_value in plan.attribute_changes:
-        setattr(model.get_submodule(parent_name), attr, new_value)
+    _set_attributes(model, plan.attribute_changes)
     attach_plan(model, plan)
     return model
+
+
+def _get_path(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _set_attributes(model: nn.Module, changes: list[tuple[str, str, int, int]]) -> None:
+    """Set each block's head counts and widths to their local values. An attribute of a config object
+    the block holds (``"config.n_head"``) is set on the block's own shallow copy of that config, made
+    once per block: the model's config, and every module that is not split, keep the full values."""
+    copied: dict[tuple[str, str], Any] = {}  # (block, path) -> the object the copy was made from
+    for parent_name, attr, old_value, new_value in changes:
+        target = model.get_submodule(parent_name)
+        *owners, leaf = attr.split(".")
+        original = None
+        for i, owner in enumerate(owners):
+            key = (parent_name, ".".join(owners[: i + 1]))
+            if key not in copied:
+                copied[key] = getattr(target, owner)
+                setattr(target, owner, copy.copy(copied[key]))
+            original, target = copied[key], getattr(target, owner)
+        try:
+            setattr(target, leaf, new_value)
+        except (AttributeError, TypeError, dataclasses.FrozenInstanceError):
+            object.__setattr__(target, leaf, new_value)  # a frozen config: its copy is this block's alone
+        if original is not None and getattr(original, leaf, None) != old_value:
+            raise PolicyError(
+                f"setting {parent_name}.{attr} = {new_value} on this block's copy of its "
+                f"{type(original).__name__} changed the original too (the copies share their storage): the model's "
+                "other modules would see local head counts. Give the block a config of a plain class (a dataclass "
+                "or namespace), or map its projections to 'replicate'."
+            )
 
 
 # id(dense parameter) -> (weak reference to it, the parameter that replaces it). Weak, so a dense

@@ -25,11 +25,15 @@ from lightning_tp.errors import ShardingError
 from lightning_tp.policy.report import plan_table, render_plan
 from lightning_tp.policy.rules import (
     HEAD_ATTRS,
+    HEAD_DIM_ATTRS,
     KV_HEAD_ATTRS,
     WIDTH_ATTRS,
     PolicyError,
     Rule,
+    config_objects,
+    head_value,
     infer_vocab_size,
+    positive_int,
     resolve_rules,
 )
 from lightning_tp.policy.styles import ALL_STYLES, STYLES, Column, Row, Style, Vocab, as_linear
@@ -366,8 +370,8 @@ def _plan_head_local(modules: dict[str, nn.Module], planned: dict[str, PlannedMo
     parents = {e.name.rpartition(".")[0] for e in planned.values() if e.kind.splits_heads(e.options)}
     for parent_name in parents:
         parent = modules[parent_name]
-        heads = next((getattr(parent, a) for a in HEAD_ATTRS[:4] if _is_int(getattr(parent, a, None))), None)
-        head_dim = getattr(parent, "head_dim", None)
+        heads = head_value(parent, HEAD_ATTRS[:4])
+        head_dim = head_value(parent, HEAD_DIM_ATTRS)
         for leaf, child in parent.named_children():
             name = f"{parent_name}.{leaf}" if parent_name else leaf
             if name in planned and (planned[name].pattern is not None or planned[name].splits):
@@ -375,7 +379,7 @@ def _plan_head_local(modules: dict[str, nn.Module], planned: dict[str, PlannedMo
             if type(child) is nn.Embedding and heads and child.embedding_dim == heads:
                 planned[name] = planned_row(name, child, Rule("heads"), None, tp)
             elif (
-                _is_int(head_dim)
+                head_dim
                 and as_linear(child) is None
                 and not isinstance(child, nn.Embedding)
                 and (params := _own_params(child))
@@ -389,10 +393,6 @@ def _own_params(module: nn.Module) -> list[nn.Parameter]:
     return list(module.parameters(recurse=False))
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
 def _is_container_match(name: str, pattern: str, modules: dict[str, nn.Module]) -> bool:
     prefix = name + "."
     return any(n.startswith(prefix) and fnmatch.fnmatchcase(n, pattern) for n in modules)
@@ -403,10 +403,9 @@ def _gqa_chunks(modules: dict[str, nn.Module], name: str, module: nn.Module) -> 
     parent = modules.get(name.rpartition(".")[0])
     if lin is None or parent is None:
         return None
-    heads = next((getattr(parent, a) for a in HEAD_ATTRS[:4] if isinstance(getattr(parent, a, None), int)), None)
-    kv = next((getattr(parent, a) for a in KV_HEAD_ATTRS if isinstance(getattr(parent, a, None), int)), None)
-    head_dim = getattr(parent, "head_dim", None)
-    if heads and kv and isinstance(head_dim, int) and (heads + 2 * kv) * head_dim == lin[1] and kv != heads:
+    heads, kv = head_value(parent, HEAD_ATTRS[:4]), head_value(parent, KV_HEAD_ATTRS)
+    head_dim = head_value(parent, HEAD_DIM_ATTRS)
+    if heads and kv and head_dim and (heads + 2 * kv) * head_dim == lin[1] and kv != heads:
         return (heads * head_dim, kv * head_dim, kv * head_dim)
     return None
 
@@ -414,6 +413,11 @@ def _gqa_chunks(modules: dict[str, nn.Module], name: str, module: nn.Module) -> 
 def _attribute_changes(
     modules: dict[str, nn.Module], planned: dict[str, PlannedModule], tp: int
 ) -> list[tuple[str, str, int, int]]:
+    """``(block, attribute, full value, local value)`` for the head counts and widths a block with
+    head-split projections reads: its own attributes or, when it has no head attribute of its own,
+    those of a config object it holds (the attribute is then ``"config.n_head"``;
+    :func:`~lightning_tp.policy.apply.apply_plan` gives the block its own copy of the config, so the
+    model's and other modules' configs keep full values)."""
     changes: list[tuple[str, str, int, int]] = []
     if tp == 1:
         return changes
@@ -424,31 +428,48 @@ def _attribute_changes(
     for parent_name, children in split_children.items():
         parent = modules[parent_name]
         label = parent_name or type(parent).__name__
-        for attr in HEAD_ATTRS:
-            value = getattr(parent, attr, None)
-            if not isinstance(value, int) or isinstance(value, bool):
-                continue
-            if value % tp != 0:
-                kind = "key/value heads" if attr in KV_HEAD_ATTRS else "heads"
-                hint = (
-                    " Grouped-query attention needs num_key_value_heads divisible by the TP size "
-                    "(key/value heads are not replicated across ranks)."
-                    if attr in KV_HEAD_ATTRS
-                    else ""
-                )
-                raise ShardingError(
-                    f"module {label!r}: {attr}={value} {kind} cannot be split over tensor_parallel_size={tp}: "
-                    f"{value} is not divisible by {tp}.{hint} Use a tensor_parallel_size that divides {value}, "
-                    "or map this block's projections to 'replicate'."
-                )
-            changes.append((parent_name, attr, value, value // tp))
-        head_dim = getattr(parent, "head_dim", None)
-        if isinstance(head_dim, int) and not isinstance(head_dim, bool) and head_dim > 0:
-            for child in children:
-                check_heads(child.spec.sizes, head_dim, tp, child.name)
         chunk_sizes = {s for c in children for s in c.spec.sizes}
-        for attr in WIDTH_ATTRS:
-            value = getattr(parent, attr, None)
-            if isinstance(value, int) and not isinstance(value, bool) and value in chunk_sizes:
-                changes.append((parent_name, attr, value, value // tp))
+        # A block that describes its heads in its own attributes (Hugging Face's head_dim, GPT-2's num_heads)
+        # reads those; one that has none reads them from the config it holds (LitGPT's self.config.n_head).
+        own = any(positive_int(getattr(parent, a, None)) for a in (*HEAD_ATTRS, *HEAD_DIM_ATTRS))
+        configs = [] if own else config_objects(parent)
+        sources = [("", parent)] + [(f"{key}.", obj) for key, obj in configs if _reads_heads(obj, chunk_sizes)]
+        for prefix, source in sources:
+            for attr in HEAD_ATTRS:
+                value = getattr(source, attr, None)
+                if not isinstance(value, int) or isinstance(value, bool):
+                    continue
+                if value % tp != 0:
+                    kind = "key/value heads" if attr in KV_HEAD_ATTRS else "heads"
+                    hint = (
+                        " Grouped-query attention needs num_key_value_heads divisible by the TP size "
+                        "(key/value heads are not replicated across ranks)."
+                        if attr in KV_HEAD_ATTRS
+                        else ""
+                    )
+                    raise ShardingError(
+                        f"module {label!r}: {prefix}{attr}={value} {kind} cannot be split over tensor_parallel_size="
+                        f"{tp}: {value} is not divisible by {tp}.{hint} Use a tensor_parallel_size that divides "
+                        f"{value}, or map this block's projections to 'replicate'."
+                    )
+                changes.append((parent_name, prefix + attr, value, value // tp))
+            head_dim = head_value(source, HEAD_DIM_ATTRS) if prefix else getattr(parent, "head_dim", None)
+            if positive_int(head_dim):
+                for child in children:
+                    check_heads(child.spec.sizes, head_dim, tp, child.name)
+            for attr in WIDTH_ATTRS:
+                value = getattr(source, attr, None)
+                if isinstance(value, int) and not isinstance(value, bool) and value in chunk_sizes:
+                    changes.append((parent_name, prefix + attr, value, value // tp))
     return changes
+
+
+def _reads_heads(config: Any, chunk_sizes: set[int]) -> bool:
+    """Whether a block's config object describes its split projections: a split chunk is as wide as
+    the config's query heads or key/value heads (an MLP holding the same config is left alone)."""
+    heads, kv = head_value(config, HEAD_ATTRS[:4]), head_value(config, KV_HEAD_ATTRS)
+    head_dim = head_value(config, HEAD_DIM_ATTRS)
+    if head_dim is None and heads:
+        width = next((w for a in WIDTH_ATTRS if positive_int(w := getattr(config, a, None))), None)
+        head_dim = width // heads if width and width % heads == 0 else None
+    return bool(head_dim) and any(n and n * head_dim in chunk_sizes for n in (heads, kv))

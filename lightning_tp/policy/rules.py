@@ -17,12 +17,42 @@ from lightning_tp.errors import LightningTPError
 from lightning_tp.policy.styles import STYLES, as_linear
 
 HEAD_ATTRS = (
-    "n_head", "n_heads", "num_heads", "num_attention_heads", "num_key_value_heads", "n_kv_heads", "kv_heads",
+    "n_head", "n_heads", "num_heads", "num_attention_heads",  # query heads: the first four
+    "num_key_value_heads", "n_kv_heads", "kv_heads", "n_query_groups",
 )  # fmt: skip
-KV_HEAD_ATTRS = ("num_key_value_heads", "n_kv_heads", "kv_heads")
+KV_HEAD_ATTRS = ("num_key_value_heads", "n_kv_heads", "kv_heads", "n_query_groups")  # LitGPT: n_query_groups
+HEAD_DIM_ATTRS = ("head_dim", "head_size")
 # Width attributes: divided only when equal to the size of a split chunk of a child projection,
 # i.e. when the attribute describes the sharded activation (GPT-2's ``split_size``).
 WIDTH_ATTRS = ("split_size", "n_embd", "embed_dim", "all_head_size", "inner_dim", "hidden_size", "d_model")
+
+
+def positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def config_objects(module: nn.Module) -> list[tuple[str, Any]]:
+    """``(attribute, object)`` for the plain objects ``module`` holds that carry a head count: a model
+    configuration shared by the modules that read it (LitGPT's ``self.config.n_head``, a user's
+    dataclass or namespace). Modules, tensors, containers, classes and callables are not such objects."""
+    found = []
+    for key, value in vars(module).items():
+        if key.startswith("_") or isinstance(value, (nn.Module, type)) or callable(value):
+            continue
+        if not hasattr(value, "__dict__") or isinstance(value, (list, tuple, dict, set)):
+            continue
+        if any(positive_int(getattr(value, a, None)) for a in HEAD_ATTRS):
+            found.append((key, value))
+    return found
+
+
+def head_value(module: nn.Module, names: tuple[str, ...]) -> int | None:
+    """The first of ``names`` set to a positive int on ``module`` itself, else on a config object it holds."""
+    for source in (module, *(obj for _, obj in config_objects(module))):
+        for name in names:
+            if positive_int(value := getattr(source, name, None)):
+                return value
+    return None
 
 
 class PolicyError(LightningTPError, ValueError):
@@ -151,19 +181,22 @@ _AUTO_PACKED = {"gate_up_proj"}
 _AUTO_COLUMN = {
     "q_proj", "k_proj", "v_proj", "q", "k", "v", "query", "key", "value", "wq", "wk", "wv",
     "to_q", "to_k", "to_v", "fc", "c_fc", "fc1", "fc_in", "up_proj", "gate_proj", "w1", "w3",
-    "dense_h_to_4h",
+    "dense_h_to_4h", "fc_1", "fc_2",  # LitGPT's LLaMAMLP: fc_1 (gate) and fc_2 (up) feed proj
 }  # fmt: skip
 _AUTO_ROW = {"o_proj", "out_proj", "c_proj", "wo", "o", "proj", "down_proj", "w2", "fc2", "fc_out", "dense_4h_to_h"}
 _TOKEN_EMBEDDING_HINTS = ("wte", "tok", "token", "word", "embed_tokens", "embedding")
 
 
 def infer_vocab_size(model: nn.Module) -> int | None:
-    """The vocabulary size: ``config.vocab_size`` of the outermost module that has one (the model, or
-    a Hugging Face model inside a LightningModule), else the token embedding's rows."""
+    """The vocabulary size: ``config.padded_vocab_size`` (LitGPT, Megatron: the rows the embedding and
+    the head have) or ``config.vocab_size`` of the outermost module that has one (the model, or a
+    Hugging Face model inside a LightningModule), else the token embedding's rows."""
     for _, module in model.named_modules():
-        vocab = getattr(getattr(module, "config", None), "vocab_size", None)
-        if isinstance(vocab, int) and not isinstance(vocab, bool):
-            return vocab
+        config = getattr(module, "config", None)
+        for attr in ("padded_vocab_size", "vocab_size"):
+            vocab = getattr(config, attr, None)
+            if isinstance(vocab, int) and not isinstance(vocab, bool):
+                return vocab
     embeddings = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
     if not embeddings:
         return None

@@ -41,7 +41,7 @@ from lightning_tp.engine.loss import VocabShardedLogits
 from lightning_tp.engine.sharding import ShardSpec, has_partial_grad, shard_spec
 from lightning_tp.errors import PolicyMismatchError, VerifyInputError
 from lightning_tp.policy.plan import Plan
-from lightning_tp.policy.rules import HEAD_ATTRS, PolicyWarning, infer_vocab_size
+from lightning_tp.policy.rules import HEAD_ATTRS, PolicyWarning, config_objects, infer_vocab_size
 from lightning_tp.policy.styles import Qkv, SequenceGatherStyle, as_linear
 
 # (atol, rtol relative to the reference's max magnitude), by the output dtype
@@ -174,7 +174,12 @@ def interleaved_groups(plan: Plan, model: nn.Module, reshaped: dict[str, tuple[i
         if not isinstance(entry.kind, Qkv) or not shape or len(shape) < 2:
             continue
         parent = model.get_submodule(entry.name.rpartition(".")[0])
-        heads = {getattr(parent, a) for a in HEAD_ATTRS if isinstance(getattr(parent, a, None), int)}
+        heads = {
+            value
+            for source in (parent, *(obj for _, obj in config_objects(parent)))
+            for a in HEAD_ATTRS
+            if isinstance(value := getattr(source, a, None), int)
+        }
         n, rest = shape[0], math.prod(shape[1:])
         if n == len(entry.spec.sizes) and len(set(entry.spec.sizes)) == 1 and rest == entry.spec.sizes[0]:
             continue  # (3, heads, head_dim): [Q | K | V] chunks, even when the head count is 3

@@ -272,8 +272,9 @@ def test_stop_waits_for_the_optimizer_step_of_an_accumulation_window():
     strategy = SimpleNamespace(
         agreed_signals=lambda: {1: int(signal.SIGTERM)}, save_on_signal=False, requeue_signal=None
     )
+    progress = SimpleNamespace(is_last_batch=False)
     trainer = SimpleNamespace(accumulate_grad_batches=4, num_training_batches=6, global_step=1, world_size=2,
-                              is_global_zero=True)  # fmt: skip
+                              is_global_zero=True, fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))  # fmt: skip
     stops = []
     for batch_idx in range(6):
         try:

@@ -1,0 +1,106 @@
+"""GPU runs for tests/test_cuda.py (needs CUDA): `python cuda_fit.py OUT.json MODE [--devices N] [--tp T]
+[--precision P] [--steps S]`.
+
+MODE ``fit``: lit.LitGPT on GPU(s) with MegatronTPStrategy (``--tp`` 0: plain Lightning, one device,
+the reference); rank 0 writes the per-step losses and the skipped steps. MODE ``layers``: at TP =
+``--devices`` (one process per GPU, NCCL), the column/row/vocab layers and the vocab-parallel loss
+against dense float32 on the same GPU; rank 0 writes the largest relative errors.
+"""
+
+import argparse
+import json
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import lightning as L
+import lit
+import torch
+import torch.nn.functional as F
+
+
+class Losses(L.Callback):
+    def __init__(self):
+        self.losses, self.skipped = [], 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def fit(ns) -> dict:
+    from lightning_tp import MegatronTPStrategy
+
+    torch.manual_seed(0)
+    rec = Losses()
+    strategy = "auto" if ns.tp == 0 else MegatronTPStrategy(tensor_parallel_size=ns.tp, timeout=timedelta(seconds=120))
+    accelerator = "gpu" if ns.device == "cuda" else "cpu"
+    trainer = L.Trainer(**lit.trainer_kwargs(accelerator=accelerator, devices=ns.devices, strategy=strategy,
+                                             precision=ns.precision, max_steps=ns.steps, callbacks=[rec]))  # fmt: skip
+    model = lit.LitGPT(batch_size=8, ref_sampler=ns.tp == 0)
+    trainer.fit(model)
+    out = {"rank": trainer.global_rank, "losses": rec.losses, "global_step": trainer.global_step}
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    out["scale"] = None if scaler is None else float(scaler.get_scale())
+    return out
+
+
+def layers(ns) -> dict:
+    import torch.distributed as dist
+
+    from lightning_tp import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        VocabParallelLMHead,
+        cross_entropy,
+    )
+    from lightning_tp.engine.mesh import init_tp_mesh
+
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = ns.device == "cuda"
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=120))
+    mesh = init_tp_mesh(ns.devices, ns.device)
+    group, dev = mesh.tp_group, torch.device("cuda", rank) if cuda else torch.device("cpu")
+    torch.manual_seed(0)
+    lin1, lin2 = torch.nn.Linear(64, 128).to(dev), torch.nn.Linear(128, 64).to(dev)
+    emb, head = torch.nn.Embedding(100, 64).to(dev), torch.nn.Linear(64, 100, bias=False).to(dev)
+    ids = torch.randint(0, 100, (4, 16), device=dev)
+    tgt = torch.randint(0, 100, (4, 16), device=dev)
+    col = ColumnParallelLinear.from_dense(lin1, group)
+    row = RowParallelLinear.from_dense(lin2, group, input_is_parallel=True)
+    vemb = VocabParallelEmbedding.from_dense(emb, group)
+    vhead = VocabParallelLMHead.from_dense(head, group, gather_output=False)
+    dense = head(lin2(F.gelu(lin1(emb(ids)))))
+    ref = F.cross_entropy(dense.reshape(-1, 100), tgt.reshape(-1))
+    sharded = vhead(row(F.gelu(col(vemb(ids)))))
+    loss = cross_entropy(sharded.reshape(-1, sharded.size(-1)), tgt.reshape(-1))
+    ref.backward()
+    loss.backward()
+    errs = {"loss": float((loss.detach() - ref.detach()).abs() / ref.detach().abs())}
+    if rank == 0:  # rank 0's slices of the split weights' gradients
+        n1, n2 = col.weight.shape[0], row.weight.shape[1]
+        errs["column_grad"] = float(
+            (col.weight.grad - lin1.weight.grad[:n1]).abs().max() / lin1.weight.grad.abs().max()
+        )
+        errs["row_grad"] = float(
+            (row.weight.grad - lin2.weight.grad[:, :n2]).abs().max() / lin2.weight.grad.abs().max()
+        )
+    dist.destroy_process_group()
+    return {"rank": rank, "errors": errs}
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("mode", choices=("fit", "layers"))
+    p.add_argument("--devices", type=int, default=1)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--precision", default="32-true")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a check of this script only")
+    ns = p.parse_args()
+    result = fit(ns) if ns.mode == "fit" else layers(ns)
+    if result["rank"] == 0:
+        Path(ns.out).write_text(json.dumps(result))

@@ -1,0 +1,237 @@
+"""LitGPT models (``litgpt.model.GPT``, extra ``litgpt``) under policy="auto".
+
+LitGPT keeps head counts in a ``Config`` object every module references (``self.config.n_head``,
+``self.config.n_query_groups``) and fuses q/k/v as ``[q (n_head) | k (groups) | v (groups)] x
+head_size``. The policy finds the chunk sizes from that config and gives each attention block its own
+copy of it with local head counts; the model's config keeps the full values. Each architecture
+below (tiny, float64) is rewritten at TP 2 and TP 4 and compared with its dense copy: logits
+(vocab-sharded logits gathered) and every parameter's gradient (sharded ones gathered, partial ones
+summed over TP), ``verify=True`` included; then a few generated tokens with LitGPT's KV cache. A
+Trainer run at TP 2 gives the single-process losses.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import _dist
+
+pytest.importorskip("litgpt")
+
+WORLD = 4
+SEQ = 12
+RTOL = 1e-10  # max abs error relative to max(1, max |dense|) (logits) or max(1e-4, max |dense grad|)
+# LitGPT's RMSNorm computes in float32 even in a float64 model (x.float()): the q/k norms' weight gradients
+# are sums over heads, per rank then over TP, in float32, so they agree to float32 rounding only.
+GRAD_RTOL = {"qwen3": 1e-6}
+
+BASE = dict(block_size=32, n_layer=2, n_embd=32, vocab_size=50, padding_multiple=16)  # padded vocabulary: 64
+ARCHS = {
+    # Llama-style: RMSNorm, LLaMAMLP (fc_1, fc_2 -> proj), grouped-query attention 8 q / 4 kv heads, untied
+    "llama": dict(n_head=8, n_query_groups=4, norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP",
+                  intermediate_size=48, bias=False, parallel_residual=False, rotary_percentage=1.0),
+    # Qwen3-style: as llama plus RMSNorm over head_size on q and k (partial gradients under TP), tied head
+    "qwen3": dict(n_head=8, n_query_groups=4, norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP",
+                  intermediate_size=48, bias=False, parallel_residual=False, norm_qk=True, tied=True),
+    # Pythia / GPT-NeoX: parallel residual, partial rotary (a quarter of each head), biases, tied head
+    "pythia": dict(n_head=4, n_query_groups=4, norm_class_name="LayerNorm", mlp_class_name="GptNeoxMLP",
+                   intermediate_size=64, bias=True, parallel_residual=True, rotary_percentage=0.25, tied=True),
+    # Phi-style: one norm shared by attention and MLP, half rotary, a biased LM head, untied
+    "phi": dict(n_head=4, n_query_groups=4, norm_class_name="LayerNorm", mlp_class_name="GptNeoxMLP",
+                intermediate_size=64, bias=True, parallel_residual=True, shared_attention_norm=True,
+                rotary_percentage=0.5, lm_head_bias=True),
+}  # fmt: skip
+
+
+def build(arch: str, dtype=torch.float64, **overrides):
+    from litgpt.config import Config
+    from litgpt.model import GPT
+
+    kw = {**BASE, **ARCHS[arch], **overrides}
+    tied = kw.pop("tied", False)
+    torch.manual_seed(0)
+    model = GPT(Config(name=arch, **kw)).to(dtype)
+    if tied:
+        model.lm_head.weight = model.transformer.wte.weight
+    return model
+
+
+def _gather_grad(param, grad, group):
+    """The dense gradient of ``param`` (collective for sharded parameters)."""
+    from lightning_tp.engine.layers import gather_sharded
+    from lightning_tp.engine.sharding import shard_spec
+
+    spec = shard_spec(param)
+    return grad if spec is None else gather_sharded(grad.contiguous(), spec, group)
+
+
+def _generate(model, idx, steps):
+    """Greedy tokens with LitGPT's KV cache (prefill, then one token at a time)."""
+    from lightning_tp.engine.loss import gather_logits
+
+    model.set_kv_cache(batch_size=idx.size(0), max_seq_length=idx.size(1) + steps)
+    pos = torch.arange(idx.size(1))
+    out, tokens = [], idx
+    for _ in range(steps):
+        logits = gather_logits(model(tokens, input_pos=pos))
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        out.append(nxt)
+        pos, tokens = pos[-1:] + 1, nxt
+    model.clear_kv_cache()
+    return torch.cat(out, 1)
+
+
+def _case(arch: str, tp: int) -> dict:
+    from lightning_tp.engine.loss import gather_logits
+    from lightning_tp.lightning.precision import all_reduce_partial_grads
+    from lightning_tp.policy import apply_policy
+
+    group = _dist.mesh(tp).tp_group
+    dense = build(arch)
+    model = copy.deepcopy(dense)
+    idx = torch.randint(0, 50, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    tgt = torch.randint(0, 50, (2, SEQ), generator=torch.Generator().manual_seed(2))
+    plan = apply_policy(model, group, "auto", verify=True, example_input=idx)
+    attn = model.transformer.h[0].attn
+    out = {
+        "styles": sorted({m.style for m in plan.modules if m.splits}),
+        "changes": [(p, a, o, n) for p, a, o, n in plan.attribute_changes if p == "transformer.h.0.attn"],
+        "model_heads": (model.config.n_head, model.config.n_query_groups),
+        "attn_heads": (attn.config.n_head, attn.config.n_query_groups),
+        "mlp_config_shared": model.transformer.h[0].mlp.config is model.config,
+        "tied": model.lm_head.weight is model.transformer.wte.weight,
+    }
+    ld, lt = dense(idx), model(idx)
+    ref = F.cross_entropy(ld.reshape(-1, ld.size(-1)), tgt.reshape(-1))
+    got = F.cross_entropy(lt.reshape(-1, lt.size(-1)), tgt.reshape(-1))
+    out["logit_err"] = float((gather_logits(lt.detach()) - ld.detach()).abs().max()) / max(1.0, float(ld.abs().max()))
+    ref.backward()
+    got.backward()
+    all_reduce_partial_grads(list(model.parameters()), group)
+    dense_params = dict(dense.named_parameters())
+    errs = {}
+    for name, param in model.named_parameters():
+        g = _gather_grad(param, param.grad.detach(), group)
+        r = dense_params[name].grad
+        errs[name] = float((g - r).abs().max()) / max(1e-4, float(r.abs().max()))
+    out["grad_err"] = errs
+    out["same_params"] = sorted(dense_params) == sorted(n for n, _ in model.named_parameters())
+    with torch.no_grad():
+        out["generated"] = (_generate(dense, idx, 4).tolist(), _generate(model, idx, 4).tolist())
+    return out
+
+
+def _run(tp: int) -> dict:
+    return {arch: _case(arch, tp) for arch in ARCHS}
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["tp2", "tp4"])
+def results(request):
+    return request.param, _dist.run(WORLD, _run, request.param)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_litgpt_matches_dense(results, arch):
+    tp, per_rank = results
+    for rank, res in enumerate(per_rank):
+        r = res[arch]
+        where = f"{arch} at TP {tp}, rank {rank}"
+        assert {"vocab", "row"} <= set(r["styles"]) and ("qkv" in r["styles"]), (where, r["styles"])
+        full = (ARCHS[arch]["n_head"], ARCHS[arch]["n_query_groups"])
+        assert r["model_heads"] == full and r["attn_heads"] == (full[0] // tp, full[1] // tp), where
+        assert ("transformer.h.0.attn", "config.n_head", full[0], full[0] // tp) in r["changes"], r["changes"]
+        assert r["mlp_config_shared"] and r["tied"] == ARCHS[arch].get("tied", False), where
+        assert r["same_params"], where
+        assert r["logit_err"] <= RTOL, (where, r["logit_err"])
+        bad = {n: e for n, e in r["grad_err"].items() if e > GRAD_RTOL.get(arch, RTOL)}
+        assert not bad, (where, bad)
+        dense_tokens, tp_tokens = r["generated"]
+        assert tp_tokens == dense_tokens, where
+
+
+def _refusal(tp):
+    from lightning_tp.errors import ShardingError
+    from lightning_tp.policy import plan_policy
+
+    with pytest.raises(ShardingError, match=r"transformer.h.0.attn.*config.n_query_groups=1.*cannot be split"):
+        plan_policy(build("llama", n_query_groups=1), tp, "auto")  # multi-query: one k/v head
+    return True
+
+
+def test_multi_query_litgpt_is_refused_by_name():
+    assert _refusal(2)
+
+
+def _fit_litgpt(world: int, tp: int, steps: int):
+    import lightning as L
+    import lit
+    from test_strategy import Recorder
+
+    from lightning_tp import MegatronTPStrategy
+
+    with lit.external_launch(world):
+        model, rec = lit.LitGPT(batch_size=8, model="litgpt"), Recorder()
+        strategy = MegatronTPStrategy(tensor_parallel_size=tp)
+        L.Trainer(**lit.trainer_kwargs(max_steps=steps, devices=world, strategy=strategy, gradient_clip_val=0.5,
+                                       callbacks=[rec])).fit(model)  # fmt: skip
+        return rec.losses
+
+
+def test_litgpt_trainer_losses_match_single_process():
+    import lightning as L
+    import lit
+    from test_strategy import Recorder
+
+    torch.manual_seed(0)
+    model, rec = lit.LitGPT(batch_size=8, model="litgpt", ref_sampler=True), Recorder()
+    L.Trainer(**lit.trainer_kwargs(max_steps=6, devices=1, gradient_clip_val=0.5, callbacks=[rec])).fit(model)
+    for losses in _dist.run(2, _fit_litgpt, 2, 2, 6):
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(rec.losses), rtol=1e-5, atol=0)
+
+
+def test_litgpt_and_the_project_extras_import_together():
+    """LitGPT installed without its pins leaves what the project needs in place (jsonargparse for the
+    recipes, transformers 5 with its huggingface-hub): all import in one interpreter."""
+    from importlib.metadata import version
+
+    import jsonargparse  # noqa: F401
+    import litgpt  # noqa: F401
+
+    pytest.importorskip("transformers")
+    import transformers  # noqa: F401
+
+    assert tuple(int(x) for x in version("jsonargparse").split(".")[:2]) >= (4, 53)
+
+
+def _deferred(tp: int) -> dict:
+    import warnings
+
+    from lightning_tp.engine.init import Materializer, is_deferred
+    from lightning_tp.policy import apply_policy
+
+    with torch.device("meta"):
+        model = build("llama")  # never dense: built on meta, materialized one layer at a time
+    idx = torch.randint(0, 50, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_policy(model, _dist.mesh(tp).tp_group, "auto", verify=True, example_input=idx,
+                     materializer=Materializer(model, "cpu", 1234))  # fmt: skip
+    dense = build("llama")
+    return {
+        "deferred": is_deferred(model),
+        "rope_cache": torch.equal(model.cos, dense.cos) and torch.equal(model.sin, dense.sin),
+        "heads": model.transformer.h[0].attn.config.n_head,
+        "warnings": [str(w.message) for w in caught if "block" in str(w.message)],
+    }
+
+
+def test_litgpt_built_on_meta_is_materialized_and_verified_block_by_block():
+    """Deferred init: LitGPT built on the meta device, materialized layer by layer (its rope cache
+    recomputed by GPT.reset_parameters), each block checked against the same block built dense
+    (verify=True) with nothing left unchecked."""
+    for r in _dist.run(WORLD, _deferred, 2):
+        assert not r["deferred"] and r["rope_cache"] and r["heads"] == 4 and not r["warnings"], r
