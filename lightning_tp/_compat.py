@@ -24,7 +24,8 @@ Lightning (imported on first use, so the engine, which imports this module, impo
 
 * ``MultiProcessingLauncher`` / ``SubprocessScriptLauncher``
   (``lightning.pytorch.strategies.launchers``): the launchers a strategy picks in
-  ``_configure_launcher``; the spawn one is subclassed to send consolidated weights back.
+  ``_configure_launcher``, both subclassed (plan before launch; the spawn one also sends consolidated
+  weights back).
 * :data:`LIGHTNING_HOOKS`: private hooks the strategy, launcher and precision plugins override
   (Lightning calls them; there is no public hook at that point of setup or of the optimizer step).
 * ``set_launcher`` (``Strategy._launcher``): where ``_configure_launcher`` must leave the launcher.

@@ -1,4 +1,8 @@
-"""The spawn/fork launcher of ``megatron_tp_spawn`` / ``megatron_tp_fork``."""
+"""The launchers of ``MegatronTPStrategy``: popen (subprocess/torchrun/SLURM) and spawn/fork.
+
+Both plan the policy on the main process's model before they start any other process
+(``strategy.plan_before_launch``): a policy that cannot be applied fails once, at once.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +15,27 @@ from typing import Any
 import lightning.pytorch as pl
 import torch.distributed as dist
 
-from lightning_tp._compat import MultiProcessingLauncher, clear_exit_handlers, run_exit_handlers
+from lightning_tp._compat import (
+    MultiProcessingLauncher,
+    SubprocessScriptLauncher,
+    clear_exit_handlers,
+    run_exit_handlers,
+)
 from lightning_tp.lightning.checkpoint import full_state_dict
+
+
+class TPSubprocessScriptLauncher(SubprocessScriptLauncher):
+    """Lightning's popen launcher (this script is started again for every other local rank), which
+    first plans the policy on this process's model when it is the one that starts the others."""
+
+    def __init__(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tp_strategy = strategy
+
+    def launch(self, function: Callable, *args: Any, trainer: pl.Trainer | None = None, **kwargs: Any) -> Any:
+        if not self.cluster_environment.creates_processes_externally and args:
+            self.tp_strategy.plan_before_launch(args[0])  # args[0]: the model given to fit/validate/test/predict
+        return super().launch(function, *args, trainer=trainer, **kwargs)
 
 
 class TPMultiProcessingLauncher(MultiProcessingLauncher):
@@ -36,6 +59,8 @@ class TPMultiProcessingLauncher(MultiProcessingLauncher):
         forwarded to them, where the strategy stops every rank after the same step (a copy of a
         signal the workers also got, like a terminal's Ctrl-C, counts once there)."""
 
+        if args:
+            self.tp_strategy.plan_before_launch(args[0])  # before any worker starts
         launcher_pid = os.getpid()
 
         def forward(signum: int, frame: Any) -> None:

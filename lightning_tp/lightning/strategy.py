@@ -40,7 +40,6 @@ from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_tp._compat import (
-    SubprocessScriptLauncher,
     disable_sigterm_broadcast,
     set_device_mesh,
     set_launcher,
@@ -61,7 +60,7 @@ from lightning_tp.lightning.faults import (
     fault_in_flight,
     unchecked_dp_group,
 )
-from lightning_tp.lightning.launcher import TPMultiProcessingLauncher
+from lightning_tp.lightning.launcher import TPMultiProcessingLauncher, TPSubprocessScriptLauncher
 from lightning_tp.lightning.precision import PartialGradCheck, TPPrecision, _TPPrecisionMixin, to_tp_precision
 from lightning_tp.lightning.pretrained import load_pretrained
 from lightning_tp.lightning.signals import SignalFlag, SignalStop
@@ -257,10 +256,24 @@ class MegatronTPStrategy(DDPStrategy):
         assert self.cluster_environment is not None
         self._validate_config()  # at Trainer construction: before any process is launched
         if self.start_method == "popen":
-            launcher = SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+            launcher = TPSubprocessScriptLauncher(self, self.cluster_environment, self.num_processes, self.num_nodes)
         else:
             launcher = TPMultiProcessingLauncher(self, start_method=self.start_method)
         set_launcher(self, launcher)
+
+    def plan_before_launch(self, model: Any) -> None:
+        """Plan the policy on the main process's model before the launcher starts the other processes,
+        so that a policy, head-count, tie or module-type error is raised once, before any process or
+        collective exists (every rank plans again in ``setup``). Skipped for a model without parameters
+        yet or on the meta device (built in ``configure_model``), or already rewritten."""
+        if not isinstance(model, pl.LightningModule) or applied_plan(model) is not None or is_deferred(model):
+            return
+        if next(model.parameters(), None) is None:
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the plan's warnings come once, from setup
+            plan_policy(model, self.tensor_parallel_size, self.policy, strict=self.strict,
+                        sequence_parallel=self.sequence_parallel)  # fmt: skip
 
     def setup_environment(self) -> None:
         # Validate the layout before the process group exists: no collective on bad input.

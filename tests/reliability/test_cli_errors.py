@@ -5,8 +5,9 @@ nothing is a warning and the run goes on.
 Each bad YAML is recipes/gpt-cpu.yaml (TP 2 on 2 CPU processes) with one change, a smaller model,
 no loggers or callbacks, one step, and the corpus cut to 200k characters with the tokenizer cached
 in a temporary directory shared by the module. Layout and policy-style errors are raised when the
-Trainer is built (before any process is launched); model-dependent ones (heads, module types, ties)
-on every rank before the first collective after the process group exists.
+Trainer is built, model-dependent ones (heads, module types, ties) when the launcher plans the policy
+on the main process's model: both before any other process is started (a model built later, in
+``configure_model``, is planned on every rank before the first collective).
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ def test_bad_config_exits_with_typed_error(tmp_path, cache, case):
     assert f"{error}: " in text, text[-3000:]
     assert re.search(message, text), text[-3000:]
     assert "Traceback" in text and "Epoch 0" not in text  # stopped before training
+    assert "Initializing distributed" not in text  # before any process group (and any second process)
 
 
 def test_pattern_matching_nothing_warns_and_trains(tmp_path, cache):
