@@ -147,3 +147,9 @@ def test_lightning_names_load_lazily():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+def test_assert_async_raises_on_a_false_condition_only():
+    _compat.assert_async(torch.tensor(True), "never")
+    with pytest.raises(RuntimeError, match="out of range"):
+        _compat.assert_async(torch.tensor(False), "a token id is out of range")

@@ -30,7 +30,7 @@ from lightning_tp.policy.rules import (
     WIDTH_ATTRS,
     PolicyError,
     Rule,
-    config_objects,
+    head_sources,
     head_value,
     infer_vocab_size,
     positive_int,
@@ -429,11 +429,7 @@ def _attribute_changes(
         parent = modules[parent_name]
         label = parent_name or type(parent).__name__
         chunk_sizes = {s for c in children for s in c.spec.sizes}
-        # A block that describes its heads in its own attributes (Hugging Face's head_dim, GPT-2's num_heads)
-        # reads those; one that has none reads them from the config it holds (LitGPT's self.config.n_head).
-        own = any(positive_int(getattr(parent, a, None)) for a in (*HEAD_ATTRS, *HEAD_DIM_ATTRS))
-        configs = [] if own else config_objects(parent)
-        sources = [("", parent)] + [(f"{key}.", obj) for key, obj in configs if _reads_heads(obj, chunk_sizes)]
+        sources = [(p, obj) for p, obj in head_sources(parent) if not p or _reads_heads(obj, chunk_sizes)]
         for prefix, source in sources:
             for attr in HEAD_ATTRS:
                 value = getattr(source, attr, None)

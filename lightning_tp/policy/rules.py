@@ -34,7 +34,7 @@ def positive_int(value: Any) -> bool:
 def config_objects(module: nn.Module) -> list[tuple[str, Any]]:
     """``(attribute, object)`` for the plain objects ``module`` holds that carry a head count: a model
     configuration shared by the modules that read it (LitGPT's ``self.config.n_head``, a user's
-    dataclass or namespace). Modules, tensors, containers, classes and callables are not such objects."""
+    dataclass or namespace). Modules, classes, callables and containers are never such objects."""
     found = []
     for key, value in vars(module).items():
         if key.startswith("_") or isinstance(value, (nn.Module, type)) or callable(value):
@@ -46,9 +46,20 @@ def config_objects(module: nn.Module) -> list[tuple[str, Any]]:
     return found
 
 
-def head_value(module: nn.Module, names: tuple[str, ...]) -> int | None:
-    """The first of ``names`` set to a positive int on ``module`` itself, else on a config object it holds."""
-    for source in (module, *(obj for _, obj in config_objects(module))):
+def head_sources(module: Any) -> list[tuple[str, Any]]:
+    """Where a block's head counts live, as ``(attribute prefix, object)``: the block itself and, when
+    it has no head attribute of its own (LitGPT's attention reads ``self.config.n_head``), each
+    config object it holds (prefix ``"config."``). A block with its own (Hugging Face's ``head_dim``,
+    GPT-2's ``num_heads``) is described by those alone."""
+    own = any(positive_int(getattr(module, a, None)) for a in (*HEAD_ATTRS, *HEAD_DIM_ATTRS))
+    if own or not isinstance(module, nn.Module):
+        return [("", module)]
+    return [("", module)] + [(f"{key}.", obj) for key, obj in config_objects(module)]
+
+
+def head_value(module: Any, names: tuple[str, ...]) -> int | None:
+    """The first of ``names`` set to a positive int on one of :func:`head_sources` of ``module``."""
+    for _, source in head_sources(module):
         for name in names:
             if positive_int(value := getattr(source, name, None)):
                 return value

@@ -41,7 +41,7 @@ from lightning_tp.engine.loss import VocabShardedLogits
 from lightning_tp.engine.sharding import ShardSpec, has_partial_grad, shard_spec
 from lightning_tp.errors import PolicyMismatchError, VerifyInputError
 from lightning_tp.policy.plan import Plan
-from lightning_tp.policy.rules import HEAD_ATTRS, PolicyWarning, config_objects, infer_vocab_size
+from lightning_tp.policy.rules import HEAD_ATTRS, PolicyWarning, head_sources, infer_vocab_size
 from lightning_tp.policy.styles import Qkv, SequenceGatherStyle, as_linear
 
 # (atol, rtol relative to the reference's max magnitude), by the output dtype
@@ -176,7 +176,7 @@ def interleaved_groups(plan: Plan, model: nn.Module, reshaped: dict[str, tuple[i
         parent = model.get_submodule(entry.name.rpartition(".")[0])
         heads = {
             value
-            for source in (parent, *(obj for _, obj in config_objects(parent)))
+            for _, source in head_sources(parent)
             for a in HEAD_ATTRS
             if isinstance(value := getattr(source, a, None), int)
         }
