@@ -3,7 +3,7 @@
     python benchmarks/bench_tp.py                      # CPU defaults: GPT d512 L4 V8192 ctx256 b8, fp32
     python benchmarks/bench_tp.py --steps 4 --repeats 1 --variants lightning_tp dtensor   # quick
 
-Variants, all training the same GPT (lightning_tp.models.GPT, untied head) with AdamW on the same
+Variants, all training the same GPT (lightning_tp.models.GPT, untied head) with AdamW (fused on CUDA) on the same
 global batch:
 
 * ``single``               one process (all cores), Lightning Trainer
@@ -14,6 +14,7 @@ global batch:
 * ``ddp``                  Lightning DDP, 2 processes
 * ``dtensor``              raw torch DTensor TP=2, no Lightning
 * ``lightning_tp_sp``      ``lightning_tp`` with Megatron sequence parallelism (``sequence_parallel=True``)
+* ``lightning_tp_tp1``     MegatronTPStrategy at TP=1 on one device: the strategy's own cost against ``single``
 * ``lightning_tp_compute`` ``lightning_tp`` with every collective turned into a no-op after setup:
                            not a result, the compute floor of the same engine (how fast TP=2 could
                            be with free communication); bounds the ratio any engine can reach
@@ -22,7 +23,9 @@ CUDA path: ``--accelerator cuda`` (the default when a GPU is present) runs the s
 GPUs with NCCL and ``--precision bf16-mixed``; ``--preset gpt2-medium --variants single`` is the
 TP=1 MFU run. Model FLOPs per step come from ``measure_flops`` on a meta-device copy of the dense
 model and MFU from Lightning's ``ThroughputMonitor`` (``Throughput`` for raw DTensor), which knows
-the GPU's peak FLOPs; on CPU there is no peak, so FLOP/s are reported without MFU. Variants that
+the GPU's peak FLOPs (an H100 SXM / H200 is taken at its dense bf16/fp16 peak, 989.4 TFLOP/s, and
+the report says so: Lightning's table misses the name "NVIDIA H200" and lists its H200 entries with
+sparsity); on CPU there is no peak, so FLOP/s are reported without MFU. Variants that
 need more GPUs than present are skipped with a message.
 
 ``--compile``: every variant ``torch.compile``s each transformer block (inductor; lightning_tp via
@@ -61,8 +64,9 @@ from comm_counter import CommCounter  # noqa: E402
 
 VARIANTS = [
     "single", "lightning_tp", "lightning_tp_gather", "model_parallel", "ddp", "dtensor", "lightning_tp_compute",
-    "lightning_tp_sp",
+    "lightning_tp_sp", "lightning_tp_tp1",
 ]  # fmt: skip
+SINGLE_DEVICE = {"single", "lightning_tp_tp1"}  # one process; every other variant runs TP 2 / 2 ranks
 PRESETS = {
     "cpu": {"n_embd": 512, "n_layer": 4, "n_head": 8, "vocab": 8192, "ctx": 256, "batch": 8},
     "gpt2-medium": {"n_embd": 1024, "n_layer": 24, "n_head": 16, "vocab": 50304, "ctx": 1024, "batch": 8},
@@ -233,7 +237,7 @@ def _lit_module(cfg: dict, n_batches: int, per_rank: int, loss_fn=None, configur
                 loss.backward()
 
         def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=1e-4)
+            return torch.optim.AdamW(self.parameters(), lr=1e-4, fused=cfg["accelerator"] == "cuda")
 
         def train_dataloader(self):
             return DataLoader(_List(batches(cfg, n_batches, per_rank)), batch_size=None)
@@ -275,7 +279,7 @@ def run_single(cfg, args, counter):
     return timer, state_bytes(model, trainer.optimizers)
 
 
-def _lightning_tp(cfg, args, counter, gather: bool, comm: bool = True, sp: bool = False):
+def _lightning_tp(cfg, args, counter, gather: bool, comm: bool = True, sp: bool = False, tp: int = 2):
     from lightning_tp import MegatronTPStrategy
 
     policy = {
@@ -290,9 +294,9 @@ def _lightning_tp(cfg, args, counter, gather: bool, comm: bool = True, sp: bool 
     timer = Timer(args, counter)
     model = _lit_module(cfg, timer.total, cfg["batch"])
     strategy = MegatronTPStrategy(
-        tensor_parallel_size=2, policy=policy, sequence_parallel=sp, timeout=datetime.timedelta(seconds=120)
+        tensor_parallel_size=tp, policy=policy, sequence_parallel=sp, timeout=datetime.timedelta(seconds=120)
     )
-    trainer = _trainer(args, strategy, 2, timer)
+    trainer = _trainer(args, strategy, tp, timer)
     if not comm:
         trainer.callbacks.append(_NoCollectives())
     trainer.fit(model)
@@ -333,6 +337,10 @@ def run_lightning_tp_gather(cfg, args, counter):
 
 def run_lightning_tp_sp(cfg, args, counter):
     return _lightning_tp(cfg, args, counter, gather=False, sp=True)
+
+
+def run_lightning_tp_tp1(cfg, args, counter):
+    return _lightning_tp(cfg, args, counter, gather=False, tp=1)
 
 
 def run_lightning_tp_compute(cfg, args, counter):
@@ -424,7 +432,7 @@ def run_dtensor(cfg, args, counter):
         from lightning_tp.engine.compiled import compile_layers
 
         compile_layers(model)  # the same regional compilation as the other variants
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cfg["accelerator"] == "cuda")
     loss_fn = _LossParallel()
     timer = Timer(args, counter)
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(args.precision)
@@ -533,7 +541,7 @@ def spawn_variant(worker, name: str, world: int, cfg: dict, args, join_s: float 
 
 
 def run_variant(name: str, cfg: dict, args) -> list[dict]:
-    return spawn_variant(_worker, name, 1 if name == "single" else 2, cfg, args)
+    return spawn_variant(_worker, name, 1 if name in SINGLE_DEVICE else 2, cfg, args)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -587,6 +595,18 @@ def _median_metric(repeats: list[list[dict]], key: str) -> float | None:
     return statistics.median(vals) if vals else None
 
 
+DENSE_PEAK_16BIT = {"H100": 989.4e12, "H200": 989.4e12}  # SXM parts, dense bf16/fp16 tensor cores
+
+
+def dense_peak_flops(cfg: dict) -> float | None:
+    name = cfg.get("device_name") or ""
+    if cfg["accelerator"] != "cuda" or not any(p in cfg["precision"] for p in ("bf16", "16-")):
+        return None
+    if "PCIE" in name.upper() or "NVL" in name.upper():
+        return None
+    return next((v for k, v in DENSE_PEAK_16BIT.items() if k in name.upper()), None)
+
+
 def summarize(raw: dict[str, list[list[dict]]], cfg: dict) -> dict[str, Any]:
     summary: dict[str, Any] = {"config": cfg, "variants": {}}
     for name, repeats in raw.items():
@@ -615,10 +635,18 @@ def summarize(raw: dict[str, list[list[dict]]], cfg: dict) -> dict[str, Any]:
             "peak_device_mb": [r["peak_device_mb"] for r in repeats[-1]],
             "flops_per_s_per_device": _median_metric(repeats, "device/flops_per_sec"),
             "mfu": _median_metric(repeats, "device/mfu"),
+            "peak_flops_source": "Lightning",
             "graphs": rank0.get("graphs", 0),
             "graph_breaks": rank0.get("graph_breaks", 0),
         }
     v = summary["variants"]
+    peak = dense_peak_flops(cfg)
+    for r in v.values():  # Lightning misses "NVIDIA H200" and lists its H200 entries with sparsity: ours, dense
+        if peak is not None and r["flops_per_s_per_device"] is not None:
+            r["mfu"], r["peak_flops_source"] = (
+                r["flops_per_s_per_device"] / peak,
+                f"dense peak {peak / 1e12:.1f} TFLOP/s",
+            )
     if "lightning_tp" in v:
         ours = v["lightning_tp"]["tokens_per_s_median"]
         summary["ratios"] = {
@@ -671,13 +699,15 @@ def markdown(summary: dict[str, Any]) -> str:
     for name, r in summary["variants"].items():
         state = sum(r["state_bytes_rank0"].values()) / 2**20
         flops = "-" if r["flops_per_s_per_device"] is None else f"{r['flops_per_s_per_device'] / 1e12:.3f}"
-        mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
+        mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}" + ("" if r["peak_flops_source"] == "Lightning" else "*")
         peak = r["peak_device_mb"] if cuda else r["peak_rss_mb"]
         lines.append(
             f"| {name} | {r['tokens_per_s_median']:,.0f} | {r['step_s_median']:.3f} | {flops} | {mfu} | "
             f"{r['comm_bytes_per_step'] / 2**20:.1f} | {r['comm_calls_per_step']:.0f} | {r['comm_fraction']:.0%} | {state:.1f} | "
             f"{', '.join(f'{m:.0f}' for m in peak)} |"
         )
+    sources = {r["peak_flops_source"] for r in summary["variants"].values() if r["mfu"] is not None} - {"Lightning"}
+    lines += [f"\n\\* MFU against the {s} of {cfg['device_name']}." for s in sources]
     if cfg.get("compile"):
         lines += ["", "| variant | compiled graphs (rank 0) | graph breaks |", "| --- | ---: | ---: |"]
         lines += [f"| {n} | {r['graphs']} | {r['graph_breaks']} |" for n, r in summary["variants"].items()]
@@ -739,7 +769,9 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    p.add_argument(
+        "--variants", nargs="+", default=VARIANTS[:-1], choices=VARIANTS, help="default: all but lightning_tp_tp1"
+    )
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--comm-steps", type=int, default=2, help="extra steps with every collective counted (not timed)")
@@ -761,8 +793,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in PRESETS[args.preset].items()}
     cfg["flops_per_batch"] = model_flops_per_batch(cfg)
     cfg["accelerator"], cfg["precision"], cfg["compile"] = args.accelerator, args.precision, args.compile
+    cfg["device_name"] = torch.cuda.get_device_name() if args.accelerator == "cuda" else None
     gpus = torch.cuda.device_count() if args.accelerator == "cuda" else 0
-    variants = [n for n in args.variants if args.accelerator == "cpu" or n == "single" or gpus >= 2]
+    variants = [n for n in args.variants if args.accelerator == "cpu" or n in SINGLE_DEVICE or gpus >= 2]
     for n in set(args.variants) - set(variants):
         print(f"skipping {n}: needs 2 GPUs, {gpus} present", flush=True)
     raw: dict[str, list] = {name: [] for name in variants}

@@ -94,6 +94,7 @@ LIGHTNING_HOOKS = (
     ("lightning.pytorch.plugins.precision.Precision", "_after_closure"),  # partial grads summed before clipping
     ("lightning.pytorch.strategies.launchers._MultiProcessingLauncher", "_wrapping_function"),  # worker exit
     ("lightning.pytorch.strategies.launchers._MultiProcessingLauncher", "_collect_rank_zero_results"),  # weights
+    ("torch.amp.GradScaler", "_check_inf_per_device"),  # a fused optimizer's inf check (TPGradScaler syncs it)
 )
 
 

@@ -13,7 +13,12 @@ from lightning_tp.engine.loss import VocabShardedLogits
 from lightning_tp.engine.sharding import ShardSpec
 
 TOL = {"atol": 1e-10, "rtol": 0.0}
-WORLDS = [pytest.param(2, 2, id="tp2"), pytest.param(4, 4, id="tp4"), pytest.param(4, 2, id="dp2xtp2")]
+WORLDS = [
+    pytest.param(1, 1, id="tp1"),
+    pytest.param(2, 2, id="tp2"),
+    pytest.param(4, 4, id="tp4"),
+    pytest.param(4, 2, id="dp2xtp2"),
+]
 
 
 def _data(m, vocab, n=24, dtype=torch.float64):
@@ -70,9 +75,10 @@ def _check_low_precision(tp, dtype):
     return True
 
 
+@pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_low_precision_logits_computed_in_fp32(dtype):
-    assert all(_dist.run(2, _check_low_precision, 2, dtype))
+def test_low_precision_logits_computed_in_fp32(dtype, tp):
+    assert all(_dist.run(tp, _check_low_precision, tp, dtype))
 
 
 def _check_reduction_sizes(tp):

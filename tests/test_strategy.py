@@ -188,24 +188,28 @@ class InjectInf(L.Callback):
         self.rows.append((trainer.global_step, unchanged, scale))
 
 
-def _fit_fp16(world, tp, inject_step):
+def _fit_fp16(world, tp, inject_step, fused=False):
     from lightning_tp import TPMixedPrecision
 
     with lit.external_launch(world):
         model, cb = lit.LitGPT(batch_size=8 // (world // tp), lr=1e-3), InjectInf(inject_step)
+        if fused:  # unscales inside its step: Lightning skips unscale_ (and refuses clipping)
+            model.configure_optimizers = lambda: torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
         trainer = L.Trainer(
             **lit.trainer_kwargs(max_steps=6, devices=world, strategy=MegatronTPStrategy(tensor_parallel_size=tp),
-                                 plugins=[TPMixedPrecision("16-mixed", "cpu")], gradient_clip_val=1.0, callbacks=[cb])
+                                 plugins=[TPMixedPrecision("16-mixed", "cpu")], callbacks=[cb],
+                                 gradient_clip_val=None if fused else 1.0)
         )  # fmt: skip
         trainer.fit(model)
         assert trainer.precision_plugin.precision == "16-mixed"  # not silently turned into bf16
         return cb.rows
 
 
-@pytest.mark.parametrize(("world", "tp"), [(2, 2), (4, 2)], ids=["tp2", "tp2xdp2"])
-def test_fp16_inf_on_one_rank_skips_everywhere(world, tp):
+@pytest.mark.parametrize(("world", "tp", "fused"), [(2, 2, False), (4, 2, False), (2, 2, True)],
+                         ids=["tp2", "tp2xdp2", "tp2-fused-adamw"])  # fmt: skip
+def test_fp16_inf_on_one_rank_skips_everywhere(world, tp, fused):
     inject = 2
-    results = _dist.run(world, _fit_fp16, world, tp, inject)
+    results = _dist.run(world, _fit_fp16, world, tp, inject, fused)
     assert all(rows == results[0] for rows in results)  # every rank: same skips, same scales
     rows = results[0]
     # global_step does not advance on a skipped step; rows are (step after, unchanged, scale)

@@ -327,7 +327,9 @@ def copy_to_tp(x: Tensor, group: ProcessGroup) -> Tensor:
 
 def copy_to_tp_linear(x: Tensor, weight: Tensor, bias: Tensor | None, group: ProcessGroup) -> Tensor:
     """forward: ``F.linear(copy_to_tp(x), weight, bias)``; backward: dW, db and the all-reduce of dX,
-    which runs while dW is computed (Megatron's async grad all-reduce)."""
+    which runs while dW is computed (Megatron's async grad all-reduce). A group of one: ``F.linear``."""
+    if group_size(group) == 1:  # nothing to reduce: no Python autograd node (its host time shows on a GPU)
+        return F.linear(x, weight, bias)
     return _CopyToTPLinear.apply(x, weight, bias, group)
 
 

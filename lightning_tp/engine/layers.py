@@ -244,6 +244,8 @@ class RowParallelLinear(_ParallelLinear):
         return cls(m.in_features, m.out_features, m.bias is not None, group=group, _dense=m, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.tp_size == 1:  # nothing to scatter or reduce: nn.Linear's own (fused bias) call
+            return F.linear(x, self.weight, self.bias)
         if not self.input_is_parallel:
             x = scatter_to_tp(x, self.group)  # (..., in/p)
         y = F.linear(x, self.weight)  # (..., out), partial sum

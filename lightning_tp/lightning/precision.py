@@ -121,6 +121,16 @@ class TPGradScaler(torch.amp.GradScaler):
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
         super().unscale_(optimizer)
+        self._reduce_found_inf(optimizer)
+
+    def _check_inf_per_device(self, optimizer: torch.optim.Optimizer) -> dict:
+        # A fused optimizer (AdamW(fused=True)) unscales inside its step: Lightning skips unscale_ and
+        # GradScaler.step looks for infs through this method instead; the flags must agree there too.
+        flags = super()._check_inf_per_device(optimizer)
+        self._reduce_found_inf(optimizer)
+        return flags
+
+    def _reduce_found_inf(self, optimizer: torch.optim.Optimizer) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             return
         for found_inf in found_inf_per_device(self, optimizer).values():

@@ -32,6 +32,7 @@ from lightning_tp.policy.verify import (
     check_reference,
     interleaved_groups,
     make_example_input,
+    model_device,
 )
 
 
@@ -313,7 +314,8 @@ def apply_policy(
         check_blocks(model, checks, inputs, plan, group, run=run)
         return plan
     if verify:
-        inputs = example_input if example_input is not None else make_example_input(run)
+        # a LightningModule's example_input_array lives on the CPU (Lightning moves it for its own uses)
+        inputs = make_example_input(run) if example_input is None else _to(example_input, model_device(model))
         fused = tuple(m.name for m in plan.modules if isinstance(m.kind, Qkv))
         reference = capture(model, inputs, fused=fused, run=run)
         check_reference(reference, inputs)  # a batch the model does not take: raised before any rewrite

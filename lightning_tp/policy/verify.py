@@ -332,7 +332,7 @@ def check_parity(
         worst = max(worst, d[0])
         if d[0] > d[1] and bad is None:
             bad = d
-    device = _device(model)
+    device = model_device(model)
     flag = all_reduce(torch.tensor([1.0 if bad else 0.0], device=device), group, dist.ReduceOp.MAX)
     if float(flag) == 0.0:
         transposed = frozenset(f"{m.name}.weight" for m in plan.modules if m.module_type == "Conv1D" and m.splits)
@@ -417,8 +417,9 @@ def _check_grads(
     )
 
 
-def _device(model: nn.Module) -> torch.device:
-    """Where the flags of the check's collectives live (CPU for gloo, the GPU for NCCL)."""
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s first parameter is: where the check's inputs go and its collectives' flags
+    live (CPU for gloo, the GPU for NCCL)."""
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
 
@@ -684,7 +685,7 @@ def check_blocks(
             f"{type(error).__name__}: {error}. Its forward does not fit the policy (for example it reshapes with a "
             "full hidden size or head count); map that block to 'replicate', or pass verify=False to skip this check."
         ) from error
-    device = _device(model)
+    device = model_device(model)
     checked, skipped = 0, []
     for name, (args, kwargs) in seen.items():  # execution order: the same on every rank
         check, unit = units[name], model.get_submodule(name)

@@ -54,7 +54,9 @@ def write_config(tmp: Path, cache: Path, strategy: dict | None = None, model: di
         trainer.pop(key, None)
     trainer.update(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                    max_steps=1, limit_val_batches=0)  # fmt: skip
-    trainer["strategy"]["init_args"].update(strategy or {})
+    # the ranks fork from the CLI process, which has imported everything (the main job's popen launch runs in
+    # tests/test_recipes.py): no second interpreter start-up per test
+    trainer["strategy"]["init_args"].update({"start_method": "fork", **(strategy or {})})
     cfg["model"]["init_args"].update({**MODEL, "warmup_steps": 1, "sample_tokens": 0, **(model or {})})
     cfg["data"]["init_args"].update(block_size=MODEL["block_size"], max_chars=200_000, cache_dir=str(cache))
     path = tmp / "bad.yaml"

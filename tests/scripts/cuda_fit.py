@@ -2,7 +2,10 @@
 [--precision P] [--steps S]`.
 
 MODE ``fit``: lit.LitGPT on GPU(s) with MegatronTPStrategy (``--tp`` 0: plain Lightning, one device,
-the reference); rank 0 writes the per-step losses and the skipped steps. MODE ``layers``: at TP =
+the reference; ``--compile``: every block compiled with inductor); rank 0 writes the per-step losses
+and the loss scale. MODE ``deferred``: the same GPT built on the meta device in ``configure_model``,
+materialized layer by layer on the GPU with ``verify=True`` (block by block), against the same
+materialization done standalone on the GPU. MODE ``layers``: at TP =
 ``--devices`` (one process per GPU, NCCL), the column/row/vocab layers and the vocab-parallel loss
 against dense float32 on the same GPU; rank 0 writes the largest relative errors.
 """
@@ -29,6 +32,7 @@ class Losses(L.Callback):
 
 def fit(ns) -> dict:
     from lightning_tp import MegatronTPStrategy
+    from lightning_tp.engine.compiled import compile_layers
 
     torch.manual_seed(0)
     rec = Losses()
@@ -37,11 +41,69 @@ def fit(ns) -> dict:
     trainer = L.Trainer(**lit.trainer_kwargs(accelerator=accelerator, devices=ns.devices, strategy=strategy,
                                              precision=ns.precision, max_steps=ns.steps, callbacks=[rec]))  # fmt: skip
     model = lit.LitGPT(batch_size=8, ref_sampler=ns.tp == 0)
+    compiled: list[str] = []
+    if ns.compile:
+        model.on_fit_start = lambda: compiled.extend(compile_layers(model.model))  # after the strategy's rewrite
     trainer.fit(model)
-    out = {"rank": trainer.global_rank, "losses": rec.losses, "global_step": trainer.global_step}
+    from torch._dynamo.utils import counters
+
+    out = {"rank": trainer.global_rank, "losses": rec.losses, "global_step": trainer.global_step,
+           "compiled": compiled, "graphs": int(counters["stats"]["unique_graphs"]),
+           "graph_breaks": int(sum(counters["graph_break"].values()))}  # fmt: skip
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     out["scale"] = None if scaler is None else float(scaler.get_scale())
     return out
+
+
+class MetaGPT(lit.LitGPT):
+    def __init__(self):
+        super().__init__(batch_size=8)
+        del self.model  # built on meta in configure_model
+
+    def configure_model(self):
+        if not hasattr(self, "model"):
+            with torch.device("meta"):
+                self.model = lit.models.PlainGPT(vocab=lit.VOCAB, d=32, n_layers=2, n_heads=4, tied=True, ctx=lit.SEQ)
+
+    def on_fit_start(self):
+        self.start = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.devices = sorted({str(p.device) for p in self.model.parameters()})  # Lightning's teardown moves to CPU
+
+
+def deferred(ns) -> dict:
+    """TP 1 on one GPU: the Trainer's deferred init equals a standalone one on the same device."""
+    import warnings
+
+    import torch.distributed as dist
+
+    from lightning_tp import MegatronTPStrategy, PolicyWarning, apply_policy
+    from lightning_tp.engine.init import Materializer
+    from lightning_tp.engine.mesh import init_tp_mesh
+    from lightning_tp.engine.random import derive_seed
+
+    seed = 7
+    rec = Losses()
+    model = MetaGPT()
+    dev = torch.device("cuda", 0) if ns.device == "cuda" else torch.device("cpu")
+    trainer = L.Trainer(**lit.trainer_kwargs(accelerator="gpu" if ns.device == "cuda" else "cpu", devices=1, precision=ns.precision, max_steps=ns.steps,
+                                             callbacks=[rec], strategy=MegatronTPStrategy(tensor_parallel_size=1,
+                                                                                          seed=seed, verify=True)))  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PolicyWarning)  # verify ran block by block: nothing left unchecked
+        trainer.fit(model)
+    holder = torch.nn.Module()  # seeds follow module names: the same names as inside the LightningModule
+    with torch.device("meta"):
+        holder.model = lit.models.PlainGPT(vocab=lit.VOCAB, d=32, n_layers=2, n_heads=4, tied=True, ctx=lit.SEQ)
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    mesh = init_tp_mesh(1, dev.type)
+    apply_policy(holder, mesh.tp_group, "auto", verify=False,
+                 materializer=Materializer(holder, dev, derive_seed(seed, 0x1417)))  # fmt: skip
+    expected = holder.model.state_dict()
+    diff = max(float((model.start[k].float() - v.float()).abs().max()) for k, v in expected.items())
+    return {"rank": 0, "losses": rec.losses, "global_step": trainer.global_step, "start_max_diff": diff,
+            "keys_equal": sorted(model.start) == sorted(expected), "param_devices":
+            model.devices, "deferred": trainer.strategy.deferred_init}  # fmt: skip
 
 
 def layers(ns) -> dict:
@@ -94,13 +156,14 @@ def layers(ns) -> dict:
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("out")
-    p.add_argument("mode", choices=("fit", "layers"))
+    p.add_argument("mode", choices=("fit", "layers", "deferred"))
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--precision", default="32-true")
     p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--compile", action="store_true")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a check of this script only")
     ns = p.parse_args()
-    result = fit(ns) if ns.mode == "fit" else layers(ns)
+    result = {"fit": fit, "layers": layers, "deferred": deferred}[ns.mode](ns)
     if result["rank"] == 0:
         Path(ns.out).write_text(json.dumps(result))
