@@ -303,3 +303,14 @@ def _check_broadcast_coalesced():
 
 def test_broadcast_coalesced_gives_every_rank_rank0s_values():
     assert all(_dist.run(4, _check_broadcast_coalesced))
+
+
+def _collective_device():
+    from lightning_tp.engine.comm import collective_device
+
+    m = _dist.mesh(2)
+    return collective_device(m.tp_group) == collective_device() == torch.device("cpu")  # gloo
+
+
+def test_collective_device_is_the_cpu_under_gloo():
+    assert all(_dist.run(2, _collective_device))

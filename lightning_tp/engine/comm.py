@@ -40,6 +40,14 @@ def group_size(group: ProcessGroup) -> int:
     return dist.get_world_size(group)
 
 
+def collective_device(group: ProcessGroup | None = None) -> torch.device:
+    """Where a tensor made only for a collective over ``group`` must live: this process's GPU under
+    NCCL (which reduces CUDA tensors only), the CPU otherwise (gloo)."""
+    if "nccl" in str(dist.get_backend(group)):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def group_rank(group: ProcessGroup) -> int:
     """This process's rank inside ``group``."""
     return dist.get_rank(group)

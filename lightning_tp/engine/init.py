@@ -37,6 +37,16 @@ def is_deferred(module: nn.Module) -> bool:
     return any(t.is_meta for t in (*module.parameters(), *module.buffers()))
 
 
+def move_built_tensors(module: nn.Module, device: torch.device | str) -> None:
+    """Move the parameters and buffers of a deferred ``module`` that are not on meta (a part built
+    outside the meta-device block, a metric's state) to ``device`` in place (``.data``: the same
+    objects, ties and attributes kept), so its layers, materialized on ``device``, meet them there."""
+    device = torch.device(device)
+    for t in [*module.parameters(), *module.buffers()]:  # each tied tensor once
+        if not t.is_meta and t.device != device:
+            t.data = t.data.to(device)
+
+
 def _own_meta(module: nn.Module) -> list[tuple[str, Tensor]]:
     own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
     return [(n, t) for n, t in own if t is not None and t.is_meta]

@@ -182,6 +182,8 @@ class ColumnParallelLinear(_ParallelLinear):
     def _gather(self, y: Tensor) -> Tensor:
         y = gather_from_tp(y, self.group)  # (..., p * out/p) in rank order
         if self._gather_index is not None:
+            if self._gather_index.device != y.device:  # made on the CPU; verify runs before the model's last move
+                self._gather_index = self._gather_index.to(y.device)
             y = y.index_select(-1, self._gather_index)  # (..., out) dense layout
         return y
 

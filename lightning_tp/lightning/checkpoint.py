@@ -38,6 +38,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
+from lightning_tp.engine.comm import collective_device
 from lightning_tp.engine.mesh import TPMesh
 from lightning_tp.engine.sharding import ShardSpec, shard_spec
 from lightning_tp.errors import LightningTPError
@@ -182,8 +183,7 @@ def _state_to_save(module: nn.Module, optimizers: list[torch.optim.Optimizer], m
 
 def _failed_ranks(failed: bool) -> list[int]:
     """Ranks that report ``failed`` (one all-reduce over the default group; every rank gets the list)."""
-    nccl = "nccl" in str(dist.get_backend())  # NCCL reduces CUDA tensors only
-    flags = torch.zeros(dist.get_world_size(), device=f"cuda:{torch.cuda.current_device()}" if nccl else "cpu")
+    flags = torch.zeros(dist.get_world_size(), device=collective_device())
     flags[dist.get_rank()] = float(failed)
     dist.all_reduce(flags, op=dist.ReduceOp.SUM)
     return torch.nonzero(flags).flatten().tolist()

@@ -119,5 +119,6 @@ class TPMultiProcessingLauncher(MultiProcessingLauncher):
         output = super()._collect_rank_zero_results(trainer, results)
         if output is None or output.weights_path is None:
             return output
+        full = {k: v.cpu() for k, v in full.items()}  # the main process loads them: no CUDA context there
         self.tp_strategy.checkpoint_io.save_checkpoint(full, output.weights_path)
         return output

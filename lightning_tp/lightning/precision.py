@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from lightning_tp._compat import found_inf_per_device
-from lightning_tp.engine.comm import all_reduce_coalesced
+from lightning_tp.engine.comm import all_reduce_coalesced, collective_device
 from lightning_tp.engine.sharding import has_partial_grad, shard_spec
 from lightning_tp.lightning.zero import is_dp_sharded, local
 
@@ -164,7 +164,7 @@ def check_partial_grad_marks(
     if dist.get_world_size(tp_group) == 1:
         return True
     grads = [local(p.grad).double() for _, p in whole]  # under ZeRO: the same DP part on every TP rank
-    device = grads[0].device if grads else torch.device("cpu")
+    device = grads[0].device if grads else collective_device(tp_group)  # nothing to compare here: still reduce
     stats = [torch.stack([g.sum(), g.square().sum()]) for g in grads]
     sums = torch.stack(stats) if stats else torch.zeros((0, 2), dtype=torch.float64, device=device)
     hi, lo = sums.clone(), sums.clone()  # (n, 2)

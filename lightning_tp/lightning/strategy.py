@@ -47,7 +47,7 @@ from lightning_tp._compat import (
     tree_map,
 )
 from lightning_tp.engine.comm import broadcast_coalesced
-from lightning_tp.engine.init import Materializer, is_deferred
+from lightning_tp.engine.init import Materializer, is_deferred, move_built_tensors
 from lightning_tp.engine.mesh import TPMesh, init_tp_mesh, parallel_sizes
 from lightning_tp.engine.random import RNGTracker, derive_seed, model_parallel_seed
 from lightning_tp.engine.recompute import apply_activation_checkpointing, checkpoint_targets
@@ -297,6 +297,8 @@ class MegatronTPStrategy(DDPStrategy):
         with keep_param_attrs(module):  # a ZeRO module from an earlier fit: moving it swaps its parameters' dicts
             if not is_deferred(module):
                 self.model_to_device()
+            else:  # what was built off meta meets the layers materialized on the rank's device (and verify's batch)
+                move_built_tensors(module, self.root_device)
         if applied_plan(module) is None:
             self._shard(module)
         if self.activation_checkpointing is not None:  # before ZeRO wraps the layers (FSDP2's order)

@@ -35,7 +35,14 @@ from torch.distributed import ProcessGroup
 from torch.overrides import TorchFunctionMode
 
 from lightning_tp._compat import tree_map
-from lightning_tp.engine.comm import all_gather_dim, all_reduce, all_reduce_coalesced, group_rank, group_size
+from lightning_tp.engine.comm import (
+    all_gather_dim,
+    all_reduce,
+    all_reduce_coalesced,
+    collective_device,
+    group_rank,
+    group_size,
+)
 from lightning_tp.engine.layers import gather_sharded, gather_sharded_into
 from lightning_tp.engine.loss import VocabShardedLogits
 from lightning_tp.engine.sharding import ShardSpec, has_partial_grad, shard_spec
@@ -404,7 +411,7 @@ def _check_grads(
                 if partial
                 else ""
             )
-    device = named[0][1].device if named else torch.device("cpu")
+    device = named[0][1].device if named else collective_device(group)
     worst = all_reduce(torch.tensor([float(first)], device=device), group, dist.ReduceOp.MIN)
     if int(worst) > len(ref_grads):
         return

@@ -59,6 +59,10 @@ class MetaGPT(lit.LitGPT):
     def __init__(self):
         super().__init__(batch_size=8)
         del self.model  # built on meta in configure_model
+        self.register_buffer("logit_bias", torch.zeros(lit.VOCAB))  # built off meta, on the CPU: moved to the GPU
+
+    def forward(self, idx):
+        return self.model(idx) + self.logit_bias
 
     def configure_model(self):
         if not hasattr(self, "model"):
@@ -141,6 +145,10 @@ def layers(ns) -> dict:
     ref.backward()
     loss.backward()
     errs = {"loss": float((loss.detach() - ref.detach()).abs() / ref.detach().abs())}
+    odd = torch.nn.Linear(64, 99, bias=False).to(dev)  # 99 rows: padded at TP 2, gathered through an index
+    gathered = VocabParallelLMHead.from_dense(odd, group, gather_output=True)
+    h = torch.randn(4, 64, device=dev)
+    errs["gathered_head"] = float((gathered(h) - odd(h)).abs().max() / odd(h).abs().max())
     if rank == 0:  # rank 0's slices of the split weights' gradients
         n1, n2 = col.weight.shape[0], row.weight.shape[1]
         errs["column_grad"] = float(
