@@ -30,28 +30,33 @@ def _env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-def _run(tmp_path: Path, *args: str, ranks: int = 0) -> dict:
-    """One process (``ranks=0``: Lightning starts any others), or ``ranks`` started here as torchrun would."""
+def _launch(tmp_path: Path, *args: str, ranks: int = 0) -> tuple[list[tuple[int, str]], Path]:
+    """One process (``ranks=0``: Lightning starts any others), or ``ranks`` started here as torchrun
+    would; returns each process's (exit status, output) and the result file's path."""
     out = tmp_path / f"out-{len(list(tmp_path.iterdir()))}.json"
     cmd = [sys.executable, str(SCRIPT), str(out), *args]
     if ranks == 0:
         proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    else:
-        import socket
+        return [(proc.returncode, proc.stdout[-3000:] + proc.stderr[-3000:])], out
+    import socket
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = str(s.getsockname()[1])
-        procs = [
-            subprocess.Popen(cmd, env=_env(LOCAL_RANK=str(r), RANK=str(r), WORLD_SIZE=str(ranks),
-                                           MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for r in range(ranks)
-        ]  # fmt: skip
-        for p in procs:
-            output, _ = p.communicate(timeout=600)
-            assert p.returncode == 0, output[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    procs = [
+        subprocess.Popen(cmd, env=_env(LOCAL_RANK=str(r), RANK=str(r), WORLD_SIZE=str(ranks),
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in range(ranks)
+    ]  # fmt: skip
+    outputs = [p.communicate(timeout=600)[0][-3000:] for p in procs]  # then each returncode is set
+    return [(p.returncode, o) for p, o in zip(procs, outputs, strict=True)], out
+
+
+def _run(tmp_path: Path, *args: str, ranks: int = 0) -> dict:
+    results, out = _launch(tmp_path, *args, ranks=ranks)
+    for code, output in results:
+        assert code == 0, output
     return json.loads(out.read_text())
 
 
@@ -95,3 +100,13 @@ def test_deferred_init_on_gpu(tmp_path):
     assert got["deferred"] and got["keys_equal"] and got["param_devices"] == ["cuda:0"]
     assert got["start_max_diff"] == 0.0  # the Trainer's materialization is the standalone one, bit for bit
     assert got["global_step"] == 4 and all(torch.isfinite(torch.tensor(got["losses"])))
+
+
+@pytest.mark.parametrize(("what", "tp"), [("target", 1), ("ids", 2)])
+def test_out_of_range_target_or_token_id_fails_on_gpu(tmp_path, what, tp):
+    """No rank holds such a class or row: a device-side assert instead of a silently wrong loss."""
+    if tp > GPUS:
+        pytest.skip(f"needs {tp} GPUs, {GPUS} present")
+    results, out = _launch(tmp_path, "bad", "--what", what, "--devices", str(tp), ranks=tp)
+    assert any(code != 0 for code, _ in results) and not out.exists(), results
+    assert any("out of" in output or "device-side assert" in output for _, output in results), results

@@ -396,7 +396,11 @@ def _vocab_parallel_lookup(emb: nn.Module, ids: Tensor) -> Tensor:
     elif ids.device.type == "cpu" and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= emb.num_embeddings):
         bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
         raise IndexError(f"index {bad} is out of range for an embedding of {emb.num_embeddings} rows.")
-    if emb.tp_size == 1:
+    elif ids.device.type not in ("cpu", "meta") and emb.tp_size > 1 and ids.numel():
+        # on a GPU no rank would hold the row (zeros, silently): a device-side assert, no synchronisation
+        inside = (ids.min() >= 0) & (ids.max() < emb.num_embeddings)
+        assert_async(inside, f"a token id is out of range for an embedding of {emb.num_embeddings} rows.")
+    if emb.tp_size == 1:  # F.embedding checks the ids itself, on every device
         return F.embedding(ids, emb.weight, emb._local_padding_idx)
     outside = (ids < emb.vocab_start) | (ids >= emb.vocab_end)  # (...)
     local_ids = (ids - emb.vocab_start).masked_fill(outside, 0)  # (...)

@@ -29,6 +29,7 @@ from torch.distributed import ProcessGroup
 
 from lightning_tp._compat import (
     DisableTorchFunctionSubclass,
+    assert_async,
     storage_use_count,
     tensor_version,
     tree_leaves,
@@ -310,10 +311,14 @@ def _route_cross_entropy(args, kwargs) -> Tensor | None:
 
 
 def _check_targets(target: Tensor, vocab_size: int, ignore_index: int) -> None:
-    # Only on CPU: a device-side check would force a synchronisation on every step.
-    if target.device.type != "cpu" or target.numel() == 0:
+    if target.device.type == "meta" or target.numel() == 0:
         return
     bad = (target != ignore_index) & ((target < 0) | (target >= vocab_size))
+    if target.device.type != "cpu":  # a device-side assert: no synchronisation on every step (an error, not a
+        # target no rank holds, whose loss would silently miss its logit)
+        assert_async(~bad.any(), f"a target is out of bounds for a vocabulary of {vocab_size} classes "
+                                 f"(and is not ignore_index={ignore_index}).")  # fmt: skip
+        return
     if bool(bad.any()):
         value = int(target[bad][0])
         raise IndexError(f"target {value} is out of bounds for a vocabulary of {vocab_size} classes.")

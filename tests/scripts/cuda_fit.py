@@ -161,10 +161,36 @@ def layers(ns) -> dict:
     return {"rank": rank, "errors": errs}
 
 
+def bad(ns) -> dict:
+    """An out-of-range target (``--what target``) or token id (``--what ids``, TP = ``--devices``) on
+    the GPU: the process must fail (a device-side assert) rather than train on a wrong value."""
+    import torch.distributed as dist
+
+    from lightning_tp import VocabParallelEmbedding, VocabParallelLMHead, cross_entropy
+    from lightning_tp.engine.mesh import init_tp_mesh
+
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", timeout=timedelta(seconds=60))
+    group, dev = init_tp_mesh(ns.devices, "cuda").tp_group, torch.device("cuda", rank)
+    emb = VocabParallelEmbedding.from_dense(torch.nn.Embedding(100, 16).to(dev), group)
+    head = VocabParallelLMHead.from_dense(torch.nn.Linear(16, 100, bias=False).to(dev), group, gather_output=False)
+    ids = torch.randint(0, 100, (2, 8), device=dev)
+    tgt = ids.clone()
+    if ns.what == "ids":
+        ids[0, 0] = 100
+    else:
+        tgt[0, 0] = 100
+    loss = cross_entropy(head(emb(ids)).reshape(-1, 100), tgt.reshape(-1))  # 100: read as the local slice
+    torch.cuda.synchronize()
+    return {"rank": rank, "loss": float(loss)}
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("out")
-    p.add_argument("mode", choices=("fit", "layers", "deferred"))
+    p.add_argument("mode", choices=("fit", "layers", "deferred", "bad"))
+    p.add_argument("--what", choices=("target", "ids"), default="target")
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--precision", default="32-true")
@@ -172,6 +198,6 @@ if __name__ == "__main__":
     p.add_argument("--compile", action="store_true")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a check of this script only")
     ns = p.parse_args()
-    result = {"fit": fit, "layers": layers, "deferred": deferred}[ns.mode](ns)
+    result = {"fit": fit, "layers": layers, "deferred": deferred, "bad": bad}[ns.mode](ns)
     if result["rank"] == 0:
         Path(ns.out).write_text(json.dumps(result))
