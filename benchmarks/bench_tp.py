@@ -492,7 +492,9 @@ def _worker(rank: int, world: int, port: int, name: str, cfg: dict, args, result
         counter = CommCounter()
         counter.install()
         timer, mem = RUNNERS[name](cfg, args, counter)
-        from torch._dynamo.utils import counters  # what torch.compile traced (zero when not compiling)
+        from lightning_tp._compat import compile_counts  # what torch.compile traced (zero when not compiling)
+
+        graphs, breaks = compile_counts()
 
         tokens = cfg["batch"] * cfg["ctx"]
         out = {
@@ -505,8 +507,8 @@ def _worker(rank: int, world: int, port: int, name: str, cfg: dict, args, result
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_device_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
             "throughput": timer.throughput,
-            "graphs": int(counters["stats"]["unique_graphs"]),
-            "graph_breaks": int(sum(counters["graph_break"].values())),
+            "graphs": graphs,
+            "graph_breaks": breaks,
         }
         results.put(out)
     except Exception:

@@ -14,6 +14,11 @@ torch (no public equivalent):
   treat ``AttributeError``/``RuntimeError`` as "unknown: do not reuse".
 * ``found_inf_per_device`` (``GradScaler._per_optimizer_states``): the found-inf flags a scaler
   recorded while unscaling, to reduce them over ranks before it decides to skip the step.
+* ``check_inf_per_device`` (``GradScaler._check_inf_per_device``): how ``GradScaler.step`` finds
+  infs for a fused optimizer (no ``unscale_``); ``TPGradScaler`` overrides it (listed in
+  :data:`LIGHTNING_HOOKS`) to reduce those flags over ranks too.
+* ``compile_counts`` (``torch._dynamo.utils.counters``): graphs and graph breaks ``torch.compile``
+  made in this process (benchmarks and the GPU tests report them).
 * ``run_exit_handlers`` / ``clear_exit_handlers`` (``atexit._run_exitfuncs`` / ``atexit._clear``): a
   worker that leaves with ``os._exit`` (gloo teardown aborts otherwise) still runs Python's exit
   handlers (loggers finish); a forked one first forgets its parent's.
@@ -64,6 +69,18 @@ def storage_use_count(t: Tensor) -> int:
 def found_inf_per_device(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> dict[Any, Tensor]:
     """The found-inf flags ``scaler.unscale_(optimizer)`` recorded, by device."""
     return scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+
+
+def check_inf_per_device(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> dict[Any, Tensor]:
+    """``GradScaler``'s own inf check for ``optimizer`` (records and returns the flags by device)."""
+    return torch.amp.GradScaler._check_inf_per_device(scaler, optimizer)
+
+
+def compile_counts() -> tuple[int, int]:
+    """``(graphs, graph breaks)`` that ``torch.compile`` has made in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"]), int(sum(counters["graph_break"].values()))
 
 
 def run_exit_handlers() -> None:
@@ -144,6 +161,8 @@ __all__ = [
     "MultiProcessingLauncher",  # noqa: F822 (module __getattr__)
     "SubprocessScriptLauncher",  # noqa: F822 (module __getattr__)
     "found_inf_per_device",
+    "check_inf_per_device",
+    "compile_counts",
     "lightning_class",
     "run_exit_handlers",
     "clear_exit_handlers",

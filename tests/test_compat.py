@@ -76,6 +76,29 @@ def test_scaler_found_inf_flags_are_where_compat_reads_them():
     assert flags and all(float(f) == 1.0 for f in flags.values())
 
 
+def test_scaler_inf_check_for_fused_optimizers_records_flags():
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0)
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=0.1)
+    scaler.scale((p * float("inf")).sum()).backward()
+    flags = _compat.check_inf_per_device(scaler, opt)
+    assert flags and all(float(f) == 1.0 for f in flags.values())
+    assert flags is _compat.found_inf_per_device(scaler, opt)  # where GradScaler.step reads them
+
+
+def test_compile_counts_graphs_and_breaks():
+    before = _compat.compile_counts()
+
+    def f(x):
+        y = x.sin()
+        print("break")  # a graph break
+        return y.cos()
+
+    torch.compile(f, backend="eager")(torch.ones(3))
+    graphs, breaks = _compat.compile_counts()
+    assert graphs >= before[0] + 2 and breaks >= before[1] + 1
+
+
 def test_exit_handlers_run_and_clear():
     # in a fresh interpreter: running this process's exit handlers would tear down pytest's own
     import subprocess

@@ -4,7 +4,8 @@ Each test runs ``tests/scripts/cuda_fit.py`` in fresh processes: the column/row/
 vocab-parallel loss against dense float32 on the GPU (TP 1, and TP 2 where two GPUs exist), and
 Trainer runs of ``lit.LitGPT`` with ``bf16-mixed`` and ``16-mixed`` at TP 1 against plain Lightning
 on one GPU, and at TP 2 (two GPUs) against one GPU; per-block ``torch.compile`` (inductor) against
-eager on the GPU; deferred init on the meta device materialized on the GPU with block-by-block verify.
+eager on the GPU; deferred init on the meta device materialized on the GPU with block-by-block verify;
+an out-of-range target or token id ends the process (a device-side assert).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, 
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from lightning_tp._compat import found_inf_per_device
+from lightning_tp._compat import check_inf_per_device, found_inf_per_device
 from lightning_tp.engine.comm import all_reduce_coalesced, collective_device
 from lightning_tp.engine.sharding import has_partial_grad, shard_spec
 from lightning_tp.lightning.zero import is_dp_sharded, local
@@ -114,8 +114,8 @@ def all_reduce_partial_grads(params: list[Tensor], tp_group: ProcessGroup | None
 
 class TPGradScaler(torch.amp.GradScaler):
     """``GradScaler`` whose found-inf flags are reduced (max) over ``group`` (default: all ranks)
-    after unscaling, so an inf in one rank's gradient shard makes every rank skip the step and
-    back off its scale identically."""
+    after unscaling, and after the inf check ``step`` runs itself for a fused optimizer, so an inf
+    in one rank's gradient shard makes every rank skip the step and back off its scale identically."""
 
     group: ProcessGroup | None = None
 
@@ -126,7 +126,7 @@ class TPGradScaler(torch.amp.GradScaler):
     def _check_inf_per_device(self, optimizer: torch.optim.Optimizer) -> dict:
         # A fused optimizer (AdamW(fused=True)) unscales inside its step: Lightning skips unscale_ and
         # GradScaler.step looks for infs through this method instead; the flags must agree there too.
-        flags = super()._check_inf_per_device(optimizer)
+        flags = check_inf_per_device(self, optimizer)
         self._reduce_found_inf(optimizer)
         return flags
 

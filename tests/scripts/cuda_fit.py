@@ -5,7 +5,8 @@ MODE ``fit``: lit.LitGPT on GPU(s) with MegatronTPStrategy (``--tp`` 0: plain Li
 the reference; ``--compile``: every block compiled with inductor); rank 0 writes the per-step losses
 and the loss scale. MODE ``deferred``: the same GPT built on the meta device in ``configure_model``,
 materialized layer by layer on the GPU with ``verify=True`` (block by block), against the same
-materialization done standalone on the GPU. MODE ``layers``: at TP =
+materialization done standalone on the GPU. MODE ``bad``: an out-of-range target or token id, which
+must end the process. MODE ``layers``: at TP =
 ``--devices`` (one process per GPU, NCCL), the column/row/vocab layers and the vocab-parallel loss
 against dense float32 on the same GPU; rank 0 writes the largest relative errors.
 """
@@ -45,11 +46,11 @@ def fit(ns) -> dict:
     if ns.compile:
         model.on_fit_start = lambda: compiled.extend(compile_layers(model.model))  # after the strategy's rewrite
     trainer.fit(model)
-    from torch._dynamo.utils import counters
+    from lightning_tp._compat import compile_counts
 
+    graphs, breaks = compile_counts()
     out = {"rank": trainer.global_rank, "losses": rec.losses, "global_step": trainer.global_step,
-           "compiled": compiled, "graphs": int(counters["stats"]["unique_graphs"]),
-           "graph_breaks": int(sum(counters["graph_break"].values()))}  # fmt: skip
+           "compiled": compiled, "graphs": graphs, "graph_breaks": breaks}  # fmt: skip
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     out["scale"] = None if scaler is None else float(scaler.get_scale())
     return out
