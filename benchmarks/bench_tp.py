@@ -28,9 +28,10 @@ the report says so: Lightning's table misses the name "NVIDIA H200" and lists it
 sparsity); on CPU there is no peak, so FLOP/s are reported without MFU. Variants that
 need more GPUs than present are skipped with a message.
 
-``--compile``: every variant ``torch.compile``s each transformer block (inductor; lightning_tp via
-``lightning_tp.engine.compiled.compile_layers``) and the report adds the compiled graphs and graph
-breaks per variant; compare with an eager run in another ``--out``.
+``--compile`` (or ``--compile blocks``): every variant ``torch.compile``s each transformer block (inductor;
+``lightning_tp.engine.compiled.compile_layers``); ``--compile model``: the whole model (``module.compile()``; for
+lightning_tp the vocab-sharded logits come out of the graph and the vocab-parallel loss runs on them). The report
+adds the compiled graphs and graph breaks per variant; compare with an eager run in another ``--out``.
 
 Writes ``results.json``, ``results.md`` and ``results.png`` to ``--out``. Each rank counts the
 bytes, calls and time of every collective in the measured steps (the torch.distributed functions
@@ -198,6 +199,16 @@ def dist_rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def compile_model(model: torch.nn.Module, how) -> None:
+    """``how``: falsy (eager), ``"model"`` (the whole model) or ``"blocks"`` / ``True`` (each transformer block)."""
+    if how == "model":
+        model.compile()
+    elif how:
+        from lightning_tp.engine.compiled import compile_layers
+
+        compile_layers(model)
+
+
 def _lit_module(cfg: dict, n_batches: int, per_rank: int, loss_fn=None, configure=None):
     import lightning as L
     from torch.utils.data import DataLoader
@@ -218,10 +229,7 @@ def _lit_module(cfg: dict, n_batches: int, per_rank: int, loss_fn=None, configur
                 configure(self)
 
         def on_fit_start(self):
-            if cfg.get("compile"):
-                from lightning_tp.engine.compiled import compile_layers
-
-                compile_layers(self.model)  # each block; after the strategy's rewrite
+            compile_model(self.model, cfg.get("compile"))  # after the strategy's rewrite
 
         def training_step(self, batch, _):
             x, y = batch
@@ -428,10 +436,7 @@ def run_dtensor(cfg, args, counter):
     mesh = init_device_mesh(device.type, (2,), mesh_dim_names=("tensor_parallel",))
     model = build_gpt(cfg).to(device)
     dtensor_parallelize(model, mesh)
-    if cfg.get("compile"):
-        from lightning_tp.engine.compiled import compile_layers
-
-        compile_layers(model)  # the same regional compilation as the other variants
+    compile_model(model, cfg.get("compile"))  # as the other variants
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cfg["accelerator"] == "cuda")
     loss_fn = _LossParallel()
     timer = Timer(args, counter)
@@ -692,7 +697,9 @@ def markdown(summary: dict[str, Any]) -> str:
         f"GPT d_model {cfg['n_embd']}, {cfg['n_layer']} layers, vocab {cfg['vocab']}, ctx {cfg['ctx']}, batch {cfg['batch']}, "
         f"{cfg['precision']}, {where}, median of {len(next(iter(summary['variants'].values()))['tokens_per_s_repeats'])} repeats; "
         f"model {cfg['flops_per_batch'] / 1e12:.2f} TFLOP per step"
-        + ("; every transformer block torch.compile'd (inductor)." if cfg.get("compile") else "; eager."),
+        + {"model": "; the whole model torch.compile'd (inductor).", None: "; eager.", False: "; eager."}.get(
+            cfg.get("compile"), "; every transformer block torch.compile'd (inductor)."
+        ),
         "",
         "| variant | tokens/s | step (s) | TFLOP/s per device | MFU | comm MB/step | comm calls/step | comm time share "
         f"| param+grad+optim MB (rank 0) | peak {'GPU memory' if cuda else 'RSS'} MB/rank |",
@@ -785,7 +792,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for key in PRESETS["cpu"]:
         p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None)
     p.add_argument("--timeout", type=float, default=900)
-    p.add_argument("--compile", action="store_true", help="torch.compile every transformer block (all variants)")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="blocks",
+        choices=["blocks", "model"],
+        default=None,
+        help="torch.compile every transformer block (blocks, the default) or the whole model (all variants)",
+    )
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
     if args.accelerator == "auto":

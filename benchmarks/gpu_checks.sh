@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one run (one GPU is enough; a second adds the TP 2 cases):
 # the MFU benchmark (gpt2-medium, bf16-mixed, one process: plain Lightning and MegatronTPStrategy at
-# TP 1), the cuda-marked tests, then the same benchmark with every block compiled.
+# TP 1), the cuda-marked tests, then the same benchmark compiled (COMPILE=blocks, the default: every
+# block; COMPILE=model: the whole model). BENCH_FLAGS is added to both benchmark runs (e.g.
+# "--precision bf16-true --batch 16").
 #   bash benchmarks/gpu_checks.sh [OUTDIR]     (default benchmarks/results/gpu)
 # Writes OUTDIR/log.txt and OUTDIR/{eager,compiled}/results.{json,md}. Needs the project importable
 # (installed, or run from the repository root: PYTHONPATH is set to it).
@@ -18,7 +20,7 @@ LOG="$OUTDIR/log.txt"
   bench() {  # $1: out folder, rest: extra flags
     local out=$1; shift
     timeout "${BENCH_TIMEOUT:-240}" $PY benchmarks/bench_tp.py --preset gpt2-medium --variants single lightning_tp_tp1 \
-      --steps 12 --warmup 4 --comm-steps 1 --repeats 1 --timeout 200 --out "$OUTDIR/$out" "$@"
+      --steps 12 --warmup 4 --comm-steps 1 --repeats 1 --timeout 200 --out "$OUTDIR/$out" ${BENCH_FLAGS:-} "$@"
     echo "bench $out exit $?"
     rm -f "$OUTDIR/$out/results.png"
   }
@@ -27,6 +29,6 @@ LOG="$OUTDIR/log.txt"
   xdist=$($PY -c "import xdist" 2>/dev/null && echo "-n 4")  # the tests' processes side by side where pytest-xdist is
   timeout "${TEST_TIMEOUT:-300}" $PY -m pytest tests/test_cuda.py -q -rA -p no:cacheprovider $xdist
   echo "cuda tests exit $?"
-  echo "== compiled MFU"; bench compiled --compile
+  echo "== compiled MFU"; bench compiled --compile "${COMPILE:-blocks}"
   date -u
 } 2>&1 | tee "$LOG"

@@ -50,7 +50,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--active", type=int, default=3)
     p.add_argument("--rows", type=int, default=25)
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", nargs="?", const="blocks", choices=["blocks", "model"], default=None)
     ns = p.parse_args()
     cuda = torch.cuda.is_available()
     cfg = {k: getattr(ns, k) if getattr(ns, k) is not None else v for k, v in bench_tp.PRESETS[ns.preset].items()}

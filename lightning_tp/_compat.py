@@ -19,6 +19,11 @@ torch (no public equivalent):
   :data:`LIGHTNING_HOOKS`) to reduce those flags over ranks too.
 * ``compile_counts`` (``torch._dynamo.utils.counters``): graphs and graph breaks ``torch.compile``
   made in this process (benchmarks and the GPU tests report them).
+* ``compile_inputs_opaque`` (``torch._dynamo.config.nontraceable_tensor_subclasses``): a
+  ``__torch_function__`` subclass that enters a compiled region from outside (an argument, or a
+  value live across a graph break) is run eagerly there instead of becoming a graph input that the
+  compiled graph's ``aten`` ops would reach with the subclass's dispatch (wrong shapes, or
+  AOTAutograd's input check refusing the type); values made inside a graph are traced as usual.
 * ``run_exit_handlers`` / ``clear_exit_handlers`` (``atexit._run_exitfuncs`` / ``atexit._clear``): a
   worker that leaves with ``os._exit`` (gloo teardown aborts otherwise) still runs Python's exit
   handlers (loggers finish); a forked one first forgets its parent's.
@@ -81,6 +86,14 @@ def compile_counts() -> tuple[int, int]:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"]), int(sum(counters["graph_break"].values()))
+
+
+def compile_inputs_opaque(cls: type) -> None:
+    """Tell ``torch.compile`` to model instances of the tensor subclass ``cls`` that come from outside a
+    compiled region conservatively (run the ops on them eagerly), not as traced graph inputs."""
+    import torch._dynamo
+
+    torch._dynamo.config.nontraceable_tensor_subclasses.add(cls)
 
 
 def run_exit_handlers() -> None:
@@ -163,6 +176,7 @@ __all__ = [
     "found_inf_per_device",
     "check_inf_per_device",
     "compile_counts",
+    "compile_inputs_opaque",
     "lightning_class",
     "run_exit_handlers",
     "clear_exit_handlers",

@@ -176,3 +176,31 @@ def test_assert_async_raises_on_a_false_condition_only():
     _compat.assert_async(torch.tensor(True), "never")
     with pytest.raises(RuntimeError, match="out of range"):
         _compat.assert_async(torch.tensor(False), "a token id is out of range")
+
+
+class _Doubled(torch.Tensor):
+    """A tensor whose sum() is twice the plain one (a subclass that changes what an op means)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **(kwargs or {}))
+        return out * 2 if func is torch.Tensor.sum else out
+
+
+def test_compile_inputs_opaque_runs_a_subclass_argument_eagerly():
+    import torch._dynamo
+
+    from lightning_tp.engine.loss import VocabShardedLogits
+
+    assert VocabShardedLogits in torch._dynamo.config.nontraceable_tensor_subclasses  # registered on import
+    x = torch.arange(4.0).as_subclass(_Doubled)
+    try:
+        _compat.compile_inputs_opaque(_Doubled)
+        assert _Doubled in torch._dynamo.config.nontraceable_tensor_subclasses
+        torch._dynamo.reset()
+        got = torch.compile(lambda t: t.sum() + 1, backend="aot_eager")(x)
+        assert float(got) == 13.0  # 2 * 6 + 1: the subclass's meaning, run eagerly
+    finally:
+        torch._dynamo.config.nontraceable_tensor_subclasses.discard(_Doubled)
+        torch._dynamo.reset()

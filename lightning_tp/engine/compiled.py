@@ -1,11 +1,11 @@
 """Regional compilation of a rewritten model: ``torch.compile`` of each layer.
 
-The TP layers trace without graph breaks (their collectives become functional ones in the graph),
-so a whole rewritten model compiles as one graph too; but inside a compiled region the
-vocab-parallel LM head returns gathered (dense) logits, since the compiler cannot trace
-:class:`~lightning_tp.engine.loss.VocabShardedLogits`. Compiling the layers instead (what
-torchtitan does for its TP models: one graph per transformer block, compiled once and reused by
-identical blocks) keeps the head and the vocab-parallel loss eager, with sharded logits.
+The TP layers and the vocab-parallel loss trace without graph breaks (collectives become
+functional ones in the graph; the LM head's :class:`~lightning_tp.engine.loss.VocabShardedLogits`
+are traced through their dispatch), so a whole rewritten model, or a whole training step, also
+compiles as one graph. Compiling the layers instead (what torchtitan does for its TP models: one
+graph per transformer block, compiled once and reused by identical blocks) compiles less code and
+keeps the head and the loss eager.
 """
 
 from __future__ import annotations

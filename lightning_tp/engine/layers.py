@@ -276,7 +276,7 @@ class VocabParallelLMHead(ColumnParallelLinear):
     for ``nn.Linear``; with ``gather_output=False`` returns :class:`VocabShardedLogits`
     ``(..., Vp/p)`` for :func:`lightning_tp.cross_entropy`, which keeps its ``(..., Vp/p)``
     buffer in this head's :class:`~lightning_tp.engine.loss.LossWorkspace` between steps (CPU).
-    Inside a region ``torch.compile`` traces, the logits are always gathered (dense).
+    ``torch.compile`` traces the sharded logits too (no graph break; the loss then uses no workspace).
     """
 
     _pad = True
@@ -294,9 +294,7 @@ class VocabParallelLMHead(ColumnParallelLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self._local_linear(x)  # (..., Vp/p)
-        if self.gather_output or torch.compiler.is_compiling():
-            # Traced by torch.compile: dense logits (the compiler cannot trace VocabShardedLogits' torch-function
-            # dispatch). Compile the blocks instead of the whole model to keep the vocab-parallel loss.
+        if self.gather_output:
             return self._gather(y)  # (..., V)
         return VocabShardedLogits.wrap(y, self.group, self.out_features, self._loss_workspace)
 

@@ -30,6 +30,7 @@ from torch.distributed import ProcessGroup
 from lightning_tp._compat import (
     DisableTorchFunctionSubclass,
     assert_async,
+    compile_inputs_opaque,
     storage_use_count,
     tensor_version,
     tree_leaves,
@@ -64,7 +65,8 @@ _METADATA = frozenset(
         "size", "dim", "ndimension", "numel", "nelement", "is_floating_point", "is_complex", "element_size",
         "is_contiguous", "stride", "storage_offset", "data_ptr", "get_device", "untyped_storage",
         "register_hook", "__len__", "__hash__", "backward", "is_shared", "is_pinned", "_use_count",
-        "as_subclass", "__deepcopy__",
+        "as_subclass", "__deepcopy__", "_is_view", "is_conj", "is_neg", "_is_zerotensor", "is_inference",
+        "is_signed", "has_names", "dim_order",
     }
 )  # fmt: skip
 _GATHERED_PROPERTIES = frozenset({"T", "mT", "H", "mH", "real", "imag"})
@@ -132,6 +134,11 @@ class VocabShardedLogits(Tensor):
       :class:`~lightning_tp.errors.ShardingError` instead of computing a wrong value.
 
     Metadata (``shape``, ``size()``, ``dim()``, ``dtype``) describes the local shard.
+
+    ``torch.compile`` traces all of this (one graph, no gather for the loss; inside a compiled
+    region a dense view is gathered each time an op needs it, not kept). Sharded logits that enter a
+    compiled region from outside (an argument, or live across a graph break) are used eagerly
+    there.
     """
 
     tp_group: ProcessGroup
@@ -150,14 +157,17 @@ class VocabShardedLogits(Tensor):
         """The dense ``(..., V)`` logits (all-gather over TP, padding dropped; differentiable),
         kept and reused until this tensor or the kept copy changes in place, or autograd needs a
         copy that was gathered without it. Collective: every TP rank must call it."""
+        from lightning_tp.engine.comm import gather_from_tp
+
+        if torch.compiler.is_compiling():  # traced: not kept (a tensor's __dict__ is not traceable)
+            with DisableTorchFunctionSubclass():
+                return gather_from_tp(self, self.tp_group)[..., : self.vocab_size]
         cached = self.__dict__.get("_gathered")
         if cached is not None:
             dense, version, dense_version = cached
             tracked = not (torch.is_grad_enabled() and self.requires_grad and dense.grad_fn is None)
             if version == tensor_version(self) and dense_version == tensor_version(dense) and tracked:
                 return dense  # unchanged on both sides, and gathered with autograd when it is needed now
-        from lightning_tp.engine.comm import gather_from_tp
-
         with DisableTorchFunctionSubclass():
             dense = gather_from_tp(self, self.tp_group)[..., : self.vocab_size]  # (..., V)
         self.__dict__["_gathered"] = (dense, tensor_version(self), tensor_version(dense))
@@ -180,50 +190,58 @@ class VocabShardedLogits(Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        src = _first_sharded(args, kwargs)
-        if src is None:
-            with DisableTorchFunctionSubclass():
-                return func(*args, **kwargs)
-        if name == "__get__":  # a property: metadata of the shard, except transposes / views of values
-            prop = getattr(getattr(func, "__self__", None), "__name__", "")
-            if prop not in _GATHERED_PROPERTIES:
-                with DisableTorchFunctionSubclass():
-                    return func(*args, **kwargs)
-        elif name in _METADATA:
-            with DisableTorchFunctionSubclass():
-                return func(*args, **kwargs)
-        elif func in _CROSS_ENTROPY and (routed := _route_cross_entropy(args, kwargs)) is not None:
-            return routed
-        elif (name in _LAYOUT_OPS and args and args[0] is src and _keeps_vocab_dim(name, args, kwargs, src)) or (
-            name in _SCALAR_ELEMENTWISE and _scalar_operands(args, kwargs, src)
-        ):
-            if name in ("view", "reshape"):
-                args = (args[0], *_local_shape(args[1:], src))
-            with DisableTorchFunctionSubclass():
-                out = func(*args, **kwargs)
-            if isinstance(out, Tensor) and out.dim() > 0 and out.shape[-1] == src.shape[-1]:
-                if out is src:  # in place
-                    src.__dict__.pop("_gathered", None)
-                    return src
-                return VocabShardedLogits.wrap(out, src.tp_group, src.vocab_size, src.workspace)
-            if name.endswith("_") or out is src:
-                return out
-            # the op moved or merged the vocabulary dim: do it again on the dense logits
-        in_place = name.endswith("_") and not name.startswith("__") or name in ("__setitem__", "__iadd__", "__imul__")
-        if in_place and args and args[0] is src:  # writing into a plain tensor from sharded logits gathers them
-            from lightning_tp.errors import ShardingError
-
-            raise ShardingError(
-                f"in-place {name!r} on vocab-sharded logits (this rank holds {src.shape[-1]} of {src.vocab_size} "
-                "vocabulary columns) cannot give the dense result. Gather first: "
-                "`logits = lightning_tp.gather_logits(logits)`, or build the LM head with gather_output=True "
-                "(policy entry {'style': 'vocab', 'gather_output': True})."
-            )
-        args, kwargs = _replace_sharded((args, kwargs))
+        # Everything below runs with the subclass's dispatch off: reading the shard's metadata must not come
+        # back here (under torch.compile, a frame that re-enters itself on every read never ends).
         with DisableTorchFunctionSubclass():
+            return _dispatch(func, args, kwargs or {})
+
+
+# Sharded logits that enter a compiled region from outside (an argument, or live across a graph break) are used
+# eagerly there: a graph input of this type would reach the graph's aten ops through __torch_function__.
+compile_inputs_opaque(VocabShardedLogits)
+
+
+def _dispatch(func, args: tuple, kwargs: dict):
+    """``VocabShardedLogits.__torch_function__``'s decision (the subclass's dispatch is off)."""
+    name = getattr(func, "__name__", "")
+    src = _first_sharded(args, kwargs)
+    if src is None:
+        return func(*args, **kwargs)
+    if name == "__get__":  # a property: metadata of the shard, except transposes / views of values
+        prop = getattr(getattr(func, "__self__", None), "__name__", "")
+        if prop not in _GATHERED_PROPERTIES:
             return func(*args, **kwargs)
+    elif name in _METADATA:
+        return func(*args, **kwargs)
+    elif func in _CROSS_ENTROPY and (routed := _route_cross_entropy(args, kwargs)) is not None:
+        return routed
+    elif (name in _LAYOUT_OPS and args and args[0] is src and _keeps_vocab_dim(name, args, kwargs, src)) or (
+        name in _SCALAR_ELEMENTWISE and _scalar_operands(args, kwargs, src)
+    ):
+        if name in ("view", "reshape"):
+            args = (args[0], *_local_shape(args[1:], src))
+        out = func(*args, **kwargs)
+        if isinstance(out, Tensor) and out.dim() > 0 and out.shape[-1] == src.shape[-1]:
+            if out is src:  # in place
+                if not torch.compiler.is_compiling():  # traced: nothing is kept
+                    src.__dict__.pop("_gathered", None)
+                return src
+            return VocabShardedLogits.wrap(out, src.tp_group, src.vocab_size, src.workspace)
+        if name[-1:] == "_" or out is src:
+            return out
+        # the op moved or merged the vocabulary dim: do it again on the dense logits
+    in_place = name[-1:] == "_" and name[:2] != "__" or name in ("__setitem__", "__iadd__", "__imul__")
+    if in_place and args and args[0] is src:  # writing into a plain tensor from sharded logits gathers them
+        from lightning_tp.errors import ShardingError
+
+        raise ShardingError(
+            f"in-place {name!r} on vocab-sharded logits (this rank holds {src.shape[-1]} of {src.vocab_size} "
+            "vocabulary columns) cannot give the dense result. Gather first: "
+            "`logits = lightning_tp.gather_logits(logits)`, or build the LM head with gather_output=True "
+            "(policy entry {'style': 'vocab', 'gather_output': True})."
+        )
+    args, kwargs = _replace_sharded((args, kwargs))
+    return func(*args, **kwargs)
 
 
 def _keeps_vocab_dim(name: str, args: tuple, kwargs: dict, src: VocabShardedLogits) -> bool:
@@ -242,7 +260,7 @@ def _keeps_vocab_dim(name: str, args: tuple, kwargs: dict, src: VocabShardedLogi
         sizes = _local_shape(args[1:], src)
         if not sizes or any(isinstance(x, torch.dtype) for x in sizes):
             return name == "view" and bool(sizes)  # view(dtype): same layout
-        lead = math.prod(x for x in sizes[:-1] if x != -1)
+        lead = math.prod([x for x in sizes[:-1] if x != -1])
         return sizes[-1] == src.shape[-1] or (
             sizes[-1] == -1 and -1 not in sizes[:-1] and lead * src.shape[-1] == src.numel()
         )
@@ -263,6 +281,14 @@ def _index_keeps_last(index, ndim: int) -> bool:
         return True
     last = [i for i in items if i is not None][-1]
     return used == ndim and isinstance(last, slice) and last == slice(None)
+
+
+def _plain(t: VocabShardedLogits) -> Tensor:
+    """The local shard as a plain tensor (the same values and autograd history)."""
+    if torch.compiler.is_compiling():  # traced: as_subclass(Tensor) is not, a view under the disabled subclass is
+        with DisableTorchFunctionSubclass():
+            return t.view(t.shape)
+    return t.as_subclass(Tensor)
 
 
 def _first_sharded(args, kwargs) -> VocabShardedLogits | None:
@@ -314,7 +340,9 @@ def _check_targets(target: Tensor, vocab_size: int, ignore_index: int) -> None:
     if target.device.type == "meta" or target.numel() == 0:
         return
     bad = (target != ignore_index) & ((target < 0) | (target >= vocab_size))
-    if target.device.type != "cpu":  # a device-side assert: no synchronisation on every step (an error, not a
+    if (
+        target.device.type != "cpu" or torch.compiler.is_compiling()
+    ):  # a device-side assert: no synchronisation on every step (an error, not a
         # target no rank holds, whose loss would silently miss its logit)
         assert_async(~bad.any(), f"a target is out of bounds for a vocabulary of {vocab_size} classes "
                                  f"(and is not ignore_index={ignore_index}).")  # fmt: skip
@@ -329,7 +357,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     gradient in place in backward (large fresh CPU buffers cost page faults on every step; the
     logits themselves are only read, never copied or modified). Because backward consumes that
     buffer, a second backward through the same loss (``retain_graph=True``) raises autograd's
-    "modified by an inplace operation" error instead of returning a wrong gradient."""
+    "modified by an inplace operation" error instead of returning a wrong gradient. Traced by
+    ``torch.compile``, forward and backward are out of place instead (a saved tensor changed in place
+    is not traceable) and the compiler plans the memory."""
 
     @staticmethod
     def forward(ctx, logits, target, group, vocab_size, ignore_index, label_smoothing, workspace):
@@ -351,11 +381,17 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         terms = [z_t.masked_fill(~in_range, 0.0)]
         if label_smoothing > 0:
             terms.append(valid.sum(dim=-1, dtype=cdtype) - n_valid * zmax)  # (...) sum_j (z_j - M)
-        exp = None if workspace is None else workspace.take(logits.shape, cdtype, logits.device)
-        exp = torch.sub(logits, zmax.unsqueeze(-1), out=exp)  # (..., m) in cdtype: the one large buffer
-        exp.exp_()
-        if n_valid < m:
-            exp[..., n_valid:] = 0.0  # padded vocab columns: probability 0
+        traced = ctx.traced = torch.compiler.is_compiling()  # traced: no in-place reuse, the compiler plans memory
+        if traced:
+            exp = (logits.to(cdtype) - zmax.unsqueeze(-1)).exp()  # (..., m)
+            if n_valid < m:
+                exp = exp.masked_fill(torch.arange(m, device=exp.device) >= n_valid, 0.0)
+        else:
+            exp = None if workspace is None else workspace.take(logits.shape, cdtype, logits.device)
+            exp = torch.sub(logits, zmax.unsqueeze(-1), out=exp)  # (..., m) in cdtype: the one large buffer
+            exp.exp_()
+            if n_valid < m:
+                exp[..., n_valid:] = 0.0  # padded vocab columns: probability 0
         terms.append(exp.sum(dim=-1))
         sums = all_reduce(torch.stack(terms), group)  # (2 or 3, ...)
         z_t, sum_exp = sums[0], sums[-1]
@@ -376,8 +412,15 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         exp, sum_exp, local_t, in_range, ignored = ctx.saved_tensors
         g = grad_loss.masked_fill(ignored, 0.0)  # (...)
         # d loss / d z_j = g * (softmax_j - (1 - eps) [j = t] - eps / V)
+        target_grad = (g * in_range * -(1.0 - ctx.eps)).unsqueeze(-1)
+        if ctx.traced:  # out of place: a saved tensor changed in place is not traceable
+            grad = (exp * (g / sum_exp).unsqueeze(-1)).scatter_add(-1, local_t.unsqueeze(-1), target_grad)
+            if ctx.eps > 0:
+                smooth = (g * (ctx.eps / ctx.vocab_size)).unsqueeze(-1)
+                grad = grad - smooth.masked_fill(torch.arange(grad.shape[-1], device=grad.device) >= ctx.n_valid, 0.0)
+            return grad.to(ctx.in_dtype), None, None, None, None, None, None
         grad = exp.mul_((g / sum_exp).unsqueeze(-1))  # (..., m) in place: g * softmax
-        grad.scatter_add_(-1, local_t.unsqueeze(-1), (g * in_range * -(1.0 - ctx.eps)).unsqueeze(-1))
+        grad.scatter_add_(-1, local_t.unsqueeze(-1), target_grad)
         if ctx.eps > 0:
             grad[..., : ctx.n_valid] -= (g * (ctx.eps / ctx.vocab_size)).unsqueeze(-1)
         return grad.to(ctx.in_dtype), None, None, None, None, None, None
@@ -444,7 +487,7 @@ def cross_entropy(
     """
     if isinstance(logits, VocabShardedLogits):
         return vocab_parallel_cross_entropy(
-            logits.as_subclass(Tensor),
+            _plain(logits),
             target,
             logits.tp_group,
             logits.vocab_size,
