@@ -98,6 +98,61 @@ def test_sharded_logits_behave_like_dense(world, tp):
     assert all(_dist.run(world, _ops, tp))
 
 
+def _chunked_losses(tp):
+    """Losses that split the logits along the tokens (LitGPT's chunked cross entropy) or join chunks of them:
+    each piece stays sharded (no gather at all), values and gradients are the dense ones."""
+    import lightning_tp.engine.comm as comm
+
+    m = _dist.mesh(tp)
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(8, V, bias=False).double()
+    head = VocabParallelLMHead.from_dense(dense, m.tp_group, gather_output=False)
+    x = torch.randn(2, 6, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(2))
+    y[1, 2] = -100
+
+    def chunked(z, t):  # split / chunk / tensor_split / unbind over tokens, one loss per piece
+        flat, tf = z.reshape(-1, z.size(-1)), t.reshape(-1)
+        pieces = [*flat.split(5), *torch.chunk(flat, 2), *flat.tensor_split(3), *z.unbind(0)]
+        targets = [*tf.split(5), *torch.chunk(tf, 2), *tf.tensor_split(3), *t.unbind(0)]
+        assert all(isinstance(p, VocabShardedLogits) for p in pieces) == isinstance(z, VocabShardedLogits)
+        losses = [F.cross_entropy(p, q, reduction="none") for p, q in zip(pieces, targets, strict=True)]
+        return torch.cat(losses).sum() / (tf != -100).sum()
+
+    def joined(z, t):  # the chunks of a chunked LM head, concatenated over the sequence
+        whole = torch.cat([z[:, :4], z[:, 4:]], dim=1)
+        assert isinstance(whole, VocabShardedLogits) == isinstance(z, VocabShardedLogits)
+        return F.cross_entropy(whole.reshape(-1, V), t.reshape(-1))
+
+    gathers = []
+    original = comm.gather_from_tp
+    comm.gather_from_tp = lambda *a, **k: gathers.append(1) or original(*a, **k)
+    try:
+        fns = [chunked, joined]
+        if importlib.util.find_spec("litgpt") is not None:
+            from litgpt.utils import chunked_cross_entropy
+
+            fns += [lambda z, t: chunked_cross_entropy(z, t, chunk_size=5),
+                    lambda z, t: chunked_cross_entropy([z[:, :3], z[:, 3:]], t, chunk_size=3)]  # fmt: skip
+        for fn in fns:
+            xd, xs = x.clone().requires_grad_(), x.clone().requires_grad_()
+            ld, ls = fn(dense(xd), y), fn(head(xs), y)
+            ld.backward(), ls.backward()
+            _close(ls, ld)
+            _close(xs.grad, xd.grad)
+        assert gathers == [], "a chunked loss gathered the logits"
+        # a split of the vocabulary dim itself needs the dense logits: gathered, still right
+        _close(torch.cat(head(x).split(4, dim=-1), dim=-1), dense(x))
+        assert gathers
+    finally:
+        comm.gather_from_tp = original
+    return True
+
+
+def test_chunked_losses_keep_the_logits_sharded():
+    assert all(_dist.run(2, _chunked_losses, 2))
+
+
 def _hf_llama_own_loss(tp):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -17,8 +17,10 @@ targets give loss 0 and grad 0, and ``reduction="mean"`` averages over non-ignor
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
+import types
 from typing import Literal
 
 import torch
@@ -70,6 +72,10 @@ _METADATA = frozenset(
     }
 )  # fmt: skip
 _GATHERED_PROPERTIES = frozenset({"T", "mT", "H", "mH", "real", "imag"})
+# Splits along a dim other than the vocabulary (LitGPT's chunked cross entropy: logits.split(128)) give sharded
+# pieces; value: the position of the dim argument (default 0). Concatenating sharded logits along such a dim too.
+_SPLITS = {"split": 2, "chunk": 2, "tensor_split": 2, "split_with_sizes": 2, "unbind": 1}
+_CATS = frozenset({"cat", "concat", "concatenate"})
 _CROSS_ENTROPY = {F.cross_entropy}
 
 
@@ -125,7 +131,8 @@ class VocabShardedLogits(Tensor):
       targets; so also a Hugging Face model's own ``labels=`` loss) computes the vocab-parallel
       cross entropy: same value and gradient as on the dense logits, only ``(N,)``-sized
       reductions. Class weights or the legacy ``size_average``/``reduce`` use the gathered logits.
-    * Reshapes, casts and position slices keep the type; a reshape that names the full vocabulary
+    * Reshapes, casts, position slices, splits and concatenations along another dim (LitGPT's
+      chunked cross entropy: ``logits.split(128)``) keep the type; a reshape that names the full vocabulary
       (``logits.view(-1, config.vocab_size)``, as Hugging Face's loss does) is read as the local
       slice. Elementwise ops with scalar operands (temperature, soft-capping) run on the shard.
     * Every other op (argmax, softmax, log_softmax, topk, max, sort, sampling, ...) gets
@@ -208,13 +215,22 @@ def _dispatch(func, args: tuple, kwargs: dict):
     if src is None:
         return func(*args, **kwargs)
     if name == "__get__":  # a property: metadata of the shard, except transposes / views of values
-        prop = getattr(getattr(func, "__self__", None), "__name__", "")
+        owner = getattr(func, "__self__", None)
+        if isinstance(owner, types.FunctionType) and torch.compiler.is_compiling():
+            # a Python-defined Tensor method looked up on the logits (logits.split): only Dynamo asks, and it
+            # cannot trace the function's __get__; the same method, bound
+            return functools.partial(owner, args[0])
+        prop = getattr(owner, "__name__", "")
         if prop not in _GATHERED_PROPERTIES:
             return func(*args, **kwargs)
     elif name in _METADATA:
         return func(*args, **kwargs)
     elif func in _CROSS_ENTROPY and (routed := _route_cross_entropy(args, kwargs)) is not None:
         return routed
+    elif name in _SPLITS and args and args[0] is src and not _is_last_dim(_dim_arg(name, args, kwargs), src.dim()):
+        return tuple(_like(piece, src) for piece in func(*args, **kwargs))
+    elif name in _CATS and (joined := _cat(func, args, kwargs)) is not None:
+        return joined
     elif (name in _LAYOUT_OPS and args and args[0] is src and _keeps_vocab_dim(name, args, kwargs, src)) or (
         name in _SCALAR_ELEMENTWISE and _scalar_operands(args, kwargs, src)
     ):
@@ -242,6 +258,32 @@ def _dispatch(func, args: tuple, kwargs: dict):
         )
     args, kwargs = _replace_sharded((args, kwargs))
     return func(*args, **kwargs)
+
+
+def _like(local: Tensor, src: VocabShardedLogits) -> VocabShardedLogits:
+    return VocabShardedLogits.wrap(local, src.tp_group, src.vocab_size, src.workspace)
+
+
+def _dim_arg(name: str, args: tuple, kwargs: dict) -> int:
+    pos = _SPLITS[name]
+    return args[pos] if len(args) > pos else kwargs.get("dim", 0)
+
+
+def _is_last_dim(dim: int, ndim: int) -> bool:
+    return (dim + ndim if dim < 0 else dim) == ndim - 1
+
+
+def _cat(func, args: tuple, kwargs: dict) -> Tensor | None:
+    """``torch.cat`` of sharded logits of one vocabulary along another dim (sharded), else ``None``."""
+    parts = args[0] if args else kwargs.get("tensors")
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    if not isinstance(parts, (list, tuple)) or not parts or not all(isinstance(p, VocabShardedLogits) for p in parts):
+        return None
+    first = parts[0]
+    same = all(p.tp_group is first.tp_group and p.vocab_size == first.vocab_size for p in parts)
+    if not same or not isinstance(dim, int) or _is_last_dim(dim, first.dim()):
+        return None
+    return _like(func(*args, **kwargs), first)
 
 
 def _keeps_vocab_dim(name: str, args: tuple, kwargs: dict, src: VocabShardedLogits) -> bool:
