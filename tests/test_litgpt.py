@@ -166,6 +166,47 @@ def test_multi_query_litgpt_is_refused_by_name():
     assert _refusal(2)
 
 
+def _compiled_step(tp: int) -> dict:
+    """LitGPT's training loss (its chunked cross entropy) with the model, compiled as one function (fp32)."""
+    import torch._dynamo as dynamo
+    from litgpt.utils import chunked_cross_entropy
+
+    from lightning_tp.lightning.precision import all_reduce_partial_grads
+    from lightning_tp.policy import apply_policy
+
+    group = _dist.mesh(tp).tp_group
+    eager, compiled = build("llama", dtype=torch.float32), build("llama", dtype=torch.float32)
+    for model in (eager, compiled):
+        apply_policy(model, group, "auto", verify=False)
+    g = torch.Generator().manual_seed(0)
+    idx, tgt = torch.randint(0, 50, (2, SEQ), generator=g), torch.randint(0, 50, (2, SEQ), generator=g)
+    dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    step = torch.compile(lambda: chunked_cross_entropy(compiled(idx), tgt, chunk_size=8), backend=backend,
+                         fullgraph=True)  # fmt: skip
+    losses = []
+    for model, fn in ((eager, lambda: chunked_cross_entropy(eager(idx), tgt, chunk_size=8)), (compiled, step)):
+        loss = fn()
+        loss.backward()
+        all_reduce_partial_grads(list(model.parameters()), group)
+        losses.append(float(loss))
+    pairs = zip(eager.parameters(), compiled.parameters(), strict=True)
+    err = max(float((a.grad - b.grad).abs().max()) / max(1e-6, float(a.grad.abs().max())) for a, b in pairs)
+    return {"graphs": len(graphs), "losses": losses, "grad_err": err}
+
+
+def test_litgpt_training_loss_compiles_in_one_graph():
+    for rank, r in enumerate(_dist.run(2, _compiled_step, 2)):
+        eager, compiled = r["losses"]
+        assert r["graphs"] == 1, (rank, r)  # and no graph break (fullgraph=True)
+        assert abs(compiled - eager) <= 1e-6 * abs(eager) and r["grad_err"] <= 1e-6, (rank, r)
+
+
 def _fit_litgpt(world: int, tp: int, steps: int):
     import lightning as L
     import lit
