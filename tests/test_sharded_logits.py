@@ -141,9 +141,24 @@ def _chunked_losses(tp):
             _close(ls, ld)
             _close(xs.grad, xd.grad)
         assert gathers == [], "a chunked loss gathered the logits"
-        # a split of the vocabulary dim itself needs the dense logits: gathered, still right
-        _close(torch.cat(head(x).split(4, dim=-1), dim=-1), dense(x))
+        # a split or join of the vocabulary dim itself needs the dense logits: gathered, still right (review
+        # findings: numpy's axis= spelling, an out= buffer, a property set on the logits)
+        s, d = head(x).detach(), dense(x).detach()
+        _close(torch.cat(s.split(4, dim=-1), dim=-1), d)
         assert gathers
+        for got, want in ((torch.chunk(s, 2, axis=-1), torch.chunk(d, 2, axis=-1)), (s.unbind(axis=2), d.unbind(2)),
+                          ([torch.cat([s, s], axis=-1)], [torch.cat([d, d], -1)]),
+                          ([torch.concatenate([s, s], axis=2)], [torch.concatenate([d, d], axis=2)])):  # fmt: skip
+            assert len(got) == len(want) and not any(isinstance(g, VocabShardedLogits) for g in got)
+            for g, w in zip(got, want, strict=True):
+                _close(g, w)
+        assert all(isinstance(p, VocabShardedLogits) for p in torch.chunk(s, 2, axis=0))
+        buf = torch.empty(4, 6, V, dtype=torch.float64)
+        torch.cat([s, s], dim=0, out=buf)
+        _close(buf, torch.cat([d, d]))
+        t = head(x).detach()
+        t.requires_grad = True
+        assert t.requires_grad and isinstance(t, VocabShardedLogits)
     finally:
         comm.gather_from_tp = original
     return True

@@ -223,12 +223,14 @@ def _dispatch(func, args: tuple, kwargs: dict):
         prop = getattr(owner, "__name__", "")
         if prop not in _GATHERED_PROPERTIES:
             return func(*args, **kwargs)
-    elif name in _METADATA:
+    elif name in _METADATA or name == "__set__":  # a property set (logits.requires_grad = True): on the shard
         return func(*args, **kwargs)
     elif func in _CROSS_ENTROPY and (routed := _route_cross_entropy(args, kwargs)) is not None:
         return routed
     elif name in _SPLITS and args and args[0] is src and not _is_last_dim(_dim_arg(name, args, kwargs), src.dim()):
-        return tuple(_like(piece, src) for piece in func(*args, **kwargs))
+        pieces = func(*args, **kwargs)
+        if all(p.shape[-1] == src.shape[-1] for p in pieces):  # else the vocabulary was split: redone dense below
+            return tuple(_like(p, src) for p in pieces)
     elif name in _CATS and (joined := _cat(func, args, kwargs)) is not None:
         return joined
     elif (name in _LAYOUT_OPS and args and args[0] is src and _keeps_vocab_dim(name, args, kwargs, src)) or (
@@ -266,7 +268,7 @@ def _like(local: Tensor, src: VocabShardedLogits) -> VocabShardedLogits:
 
 def _dim_arg(name: str, args: tuple, kwargs: dict) -> int:
     pos = _SPLITS[name]
-    return args[pos] if len(args) > pos else kwargs.get("dim", 0)
+    return args[pos] if len(args) > pos else kwargs.get("dim", kwargs.get("axis", 0))  # numpy's name too
 
 
 def _is_last_dim(dim: int, ndim: int) -> bool:
@@ -276,8 +278,10 @@ def _is_last_dim(dim: int, ndim: int) -> bool:
 def _cat(func, args: tuple, kwargs: dict) -> Tensor | None:
     """``torch.cat`` of sharded logits of one vocabulary along another dim (sharded), else ``None``."""
     parts = args[0] if args else kwargs.get("tensors")
-    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-    if not isinstance(parts, (list, tuple)) or not parts or not all(isinstance(p, VocabShardedLogits) for p in parts):
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis", 0))
+    if "out" in kwargs or not isinstance(parts, (list, tuple)) or not parts:  # out=: a dense buffer, filled densely
+        return None
+    if not all(isinstance(p, VocabShardedLogits) for p in parts):
         return None
     first = parts[0]
     same = all(p.tp_group is first.tp_group and p.vocab_size == first.vocab_size for p in parts)
