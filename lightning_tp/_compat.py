@@ -19,6 +19,8 @@ torch (no public equivalent):
   :data:`LIGHTNING_HOOKS`) to reduce those flags over ranks too.
 * ``compile_counts`` (``torch._dynamo.utils.counters``): graphs and graph breaks ``torch.compile``
   made in this process (benchmarks and the GPU tests report them).
+* ``compiler_backend`` (``torch._dynamo.lookup_backend``): a registered ``torch.compile`` backend
+  by name, for a backend that wraps it (the tests record the graphs, then run ``aot_eager``).
 * ``compile_inputs_opaque`` (``torch._dynamo.config.nontraceable_tensor_subclasses``): a
   ``__torch_function__`` subclass that enters a compiled region from outside (an argument, or a
   value live across a graph break) is run eagerly there instead of becoming a graph input that the
@@ -86,6 +88,14 @@ def compile_counts() -> tuple[int, int]:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"]), int(sum(counters["graph_break"].values()))
+
+
+def compiler_backend(name: str):
+    """The ``torch.compile`` backend registered as ``name`` (``"aot_eager"``, ``"inductor"``), callable as
+    ``backend(graph_module, example_inputs)``."""
+    import torch._dynamo
+
+    return torch._dynamo.lookup_backend(name)
 
 
 def compile_inputs_opaque(cls: type) -> None:
@@ -179,6 +189,7 @@ __all__ = [
     "check_inf_per_device",
     "compile_counts",
     "compile_inputs_opaque",
+    "compiler_backend",
     "lightning_class",
     "run_exit_handlers",
     "clear_exit_handlers",

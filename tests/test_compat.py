@@ -183,7 +183,7 @@ class _Doubled(torch.Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        with torch._C.DisableTorchFunctionSubclass():
+        with _compat.DisableTorchFunctionSubclass():
             out = func(*args, **(kwargs or {}))
         return out * 2 if func is torch.Tensor.sum else out
 
@@ -198,9 +198,23 @@ def test_compile_inputs_opaque_runs_a_subclass_argument_eagerly():
     try:
         _compat.compile_inputs_opaque(_Doubled)
         assert _Doubled in torch._dynamo.config.nontraceable_tensor_subclasses
-        torch._dynamo.reset()
+        torch.compiler.reset()
         got = torch.compile(lambda t: t.sum() + 1, backend="aot_eager")(x)
         assert float(got) == 13.0  # 2 * 6 + 1: the subclass's meaning, run eagerly
     finally:
         torch._dynamo.config.nontraceable_tensor_subclasses.discard(_Doubled)
-        torch._dynamo.reset()
+        torch.compiler.reset()
+
+
+def test_compiler_backend_is_a_callable_backend():
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return _compat.compiler_backend("aot_eager")(gm, example_inputs)
+
+    torch.compiler.reset()
+    x = torch.arange(3.0, requires_grad=True)
+    y = torch.compile(lambda t: (t.sin() * 2).sum(), backend=recording, fullgraph=True)(x)
+    y.backward()
+    assert len(graphs) == 1 and torch.allclose(x.grad, 2 * x.detach().cos())

@@ -75,11 +75,12 @@ def _rel(pairs) -> float:
 
 
 def _recording(graphs: list):
-    """The aot_eager backend, keeping each graph Dynamo hands it."""
+    """The aot_eager backend, keeping each graph Dynamo hands it (``len(graphs)``: how many it made)."""
+    from lightning_tp._compat import compiler_backend
 
     def backend(gm, example_inputs):
         graphs.append(gm)
-        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+        return compiler_backend("aot_eager")(gm, example_inputs)
 
     return backend
 
@@ -96,8 +97,6 @@ def _widest(graphs, width: int) -> list[str]:
 
 
 def _case(kind: str, sp: bool, how: str) -> dict:
-    import torch._dynamo as dynamo
-
     from lightning_tp.engine.compiled import compile_layers
     from lightning_tp.engine.loss import VocabShardedLogits
     from lightning_tp.policy import apply_policy
@@ -110,7 +109,7 @@ def _case(kind: str, sp: bool, how: str) -> dict:
     g = torch.Generator().manual_seed(1)
     idx, tgt = torch.randint(0, VOCAB, (2, SEQ), generator=g), torch.randint(0, VOCAB, (2, SEQ), generator=g)
 
-    dynamo.reset()
+    torch.compiler.reset()
     graphs: list = []  # fullgraph=True: a graph break is an error; every graph Dynamo made is recorded
     backend = _recording(graphs)
     if how == "model":
@@ -168,9 +167,14 @@ def _smoothed(head, x, t):
     return torch.nn.functional.cross_entropy(head(x), t, label_smoothing=0.1, ignore_index=-100)
 
 
+@torch.compiler.disable
+def _log_step() -> None:
+    """Code the compiler does not trace (a logging call): a graph break where it is called."""
+
+
 def _broken_by_a_graph_break(head, x, t):  # Hugging Face style: cast, view by the full vocabulary, F.cross_entropy
     logits = head(x)
-    torch._dynamo.graph_break()
+    _log_step()
     return torch.nn.functional.cross_entropy(logits.float().view(-1, 31).double(), t.view(-1))
 
 
@@ -182,8 +186,6 @@ def _chunked(head, x, t):  # LitGPT's chunked cross entropy: the logits split ov
 
 def _edges() -> dict:
     """Compiled against eager (float64) where the sharded logits meet the compiler's edges."""
-    import torch._dynamo as dynamo
-
     from lightning_tp import cross_entropy
     from lightning_tp.engine.loss import VocabShardedLogits
 
@@ -196,12 +198,12 @@ def _edges() -> dict:
     t[1] = -100
     t[4] = 30  # the last real column, next to the padding
     for name, fn in (("smoothed", _smoothed), ("chunked", _chunked), ("graph_break", _broken_by_a_graph_break)):
-        dynamo.reset()
-        explained = dynamo.explain(fn)(head, x, t)
+        torch.compiler.reset()
+        graphs: list = []
         eager_loss, eager_grads = _grads_after(fn, head, x, t)
-        comp_loss, comp_grads = _grads_after(torch.compile(fn, backend="aot_eager"), head, x, t)
+        comp_loss, comp_grads = _grads_after(torch.compile(fn, backend=_recording(graphs)), head, x, t)
         out[name] = {"loss": (eager_loss, comp_loss), "grad_err": _rel(zip(eager_grads, comp_grads, strict=True)),
-                     "graphs": explained.graph_count, "breaks": explained.graph_break_count}  # fmt: skip
+                     "graphs": len(graphs)}  # fmt: skip
     bad = t.clone()
     bad[2] = 31  # out of range: a check in the graph (no .item()), raised when it runs
     try:
@@ -210,7 +212,7 @@ def _edges() -> dict:
     except Exception as exc:  # noqa: BLE001 - reported to the test
         out["bad_target"] = f"{type(exc).__name__}: {exc}"
     # a compiled loss function given eager sharded logits: an argument of the subclass, used eagerly inside
-    dynamo.reset()
+    torch.compiler.reset()
     logits = head(x)
     assert isinstance(logits, VocabShardedLogits)
     compiled_loss = torch.compile(lambda z, y: cross_entropy(z * 0.5, y), backend="aot_eager")
@@ -224,7 +226,6 @@ def _hf_labels_loss() -> dict:
     if importlib.util.find_spec("transformers") is None:
         return {"skipped": "transformers (extra 'hf') not installed"}
     import hf_zoo
-    import torch._dynamo as dynamo
 
     from lightning_tp.lightning.precision import all_reduce_partial_grads
     from lightning_tp.policy import apply_policy
@@ -236,7 +237,7 @@ def _hf_labels_loss() -> dict:
         apply_policy(model, group, "auto", verify=False)
     kwargs = hf_zoo.inputs("llama", dense)
     labels = hf_zoo.targets("llama", dense, kwargs)
-    dynamo.reset()
+    torch.compiler.reset()
     graphs: list = []
     step = torch.compile(lambda: compiled(**kwargs, labels=labels).loss, backend=_recording(graphs), fullgraph=True)
     losses = []

@@ -168,8 +168,8 @@ def test_multi_query_litgpt_is_refused_by_name():
 
 def _compiled_step(tp: int) -> dict:
     """LitGPT's training loss (its chunked cross entropy) with the model, compiled as one function (fp32)."""
-    import torch._dynamo as dynamo
     from litgpt.utils import chunked_cross_entropy
+    from test_compile import _recording
 
     from lightning_tp.lightning.precision import all_reduce_partial_grads
     from lightning_tp.policy import apply_policy
@@ -180,14 +180,9 @@ def _compiled_step(tp: int) -> dict:
         apply_policy(model, group, "auto", verify=False)
     g = torch.Generator().manual_seed(0)
     idx, tgt = torch.randint(0, 50, (2, SEQ), generator=g), torch.randint(0, 50, (2, SEQ), generator=g)
-    dynamo.reset()
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return dynamo.lookup_backend("aot_eager")(gm, example_inputs)
-
-    step = torch.compile(lambda: chunked_cross_entropy(compiled(idx), tgt, chunk_size=8), backend=backend,
+    torch.compiler.reset()
+    graphs: list = []  # fullgraph=True: a graph break is an error
+    step = torch.compile(lambda: chunked_cross_entropy(compiled(idx), tgt, chunk_size=8), backend=_recording(graphs),
                          fullgraph=True)  # fmt: skip
     losses = []
     for model, fn in ((eager, lambda: chunked_cross_entropy(eager(idx), tgt, chunk_size=8)), (compiled, step)):

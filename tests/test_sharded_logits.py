@@ -21,13 +21,18 @@ def _close(a, b):
     torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
 
-def _ops(tp):
-    m = _dist.mesh(tp)
+def _head_and_batch(tp: int, seq: int):
+    """A dense float64 LM head (8 -> V), its vocab-parallel copy at TP ``tp``, inputs ``(2, seq, 8)`` and targets."""
     torch.manual_seed(0)
     dense = torch.nn.Linear(8, V, bias=False).double()
-    head = VocabParallelLMHead.from_dense(dense, m.tp_group, gather_output=False)
-    x = torch.randn(2, 5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    y = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(2))
+    head = VocabParallelLMHead.from_dense(dense, _dist.mesh(tp).tp_group, gather_output=False)
+    x = torch.randn(2, seq, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, V, (2, seq), generator=torch.Generator().manual_seed(2))
+    return dense, head, x, y
+
+
+def _ops(tp):
+    dense, head, x, y = _head_and_batch(tp, 5)
     y[0, 0] = 3
     d, s = dense(x), head(x)
     assert isinstance(s, VocabShardedLogits) and s.shape[-1] < V
@@ -103,12 +108,7 @@ def _chunked_losses(tp):
     each piece stays sharded (no gather at all), values and gradients are the dense ones."""
     import lightning_tp.engine.comm as comm
 
-    m = _dist.mesh(tp)
-    torch.manual_seed(0)
-    dense = torch.nn.Linear(8, V, bias=False).double()
-    head = VocabParallelLMHead.from_dense(dense, m.tp_group, gather_output=False)
-    x = torch.randn(2, 6, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    y = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(2))
+    dense, head, x, y = _head_and_batch(tp, 6)
     y[1, 2] = -100
 
     def chunked(z, t):  # split / chunk / tensor_split / unbind over tokens, one loss per piece

@@ -166,10 +166,8 @@ class VocabShardedLogits(Tensor):
         copy that was gathered without it. Collective: every TP rank must call it."""
         from lightning_tp.engine.comm import gather_from_tp
 
-        if torch.compiler.is_compiling():  # traced: not kept (a tensor's __dict__ is not traceable)
-            with DisableTorchFunctionSubclass():
-                return gather_from_tp(self, self.tp_group)[..., : self.vocab_size]
-        cached = self.__dict__.get("_gathered")
+        traced = torch.compiler.is_compiling()  # traced: nothing kept (a tensor's __dict__ is not traceable)
+        cached = None if traced else self.__dict__.get("_gathered")
         if cached is not None:
             dense, version, dense_version = cached
             tracked = not (torch.is_grad_enabled() and self.requires_grad and dense.grad_fn is None)
@@ -177,7 +175,8 @@ class VocabShardedLogits(Tensor):
                 return dense  # unchanged on both sides, and gathered with autograd when it is needed now
         with DisableTorchFunctionSubclass():
             dense = gather_from_tp(self, self.tp_group)[..., : self.vocab_size]  # (..., V)
-        self.__dict__["_gathered"] = (dense, tensor_version(self), tensor_version(dense))
+        if not traced:
+            self.__dict__["_gathered"] = (dense, tensor_version(self), tensor_version(dense))
         return dense
 
     def __repr__(self, *, tensor_contents=None) -> str:  # no collective: printing on one rank must not hang
@@ -244,7 +243,7 @@ def _dispatch(func, args: tuple, kwargs: dict):
                 if not torch.compiler.is_compiling():  # traced: nothing is kept
                     src.__dict__.pop("_gathered", None)
                 return src
-            return VocabShardedLogits.wrap(out, src.tp_group, src.vocab_size, src.workspace)
+            return _like(out, src)
         if name[-1:] == "_" or out is src:
             return out
         # the op moved or merged the vocabulary dim: do it again on the dense logits
@@ -263,6 +262,7 @@ def _dispatch(func, args: tuple, kwargs: dict):
 
 
 def _like(local: Tensor, src: VocabShardedLogits) -> VocabShardedLogits:
+    """``local`` (a result of an op on ``src``'s shard that kept the vocabulary dim) as sharded logits like ``src``."""
     return VocabShardedLogits.wrap(local, src.tp_group, src.vocab_size, src.workspace)
 
 
@@ -386,16 +386,20 @@ def _check_targets(target: Tensor, vocab_size: int, ignore_index: int) -> None:
     if target.device.type == "meta" or target.numel() == 0:
         return
     bad = (target != ignore_index) & ((target < 0) | (target >= vocab_size))
-    if (
-        target.device.type != "cpu" or torch.compiler.is_compiling()
-    ):  # a device-side assert: no synchronisation on every step (an error, not a
-        # target no rank holds, whose loss would silently miss its logit)
+    # On a GPU a device-side assert: no synchronisation on every step (an error, not a target no rank holds,
+    # whose loss would silently miss its logit). Traced by torch.compile: the same check, kept in the graph.
+    if target.device.type != "cpu" or torch.compiler.is_compiling():
         assert_async(~bad.any(), f"a target is out of bounds for a vocabulary of {vocab_size} classes "
                                  f"(and is not ignore_index={ignore_index}).")  # fmt: skip
         return
     if bool(bad.any()):
         value = int(target[bad][0])
         raise IndexError(f"target {value} is out of bounds for a vocabulary of {vocab_size} classes.")
+
+
+def _padding(m: int, n_valid: int, device: torch.device) -> Tensor:
+    """``(m,)``: which of a shard's ``m`` vocabulary columns are padding (the ones at or past ``n_valid``)."""
+    return torch.arange(m, device=device) >= n_valid
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -429,9 +433,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             terms.append(valid.sum(dim=-1, dtype=cdtype) - n_valid * zmax)  # (...) sum_j (z_j - M)
         traced = ctx.traced = torch.compiler.is_compiling()  # traced: no in-place reuse, the compiler plans memory
         if traced:
-            exp = (logits.to(cdtype) - zmax.unsqueeze(-1)).exp()  # (..., m)
-            if n_valid < m:
-                exp = exp.masked_fill(torch.arange(m, device=exp.device) >= n_valid, 0.0)
+            exp = (logits.to(cdtype) - zmax.unsqueeze(-1)).exp().masked_fill(_padding(m, n_valid, logits.device), 0.0)
         else:
             exp = None if workspace is None else workspace.take(logits.shape, cdtype, logits.device)
             exp = torch.sub(logits, zmax.unsqueeze(-1), out=exp)  # (..., m) in cdtype: the one large buffer
@@ -463,7 +465,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             grad = (exp * (g / sum_exp).unsqueeze(-1)).scatter_add(-1, local_t.unsqueeze(-1), target_grad)
             if ctx.eps > 0:
                 smooth = (g * (ctx.eps / ctx.vocab_size)).unsqueeze(-1)
-                grad = grad - smooth.masked_fill(torch.arange(grad.shape[-1], device=grad.device) >= ctx.n_valid, 0.0)
+                grad = grad - smooth.masked_fill(_padding(grad.shape[-1], ctx.n_valid, grad.device), 0.0)
             return grad.to(ctx.in_dtype), None, None, None, None, None, None
         grad = exp.mul_((g / sum_exp).unsqueeze(-1))  # (..., m) in place: g * softmax
         grad.scatter_add_(-1, local_t.unsqueeze(-1), target_grad)
