@@ -7,7 +7,8 @@ copy of it with local head counts; the model's config keeps the full values. Eac
 below (tiny, float64) is rewritten at TP 2 and TP 4 and compared with its dense copy: logits
 (vocab-sharded logits gathered) and every parameter's gradient (sharded ones gathered, partial ones
 summed over TP), ``verify=True`` included; then a few generated tokens with LitGPT's KV cache. A
-Trainer run at TP 2 gives the single-process losses.
+Trainer run at TP 2 gives the single-process losses. LitGPT's own named configs, one per layout
+family it ships (shrunk), are compared the same way at TP 2.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ SEQ = 12
 RTOL = 1e-10  # max abs error relative to max(1, max |dense|) (logits) or max(1e-4, max |dense grad|)
 # LitGPT's RMSNorm computes in float32 even in a float64 model (x.float()): the q/k norms' weight gradients
 # are sums over heads, per rank then over TP, in float32, so they agree to float32 rounding only.
-GRAD_RTOL = {"qwen3": 1e-6}
+GRAD_RTOL = {"qwen3": 1e-6, "olmo2": 1e-6}
+# OLMo-2's q/k norms (float32 inside) turn the float64 rounding of TP's sums into float32 rounding
+LOGIT_RTOL = {"olmo2": 1e-6}
 
 BASE = dict(block_size=32, n_layer=2, n_embd=32, vocab_size=50, padding_multiple=16)  # padded vocabulary: 64
 ARCHS = {
@@ -37,6 +40,11 @@ ARCHS = {
     # Qwen3-style: as llama plus RMSNorm over head_size on q and k (partial gradients under TP), tied head
     "qwen3": dict(n_head=8, n_query_groups=4, norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP",
                   intermediate_size=48, bias=False, parallel_residual=False, norm_qk=True, tied=True),
+    # OLMo-2-style: RMSNorm over all q heads (and all k heads) before the head split, norms after attention
+    # and MLP; the q/k norms read the whole width (style gather_input)
+    "olmo2": dict(n_head=8, n_query_groups=4, norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP",
+                  intermediate_size=48, bias=False, parallel_residual=False, norm_qk=True, norm_qk_type="olmo2",
+                  post_attention_norm=True, post_mlp_norm=True),
     # Pythia / GPT-NeoX: parallel residual, partial rotary (a quarter of each head), biases, tied head
     "pythia": dict(n_head=4, n_query_groups=4, norm_class_name="LayerNorm", mlp_class_name="GptNeoxMLP",
                    intermediate_size=64, bias=True, parallel_residual=True, rotary_percentage=0.25, tied=True),
@@ -86,15 +94,12 @@ def _generate(model, idx, steps):
 
 
 def _case(arch: str, tp: int) -> dict:
-    from lightning_tp.engine.loss import gather_logits
-    from lightning_tp.lightning.precision import all_reduce_partial_grads
     from lightning_tp.policy import apply_policy
 
     group = _dist.mesh(tp).tp_group
     dense = build(arch)
     model = copy.deepcopy(dense)
-    idx = torch.randint(0, 50, (2, SEQ), generator=torch.Generator().manual_seed(1))
-    tgt = torch.randint(0, 50, (2, SEQ), generator=torch.Generator().manual_seed(2))
+    idx, tgt = _batch()
     plan = apply_policy(model, group, "auto", verify=True, example_input=idx)
     attn = model.transformer.h[0].attn
     out = {
@@ -104,25 +109,39 @@ def _case(arch: str, tp: int) -> dict:
         "attn_heads": (attn.config.n_head, attn.config.n_query_groups),
         "mlp_config_shared": model.transformer.h[0].mlp.config is model.config,
         "tied": model.lm_head.weight is model.transformer.wte.weight,
+        "gathered": [m.name for m in plan.modules if m.style == "gather_input"],
     }
-    ld, lt = dense(idx), model(idx)
-    ref = F.cross_entropy(ld.reshape(-1, ld.size(-1)), tgt.reshape(-1))
-    got = F.cross_entropy(lt.reshape(-1, lt.size(-1)), tgt.reshape(-1))
-    out["logit_err"] = float((gather_logits(lt.detach()) - ld.detach()).abs().max()) / max(1.0, float(ld.abs().max()))
-    ref.backward()
-    got.backward()
-    all_reduce_partial_grads(list(model.parameters()), group)
-    dense_params = dict(dense.named_parameters())
-    errs = {}
-    for name, param in model.named_parameters():
-        g = _gather_grad(param, param.grad.detach(), group)
-        r = dense_params[name].grad
-        errs[name] = float((g - r).abs().max()) / max(1e-4, float(r.abs().max()))
-    out["grad_err"] = errs
-    out["same_params"] = sorted(dense_params) == sorted(n for n, _ in model.named_parameters())
+    out.update(_compare(dense, model, idx, tgt, group))
+    out["same_params"] = sorted(n for n, _ in dense.named_parameters()) == sorted(
+        n for n, _ in model.named_parameters()
+    )
     with torch.no_grad():
         out["generated"] = (_generate(dense, idx, 4).tolist(), _generate(model, idx, 4).tolist())
     return out
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 50, (2, SEQ), generator=g), torch.randint(0, 50, (2, SEQ), generator=g)
+
+
+def _compare(dense, model, idx, tgt, group) -> dict:
+    """The rewritten model's logits and every parameter's gradient (sharded ones gathered, partial
+    ones summed over TP) against the dense model's, relative to their size."""
+    from lightning_tp.engine.loss import gather_logits
+    from lightning_tp.lightning.precision import all_reduce_partial_grads
+
+    ld, lt = dense(idx), model(idx)
+    F.cross_entropy(ld.reshape(-1, ld.size(-1)), tgt.reshape(-1)).backward()
+    F.cross_entropy(lt.reshape(-1, lt.size(-1)), tgt.reshape(-1)).backward()
+    all_reduce_partial_grads(list(model.parameters()), group)
+    dense_params = dict(dense.named_parameters())
+    grad_err = {}
+    for name, param in model.named_parameters():
+        g, r = _gather_grad(param, param.grad.detach(), group), dense_params[name].grad
+        grad_err[name] = float((g - r).abs().max()) / max(1e-4, float(r.abs().max()))
+    logit_err = float((gather_logits(lt.detach()) - ld.detach()).abs().max()) / max(1.0, float(ld.abs().max()))
+    return {"logit_err": logit_err, "grad_err": grad_err}
 
 
 def _run(tp: int) -> dict:
@@ -146,7 +165,9 @@ def test_litgpt_matches_dense(results, arch):
         assert ("transformer.h.0.attn", "config.n_head", full[0], full[0] // tp) in r["changes"], r["changes"]
         assert r["mlp_config_shared"] and r["tied"] == ARCHS[arch].get("tied", False), where
         assert r["same_params"], where
-        assert r["logit_err"] <= RTOL, (where, r["logit_err"])
+        assert r["logit_err"] <= LOGIT_RTOL.get(arch, RTOL), (where, r["logit_err"])
+        gathered = [f"transformer.h.{i}.attn.norm_{x}" for i in range(2) for x in "qk"] if arch == "olmo2" else []
+        assert r["gathered"] == gathered, (where, r["gathered"])
         bad = {n: e for n, e in r["grad_err"].items() if e > GRAD_RTOL.get(arch, RTOL)}
         assert not bad, (where, bad)
         dense_tokens, tp_tokens = r["generated"]
@@ -244,19 +265,23 @@ def test_litgpt_and_the_project_extras_import_together():
 
 
 def _deferred(tp: int) -> dict:
+    return {arch: _deferred_one(arch, tp) for arch in ("llama", "olmo2")}
+
+
+def _deferred_one(arch: str, tp: int) -> dict:
     import warnings
 
     from lightning_tp.engine.init import Materializer, is_deferred
     from lightning_tp.policy import apply_policy
 
     with torch.device("meta"):
-        model = build("llama")  # never dense: built on meta, materialized one layer at a time
+        model = build(arch)  # never dense: built on meta, materialized one layer at a time
     idx = torch.randint(0, 50, (2, SEQ), generator=torch.Generator().manual_seed(1))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         apply_policy(model, _dist.mesh(tp).tp_group, "auto", verify=True, example_input=idx,
                      materializer=Materializer(model, "cpu", 1234))  # fmt: skip
-    dense = build("llama")
+    dense = build(arch)
     return {
         "deferred": is_deferred(model),
         "rope_cache": torch.equal(model.cos, dense.cos) and torch.equal(model.sin, dense.sin),
@@ -268,6 +293,111 @@ def _deferred(tp: int) -> dict:
 def test_litgpt_built_on_meta_is_materialized_and_verified_block_by_block():
     """Deferred init: LitGPT built on the meta device, materialized layer by layer (its rope cache
     recomputed by GPT.reset_parameters), each block checked against the same block built dense
-    (verify=True) with nothing left unchecked."""
-    for r in _dist.run(WORLD, _deferred, 2):
-        assert not r["deferred"] and r["rope_cache"] and r["heads"] == 4 and not r["warnings"], r
+    (verify=True) with nothing left unchecked; OLMo-2's gathered q/k norms included."""
+    for per_arch in _dist.run(WORLD, _deferred, 2):
+        for r in per_arch.values():
+            assert not r["deferred"] and r["rope_cache"] and r["heads"] == 4 and not r["warnings"], per_arch
+
+
+def _olmo2_sequence_parallel(tp: int) -> list[str]:
+    from lightning_tp.policy import apply_policy
+
+    model = build("olmo2")
+    idx = torch.randint(0, 50, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    plan = apply_policy(model, _dist.mesh(tp).tp_group, "auto", verify=True, example_input=idx, sequence_parallel=True)
+    return [f"{m.name}:{m.style}:{m.options.get('partial_grad', False)}" for m in plan.modules if "norm_" in m.name]
+
+
+def test_litgpt_olmo2_under_sequence_parallelism():
+    """OLMo-2's whole-width q/k norms under sequence parallelism: verify=True compares outputs and
+    gradients (partial ones summed over TP) with the dense model. The norms gather their input and
+    their gradients are partial, as are those of the norms that run on this rank's sequence chunk."""
+    for rows in _dist.run(2, _olmo2_sequence_parallel, 2):
+        assert "transformer.h.0.attn.norm_q:gather_input:True" in rows, rows
+        assert "transformer.h.0.norm_1:replicate:True" in rows, rows
+
+
+# -- LitGPT's own named configs, shrunk: one per layout family it ships ------------------------------------
+# Each keeps what makes its family different (MoE, sliding windows, softcapping, post-norms, q/k norms,
+# rope scaling, attention biases, head_size apart from n_embd / n_head, the q:kv head ratio) and gets
+# 2 layers, width 32, 8 heads, vocabulary 50.
+ZOO = [
+    "stablelm-base-alpha-3b", "stablelm-3b-4e1t", "Falcon3-1B-Base", "Llama-3.1-8B", "OLMo-1B-hf",
+    "OLMo-2-1124-7B", "Gemma-7b", "Gemma-2-2b", "Gemma-3-4b-it", "phi-1_5", "Phi-3-mini-4k-instruct",
+    "Mixtral-8x7B-v0.1", "Qwen2.5-0.5B", "Qwen3-0.6B", "Qwen3-30B-A3B",
+]  # fmt: skip
+ZOO_MULTI_QUERY = ["Gemma-3-1b-it", "falcon-7b"]  # one key/value head: refused by name
+
+
+def build_named(name: str, dtype=torch.float64):
+    from litgpt.config import Config
+    from litgpt.model import GPT
+
+    base = Config.from_name(name)
+    ratio = min(base.n_head // base.n_query_groups, 4)
+    kw: dict = dict(n_layer=2, block_size=32, vocab_size=50, padding_multiple=16, padded_vocab_size=None, n_embd=32,
+                    n_head=8, n_query_groups=1 if base.n_query_groups == 1 else 8 // ratio, intermediate_size=48)  # fmt: skip
+    if base.head_size * base.n_head != base.n_embd:
+        kw["head_size"] = 8  # Gemma: heads wider than n_embd / n_head
+    if base.n_expert:
+        kw.update(n_expert=4, n_expert_per_token=2, moe_intermediate_size=16)
+    if base.sliding_window_size:
+        kw["sliding_window_size"] = 4  # shorter than the test sequence
+    if base.rope_adjustments and "original_max_seq_len" in base.rope_adjustments:
+        kw["rope_adjustments"] = dict(base.rope_adjustments, original_max_seq_len=16)
+    torch.manual_seed(0)
+    return GPT(Config.from_name(name, **kw)).to(dtype)
+
+
+def _zoo_case(name: str, tp: int) -> dict:
+    from lightning_tp.errors import ShardingError
+    from lightning_tp.policy import apply_policy
+
+    group = _dist.mesh(tp).tp_group
+    dense = build_named(name)
+    model = copy.deepcopy(dense)
+    idx, tgt = _batch()
+    try:
+        apply_policy(model, group, "auto", verify=True, example_input=idx)
+    except ShardingError as err:
+        return {"refused": str(err)}
+    return _compare(dense, model, idx, tgt, group)
+
+
+def _zoo(tp: int) -> dict:
+    return {name: _zoo_case(name, tp) for name in ZOO + ZOO_MULTI_QUERY}
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    return _dist.run(2, _zoo, 2)
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_litgpt_named_config_matches_dense(zoo, name):
+    """Float32 rounding where LitGPT computes in float32 inside the float64 model (its RMSNorm)."""
+    for rank, per_name in enumerate(zoo):
+        r = per_name[name]
+        assert "refused" not in r, (name, rank, r)
+        assert r["logit_err"] <= 1e-6, (name, rank, r["logit_err"])
+        bad = {n: e for n, e in r["grad_err"].items() if e > 1e-6}
+        assert not bad, (name, rank, bad)
+
+
+@pytest.mark.parametrize("name", ZOO_MULTI_QUERY)
+def test_litgpt_named_multi_query_config_is_refused(zoo, name):
+    for per_name in zoo:
+        assert "config.n_query_groups=1 key/value heads cannot be split" in per_name[name].get("refused", ""), name
+
+
+def test_litgpt_mixture_of_experts_router_stays_whole_and_sequence_parallelism_is_refused():
+    from lightning_tp.policy import PolicyError, plan_policy
+
+    plan = plan_policy(build_named("Mixtral-8x7B-v0.1"), 2, "auto", strict=True)  # nothing unmatched
+    rows = {m.name: m.style for m in plan.modules}
+    assert rows["transformer.h.0.mlp.gate"] == "replicate" and rows["transformer.h.0.mlp.experts.3.proj"] == "row"
+
+    with pytest.raises(
+        PolicyError, match=r"'transformer.h.0.mlp' routes tokens to 4 experts.*'transformer.h.0.mlp.gate"
+    ):
+        plan_policy(build_named("Mixtral-8x7B-v0.1"), 2, "auto", sequence_parallel=True)

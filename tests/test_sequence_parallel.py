@@ -350,3 +350,53 @@ def _check_gather_cache_with_inner_checkpoint():
 
 def test_sequence_gather_shards_survive_an_inner_recompute_and_are_freed():
     assert all(_dist.run(2, _check_gather_cache_with_inner_checkpoint))
+
+
+class _MLP(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.fc, self.fc2 = torch.nn.Linear(d, 2 * d), torch.nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc(x)))
+
+
+class _StackedMLPs(torch.nn.Module):
+    """Blocks in an nn.ModuleList, called one after the other on every token."""
+
+    def __init__(self, vocab=30, d=16, n=3):
+        super().__init__()
+        self.tok, self.head = torch.nn.Embedding(vocab, d), torch.nn.Linear(d, vocab, bias=False)
+        self.layers = torch.nn.ModuleList(_MLP(d) for _ in range(n))
+
+    def forward(self, idx):
+        x = self.tok(idx)
+        for layer in self.layers:
+            x = x + layer(x)
+        return self.head(x)
+
+
+class _RoutedMLPs(_StackedMLPs):
+    """The same blocks as experts: each token goes to its best-scoring one (a router parameter, not a
+    LitGPT/HF-style gate layer)."""
+
+    def __init__(self, vocab=30, d=16, n=3):
+        super().__init__(vocab, d, n)
+        self.router = torch.nn.Parameter(torch.randn(n, d))
+
+    def forward(self, idx):
+        x = self.tok(idx)
+        choice = (x @ self.router.t()).argmax(-1)  # (B, T)
+        out = torch.zeros_like(x)
+        for i, expert in enumerate(self.layers):
+            mask = choice == i
+            out[mask] = expert(x[mask])  # the tokens routed here: (n_i, d)
+        return self.head(x + out)
+
+
+def test_mixture_of_experts_is_refused_under_sequence_parallelism_and_a_plain_stack_is_not():
+    plan = plan_policy(_StackedMLPs(), 2, "auto", sequence_parallel=True)
+    assert {r.name for r in plan.modules if r.style == "sequence_gather"} == {"layers.0", "layers.1", "layers.2"}
+    plan_policy(_RoutedMLPs(), 2, "auto")  # tensor parallelism alone: each expert split as an MLP
+    with pytest.raises(PolicyError, match=r"'_RoutedMLPs' routes tokens to 3 experts \(layers\.\*, router 'router'\)"):
+        plan_policy(_RoutedMLPs(), 2, "auto", sequence_parallel=True)

@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import nn
 
+from lightning_tp.engine.features import gathered_width
 from lightning_tp.engine.layers import check_heads
 from lightning_tp.engine.sharding import ShardSpec
 from lightning_tp.errors import ShardingError
@@ -30,13 +31,14 @@ from lightning_tp.policy.rules import (
     WIDTH_ATTRS,
     PolicyError,
     Rule,
+    expert_routers,
     head_sources,
     head_value,
     infer_vocab_size,
     positive_int,
     resolve_rules,
 )
-from lightning_tp.policy.styles import ALL_STYLES, STYLES, Column, Row, Style, Vocab, as_linear
+from lightning_tp.policy.styles import ALL_STYLES, STYLES, Column, GatherInput, Row, Style, Vocab, as_linear
 from lightning_tp.policy.ties import check_ties
 
 PLAN_ATTR = "_lightning_tp_plan"  # where apply_plan leaves the applied plan on the rewritten model
@@ -210,7 +212,7 @@ def _match(
             continue
         used.add(pattern)
         rule, shown = rules[pattern], (None if source == "auto" else pattern)
-        if not STYLES[rule.style].replaces and not ("partial_grad" in rule.options and _own_params(module)):
+        if not STYLES[rule.style].replaces and not STYLES[rule.style].acts_on(module, rule.options):
             if candidate:
                 planned[name] = planned_row(name, module, rule, shown, tp)
             continue
@@ -257,6 +259,7 @@ def _check_sequence_parallel(modules: dict[str, nn.Module], entries: list[Planne
                 "holds a column layer, and this one sits directly in the model. Put it in a submodule (a block), "
                 "or use sequence_parallel=False."
             )
+    _check_no_experts(modules, entries)
     if not any(isinstance(e.kind, Vocab) and as_linear(modules[e.name]) is not None for e in entries) and not any(
         isinstance(e.kind, Column) and e.options.get("gather_output") for e in entries
     ):
@@ -264,6 +267,23 @@ def _check_sequence_parallel(modules: dict[str, nn.Module], entries: list[Planne
             "sequence_parallel=True needs the model's output to leave through a vocab-parallel LM head (or a "
             "column layer with gather_output): otherwise the output stays sequence-sharded. Add the head to the "
             "policy as 'vocab', or use sequence_parallel=False."
+        )
+
+
+def _check_no_experts(modules: dict[str, nn.Module], entries: list[PlannedModule]) -> None:
+    """Sequence parallelism gathers the sequence at the input of each block holding column layers; a
+    mixture-of-experts layer (:func:`~lightning_tp.policy.rules.expert_routers`) calls its experts on
+    the tokens routed to them, which differ per rank."""
+    blocks: dict[str, set[int]] = {}  # block -> input widths of its column layers
+    for e in entries:
+        if isinstance(e.kind, Column):
+            blocks.setdefault(e.name.rpartition(".")[0], set()).add(e.full_shape[1])
+    for owner_name, list_name, n, routers in expert_routers(modules, blocks):
+        raise PolicyError(
+            f"module {owner_name or type(modules[owner_name]).__name__!r} routes tokens to {n} experts ({list_name}.*, "
+            f"router {routers[0]!r}): sequence parallelism would gather the sequence at each expert's input, but each "
+            "rank routes different tokens to it. Use sequence_parallel=False for this mixture-of-experts model "
+            "(tensor parallelism splits each expert as an MLP)."
         )
 
 
@@ -292,7 +312,7 @@ def _plan_sequence_parallel(modules: dict[str, nn.Module], planned: dict[str, Pl
       rank's sequence chunk; inside a block it runs on the gathered sequence, but the gather's
       backward (a reduce-scatter) is where the column layers' partial input grads are summed, so
       what runs before them sees partial grads too. A policy entry with an explicit ``partial_grad``
-      stands.
+      stands; a ``gather_input`` row keeps its style and gets ``partial_grad`` too.
     """
     blocks: dict[str, set[int]] = {}
     for row in planned.values():
@@ -322,6 +342,9 @@ def _plan_sequence_parallel(modules: dict[str, nn.Module], planned: dict[str, Pl
             any(id(p) not in split for p in _own_params(module))  # not only a holder of a split layer's parameter
             and "partial_grad" not in (planned[name].options if name in planned else {})
         ):
+            if name in planned and isinstance(planned[name].kind, GatherInput):
+                planned[name].options["partial_grad"] = True  # its backward then keeps each rank's part
+                continue
             rule = Rule("replicate", {"partial_grad": True})
             planned[name] = planned_row(name, module, rule, None, tp, "partial under sequence parallelism")
 
@@ -360,15 +383,21 @@ def _plan_head_local(modules: dict[str, nn.Module], planned: dict[str, PlannedMo
     * an ``nn.Embedding`` child as wide as the block's head count (a per-head table such as T5's
       relative-position bias) is split by heads (style ``heads``), like the projections;
     * a replicated child whose parameters are ``(head_dim,)`` vectors (Qwen3/Gemma3 ``q_norm`` /
-      ``k_norm``) runs on this rank's heads only: its gradient is partial and summed over TP.
+      ``k_norm``) runs on this rank's heads only: its gradient is partial and summed over TP;
+    * a child whose parameters are vectors as wide as a whole split chunk, ``(n_head * head_dim,)``
+      or ``(n_kv_heads * head_dim,)`` (OLMo-2's ``q_norm`` / ``k_norm`` over all heads), reads the
+      whole width: style ``gather_input`` (its input gathered over TP, this rank's part of its output).
 
     Entries the policy gave (a pattern of the user's or a Hugging Face plan, or a split) are kept; auto's
     default ``replicate`` of a small embedding yields to the head split.
     """
     if tp == 1:
         return
-    parents = {e.name.rpartition(".")[0] for e in planned.values() if e.kind.splits_heads(e.options)}
-    for parent_name in parents:
+    widths: dict[str, set[int]] = {}  # block -> full widths of its head-split chunks
+    for e in planned.values():
+        if e.kind.splits_heads(e.options):
+            widths.setdefault(e.name.rpartition(".")[0], set()).update(e.spec.sizes)
+    for parent_name, chunk_widths in widths.items():
         parent = modules[parent_name]
         heads = head_value(parent, HEAD_ATTRS[:4])
         head_dim = head_value(parent, HEAD_DIM_ATTRS)
@@ -378,15 +407,15 @@ def _plan_head_local(modules: dict[str, nn.Module], planned: dict[str, PlannedMo
                 continue  # the policy's own entry (auto's default 'replicate' for small embeddings yields)
             if type(child) is nn.Embedding and heads and child.embedding_dim == heads:
                 planned[name] = planned_row(name, child, Rule("heads"), None, tp)
-            elif (
-                head_dim
-                and as_linear(child) is None
-                and not isinstance(child, nn.Embedding)
-                and (params := _own_params(child))
-                and not any(True for _ in child.children())
-                and all(tuple(p.shape) == (head_dim,) for p in params)
-            ):
+                continue
+            if as_linear(child) is not None or isinstance(child, nn.Embedding) or any(True for _ in child.children()):
+                continue
+            width = gathered_width(child)  # the size of its 1-D parameters (a norm's weight and bias)
+            if head_dim and width == head_dim:
                 planned[name] = planned_row(name, child, Rule("replicate", {"partial_grad": True}), None, tp)
+            elif width in chunk_widths:
+                note = "inputs of this rank's width gathered over TP"
+                planned[name] = planned_row(name, child, Rule("gather_input", {"width": width}), None, tp, note)
 
 
 def _own_params(module: nn.Module) -> list[nn.Parameter]:

@@ -57,6 +57,41 @@ def head_sources(module: Any) -> list[tuple[str, Any]]:
     return [("", module)] + [(f"{key}.", obj) for key, obj in config_objects(module)]
 
 
+def expert_routers(
+    modules: dict[str, nn.Module], blocks: Mapping[str, set[int]]
+) -> list[tuple[str, str, int, list[str]]]:
+    """Mixture-of-experts layers: ``(owner, expert list, number of experts, router parameters)`` for
+    each ``nn.ModuleList`` of two or more blocks holding column layers (``blocks``: block name ->
+    input widths of its column layers) whose owner also holds a router, a parameter scoring the
+    experts' input: a linear layer's ``(n_experts, hidden)`` weight or such a parameter of its own
+    (LitGPT's and Mixtral's ``gate``, a user's ``router``). Blocks called one after another have none."""
+    found = []
+    lists = {b.rpartition(".")[0] for b in blocks}
+    for list_name in sorted(lists):
+        experts = modules.get(list_name)
+        if not isinstance(experts, nn.ModuleList) or len(experts) < 2:
+            continue
+        owner_name, _, leaf = list_name.rpartition(".")
+        owner, n = modules[owner_name], len(experts)
+        scores = {(n, h) for i in range(n) for h in blocks.get(f"{list_name}.{i}", ())}
+        routers = [
+            f"{owner_name}.{name}" if owner_name else name
+            for name, param in owner.named_parameters()
+            if not name.startswith(leaf + ".") and _weight_shape(owner, name, param) in scores
+        ]
+        if routers:
+            found.append((owner_name, list_name, n, routers))
+    return found
+
+
+def _weight_shape(owner: nn.Module, name: str, param: nn.Parameter) -> tuple[int, ...]:
+    """``param``'s shape as ``(out, in)`` (a GPT-2 ``Conv1D`` weight is stored ``(in, out)``)."""
+    holder = owner.get_submodule(name.rpartition(".")[0]) if "." in name else owner
+    if name.endswith("weight") and (lin := as_linear(holder)) is not None:
+        return (lin[1], lin[0])
+    return tuple(param.shape)
+
+
 def head_value(module: Any, names: tuple[str, ...]) -> int | None:
     """The first of ``names`` set to a positive int on one of :func:`head_sources` of ``module``."""
     for _, source in head_sources(module):
@@ -243,6 +278,14 @@ def auto_rules(model: nn.Module) -> dict[str, Rule]:
                 rules[name] = Rule("column")
             elif leaf in _AUTO_ROW:
                 rules[name] = Rule("row")
+    blocks: dict[str, set[int]] = {}
+    for name, rule in rules.items():
+        if rule.style in ("column", "qkv"):
+            blocks.setdefault(name.rpartition(".")[0], set()).add(as_linear(linears[name])[0])
+    for *_, routers in expert_routers(dict(model.named_modules()), blocks):
+        for router in routers:  # a mixture of experts: each expert split like an MLP, the router whole
+            if (owner := router.rpartition(".")[0]) in linears:
+                rules.setdefault(owner, Rule("replicate"))
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding):
             rules[name] = Rule("vocab" if module.num_embeddings == vocab else "replicate")

@@ -2,6 +2,7 @@
 gives their weight, and how to build the replacement (torchtitan's ParallelStyle idea).
 
 Styles a policy can name: ``column``, ``row``, ``qkv``, ``vocab``, ``heads``, ``replicate``,
+``gather_input`` (also planned automatically for a full-width norm inside a head-split block),
 ``tp_dropout`` (also planned automatically for attention dropouts of split blocks). Styles only
 sequence-parallel planning adds: ``sequence_gather``, ``sequence_embedding``. A :class:`~lightning_tp.policy.plan.Plan` row names its
 style; :func:`~lightning_tp.policy.apply.apply_plan` calls that style's :meth:`Style.build`.
@@ -16,6 +17,7 @@ from typing import Any, ClassVar, Protocol
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from lightning_tp.engine.features import FeatureGather, gathered_width
 from lightning_tp.engine.layers import (
     ColumnParallelLinear,
     HeadParallelEmbedding,
@@ -27,7 +29,13 @@ from lightning_tp.engine.layers import (
 )
 from lightning_tp.engine.random import RNGTracker, TPDropout
 from lightning_tp.engine.sequence import SequenceGather, SequenceShardedEmbedding
-from lightning_tp.engine.sharding import ShardSpec, has_partial_grad_mark, mark_partial_grad, shard_spec
+from lightning_tp.engine.sharding import (
+    ShardSpec,
+    has_partial_grad,
+    has_partial_grad_mark,
+    mark_partial_grad,
+    shard_spec,
+)
 from lightning_tp.errors import ShardingError
 
 
@@ -92,6 +100,11 @@ class Style:
     options: ClassVar[frozenset[str]] = frozenset()
     need: ClassVar[str] = "an nn.Linear"
     replaces: ClassVar[bool] = True  # builds a new module (False: marks or hooks the dense one)
+
+    def acts_on(self, module: nn.Module, options: dict[str, Any]) -> bool:
+        """For a style that does not replace the module: whether a row for a module that is not an
+        ``nn.Linear``/``nn.Embedding`` does anything (a pattern that also covers containers skips them)."""
+        return True
 
     def fits(self, module: nn.Module) -> bool:
         return as_linear(module) is not None
@@ -248,6 +261,9 @@ class Replicate(Style):
     options = frozenset({"partial_grad"})
     replaces = False
 
+    def acts_on(self, module, options):
+        return "partial_grad" in options and any(True for _ in module.parameters(recurse=False))
+
     def fits(self, module):
         return True
 
@@ -256,6 +272,51 @@ class Replicate(Style):
             for param in dense.parameters(recurse=False):
                 if shard_spec(param) is None and not has_partial_grad_mark(param):  # a user's mark stands
                     mark_partial_grad(param)
+        return dense
+
+
+class GatherInput(Style):
+    """A module that reads the whole width ``width`` of a feature dim split over TP (OLMo-2's q/k
+    RMSNorm over all heads): its inputs of this rank's width are all-gathered on the last dim, it
+    runs whole, its output keeps this rank's chunk
+    (:class:`~lightning_tp.engine.features.FeatureGather`); inputs of any other width pass through.
+    Parameters whole on every rank, with complete gradients; with ``partial_grad`` (planned under
+    sequence parallelism) each rank's gradient covers its output chunk and they are summed over TP.
+    ``width`` defaults to the size of the module's 1-D parameters."""
+
+    name = "gather_input"
+    options = frozenset({"width", "partial_grad"})
+    need = "a module with 1-D parameters of one size (a norm) or a 'width' option"
+    replaces = False
+
+    def fits(self, module):
+        return not isinstance(module, nn.Embedding) and as_linear(module) is None
+
+    def spec(self, name, module, shape, options, tp):
+        width = options.setdefault("width", gathered_width(module))
+        if not isinstance(width, int) or isinstance(width, bool) or width <= 0:
+            raise ShardingError(
+                f"module {name!r} (style 'gather_input'): width={width!r}; the width of the split feature dim it "
+                "reads cannot be read from its parameters (they are not 1-D vectors of one size). Give it: "
+                "{'style': 'gather_input', 'width': <full width, e.g. n_head * head_dim>}."
+            )
+        if width % tp != 0:
+            raise ShardingError(
+                f"module {name!r} (style 'gather_input'): width={width} is not divisible by tensor_parallel_size="
+                f"{tp}. Use a tensor_parallel_size that divides {width}."
+            )
+        if len({has_partial_grad(p) for p in module.parameters(recurse=False) if has_partial_grad_mark(p)}) > 1:
+            raise ShardingError(
+                f"module {name!r} (style 'gather_input'): some of its parameters are marked partial and some complete "
+                "(lightning_tp.mark_partial_grad); its backward gives them all the same kind. Mark them alike."
+            )
+        return None
+
+    def build(self, row, dense, ctx):
+        REPLICATE.build(row, dense, ctx)  # marks the partial gradients (a user's mark stands)
+        marks = {has_partial_grad(p) for p in dense.parameters(recurse=False)}  # one kind: checked by spec()
+        partial = marks.pop() if marks else bool(row.options.get("partial_grad"))
+        FeatureGather(ctx.group, row.options["width"], partial_grads=partial).attach(dense)
         return dense
 
 
@@ -322,6 +383,8 @@ class PerRankDropout(Style):
 
 REPLICATE = Replicate()
 #: styles a policy can name, by name
-STYLES: dict[str, Style] = {s.name: s for s in (Column(), Row(), Qkv(), Vocab(), Heads(), REPLICATE, PerRankDropout())}
+STYLES: dict[str, Style] = {
+    s.name: s for s in (Column(), Row(), Qkv(), Vocab(), Heads(), REPLICATE, GatherInput(), PerRankDropout())
+}
 #: every style a plan row can hold (sequence parallelism's pieces are planned, never named)
 ALL_STYLES: dict[str, Style] = {**STYLES, **{s.name: s for s in (SequenceGatherStyle(), SequenceEmbedding())}}

@@ -1,0 +1,102 @@
+"""A module that must read a whole feature dimension that tensor parallelism splits.
+
+Inside a block whose projections are split by heads, the activations between the column and row
+layers hold this rank's heads, ``(..., W/p)``. Most modules there act per head and run on the local
+part as they are. A module that mixes the whole width does not: OLMo-2's ``q_norm`` / ``k_norm``
+are RMSNorms over all query (key) heads together, ``(n_head * head_dim,)``. :class:`FeatureGather`
+runs such a module on the gathered width and keeps this rank's part of its output::
+
+    y_r = slice_r(M(all_gather(x_1 .. x_p)))
+
+forward: all-gather the input's last dim, then keep this rank's chunk of the output's last dim;
+backward: all-gather the output grads (each rank's downstream is the only user of its chunk, so the
+gathered grad is complete), run ``M``'s backward on the whole width (identical on every rank), keep
+this rank's chunk of the input grad. ``M``'s parameters stay whole and their gradients are complete
+on every rank (no sum over TP). Any module class works (the module itself runs; its math is not
+re-implemented); vLLM treats OLMo-2's q/k norms the same way.
+
+With ``partial_grads`` (sequence parallelism, where the same module's gradients are partial when it
+runs on the block's input) the backward stays local instead: this rank's output grad, zero
+elsewhere, through ``M``'s backward, then a reduce-scatter of the input grad. Every rank's parameter
+gradient then covers its own chunk of the output, and their sum over TP is the whole gradient.
+
+A call whose input is not of this rank's width (the module used on replicated, full-width
+activations, e.g. a pre-norm of width ``n_head * head_dim`` inside the block) runs unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+from torch.distributed import ProcessGroup
+from torch.utils.hooks import RemovableHandle
+
+from lightning_tp._compat import tree_map
+from lightning_tp.engine.comm import gather_from_sp, gather_from_tp, group_rank, group_size, scatter_to_tp
+
+
+class FeatureGather:
+    """Hooks that run a module on the whole width ``width`` of a feature dim split over TP.
+
+    Inputs whose last dim is this rank's width (``width / p``, floating point) are all-gathered on
+    it; when any was, outputs whose last dim is ``width`` keep this rank's chunk. Inputs of any other
+    width (the module called on replicated, full-width activations) pass through, and so does the
+    output of such a call.
+
+    Args:
+        group: the tensor-parallel process group.
+        width: the full (unsplit) width of the feature dim, ``n_head * head_dim`` for a q norm.
+        partial_grads: leave each rank the part of the module's parameter gradients that its output
+            chunk gives (summed over TP before the step); ``False``: complete gradients on every rank.
+    """
+
+    def __init__(self, group: ProcessGroup, width: int, partial_grads: bool = False) -> None:
+        self.group, self.width, self.partial_grads = group, int(width), partial_grads
+        self.local = self.width // group_size(group)
+        self.offset = group_rank(group) * self.local
+        self._gathered = False
+
+    def attach(self, module: nn.Module) -> tuple[RemovableHandle, RemovableHandle]:
+        """Register the gather on ``module``'s inputs and the split on its outputs."""
+        return (
+            module.register_forward_pre_hook(self._pre, with_kwargs=True),
+            module.register_forward_hook(self._post),
+        )
+
+    def _gather(self, x: Any) -> Any:
+        if isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 1 and x.shape[-1] == self.local:
+            self._gathered = True
+            if self.partial_grads:  # backward: reduce-scatter (each rank's grad covers its output chunk)
+                return gather_from_sp(x, self.group, -1, grad_reduce=True)  # (..., W)
+            return gather_from_tp(x, self.group)  # (..., W); backward: this rank's chunk of a complete grad
+        return x
+
+    def _split(self, y: Any) -> Any:
+        if isinstance(y, Tensor) and y.is_floating_point() and y.dim() >= 1 and y.shape[-1] == self.width:
+            if self.partial_grads:
+                return y.narrow(-1, self.offset, self.local).contiguous()  # (..., W/p); backward: zeros elsewhere
+            return scatter_to_tp(y, self.group)  # (..., W/p); backward: all-gather (complete)
+        return y
+
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        self._gathered = False
+        return tree_map(self._gather, args), tree_map(self._gather, kwargs)
+
+    def _post(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        if not self._gathered:
+            return output
+        self._gathered = False
+        return tree_map(self._split, output)
+
+    def __repr__(self) -> str:
+        return f"FeatureGather(width={self.width}, local={self.local}, partial_grads={self.partial_grads})"
+
+
+def gathered_width(module: nn.Module) -> int | None:
+    """The width a module normalizes over, read from its own parameters: the size they share when
+    all are 1-D vectors of one size (a norm's weight and bias), else ``None``."""
+    sizes = {tuple(p.shape) for p in module.parameters(recurse=False)}
+    if len(sizes) == 1 and len(shape := next(iter(sizes))) == 1:
+        return shape[0]
+    return None
