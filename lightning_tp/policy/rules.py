@@ -215,8 +215,10 @@ def translate_hf_plan(plan: Mapping[str, str]) -> dict[str, Rule]:
         if hf_style not in _HF_STYLES or _HF_STYLES[hf_style] is None:
             raise PolicyError(
                 f"Hugging Face tp_plan entry {pattern!r}: style {hf_style!r} has no module-rewrite equivalent "
-                "in lightning_tp (expert/packed-expert styles need expert parallelism). Pass an explicit policy "
-                f"dict mapping {pattern!r} to one of {list(STYLES)}."
+                "in lightning_tp (a mixture of experts stored as 3-D parameters is not split; expert parallelism "
+                "is not built). Pass an explicit policy dict: the attention's and dense MLPs' projections as "
+                f"column/row, the LM head and embedding as vocab, and {pattern!r} (with its parameter entries) "
+                f"as 'replicate' (the experts whole on every rank). Styles: {list(STYLES)}."
             )
         rules[pattern] = _HF_STYLES[hf_style]
     return rules
