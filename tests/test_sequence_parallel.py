@@ -394,9 +394,51 @@ class _RoutedMLPs(_StackedMLPs):
         return self.head(x + out)
 
 
+class _TopKGate(torch.nn.Module):
+    def __init__(self, d, n):
+        super().__init__()
+        self.wg = torch.nn.Linear(d, n, bias=False)
+
+
+class _DeepSpeedStyle(_StackedMLPs):
+    """DeepSpeed's layout: MOELayer(gate=TopKGate(wg), experts=Experts(deepspeed_experts=ModuleList)),
+    the router one level above the container of the experts (only the layout matters here)."""
+
+    def __init__(self, vocab=30, d=16, n=3):
+        super().__init__(vocab, d, n)
+        experts = torch.nn.Module()
+        experts.deepspeed_experts = self.layers
+        del self.layers
+        self.moe = torch.nn.Module()
+        self.moe.gate, self.moe.experts = _TopKGate(d, n), experts
+
+
+def _with(model, **extra):
+    for name, value in extra.items():
+        setattr(model, name, value)
+    return model
+
+
 def test_mixture_of_experts_is_refused_under_sequence_parallelism_and_a_plain_stack_is_not():
     plan = plan_policy(_StackedMLPs(), 2, "auto", sequence_parallel=True)
     assert {r.name for r in plan.modules if r.style == "sequence_gather"} == {"layers.0", "layers.1", "layers.2"}
+    # a stack whose own (3, 16) tensors are no router: a layer-scale table, a position table; a head over 3 tokens
+    lookalikes = _with(_StackedMLPs(), layer_scale=torch.nn.Parameter(torch.ones(3, 16)), pos=torch.nn.Embedding(3, 16))
+    plan_policy(lookalikes, 2, "auto", sequence_parallel=True)
+    small_vocab = plan_policy(_StackedMLPs(vocab=3), 2, "auto", sequence_parallel=True)
+    assert {r.name: r.style for r in small_vocab.modules}["head"] == "vocab"
     plan_policy(_RoutedMLPs(), 2, "auto")  # tensor parallelism alone: each expert split as an MLP
     with pytest.raises(PolicyError, match=r"'_RoutedMLPs' routes tokens to 3 experts \(layers\.\*, router 'router'\)"):
         plan_policy(_RoutedMLPs(), 2, "auto", sequence_parallel=True)
+    routed = {
+        "w_gate (hidden, n)": (_with(_StackedMLPs(), w_gate=torch.nn.Parameter(torch.zeros(16, 3))), "w_gate"),
+        "DeepSpeed": (_DeepSpeedStyle(), "moe.gate"),
+        "ModuleDict": (_with(_StackedMLPs(), router=torch.nn.Linear(16, 3)), "router"),
+    }
+    routed["ModuleDict"][0].layers = torch.nn.ModuleDict(
+        {f"e{i}": m for i, m in enumerate(routed["ModuleDict"][0].layers)}
+    )
+    for case, (model, router) in routed.items():
+        with pytest.raises(PolicyError, match=rf"routes tokens to 3 experts .*router '{router}'"):
+            plan_policy(model, 2, "auto", sequence_parallel=True)
+        assert all(r.style == "replicate" for r in plan_policy(model, 2, "auto").modules if r.name == router), case

@@ -278,7 +278,8 @@ def _check_no_experts(modules: dict[str, nn.Module], entries: list[PlannedModule
     for e in entries:
         if isinstance(e.kind, Column):
             blocks.setdefault(e.name.rpartition(".")[0], set()).add(e.full_shape[1])
-    for owner_name, list_name, n, routers in expert_routers(modules, blocks):
+    split = {e.name for e in entries if e.splits}
+    for owner_name, list_name, n, routers in expert_routers(modules, blocks, split):
         raise PolicyError(
             f"module {owner_name or type(modules[owner_name]).__name__!r} routes tokens to {n} experts ({list_name}.*, "
             f"router {routers[0]!r}): sequence parallelism would gather the sequence at each expert's input, but each "

@@ -57,39 +57,64 @@ def head_sources(module: Any) -> list[tuple[str, Any]]:
     return [("", module)] + [(f"{key}.", obj) for key, obj in config_objects(module)]
 
 
+_ROUTER_HINTS = ("gate", "rout", "wg")  # an expert layer's own scoring parameter: w_gate, router, gate_weight
+
+
 def expert_routers(
-    modules: dict[str, nn.Module], blocks: Mapping[str, set[int]]
+    modules: dict[str, nn.Module], blocks: Mapping[str, set[int]], split: set[str] = frozenset()
 ) -> list[tuple[str, str, int, list[str]]]:
-    """Mixture-of-experts layers: ``(owner, expert list, number of experts, router parameters)`` for
-    each ``nn.ModuleList`` of two or more blocks holding column layers (``blocks``: block name ->
-    input widths of its column layers) whose owner also holds a router, a parameter scoring the
-    experts' input: a linear layer's ``(n_experts, hidden)`` weight or such a parameter of its own
-    (LitGPT's and Mixtral's ``gate``, a user's ``router``). Blocks called one after another have none."""
+    """Mixture-of-experts layers: ``(owner, experts, number of experts, router parameters)`` for each
+    ``nn.ModuleList`` / ``nn.ModuleDict`` of two or more blocks holding column layers (``blocks``:
+    block name -> input widths of its column layers) beside a router scoring the experts' input
+    (width ``hidden``) over the ``n`` experts:
+
+    * a linear child with ``n`` outputs from ``hidden`` inputs (LitGPT's and Mixtral's ``gate``);
+    * a child module (not an embedding) holding an ``(n, hidden)`` or ``(hidden, n)`` parameter (a
+      top-k router module, DeepSeek's);
+    * a parameter of that shape of the layer itself, named like a router (``w_gate``, ``router``).
+
+    A container that holds only the experts (DeepSpeed's ``Experts``) is looked through: the router
+    is then its parent's. Modules in ``split`` (split by the policy: an LM head) are not routers.
+    Blocks called one after another have no router."""
     found = []
-    lists = {b.rpartition(".")[0] for b in blocks}
-    for list_name in sorted(lists):
+    for list_name in sorted({b.rpartition(".")[0] for b in blocks}):
         experts = modules.get(list_name)
-        if not isinstance(experts, nn.ModuleList) or len(experts) < 2:
+        if not isinstance(experts, (nn.ModuleList, nn.ModuleDict)) or len(experts) < 2:
             continue
-        owner_name, _, leaf = list_name.rpartition(".")
-        owner, n = modules[owner_name], len(experts)
-        scores = {(n, h) for i in range(n) for h in blocks.get(f"{list_name}.{i}", ())}
-        routers = [
-            f"{owner_name}.{name}" if owner_name else name
-            for name, param in owner.named_parameters()
-            if not name.startswith(leaf + ".") and _weight_shape(owner, name, param) in scores
-        ]
+        n = len(experts)
+        hidden = {h for b, widths in blocks.items() if b.rpartition(".")[0] == list_name for h in widths}
+        shapes = {(n, h) for h in hidden} | {(h, n) for h in hidden}
+        inner = list_name
+        while True:
+            owner_name = inner.rpartition(".")[0]
+            owner = modules[owner_name]
+            routers = [
+                r for r in _routers(owner, owner_name, inner.rpartition(".")[2], n, hidden, shapes) if r not in split
+            ]
+            if routers or not owner_name or len(list(owner.children())) > 1 or any(owner.parameters(recurse=False)):
+                break
+            inner = owner_name  # a container of the experts alone: look at its parent
         if routers:
             found.append((owner_name, list_name, n, routers))
     return found
 
 
-def _weight_shape(owner: nn.Module, name: str, param: nn.Parameter) -> tuple[int, ...]:
-    """``param``'s shape as ``(out, in)`` (a GPT-2 ``Conv1D`` weight is stored ``(in, out)``)."""
-    holder = owner.get_submodule(name.rpartition(".")[0]) if "." in name else owner
-    if name.endswith("weight") and (lin := as_linear(holder)) is not None:
-        return (lin[1], lin[0])
-    return tuple(param.shape)
+def _routers(owner: nn.Module, owner_name: str, skip: str, n: int, hidden: set[int], shapes: set) -> list[str]:
+    """The router candidates of :func:`expert_routers` among ``owner``'s children (but ``skip``) and own parameters."""
+    prefix = f"{owner_name}." if owner_name else ""
+    found = []
+    for child_name, child in owner.named_children():
+        if child_name == skip or isinstance(child, nn.Embedding):
+            continue
+        lin = as_linear(child)
+        if lin is not None and lin[1] == n and lin[0] in hidden:
+            found.append(f"{prefix}{child_name}")
+        elif lin is None and any(tuple(p.shape) in shapes for p in child.parameters()):
+            found.append(f"{prefix}{child_name}")
+    for name, param in owner.named_parameters(recurse=False):
+        if tuple(param.shape) in shapes and any(h in name.lower() for h in _ROUTER_HINTS):
+            found.append(f"{prefix}{name}")
+    return found
 
 
 def head_value(module: Any, names: tuple[str, ...]) -> int | None:
@@ -280,20 +305,21 @@ def auto_rules(model: nn.Module) -> dict[str, Rule]:
                 rules[name] = Rule("column")
             elif leaf in _AUTO_ROW:
                 rules[name] = Rule("row")
-    blocks: dict[str, set[int]] = {}
-    for name, rule in rules.items():
-        if rule.style in ("column", "qkv"):
-            blocks.setdefault(name.rpartition(".")[0], set()).add(as_linear(linears[name])[0])
-    for *_, routers in expert_routers(dict(model.named_modules()), blocks):
-        for router in routers:  # a mixture of experts: each expert split like an MLP, the router whole
-            if (owner := router.rpartition(".")[0]) in linears:
-                rules.setdefault(owner, Rule("replicate"))
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding):
             rules[name] = Rule("vocab" if module.num_embeddings == vocab else "replicate")
         elif name not in rules and vocab is not None and (lin := as_linear(module)) is not None:
             if lin[1] == vocab:
                 rules[name] = Rule("vocab")
+    blocks: dict[str, set[int]] = {}
+    for name, rule in rules.items():
+        if rule.style in ("column", "qkv"):
+            blocks.setdefault(name.rpartition(".")[0], set()).add(as_linear(linears[name])[0])
+    split = {name for name, rule in rules.items() if rule.style != "replicate"}
+    for *_, routers in expert_routers(dict(model.named_modules()), blocks, split):
+        for router in routers:  # a mixture of experts: each expert split like an MLP, the router whole
+            if router in linears:
+                rules.setdefault(router, Rule("replicate"))
     return rules
 
 
