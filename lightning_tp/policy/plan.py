@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +38,7 @@ from lightning_tp.policy.rules import (
     positive_int,
     resolve_rules,
 )
-from lightning_tp.policy.styles import ALL_STYLES, STYLES, Column, GatherInput, Row, Style, Vocab, as_linear
+from lightning_tp.policy.styles import ALL_STYLES, STYLES, Column, Row, Style, Vocab, as_linear
 from lightning_tp.policy.ties import check_ties
 
 PLAN_ATTR = "_lightning_tp_plan"  # where apply_plan leaves the applied plan on the rewritten model
@@ -274,18 +274,23 @@ def _check_no_experts(modules: dict[str, nn.Module], entries: list[PlannedModule
     """Sequence parallelism gathers the sequence at the input of each block holding column layers; a
     mixture-of-experts layer (:func:`~lightning_tp.policy.rules.expert_routers`) calls its experts on
     the tokens routed to them, which differ per rank."""
-    blocks: dict[str, set[int]] = {}  # block -> input widths of its column layers
-    for e in entries:
-        if isinstance(e.kind, Column):
-            blocks.setdefault(e.name.rpartition(".")[0], set()).add(e.full_shape[1])
     split = {e.name for e in entries if e.splits}
-    for owner_name, list_name, n, routers in expert_routers(modules, blocks, split):
+    for owner_name, list_name, n, routers in expert_routers(modules, _column_blocks(entries), split):
         raise PolicyError(
             f"module {owner_name or type(modules[owner_name]).__name__!r} routes tokens to {n} experts ({list_name}.*, "
             f"router {routers[0]!r}): sequence parallelism would gather the sequence at each expert's input, but each "
             "rank routes different tokens to it. Use sequence_parallel=False for this mixture-of-experts model "
             "(tensor parallelism splits each expert as an MLP)."
         )
+
+
+def _column_blocks(rows: Iterable[PlannedModule]) -> dict[str, set[int]]:
+    """The blocks holding column layers: block name -> input widths of its column layers."""
+    blocks: dict[str, set[int]] = {}
+    for row in rows:
+        if isinstance(row.kind, Column):
+            blocks.setdefault(row.name.rpartition(".")[0], set()).add(row.full_shape[1])
+    return blocks
 
 
 def _split_root(planned: dict[str, PlannedModule]) -> str:
@@ -313,12 +318,10 @@ def _plan_sequence_parallel(modules: dict[str, nn.Module], planned: dict[str, Pl
       rank's sequence chunk; inside a block it runs on the gathered sequence, but the gather's
       backward (a reduce-scatter) is where the column layers' partial input grads are summed, so
       what runs before them sees partial grads too. A policy entry with an explicit ``partial_grad``
-      stands; a ``gather_input`` row keeps its style and gets ``partial_grad`` too.
+      stands; a row whose style takes the option (``replicate``, ``gather_input``) keeps its style
+      and gets it.
     """
-    blocks: dict[str, set[int]] = {}
-    for row in planned.values():
-        if isinstance(row.kind, Column):
-            blocks.setdefault(row.name.rpartition(".")[0], set()).add(row.full_shape[1])
+    blocks = _column_blocks(planned.values())
     root = _split_root(planned)
     split = {id(p) for r in planned.values() if r.splits for p in modules[r.name].parameters(recurse=False)}
     for name, module in modules.items():
@@ -343,11 +346,12 @@ def _plan_sequence_parallel(modules: dict[str, nn.Module], planned: dict[str, Pl
             any(id(p) not in split for p in _own_params(module))  # not only a holder of a split layer's parameter
             and "partial_grad" not in (planned[name].options if name in planned else {})
         ):
-            if name in planned and isinstance(planned[name].kind, GatherInput):
-                planned[name].options["partial_grad"] = True  # its backward then keeps each rank's part
-                continue
-            rule = Rule("replicate", {"partial_grad": True})
-            planned[name] = planned_row(name, module, rule, None, tp, "partial under sequence parallelism")
+            note = "partial under sequence parallelism"
+            given = planned.get(name)
+            if given is not None and "partial_grad" in given.kind.options:  # its style takes the option: kept
+                given.options["partial_grad"], given.note = True, given.note or note
+            else:
+                planned[name] = planned_row(name, module, Rule("replicate", {"partial_grad": True}), None, tp, note)
 
 
 _ATTN_DROPOUT_HINTS = ("attn_drop", "attention_drop", "attn_dropout", "attention_dropout")
