@@ -132,3 +132,36 @@ def mesh(tp: int):
     if tp not in _meshes:
         _meshes[tp] = init_tp_mesh(tp, "cpu")
     return _meshes[tp]
+
+
+def gathered(param, tensor, group):
+    """Worker side: the dense form of ``tensor`` (``param``'s weight, grad or optimizer state), gathered
+    over TP when ``param`` is sharded. Collective for sharded parameters."""
+    from lightning_tp.engine.layers import gather_sharded
+    from lightning_tp.engine.sharding import shard_spec
+
+    spec = shard_spec(param)
+    return tensor if spec is None else gather_sharded(tensor.contiguous(), spec, group)
+
+
+def train_parity(dense, model, group, inputs) -> dict[str, float]:
+    """Worker side: AdamW steps of ``dense`` and its rewritten copy ``model`` on the same ``inputs`` (one
+    batch per step, loss ``sum(out**2)``): the largest output difference, gradient difference relative
+    to the dense gradient's largest entry, and weight difference after the last step."""
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (dense, model)]
+    errs = {"out": 0.0, "grad": 0.0, "weight": 0.0}
+    for x in inputs:
+        outs = [m(x) for m in (dense, model)]
+        errs["out"] = max(errs["out"], float((outs[0] - outs[1]).detach().abs().max()))
+        for out in outs:
+            out.square().sum().backward()
+        for name, p in model.named_parameters():
+            ref = dense.get_parameter(name).grad
+            errs["grad"] = max(errs["grad"], float((gathered(p, p.grad, group) - ref).abs().max() / ref.abs().max()))
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+    for name, p in model.named_parameters():
+        diff = gathered(p, p.detach(), group) - dense.get_parameter(name).detach()
+        errs["weight"] = max(errs["weight"], float(diff.abs().max()))
+    return errs

@@ -317,6 +317,101 @@ def _bert():
     )  # (decoder tied to word_embeddings, decoder.bias tied to cls.predictions.bias)
 
 
+# Mixtures of experts kept as 3-D parameters (Hugging Face's tp_plan: "moe_tp_experts"): four experts of
+# 16 hidden units, two per token, so every expert is split at TP 2 and 4 and some get no token.
+MOE = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 4, "num_hidden_layers": L,
+       "max_position_embeddings": 64, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+       "attention_dropout": 0.0, "num_experts_per_tok": 2, "experts_implementation": "eager", **COMMON}  # fmt: skip
+
+
+def _mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    return MixtralForCausalLM(
+        MixtralConfig(vocab_size=97, intermediate_size=16, num_local_experts=4, router_jitter_noise=0.0, **MOE)
+    )  # (gate_up_proj (E, 2I, H) packed gate | up, down_proj (E, H, I); router MixtralTopKRouter)
+
+
+def _qwen2_moe():
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    return Qwen2MoeForCausalLM(
+        Qwen2MoeConfig(
+            vocab_size=103,
+            intermediate_size=40,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            num_experts=4,
+            mlp_only_layers=[1],
+            **MOE,
+        )
+    )  # fmt: skip  (a shared expert gated by a sigmoid beside the routed ones; layer 1 a dense MLP)
+
+
+def _qwen3_moe():
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    return Qwen3MoeForCausalLM(
+        Qwen3MoeConfig(
+            vocab_size=107,
+            intermediate_size=40,
+            moe_intermediate_size=16,
+            num_experts=4,
+            head_dim=16,
+            norm_topk_prob=True,
+            **MOE,
+        )
+    )  # fmt: skip  (q/k norms over head_dim; top-k probabilities renormalized)
+
+
+def _olmoe():
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    return OlmoeForCausalLM(OlmoeConfig(vocab_size=109, intermediate_size=16, num_experts=4, **MOE))
+    # (q/k norms over all heads: gather_input)
+
+
+def _llama4():
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    return Llama4ForCausalLM(
+        Llama4TextConfig(
+            vocab_size=115,
+            intermediate_size=16,
+            intermediate_size_mlp=40,
+            num_local_experts=4,
+            head_dim=8,
+            interleave_moe_layer_step=2,
+            attn_temperature_tuning=False,
+            **{**MOE, "num_experts_per_tok": 1},
+        )
+    )  # fmt: skip  (transposed experts: gate_up_proj (E, H, 2I) "packed_rowwise", down_proj (E, I, H) "colwise")
+
+
+def _deepseek_v2():
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    return DeepseekV2ForCausalLM(
+        DeepseekV2Config(
+            vocab_size=117,
+            intermediate_size=40,
+            moe_intermediate_size=16,
+            n_routed_experts=4,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            q_lora_rank=12,
+            kv_lora_rank=16,
+            qk_rope_head_dim=4,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            head_dim=4,
+            n_group=1,
+            topk_group=1,
+            **MOE,
+        )
+    )  # fmt: skip  (multi-head latent attention: kv_a_proj_with_mqa "mla_kv_a_proj"; layer 0 dense)
+
+
 BUILDERS = {
     "llama": _llama,
     "mistral": _mistral,
@@ -335,6 +430,12 @@ BUILDERS = {
     "opt": _opt,
     "t5": _t5,
     "bert": _bert,
+    "mixtral": _mixtral,
+    "qwen2_moe": _qwen2_moe,
+    "qwen3_moe": _qwen3_moe,
+    "olmoe": _olmoe,
+    "llama4": _llama4,
+    "deepseek_v2": _deepseek_v2,
 }
 ARCHS = list(BUILDERS)
 

@@ -222,7 +222,13 @@ def _block_verify(cases: list[tuple[str, int, bool]]) -> list[tuple[int, list[st
     return out
 
 
-HF_BLOCK_CASES = [("llama", 2, False), ("gpt2", 2, False), ("gpt_bigcode_mha", 2, False), ("t5", 2, False)]
+HF_BLOCK_CASES = [
+    ("llama", 2, False),
+    ("gpt2", 2, False),
+    ("gpt_bigcode_mha", 2, False),
+    ("t5", 2, False),
+    ("mixtral", 2, False),
+]
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -230,7 +236,7 @@ def test_verify_checks_a_meta_model_block_by_block(world):
     """Deferred init with verify=True: every layer holding split modules is checked against the same
     layer built dense from the same weights (the plain GPTs with and without sequence parallelism,
     nanoGPT; at TP 2 also Hugging Face Llama, GPT-2 with Conv1D, GPT-BigCode whose fused c_attn is
-    read per head, found from a forward on meta tensors, and T5)."""
+    read per head, found from a forward on meta tensors, T5, and Mixtral with its experts split)."""
     cases = [("plain", world, False), ("plain_tied", world, True), ("nano", world, True)]
     if world == 2 and HAS_HF:
         cases += HF_BLOCK_CASES

@@ -91,34 +91,15 @@ def test_gather_input_named_by_a_policy_and_its_errors():
 
 
 def _parity(tp: int) -> dict:
-    from lightning_tp.engine.comm import all_gather_dim
-    from lightning_tp.engine.sharding import has_partial_grad, shard_spec
+    from lightning_tp.engine.sharding import has_partial_grad
 
     group = _dist.mesh(tp).tp_group
     dense, model = _block(), _block()
     plan = apply_policy(model, group, "auto")  # verify=True: outputs and gradients checked too
-    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (dense, model)]
     g = torch.Generator().manual_seed(1)
-    errs = {"out": 0.0, "grad": 0.0, "weight": 0.0}
-    for _ in range(2):
-        x = torch.randn(2, 5, D, dtype=torch.float64, generator=g)
-        outs = [m(x) for m in (dense, model)]
-        errs["out"] = max(errs["out"], float((outs[0] - outs[1]).detach().abs().max()))
-        for out in outs:
-            out.square().sum().backward()
-        for name, p in model.named_parameters():
-            got, ref = p.grad, dense.get_parameter(name).grad
-            if (spec := shard_spec(p)) is not None:
-                got = spec.unshard(list(all_gather_dim(got, group, spec.dim).chunk(tp, dim=spec.dim)))
-            errs["grad"] = max(errs["grad"], float((got - ref).abs().max() / ref.abs().max()))
-        for opt in opts:
-            opt.step()
-            opt.zero_grad()
-    for name, p in model.named_parameters():
-        got, ref = p.detach(), dense.get_parameter(name).detach()
-        if (spec := shard_spec(p)) is not None:
-            got = spec.unshard(list(all_gather_dim(got, group, spec.dim).chunk(tp, dim=spec.dim)))
-        errs["weight"] = max(errs["weight"], float((got - ref).abs().max()))
+    errs = _dist.train_parity(
+        dense, model, group, [torch.randn(2, 5, D, dtype=torch.float64, generator=g) for _ in range(2)]
+    )
     norms = [model.q_norm.weight, model.q_norm.bias, model.k_norm.weight]
     errs["partial"] = any(has_partial_grad(p) for p in norms)
     errs["styles"] = sorted({m.style for m in plan.modules})

@@ -196,8 +196,10 @@ def test_hf_plan_translation():
     assert p.source == "huggingface tp_plan"
     assert styles["model.lm_head"] == "vocab" and styles["model.model.embed_tokens"] == "vocab"
     assert styles["model.model.layers.1.mlp.down_proj"] == "row"
-    with pytest.raises(PolicyError, match=r"style 'moe_tp_experts' has no module-rewrite equivalent"):
-        translate_hf_plan({"layers.*.experts": "moe_tp_experts"})
+    with pytest.raises(
+        PolicyError, match=r"'layers.\*.zero_experts': style 'moe_identity_expert' has no module-rewrite"
+    ):
+        translate_hf_plan({"layers.*.zero_experts": "moe_identity_expert"})
 
 
 def test_style_on_wrong_module_type():
@@ -417,3 +419,32 @@ def test_head_counts_in_a_config_object_are_divided_on_a_copy_the_block_alone_ho
     model = Model(Shared())
     with pytest.raises(PolicyError, match=r"h.0.attn.config.n_head = 2 .* changed the original too"):
         _set_attributes(model, plan_policy(model, 2, "auto").attribute_changes)
+
+
+class _LatentAttention(nn.Module):
+    """Multi-head latent attention's shape: kv_a -> [c_kv (to a column layer) | k_rope (to every head)]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads, self.qk_rope_head_dim = 4, 2
+        self.kv_a = nn.Linear(16, 8 + 2)
+        self.kv_b = nn.Linear(8, 4 * 6)
+        self.o = nn.Linear(4 * 6, 16)
+
+
+def test_partial_output_is_resolved_from_the_block_and_checked():
+    policy = {"kv_b": "column", "o": "row", "kv_a": {"style": "replicate", "partial_output": "qk_rope_head_dim"}}
+    row = {m.name: m for m in plan_policy(_LatentAttention(), 2, policy).modules}["kv_a"]
+    assert row.style == "replicate" and row.options == {"partial_output": 2} and not row.splits
+    assert translate_hf_plan({"a.kv_a": "mla_kv_a_proj"})["a.kv_a"].options == {"partial_output": "qk_rope_head_dim"}
+    with pytest.raises(PolicyError, match=r"'kv_a': partial_output='rope_dim' names an attribute that its parent"):
+        plan_policy(_LatentAttention(), 2, {**policy, "kv_a": {"style": "replicate", "partial_output": "rope_dim"}})
+    with pytest.raises(ShardingError, match=r"'kv_a' \(style 'replicate'\): partial_output=10 .* out_features=10"):
+        plan_policy(_LatentAttention(), 2, {**policy, "kv_a": {"style": "replicate", "partial_output": 10}})
+    with pytest.raises(PolicyError, match=r"'0.kv_a' \(style 'replicate', partial_output\): sequence parallelism"):
+        plan_policy(
+            nn.Sequential(_LatentAttention(), _LatentAttention()),
+            2,
+            {f"*.{k}": v for k, v in policy.items()},
+            sequence_parallel=True,
+        )

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 from torch.utils.hooks import RemovableHandle
 
 from lightning_tp._compat import tree_map
-from lightning_tp.engine.comm import gather_from_sp, gather_from_tp, group_rank, group_size, scatter_to_tp
+from lightning_tp.engine.comm import copy_to_tp, gather_from_sp, gather_from_tp, group_rank, group_size, scatter_to_tp
 
 
 class FeatureGather:
@@ -100,3 +101,27 @@ def gathered_width(module: nn.Module) -> int | None:
     if len(sizes) == 1 and len(shape := next(iter(sizes))) == 1:
         return shape[0]
     return None
+
+
+class TailGradSum:
+    """A forward hook on a whole (replicated) layer whose last ``n`` output features reach only this
+    rank's heads: their gradient is summed over TP in backward (Megatron's ``f`` on that part alone).
+
+    Multi-head latent attention (DeepSeek-V2) projects the hidden states to ``[c_kv | k_rope]``:
+    ``c_kv`` feeds a column layer (whose backward already sums its input gradient over TP), while the
+    shared rotary key ``k_rope`` goes straight to this rank's heads, so its gradient covers them
+    only. Summing the whole output's gradient would count ``c_kv``'s once per rank.
+    """
+
+    def __init__(self, group: ProcessGroup, n: int) -> None:
+        self.group, self.n = group, int(n)
+
+    def attach(self, module: nn.Module) -> RemovableHandle:
+        return module.register_forward_hook(self._post)
+
+    def _post(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        head, tail = output.split([output.shape[-1] - self.n, self.n], dim=-1)
+        return torch.cat([head, copy_to_tp(tail, self.group)], dim=-1)
+
+    def __repr__(self) -> str:
+        return f"TailGradSum(n={self.n})"

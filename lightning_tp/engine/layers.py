@@ -47,7 +47,9 @@ if TYPE_CHECKING:
     from lightning_tp.engine.sequence import SequenceGather
 
 
-def _param(full: Tensor | None, spec: ShardSpec | None, tp_rank: int, requires_grad: bool) -> nn.Parameter:
+def shard_parameter(full: Tensor, spec: ShardSpec | None, tp_rank: int, requires_grad: bool) -> nn.Parameter:
+    """A new Parameter holding this rank's shard of ``full`` (a copy of it for ``spec=None``), marked
+    with ``spec``; it keeps no reference to ``full``'s memory."""
     data = full.detach() if spec is None else spec.shard(full.detach(), tp_rank)
     if spec is None or data.untyped_storage().nbytes() > data.numel() * data.element_size():
         data = data.clone()  # a slice would keep the whole dense tensor's memory alive
@@ -79,9 +81,9 @@ class _ParallelLinear(nn.Module):
             # Initialise exactly like nn.Linear on the full matrix, then keep this rank's slice: the
             # same seed gives the same model at every TP size.
             dense = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.weight = _param(dense.weight, weight_spec, self.tp_rank, dense.weight.requires_grad)
+        self.weight = shard_parameter(dense.weight, weight_spec, self.tp_rank, dense.weight.requires_grad)
         if dense.bias is not None:
-            self.bias = _param(dense.bias, bias_spec, self.tp_rank, dense.bias.requires_grad)
+            self.bias = shard_parameter(dense.bias, bias_spec, self.tp_rank, dense.bias.requires_grad)
         else:
             self.register_parameter("bias", None)
 
@@ -375,7 +377,7 @@ def _shard_vocab_rows(emb: nn.Module, weight: Tensor, group: ProcessGroup, seque
     emb.tp_size, emb.tp_rank = group_size(group), group_rank(group)
     label = f"num_embeddings of {name!r}" if name else "num_embeddings"
     emb.weight_spec = ShardSpec(dim=0, sizes=(emb.num_embeddings,), tp_size=emb.tp_size, pad=True, name=label)
-    emb.weight = _param(weight, emb.weight_spec, emb.tp_rank, weight.requires_grad)
+    emb.weight = shard_parameter(weight, emb.weight_spec, emb.tp_rank, weight.requires_grad)
     emb.vocab_start, n_valid = emb.weight_spec.valid_range(emb.tp_rank)
     emb.vocab_end = emb.vocab_start + n_valid
     pad = emb.padding_idx
@@ -459,7 +461,7 @@ class HeadParallelEmbedding(nn.Module):
         self.group, self.tp_size = group, group_size(group)
         label = f"embedding_dim of {name!r}" if name else "embedding_dim"
         self.weight_spec = ShardSpec(dim=1, sizes=(module.embedding_dim,), tp_size=self.tp_size, name=label)
-        self.weight = _param(module.weight, self.weight_spec, group_rank(group), module.weight.requires_grad)
+        self.weight = shard_parameter(module.weight, self.weight_spec, group_rank(group), module.weight.requires_grad)
 
     def forward(self, ids: Tensor) -> Tensor:
         return F.embedding(ids, self.weight, self.padding_idx)  # (..., D/p)

@@ -80,6 +80,135 @@ class _Source:
             raise CheckpointError(f"cannot read {key!r} from {self.path}: {type(exc).__name__}: {exc}") from exc
 
 
+class _Merged:
+    """One tensor a Hugging Face conversion builds from several keys of the file: ``stack`` over the
+    experts (dim 0) of each source pattern's per-expert tensors, the patterns concatenated along
+    ``concat_dim`` (Mixtral's ``experts.gate_up_proj`` = experts x ``[w1 | w3]``). Read like one key of
+    a :class:`_Source`: a slice along a dim reads only that slice of each per-expert tensor."""
+
+    def __init__(self, parts: list[list[tuple[_Source, str]]], concat_dim: int | None) -> None:
+        self.parts, self.concat_dim = parts, concat_dim  # parts[pattern][expert] = (file, key)
+        self.path = parts[0][0][0].path
+
+    def keys(self) -> list[str]:
+        return [k for part in self.parts for _, k in part]
+
+    def shape(self, key: str | None = None) -> tuple[int, ...]:
+        shapes = [src.shape(k) for src, k in (part[0] for part in self.parts)]
+        shape = [len(self.parts[0]), *shapes[0]]
+        if self.concat_dim is not None:
+            shape[self.concat_dim] = sum(s[self.concat_dim - 1] for s in shapes)
+        return tuple(shape)
+
+    def dtype(self, key: str | None = None) -> torch.dtype:
+        return self.parts[0][0][0].dtype(self.parts[0][0][1])
+
+    def read(self, key: str | None = None, dim: int | None = None, start: int = 0, n: int = 0) -> Tensor:
+        """The whole tensor, or ``n`` elements from ``start`` along ``dim``."""
+        experts = range(len(self.parts[0]))
+        if dim == 0:
+            experts, dim = range(start, start + n), None
+        return torch.stack([self._expert(e, dim, start, n) for e in experts])
+
+    def _expert(self, e: int, dim: int | None, start: int, n: int) -> Tensor:
+        """Expert ``e``'s tensor (patterns concatenated), or its slice along target dim ``dim``."""
+        cat = None if self.concat_dim is None else self.concat_dim - 1
+        if dim is None or dim != self.concat_dim:
+            sub = None if dim is None else dim - 1
+            pieces = [src.read(k, sub, start, n) for src, k in (part[e] for part in self.parts)]
+        else:  # the slice crosses the concatenated patterns: read each one's share
+            pieces, offset = [], 0
+            for part in self.parts:
+                src, k = part[e]
+                size = src.shape(k)[cat]
+                lo, hi = max(start, offset), min(start + n, offset + size)
+                if lo < hi:
+                    pieces.append(src.read(k, cat, lo - offset, hi - lo))
+                offset += size
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=cat)
+
+
+class _Alias:
+    """One key of a file under another name (a Hugging Face renaming): read like a key of a :class:`_Source`."""
+
+    def __init__(self, src: _Source, key: str) -> None:
+        self.src, self.key, self.path = src, key, src.path
+
+    def keys(self) -> list[str]:
+        return [self.key]
+
+    def shape(self, key: str | None = None) -> tuple[int, ...]:
+        return self.src.shape(self.key)
+
+    def dtype(self, key: str | None = None) -> torch.dtype:
+        return self.src.dtype(self.key)
+
+    def read(self, key: str | None = None, dim: int | None = None, start: int = 0, n: int = 0) -> Tensor:
+        return self.src.read(self.key, dim, start, n)
+
+
+def _hf_converted(model: nn.Module, where: dict[str, _Source]) -> dict[str, _Alias | _Merged]:
+    """The file's keys in the layout the model's Hugging Face modules hold, when the file is in the
+    layout of the Hub (``{new key: source}``): Hugging Face's own conversion mapping for the model
+    renames keys (Mixtral's ``block_sparse_moe`` -> ``mlp``) and merges per-expert tensors into the
+    experts' 3-D parameters (``experts.N.w1`` / ``w3`` -> ``experts.gate_up_proj``). Only merges that
+    stack experts and concatenate patterns are read this way; the keys of any other conversion are
+    left as they are (and reported as unexpected). ``{}`` without a Hugging Face model."""
+    hf = next((m for m in model.modules() if hasattr(m, "config") and hasattr(type(m), "base_model_prefix")), None)
+    if hf is None:
+        return {}
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            Concatenate,
+            MergeModulelist,
+            WeightConverter,
+            WeightRenaming,
+            rename_source_key,
+        )
+
+        transforms = get_model_conversion_mapping(hf)
+    except Exception:  # noqa: BLE001 - a transformers without conversion mappings: the file's own names
+        return {}
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    out: dict[str, _Alias | _Merged] = {}
+    groups: dict[str, dict[int, dict[int, tuple[_Source, str]]]] = {}  # target -> pattern -> expert -> key
+    concat: dict[str, int | None] = {}
+    for key, src in where.items():
+        new, pattern = rename_source_key(key, renamings, converters)
+        if pattern is None:
+            if new != key:
+                out[new] = _Alias(src, key)
+            continue
+        conv = next(c for c in converters if pattern in c.source_patterns)
+        ops = [(type(op), getattr(op, "dim", None)) for op in conv.operations]
+        if ops[:1] != [(MergeModulelist, 0)] or not (
+            len(ops) == 1 or (len(ops) == 2 and ops[1][0] is Concatenate and ops[1][1] >= 1)
+        ):
+            continue
+        renamed_only, _ = rename_source_key(key, renamings, [])  # the expert index sits where the pattern's * does
+        index = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), renamed_only)
+        if index is None or not index.groups():
+            continue
+        target = new
+        groups.setdefault(target, {}).setdefault(conv.source_patterns.index(pattern), {})[int(index.group(1))] = (
+            src,
+            key,
+        )
+        concat[target] = ops[1][1] if len(ops) == 2 else None
+    for target, by_pattern in groups.items():
+        experts = [sorted(by_pattern[p]) for p in sorted(by_pattern)]
+        n = len(experts[0])
+        if any(e != list(range(n)) for e in experts):
+            raise CheckpointError(
+                f"pretrained weights: the per-expert tensors merged into {target!r} do not cover experts 0..{n - 1} "
+                f"for every pattern (found {experts}): the file is incomplete."
+            )
+        out[target] = _Merged([[by_pattern[p][e] for e in range(n)] for p in sorted(by_pattern)], concat[target])
+    return out
+
+
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -162,7 +291,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, tp_rank: int, pre
             casts, naming the file and the key; raised before anything is copied.
     """
     sources = [_Source(f) for f in _files(Path(path))]
-    where: dict[str, _Source] = {}
+    where: dict[str, _Source | _Alias | _Merged] = {}
     for src in sources:
         for key in src.keys():
             where[key] = src
@@ -170,6 +299,13 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, tp_rank: int, pre
     alias_of = {n: first for first, group in tensors.items() for n in group}
     live = model.state_dict(keep_vars=True)
     matched = _match(set(alias_of), list(where), prefix)
+    if len(matched) < len(tensors):  # the Hub's layout of a Hugging Face model (per-expert tensors)?
+        converted = _hf_converted(model, where)
+        consumed = {k for src in converted.values() for k in src.keys()}
+        renamed = {**{k: v for k, v in where.items() if k not in consumed}, **converted}
+        again = _match(set(alias_of), list(renamed), prefix)
+        if len(again) > len(matched):
+            where, matched = renamed, again
     ignore = _ignored(model)
     unexpected = [k for k in where if k not in matched and not any(p.search(k) for p in ignore)]
     by_tensor: dict[str, str] = {}
@@ -185,7 +321,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, tp_rank: int, pre
             "pretrained_prefix= (prepended to every key of the file)."
         )
     transposed = set(_transposed(model))
-    plan: list[tuple[Tensor, _Source, str, ShardSpec | None, bool]] = []
+    plan: list[tuple[Tensor, _Source | _Alias | _Merged, str, ShardSpec | None, bool]] = []
     for first, key in by_tensor.items():
         target, src = live[first], where[key]
         spec = shard_spec(target)

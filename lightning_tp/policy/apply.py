@@ -23,7 +23,7 @@ from lightning_tp.engine.random import RNGTracker
 from lightning_tp.errors import DeferredInitError, ShardingError
 from lightning_tp.policy.plan import Plan, PlannedModule, attach_plan, plan_policy, planned_row
 from lightning_tp.policy.rules import PolicyError, PolicyWarning, Rule
-from lightning_tp.policy.styles import BuildContext, Qkv, SequenceGatherStyle, as_linear
+from lightning_tp.policy.styles import BuildContext, Qkv, SequenceGatherStyle
 from lightning_tp.policy.verify import (
     block_templates,
     capture,
@@ -69,8 +69,7 @@ def _check_plan_fits(model: nn.Module, plan: Plan) -> None:
                 f"plan entry {entry.name!r} names no module of this {type(model).__name__}: the plan was made "
                 "for another model. Plan this model with plan_policy(model, tp_size, policy)."
             )
-        lin = as_linear(module)
-        shape = (lin[1], lin[0]) if lin is not None else tuple(getattr(getattr(module, "weight", None), "shape", ()))
+        shape = entry.kind.shape(module) if entry.splits and entry.kind.fits(module) else None
         if entry.splits and shape != tuple(entry.full_shape):
             raise PolicyError(
                 f"plan entry {entry.name!r} expects shape {tuple(entry.full_shape)}, the module has {shape}: the plan "

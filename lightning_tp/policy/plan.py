@@ -12,7 +12,6 @@ Every check raises before the first module is touched.
 from __future__ import annotations
 
 import fnmatch
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -122,14 +121,13 @@ def planned_row(
     shape = style.shape(module)
     spec = style.spec(name, module, shape, opts, tp)
     local = shape if spec is None else tuple(spec.local_size if d == spec.dim else s for d, s in enumerate(shape))
-    local_params = full_params
-    if spec is not None:
-        bias = getattr(module, "bias", None)
-        local_params = math.prod(local) + (0 if bias is None else style.bias_local(bias, spec))
-    return PlannedModule(
-        name, type(module).__name__, style.name, opts, pattern, shape, local, full_params, local_params, spec,
+    row = PlannedModule(
+        name, type(module).__name__, style.name, opts, pattern, shape, local, full_params, full_params, spec,
         note=note,
     )  # fmt: skip
+    numels = style.local_numels(module, row)
+    row.local_params = sum(numels.get(n, p.numel()) for n, p in module.named_parameters(recurse=False))
+    return row
 
 
 def plan_policy(
@@ -222,6 +220,15 @@ def _match(
             lin = as_linear(module)
             if lin is not None and lin[1] == infer_vocab_size(model):
                 rule = Rule("vocab")  # an LM head: vocab-parallel (pads the vocabulary, ties with the embedding)
+        if isinstance(rule.options.get("partial_output"), str):  # an attribute of the block (config) names it
+            attr = rule.options["partial_output"]
+            value = head_value(modules[name.rpartition(".")[0]], (attr,))
+            if value is None:
+                raise PolicyError(
+                    f"module {name!r}: partial_output={attr!r} names an attribute that its parent module (or the "
+                    "config it holds) does not have. Give the number of output features instead."
+                )
+            rule = Rule(rule.style, {**rule.options, "partial_output": value})
         if rule.style == "qkv" and "chunks" not in rule.options:
             rule = Rule("qkv", {**rule.options, "chunks": _gqa_chunks(modules, name, module) or 3})
         planned[name] = planned_row(name, module, rule, shown, tp)
@@ -235,11 +242,8 @@ def _param_counts(
     local_numel: dict[int, int] = {}
     for entry in planned.values():
         module = modules[entry.name]
-        if entry.spec is None:
-            continue
-        local_numel[id(module.weight)] = math.prod(entry.local_shape)
-        if getattr(module, "bias", None) is not None:
-            local_numel[id(module.bias)] = entry.kind.bias_local(module.bias, entry.spec)
+        for p_name, numel in entry.kind.local_numels(module, entry).items():
+            local_numel[id(getattr(module, p_name))] = numel
     params = list(model.parameters())
     return sum(p.numel() for p in params), sum(local_numel.get(id(p), p.numel()) for p in params)
 
@@ -258,6 +262,18 @@ def _check_sequence_parallel(modules: dict[str, nn.Module], entries: list[Planne
                 f"module {entry.name!r}: sequence parallelism gathers the sequence at the input of the block that "
                 "holds a column layer, and this one sits directly in the model. Put it in a submodule (a block), "
                 "or use sequence_parallel=False."
+            )
+    for entry in entries:
+        if entry.options.get("partial_output"):
+            raise PolicyError(
+                f"module {entry.name!r} (style 'replicate', partial_output): sequence parallelism does not handle a "
+                "layer whose output reaches both a column layer and this rank's heads. Use sequence_parallel=False."
+            )
+        if entry.style == "experts":
+            raise PolicyError(
+                f"module {entry.name!r} (style 'experts'): sequence parallelism would give it this rank's chunk of "
+                "the sequence, and its output is summed over TP ranks holding different tokens. Use "
+                "sequence_parallel=False for this mixture-of-experts model."
             )
     _check_no_experts(modules, entries)
     if not any(isinstance(e.kind, Vocab) and as_linear(modules[e.name]) is not None for e in entries) and not any(

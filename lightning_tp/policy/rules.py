@@ -201,6 +201,8 @@ _HF_STYLES: dict[str, Rule | None] = {
     "replicate": Rule("replicate"),
     # whole on every rank, but each rank's gradient covers only its heads: summed over TP before the step
     "replicated_with_grad_allreduce": Rule("replicate", {"partial_grad": True}),
+    # multi-head latent attention's [c_kv | k_rope] projection: k_rope reaches this rank's heads only
+    "mla_kv_a_proj": Rule("replicate", {"partial_output": "qk_rope_head_dim"}),
     "sequence_parallel": Rule("replicate"),
     "isolated": Rule("replicate"),
     "gather": Rule("replicate"),
@@ -233,19 +235,45 @@ def hf_plan(model: nn.Module) -> dict[str, str] | None:
     return merged or None
 
 
+# Hugging Face styles of the parameters of a ``moe_tp_experts`` module -> the ``experts`` style's splits.
+_HF_EXPERT_SPLITS = {
+    "colwise": "column",
+    "local_colwise": "column",
+    "packed_colwise": "packed_column",
+    "rowwise": "row",
+    "local_rowwise": "row",
+    "packed_rowwise": "packed_row",
+}
+
+
 def translate_hf_plan(plan: Mapping[str, str]) -> dict[str, Rule]:
-    """Translate a Hugging Face ``tp_plan`` into our rules (an LM head's gathered column -> vocab)."""
+    """Translate a Hugging Face ``tp_plan`` into our rules (an LM head's gathered column -> vocab; a
+    ``moe_tp_experts`` module and the entries of its parameters -> one ``experts`` rule)."""
+    experts = {p: {} for p, style in plan.items() if style == "moe_tp_experts"}
     rules: dict[str, Rule] = {}
     for pattern, hf_style in plan.items():
+        owner, _, leaf = pattern.rpartition(".")
+        if owner in experts:
+            if hf_style not in _HF_EXPERT_SPLITS:
+                raise PolicyError(
+                    f"Hugging Face tp_plan entry {pattern!r}: style {hf_style!r} on a parameter of the experts "
+                    f"{owner!r} has no equivalent in lightning_tp (known: {sorted(_HF_EXPERT_SPLITS)}). Pass an explicit "
+                    f"policy dict with {owner!r}: {{'style': 'experts', 'params': {{...}}}}, or map it to 'replicate'."
+                )
+            experts[owner][leaf] = _HF_EXPERT_SPLITS[hf_style]
+            continue
+        if hf_style == "moe_tp_experts":
+            rules[pattern] = None  # its rule, made below once its parameters' entries are read, keeps this place
+            continue
         if hf_style not in _HF_STYLES or _HF_STYLES[hf_style] is None:
             raise PolicyError(
                 f"Hugging Face tp_plan entry {pattern!r}: style {hf_style!r} has no module-rewrite equivalent "
-                "in lightning_tp (a mixture of experts stored as 3-D parameters is not split; expert parallelism "
-                "is not built). Pass an explicit policy dict: the attention's and dense MLPs' projections as "
-                f"column/row, the LM head and embedding as vocab, and {pattern!r} (with its parameter entries) "
-                f"as 'replicate' (the experts whole on every rank). Styles: {list(STYLES)}."
+                f"in lightning_tp. Pass an explicit policy dict that maps {pattern!r} to one of {list(STYLES)} "
+                "('replicate' keeps it whole on every rank), with the rest of the plan as column/row/vocab entries."
             )
         rules[pattern] = _HF_STYLES[hf_style]
+    for owner, params in experts.items():
+        rules[owner] = Rule("experts", {"params": params})
     return rules
 
 

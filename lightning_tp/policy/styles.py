@@ -3,21 +3,24 @@ gives their weight, and how to build the replacement (torchtitan's ParallelStyle
 
 Styles a policy can name: ``column``, ``row``, ``qkv``, ``vocab``, ``heads``, ``replicate``,
 ``gather_input`` (also planned automatically for a full-width norm inside a head-split block),
-``tp_dropout`` (also planned automatically for attention dropouts of split blocks). Styles only
+``experts`` (a mixture of experts kept as parameters, each expert split like an MLP), ``tp_dropout`` (also planned automatically for attention dropouts of split blocks). Styles only
 sequence-parallel planning adds: ``sequence_gather``, ``sequence_embedding``. A :class:`~lightning_tp.policy.plan.Plan` row names its
 style; :func:`~lightning_tp.policy.apply.apply_plan` calls that style's :meth:`Style.build`.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from lightning_tp.engine.features import FeatureGather, gathered_width
+from lightning_tp.engine.experts import ExpertsReduce, split_experts
+from lightning_tp.engine.features import FeatureGather, TailGradSum, gathered_width
 from lightning_tp.engine.layers import (
     ColumnParallelLinear,
     HeadParallelEmbedding,
@@ -134,6 +137,17 @@ class Style:
 
     def bias_local(self, bias: nn.Parameter, spec: ShardSpec) -> int:
         return spec.local_size
+
+    def local_numels(self, module: nn.Module, row: PlannedModule) -> dict[str, int]:
+        """Elements per rank of each of the module's own parameters the row splits, by name (a
+        linear module's weight and bias; the others whole)."""
+        if row.spec is None:
+            return {}
+        local = row.spec.local_size
+        numels = {"weight": math.prod(local if d == row.spec.dim else s for d, s in enumerate(row.full_shape))}
+        if getattr(module, "bias", None) is not None:
+            numels["bias"] = self.bias_local(module.bias, row.spec)
+        return numels
 
     def build(self, row: PlannedModule, dense: nn.Module, ctx: BuildContext) -> nn.Module:
         raise NotImplementedError
@@ -255,23 +269,42 @@ class Heads(Style):
 
 class Replicate(Style):
     """Whole on every rank. With ``partial_grad`` its own parameters' gradients are partial (they see
-    only this rank's heads or sequence chunk) and are summed over TP before the step."""
+    only this rank's heads or sequence chunk) and are summed over TP before the step. With
+    ``partial_output=n`` (a linear layer) the gradient of its last ``n`` output features is summed
+    over TP in backward: they reach only this rank's heads (multi-head latent attention's shared
+    rotary key, Hugging Face's ``mla_kv_a_proj``; :class:`~lightning_tp.engine.features.TailGradSum`)."""
 
     name = "replicate"
-    options = frozenset({"partial_grad"})
+    options = frozenset({"partial_grad", "partial_output"})
     replaces = False
 
     def acts_on(self, module, options):
-        return "partial_grad" in options and any(True for _ in module.parameters(recurse=False))
+        return ("partial_grad" in options and any(True for _ in module.parameters(recurse=False))) or bool(
+            options.get("partial_output")
+        )
 
     def fits(self, module):
         return True
+
+    def spec(self, name, module, shape, options, tp):
+        n = options.get("partial_output")
+        if n is not None and (
+            isinstance(n, bool) or not isinstance(n, int) or as_linear(module) is None or not 0 < n < shape[0]
+        ):
+            raise ShardingError(
+                f"module {name!r} (style 'replicate'): partial_output={n!r} must be a number of output features of a "
+                f"linear layer, between 1 and its out_features - 1 (module: {type(module).__name__}"
+                + (f", out_features={shape[0]})." if as_linear(module) is not None else ").")
+            )
+        return None
 
     def build(self, row, dense, ctx):
         if row.options.get("partial_grad"):
             for param in dense.parameters(recurse=False):
                 if shard_spec(param) is None and not has_partial_grad_mark(param):  # a user's mark stands
                     mark_partial_grad(param)
+        if row.options.get("partial_output"):
+            TailGradSum(ctx.group, row.options["partial_output"]).attach(dense)
         return dense
 
 
@@ -318,6 +351,101 @@ class GatherInput(Style):
         partial = marks.pop() if marks else bool(row.options.get("partial_grad"))
         FeatureGather(ctx.group, row.options["width"], partial_grads=partial).attach(dense)
         return dense
+
+
+_EXPERT_SPLITS = {"column": (-2, 1), "row": (-1, 1), "packed_column": (-2, 2), "packed_row": (-1, 2)}
+
+
+class Experts(Style):
+    """A module holding a mixture of experts as its own parameters, experts on dim 0 (Hugging Face's
+    ``gate_up_proj (E, 2I, H)`` / ``down_proj (E, H, I)``): every expert is split over TP on its
+    hidden units, like an MLP, the module runs as it is on the shards and its output is summed over
+    TP (:mod:`lightning_tp.engine.experts`).
+
+    ``params`` maps each of the module's parameters to its split: ``"column"`` (the parameter as
+    ``(..., out, in)`` weights split on ``out``, dim -2; a 1-D one on its only dim), ``"row"`` (on
+    ``in``, dim -1), ``"packed_column"`` / ``"packed_row"`` (the same dim holding two chunks back to
+    back, gate then up, each split), an int dim, or ``{"dim": d, "chunks": k}``. Every parameter of
+    the module must be split (one that is not, such as a bias added after the down projection, would
+    be summed once per rank): the split dims hold the hidden units, not the experts."""
+
+    name = "experts"
+    options = frozenset({"params"})
+    need = "a module holding its experts' weights as its own parameters (not an nn.Linear/nn.Embedding)"
+
+    def fits(self, module):
+        return (
+            as_linear(module) is None
+            and not isinstance(module, nn.Embedding)
+            and any(p.dim() >= 2 for p in module.parameters(recurse=False))
+        )
+
+    def shape(self, module):
+        return tuple(next(module.parameters(recurse=False)).shape)
+
+    def param_specs(self, name: str, module: nn.Module, options: dict[str, Any], tp: int) -> dict[str, ShardSpec]:
+        """The spec of each of ``module``'s own parameters, in registration order."""
+        given = options.get("params")
+        own = dict(module.named_parameters(recurse=False))
+        label = f"module {name!r} (style 'experts')"
+        if not isinstance(given, Mapping) or not given:
+            raise ShardingError(
+                f"{label}: params={given!r}; give the split of each of its parameters, e.g. "
+                "{'style': 'experts', 'params': {'gate_up_proj': 'packed_column', 'down_proj': 'row'}} "
+                f"(its parameters: {sorted(own)})."
+            )
+        unknown = sorted(set(given) - set(own))
+        missing = [p for p in own if p not in given]
+        nested = [f"{c}.{p}" for c, child in module.named_children() for p, _ in child.named_parameters()]
+        if unknown or missing or nested:
+            what = (
+                f"names {unknown} that are not its own parameters" if unknown
+                else f"no split for its parameters {missing + nested}"
+            )  # fmt: skip
+            raise ShardingError(
+                f"{label}: params has {what} (its own parameters: {sorted(own)}). Every parameter that acts in the "
+                "experts must be split on the experts' hidden units: the output is summed over TP, so a whole one "
+                "would count once per rank. Map the module to 'replicate' if that is not possible."
+            )
+        specs = {}
+        for p_name, param in own.items():
+            dim, chunks = _expert_split(label, p_name, given[p_name], param.dim())
+            sizes = chunk_sizes(param.shape[dim], chunks, f"{name}.{p_name}")
+            specs[p_name] = ShardSpec(dim=dim, sizes=sizes, tp_size=tp, name=f"dim {dim} of {name}.{p_name}")
+        return specs
+
+    def spec(self, name, module, shape, options, tp):
+        return next(iter(self.param_specs(name, module, options, tp).values()))
+
+    def local_numels(self, module, row):
+        specs = self.param_specs(row.name, module, row.options, row.spec.tp_size)
+        params = dict(module.named_parameters(recurse=False))
+        return {p: params[p].numel() // s.full_size * s.local_size for p, s in specs.items()}
+
+    def build(self, row, dense, ctx):
+        split_experts(dense, self.param_specs(row.name, dense, row.options, row.spec.tp_size), ctx.group)
+        ExpertsReduce(ctx.group).attach(dense)
+        return dense
+
+
+def _expert_split(label: str, p_name: str, split: Any, ndim: int) -> tuple[int, int]:
+    """``(dim, chunks)`` of one entry of an ``experts`` row's ``params``."""
+    dim: Any = None
+    chunks: Any = 1
+    if isinstance(split, str) and split in _EXPERT_SPLITS:
+        dim, chunks = _EXPERT_SPLITS[split]
+        dim = 0 if ndim == 1 and dim == -2 else dim  # a 1-D parameter of a column split: its only dim
+    elif isinstance(split, int) and not isinstance(split, bool):
+        dim = split
+    elif isinstance(split, Mapping) and set(split) <= {"dim", "chunks"}:
+        dim, chunks = split.get("dim"), split.get("chunks", 1)
+    valid = isinstance(dim, int) and not isinstance(dim, bool) and -ndim <= dim < ndim
+    if not valid or not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
+        raise ShardingError(
+            f"{label}: params[{p_name!r}]={split!r} is not a split of a {ndim}-D parameter. Use one of "
+            f"{sorted(_EXPERT_SPLITS)}, a dim in [{-ndim}, {ndim}), or {{'dim': d, 'chunks': k}}."
+        )
+    return dim % ndim, chunks
 
 
 class SequenceGatherStyle(Style):
@@ -384,7 +512,7 @@ class PerRankDropout(Style):
 REPLICATE = Replicate()
 #: styles a policy can name, by name
 STYLES: dict[str, Style] = {
-    s.name: s for s in (Column(), Row(), Qkv(), Vocab(), Heads(), REPLICATE, GatherInput(), PerRankDropout())
+    s.name: s for s in (Column(), Row(), Qkv(), Vocab(), Heads(), REPLICATE, GatherInput(), Experts(), PerRankDropout())
 }
 #: every style a plan row can hold (sequence parallelism's pieces are planned, never named)
 ALL_STYLES: dict[str, Style] = {**STYLES, **{s.name: s for s in (SequenceGatherStyle(), SequenceEmbedding())}}

@@ -1,0 +1,79 @@
+"""Experts kept as parameters, each expert split over TP like an MLP.
+
+Hugging Face's mixture-of-experts layers (Mixtral, Qwen-MoE, DeepSeek, OLMoE, Llama 4, ...) hold all
+their experts in a few parameters with the experts on dim 0, e.g. ``gate_up_proj (E, 2I, H)`` and
+``down_proj (E, H, I)``, and run them with a loop, a batched or a grouped matmul. Megatron's expert
+tensor parallelism splits every expert as it splits a dense MLP: rank ``r`` holds the gate/up rows and
+the down columns of its ``I/p`` hidden units of every expert. Each expert's output is then a sum over
+ranks, and so is the layer's (the routing weights scale each expert's output, a linear step)::
+
+    y = sum_r M(x, routing; theta_r)
+
+:func:`split_experts` replaces the module's parameters with this rank's shards (the module's own code
+runs unchanged on them: it reads the widths from the tensors); :class:`ExpertsReduce` sums its
+floating outputs over TP (all-reduce; backward: identity) and gives its floating inputs (the hidden
+states and the routing weights) the all-reduce of their gradient in backward, as each rank's part of
+the output gives only a part of it (Megatron's ``f`` and ``g`` around the experts).
+
+That sum is the whole contract: every parameter that acts in the forward must be split this way.
+A bias added after the down projection would be added once per rank, so planning refuses a module
+with a parameter that is not split (:class:`~lightning_tp.policy.styles.Experts`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor, nn
+from torch.distributed import ProcessGroup
+from torch.utils.hooks import RemovableHandle
+
+from lightning_tp._compat import tree_map
+from lightning_tp.engine.comm import copy_to_tp, group_rank, reduce_from_tp
+from lightning_tp.engine.layers import shard_parameter
+from lightning_tp.engine.sharding import ShardSpec
+
+
+def split_experts(module: nn.Module, specs: Mapping[str, ShardSpec], group: ProcessGroup) -> nn.Module:
+    """Replace each parameter of ``module`` named in ``specs`` (its own, by attribute name) with this
+    rank's shard, marked with its spec. Returns ``module``."""
+    rank = group_rank(group)
+    for name, spec in specs.items():
+        full = getattr(module, name)
+        setattr(module, name, shard_parameter(full, spec, rank, full.requires_grad))
+    return module
+
+
+class ExpertsReduce:
+    """Hooks that make a module whose parameters hold this rank's part of every expert compute the
+    whole layer: floating inputs get a gradient summed over TP, floating outputs are summed over TP."""
+
+    def __init__(self, group: ProcessGroup) -> None:
+        self.group = group
+
+    def attach(self, module: nn.Module) -> tuple[RemovableHandle, RemovableHandle]:
+        """Register the input copy and the output sum on ``module``."""
+        return (
+            module.register_forward_pre_hook(self._pre, with_kwargs=True),
+            module.register_forward_hook(self._post),
+        )
+
+    def _copy(self, x: Any) -> Any:
+        if isinstance(x, Tensor) and x.is_floating_point():
+            return copy_to_tp(x, self.group)  # forward: x; backward: all-reduce (each rank's grad is partial)
+        return x
+
+    def _sum(self, y: Any) -> Any:
+        if isinstance(y, Tensor) and y.is_floating_point():
+            return reduce_from_tp(y, self.group)  # forward: all-reduce of the partial outputs; backward: identity
+        return y
+
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return tree_map(self._copy, args), tree_map(self._copy, kwargs)
+
+    def _post(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        return tree_map(self._sum, output)
+
+    def __repr__(self) -> str:
+        return "ExpertsReduce()"

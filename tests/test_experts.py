@@ -1,0 +1,237 @@
+"""Experts kept as parameters, each split over TP on its hidden units (style ``experts``, engine/experts.py).
+
+Hugging Face's mixtures of experts are covered in test_hf_models (Mixtral, Qwen2/3-MoE, OLMoE, Llama 4,
+translated from their tp_plan). The layers here are written differently on purpose: one runs every
+token through every expert with einsums over ``(E, in, out)`` weights (gate | up packed on the last
+dim) and weights them with a dense softmax over the experts, a floating input whose gradient must be
+summed over TP; the other routes each token to one expert by an integer index, loops over the experts
+and has three separate weights and a per-hidden-unit bias. At TP 2 and 4 (float64) each gives the dense
+model's output, gradients and weights after AdamW steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import _dist
+from lightning_tp import apply_policy, plan_policy
+from lightning_tp.errors import ShardingError
+from lightning_tp.policy.rules import PolicyError, Rule, translate_hf_plan
+
+E, H, U = 4, 16, 12  # experts, hidden width, hidden units per expert (U / 4 = 3: split at TP 4)
+
+
+class EinsumExperts(nn.Module):
+    """Every token through every expert, ``(E, in, out)`` weights, weighted by dense probabilities."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w_in = nn.Parameter(torch.randn(E, H, 2 * U) / H**0.5)  # gate | up on the last dim
+        self.w_out = nn.Parameter(torch.randn(E, U, H) / U**0.5)
+
+    def forward(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:  # (T, H), (T, E)
+        gate, up = torch.einsum("th,ehk->etk", x, self.w_in).chunk(2, dim=-1)
+        y = torch.einsum("eti,eih->eth", F.silu(gate) * up, self.w_out)
+        return torch.einsum("te,eth->th", probs, y)
+
+
+class LoopExperts(nn.Module):
+    """Top-1 routing by an index; ``w1``/``w3`` ``(E, U, H)``, ``w2`` ``(E, H, U)``, a bias ``b1`` ``(E, U)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(E, U, H) / H**0.5)
+        self.w3 = nn.Parameter(torch.randn(E, U, H) / H**0.5)
+        self.w2 = nn.Parameter(torch.randn(E, H, U) / U**0.5)
+        self.b1 = nn.Parameter(torch.randn(E, U) * 0.1)
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for e in range(self.w1.shape[0]):
+            rows = (index == e).nonzero().squeeze(-1)
+            xe = x[rows]
+            h = F.gelu(xe @ self.w1[e].t() + self.b1[e]) * (xe @ self.w3[e].t())
+            out = out.index_add(0, rows, (h @ self.w2[e].t()) * weight[rows])
+        return out
+
+
+class MoE(nn.Module):
+    def __init__(self, experts: nn.Module) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(H)
+        self.router = nn.Linear(H, E, bias=False)
+        self.experts = experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = self.norm(x).reshape(-1, H)
+        probs = self.router(flat).softmax(-1)
+        if isinstance(self.experts, EinsumExperts):
+            y = self.experts(flat, probs)
+        else:
+            weight, index = probs.max(-1)
+            y = self.experts(flat, index, weight.unsqueeze(-1))
+        return x + y.view_as(x)
+
+
+SPLITS = {
+    "einsum": {"w_in": "packed_row", "w_out": "column"},
+    "loop": {"w1": "column", "w3": 1, "w2": "row", "b1": {"dim": -1}},
+}
+
+
+def _model(kind: str, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    cls = EinsumExperts if kind == "einsum" else LoopExperts
+    return nn.Sequential(MoE(cls()), MoE(cls())).double()
+
+
+def _policy(kind: str) -> dict:
+    return {"*.router": "replicate", "*.experts": {"style": "experts", "params": SPLITS[kind]}}
+
+
+def test_plan_lists_each_expert_split_and_counts_local_parameters():
+    plan = plan_policy(_model("loop"), 4, _policy("loop"), strict=True)
+    rows = {m.name: m for m in plan.modules}
+    row = rows["0.experts"]
+    assert row.style == "experts" and row.full_shape == (E, U, H) and row.local_shape == (E, U // 4, H)
+    expert_params = 3 * E * U * H + E * U
+    assert row.full_params == expert_params and row.local_params == expert_params // 4
+    assert plan.full_params - plan.local_params == 2 * (expert_params - expert_params // 4)
+    assert "experts" in str(plan)
+    with pytest.raises(PolicyError, match=r"'0.experts' \(style 'experts'\): sequence parallelism"):
+        plan_policy(_model("loop"), 2, _policy("loop"), sequence_parallel=True)
+
+
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        (None, r"params=None; give the split of each of its parameters.*\['b1', 'w1', 'w2', 'w3'\]"),
+        ({"w1": "column", "w3": 1, "w2": "row"}, r"no split for its parameters \['b1'\].*once per rank"),
+        ({**SPLITS["loop"], "w4": 0}, r"names \['w4'\] that are not its own parameters"),
+        ({**SPLITS["loop"], "w2": "diagonal"}, r"params\['w2'\]='diagonal' is not a split of a 3-D parameter"),
+        ({**SPLITS["loop"], "w2": 3}, r"params\['w2'\]=3 is not a split of a 3-D parameter"),
+        ({**SPLITS["loop"], "w1": "packed_column"}, r"0.experts.w1 \(chunk sizes \[6, 6\]\) of size 6 .*=4"),
+    ],
+)
+def test_bad_expert_splits_are_refused_by_name(params, match):
+    entry = {"style": "experts"} if params is None else {"style": "experts", "params": params}
+    with pytest.raises(ShardingError, match=match):
+        plan_policy(_model("loop"), 4, {"*.experts": entry})
+
+
+def test_indivisible_and_misplaced_experts_are_refused():
+    with pytest.raises(ShardingError, match=r"dim 1 of 0.experts.w1 of size 12 .*tensor_parallel_size=5"):
+        plan_policy(_model("loop"), 5, _policy("loop"))
+    with pytest.raises(TypeError, match=r"style 'experts' .* does not fit module '0.router'"):
+        plan_policy(_model("loop"), 2, {"*.router": {"style": "experts", "params": {"weight": "row"}}})
+    nested = nn.ModuleDict({"experts": nn.Module()})
+    nested.experts.w = nn.Parameter(torch.zeros(E, 4, H))
+    nested.experts.post_norm = nn.LayerNorm(H)  # a child with parameters: summed once per rank
+    with pytest.raises(ShardingError, match=r"no split for its parameters \['post_norm.weight', 'post_norm.bias'\]"):
+        plan_policy(nested, 2, {"experts": {"style": "experts", "params": {"w": "column"}}})
+
+
+def test_hugging_face_expert_entries_become_one_experts_rule():
+    rules = translate_hf_plan({
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
+        "layers.*.mlp.experts.down_proj": "rowwise",
+        "layers.*.mlp.experts": "moe_tp_experts",
+        "layers.*.feed_forward.experts.gate_up_proj": "packed_rowwise",  # Llama 4: transposed
+        "layers.*.feed_forward.experts.down_proj": "colwise",
+        "layers.*.feed_forward.experts": "moe_tp_experts",
+    })  # fmt: skip
+    assert list(rules) == ["layers.*.self_attn.q_proj", "layers.*.mlp.experts", "layers.*.feed_forward.experts"]
+    assert rules["layers.*.mlp.experts"] == Rule(
+        "experts", {"params": {"gate_up_proj": "packed_column", "down_proj": "row"}}
+    )
+    assert rules["layers.*.feed_forward.experts"].options["params"] == {
+        "gate_up_proj": "packed_row",
+        "down_proj": "column",
+    }
+    with pytest.raises(PolicyError, match=r"'layers.\*.experts.w': style 'grouped_gemm' on a parameter of the experts"):
+        translate_hf_plan({"layers.*.experts": "moe_tp_experts", "layers.*.experts.w": "grouped_gemm"})
+
+
+def _parity(kind: str, tp: int) -> dict:
+    from lightning_tp.engine.sharding import shard_spec
+
+    group = _dist.mesh(tp).tp_group
+    dense = _model(kind)
+    model = copy.deepcopy(dense)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing unmatched, no pattern unused
+        plan = apply_policy(model, group, _policy(kind))  # verify=True: outputs and gradients checked too
+    res = {
+        "sharded": sorted(n for n, p in model.named_parameters() if shard_spec(p) is not None),
+        "local_params": sum(p.numel() for p in model.parameters()) == plan.local_params,
+    }
+    g = torch.Generator().manual_seed(1)
+    res.update(
+        _dist.train_parity(
+            dense, model, group, [torch.randn(2, 6, H, dtype=torch.float64, generator=g) for _ in range(2)]
+        )
+    )
+    return res
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("kind", ["einsum", "loop"])
+def test_user_experts_match_dense(kind, tp):
+    for rank, r in enumerate(_dist.run(4, _parity, kind, tp)):
+        assert r["sharded"] == sorted(f"{b}.experts.{p}" for b in "01" for p in SPLITS[kind]), r["sharded"]
+        assert r["local_params"], "the plan's parameters per rank differ from the model's"
+        assert r["out"] <= 1e-12 and r["grad"] <= 1e-11 and r["weight"] <= 1e-12, (kind, tp, rank, r)
+
+
+def _trained(tp: int, seed: int, steps: int):
+    mesh = _dist.mesh(tp)
+    model = _model("loop", seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        apply_policy(model, mesh.tp_group, _policy("loop"), verify=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randn(2, 6, H, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for _ in range(steps):
+        model(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    return mesh, model, opt
+
+
+def _reshard(path: str) -> tuple[dict, dict, dict, dict]:
+    """Saved at TP 2 (x DP 2), loaded at TP 4 into a model of other weights: the same dense weights
+    and AdamW moments."""
+    from lightning_tp.lightning.checkpoint import full_state_dict, load, save
+
+    def moments(mesh, model, opt):
+        return {n: _dist.gathered(p, opt.state[p]["exp_avg"], mesh.tp_group) for n, p in model.named_parameters()}
+
+    mesh, model, opt = _trained(2, 0, 2)
+    save(path, model, [opt], mesh, {"step": 2})
+    saved = full_state_dict(model, mesh.tp_group), moments(mesh, model, opt)
+    mesh, model, opt = _trained(4, 99, 1)  # other weights and moments: all must come from the checkpoint
+    state, _ = load(path, model, [opt], mesh)
+    assert state == {"step": 2}, state
+    return (*saved, full_state_dict(model, mesh.tp_group), moments(mesh, model, opt))
+
+
+def test_experts_checkpoint_reshards_from_tp2_to_tp4(tmp_path):
+    from lightning_tp import consolidate
+
+    path = str(tmp_path / "ckpt")
+    for weights, moments, loaded, loaded_moments in _dist.run(4, _reshard, path):
+        assert loaded.keys() == weights.keys() and any(".experts.w2" in k for k in loaded)
+        for k in weights:
+            assert torch.equal(loaded[k], weights[k]), k
+        for k in moments:
+            assert torch.equal(loaded_moments[k], moments[k]), k
+    offline = consolidate(path)  # without a process group: the dense model's state_dict
+    assert all(torch.equal(offline[k], weights[k]) for k in weights)
+    _model("loop").load_state_dict(offline, strict=True)
