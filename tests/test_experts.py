@@ -117,12 +117,31 @@ def test_plan_lists_each_expert_split_and_counts_local_parameters():
         ({**SPLITS["loop"], "w2": "diagonal"}, r"params\['w2'\]='diagonal' is not a split of a 3-D parameter"),
         ({**SPLITS["loop"], "w2": 3}, r"params\['w2'\]=3 is not a split of a 3-D parameter"),
         ({**SPLITS["loop"], "w1": "packed_column"}, r"0.experts.w1 \(chunk sizes \[6, 6\]\) of size 6 .*=4"),
+        ({**SPLITS["loop"], "w2": 0}, r"params\['w2'\]=0 splits dim 0, the experts"),
+        ({**SPLITS["loop"], "b1": {"dim": -2}}, r"params\['b1'\]=\{'dim': -2\} splits dim 0, the experts"),
     ],
 )
 def test_bad_expert_splits_are_refused_by_name(params, match):
     entry = {"style": "experts"} if params is None else {"style": "experts", "params": params}
     with pytest.raises(ShardingError, match=match):
         plan_policy(_model("loop"), 4, {"*.experts": entry})
+
+
+def test_a_column_split_of_a_bias_takes_its_last_dim_and_ties_keep_one_layout():
+    plan = plan_policy(
+        _model("loop"), 2, {"*.experts": {"style": "experts", "params": {**SPLITS["loop"], "b1": "column"}}}
+    )
+    assert plan.local_params == plan_policy(_model("loop"), 2, _policy("loop")).local_params  # b1 (E, U) split on U
+    tied = _model("loop")
+    tied[1].experts.w3 = tied[0].experts.w3  # one parameter in two experts modules
+    split_w3 = {"*.experts": {"style": "experts", "params": SPLITS["loop"]}}
+    assert plan_policy(tied, 2, split_w3)  # split the same way by both: fine
+    other = {
+        "0.experts": split_w3["*.experts"],
+        "1.experts": {"style": "experts", "params": {**SPLITS["loop"], "w3": 2}},
+    }
+    with pytest.raises(PolicyError, match=r"would break a tied parameter shared by '0.experts.w3' .*'1.experts.w3'"):
+        plan_policy(tied, 2, other)
 
 
 def test_indivisible_and_misplaced_experts_are_refused():
@@ -155,8 +174,26 @@ def test_hugging_face_expert_entries_become_one_experts_rule():
         "gate_up_proj": "packed_row",
         "down_proj": "column",
     }
-    with pytest.raises(PolicyError, match=r"'layers.\*.experts.w': style 'grouped_gemm' on a parameter of the experts"):
-        translate_hf_plan({"layers.*.experts": "moe_tp_experts", "layers.*.experts.w": "grouped_gemm"})
+    identity = {"layers.*.experts": "moe_tp_experts", "layers.*.experts.identity_expert": "moe_identity_expert"}
+    with pytest.raises(
+        PolicyError, match=r"style 'moe_identity_expert' inside the experts .*identity experts.*'replicate'"
+    ):
+        translate_hf_plan(identity)  # LongCat-Flash: parameter-free experts would be summed once per rank
+
+
+@pytest.mark.parametrize(
+    ("pattern", "key", "index"),
+    [
+        (".experts.*.w1.weight", "model.layers.0.mlp.experts.12.w1.weight", 12),
+        (r"\.experts.*.w1.weight", "model.layers.0.mlp.experts.3.w1.weight", 3),  # written as a regex (DeepSeek-V4)
+        (r"\.experts.*.w1.weight", "model.layers.0.mlp.experts.3.w2.weight", None),
+        ("mlp.experts.*.gate_proj.weight", "model.layers.1.mlp.experts.0.gate_proj.weight", 0),
+    ],
+)
+def test_expert_number_is_read_where_the_pattern_has_its_star(pattern, key, index):
+    from lightning_tp.lightning.pretrained import expert_index
+
+    assert expert_index(pattern, key) == index
 
 
 def _parity(kind: str, tp: int) -> dict:

@@ -17,7 +17,9 @@ the output gives only a part of it (Megatron's ``f`` and ``g`` around the expert
 
 That sum is the whole contract: every parameter that acts in the forward must be split this way.
 A bias added after the down projection would be added once per rank, so planning refuses a module
-with a parameter that is not split (:class:`~lightning_tp.policy.styles.Experts`).
+with a parameter that is not split (:class:`~lightning_tp.policy.styles.Experts`); so would anything
+the module adds without parameters (identity or zero-compute experts), which the parity self-check
+catches.
 """
 
 from __future__ import annotations

@@ -158,45 +158,49 @@ def _hf_converted(model: nn.Module, where: dict[str, _Source]) -> dict[str, _Ali
     if hf is None:
         return {}
     try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import (
-            Concatenate,
-            MergeModulelist,
-            WeightConverter,
-            WeightRenaming,
-            rename_source_key,
-        )
+        return _converted(hf, where)
+    except CheckpointError:
+        raise
+    except Exception:  # noqa: BLE001 - transformers without (or with another form of) conversion mappings
+        return {}  # the file's own names: missing and unexpected keys are reported as they are
 
-        transforms = get_model_conversion_mapping(hf)
-    except Exception:  # noqa: BLE001 - a transformers without conversion mappings: the file's own names
-        return {}
+
+def _converted(hf: nn.Module, where: dict[str, _Source]) -> dict[str, _Alias | _Merged]:
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import (
+        Concatenate,
+        MergeModulelist,
+        WeightConverter,
+        WeightRenaming,
+        rename_source_key,
+    )
+
+    transforms = get_model_conversion_mapping(hf)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     out: dict[str, _Alias | _Merged] = {}
     groups: dict[str, dict[int, dict[int, tuple[_Source, str]]]] = {}  # target -> pattern -> expert -> key
     concat: dict[str, int | None] = {}
-    for key, src in where.items():
+    for key in sorted(where):  # transformers' group renamings expect keys in order
+        src = where[key]
         new, pattern = rename_source_key(key, renamings, converters)
         if pattern is None:
             if new != key:
                 out[new] = _Alias(src, key)
             continue
-        conv = next(c for c in converters if pattern in c.source_patterns)
-        ops = [(type(op), getattr(op, "dim", None)) for op in conv.operations]
-        if ops[:1] != [(MergeModulelist, 0)] or not (
-            len(ops) == 1 or (len(ops) == 2 and ops[1][0] is Concatenate and ops[1][1] >= 1)
+        conv = next((c for c in converters if pattern in c.source_patterns), None)
+        ops = [(type(op), getattr(op, "dim", None)) for op in conv.operations] if conv is not None else []
+        if (
+            new in where
+            or ops[:1] != [(MergeModulelist, 0)]
+            or not (len(ops) == 1 or (len(ops) == 2 and ops[1][0] is Concatenate and ops[1][1] >= 1))
         ):
+            continue  # another conversion, or the file also holds the merged tensor: the key stays as it is
+        index = expert_index(pattern, rename_source_key(key, renamings, [])[0])  # after the renamings only
+        if index is None:
             continue
-        renamed_only, _ = rename_source_key(key, renamings, [])  # the expert index sits where the pattern's * does
-        index = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), renamed_only)
-        if index is None or not index.groups():
-            continue
-        target = new
-        groups.setdefault(target, {}).setdefault(conv.source_patterns.index(pattern), {})[int(index.group(1))] = (
-            src,
-            key,
-        )
-        concat[target] = ops[1][1] if len(ops) == 2 else None
+        groups.setdefault(new, {}).setdefault(conv.source_patterns.index(pattern), {})[index] = (src, key)
+        concat[new] = ops[1][1] if len(ops) == 2 else None
     for target, by_pattern in groups.items():
         experts = [sorted(by_pattern[p]) for p in sorted(by_pattern)]
         n = len(experts[0])
@@ -207,6 +211,19 @@ def _hf_converted(model: nn.Module, where: dict[str, _Source]) -> dict[str, _Ali
             )
         out[target] = _Merged([[by_pattern[p][e] for e in range(n)] for p in sorted(by_pattern)], concat[target])
     return out
+
+
+def expert_index(pattern: str, key: str) -> int | None:
+    """The expert number in ``key`` at the ``*`` of a Hugging Face source pattern (a regular expression
+    with ``*`` for the expert, ``.experts.*.w1.weight`` or ``\\.experts.*.w1.weight``); ``None`` when
+    the pattern has no single ``*`` or does not match."""
+    if pattern.count("*") != 1:
+        return None
+    try:
+        found = re.search(pattern.replace("*", r"(\d+)"), key)
+    except re.error:
+        return None
+    return int(found.group(1)) if found else None
 
 
 _ST_DTYPES = {

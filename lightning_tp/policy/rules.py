@@ -256,9 +256,11 @@ def translate_hf_plan(plan: Mapping[str, str]) -> dict[str, Rule]:
         if owner in experts:
             if hf_style not in _HF_EXPERT_SPLITS:
                 raise PolicyError(
-                    f"Hugging Face tp_plan entry {pattern!r}: style {hf_style!r} on a parameter of the experts "
-                    f"{owner!r} has no equivalent in lightning_tp (known: {sorted(_HF_EXPERT_SPLITS)}). Pass an explicit "
-                    f"policy dict with {owner!r}: {{'style': 'experts', 'params': {{...}}}}, or map it to 'replicate'."
+                    f"Hugging Face tp_plan entry {pattern!r}: style {hf_style!r} inside the experts {owner!r} has no "
+                    f"equivalent in lightning_tp (the experts' parameters take {sorted(_HF_EXPERT_SPLITS)}; a part "
+                    "without parameters, such as identity experts, would be summed once per rank). Pass an explicit "
+                    f"policy dict that maps {owner!r} (and its router) to 'replicate', with the rest of the plan as "
+                    "column/row/vocab entries."
                 )
             experts[owner][leaf] = _HF_EXPERT_SPLITS[hf_style]
             continue

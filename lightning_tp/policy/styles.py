@@ -363,11 +363,13 @@ class Experts(Style):
     TP (:mod:`lightning_tp.engine.experts`).
 
     ``params`` maps each of the module's parameters to its split: ``"column"`` (the parameter as
-    ``(..., out, in)`` weights split on ``out``, dim -2; a 1-D one on its only dim), ``"row"`` (on
+    ``(..., out, in)`` weights split on ``out``, dim -2; a bias ``(E, out)`` or ``(out,)`` on its last
+    dim), ``"row"`` (on
     ``in``, dim -1), ``"packed_column"`` / ``"packed_row"`` (the same dim holding two chunks back to
     back, gate then up, each split), an int dim, or ``{"dim": d, "chunks": k}``. Every parameter of
     the module must be split (one that is not, such as a bias added after the down projection, would
-    be summed once per rank): the split dims hold the hidden units, not the experts."""
+    be summed once per rank), and so would anything the module adds without parameters (identity
+    experts): the split dims hold the hidden units, not the experts (dim 0 is refused)."""
 
     name = "experts"
     options = frozenset({"params"})
@@ -434,7 +436,8 @@ def _expert_split(label: str, p_name: str, split: Any, ndim: int) -> tuple[int, 
     chunks: Any = 1
     if isinstance(split, str) and split in _EXPERT_SPLITS:
         dim, chunks = _EXPERT_SPLITS[split]
-        dim = 0 if ndim == 1 and dim == -2 else dim  # a 1-D parameter of a column split: its only dim
+        if dim == -2 and ndim <= 2:  # a column split's bias, (E, out) or (out,): its last dim
+            dim = -1
     elif isinstance(split, int) and not isinstance(split, bool):
         dim = split
     elif isinstance(split, Mapping) and set(split) <= {"dim", "chunks"}:
@@ -444,6 +447,12 @@ def _expert_split(label: str, p_name: str, split: Any, ndim: int) -> tuple[int, 
         raise ShardingError(
             f"{label}: params[{p_name!r}]={split!r} is not a split of a {ndim}-D parameter. Use one of "
             f"{sorted(_EXPERT_SPLITS)}, a dim in [{-ndim}, {ndim}), or {{'dim': d, 'chunks': k}}."
+        )
+    if ndim >= 2 and dim % ndim == 0:
+        raise ShardingError(
+            f"{label}: params[{p_name!r}]={split!r} splits dim 0, the experts: every rank would hold other "
+            "experts, which the module's code indexes by their global number (expert parallelism is not built). "
+            "Split a dim of the experts' hidden units ('column', 'row', or a dim >= 1)."
         )
     return dim % ndim, chunks
 
