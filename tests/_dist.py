@@ -11,6 +11,7 @@ Inside a worker, :func:`mesh` returns a cached :class:`~lightning_tp.engine.mesh
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import queue
 import socket
@@ -152,7 +153,7 @@ def train_parity(dense, model, group, inputs) -> dict[str, float]:
     errs = {"out": 0.0, "grad": 0.0, "weight": 0.0}
 
     def worst(what: str, err: float) -> None:
-        if not err <= errs[what]:  # a NaN counts as the worst
+        if math.isnan(err) or (not math.isnan(errs[what]) and err > errs[what]):  # a NaN stays the worst
             errs[what] = err
 
     for x in inputs:

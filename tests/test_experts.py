@@ -142,6 +142,14 @@ def test_a_column_split_of_a_bias_takes_its_last_dim_and_ties_keep_one_layout():
     }
     with pytest.raises(PolicyError, match=r"would break a tied parameter shared by '0.experts.w3' .*'1.experts.w3'"):
         plan_policy(tied, 2, other)
+    biased = nn.ModuleDict({k: nn.Module() for k in ("a", "b")})  # a parameter named 'bias' is no linear bias here
+    for m in biased.values():
+        m.w = nn.Parameter(torch.zeros(E, U, H))
+    biased.a.bias = biased.b.bias = nn.Parameter(torch.zeros(E, U))
+    split = {"a": {"style": "experts", "params": {"w": "column", "bias": "column"}},
+             "b": {"style": "experts", "params": {"w": "column", "bias": {"dim": 1, "chunks": 2}}}}  # fmt: skip
+    with pytest.raises(PolicyError, match=r"would break a tied parameter shared by 'a.bias'"):
+        plan_policy(biased, 2, split)
 
 
 def test_indivisible_and_misplaced_experts_are_refused():

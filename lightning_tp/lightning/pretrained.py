@@ -220,10 +220,10 @@ def expert_index(pattern: str, key: str) -> int | None:
     if pattern.count("*") != 1:
         return None
     try:
-        found = re.search(pattern.replace("*", r"(\d+)"), key)
+        found = re.search(pattern.replace("*", r"(?P<lightning_tp_expert>\d+)"), key)
     except re.error:
         return None
-    return int(found.group(1)) if found else None
+    return int(found.group("lightning_tp_expert")) if found else None
 
 
 _ST_DTYPES = {

@@ -362,9 +362,9 @@ class Experts(Style):
     hidden units, like an MLP, the module runs as it is on the shards and its output is summed over
     TP (:mod:`lightning_tp.engine.experts`).
 
-    ``params`` maps each of the module's parameters to its split: ``"column"`` (the parameter as
-    ``(..., out, in)`` weights split on ``out``, dim -2; a bias ``(E, out)`` or ``(out,)`` on its last
-    dim), ``"row"`` (on
+    ``params`` maps each of the module's parameters to its split. Every parameter is read experts
+    first: ``(E, out, in)`` weights, ``(E, out)`` biases. ``"column"`` splits ``out`` (dim -2 of a
+    weight, the last dim of a 2-D or 1-D parameter), ``"row"`` (on
     ``in``, dim -1), ``"packed_column"`` / ``"packed_row"`` (the same dim holding two chunks back to
     back, gate then up, each split), an int dim, or ``{"dim": d, "chunks": k}``. Every parameter of
     the module must be split (one that is not, such as a bias added after the down projection, would

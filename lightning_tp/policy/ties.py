@@ -39,13 +39,13 @@ def check_ties(model: nn.Module, planned: Mapping[str, Any]) -> None:
             module = modules[mod_name]
             if entry is None and as_linear(module) is None and not isinstance(module, nn.Embedding):
                 continue  # a holder, not a user of the parameter
-            if entry is not None and p_name == "bias" and entry.spec is not None and entry.spec.dim == 0:
+            if entry is not None and hasattr(entry.kind, "param_specs"):  # a spec per parameter (experts)
+                spec = entry.kind.param_specs(entry.name, module, entry.options, entry.spec.tp_size)[p_name]
+                layouts[(mod_name, p_name)] = (spec.dim, spec.sizes)
+            elif entry is not None and p_name == "bias" and entry.spec is not None and entry.spec.dim == 0:
                 layouts[(mod_name, p_name)] = ("bias", entry.spec.sizes, entry.spec.padded_sizes)
             elif entry is not None and p_name == "bias":
                 layouts[(mod_name, p_name)] = None  # whole on every rank (a row layer's bias)
-            elif entry is not None and hasattr(entry.kind, "param_specs"):  # a spec per parameter (experts)
-                spec = entry.kind.param_specs(entry.name, module, entry.options, entry.spec.tp_size)[p_name]
-                layouts[(mod_name, p_name)] = (spec.dim, spec.sizes)
             else:
                 layouts[(mod_name, p_name)] = _weight_key(entry.spec) if entry is not None else None
         if len(set(layouts.values())) > 1:
