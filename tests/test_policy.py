@@ -441,7 +441,10 @@ def test_partial_output_is_resolved_from_the_block_and_checked():
         plan_policy(_LatentAttention(), 2, {**policy, "kv_a": {"style": "replicate", "partial_output": "rope_dim"}})
     with pytest.raises(ShardingError, match=r"'kv_a' \(style 'replicate'\): partial_output=10 .* out_features=10"):
         plan_policy(_LatentAttention(), 2, {**policy, "kv_a": {"style": "replicate", "partial_output": 10}})
-    with pytest.raises(PolicyError, match=r"'0.kv_a' \(style 'replicate', partial_output\): sequence parallelism"):
+    with pytest.raises(
+        PolicyError,
+        match=r"'0.kv_a' \(style 'replicate'\): with partial_output, .*sequence parallelism does not handle",
+    ):
         plan_policy(
             nn.Sequential(_LatentAttention(), _LatentAttention()),
             2,

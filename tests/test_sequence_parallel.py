@@ -117,7 +117,9 @@ def test_sequence_parallel_needs_an_lm_head_and_parallel_row_inputs():
     model = models.build("plain")
     with pytest.raises(PolicyError, match="needs the model's output to leave through a vocab-parallel LM head"):
         plan_policy(model, 2, {"layers.*.attn.q_proj": "column", "layers.*.attn.o_proj": "row"}, sequence_parallel=True)
-    with pytest.raises(PolicyError, match="input_is_parallel=False cannot be sequence parallel"):
+    with pytest.raises(
+        PolicyError, match=r"\(style .row.\): with input_is_parallel=False it cannot be sequence parallel"
+    ):
         plan_policy(
             model, 2, {**_auto_patterns(model), "layers.0.mlp.down_proj": {"style": "row", "input_is_parallel": False}},
             sequence_parallel=True,

@@ -29,10 +29,10 @@ from typing import Any
 
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
-from torch.utils.hooks import RemovableHandle
 
 from lightning_tp._compat import tree_map
 from lightning_tp.engine.comm import copy_to_tp, group_rank, reduce_from_tp
+from lightning_tp.engine.features import ModuleHooks
 from lightning_tp.engine.layers import shard_parameter
 from lightning_tp.engine.sharding import ShardSpec
 
@@ -47,19 +47,13 @@ def split_experts(module: nn.Module, specs: Mapping[str, ShardSpec], group: Proc
     return module
 
 
-class ExpertsReduce:
+class ExpertsReduce(ModuleHooks):
     """Hooks that make a module whose parameters hold this rank's part of every expert compute the
-    whole layer: floating inputs get a gradient summed over TP, floating outputs are summed over TP."""
+    whole layer: floating inputs get a gradient summed over TP, floating outputs are summed over TP
+    (:meth:`attach` registers them)."""
 
     def __init__(self, group: ProcessGroup) -> None:
         self.group = group
-
-    def attach(self, module: nn.Module) -> tuple[RemovableHandle, RemovableHandle]:
-        """Register the input copy and the output sum on ``module``."""
-        return (
-            module.register_forward_pre_hook(self._pre, with_kwargs=True),
-            module.register_forward_hook(self._post),
-        )
 
     def _copy(self, x: Any) -> Any:
         if isinstance(x, Tensor) and x.is_floating_point():

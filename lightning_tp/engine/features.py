@@ -22,6 +22,10 @@ gradient then covers its own chunk of the output, and their sum over TP is the w
 
 A call whose input is not of this rank's width (the module used on replicated, full-width
 activations, e.g. a pre-norm of width ``n_head * head_dim`` inside the block) runs unchanged.
+
+Also here: :class:`TailGradSum`, for a whole layer whose output is split in features by its users
+(multi-head latent attention), and :class:`ModuleHooks`, the input/output hook pair these and
+:class:`~lightning_tp.engine.experts.ExpertsReduce` attach.
 """
 
 from __future__ import annotations
@@ -37,7 +41,25 @@ from lightning_tp._compat import tree_map
 from lightning_tp.engine.comm import copy_to_tp, gather_from_sp, gather_from_tp, group_rank, group_size, scatter_to_tp
 
 
-class FeatureGather:
+class ModuleHooks:
+    """A forward pre-hook (``_pre``, which sees keyword arguments too) and a forward hook (``_post``)
+    that rewrite a module's inputs and outputs, registered together by :meth:`attach`."""
+
+    def attach(self, module: nn.Module) -> tuple[RemovableHandle, RemovableHandle]:
+        """Register both hooks on ``module``."""
+        return (
+            module.register_forward_pre_hook(self._pre, with_kwargs=True),
+            module.register_forward_hook(self._post),
+        )
+
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        raise NotImplementedError
+
+    def _post(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        raise NotImplementedError
+
+
+class FeatureGather(ModuleHooks):
     """Hooks that run a module on the whole width ``width`` of a feature dim split over TP.
 
     Inputs whose last dim is this rank's width (``width / p``, floating point) are all-gathered on
@@ -57,13 +79,6 @@ class FeatureGather:
         self.local = self.width // group_size(group)
         self.offset = group_rank(group) * self.local
         self._gathered = False
-
-    def attach(self, module: nn.Module) -> tuple[RemovableHandle, RemovableHandle]:
-        """Register the gather on ``module``'s inputs and the split on its outputs."""
-        return (
-            module.register_forward_pre_hook(self._pre, with_kwargs=True),
-            module.register_forward_hook(self._post),
-        )
 
     def _gather(self, x: Any) -> Any:
         if isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 1 and x.shape[-1] == self.local:

@@ -37,7 +37,7 @@ from lightning_tp.policy.rules import (
     positive_int,
     resolve_rules,
 )
-from lightning_tp.policy.styles import ALL_STYLES, STYLES, Column, Row, Style, Vocab, as_linear
+from lightning_tp.policy.styles import ALL_STYLES, STYLES, Column, Style, Vocab, as_linear
 from lightning_tp.policy.ties import check_ties
 
 PLAN_ATTR = "_lightning_tp_plan"  # where apply_plan leaves the applied plan on the rewritten model
@@ -251,29 +251,13 @@ def _param_counts(
 def _check_sequence_parallel(modules: dict[str, nn.Module], entries: list[PlannedModule]) -> None:
     root = _split_root({e.name: e for e in entries})
     for entry in entries:
-        if isinstance(entry.kind, Row) and not entry.options.get("input_is_parallel", True):
-            raise PolicyError(
-                f"module {entry.name!r}: style 'row' with input_is_parallel=False cannot be sequence parallel (its "
-                "input would be the sequence-sharded activations). Make its input come from a column layer, or "
-                "use sequence_parallel=False."
-            )
+        if (why := entry.kind.sequence_parallel_error(entry.options)) is not None:
+            raise PolicyError(f"module {entry.name!r} (style {entry.style!r}): {why} Use sequence_parallel=False.")
         if isinstance(entry.kind, Column) and entry.name.rpartition(".")[0] in ("", root):
             raise PolicyError(
                 f"module {entry.name!r}: sequence parallelism gathers the sequence at the input of the block that "
                 "holds a column layer, and this one sits directly in the model. Put it in a submodule (a block), "
                 "or use sequence_parallel=False."
-            )
-    for entry in entries:
-        if entry.options.get("partial_output"):
-            raise PolicyError(
-                f"module {entry.name!r} (style 'replicate', partial_output): sequence parallelism does not handle a "
-                "layer whose output reaches both a column layer and this rank's heads. Use sequence_parallel=False."
-            )
-        if entry.style == "experts":
-            raise PolicyError(
-                f"module {entry.name!r} (style 'experts'): sequence parallelism would give it this rank's chunk of "
-                "the sequence, and its output is summed over TP ranks holding different tokens. Use "
-                "sequence_parallel=False for this mixture-of-experts model."
             )
     _check_no_experts(modules, entries)
     if not any(isinstance(e.kind, Vocab) and as_linear(modules[e.name]) is not None for e in entries) and not any(

@@ -3,7 +3,8 @@ gives their weight, and how to build the replacement (torchtitan's ParallelStyle
 
 Styles a policy can name: ``column``, ``row``, ``qkv``, ``vocab``, ``heads``, ``replicate``,
 ``gather_input`` (also planned automatically for a full-width norm inside a head-split block),
-``experts`` (a mixture of experts kept as parameters, each expert split like an MLP), ``tp_dropout`` (also planned automatically for attention dropouts of split blocks). Styles only
+``experts`` (a mixture of experts kept as parameters, each expert split like an MLP), ``tp_dropout``
+(also planned automatically for attention dropouts of split blocks). Styles only
 sequence-parallel planning adds: ``sequence_gather``, ``sequence_embedding``. A :class:`~lightning_tp.policy.plan.Plan` row names its
 style; :func:`~lightning_tp.policy.apply.apply_plan` calls that style's :meth:`Style.build`.
 """
@@ -126,6 +127,10 @@ class Style:
         """How the weight is split (``None``: whole on every rank). May fill derived options."""
         return None
 
+    def sequence_parallel_error(self, options: dict[str, Any]) -> str | None:
+        """Why a row of this style cannot be sequence parallel (``None``: it can)."""
+        return None
+
     def splits_heads(self, options: dict[str, Any]) -> bool:
         """Whether the output stays split by heads, so the parent block sees only this rank's heads
         (its head-count attributes are divided)."""
@@ -211,6 +216,14 @@ class Row(Style):
     def spec(self, name, module, shape, options, tp):
         return ShardSpec(dim=1, sizes=(shape[1],), tp_size=tp, name=f"in_features of {name!r}")
 
+    def sequence_parallel_error(self, options):
+        if options.get("input_is_parallel", True):
+            return None
+        return (
+            "with input_is_parallel=False it cannot be sequence parallel (its input would be the sequence-sharded "
+            "activations): make its input come from a column layer."
+        )
+
     def bias_local(self, bias, spec):
         return bias.numel()
 
@@ -285,6 +298,11 @@ class Replicate(Style):
 
     def fits(self, module):
         return True
+
+    def sequence_parallel_error(self, options):
+        if not options.get("partial_output"):
+            return None
+        return "with partial_output, its output reaches both a column layer and this rank's heads, which sequence parallelism does not handle."
 
     def spec(self, name, module, shape, options, tp):
         n = options.get("partial_output")
@@ -415,6 +433,9 @@ class Experts(Style):
             sizes = chunk_sizes(param.shape[dim], chunks, f"{name}.{p_name}")
             specs[p_name] = ShardSpec(dim=dim, sizes=sizes, tp_size=tp, name=f"dim {dim} of {name}.{p_name}")
         return specs
+
+    def sequence_parallel_error(self, options):
+        return "sequence parallelism would give it this rank's chunk of the sequence, and its output is summed over TP ranks holding different tokens."
 
     def spec(self, name, module, shape, options, tp):
         return next(iter(self.param_specs(name, module, options, tp).values()))
