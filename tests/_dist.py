@@ -1,8 +1,8 @@
-"""A small multi-process harness for tests: persistent gloo worlds of spawned CPU processes.
+"""A small multi-process harness for tests: persistent gloo worlds of CPU processes.
 
-``run(world_size, fn, *args)`` runs ``fn(*args)`` on every rank of a world of ``world_size`` spawned
-processes (gloo, 1 thread each, short process-group timeout) and returns the per-rank results. A
-world is started once and reused by later calls (spawning costs seconds); a failure or a time-out
+``run(world_size, fn, *args)`` runs ``fn(*args)`` on every rank of a world of ``world_size`` new
+processes (forked from multiprocessing's fork server) (gloo, 1 thread each, short process-group timeout) and returns the per-rank results. A
+world is started once and reused by later calls (starting one costs seconds); a failure or a time-out
 tears it down so the next call starts clean. ``fn`` must be importable (a module-level function).
 
 Inside a worker, :func:`mesh` returns a cached :class:`~lightning_tp.engine.mesh.TPMesh` per TP size.
@@ -58,9 +58,21 @@ def _worker(rank: int, size: int, port: int, tasks: mp.Queue, results: mp.Queue)
     dist.destroy_process_group()
 
 
+# The workers fork from multiprocessing's fork server, a new interpreter that imported these once per
+# test session: a world of 4 otherwise starts 4 interpreters importing torch and Lightning (about 20 s
+# of a 2-core machine).
+_PRELOAD = ["torch", "torch.distributed", "lightning.pytorch", "lightning_tp", "_dist"]
+
+
+def _context():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
 class _World:
     def __init__(self, size: int) -> None:
-        ctx = mp.get_context("spawn")
+        ctx = _context()
         self.size = size
         self.results = ctx.Queue()
         self.tasks = [ctx.Queue() for _ in range(size)]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _forkserver import server
 
 from lightning_tp import MegatronTPStrategy
 from lightning_tp.cli import _cli, main, plan_main
@@ -120,16 +121,22 @@ def test_recipe_parses_and_plans(recipe, request):
         assert row.style in line and local_shape in line and f"{row.local_params:,}" in line, (row, line)
 
 
-def _smoke(recipe: str, tmp: Path, steps: int = 6, extra: list[str] = ()) -> subprocess.CompletedProcess:
+def _smoke(
+    recipe: str, tmp: Path, steps: int = 6, extra: list[str] = (), fresh: bool = True
+) -> subprocess.CompletedProcess:
+    """``python -m lightning_tp fit`` of a recipe for a few steps: a new interpreter (``fresh``), or a process
+    forked from tests/_forkserver.py's server, which has imported the CLI already."""
     args = [
-        sys.executable, "-m", "lightning_tp", "fit", "--config", str(Path(__file__).parent.parent / "recipes" / recipe),
+        "-m", "lightning_tp", "fit", "--config", str(Path(__file__).parent.parent / "recipes" / recipe),
         f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}", "--trainer.limit_val_batches=1",
         "--trainer.log_every_n_steps=1", "--data.init_args.max_chars=200000", f"--data.init_args.cache_dir={tmp / 'cache'}",
         *extra,
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK")}
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1")
-    return subprocess.run(args, cwd=tmp, env=env, capture_output=True, text=True, timeout=420)
+    if not fresh:
+        return server().run(args, env=env, cwd=tmp, timeout=420)
+    return subprocess.run([sys.executable, *args], cwd=tmp, env=env, capture_output=True, text=True, timeout=420)
 
 
 @pytest.mark.parametrize("recipe", CPU_RECIPES)
@@ -138,10 +145,10 @@ def test_cpu_recipe_smoke_run(recipe, tmp_path, request):
         pytest.importorskip("transformers")
     extra = _overrides(Path(recipe), request)
     if recipe != MAIN_RECIPE:
-        # The main job runs as the README runs it (popen: each rank a new interpreter, ~10 s of imports);
-        # the others fork their ranks from the CLI process, which has imported everything already.
+        # The main job runs as the README runs it (a new interpreter, and popen: each rank a new interpreter,
+        # ~10 s of imports each); the others run in a process forked from the fork server, which forks its ranks.
         extra.append("--trainer.strategy.init_args.start_method=fork")
-    out = _smoke(recipe, tmp_path, extra=extra)
+    out = _smoke(recipe, tmp_path, extra=extra, fresh=recipe == MAIN_RECIPE)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     if recipe in PRETRAINED_RECIPES:
         assert re.search(r"lightning_tp: loaded 21 pretrained tensors from \S*llama-hf-base", out.stdout + out.stderr)

@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from _forkserver import server
+
 TESTS = Path(__file__).resolve().parent.parent
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "fault_fit.py"
 PG_TIMEOUT_S = 20  # the strategy's process-group timeout in the scripts
@@ -86,11 +88,19 @@ def run_fault_fit(out: Path, *args: str, launch: str = "external", world: int = 
         envs = {f"rank{r}": clean_env(SLURM_PROCID=str(r), SLURM_LOCALID=str(r), **slurm) for r in range(world)}
     else:
         envs = {"rank0" if launch == "popen" else "main": clean_env()}
-    logs = {name: open(out / f"{name}.log", "w") for name in envs}  # closed in the finally below
-    procs = {
-        name: subprocess.Popen(cmd, env=env, stdout=logs[name], stderr=subprocess.STDOUT, text=True)
-        for name, env in envs.items()
-    }
+    logs = {}  # closed in the finally below
+    if launch in ("external", "slurm"):  # each rank a process forked from the fork server (imports paid once)
+        fork = server()
+        procs = {
+            name: fork.start(cmd[1:], env=env, cwd=os.getcwd(), stdout=out / f"{name}.log")
+            for name, env in envs.items()
+        }
+    else:  # the script in a new interpreter, and Lightning starts the other processes: the launch under test
+        logs = {name: open(out / f"{name}.log", "w") for name in envs}
+        procs = {
+            name: subprocess.Popen(cmd, env=env, stdout=logs[name], stderr=subprocess.STDOUT, text=True)
+            for name, env in envs.items()
+        }
     codes, ended = {}, {}
     try:
         while len(codes) < len(procs) and time.time() - start < RUN_LIMIT_S:

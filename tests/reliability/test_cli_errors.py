@@ -8,19 +8,23 @@ in a temporary directory shared by the module. Layout and policy-style errors ar
 Trainer is built, model-dependent ones (heads, module types, ties) when the launcher plans the policy
 on the main process's model: both before any other process is started (a model built later, in
 ``configure_model``, is planned on every rank before the first collective).
+
+Each run is ``python -m lightning_tp`` in a process of its own, forked from one server that imported
+the CLI once (tests/_forkserver.py); tests/test_recipes.py runs the README's main job in a new
+interpreter.
 """
 
 from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import yaml
+from _forkserver import server
 from _procs import clean_env
 
 import _dist
@@ -65,10 +69,9 @@ def write_config(tmp: Path, cache: Path, strategy: dict | None = None, model: di
 
 
 def lightning_tp(tmp: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lightning_tp", *args], cwd=tmp, env=clean_env(), capture_output=True, text=True,
-        timeout=240,
-    )  # fmt: skip
+    """``python -m lightning_tp ARGS`` in ``tmp``: a process of its own, forked from tests/_forkserver.py's
+    server (the imports paid once for every run here)."""
+    return server().run(["-m", "lightning_tp", *args], env=clean_env(), cwd=tmp, timeout=240)
 
 
 BAD_CONFIGS = {
