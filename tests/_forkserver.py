@@ -25,6 +25,7 @@ import atexit
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -87,8 +88,8 @@ class ForkServer:
 
     def start(self, argv: list[str], *, env: dict[str, str], cwd: str | Path, stdout: str | Path,
               stderr: str | Path | None = None) -> Child:  # fmt: skip
-        """Fork ``python ARGV`` (``["-m", module, ...]``, ``["-c", code, ...]`` or ``[script, ...]``); stderr goes to ``stdout``'s file
-        unless a file of its own is named."""
+        """Fork ``python ARGV`` (``["-m", module, ...]``, ``["-c", code, ...]`` or ``[script, ...]``);
+        stderr goes to ``stdout``'s file unless a file of its own is named."""
         self._count += 1
         rc_file = self._dir / f"{self._count}.rc"
         request = {"argv": [str(a) for a in argv], "env": env, "cwd": str(cwd), "stdout": str(stdout),
@@ -122,6 +123,7 @@ class ForkServer:
                 self._proc.wait(15)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
+        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 _SERVER: ForkServer | None = None
@@ -206,6 +208,10 @@ def _serve() -> None:
                 pid = os.fork()
                 if pid == 0:
                     _child(request)  # raises SystemExit (or the command's error) up to the interpreter's top
+                try:  # here too, so that a kill of the group right after this answer cannot miss it
+                    os.setpgid(pid, pid)
+                except OSError:  # the child did it first, or has exited already
+                    pass
                 children[pid] = request["rc"]
                 os.write(1, (json.dumps({"pid": pid}) + "\n").encode())
         else:  # the client is gone: nothing waits for what still runs
