@@ -105,6 +105,19 @@ def _gemma():
     )  # (tied head; embedding scaled by sqrt(hidden) inside the embedding module)
 
 
+def _gemma4():
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config = CONFIG_MAPPING["gemma4_text"](
+        vocab_size=130, hidden_size=64, intermediate_size=128, num_hidden_layers=L, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=8, max_position_embeddings=64, sliding_window=6, num_kv_shared_layers=0,
+        hidden_size_per_layer_input=8, vocab_size_per_layer_input=130, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        attention_dropout=0.0, **COMMON,
+    )  # fmt: skip
+    return AutoModelForCausalLM.from_config(config)  # (a config of per-layer values: config.head_dim raises)
+
+
 def _phi3():
     from transformers import Phi3Config, Phi3ForCausalLM
 
@@ -436,6 +449,7 @@ BUILDERS = {
     "olmoe": _olmoe,
     "llama4": _llama4,
     "deepseek_v2": _deepseek_v2,
+    "gemma4": _gemma4,
 }
 ARCHS = list(BUILDERS)
 

@@ -421,6 +421,42 @@ def test_head_counts_in_a_config_object_are_divided_on_a_copy_the_block_alone_ho
         _set_attributes(model, plan_policy(model, 2, "auto").attribute_changes)
 
 
+def test_a_config_attribute_that_raises_when_read_is_not_a_head_count():
+    """A config with values per layer may raise on a model-wide read (Hugging Face's heterogeneous
+    configs raise their own error, not AttributeError, for ``config.head_dim`` in Gemma 4): the plan
+    reads such an attribute as absent and takes the head counts from where they are readable."""
+
+    class PerLayerValue(Exception):
+        pass
+
+    class Cfg:
+        def __init__(self):
+            self.n_head, self.n_query_groups, self.n_embd = 4, 2, 32
+
+        def __getattr__(self, name):
+            if name in ("head_dim", "head_size", "num_heads"):  # per-layer values: a global read raises
+                raise PerLayerValue(f"{name} is a per-layer attribute")
+            raise AttributeError(name)
+
+    class Attn(nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.config = config
+            self.qkv = nn.Linear(32, (4 + 2 * 2) * 8)
+            self.proj = nn.Linear(32, 32)
+
+    model = nn.ModuleDict({"attn": Attn(Cfg())})
+    with pytest.raises(PerLayerValue):
+        model["attn"].config.head_dim  # noqa: B018 - what the policy must survive
+    plan = plan_policy(model, 2, "auto")
+    assert [m.options.get("chunks") for m in plan.modules if m.name == "attn.qkv"] == [(32, 16, 16)]
+    assert sorted(plan.attribute_changes) == [
+        ("attn", "config.n_embd", 32, 16),  # the query width, as the block's own config gives it
+        ("attn", "config.n_head", 4, 2),
+        ("attn", "config.n_query_groups", 2, 1),
+    ]
+
+
 class _LatentAttention(nn.Module):
     """Multi-head latent attention's shape: kv_a -> [c_kv (to a column layer) | k_rope (to every head)]."""
 

@@ -35,6 +35,7 @@ from lightning_tp.policy.rules import (
     head_value,
     infer_vocab_size,
     positive_int,
+    read_attr,
     resolve_rules,
 )
 from lightning_tp.policy.styles import ALL_STYLES, STYLES, Column, Style, Vocab, as_linear
@@ -439,6 +440,8 @@ def _gqa_chunks(modules: dict[str, nn.Module], name: str, module: nn.Module) -> 
         return None
     heads, kv = head_value(parent, HEAD_ATTRS[:4]), head_value(parent, KV_HEAD_ATTRS)
     head_dim = head_value(parent, HEAD_DIM_ATTRS)
+    if head_dim is None and heads and kv and lin[1] % (heads + 2 * kv) == 0:  # no readable head width: the layout's
+        head_dim = lin[1] // (heads + 2 * kv)
     if heads and kv and head_dim and (heads + 2 * kv) * head_dim == lin[1] and kv != heads:
         return (heads * head_dim, kv * head_dim, kv * head_dim)
     return None
@@ -466,7 +469,7 @@ def _attribute_changes(
         sources = [(p, obj) for p, obj in head_sources(parent) if not p or _reads_heads(obj, chunk_sizes)]
         for prefix, source in sources:
             for attr in HEAD_ATTRS:
-                value = getattr(source, attr, None)
+                value = read_attr(source, attr)
                 if not isinstance(value, int) or isinstance(value, bool):
                     continue
                 if value % tp != 0:
@@ -483,12 +486,12 @@ def _attribute_changes(
                         f"{value}, or map this block's projections to 'replicate'."
                     )
                 changes.append((parent_name, prefix + attr, value, value // tp))
-            head_dim = head_value(source, HEAD_DIM_ATTRS) if prefix else getattr(parent, "head_dim", None)
+            head_dim = head_value(source, HEAD_DIM_ATTRS) if prefix else read_attr(parent, "head_dim")
             if positive_int(head_dim):
                 for child in children:
                     check_heads(child.spec.sizes, head_dim, tp, child.name)
             for attr in WIDTH_ATTRS:
-                value = getattr(source, attr, None)
+                value = read_attr(source, attr)
                 if isinstance(value, int) and not isinstance(value, bool) and value in chunk_sizes:
                     changes.append((parent_name, prefix + attr, value, value // tp))
     return changes
@@ -500,6 +503,6 @@ def _reads_heads(config: Any, chunk_sizes: set[int]) -> bool:
     heads, kv = head_value(config, HEAD_ATTRS[:4]), head_value(config, KV_HEAD_ATTRS)
     head_dim = head_value(config, HEAD_DIM_ATTRS)
     if head_dim is None and heads:
-        width = next((w for a in WIDTH_ATTRS if positive_int(w := getattr(config, a, None))), None)
+        width = next((w for a in WIDTH_ATTRS if positive_int(w := read_attr(config, a))), None)
         head_dim = width // heads if width and width % heads == 0 else None
     return bool(head_dim) and any(n and n * head_dim in chunk_sizes for n in (heads, kv))

@@ -31,6 +31,16 @@ def positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+def read_attr(obj: Any, name: str) -> Any:
+    """``getattr(obj, name, None)``, and ``None`` where reading the attribute raises: a Hugging Face
+    config whose layers differ raises on a model-wide read of a per-layer value (Gemma 4's ``head_dim``),
+    which means "not described here", as a missing attribute does."""
+    try:
+        return getattr(obj, name, None)
+    except Exception:  # noqa: BLE001 - any error of a property or __getattr__ is "not readable here"
+        return None
+
+
 def config_objects(module: nn.Module) -> list[tuple[str, Any]]:
     """``(attribute, object)`` for the plain objects ``module`` holds that carry a head count: a model
     configuration shared by the modules that read it (LitGPT's ``self.config.n_head``, a user's
@@ -41,7 +51,7 @@ def config_objects(module: nn.Module) -> list[tuple[str, Any]]:
             continue
         if not hasattr(value, "__dict__") or isinstance(value, (list, tuple, dict, set)):
             continue
-        if any(positive_int(getattr(value, a, None)) for a in HEAD_ATTRS):
+        if any(positive_int(read_attr(value, a)) for a in HEAD_ATTRS):
             found.append((key, value))
     return found
 
@@ -51,7 +61,7 @@ def head_sources(module: Any) -> list[tuple[str, Any]]:
     it has no head attribute of its own (LitGPT's attention reads ``self.config.n_head``), each
     config object it holds (prefix ``"config."``). A block with its own (Hugging Face's ``head_dim``,
     GPT-2's ``num_heads``) is described by those alone."""
-    own = any(positive_int(getattr(module, a, None)) for a in (*HEAD_ATTRS, *HEAD_DIM_ATTRS))
+    own = any(positive_int(read_attr(module, a)) for a in (*HEAD_ATTRS, *HEAD_DIM_ATTRS))
     if own or not isinstance(module, nn.Module):
         return [("", module)]
     return [("", module)] + [(f"{key}.", obj) for key, obj in config_objects(module)]
@@ -121,7 +131,7 @@ def head_value(module: Any, names: tuple[str, ...]) -> int | None:
     """The first of ``names`` set to a positive int on one of :func:`head_sources` of ``module``."""
     for _, source in head_sources(module):
         for name in names:
-            if positive_int(value := getattr(source, name, None)):
+            if positive_int(value := read_attr(source, name)):
                 return value
     return None
 
@@ -297,7 +307,7 @@ def infer_vocab_size(model: nn.Module) -> int | None:
     for _, module in model.named_modules():
         config = getattr(module, "config", None)
         for attr in ("padded_vocab_size", "vocab_size"):
-            vocab = getattr(config, attr, None)
+            vocab = read_attr(config, attr)
             if isinstance(vocab, int) and not isinstance(vocab, bool):
                 return vocab
     embeddings = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Embedding)]

@@ -48,7 +48,7 @@ from lightning_tp.engine.loss import VocabShardedLogits
 from lightning_tp.engine.sharding import ShardSpec, has_partial_grad, shard_spec
 from lightning_tp.errors import PolicyMismatchError, VerifyInputError
 from lightning_tp.policy.plan import Plan
-from lightning_tp.policy.rules import HEAD_ATTRS, PolicyWarning, head_sources, infer_vocab_size
+from lightning_tp.policy.rules import HEAD_ATTRS, PolicyWarning, head_sources, infer_vocab_size, read_attr
 from lightning_tp.policy.styles import Qkv, SequenceGatherStyle, as_linear
 
 # (atol, rtol relative to the reference's max magnitude), by the output dtype
@@ -185,7 +185,7 @@ def interleaved_groups(plan: Plan, model: nn.Module, reshaped: dict[str, tuple[i
             value
             for _, source in head_sources(parent)
             for a in HEAD_ATTRS
-            if isinstance(value := getattr(source, a, None), int)
+            if isinstance(value := read_attr(source, a), int)
         }
         n, rest = shape[0], math.prod(shape[1:])
         if n == len(entry.spec.sizes) and len(set(entry.spec.sizes)) == 1 and rest == entry.spec.sizes[0]:
