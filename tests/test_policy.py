@@ -212,6 +212,96 @@ def test_style_on_wrong_module_type():
         plan_policy(models.build("plain"), 2, {"norm": "row"})
 
 
+class _ScaledHead(nn.Linear):
+    """An LM head that multiplies its logits by a learned per-vocabulary scale (Hugging Face's Dory)."""
+
+    def __init__(self, d: int, vocab: int):
+        super().__init__(d, vocab, bias=False)
+        self.logit_scale = nn.Parameter(torch.ones(vocab))
+
+    def forward(self, x):
+        return super().forward(x) * self.logit_scale
+
+
+class _HeadModel(nn.Module):
+    def __init__(self, vocab: int = 50, d: int = 16):
+        super().__init__()
+        self.embed, self.up, self.down, self.lm_head = (
+            nn.Embedding(vocab, d),
+            nn.Linear(d, 32),
+            nn.Linear(32, d),
+            _ScaledHead(d, vocab),
+        )
+        self.up.register_buffer("mask", torch.ones(32))  # a buffer of a layer's own, also lost in a rewrite
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        return self.lm_head(h + self.down(torch.relu(self.up(h) * self.up.mask)))
+
+
+def test_a_layer_whose_state_the_rewrite_would_drop_is_refused_before_any_change():
+    """A parallel layer keeps a weight and a bias: an nn.Linear subclass with a parameter of its own, or a
+    layer holding a buffer, is refused by name (not rewritten without it), and left as it was."""
+    model = _HeadModel()
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(
+        ShardingError,
+        match=r"module 'lm_head' \(_ScaledHead\) holds \['logit_scale'\], which the 'vocab' rewrite \(pattern 'lm_head'\) would drop",
+    ):
+        plan_policy(model, 2, {"lm_head": "vocab", "embed": "vocab"})
+    with pytest.raises(
+        ShardingError, match=r"module 'up' \(Linear\) holds \['mask'\], which the 'column' rewrite \(pattern 'up'\)"
+    ):
+        plan_policy(model, 2, {"up": "column", "down": "row"})  # apply_policy plans before it changes anything
+    assert type(model.lm_head) is _ScaledHead and {n: t for n, t in model.state_dict().items()}.keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[n], t) for n, t in before.items())
+    plan = plan_policy(model, 2, {"lm_head": "replicate", "embed": "vocab", "up": "replicate", "down": "replicate"})
+    assert {m.name: m.style for m in plan.modules}["lm_head"] == "replicate"
+
+
+class _GatedHeadsAttention(nn.Module):
+    """Attention whose heads' outputs are each scaled by a gate computed per head (Laguna's g_proj:
+    hidden -> one value per head)."""
+
+    def __init__(self, d: int = 32, n_heads: int = 4):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, d // n_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))  # (k's bias has no gradient)
+        self.g_proj = nn.Linear(d, n_heads)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (m(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2) for m in (self.q, self.k, self.v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, heads, t, head_dim)
+        y = y * torch.sigmoid(self.g_proj(x)).transpose(1, 2).unsqueeze(-1)
+        return self.o(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+_GATED_POLICY = {"q": "column", "k": "column", "v": "column", "g_proj": "column", "o": "row"}
+
+
+def _gated_heads_parity(tp: int) -> dict:
+    import copy
+
+    torch.manual_seed(0)
+    dense = _GatedHeadsAttention().double()
+    model = copy.deepcopy(dense)
+    group = _dist.mesh(tp).tp_group
+    x = torch.randn(2, 6, 32, dtype=torch.float64)
+    apply_policy(model, group, _GATED_POLICY, verify=True, example_input=x)
+    return _dist.train_parity(dense, model, group, [x, x.flip(1)])
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_a_per_head_gate_is_split_with_the_heads(tp):
+    """A layer with one output per head is split like the heads (whole heads on every rank), not refused
+    for being narrower than one head."""
+    plan = plan_policy(_GatedHeadsAttention(), tp, _GATED_POLICY)
+    assert {m.name: m.local_shape for m in plan.modules}["g_proj"] == (4 // tp, 32)
+    for errs in _dist.run(tp, _gated_heads_parity, tp):
+        assert errs["out"] < 1e-12 and errs["grad"] < 1e-12 and errs["weight"] < 1e-12, errs
+
+
 def test_tie_the_policy_would_break():
     with pytest.raises(
         PolicyError,

@@ -111,12 +111,23 @@ def planned_row(
 
     Raises:
         TypeError: the style does not fit the module.
+        ShardingError: the rewrite would drop parameters or buffers the module holds.
     """
     style, opts = ALL_STYLES[rule.style], dict(rule.options)
     if not style.fits(module):
         raise TypeError(
             f"policy style {style.name!r} (pattern {pattern!r}) does not fit module {name!r} of type "
             f"{type(module).__name__}: {style.name!r} needs {style.need}. Narrow the pattern or use 'replicate'."
+        )
+    dropped = style.dropped_state(module)
+    if dropped:
+        where = f" (pattern {pattern!r})" if pattern else ""
+        base = "nn.Linear" if as_linear(module) is not None else "nn.Embedding"
+        raise ShardingError(
+            f"module {name!r} ({type(module).__name__}) holds {dropped}, which the {style.name!r} rewrite{where} "
+            f"would drop: the parallel layer keeps only a weight and a bias, and runs {base}'s computation on "
+            "them. Map this module to 'replicate' in the policy (it stays whole on every rank), or move that "
+            "state out of it."
         )
     full_params = sum(p.numel() for p in module.parameters(recurse=False))
     shape = style.shape(module)
@@ -488,7 +499,10 @@ def _attribute_changes(
                 changes.append((parent_name, prefix + attr, value, value // tp))
             head_dim = head_value(source, HEAD_DIM_ATTRS) if prefix else read_attr(parent, "head_dim")
             if positive_int(head_dim):
+                counts = {n for a in HEAD_ATTRS if positive_int(n := read_attr(source, a))}
                 for child in children:
+                    if set(child.spec.sizes) <= counts:
+                        continue  # one value per head (a per-head gate): whole heads, as the counts divide by TP
                     check_heads(child.spec.sizes, head_dim, tp, child.name)
             for attr in WIDTH_ATTRS:
                 value = read_attr(source, attr)

@@ -154,6 +154,15 @@ class Style:
             numels["bias"] = self.bias_local(module.bias, row.spec)
         return numels
 
+    def dropped_state(self, module: nn.Module) -> list[str]:
+        """Names of ``module``'s parameters and buffers the rewrite would not keep: the built layer holds
+        a weight and a bias alone, so anything else a user's subclass, a parametrization or a child
+        holds (a per-vocabulary logit scale, say) would be lost. Empty for styles that keep the module."""
+        if not self.replaces:
+            return []
+        names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
+        return [n for n in names if n not in ("weight", "bias")]
+
     def build(self, row: PlannedModule, dense: nn.Module, ctx: BuildContext) -> nn.Module:
         raise NotImplementedError
 
@@ -248,6 +257,11 @@ class Vocab(Style):
     def spec(self, name, module, shape, options, tp):
         what = "out_features" if as_linear(module) is not None else "num_embeddings"
         return ShardSpec(dim=0, sizes=(shape[0],), tp_size=tp, pad=True, name=f"{what} of {name!r}")
+
+    def dropped_state(self, module):
+        if isinstance(module, nn.Embedding) and type(module) is not nn.Embedding:
+            return []  # a subclass is kept, only its weight replaced (VocabParallelEmbedding.from_dense)
+        return super().dropped_state(module)
 
     def build(self, row, dense, ctx):
         if isinstance(dense, nn.Embedding):
@@ -399,6 +413,9 @@ class Experts(Style):
             and not isinstance(module, nn.Embedding)
             and any(p.dim() >= 2 for p in module.parameters(recurse=False))
         )
+
+    def dropped_state(self, module):
+        return []  # the module is kept, its parameters split in place (split_experts checks each)
 
     def shape(self, module):
         return tuple(next(module.parameters(recurse=False)).shape)
