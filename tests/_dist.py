@@ -1,9 +1,9 @@
 """A small multi-process harness for tests: persistent gloo worlds of CPU processes.
 
 ``run(world_size, fn, *args)`` runs ``fn(*args)`` on every rank of a world of ``world_size`` new
-processes (forked from multiprocessing's fork server) (gloo, 1 thread each, short process-group timeout) and returns the per-rank results. A
-world is started once and reused by later calls (starting one costs seconds); a failure or a time-out
-tears it down so the next call starts clean. ``fn`` must be importable (a module-level function).
+processes (forked from multiprocessing's fork server; gloo, 1 thread each, short process-group
+timeout) and returns the per-rank results. A world is started once and reused by later calls
+(starting one costs seconds); a failure or a time-out tears it down so the next call starts clean. ``fn`` must be importable (a module-level function).
 
 Inside a worker, :func:`mesh` returns a cached :class:`~lightning_tp.engine.mesh.TPMesh` per TP size.
 """

@@ -455,6 +455,17 @@ def test_a_column_layer_without_its_blocks_gather_row_is_refused():
         BuildContext(group=None, sequence_parallel=True).gather("layers.0.attn")
 
 
+class _ConfigAttn(nn.Module):
+    """Attention with no head attributes of its own: it reads them from the config it holds (LitGPT's
+    ``self.config.n_head``); fused q/k/v for 4 query and 2 key/value heads of size 8."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.qkv = nn.Linear(32, (4 + 2 * 2) * 8)
+        self.proj = nn.Linear(32, 32)
+
+
 def test_head_counts_in_a_config_object_are_divided_on_a_copy_the_block_alone_holds():
     """A block without head attributes of its own that reads them from a config it holds (LitGPT's
     self.config.n_head; here a frozen dataclass): the plan divides the config's values, applying it
@@ -471,13 +482,6 @@ def test_head_counts_in_a_config_object_are_divided_on_a_copy_the_block_alone_ho
         n_query_groups: int = 2
         head_size: int = 8
 
-    class Attn(nn.Module):
-        def __init__(self, config):
-            super().__init__()
-            self.config = config
-            self.qkv = nn.Linear(32, (4 + 2 * 2) * 8)
-            self.proj = nn.Linear(32, 32)
-
     class Mlp(nn.Module):
         def __init__(self, config):
             super().__init__()
@@ -487,7 +491,7 @@ def test_head_counts_in_a_config_object_are_divided_on_a_copy_the_block_alone_ho
         def __init__(self, config):
             super().__init__()
             self.config = config
-            self.h = nn.ModuleList([nn.ModuleDict({"attn": Attn(config), "mlp": Mlp(config)})])
+            self.h = nn.ModuleList([nn.ModuleDict({"attn": _ConfigAttn(config), "mlp": Mlp(config)})])
 
     model = Model(Cfg())
     plan = plan_policy(model, 2, "auto")
@@ -528,14 +532,7 @@ def test_a_config_attribute_that_raises_when_read_is_not_a_head_count():
                 raise PerLayerValue(f"{name} is a per-layer attribute")
             raise AttributeError(name)
 
-    class Attn(nn.Module):
-        def __init__(self, config):
-            super().__init__()
-            self.config = config
-            self.qkv = nn.Linear(32, (4 + 2 * 2) * 8)
-            self.proj = nn.Linear(32, 32)
-
-    model = nn.ModuleDict({"attn": Attn(Cfg())})
+    model = nn.ModuleDict({"attn": _ConfigAttn(Cfg())})
     with pytest.raises(PerLayerValue):
         model["attn"].config.head_dim  # noqa: B018 - what the policy must survive
     plan = plan_policy(model, 2, "auto")

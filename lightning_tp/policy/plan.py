@@ -479,10 +479,12 @@ def _attribute_changes(
         chunk_sizes = {s for c in children for s in c.spec.sizes}
         sources = [(p, obj) for p, obj in head_sources(parent) if not p or _reads_heads(obj, chunk_sizes)]
         for prefix, source in sources:
+            counts = set()  # the head counts this source gives
             for attr in HEAD_ATTRS:
                 value = read_attr(source, attr)
                 if not isinstance(value, int) or isinstance(value, bool):
                     continue
+                counts.add(value)
                 if value % tp != 0:
                     kind = "key/value heads" if attr in KV_HEAD_ATTRS else "heads"
                     hint = (
@@ -499,7 +501,6 @@ def _attribute_changes(
                 changes.append((parent_name, prefix + attr, value, value // tp))
             head_dim = head_value(source, HEAD_DIM_ATTRS) if prefix else read_attr(parent, "head_dim")
             if positive_int(head_dim):
-                counts = {n for a in HEAD_ATTRS if positive_int(n := read_attr(source, a))}
                 for child in children:
                     if set(child.spec.sizes) <= counts:
                         continue  # one value per head (a per-head gate): whole heads, as the counts divide by TP

@@ -61,10 +61,11 @@ class Run:
 def run_fault_fit(out: Path, *args: str, launch: str = "external", world: int = 2) -> Run:
     """Run the fault script with ``world`` ranks and wait for every process (bounded by ``RUN_LIMIT_S``).
 
-    ``external``: this function starts both ranks (like torchrun) and sees each exit code; ``slurm``:
-    the same with the variables srun sets (``scontrol`` is a stand-in on ``PATH`` that records its
-    arguments in ``out/scontrol.txt``); ``popen`` / ``spawn``: it starts the script once and Lightning
-    starts the other rank(s).
+    ``external``: this function starts both ranks (like torchrun; each a process forked from
+    tests/_forkserver.py's server) and sees each exit code; ``slurm``: the same with the variables srun
+    sets (``scontrol`` is a stand-in on ``PATH`` that records its arguments in ``out/scontrol.txt``);
+    ``popen`` / ``spawn``: it starts the script once in a new interpreter and Lightning starts the
+    other rank(s).
     """
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(SCRIPT), str(out), "--launch", launch, "--timeout", str(PG_TIMEOUT_S)]
