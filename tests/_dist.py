@@ -160,7 +160,10 @@ def gathered(param, tensor, group):
 def train_parity(dense, model, group, inputs) -> dict[str, float]:
     """Worker side: AdamW steps of ``dense`` and its rewritten copy ``model`` on the same ``inputs`` (one
     batch per step, loss ``sum(out**2)``): the largest output difference, gradient difference relative
-    to the dense gradient's largest entry, and weight difference after the last step."""
+    to the dense gradient's largest entry, and weight difference after the last step. Partial gradients
+    (marked) are summed over TP before the comparison and the step, as the strategy does."""
+    from lightning_tp.lightning.precision import all_reduce_partial_grads
+
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (dense, model)]
     errs = {"out": 0.0, "grad": 0.0, "weight": 0.0}
 
@@ -173,6 +176,7 @@ def train_parity(dense, model, group, inputs) -> dict[str, float]:
         worst("out", float((outs[0] - outs[1]).detach().abs().max()))
         for out in outs:
             out.square().sum().backward()
+        all_reduce_partial_grads(list(model.parameters()), group)
         for name, p in model.named_parameters():
             ref = dense.get_parameter(name).grad
             scale = float(ref.abs().max()) or 1.0  # a zero gradient: the absolute error

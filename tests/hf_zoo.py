@@ -93,7 +93,7 @@ def _gemma():
             intermediate_size=64,
             num_hidden_layers=L,
             num_attention_heads=4,
-            num_key_value_heads=4,
+            num_key_value_heads=1,
             head_dim=16,
             max_position_embeddings=64,
             pad_token_id=0,
@@ -102,7 +102,8 @@ def _gemma():
             attention_dropout=0.0,
             **COMMON,
         )
-    )  # (tied head; embedding scaled by sqrt(hidden) inside the embedding module)
+    )  # (multi-query, as Gemma-2B: one k/v head, replicated at TP 2 and 4; tied head; embedding scaled
+    # by sqrt(hidden) inside the embedding module)
 
 
 def _gemma4():

@@ -35,8 +35,9 @@ class LitGPT(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         torch.manual_seed(1234)
-        if model == "plain":
-            self.model = models.PlainGPT(vocab=VOCAB, d=32, n_layers=2, n_heads=4, tied=tied, ctx=SEQ)
+        if model in ("plain", "plain_gqa", "plain_mqa"):  # grouped-query: 2 k/v heads; multi-query: 1
+            kv = {"plain": None, "plain_gqa": 2, "plain_mqa": 1}[model]
+            self.model = models.PlainGPT(vocab=VOCAB, d=32, n_layers=2, n_heads=4, n_kv_heads=kv, tied=tied, ctx=SEQ)
         elif model == "litgpt":  # Lightning's LLM library (extra 'litgpt'): Llama-style, grouped-query attention
             from litgpt.config import Config
             from litgpt.model import GPT

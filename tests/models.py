@@ -178,14 +178,24 @@ class HFLogits(nn.Module):
         return self.model(input_ids=idx, use_cache=False).logits
 
 
+def _sequential(model: PlainGPT) -> PlainGPT:
+    """``model`` with its layers in an ``nn.Sequential``: deferred init then makes each of its modules a
+    unit of its own (no ``nn.ModuleList`` element holds them)."""
+    model.layers = nn.Sequential(*model.layers)
+    return model
+
+
 BUILDERS = {
     "plain": lambda: PlainGPT(),
     "plain_gqa": lambda: PlainGPT(d=32, n_heads=8, n_kv_heads=4),
+    "plain_mqa": lambda: PlainGPT(d=32, n_heads=8, n_kv_heads=1),  # one k/v head: replicated at any TP size
+    "plain_mqa_seq": lambda: _sequential(PlainGPT(d=32, n_heads=8, n_kv_heads=1)),  # layers not in a ModuleList
     "plain_tied": lambda: PlainGPT(tied=True),
     "nano": lambda: NanoGPT(),
     "nano_full_width": lambda: NanoGPT(local_sizes=False),
     "hf_llama": lambda: hf_llama(),
     "hf_llama_tied": lambda: hf_llama(n_kv_heads=8, tied=True),
+    "hf_llama_kv2": lambda: hf_llama(n_kv_heads=2),  # k/v heads split at TP 2, replicated at TP 4
     "hf_gpt2": lambda: hf_gpt2(),
 }
 

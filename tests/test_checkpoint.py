@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 import _dist
 from lightning_tp import CheckpointError, MegatronTPStrategy, consolidate
 from lightning_tp.lightning.checkpoint import full_state_dict, load, save
+from lightning_tp.lightning.precision import all_reduce_partial_grads
 from lightning_tp.policy import apply_policy
 
 
@@ -60,15 +61,16 @@ def test_resume_is_bitwise(tmp_path, world, tp):
         assert r_digest == digest
 
 
-def _gpt_with_optimizer(tp, seed=0):
+def _gpt_with_optimizer(tp, seed=0, model="plain"):
     m = _dist.mesh(tp)
     torch.manual_seed(seed)
-    model = lit.LitGPT()
+    model = lit.LitGPT(model=model)
     apply_policy(model, m.tp_group, "auto", example_input=model.example_input_array)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     x, y = next(iter(model.train_dataloader()))
     for _ in range(2):
         torch.nn.functional.cross_entropy(model(x).reshape(-1, lit.VOCAB), y.reshape(-1)).backward()
+        all_reduce_partial_grads(list(model.parameters()), m.tp_group)  # replicated k/v heads: as the strategy
         opt.step()
         opt.zero_grad()
     return m, model, opt
@@ -89,16 +91,16 @@ def _optim_full(model, opt, group):
     return out
 
 
-def _save_tp(path, tp):
-    m, model, opt = _gpt_with_optimizer(tp)
+def _save_tp(path, tp, model="plain"):
+    m, model, opt = _gpt_with_optimizer(tp, model=model)
     save(path, model, [opt], m, {"epoch": 0})
     return full_state_dict(model, m.tp_group), _optim_full(model, opt, m.tp_group)
 
 
-def _load_tp(path, tp):
+def _load_tp(path, tp, model="plain"):
     m = _dist.mesh(tp)
     torch.manual_seed(99)  # different init: everything must come from the checkpoint
-    model = lit.LitGPT()
+    model = lit.LitGPT(model=model)
     apply_policy(model, m.tp_group, "auto", verify=False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     state, rng = load(path, model, [opt], m)
@@ -111,11 +113,16 @@ def _load_tp(path, tp):
     return full_state_dict(model, m.tp_group), _optim_full(model, opt, m.tp_group)
 
 
-@pytest.mark.parametrize(("world", "tp"), [(2, 1), (4, 4), (2, 2)], ids=["tp2-to-tp1", "tp2-to-tp4", "tp2-to-tp2"])
-def test_reshard_across_tp_sizes(tmp_path, world, tp):
+@pytest.mark.parametrize(
+    ("saved", "world", "tp"), [(2, 2, 1), (2, 4, 4), (2, 2, 2), (4, 2, 2)],
+    ids=["tp2-to-tp1", "tp2-to-tp4", "tp2-to-tp2", "tp4-to-tp2"],
+)  # fmt: skip
+def test_reshard_across_tp_sizes(tmp_path, saved, world, tp):
+    """Grouped-query attention with 2 key/value heads: split at TP 2, replicated at TP 4 (each pair of
+    ranks computes one head), whole at TP 1; every layout loads into every other."""
     path = str(tmp_path / "ckpt")
-    saved_weights, saved_optim = _dist.run(2, _save_tp, path, 2)[0]
-    for weights, optim in _dist.run(world, _load_tp, path, tp):
+    saved_weights, saved_optim = _dist.run(saved, _save_tp, path, saved, "plain_gqa")[0]
+    for weights, optim in _dist.run(world, _load_tp, path, tp, "plain_gqa"):
         assert weights.keys() == saved_weights.keys()
         for k in weights:
             assert torch.equal(weights[k], saved_weights[k]), k

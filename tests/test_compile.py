@@ -45,8 +45,8 @@ def _model(kind: str):
     import models
 
     torch.manual_seed(0)
-    if kind == "plain":
-        return models.PlainGPT(vocab=VOCAB, d=32, n_layers=2, n_heads=4, tied=True, ctx=SEQ)
+    if kind == "plain":  # multi-query: the one k/v head replicated on both ranks (each computes it)
+        return models.PlainGPT(vocab=VOCAB, d=32, n_layers=2, n_heads=4, n_kv_heads=1, tied=True, ctx=SEQ)
     return models.NanoGPT(vocab=VOCAB, n_embd=32, n_layer=2, n_head=4, block_size=SEQ)  # fused c_attn, own code
 
 
@@ -253,7 +253,7 @@ def _hf_labels_loss() -> dict:
             "graphs": len(graphs)}  # fmt: skip
 
 
-# the plain GPT without, nanoGPT (fused c_attn, its own attention code) with sequence parallelism
+# the plain GPT (multi-query) without, nanoGPT (fused c_attn, its own attention code) with sequence parallelism
 CASES = [(kind, sp, how) for how in ("model", "step", "blocks") for kind, sp in (("plain", False), ("nano", True))]
 
 

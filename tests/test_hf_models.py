@@ -57,7 +57,9 @@ EXPECTED: dict[str, object] = {
     "mistral": EXACT,  # sliding window 5 < sequence 12
     "qwen2": EXACT,  # q/k/v biases, tied head
     "qwen3": EXACT,  # q_norm/k_norm (RMSNorm over head_dim) see only this rank's heads: partial grads
-    "gemma": EXACT,  # embedding scaled by sqrt(hidden) inside GemmaTextScaledWordEmbedding.forward, tied head
+    # multi-query (as Gemma-2B): the one k/v head replicated on every rank; embedding scaled by sqrt(hidden)
+    # inside GemmaTextScaledWordEmbedding.forward, tied head
+    "gemma": EXACT,
     # layers of two kinds (sliding / full attention) in a config whose model-wide head_dim read raises;
     # per-layer inputs from a second embedding table
     "gemma4": EXACT,
@@ -65,9 +67,9 @@ EXPECTED: dict[str, object] = {
     "gpt2": EXACT,  # Conv1D (in, out) weights, fused c_attn (q | k | v)
     "gpt_neox": EXACT,  # query_key_value interleaved per head, partial rotary
     "gptj": EXACT,  # lm_head with bias, partial rotary (rotary_dim)
-    # multi-query: c_attn (q 32 | k 8 | v 8), one k/v head for all q heads. Like Megatron (num_query_groups
-    # must divide by TP), refused: replicating the k/v head is not a module rewrite lightning_tp does.
-    "gpt_bigcode_mq": ("ShardingError", ["transformer.h.0.attn", "kv_heads=1", "cannot be split"]),
+    # multi-query: c_attn (q 32 | k 8 | v 8), one k/v head for all q heads: c_attn stays whole on every rank,
+    # each rank computes its query heads and the k/v head (kv_replicate); Megatron refuses this case
+    "gpt_bigcode_mq": EXACT,
     "gpt_bigcode_mha": EXACT,  # c_attn read per head, (heads, 3 * head_dim): verify's forward finds it -> column
     "falcon": EXACT,  # Falcon-7B style: multi-query, parallel attention, query_key_value (q heads | k | v)
     "falcon_new_arch": EXACT,  # Falcon-40B style: query_key_value grouped per kv head (q * g | k | v)

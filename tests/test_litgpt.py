@@ -48,6 +48,10 @@ ARCHS = {
     # Pythia / GPT-NeoX: parallel residual, partial rotary (a quarter of each head), biases, tied head
     "pythia": dict(n_head=4, n_query_groups=4, norm_class_name="LayerNorm", mlp_class_name="GptNeoxMLP",
                    intermediate_size=64, bias=True, parallel_residual=True, rotary_percentage=0.25, tied=True),
+    # multi-query (falcon-7b, Gemma-2b): one k/v head, replicated on every rank (each rank computes its query
+    # heads and the k/v head from the whole fused qkv); biases on qkv (partial gradients too)
+    "mqa": dict(n_head=8, n_query_groups=1, norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP",
+                intermediate_size=48, bias=True, parallel_residual=False, rotary_percentage=1.0),
     # Phi-style: one norm shared by attention and MLP, half rotary, a biased LM head, untied
     "phi": dict(n_head=4, n_query_groups=4, norm_class_name="LayerNorm", mlp_class_name="GptNeoxMLP",
                 intermediate_size=64, bias=True, parallel_residual=True, shared_attention_norm=True,
@@ -103,7 +107,7 @@ def _case(arch: str, tp: int) -> dict:
     plan = apply_policy(model, group, "auto", verify=True, example_input=idx)
     attn = model.transformer.h[0].attn
     out = {
-        "styles": sorted({m.style for m in plan.modules if m.splits}),
+        "styles": sorted({m.style for m in plan.modules if m.splits or m.style == "kv_replicate"}),
         "changes": [(p, a, o, n) for p, a, o, n in plan.attribute_changes if p == "transformer.h.0.attn"],
         "model_heads": (model.config.n_head, model.config.n_query_groups),
         "attn_heads": (attn.config.n_head, attn.config.n_query_groups),
@@ -159,9 +163,11 @@ def test_litgpt_matches_dense(results, arch):
     for rank, res in enumerate(per_rank):
         r = res[arch]
         where = f"{arch} at TP {tp}, rank {rank}"
-        assert {"vocab", "row"} <= set(r["styles"]) and ("qkv" in r["styles"]), (where, r["styles"])
         full = (ARCHS[arch]["n_head"], ARCHS[arch]["n_query_groups"])
-        assert r["model_heads"] == full and r["attn_heads"] == (full[0] // tp, full[1] // tp), where
+        kv_local = full[1] // tp if full[1] % tp == 0 else 1  # fewer k/v heads than ranks: one, replicated
+        fused = "qkv" if full[1] % tp == 0 else "kv_replicate"
+        assert {"vocab", "row", fused} <= set(r["styles"]), (where, r["styles"])
+        assert r["model_heads"] == full and r["attn_heads"] == (full[0] // tp, kv_local), where
         assert ("transformer.h.0.attn", "config.n_head", full[0], full[0] // tp) in r["changes"], r["changes"]
         assert r["mlp_config_shared"] and r["tied"] == ARCHS[arch].get("tied", False), where
         assert r["same_params"], where
@@ -174,17 +180,13 @@ def test_litgpt_matches_dense(results, arch):
         assert tp_tokens == dense_tokens, where
 
 
-def _refusal(tp):
+def test_litgpt_key_value_heads_neither_split_nor_replicated_are_refused_by_name():
     from lightning_tp.errors import ShardingError
     from lightning_tp.policy import plan_policy
 
-    with pytest.raises(ShardingError, match=r"transformer.h.0.attn.*config.n_query_groups=1.*cannot be split"):
-        plan_policy(build("llama", n_query_groups=1), tp, "auto")  # multi-query: one k/v head
-    return True
-
-
-def test_multi_query_litgpt_is_refused_by_name():
-    assert _refusal(2)
+    # 3 k/v heads at TP 2: not divisible, and a rank's 3 query heads would read two of them in unequal groups
+    with pytest.raises(ShardingError, match=r"transformer.h.0.attn.*config.n_query_groups=3.*cannot be split"):
+        plan_policy(build("llama", n_head=6, n_query_groups=3, head_size=8), 2, "auto")
 
 
 def _compiled_step(tp: int) -> dict:
@@ -326,7 +328,7 @@ ZOO = [
     "OLMo-2-1124-7B", "Gemma-7b", "Gemma-2-2b", "Gemma-3-4b-it", "phi-1_5", "Phi-3-mini-4k-instruct",
     "Mixtral-8x7B-v0.1", "Qwen2.5-0.5B", "Qwen3-0.6B", "Qwen3-30B-A3B",
 ]  # fmt: skip
-ZOO_MULTI_QUERY = ["Gemma-3-1b-it", "falcon-7b"]  # one key/value head: refused by name
+ZOO_MULTI_QUERY = ["Gemma-3-1b-it", "falcon-7b"]  # one key/value head: replicated on every rank
 
 
 def build_named(name: str, dtype=torch.float64):
@@ -373,7 +375,7 @@ def zoo():
     return _dist.run(2, _zoo, 2)
 
 
-@pytest.mark.parametrize("name", ZOO)
+@pytest.mark.parametrize("name", ZOO + ZOO_MULTI_QUERY)
 def test_litgpt_named_config_matches_dense(zoo, name):
     """Float32 rounding where LitGPT computes in float32 inside the float64 model (its RMSNorm)."""
     for rank, per_name in enumerate(zoo):
@@ -382,12 +384,6 @@ def test_litgpt_named_config_matches_dense(zoo, name):
         assert r["logit_err"] <= 1e-6, (name, rank, r["logit_err"])
         bad = {n: e for n, e in r["grad_err"].items() if e > 1e-6}
         assert not bad, (name, rank, bad)
-
-
-@pytest.mark.parametrize("name", ZOO_MULTI_QUERY)
-def test_litgpt_named_multi_query_config_is_refused(zoo, name):
-    for per_name in zoo:
-        assert "config.n_query_groups=1 key/value heads cannot be split" in per_name[name].get("refused", ""), name
 
 
 def test_litgpt_mixture_of_experts_router_stays_whole_and_sequence_parallelism_is_refused():

@@ -164,9 +164,9 @@ def test_plan_report_table():
 
 def test_gqa_kv_heads_not_divisible_is_refused():
     with pytest.raises(
-        ShardingError, match=r"n_kv_heads=2 key/value heads cannot be split over tensor_parallel_size=4.*Grouped-query"
-    ):
-        plan_policy(models.PlainGPT(n_heads=4, n_kv_heads=2), 4)
+        ShardingError, match=r"n_kv_heads=3 key/value heads cannot be split over tensor_parallel_size=2.*Grouped-query"
+    ):  # nor replicated: a rank's 3 query heads would read two k/v heads in unequal groups
+        plan_policy(models.PlainGPT(d=24, n_heads=6, n_kv_heads=3), 2)
 
 
 def test_heads_not_divisible():
@@ -180,9 +180,15 @@ def test_heads_not_divisible():
 def test_hf_gqa_whole_heads_from_head_dim():
     # Llama attention keeps head counts in its config only: whole heads are checked through head_dim.
     with pytest.raises(
-        ShardingError, match=r"'model.model.layers.0.self_attn.k_proj': 2 heads .* tensor_parallel_size=4"
+        ShardingError, match=r"'model.model.layers.0.self_attn.q_proj': 8 heads .* tensor_parallel_size=16"
     ):
-        plan_policy(models.HFLogits(models.hf_llama(n_kv_heads=2)), 4)
+        plan_policy(models.HFLogits(models.hf_llama(n_kv_heads=2)), 16)
+    # 2 k/v heads at TP 4: replicated, 2 ranks computing each (the config names them; the block has
+    # num_key_value_groups, 8 / 2 query heads per k/v head, which becomes 8 / 4)
+    plan = plan_policy(models.HFLogits(models.hf_llama(n_kv_heads=2)), 4)
+    rows = {m.name.removeprefix("model.model.layers.0.self_attn."): m for m in plan.modules}
+    assert rows["k_proj"].style == rows["v_proj"].style == "kv_replicate" and rows["q_proj"].style == "column"
+    assert ("model.model.layers.0.self_attn", "num_key_value_groups", 4, 2) in plan.attribute_changes
 
 
 @hf
@@ -300,6 +306,105 @@ def test_a_per_head_gate_is_split_with_the_heads(tp):
     assert {m.name: m.local_shape for m in plan.modules}["g_proj"] == (4 // tp, 32)
     for errs in _dist.run(tp, _gated_heads_parity, tp):
         assert errs["out"] < 1e-12 and errs["grad"] < 1e-12 and errs["weight"] < 1e-12, errs
+
+
+class _RepeatKVAttention(nn.Module):
+    """Grouped-query attention as Meta's reference Llama writes it (wq/wk/wv/wo, ``n_kv_heads`` and
+    ``n_rep`` attributes, keys and values expanded by ``n_rep`` before attention), with biased k/v
+    projections and a per-head RMS norm of q and k (Qwen3's); ``fused``: one biased ``wqkv``
+    projection ``[q | k | v]`` instead of wq/wk/wv."""
+
+    def __init__(self, d=32, n_heads=8, n_kv_heads=1, kv_norm_width: int | None = None, fused=False):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.n_rep = n_heads, n_kv_heads, n_heads // n_kv_heads
+        self.head_dim = d // n_heads
+        self.wo = nn.Linear(d, d, bias=False)
+        if fused:
+            self.wqkv = nn.Linear(d, d + 2 * n_kv_heads * self.head_dim)
+        else:
+            self.wq = nn.Linear(d, d, bias=False)
+            self.wk, self.wv = (nn.Linear(d, n_kv_heads * self.head_dim) for _ in range(2))
+        self.q_norm = nn.RMSNorm(self.head_dim)
+        self.k_norm = nn.RMSNorm(kv_norm_width or self.head_dim)  # OLMo-2's: over all k/v heads at once
+
+    def _repeat(self, x):  # (b, t, kv, hd) -> (b, t, kv * n_rep, hd), each k/v head n_rep times in a row
+        b, t, kv, hd = x.shape
+        return x[:, :, :, None, :].expand(b, t, kv, self.n_rep, hd).reshape(b, t, kv * self.n_rep, hd)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        kv = self.n_kv_heads * self.head_dim
+        if hasattr(self, "wqkv"):
+            q, k, v = self.wqkv(x).split((self.n_heads * self.head_dim, kv, kv), dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = self.q_norm(q.view(b, t, self.n_heads, self.head_dim))
+        k = self.k_norm(k).view(b, t, self.n_kv_heads, -1) if self.k_norm.weight.numel() != self.head_dim else (
+            self.k_norm(k.view(b, t, self.n_kv_heads, self.head_dim)))  # fmt: skip
+        v = v.view(b, t, self.n_kv_heads, self.head_dim)
+        q, k, v = (y.transpose(1, 2) for y in (q, self._repeat(k), self._repeat(v)))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+def _replicated_kv_parity(tp: int, kv: int, fused: bool) -> dict:
+    import copy
+
+    torch.manual_seed(0)
+    dense = _RepeatKVAttention(n_kv_heads=kv, fused=fused).double()
+    for p in dense.parameters():  # norms' ones and zero biases would hide a missing gradient sum
+        p.data.add_(0.1 * torch.randn_like(p))
+    model = copy.deepcopy(dense)
+    group = _dist.mesh(tp).tp_group
+    x = torch.randn(2, 6, 32, dtype=torch.float64)
+    apply_policy(model, group, "auto", verify=True, example_input=x)
+    return _dist.train_parity(dense, model, group, [x, x.flip(1), 2 * x])
+
+
+@pytest.mark.parametrize(
+    ("tp", "kv", "fused"), [(2, 1, False), (4, 1, False), (4, 2, False), (2, 1, True), (4, 2, True)],
+    ids=["tp2-mqa", "tp4-mqa", "tp4-kv2", "tp2-mqa-fused", "tp4-kv2-fused"],
+)  # fmt: skip
+def test_key_value_heads_fewer_than_ranks_are_replicated(tp, kv, fused):
+    """Fewer key/value heads than ranks (multi-query included): the k/v projections (a fused q/k/v one
+    too) stay whole on every rank, each rank computes its query heads and the k/v head they read, the
+    gradients of the k/v weights, biases and the per-head k norm are summed over TP; outputs, gradients and
+    weights after AdamW steps as the dense block's (float64)."""
+    plan = plan_policy(_RepeatKVAttention(n_kv_heads=kv, fused=fused), tp, "auto")
+    rows = {m.name: m for m in plan.modules}
+    assert rows["wo"].style == "row"
+    if fused:
+        assert rows["wqkv"].style == "kv_replicate"
+        assert rows["wqkv"].options == {"kv_heads": kv, "chunks": (32, kv * 4, kv * 4)}
+    else:
+        assert rows["wq"].style == "column"
+        for name in ("wk", "wv"):
+            assert rows[name].style == "kv_replicate" and rows[name].options == {"kv_heads": kv}
+            assert rows[name].local_shape == rows[name].full_shape == (kv * 4, 32)
+    changes = {attr: (old, new) for _, attr, old, new in plan.attribute_changes}
+    assert changes == {"n_heads": (8, 8 // tp), "n_kv_heads": (kv, 1), "n_rep": (8 // kv, 8 // tp)}
+    for errs in _dist.run(tp, _replicated_kv_parity, tp, kv, fused):
+        assert errs["out"] < 1e-12 and errs["grad"] < 1e-12 and errs["weight"] < 1e-12, errs
+
+
+def test_key_value_heads_that_cannot_be_replicated_are_refused_before_any_change():
+    # (a TP size that is not a multiple of the k/v head count: test_gqa_kv_heads_not_divisible_is_refused)
+    # a norm over all k/v heads at once (OLMo-2's k_norm) needs them all: not on replicated heads
+    model = _RepeatKVAttention(d=48, n_kv_heads=2, kv_norm_width=12)
+    with pytest.raises(ShardingError, match=r"'k_norm' reads all 12 features of the block's key/value heads"):
+        plan_policy(model, 4, "auto")
+    # nothing says which projections hold the key/value heads (no count, no n_rep): refused as before
+    del model.n_kv_heads, model.n_rep
+    with pytest.raises(ShardingError, match=r"'wk': 2 heads .* cannot be split over tensor_parallel_size=4"):
+        plan_policy(model, 4, "auto")
+    # a replicated k/v projection gets a parameter of its own (partial gradients): a tie to it is refused
+    tied = _RepeatKVAttention(n_kv_heads=1)
+    tied.probe = nn.Linear(32, 4)
+    tied.probe.weight = tied.wk.weight
+    with pytest.raises(PolicyError, match=r"break a tied parameter shared by 'wk.weight' \(kv_replicate\)"):
+        plan_policy(tied, 2, "auto")
+    with pytest.raises(ShardingError, match=r"'wk': kv_heads=4 key/value heads of out_features=8 cannot be replicated"):
+        plan_policy(_RepeatKVAttention(n_kv_heads=2), 4, {"wk": {"style": "kv_replicate", "kv_heads": 4}})
 
 
 def test_tie_the_policy_would_break():

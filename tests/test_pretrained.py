@@ -73,6 +73,7 @@ def _check_load(name: str, path: str, tp: int, deferred: bool):
 
 
 CASES = [("plain_tied", False), pytest.param("hf_llama", True, marks=pytest.mark.skipif(not HAS_HF, reason="hf")),
+         pytest.param("hf_llama_kv2", True, marks=pytest.mark.skipif(not HAS_HF, reason="hf")),
          pytest.param("hf_gpt2", True, marks=pytest.mark.skipif(not HAS_HF, reason="hf"))]  # fmt: skip
 
 

@@ -89,7 +89,7 @@ def _auto_patterns(model):
 
 
 @pytest.mark.parametrize(("world", "tp"), [(2, 2), (4, 4)], ids=["tp2", "tp4"])
-@pytest.mark.parametrize("name", ["plain", "plain_gqa", "plain_tied", "nano"])
+@pytest.mark.parametrize("name", ["plain", "plain_gqa", "plain_mqa", "plain_tied", "nano"])
 def test_sequence_parallel_parity(world, tp, name):
     for partial in _dist.run(world, _check_sp_parity, name, tp, False):
         assert any("norm" in n or "ln" in n for n in partial), partial  # the norms' grads are summed over TP

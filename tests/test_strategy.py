@@ -40,9 +40,9 @@ def _replicated_digest(module):
     return h.hexdigest()
 
 
-def reference_losses(steps=10, batch_size=8, clip=0.5, **kw):
+def reference_losses(steps=10, batch_size=8, clip=0.5, model="plain", **kw):
     torch.manual_seed(0)
-    model, rec = lit.LitGPT(batch_size=batch_size, ref_sampler=True), Recorder()
+    model, rec = lit.LitGPT(batch_size=batch_size, ref_sampler=True, model=model), Recorder()
     kwargs = lit.trainer_kwargs(max_steps=steps, devices=1, gradient_clip_val=clip, callbacks=[rec], **kw)
     L.Trainer(**kwargs).fit(model)
     return rec.losses
@@ -125,6 +125,19 @@ def test_sequence_parallel_losses_match_single_process(world, tp, ref_losses):
         torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref_losses), rtol=1e-5, atol=0)
         assert r["grad_norm"] is not None and r["grad_norm"] > 0
     for dp in range(world // tp):
+        assert len({r["replicated"] for r in results if r["dp_rank"] == dp}) == 1
+
+
+def test_multi_query_attention_trains_as_one_process():
+    """One key/value head at TP 2 x DP 2, with sequence parallelism and ZeRO-3: the k/v projections stay
+    whole on every rank (each computes the head), their partial gradients are summed over TP before the
+    clipping and the step: the losses of one process."""
+    ref = reference_losses(model="plain_mqa")
+    results = _dist.run(4, _fit, 4, 2, sp=True, model="plain_mqa", strategy_kw={"zero_stage": 3})
+    for r in results:
+        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref), rtol=1e-5, atol=0)
+        assert r["zero_active"] and r["sequence_sharded"]
+    for dp in range(2):
         assert len({r["replicated"] for r in results if r["dp_rank"] == dp}) == 1
 
 

@@ -8,6 +8,8 @@ depend on the tensor-parallel size. ``p`` below is the TP group size, ``r`` this
   each chunk split separately, so every rank holds whole heads of q, k and v).
 * :class:`RowParallelLinear` ``Y = sum_r X_r A_r^T + b``, ``A`` split by input features; bias added
   once after the all-reduce.
+* :class:`KVReplicatedLinear`: a key/value projection with fewer heads than ranks, whole on every
+  rank, each computing the one head its query heads read.
 * :class:`VocabParallelEmbedding`: embedding rows split by vocabulary, masked lookup + all-reduce.
 * :class:`VocabParallelLMHead`: an LM-head ``nn.Linear`` split by vocabulary (output features).
 
@@ -171,15 +173,7 @@ class ColumnParallelLinear(_ParallelLinear):
 
     def _local_linear(self, x: Tensor) -> Tensor:
         """``x A_r^T + b_r`` with the collectives of the input's layout: (..., in) -> (..., out/p)."""
-        if self.sequence_parallel:
-            full = gather_from_sp(x, self.group, self.seq_dim)  # (B, T, in)
-            return linear_regather(full, x, self.weight, self.bias, self.group, self.seq_dim)  # (B, T, out/p)
-        if self.sequence_gather is not None:
-            shard = self.sequence_gather.shard_of(x)  # (..., T/p, in) if x is the block's unchanged gathered input
-            if shard is not None:
-                return linear_regather(x, shard, self.weight, self.bias, self.group, -2)  # (..., out/p)
-            return F.linear(x, self.weight, self.bias)  # (..., out/p); the block's gather reduces dX
-        return copy_to_tp_linear(x, self.weight, self.bias, self.group)  # (..., out/p)
+        return _column_linear(self, x, self.weight, self.bias)
 
     def _gather(self, y: Tensor) -> Tensor:
         y = gather_from_tp(y, self.group)  # (..., p * out/p) in rank order
@@ -196,6 +190,153 @@ class ColumnParallelLinear(_ParallelLinear):
             f"chunks={list(self.weight_spec.sizes)}, gather_output={self.gather_output}"
             + (", sequence_parallel=True" if self.sequence_parallel else "")
         )
+
+
+def _column_linear(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(x, weight, bias)`` for a layer whose input is replicated over TP and whose output
+    reaches only this rank's heads, with the collectives of the input's layout (``layer``'s ``group``,
+    ``sequence_parallel``, ``seq_dim``, ``sequence_gather``): the grad of ``x`` is summed over TP."""
+    if layer.sequence_parallel:
+        full = gather_from_sp(x, layer.group, layer.seq_dim)  # (B, T, in)
+        return linear_regather(full, x, weight, bias, layer.group, layer.seq_dim)  # (B, T, out)
+    if layer.sequence_gather is not None:
+        shard = layer.sequence_gather.shard_of(x)  # (..., T/p, in) if x is the block's unchanged gathered input
+        if shard is not None:
+            return linear_regather(x, shard, weight, bias, layer.group, -2)  # (..., out)
+        return F.linear(x, weight, bias)  # (..., out); the block's gather reduces dX
+    return copy_to_tp_linear(x, weight, bias, layer.group)  # (..., out)
+
+
+class KVReplicatedLinear(nn.Module):
+    """A key or value projection of grouped-query attention with fewer key/value heads ``n`` than TP
+    ranks (multi-query attention: ``n = 1``), ``p`` a multiple of ``n``: the projection stays whole
+    on every rank, and rank ``r`` computes key/value head ``r // (p / n)``, the one that its query
+    heads ``[r H/p, (r+1) H/p)`` read (vLLM's replication of key/value heads). A fused ``[Q | K | V]``
+    projection (``chunks=(q, k, v)``) stays whole too; rank ``r`` computes its query heads' rows
+    and that key/value head's rows of ``K`` and ``V``.
+
+    Weight and bias whole on every rank, their gradients partial (each rank's covers only its query
+    heads; marked, summed over TP before the step). Input ``(..., in)`` replicated over TP (or as
+    :class:`ColumnParallelLinear` under sequence parallelism); output ``(..., head_dim)``, one head
+    (fused: ``(..., q/p + 2 head_dim)``, ``[Q_r | K_h | V_h]``).
+
+    Args:
+        in_features: as ``nn.Linear``.
+        out_features: as ``nn.Linear`` (all ``kv_heads`` heads; fused: ``q + k + v``).
+        bias: as ``nn.Linear``.
+        group: the tensor-parallel process group.
+        kv_heads: the number of key/value heads ``n``: ``p`` must be a multiple of it.
+        chunks: ``(q, k, v)`` sizes of a fused projection (``k == v``, ``n`` heads each; ``q`` whole
+            heads of the same size, divisible over the ranks); ``None``: a key or value projection.
+        sequence_parallel, seq_dim, sequence_gather: as :class:`ColumnParallelLinear`.
+        name: module name used in error messages.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        group: ProcessGroup,
+        kv_heads: int,
+        chunks: Sequence[int] | None = None,
+        sequence_parallel: bool = False,
+        seq_dim: int = 1,
+        sequence_gather: SequenceGather | None = None,
+        name: str = "",
+        _dense: nn.Linear | None = None,
+    ) -> None:
+        super().__init__()
+        tp, rank = group_size(group), group_rank(group)
+        q, kv = kv_replica_layout(out_features, kv_heads, chunks, tp, name)
+        self.in_features, self.out_features, self.kv_heads = in_features, out_features, kv_heads
+        self.group, self.tp_size, self.tp_rank = group, tp, rank
+        self.head_dim = kv // kv_heads
+        self.head = rank // (tp // kv_heads)  # the key/value head this rank's query heads read
+        self.chunks = None if chunks is None else tuple(chunks)
+        self.sequence_parallel, self.seq_dim, self.sequence_gather = sequence_parallel, seq_dim, sequence_gather
+        if _dense is None:
+            _dense = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.weight = mark_partial_grad(shard_parameter(_dense.weight, None, rank, _dense.weight.requires_grad))
+        if _dense.bias is not None:
+            self.bias = mark_partial_grad(shard_parameter(_dense.bias, None, rank, _dense.bias.requires_grad))
+        else:
+            self.register_parameter("bias", None)
+        head = torch.arange(self.head * self.head_dim, (self.head + 1) * self.head_dim)
+        local_q = torch.arange(rank * q // tp, (rank + 1) * q // tp)
+        rows = head if chunks is None else torch.cat([local_q, q + head, q + kv + head])
+        self.register_buffer("_rows", rows, persistent=False)  # the output features this rank computes
+
+    @classmethod
+    def from_dense(cls, module: nn.Linear, group: ProcessGroup, **kwargs) -> KVReplicatedLinear:
+        """Build from an existing ``nn.Linear`` (copied whole; keyword options as in the constructor)."""
+        m = _ParallelLinear._check_dense(module)
+        return cls(m.in_features, m.out_features, m.bias is not None, group=group, _dense=m, **kwargs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._rows.device != self.weight.device:  # made on the CPU; verify runs before the model's last move
+            self._rows = self._rows.to(self.weight.device)
+        if self.chunks is None:  # one head: a contiguous slice
+            start = self.head * self.head_dim
+            weight = self.weight.narrow(0, start, self.head_dim)  # (head_dim, in)
+            bias = None if self.bias is None else self.bias.narrow(0, start, self.head_dim)
+        else:
+            weight = self.weight.index_select(0, self._rows)  # (q/p + 2 head_dim, in)
+            bias = None if self.bias is None else self.bias.index_select(0, self._rows)
+        return _column_linear(self, x, weight, bias)
+
+    def dense_output_rows(self) -> tuple[Tensor, Tensor]:
+        """``(rows, share)``: the dense output features this rank's output holds, in order, and each
+        one's share of it over TP (``1 / (p / n)`` for a key/value head, which ``p / n`` ranks compute;
+        1 for a query head's, which one rank computes): ``sum`` over ranks of ``share * out`` covers
+        every dense feature once (verify's block-by-block probe)."""
+        share = torch.full((self._rows.numel(),), self.kv_heads / self.tp_size, dtype=torch.float64)
+        if self.chunks is not None:
+            share[: self._rows.numel() - 2 * self.head_dim] = 1.0  # the query heads: this rank's alone
+        return self._rows, share.to(self._rows.device)
+
+    def extra_repr(self) -> str:
+        fused = "" if self.chunks is None else f", chunks={list(self.chunks)}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features} (local {self._rows.numel()}: "
+            f"key/value head {self.head} of {self.kv_heads}){fused}, bias={self.bias is not None}, tp={self.tp_size}"
+            + (", sequence_parallel=True" if self.sequence_parallel else "")
+        )
+
+
+def kv_replica_layout(
+    out_features: int, kv_heads: int, chunks: Sequence[int] | None, tp: int, name: str = ""
+) -> tuple[int, int]:
+    """``(query features, key/value features)`` of a projection whose ``kv_heads`` key/value heads are
+    replicated over ``tp`` ranks (:class:`KVReplicatedLinear`; ``chunks``: a fused ``(q, k, v)``).
+
+    Raises:
+        ShardingError: not fewer heads than ranks, ``tp`` not a multiple of them, heads not whole, a
+            fused layout that is not ``(q, k, v)`` with ``k == v`` and whole query heads split evenly.
+    """
+    label = repr(name) if name else "a key/value projection"
+    ok = isinstance(kv_heads, int) and not isinstance(kv_heads, bool) and kv_heads >= 1
+    q, kv = 0, out_features
+    if chunks is not None:
+        fits = len(chunks) == 3 and chunks[1] == chunks[2] and sum(chunks) == out_features
+        q, kv, ok = (chunks[0], chunks[1], ok) if fits else (0, 0, False)
+    ok = ok and kv > 0 and kv % kv_heads == 0 and tp % kv_heads == 0 and kv_heads % tp != 0
+    if ok and chunks is not None:
+        head_dim = kv // kv_heads
+        ok = q % head_dim == 0 and (q // head_dim) % tp == 0 and q > kv
+    if not ok:
+        fused = "" if chunks is None else f", chunks={list(chunks)}"
+        raise ShardingError(
+            f"{label}: kv_heads={kv_heads!r} key/value heads of out_features={out_features}{fused} cannot be "
+            f"replicated over tensor_parallel_size={tp}: replication needs fewer key/value heads than ranks, a TP "
+            "size that is a multiple of their count and whole heads (fused: (q, k, v) chunk sizes, k == v, the "
+            "query heads divisible by the TP size). Use a tensor_parallel_size that is a multiple or a divisor of "
+            "the key/value head count, or 'column'/'qkv' when it divides by the TP size."
+        )
+    return q, kv
 
 
 class RowParallelLinear(_ParallelLinear):

@@ -69,8 +69,9 @@ def _check_plan_fits(model: nn.Module, plan: Plan) -> None:
                 f"plan entry {entry.name!r} names no module of this {type(model).__name__}: the plan was made "
                 "for another model. Plan this model with plan_policy(model, tp_size, policy)."
             )
-        shape = entry.kind.shape(module) if entry.splits and entry.kind.fits(module) else None
-        if entry.splits and shape != tuple(entry.full_shape):
+        built = entry.splits or entry.kind.replaces  # a layer built from the module (replicated k/v heads too)
+        shape = entry.kind.shape(module) if built and entry.kind.fits(module) else None
+        if built and shape != tuple(entry.full_shape):
             raise PolicyError(
                 f"plan entry {entry.name!r} expects shape {tuple(entry.full_shape)}, the module has {shape}: the plan "
                 "was made for another model. Plan this model with plan_policy(model, tp_size, policy)."

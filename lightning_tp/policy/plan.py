@@ -26,10 +26,12 @@ from lightning_tp.policy.report import plan_table, render_plan
 from lightning_tp.policy.rules import (
     HEAD_ATTRS,
     HEAD_DIM_ATTRS,
+    KV_GROUP_ATTRS,
     KV_HEAD_ATTRS,
     WIDTH_ATTRS,
     PolicyError,
     Rule,
+    config_objects,
     expert_routers,
     head_sources,
     head_value,
@@ -38,7 +40,7 @@ from lightning_tp.policy.rules import (
     read_attr,
     resolve_rules,
 )
-from lightning_tp.policy.styles import ALL_STYLES, STYLES, Column, Style, Vocab, as_linear
+from lightning_tp.policy.styles import ALL_STYLES, KV_REPLICATE, STYLES, Column, Qkv, Style, Vocab, as_linear
 from lightning_tp.policy.ties import check_ties
 
 PLAN_ATTR = "_lightning_tp_plan"  # where apply_plan leaves the applied plan on the rewritten model
@@ -163,9 +165,10 @@ def plan_policy(
     source, rules = resolve_rules(model, policy)
     modules = dict(model.named_modules())
     planned, unmatched, used = _match(model, modules, source, rules, tp_size)
+    replicated_kv = _plan_kv_replicas(modules, planned, tp_size)
     _plan_head_local(modules, planned, tp_size)
     check_ties(model, planned)
-    changes = _attribute_changes(modules, planned, tp_size)
+    changes = _attribute_changes(modules, planned, tp_size, replicated_kv)
     if unmatched and strict:
         raise PolicyError(
             f"strict policy: {len(unmatched)} nn.Linear/nn.Embedding modules match no pattern: {unmatched}. "
@@ -335,7 +338,8 @@ def _plan_sequence_parallel(modules: dict[str, nn.Module], planned: dict[str, Pl
     """
     blocks = _column_blocks(planned.values())
     root = _split_root(planned)
-    split = {id(p) for r in planned.values() if r.splits for p in modules[r.name].parameters(recurse=False)}
+    layers = {r.name for r in planned.values() if r.splits or r.kind.replaces}  # TP layers (replicated k/v too)
+    split = {id(p) for n in layers for p in modules[n].parameters(recurse=False)}
     for name, module in modules.items():
         if name in blocks:
             note = "all-gathers the sequence at the block input"
@@ -348,7 +352,7 @@ def _plan_sequence_parallel(modules: dict[str, nn.Module], planned: dict[str, Pl
             row = planned_row(name, module, Rule("sequence_gather", options), None, tp, note)
             row.pattern = given.pattern if given is not None else None
             planned[name] = row
-        elif (name in planned and planned[name].splits) or not _within(name, root) or name == root:
+        elif name in layers or not _within(name, root) or name == root:
             continue  # the split model's root: its own parameters may act on gathered outputs (a logit scale)
         elif type(module) is nn.Embedding:
             planned[name] = planned_row(
@@ -411,9 +415,12 @@ def _plan_head_local(modules: dict[str, nn.Module], planned: dict[str, PlannedMo
     if tp == 1:
         return
     widths: dict[str, set[int]] = {}  # block -> full widths of its head-split chunks
+    replicated: dict[str, set[int]] = {}  # block -> full widths of its replicated key/value projections
     for e in planned.values():
         if e.kind.splits_heads(e.options):
-            widths.setdefault(e.name.rpartition(".")[0], set()).update(e.spec.sizes)
+            widths.setdefault(e.name.rpartition(".")[0], set()).update(_chunks(e))
+            if e.spec is None:
+                replicated.setdefault(e.name.rpartition(".")[0], set()).add(_query_key_value(e)[1])
     for parent_name, chunk_widths in widths.items():
         parent = modules[parent_name]
         heads = head_value(parent, HEAD_ATTRS[:4])
@@ -430,6 +437,13 @@ def _plan_head_local(modules: dict[str, nn.Module], planned: dict[str, PlannedMo
             width = gathered_width(child)  # the size of its 1-D parameters (a norm's weight and bias)
             if head_dim and width == head_dim:
                 planned[name] = planned_row(name, child, Rule("replicate", {"partial_grad": True}), None, tp)
+            elif width in replicated.get(parent_name, ()):
+                raise ShardingError(
+                    f"module {name!r} reads all {width} features of the block's key/value heads, which are "
+                    f"replicated at tensor_parallel_size={tp} (fewer key/value heads than ranks: each rank computes "
+                    "one head). Use a tensor_parallel_size that divides the key/value head count, or map "
+                    f"{parent_name!r}'s projections to 'replicate'."
+                )
             elif width in chunk_widths:
                 note = "inputs of this rank's width gathered over TP"
                 planned[name] = planned_row(name, child, Rule("gather_input", {"width": width}), None, tp, note)
@@ -459,13 +473,15 @@ def _gqa_chunks(modules: dict[str, nn.Module], name: str, module: nn.Module) -> 
 
 
 def _attribute_changes(
-    modules: dict[str, nn.Module], planned: dict[str, PlannedModule], tp: int
+    modules: dict[str, nn.Module], planned: dict[str, PlannedModule], tp: int, replicated_kv: dict[str, tuple[int, int]]
 ) -> list[tuple[str, str, int, int]]:
     """``(block, attribute, full value, local value)`` for the head counts and widths a block with
     head-split projections reads: its own attributes or, when it has no head attribute of its own,
     those of a config object it holds (the attribute is then ``"config.n_head"``;
     :func:`~lightning_tp.policy.apply.apply_plan` gives the block its own copy of the config, so the
-    model's and other modules' configs keep full values)."""
+    model's and other modules' configs keep full values). In a block with replicated key/value
+    heads (``replicated_kv``: block -> (query heads, key/value heads)) the key/value head count
+    becomes 1 and the query heads per key/value head (``num_key_value_groups``) ``heads / tp``."""
     changes: list[tuple[str, str, int, int]] = []
     if tp == 1:
         return changes
@@ -476,8 +492,10 @@ def _attribute_changes(
     for parent_name, children in split_children.items():
         parent = modules[parent_name]
         label = parent_name or type(parent).__name__
-        chunk_sizes = {s for c in children for s in c.spec.sizes}
+        chunk_sizes = {s for c in children for s in _chunks(c)}
+        split_sizes = {s for c in children for s in _split_chunks(c)}
         sources = [(p, obj) for p, obj in head_sources(parent) if not p or _reads_heads(obj, chunk_sizes)]
+        heads, kv = replicated_kv.get(parent_name, (None, None))
         for prefix, source in sources:
             counts = set()  # the head counts this source gives
             for attr in HEAD_ATTRS:
@@ -485,11 +503,15 @@ def _attribute_changes(
                 if not isinstance(value, int) or isinstance(value, bool):
                     continue
                 counts.add(value)
+                if attr in KV_HEAD_ATTRS and value == kv:
+                    changes.append((parent_name, prefix + attr, value, 1))  # one replicated head per rank
+                    continue
                 if value % tp != 0:
                     kind = "key/value heads" if attr in KV_HEAD_ATTRS else "heads"
                     hint = (
-                        " Grouped-query attention needs num_key_value_heads divisible by the TP size "
-                        "(key/value heads are not replicated across ranks)."
+                        " Grouped-query attention needs num_key_value_heads divisible by the TP size, or a TP "
+                        "size that is a multiple of it (each rank then computes the key/value head its query "
+                        "heads read)."
                         if attr in KV_HEAD_ATTRS
                         else ""
                     )
@@ -502,22 +524,105 @@ def _attribute_changes(
             head_dim = head_value(source, HEAD_DIM_ATTRS) if prefix else read_attr(parent, "head_dim")
             if positive_int(head_dim):
                 for child in children:
-                    if set(child.spec.sizes) <= counts:
+                    if child.spec is None or set(child.spec.sizes) <= counts:
                         continue  # one value per head (a per-head gate): whole heads, as the counts divide by TP
                     check_heads(child.spec.sizes, head_dim, tp, child.name)
             for attr in WIDTH_ATTRS:
                 value = read_attr(source, attr)
-                if isinstance(value, int) and not isinstance(value, bool) and value in chunk_sizes:
+                if isinstance(value, int) and not isinstance(value, bool) and value in split_sizes:
                     changes.append((parent_name, prefix + attr, value, value // tp))
+            for attr in KV_GROUP_ATTRS if kv else ():
+                if read_attr(source, attr) == heads // kv:
+                    changes.append((parent_name, prefix + attr, heads // kv, heads // tp))
     return changes
 
 
+def _chunks(row: PlannedModule) -> tuple[int, ...]:
+    """The full widths of a head-split row's chunks (a replicated key/value projection: all its heads; a
+    fused one: its ``(q, k, v)``)."""
+    return row.spec.sizes if row.spec is not None else tuple(row.options.get("chunks") or (row.full_shape[0],))
+
+
+def _split_chunks(row: PlannedModule) -> tuple[int, ...]:
+    """The full widths of the chunks of a head-split row that are split over TP (not replicated key/value heads)."""
+    return row.spec.sizes if row.spec is not None else tuple(q for q in _query_key_value(row)[:1] if q)
+
+
+def _plan_kv_replicas(
+    modules: dict[str, nn.Module], planned: dict[str, PlannedModule], tp: int
+) -> dict[str, tuple[int, int]]:
+    """Grouped-query attention with fewer key/value heads than TP ranks (multi-query included): the
+    block's key and value projections (plain ``column`` rows of ``n`` heads beside a query projection
+    of ``H`` heads, ``H`` divisible by ``tp``, ``tp`` a multiple of ``n``) become ``kv_replicate`` rows:
+    whole on every rank, each rank computing the head its query heads read. Only where the block
+    says so: a key/value head count ``n`` (on the block or its config) or ``H / n`` query heads per
+    key/value head (``num_key_value_groups``). A policy's own ``kv_replicate`` rows count too.
+    Returns block -> ``(H, n)``."""
+    found: dict[str, tuple[int, int]] = {}
+    if tp == 1:
+        return found
+    blocks: dict[str, list[PlannedModule]] = {}
+    for row in planned.values():  # plain columns (q, k, v) and fused (q, k, v) projections
+        if type(row.kind) in (Column, Qkv) and row.kind.splits_heads(row.options) and len(row.spec.sizes) in (1, 3):
+            blocks.setdefault(row.name.rpartition(".")[0], []).append(row)
+    for row in planned.values():  # the policy's own kv_replicate rows: the query heads are the widest split
+        if row.kind is KV_REPLICATE:
+            n, block_name = row.options["kv_heads"], row.name.rpartition(".")[0]
+            q, kv = _query_key_value(row)
+            widest = max((r.full_shape[0] for r in blocks.get(block_name, ())), default=q)
+            found[block_name] = (widest * n // kv, n)
+    for block_name, rows in blocks.items():
+        block = modules[block_name]
+        sources = [block] + [obj for _, obj in config_objects(block)]
+        head_dim, heads = _first(sources, HEAD_DIM_ATTRS), _first(sources, HEAD_ATTRS[:4])
+        widest = max(r.spec.sizes[0] for r in rows)  # the query heads (first chunk of a fused projection)
+        if head_dim is None and heads and widest % heads == 0:
+            head_dim = widest // heads
+        if head_dim is None or widest % head_dim:
+            continue
+        if not heads or widest % (heads * head_dim):
+            heads = widest // head_dim  # no query head count that fits the widest projection: its own
+        widest = heads * head_dim  # (a gated query projection is a multiple of it: Qwen3-Next's q | gate)
+        kv_attr, groups_attr = _first(sources, KV_HEAD_ATTRS), _first(sources, KV_GROUP_ATTRS)
+        for row in rows:
+            sizes = row.spec.sizes
+            if len(sizes) == 3 and (sizes[0] != widest or sizes[1] != sizes[2]):
+                continue  # not [Q | K | V] with the block's query heads
+            n, rest = divmod(sizes[-1], head_dim)
+            if rest or n >= heads or n % tp == 0 or tp % n or heads % tp or heads % n:
+                continue
+            says = [value == want for value, want in ((kv_attr, n), (groups_attr, heads // n)) if value is not None]
+            if not says or not all(says):
+                continue  # nothing says these are the key/value heads, or not all of it does
+            module = modules[row.name]
+            if not KV_REPLICATE.fits(module):
+                continue
+            options: dict[str, Any] = {"kv_heads": n, **({"chunks": sizes} if len(sizes) == 3 else {})}
+            note = f"{n} key/value head{'s' if n > 1 else ''} replicated: {tp // n} ranks share each"
+            planned[row.name] = planned_row(row.name, module, Rule("kv_replicate", options), row.pattern, tp, note)
+            found[block_name] = (heads, n)
+    return found
+
+
+def _query_key_value(row: PlannedModule) -> tuple[int, int]:
+    """``(query features, key/value features)`` of a ``kv_replicate`` row (a key or value projection: no query)."""
+    chunks = row.options.get("chunks")
+    return (0, row.full_shape[0]) if not chunks else (chunks[0], chunks[1])
+
+
+def _first(sources: list[Any], names: tuple[str, ...]) -> int | None:
+    """The first of ``names`` set to a positive int on one of ``sources`` (a block, then its configs)."""
+    return next(filter(None, (head_value(s, names) for s in sources)), None)
+
+
 def _reads_heads(config: Any, chunk_sizes: set[int]) -> bool:
-    """Whether a block's config object describes its split projections: a split chunk is as wide as
-    the config's query heads or key/value heads (an MLP holding the same config is left alone)."""
+    """Whether a block's config object describes its split projections: split chunks as wide as the
+    config's query heads and as its key/value heads (an MLP holding the same config is left alone,
+    even when its hidden width happens to equal the query heads')."""
     heads, kv = head_value(config, HEAD_ATTRS[:4]), head_value(config, KV_HEAD_ATTRS)
     head_dim = head_value(config, HEAD_DIM_ATTRS)
     if head_dim is None and heads:
         width = next((w for a in WIDTH_ATTRS if positive_int(w := read_attr(config, a))), None)
         head_dim = width // heads if width and width % heads == 0 else None
-    return bool(head_dim) and any(n and n * head_dim in chunk_sizes for n in (heads, kv))
+    widths = [n * head_dim for n in (heads, kv) if n and head_dim]
+    return bool(widths) and all(w in chunk_sizes for w in widths)

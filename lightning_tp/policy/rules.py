@@ -22,6 +22,9 @@ HEAD_ATTRS = (
 )  # fmt: skip
 KV_HEAD_ATTRS = ("num_key_value_heads", "n_kv_heads", "kv_heads", "n_query_groups")  # LitGPT: n_query_groups
 HEAD_DIM_ATTRS = ("head_dim", "head_size")
+# Query heads per key/value head (grouped-query attention): constant under a split of the key/value heads,
+# divided when they are replicated (fewer than the TP ranks).
+KV_GROUP_ATTRS = ("num_key_value_groups", "num_kv_groups", "n_rep", "num_queries_per_kv", "q_per_kv")
 # Width attributes: divided only when equal to the size of a split chunk of a child projection,
 # i.e. when the attribute describes the sharded activation (GPT-2's ``split_size``).
 WIDTH_ATTRS = ("split_size", "n_embd", "embed_dim", "all_head_size", "inner_dim", "hidden_size", "d_model")

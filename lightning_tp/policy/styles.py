@@ -1,10 +1,11 @@
 """Style objects: one per kind of rewrite, each knowing which modules it fits, the shard spec it
 gives their weight, and how to build the replacement (torchtitan's ParallelStyle idea).
 
-Styles a policy can name: ``column``, ``row``, ``qkv``, ``vocab``, ``heads``, ``replicate``,
-``gather_input`` (also planned automatically for a full-width norm inside a head-split block),
-``experts`` (a mixture of experts kept as parameters, each expert split like an MLP), ``tp_dropout``
-(also planned automatically for attention dropouts of split blocks). Styles only
+Styles a policy can name: ``column``, ``row``, ``qkv``, ``kv_replicate`` (also planned automatically
+in place of ``column`` for key/value projections with fewer heads than ranks), ``vocab``, ``heads``,
+``replicate``, ``gather_input`` (also planned automatically for a full-width norm inside a
+head-split block), ``experts`` (a mixture of experts kept as parameters, each expert split like an
+MLP), ``tp_dropout`` (also planned automatically for attention dropouts of split blocks). Styles only
 sequence-parallel planning adds: ``sequence_gather``, ``sequence_embedding``. A :class:`~lightning_tp.policy.plan.Plan` row names its
 style; :func:`~lightning_tp.policy.apply.apply_plan` calls that style's :meth:`Style.build`.
 """
@@ -25,11 +26,13 @@ from lightning_tp.engine.features import FeatureGather, TailGradSum, gathered_wi
 from lightning_tp.engine.layers import (
     ColumnParallelLinear,
     HeadParallelEmbedding,
+    KVReplicatedLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
     VocabParallelLMHead,
     check_heads,
     chunk_sizes,
+    kv_replica_layout,
 )
 from lightning_tp.engine.random import RNGTracker, TPDropout
 from lightning_tp.engine.sequence import SequenceGather, SequenceShardedEmbedding
@@ -213,6 +216,38 @@ class Qkv(Column):
             check_heads(sizes, options["head_dim"], tp, name)
         options["chunks"] = sizes
         return ShardSpec(dim=0, sizes=sizes, tp_size=tp, name=f"out_features of {name!r}")
+
+
+class KVReplicate(Column):
+    """Key/value heads fewer (``kv_heads``) than TP ranks, the TP size a multiple of them: a key or
+    value projection, or a fused ``[Q | K | V]`` one (``chunks=(q, k, v)``), stays whole on every
+    rank, each rank computing its query heads and the key/value head they read
+    (:class:`~lightning_tp.engine.layers.KVReplicatedLinear`). Planned in place of a ``column`` or
+    ``qkv`` row when the block's key/value heads cannot be split (a policy may name it too)."""
+
+    name = "kv_replicate"
+    options = frozenset({"kv_heads", "chunks"})
+    need = "an nn.Linear"
+
+    def fits(self, module):
+        return isinstance(module, nn.Linear)  # a Conv1D's (in, out) weight would change layout whole
+
+    def spec(self, name, module, shape, options, tp):
+        kv_replica_layout(shape[0], options.get("kv_heads"), options.get("chunks"), tp, name)
+        return None  # whole on every rank
+
+    def splits_heads(self, options):
+        return True
+
+    def output_spec(self, row):
+        return None
+
+    def build(self, row, dense, ctx):
+        block = row.name.rpartition(".")[0]
+        return KVReplicatedLinear.from_dense(
+            dense, ctx.group, kv_heads=row.options["kv_heads"], chunks=row.options.get("chunks"),
+            sequence_gather=ctx.gather(block) if ctx.sequence_parallel else None, name=row.name,
+        )  # fmt: skip
 
 
 class Row(Style):
@@ -557,9 +592,13 @@ class PerRankDropout(Style):
 
 
 REPLICATE = Replicate()
+KV_REPLICATE = KVReplicate()
 #: styles a policy can name, by name
 STYLES: dict[str, Style] = {
-    s.name: s for s in (Column(), Row(), Qkv(), Vocab(), Heads(), REPLICATE, GatherInput(), Experts(), PerRankDropout())
-}
+    s.name: s
+    for s in (
+        Column(), Row(), Qkv(), KV_REPLICATE, Vocab(), Heads(), REPLICATE, GatherInput(), Experts(), PerRankDropout()
+    )
+}  # fmt: skip
 #: every style a plan row can hold (sequence parallelism's pieces are planned, never named)
 ALL_STYLES: dict[str, Style] = {**STYLES, **{s.name: s for s in (SequenceGatherStyle(), SequenceEmbedding())}}

@@ -44,6 +44,8 @@ def check_ties(model: nn.Module, planned: Mapping[str, Any]) -> None:
                 layouts[(mod_name, p_name)] = (spec.dim, spec.sizes)
             elif entry is not None and p_name == "bias" and entry.spec is not None and entry.spec.dim == 0:
                 layouts[(mod_name, p_name)] = ("bias", entry.spec.sizes, entry.spec.padded_sizes)
+            elif entry is not None and entry.spec is None and entry.kind.replaces:
+                layouts[(mod_name, p_name)] = ("computed in part", mod_name)  # replicated k/v: its own, partial grads
             elif entry is not None and p_name == "bias":
                 layouts[(mod_name, p_name)] = None  # whole on every rank (a row layer's bias)
             else:

@@ -576,11 +576,16 @@ def _dense_unit(check: BlockCheck, unit: nn.Module, group: ProcessGroup, device:
     return dense
 
 
-def _layout(got: Tensor, ref: Tensor, spec: ShardSpec | None, tp: int) -> tuple[str, ShardSpec | None] | None:
+def _layout(
+    got: Tensor, ref: Tensor, spec: ShardSpec | None, tp: int, rows: tuple[Tensor, Tensor] | None = None
+) -> tuple[str, ShardSpec | None] | None:
     """How this rank's output ``got`` lies in the dense ``ref``: ``("full", None)``, ``("split",
-    spec)`` on the last dim, ``("sequence", None)`` on dim -2; ``None``: not comparable."""
+    spec)`` on the last dim, ``("rows", None)`` (``rows``: the dense features it holds, some on several
+    ranks), ``("sequence", None)`` on dim -2; ``None``: not comparable."""
     if isinstance(got, VocabShardedLogits):
         return "split", ShardSpec(dim=-1, sizes=(got.vocab_size,), tp_size=tp, pad=True)
+    if rows is not None and got.shape[:-1] == ref.shape[:-1] and got.shape[-1] == rows[0].numel():
+        return "rows", None  # before "full": one key/value head of one is the whole width, held by every rank
     if got.shape == ref.shape:
         return "full", None
     if spec is not None and got.shape[:-1] == ref.shape[:-1] and spec.full_size == ref.shape[-1]:
@@ -591,31 +596,40 @@ def _layout(got: Tensor, ref: Tensor, spec: ShardSpec | None, tp: int) -> tuple[
 
 
 def _block_probes(
-    outs: list[Tensor], refs: list[Tensor], spec: ShardSpec | None, group: ProcessGroup, loosest
+    outs: list[Tensor],
+    refs: list[Tensor],
+    spec: ShardSpec | None,
+    group: ProcessGroup,
+    loosest,
+    rows: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor | None, Tensor | None, tuple[float, float] | None]:
     """For the rewritten block's outputs ``outs`` and the dense block's ``refs`` (both still in the
     graph): ``(sum_i <out_i, R_i>`` on this rank's part of each output, ``sum_i <ref_i, R_i>``, the
     first output difference beyond tolerance``)``, with fixed random ``R_i`` (this rank's slice of
-    it for ``out_i``). Outputs split on a dim other than the last or the sequence (a per-head
+    it for ``out_i``; for a unit whose output holds ``rows`` of the dense one, those features of it,
+    scaled by their share). Outputs split on a dim other than the last or the sequence (a per-head
     tensor) are left out of all three; at least one output must be compared."""
     tp, rank = group_size(group), group_rank(group)
     local_total, dense_total, bad, compared = None, None, None, 0
     if len(outs) != len(refs):
         bad = (float("inf"), 0.0)
     for i, (got, ref) in enumerate(zip(outs, refs, strict=False)):
-        layout = _layout(got, ref, spec, tp)
+        layout = _layout(got, ref, spec, tp, rows)
         if layout is None:  # split on another dim (a per-head tensor, e.g. T5's position bias): not compared
             continue
         compared += 1
         kind, out_spec = layout
         plain = got.as_subclass(Tensor) if isinstance(got, VocabShardedLogits) else got
+        expected = ref.detach()
         if kind == "split":
             dense = _dense(plain.detach(), out_spec, group)
+        elif kind == "rows":  # compared where it lies: this rank's features of the dense output
+            dense, expected = plain.detach(), expected.index_select(-1, rows[0])
         elif kind == "sequence":
             dense = all_gather_dim(plain.detach().contiguous(), group, -2)
         else:
             dense = plain.detach()
-        d = _diff(dense, ref.detach(), loosest) or (float("inf"), 0.0)
+        d = _diff(dense, expected, loosest) or (float("inf"), 0.0)
         if d[0] > d[1] and bad is None:
             bad = d
         if not ref.is_floating_point():
@@ -627,6 +641,8 @@ def _block_probes(
             dense_total = term if dense_total is None else dense_total + term
         if kind == "split":
             r = out_spec.shard(r, rank)
+        elif kind == "rows":
+            r = r.index_select(-1, rows[0]) * rows[1].to(r.dtype)
         elif kind == "sequence":
             r = r.chunk(tp, dim=-2)[rank]
         if plain.requires_grad:
@@ -725,7 +741,9 @@ def check_blocks(
             for _, p in named:
                 p.grad = None
             outs = _run_unit(unit, args, kwargs)
-            loss, dense_loss, bad = _block_probes(outs, refs, check.spec, group, watch_loosest(watch))
+            held = getattr(unit, "dense_output_rows", None)  # a unit holding some dense features (replicated k/v)
+            rows = held() if callable(held) else None
+            loss, dense_loss, bad = _block_probes(outs, refs, check.spec, group, watch_loosest(watch), rows)
             for probe in (dense_loss, loss):
                 if probe is not None:
                     probe.backward()
