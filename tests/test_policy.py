@@ -387,6 +387,32 @@ def test_key_value_heads_fewer_than_ranks_are_replicated(tp, kv, fused):
         assert errs["out"] < 1e-12 and errs["grad"] < 1e-12 and errs["weight"] < 1e-12, errs
 
 
+class _GatedQueryAttention(nn.Module):
+    """Qwen3-Next's attention layout, Hugging Face style: the head counts in a config, ``head_dim`` and
+    ``num_key_value_groups`` on the block, a query projection twice as wide as the heads (each head's
+    query and its output gate side by side)."""
+
+    def __init__(self, heads: int = 8, kv: int = 2, head_dim: int = 4, d: int = 32):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(num_attention_heads=heads, num_key_value_heads=kv, hidden_size=d)
+        self.head_dim, self.num_key_value_groups = head_dim, heads // kv
+        self.q_proj = nn.Linear(d, 2 * heads * head_dim)
+        self.k_proj, self.v_proj = nn.Linear(d, kv * head_dim), nn.Linear(d, kv * head_dim)
+        self.o_proj = nn.Linear(heads * head_dim, d)
+
+
+def test_replicated_key_value_heads_beside_a_gated_query_projection():
+    """The query head count comes from the config, not from the widest projection (twice the heads here):
+    the query heads per key/value head become 8 / 4 = 2, not 16 / 4."""
+    plan = plan_policy(_GatedQueryAttention(), 4, "auto")
+    assert {m.name: m.style for m in plan.modules if m.name.endswith("_proj")} == {
+        "q_proj": "column", "k_proj": "kv_replicate", "v_proj": "kv_replicate", "o_proj": "row",
+    }  # fmt: skip
+    assert ("", "num_key_value_groups", 4, 2) in plan.attribute_changes, plan.attribute_changes
+
+
 def test_key_value_heads_that_cannot_be_replicated_are_refused_before_any_change():
     # (a TP size that is not a multiple of the k/v head count: test_gqa_kv_heads_not_divisible_is_refused)
     # a norm over all k/v heads at once (OLMo-2's k_norm) needs them all: not on replicated heads
@@ -433,7 +459,7 @@ def test_bad_policy_entries():
         plan_policy(models.build("plain"), 2, {"x": "colwise"})
     with pytest.raises(PolicyError, match=r"options \['chunks'\] do not apply to style 'row'"):
         plan_policy(models.build("plain"), 2, {"x": {"style": "row", "chunks": 3}})
-    with pytest.raises(PolicyError, match=r"neither 'auto', a registered name"):
+    with pytest.raises(PolicyError, match=r"neither 'auto', 'names', a registered name"):
         plan_policy(models.build("plain"), 2, "no-such-policy")
 
 
@@ -451,6 +477,51 @@ def test_yaml_registered_and_file_policies(tmp_path):
     for plan in (a, b, c):
         styles = {m.name: (m.style, m.options) for m in plan.modules if m.style != "replicate"}
         assert styles == {"embed_tokens": ("vocab", {}), "lm_head": ("vocab", {"gather_output": False})}
+
+
+def _hunyuan():
+    """A tiny Hugging Face HunYuan-Dense: its tp_plan (transformers 5.24) splits only the token embedding."""
+    from transformers import HunYuanDenseV1Config, HunYuanDenseV1ForCausalLM
+
+    torch.manual_seed(0)
+    config = HunYuanDenseV1Config(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, attn_implementation="eager", use_cache=False,
+    )  # fmt: skip
+    return HunYuanDenseV1ForCausalLM(config).double()
+
+
+def _names_policy_parity() -> dict:
+    import copy
+
+    model = _hunyuan()
+    dense = copy.deepcopy(model)
+    group = _dist.mesh(2).tp_group
+    ids = torch.randint(1, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    plan = apply_policy(model, group, "names", verify=True, example_input={"input_ids": ids})  # outputs and grads
+    with torch.no_grad():
+        loss, ref = model(input_ids=ids, labels=ids).loss, dense(input_ids=ids, labels=ids).loss
+    return {"source": plan.source, "local": plan.local_params, "full": plan.full_params, "err": float(loss - ref)}
+
+
+@hf
+def test_a_hugging_face_plan_that_splits_little_names_the_name_rules_which_split_the_rest():
+    """A model whose Hugging Face plan leaves attention and MLP whole: the warning names policy='names',
+    whose rules split them (exact under verify=True: outputs and every gradient against the dense model)."""
+    from lightning_tp.policy import warn_plan
+
+    plan = plan_policy(_hunyuan(), 2)
+    assert plan.source == "huggingface tp_plan" and "model.layers.0.self_attn.q_proj" in plan.unmatched
+    assert {"model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"} <= set(plan.names_would_split)
+    with pytest.warns(PolicyWarning, match=r"leaves whole 14 layers that lightning_tp's name rules would split"):
+        warn_plan(plan)
+    names = {m.name: m.style for m in plan_policy(_hunyuan(), 2, "names").modules}
+    assert names["model.layers.0.self_attn.q_proj"] == "column" and names["model.layers.0.mlp.down_proj"] == "row"
+    for r in _dist.run(2, _names_policy_parity):
+        assert r["source"] == "auto, name rules (policy='names')" and r["local"] < 0.6 * r["full"], r
+        assert abs(r["err"]) < 1e-12, r
+    with pytest.raises(PolicyError, match=r"'names' is reserved for the built-in rules"):
+        register_policy("names", {"*": "replicate"})
 
 
 def test_uneven_features_named():

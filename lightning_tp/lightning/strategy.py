@@ -83,7 +83,8 @@ class MegatronTPStrategy(DDPStrategy):
 
     Args:
         tensor_parallel_size: ranks per model replica, or ``"auto"`` (devices per node).
-        policy: ``"auto"``, a registered policy name, a dict or a YAML mapping (see README).
+        policy: ``"auto"``, ``"names"`` (the name rules, ignoring a Hugging Face plan), a registered policy
+            name, a dict or a YAML mapping (see README).
         verify: check the rewritten model against the unsharded one on a fixed random batch and raise
             ``PolicyMismatchError`` if they differ.
         sequence_parallel: Megatron sequence parallelism: activations between the parallel layers are

@@ -228,10 +228,18 @@ def _meta_reshapes(model: nn.Module, run: nn.Module, plan: Plan, inputs: Any) ->
 def warn_plan(plan: Plan) -> None:
     """Warn about unmatched modules and patterns that match nothing."""
     if plan.unmatched:
+        names = plan.names_would_split
+        hint = (
+            f" The Hugging Face plan leaves whole {len(names)} layers that lightning_tp's name rules would split "
+            f"({names[:4]}{' ...' if len(names) > 4 else ''}): policy='names' uses those rules instead of the plan "
+            "(verify=True checks the result against the unsharded model)."
+            if names
+            else ""
+        )
         warnings.warn(
             f"{len(plan.unmatched)} nn.Linear/nn.Embedding modules are not matched by the policy ({plan.source}) and "
             f"stay replicated: {plan.unmatched}. Map them explicitly (style 'replicate' silences this), or pass "
-            "strict=True to make this an error.",
+            f"strict=True to make this an error.{hint}",
             PolicyWarning,
             stacklevel=3,
         )
@@ -263,7 +271,8 @@ def apply_policy(
     Args:
         model: the user's model (plain ``nn.Linear`` / ``nn.Embedding`` layers).
         group: the tensor-parallel process group, or a :class:`~lightning_tp.engine.mesh.TPMesh`.
-        policy: ``"auto"``, a registered name, a dict, or a YAML mapping / file; or a :class:`Plan`
+        policy: ``"auto"``, ``"names"`` (the name rules, ignoring a Hugging Face plan), a registered name, a
+            dict, or a YAML mapping / file; or a :class:`Plan`
             already made by :func:`plan_policy` for this model (not planned again).
         strict: unmatched ``nn.Linear`` / ``nn.Embedding`` modules are an error instead of a warning.
         verify: run the parity self-check (one forward before and after on a fixed random batch).

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -28,9 +28,11 @@ from lightning_tp.policy.rules import (
     HEAD_DIM_ATTRS,
     KV_GROUP_ATTRS,
     KV_HEAD_ATTRS,
+    NAMES_SOURCE,
     WIDTH_ATTRS,
     PolicyError,
     Rule,
+    auto_rules,
     config_objects,
     expert_routers,
     head_sources,
@@ -87,6 +89,8 @@ class Plan:
     full_params: int
     local_params: int
     sequence_parallel: bool = False
+    # modules a Hugging Face plan leaves whole that the name rules (policy="names") would split
+    names_would_split: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         return render_plan(self)
@@ -182,7 +186,10 @@ def plan_policy(
     ordered = [planned[n] for n in modules if n in planned]
     unused = [p for p in rules if p not in used]
     _check_relative_names(model, modules, unused, ordered)
-    return Plan(tp_size, source, ordered, unmatched, unused, changes, full, local, sequence_parallel)
+    names = []
+    if unmatched and source.startswith("huggingface"):  # what policy="names" would split of what stays whole
+        names = [n for n, r in auto_rules(model).items() if n in unmatched and r.style != "replicate"]
+    return Plan(tp_size, source, ordered, unmatched, unused, changes, full, local, sequence_parallel, names)
 
 
 def _check_relative_names(
@@ -224,7 +231,7 @@ def _match(
                 unmatched.append(name)
             continue
         used.add(pattern)
-        rule, shown = rules[pattern], (None if source == "auto" else pattern)
+        rule, shown = rules[pattern], (None if source in ("auto", NAMES_SOURCE) else pattern)
         if not STYLES[rule.style].replaces and not STYLES[rule.style].acts_on(module, rule.options):
             if candidate:
                 planned[name] = planned_row(name, module, rule, shown, tp)

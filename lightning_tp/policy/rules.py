@@ -187,8 +187,8 @@ _REGISTRY: dict[str, dict[str, Any]] = {}
 
 def register_policy(name: str, policy: Mapping[str, Any]) -> None:
     """Register a named policy usable as ``policy="<name>"``."""
-    if name == "auto":
-        raise PolicyError("'auto' is reserved for the built-in rules.")
+    if name in ("auto", "names"):
+        raise PolicyError(f"{name!r} is reserved for the built-in rules.")
     for pattern, value in policy.items():
         Rule.parse(pattern, value)
     _REGISTRY[name] = dict(policy)
@@ -366,6 +366,9 @@ def auto_rules(model: nn.Module) -> dict[str, Rule]:
     return rules
 
 
+NAMES_SOURCE = "auto, name rules (policy='names')"
+
+
 def resolve_rules(model: nn.Module, policy: str | Mapping[str, Any] | None) -> tuple[str, dict[str, Rule]]:
     """Turn any accepted policy form into ``(source, {pattern: Rule})``."""
     if policy is None or policy == "auto":
@@ -373,13 +376,16 @@ def resolve_rules(model: nn.Module, policy: str | Mapping[str, Any] | None) -> t
         if plan:
             return "huggingface tp_plan", translate_hf_plan(plan)
         return "auto", auto_rules(model)
+    if policy == "names":  # the name rules, also for a model that has a Hugging Face plan
+        return NAMES_SOURCE, auto_rules(model)
     if isinstance(policy, str):
         if policy in _REGISTRY:
             return f"registered '{policy}'", {p: Rule.parse(p, v) for p, v in _REGISTRY[policy].items()}
         policy = _load_yaml(policy)
     if not isinstance(policy, Mapping):
         raise PolicyError(
-            f"policy must be 'auto', a registered name {registered_policies()}, a YAML mapping or a dict; got {policy!r}."
+            f"policy must be 'auto', 'names', a registered name {registered_policies()}, a YAML mapping or a dict; "
+            f"got {policy!r}."
         )
     return "dict", {str(p): Rule.parse(str(p), v) for p, v in policy.items()}
 
@@ -394,7 +400,7 @@ def _load_yaml(text: str) -> Any:
         text = path.read_text()
     elif ":" not in text:
         raise PolicyError(
-            f"policy {text!r} is neither 'auto', a registered name {registered_policies()}, a YAML file nor a "
+            f"policy {text!r} is neither 'auto', 'names', a registered name {registered_policies()}, a YAML file nor a "
             "YAML mapping."
         )
     return yaml.safe_load(text)
