@@ -433,6 +433,59 @@ def test_key_value_heads_that_cannot_be_replicated_are_refused_before_any_change
         plan_policy(_RepeatKVAttention(n_kv_heads=2), 4, {"wk": {"style": "kv_replicate", "kv_heads": 4}})
 
 
+class _SinkAttention(nn.Module):
+    """Attention with a learned sink logit per head (GPT-OSS): each head's softmax also covers a column
+    holding its ``sinks`` entry, dropped after the softmax."""
+
+    def __init__(self, d: int = 32, n_heads: int = 8, n_kv_heads: int = 2):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d // n_heads
+        self.q_proj, self.o_proj = nn.Linear(d, d), nn.Linear(d, d)
+        self.k_proj, self.v_proj = (nn.Linear(d, n_kv_heads * self.head_dim) for _ in range(2))
+        self.sinks = nn.Parameter(torch.randn(n_heads))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (b, heads, t, hd): local heads
+        k, v = (m(x).view(b, t, -1, self.head_dim).transpose(1, 2) for m in (self.k_proj, self.v_proj))
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        scores = q @ k.transpose(-1, -2) / self.head_dim**0.5
+        scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+        sink = self.sinks.view(1, -1, 1, 1).expand(b, -1, t, 1)
+        probs = torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1]
+        return self.o_proj((probs @ v).transpose(1, 2).reshape(b, t, -1))
+
+
+def _sink_parity(tp: int) -> dict:
+    import copy
+
+    torch.manual_seed(0)
+    dense = _SinkAttention().double()
+    model = copy.deepcopy(dense)
+    group = _dist.mesh(tp).tp_group
+    x = torch.randn(2, 6, 32, dtype=torch.float64)
+    apply_policy(model, group, "auto", verify=True, example_input=x)
+    return {**_dist.train_parity(dense, model, group, [x, x.flip(1)]), "local": tuple(model.sinks.shape)}
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_per_head_parameters_of_a_block_are_split_with_its_heads(tp):
+    """A parameter the attention block holds itself with one entry per head (GPT-OSS's sinks) is split
+    with the heads (2 k/v heads: split at TP 2, replicated at TP 4); float64 outputs, gradients and
+    weights after AdamW as the dense block's. Not under sequence parallelism (refused by name)."""
+    plan = plan_policy(_SinkAttention(), tp, "auto")
+    row = {m.name: m for m in plan.modules}[""]
+    assert row.style == "head_params" and row.options == {"params": {"sinks": 0}} and row.local_params == 8 // tp
+    for errs in _dist.run(tp, _sink_parity, tp):
+        assert errs["local"] == (8 // tp,)
+        assert errs["out"] < 1e-12 and errs["grad"] < 1e-12 and errs["weight"] < 1e-12, errs
+    lm = nn.Module()
+    lm.embed, lm.layers, lm.lm_head = nn.Embedding(50, 32), nn.ModuleList([_SinkAttention()]), nn.Linear(32, 50)
+    with pytest.raises(PolicyError, match=r"'layers.0' \(style 'head_params'\): a block holding per-head parameters"):
+        plan_policy(lm, tp, "auto", sequence_parallel=True)
+
+
 def test_tie_the_policy_would_break():
     with pytest.raises(
         PolicyError,
@@ -515,6 +568,7 @@ def test_a_hugging_face_plan_that_splits_little_names_the_name_rules_which_split
     assert {"model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"} <= set(plan.names_would_split)
     with pytest.warns(PolicyWarning, match=r"leaves whole 14 layers that lightning_tp's name rules would split"):
         warn_plan(plan)
+    assert "the name rules would split 14 of the unmatched layers: policy 'names' uses them" in str(plan)
     names = {m.name: m.style for m in plan_policy(_hunyuan(), 2, "names").modules}
     assert names["model.layers.0.self_attn.q_proj"] == "column" and names["model.layers.0.mlp.down_proj"] == "row"
     for r in _dist.run(2, _names_policy_parity):

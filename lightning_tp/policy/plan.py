@@ -414,7 +414,8 @@ def _plan_head_local(modules: dict[str, nn.Module], planned: dict[str, PlannedMo
       ``k_norm``) runs on this rank's heads only: its gradient is partial and summed over TP;
     * a child whose parameters are vectors as wide as a whole split chunk, ``(n_head * head_dim,)``
       or ``(n_kv_heads * head_dim,)`` (OLMo-2's ``q_norm`` / ``k_norm`` over all heads), reads the
-      whole width: style ``gather_input`` (its input gathered over TP, this rank's part of its output).
+      whole width: style ``gather_input`` (its input gathered over TP, this rank's part of its output);
+    * the block's own per-head parameters are split with the heads (:func:`_plan_head_params`).
 
     Entries the policy gave (a pattern of the user's or a Hugging Face plan, or a split) are kept; auto's
     default ``replicate`` of a small embedding yields to the head split.
@@ -454,6 +455,20 @@ def _plan_head_local(modules: dict[str, nn.Module], planned: dict[str, PlannedMo
             elif width in chunk_widths:
                 note = "inputs of this rank's width gathered over TP"
                 planned[name] = planned_row(name, child, Rule("gather_input", {"width": width}), None, tp, note)
+        _plan_head_params(modules, planned, parent_name, tp)
+
+
+def _plan_head_params(modules: dict[str, nn.Module], planned: dict[str, PlannedModule], name: str, tp: int) -> None:
+    """A block with head-split projections that holds parameters of its own with one entry per query
+    head on dim 0 (GPT-OSS's attention sinks, ``(n_head,)``): they are split with the heads (style
+    ``head_params``), unless the policy gave the block an entry of its own."""
+    block = modules[name]
+    heads = _first([block] + [obj for _, obj in config_objects(block)], HEAD_ATTRS[:4])
+    own = [n for n, p in block.named_parameters(recurse=False) if heads and p.dim() >= 1 and p.shape[0] == heads]
+    given = planned.get(name)
+    if own and (given is None or (given.pattern is None and not given.splits)):
+        rule, note = Rule("head_params", {"params": dict.fromkeys(own, 0)}), "per-head parameters split with the heads"
+        planned[name] = planned_row(name, block, rule, None, tp, note)
 
 
 def _own_params(module: nn.Module) -> list[nn.Parameter]:

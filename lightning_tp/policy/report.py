@@ -38,6 +38,9 @@ def plan_table(plan: Plan) -> Table:
     caption += [f"{p or '<root>'}.{a}: {old} -> {new}" for p, a, old, new in plan.attribute_changes]
     if plan.unused_patterns:
         caption.append(f"patterns matching nothing: {plan.unused_patterns}")
+    names = getattr(plan, "names_would_split", None)
+    if names:
+        caption.append(f"the name rules would split {len(names)} of the unmatched layers: policy 'names' uses them")
     table.caption = "\n".join(caption)
     return table
 

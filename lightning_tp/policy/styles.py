@@ -3,6 +3,7 @@ gives their weight, and how to build the replacement (torchtitan's ParallelStyle
 
 Styles a policy can name: ``column``, ``row``, ``qkv``, ``kv_replicate`` (also planned automatically
 in place of ``column`` for key/value projections with fewer heads than ranks), ``vocab``, ``heads``,
+``head_params`` (also planned automatically for a head-split block's own per-head parameters),
 ``replicate``, ``gather_input`` (also planned automatically for a full-width norm inside a
 head-split block), ``experts`` (a mixture of experts kept as parameters, each expert split like an
 MLP), ``tp_dropout`` (also planned automatically for attention dropouts of split blocks). Styles only
@@ -530,6 +531,57 @@ def _expert_split(label: str, p_name: str, split: Any, ndim: int) -> tuple[int, 
     return dim % ndim, chunks
 
 
+class HeadParams(Style):
+    """A block's own per-head parameters (GPT-OSS's attention sinks, ``(n_head,)``), in a block whose
+    projections are split by heads: each split on its head dim (``params``: parameter name -> dim), so
+    a rank holds its heads' entries, which the block's own code then reads with its local head count.
+    Planned automatically; a policy may name it too."""
+
+    name = "head_params"
+    options = frozenset({"params"})
+    need = "a module holding per-head parameters of its own"
+    replaces = False
+
+    def fits(self, module):
+        return as_linear(module) is None and not isinstance(module, nn.Embedding)
+
+    def param_specs(self, name: str, module: nn.Module, options: Mapping[str, Any], tp: int) -> dict[str, ShardSpec]:
+        """The shard spec of each named parameter (split on its given dim)."""
+        own, given = dict(module.named_parameters(recurse=False)), options.get("params")
+        label = f"module {name!r} (style 'head_params')"
+        if not isinstance(given, Mapping) or not given or set(given) - set(own):
+            raise ShardingError(
+                f"{label}: params={given!r} must map some of its own parameters {sorted(own)} to the dim that "
+                "holds the heads, e.g. {'sinks': 0}."
+            )
+        specs = {}
+        for p_name, dim in given.items():
+            ndim = own[p_name].dim()
+            if isinstance(dim, bool) or not isinstance(dim, int) or not -ndim <= dim < ndim:
+                raise ShardingError(f"{label}: params[{p_name!r}]={dim!r} is not a dim of a {ndim}-D parameter.")
+            dim %= ndim
+            size = own[p_name].shape[dim]
+            specs[p_name] = ShardSpec(dim=dim, sizes=(size,), tp_size=tp, name=f"dim {dim} of {name}.{p_name}")
+        return specs
+
+    def sequence_parallel_error(self, options):
+        return "a block holding per-head parameters is not split under sequence parallelism (its sequence gather is not combined with the split of its parameters)."
+
+    def spec(self, name, module, shape, options, tp):
+        return next(iter(self.param_specs(name, module, options, tp).values()))
+
+    def shape(self, module):
+        return ()
+
+    def local_numels(self, module, row):
+        specs = self.param_specs(row.name, module, row.options, row.spec.tp_size)
+        params = dict(module.named_parameters(recurse=False))
+        return {p: params[p].numel() // s.full_size * s.local_size for p, s in specs.items()}
+
+    def build(self, row, dense, ctx):
+        return split_experts(dense, self.param_specs(row.name, dense, row.options, row.spec.tp_size), ctx.group)
+
+
 class SequenceGatherStyle(Style):
     """A block holding column layers (sequence parallelism): its inputs of width ``in_features``
     are all-gathered on the sequence (:class:`~lightning_tp.engine.sequence.SequenceGather`); with
@@ -593,11 +645,13 @@ class PerRankDropout(Style):
 
 REPLICATE = Replicate()
 KV_REPLICATE = KVReplicate()
+HEAD_PARAMS = HeadParams()
 #: styles a policy can name, by name
 STYLES: dict[str, Style] = {
     s.name: s
     for s in (
-        Column(), Row(), Qkv(), KV_REPLICATE, Vocab(), Heads(), REPLICATE, GatherInput(), Experts(), PerRankDropout()
+        Column(), Row(), Qkv(), KV_REPLICATE, Vocab(), Heads(), HEAD_PARAMS, REPLICATE, GatherInput(), Experts(),
+        PerRankDropout(),
     )
 }  # fmt: skip
 #: every style a plan row can hold (sequence parallelism's pieces are planned, never named)
