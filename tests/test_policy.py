@@ -1,5 +1,6 @@
 """The module-rewriting policy: auto rules, HF plans, ties, head attributes, errors, verify, report."""
 
+import functools
 import importlib.util
 import warnings
 
@@ -286,16 +287,25 @@ class _GatedHeadsAttention(nn.Module):
 _GATED_POLICY = {"q": "column", "k": "column", "v": "column", "g_proj": "column", "o": "row"}
 
 
-def _gated_heads_parity(tp: int) -> dict:
+def _block_parity(make, tp: int, policy="auto", perturb: bool = False) -> tuple[nn.Module, dict]:
+    """Worker side: the block ``make()`` (float64; ``perturb``: every parameter moved off its init, so
+    that norms' ones and zero biases cannot hide a gradient left unsummed) rewritten with ``policy``
+    under ``verify=True``, and ``_dist.train_parity`` of it against its dense copy."""
     import copy
 
     torch.manual_seed(0)
-    dense = _GatedHeadsAttention().double()
+    dense = make().double()
+    for p in dense.parameters() if perturb else ():
+        p.data.add_(0.1 * torch.randn_like(p))
     model = copy.deepcopy(dense)
     group = _dist.mesh(tp).tp_group
     x = torch.randn(2, 6, 32, dtype=torch.float64)
-    apply_policy(model, group, _GATED_POLICY, verify=True, example_input=x)
-    return _dist.train_parity(dense, model, group, [x, x.flip(1)])
+    apply_policy(model, group, policy, verify=True, example_input=x)
+    return model, _dist.train_parity(dense, model, group, [x, x.flip(1), 2 * x])
+
+
+def _gated_heads_parity(tp: int) -> dict:
+    return _block_parity(_GatedHeadsAttention, tp, _GATED_POLICY)[1]
 
 
 @pytest.mark.parametrize("tp", [2, 4])
@@ -348,17 +358,7 @@ class _RepeatKVAttention(nn.Module):
 
 
 def _replicated_kv_parity(tp: int, kv: int, fused: bool) -> dict:
-    import copy
-
-    torch.manual_seed(0)
-    dense = _RepeatKVAttention(n_kv_heads=kv, fused=fused).double()
-    for p in dense.parameters():  # norms' ones and zero biases would hide a missing gradient sum
-        p.data.add_(0.1 * torch.randn_like(p))
-    model = copy.deepcopy(dense)
-    group = _dist.mesh(tp).tp_group
-    x = torch.randn(2, 6, 32, dtype=torch.float64)
-    apply_policy(model, group, "auto", verify=True, example_input=x)
-    return _dist.train_parity(dense, model, group, [x, x.flip(1), 2 * x])
+    return _block_parity(functools.partial(_RepeatKVAttention, n_kv_heads=kv, fused=fused), tp, perturb=True)[1]
 
 
 @pytest.mark.parametrize(
@@ -458,15 +458,8 @@ class _SinkAttention(nn.Module):
 
 
 def _sink_parity(tp: int) -> dict:
-    import copy
-
-    torch.manual_seed(0)
-    dense = _SinkAttention().double()
-    model = copy.deepcopy(dense)
-    group = _dist.mesh(tp).tp_group
-    x = torch.randn(2, 6, 32, dtype=torch.float64)
-    apply_policy(model, group, "auto", verify=True, example_input=x)
-    return {**_dist.train_parity(dense, model, group, [x, x.flip(1)]), "local": tuple(model.sinks.shape)}
+    model, errs = _block_parity(_SinkAttention, tp)
+    return {**errs, "local": tuple(model.sinks.shape)}
 
 
 @pytest.mark.parametrize("tp", [2, 4])

@@ -424,7 +424,23 @@ class GatherInput(Style):
 _EXPERT_SPLITS = {"column": (-2, 1), "row": (-1, 1), "packed_column": (-2, 2), "packed_row": (-1, 2)}
 
 
-class Experts(Style):
+class _OwnParamsSplit(Style):
+    """A style that splits some of a module's own parameters in place, each with its own shard spec
+    (:meth:`param_specs`); the row's spec is the first one's."""
+
+    def param_specs(self, name: str, module: nn.Module, options: Mapping[str, Any], tp: int) -> dict[str, ShardSpec]:
+        raise NotImplementedError
+
+    def spec(self, name, module, shape, options, tp):
+        return next(iter(self.param_specs(name, module, options, tp).values()))
+
+    def local_numels(self, module, row):
+        specs = self.param_specs(row.name, module, row.options, row.spec.tp_size)
+        params = dict(module.named_parameters(recurse=False))
+        return {p: params[p].numel() // s.full_size * s.local_size for p, s in specs.items()}
+
+
+class Experts(_OwnParamsSplit):
     """A module holding a mixture of experts as its own parameters, experts on dim 0 (Hugging Face's
     ``gate_up_proj (E, 2I, H)`` / ``down_proj (E, H, I)``): every expert is split over TP on its
     hidden units, like an MLP, the module runs as it is on the shards and its output is summed over
@@ -490,14 +506,6 @@ class Experts(Style):
     def sequence_parallel_error(self, options):
         return "sequence parallelism would give it this rank's chunk of the sequence, and its output is summed over TP ranks holding different tokens."
 
-    def spec(self, name, module, shape, options, tp):
-        return next(iter(self.param_specs(name, module, options, tp).values()))
-
-    def local_numels(self, module, row):
-        specs = self.param_specs(row.name, module, row.options, row.spec.tp_size)
-        params = dict(module.named_parameters(recurse=False))
-        return {p: params[p].numel() // s.full_size * s.local_size for p, s in specs.items()}
-
     def build(self, row, dense, ctx):
         split_experts(dense, self.param_specs(row.name, dense, row.options, row.spec.tp_size), ctx.group)
         ExpertsReduce(ctx.group).attach(dense)
@@ -531,7 +539,7 @@ def _expert_split(label: str, p_name: str, split: Any, ndim: int) -> tuple[int, 
     return dim % ndim, chunks
 
 
-class HeadParams(Style):
+class HeadParams(_OwnParamsSplit):
     """A block's own per-head parameters (GPT-OSS's attention sinks, ``(n_head,)``), in a block whose
     projections are split by heads: each split on its head dim (``params``: parameter name -> dim), so
     a rank holds its heads' entries, which the block's own code then reads with its local head count.
@@ -567,16 +575,8 @@ class HeadParams(Style):
     def sequence_parallel_error(self, options):
         return "a block holding per-head parameters is not split under sequence parallelism (its sequence gather is not combined with the split of its parameters)."
 
-    def spec(self, name, module, shape, options, tp):
-        return next(iter(self.param_specs(name, module, options, tp).values()))
-
     def shape(self, module):
         return ()
-
-    def local_numels(self, module, row):
-        specs = self.param_specs(row.name, module, row.options, row.spec.tp_size)
-        params = dict(module.named_parameters(recurse=False))
-        return {p: params[p].numel() // s.full_size * s.local_size for p, s in specs.items()}
 
     def build(self, row, dense, ctx):
         return split_experts(dense, self.param_specs(row.name, dense, row.options, row.spec.tp_size), ctx.group)
