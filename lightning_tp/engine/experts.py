@@ -9,7 +9,7 @@ ranks, and so is the layer's (the routing weights scale each expert's output, a 
 
     y = sum_r M(x, routing; theta_r)
 
-:func:`split_experts` replaces the module's parameters with this rank's shards (the module's own code
+:func:`~lightning_tp.engine.layers.split_parameters` replaces the module's parameters with this rank's shards (the module's own code
 runs unchanged on them: it reads the widths from the tensors); :class:`ExpertsReduce` sums its
 floating outputs over TP (all-reduce; backward: identity) and gives its floating inputs (the hidden
 states and the routing weights) the all-reduce of their gradient in backward, as each rank's part of
@@ -24,27 +24,14 @@ catches.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
 from lightning_tp._compat import tree_map
-from lightning_tp.engine.comm import copy_to_tp, group_rank, reduce_from_tp
+from lightning_tp.engine.comm import copy_to_tp, reduce_from_tp
 from lightning_tp.engine.features import ModuleHooks
-from lightning_tp.engine.layers import shard_parameter
-from lightning_tp.engine.sharding import ShardSpec
-
-
-def split_experts(module: nn.Module, specs: Mapping[str, ShardSpec], group: ProcessGroup) -> nn.Module:
-    """Replace each parameter of ``module`` named in ``specs`` (its own, by attribute name) with this
-    rank's shard, marked with its spec. Returns ``module``."""
-    rank = group_rank(group)
-    for name, spec in specs.items():
-        full = getattr(module, name)
-        setattr(module, name, shard_parameter(full, spec, rank, full.requires_grad))
-    return module
 
 
 class ExpertsReduce(ModuleHooks):

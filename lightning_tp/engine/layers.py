@@ -20,7 +20,7 @@ loss masks them).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -57,6 +57,17 @@ def shard_parameter(full: Tensor, spec: ShardSpec | None, tp_rank: int, requires
         data = data.clone()  # a slice would keep the whole dense tensor's memory alive
     param = nn.Parameter(data, requires_grad=requires_grad)
     return param if spec is None else mark_sharded(param, spec)
+
+
+def split_parameters(module: nn.Module, specs: Mapping[str, ShardSpec], group: ProcessGroup) -> nn.Module:
+    """Replace each parameter of ``module`` named in ``specs`` (its own, by attribute name) with this
+    rank's shard, marked with its spec; the module's own code then runs on the shards (experts split
+    on their hidden units, a block's per-head parameters). Returns ``module``."""
+    rank = group_rank(group)
+    for name, spec in specs.items():
+        full = getattr(module, name)
+        setattr(module, name, shard_parameter(full, spec, rank, full.requires_grad))
+    return module
 
 
 class _ParallelLinear(nn.Module):

@@ -431,7 +431,7 @@ def _plan_head_local(modules: dict[str, nn.Module], planned: dict[str, PlannedMo
                 replicated.setdefault(e.name.rpartition(".")[0], set()).add(_query_key_value(e)[1])
     for parent_name, chunk_widths in widths.items():
         parent = modules[parent_name]
-        heads = head_value(parent, HEAD_ATTRS[:4])
+        heads = _first(_block_sources(parent), HEAD_ATTRS[:4])
         head_dim = head_value(parent, HEAD_DIM_ATTRS)
         for leaf, child in parent.named_children():
             name = f"{parent_name}.{leaf}" if parent_name else leaf
@@ -455,15 +455,15 @@ def _plan_head_local(modules: dict[str, nn.Module], planned: dict[str, PlannedMo
             elif width in chunk_widths:
                 note = "inputs of this rank's width gathered over TP"
                 planned[name] = planned_row(name, child, Rule("gather_input", {"width": width}), None, tp, note)
-        _plan_head_params(modules, planned, parent_name, tp)
+        _plan_head_params(planned, parent_name, parent, heads, tp)
 
 
-def _plan_head_params(modules: dict[str, nn.Module], planned: dict[str, PlannedModule], name: str, tp: int) -> None:
+def _plan_head_params(
+    planned: dict[str, PlannedModule], name: str, block: nn.Module, heads: int | None, tp: int
+) -> None:
     """A block with head-split projections that holds parameters of its own with one entry per query
-    head on dim 0 (GPT-OSS's attention sinks, ``(n_head,)``): they are split with the heads (style
-    ``head_params``), unless the policy gave the block an entry of its own."""
-    block = modules[name]
-    heads = _first([block] + [obj for _, obj in config_objects(block)], HEAD_ATTRS[:4])
+    head (``heads``) on dim 0 (GPT-OSS's attention sinks, ``(n_head,)``): they are split with the heads
+    (style ``head_params``), unless the policy gave the block an entry of its own."""
     own = [n for n, p in block.named_parameters(recurse=False) if heads and p.dim() >= 1 and p.shape[0] == heads]
     given = planned.get(name)
     if own and (given is None or (given.pattern is None and not given.splits)):
@@ -594,8 +594,7 @@ def _plan_kv_replicas(
             widest = max((r.full_shape[0] for r in blocks.get(block_name, ())), default=q)
             found[block_name] = (widest * n // kv, n)
     for block_name, rows in blocks.items():
-        block = modules[block_name]
-        sources = [block] + [obj for _, obj in config_objects(block)]
+        sources = _block_sources(modules[block_name])
         head_dim, heads = _first(sources, HEAD_DIM_ATTRS), _first(sources, HEAD_ATTRS[:4])
         widest = max(r.spec.sizes[0] for r in rows)  # the query heads (first chunk of a fused projection)
         if head_dim is None and heads and widest % heads == 0:
@@ -630,6 +629,12 @@ def _query_key_value(row: PlannedModule) -> tuple[int, int]:
     """``(query features, key/value features)`` of a ``kv_replicate`` row (a key or value projection: no query)."""
     chunks = row.options.get("chunks")
     return (0, row.full_shape[0]) if not chunks else (chunks[0], chunks[1])
+
+
+def _block_sources(block: nn.Module) -> list[Any]:
+    """Where a block's head counts may live: the block, then each config object it holds (a Hugging
+    Face attention keeps ``head_dim`` itself and the head counts in its config)."""
+    return [block] + [obj for _, obj in config_objects(block)]
 
 
 def _first(sources: list[Any], names: tuple[str, ...]) -> int | None:

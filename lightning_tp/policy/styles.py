@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Protocol
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from lightning_tp.engine.experts import ExpertsReduce, split_experts
+from lightning_tp.engine.experts import ExpertsReduce
 from lightning_tp.engine.features import FeatureGather, TailGradSum, gathered_width
 from lightning_tp.engine.layers import (
     ColumnParallelLinear,
@@ -34,6 +34,7 @@ from lightning_tp.engine.layers import (
     check_heads,
     chunk_sizes,
     kv_replica_layout,
+    split_parameters,
 )
 from lightning_tp.engine.random import RNGTracker, TPDropout
 from lightning_tp.engine.sequence import SequenceGather, SequenceShardedEmbedding
@@ -439,6 +440,9 @@ class _OwnParamsSplit(Style):
         params = dict(module.named_parameters(recurse=False))
         return {p: params[p].numel() // s.full_size * s.local_size for p, s in specs.items()}
 
+    def build(self, row, dense, ctx):
+        return split_parameters(dense, self.param_specs(row.name, dense, row.options, row.spec.tp_size), ctx.group)
+
 
 class Experts(_OwnParamsSplit):
     """A module holding a mixture of experts as its own parameters, experts on dim 0 (Hugging Face's
@@ -467,7 +471,7 @@ class Experts(_OwnParamsSplit):
         )
 
     def dropped_state(self, module):
-        return []  # the module is kept, its parameters split in place (split_experts checks each)
+        return []  # the module is kept, its parameters split in place (param_specs checks each)
 
     def shape(self, module):
         return tuple(next(module.parameters(recurse=False)).shape)
@@ -507,8 +511,7 @@ class Experts(_OwnParamsSplit):
         return "sequence parallelism would give it this rank's chunk of the sequence, and its output is summed over TP ranks holding different tokens."
 
     def build(self, row, dense, ctx):
-        split_experts(dense, self.param_specs(row.name, dense, row.options, row.spec.tp_size), ctx.group)
-        ExpertsReduce(ctx.group).attach(dense)
+        ExpertsReduce(ctx.group).attach(super().build(row, dense, ctx))
         return dense
 
 
@@ -578,9 +581,6 @@ class HeadParams(_OwnParamsSplit):
     def shape(self, module):
         return ()
 
-    def build(self, row, dense, ctx):
-        return split_experts(dense, self.param_specs(row.name, dense, row.options, row.spec.tp_size), ctx.group)
-
 
 class SequenceGatherStyle(Style):
     """A block holding column layers (sequence parallelism): its inputs of width ``in_features``
@@ -645,12 +645,11 @@ class PerRankDropout(Style):
 
 REPLICATE = Replicate()
 KV_REPLICATE = KVReplicate()
-HEAD_PARAMS = HeadParams()
 #: styles a policy can name, by name
 STYLES: dict[str, Style] = {
     s.name: s
     for s in (
-        Column(), Row(), Qkv(), KV_REPLICATE, Vocab(), Heads(), HEAD_PARAMS, REPLICATE, GatherInput(), Experts(),
+        Column(), Row(), Qkv(), KV_REPLICATE, Vocab(), Heads(), HeadParams(), REPLICATE, GatherInput(), Experts(),
         PerRankDropout(),
     )
 }  # fmt: skip
