@@ -426,6 +426,22 @@ def _deepseek_v2():
     )  # fmt: skip  (multi-head latent attention: kv_a_proj_with_mqa "mla_kv_a_proj"; layer 0 dense)
 
 
+def gpt_oss(**overrides) -> nn.Module:
+    """A tiny GPT-OSS: experts (E, H, 2I) with gate/up interleaved and biases, a down_proj_bias added
+    after the sum over hidden units, attention sinks. Hugging Face zero-initializes the biases and
+    sinks: here they are drawn, so that a bias added on the wrong ranks or sliced wrongly shows."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    config = {"vocab_size": 119, "intermediate_size": 16, "num_local_experts": 4, "head_dim": 8,
+              "sliding_window": 5, **{**MOE, "num_key_value_heads": 2}, **overrides}  # fmt: skip
+    model = GptOssForCausalLM(GptOssConfig(**config))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("_bias", "sinks")):
+                param.normal_(0.0, 0.1)
+    return model
+
+
 BUILDERS = {
     "llama": _llama,
     "mistral": _mistral,
@@ -451,7 +467,11 @@ BUILDERS = {
     "llama4": _llama4,
     "deepseek_v2": _deepseek_v2,
     "gemma4": _gemma4,
+    "gpt_oss": gpt_oss,
 }
+# The policy each architecture is rewritten with in the tests ("auto" unless named): GPT-OSS's tp_plan
+# splits only the token embedding; the name rules split its attention and experts.
+POLICY = {"gpt_oss": "names"}
 ARCHS = list(BUILDERS)
 
 

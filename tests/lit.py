@@ -45,6 +45,12 @@ class LitGPT(L.LightningModule):
             self.model = GPT(Config(name="lit", block_size=SEQ, n_layer=2, n_embd=32, n_head=4, n_query_groups=2,
                                     vocab_size=VOCAB, padded_vocab_size=VOCAB, norm_class_name="RMSNorm",
                                     mlp_class_name="LLaMAMLP", intermediate_size=48, bias=False))  # fmt: skip
+        elif model == "hf_gpt_oss":  # Hugging Face GPT-OSS (extra 'hf'): experts with biases, attention sinks
+            import hf_zoo
+
+            self.model = hf_zoo.gpt_oss(vocab_size=VOCAB, num_hidden_layers=2, num_experts_per_tok=2, sliding_window=4,
+                                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                                        tie_word_embeddings=tied)  # fmt: skip
         else:
             self.model = models.NanoGPT(vocab=VOCAB, n_embd=32, n_layer=2, n_head=4, block_size=SEQ)
         self.drop = torch.nn.Dropout(dropout)
@@ -52,7 +58,8 @@ class LitGPT(L.LightningModule):
         self.losses: list[float] = []
 
     def forward(self, idx):
-        return self.model(idx)
+        out = self.model(idx)
+        return getattr(out, "logits", out)  # a Hugging Face model's output
 
     def training_step(self, batch, _):
         x, y = batch

@@ -192,6 +192,14 @@ def _meta_model(name: str) -> nn.Module:
         return hf_zoo.BUILDERS[name]().double()
 
 
+def _policy_of(name: str) -> str:
+    if name in models.BUILDERS:
+        return "auto"
+    import hf_zoo
+
+    return hf_zoo.POLICY.get(name, "auto")
+
+
 def _block_verify(cases: list[tuple[str, int, bool]]) -> list[tuple[int, list[str], list[str]]]:
     """apply_policy(verify=True) on meta models: (blocks checked, plan notes, warnings) per case."""
     import lightning_tp.policy.apply as apply_mod
@@ -212,7 +220,7 @@ def _block_verify(cases: list[tuple[str, int, bool]]) -> list[tuple[int, list[st
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                plan = apply_policy(model, m.tp_group, "auto", verify=True, example_input=example,
+                plan = apply_policy(model, m.tp_group, _policy_of(name), verify=True, example_input=example,
                                     sequence_parallel=sp, materializer=Materializer(model, "cpu", SEED))  # fmt: skip
         finally:
             apply_mod.check_blocks = real
@@ -230,6 +238,7 @@ HF_BLOCK_CASES = [
     ("gpt_bigcode_mha", 2, False),
     ("t5", 2, False),
     ("mixtral", 2, False),
+    ("gpt_oss", 2, False),  # policy "names": interleaved gate/up, down_proj_bias added on one rank, sinks
 ]
 
 
@@ -238,7 +247,7 @@ def test_verify_checks_a_meta_model_block_by_block(world):
     """Deferred init with verify=True: every layer holding split modules is checked against the same
     layer built dense from the same weights (the plain GPTs with and without sequence parallelism,
     nanoGPT; at TP 2 also Hugging Face Llama, GPT-2 with Conv1D, GPT-BigCode whose fused c_attn is
-    read per head, found from a forward on meta tensors, T5, and Mixtral with its experts split)."""
+    read per head, found from a forward on meta tensors, T5, Mixtral with its experts split and GPT-OSS under policy 'names')."""
     cases = [("plain", world, False), ("plain_tied", world, True), ("nano", world, True)]
     # one k/v head (replicated): under sequence parallelism, and with every module a unit of its own (the
     # k/v projections' outputs are compared as the features of the dense output each rank holds)

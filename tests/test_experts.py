@@ -4,9 +4,11 @@ Hugging Face's mixtures of experts are covered in test_hf_models (Mixtral, Qwen2
 translated from their tp_plan). The layers here are written differently on purpose: one runs every
 token through every expert with einsums over ``(E, in, out)`` weights (gate | up packed on the last
 dim) and weights them with a dense softmax over the experts, a floating input whose gradient must be
-summed over TP; the other routes each token to one expert by an integer index, loops over the experts
-and has three separate weights and a per-hidden-unit bias. At TP 2 and 4 (float64) each gives the dense
-model's output, gradients and weights after AdamW steps.
+summed over TP; the second routes each token to one expert by an integer index, loops over the experts
+and has three separate weights and a per-hidden-unit bias; the third (GPT-OSS's layout, run as Hugging
+Face's batched kernel runs it: each token's expert weights gathered) holds gate and up interleaved
+element by element and adds a bias after the down projection, which acts on one rank (``once``). At
+TP 2 and 4 (float64) each gives the dense model's output, gradients and weights after AdamW steps.
 """
 
 from __future__ import annotations
@@ -61,6 +63,24 @@ class LoopExperts(nn.Module):
         return out
 
 
+class InterleavedExperts(nn.Module):
+    """Top-1 routing; ``w_in (E, H, 2U)`` with gate and up interleaved (``[..., ::2]``, ``[..., 1::2]``)
+    and its bias, ``w_out (E, U, H)`` and a bias ``b_out (E, H)`` added after it; batched per token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w_in = nn.Parameter(torch.randn(E, H, 2 * U) / H**0.5)
+        self.b_in = nn.Parameter(torch.randn(E, 2 * U) * 0.1)
+        self.w_out = nn.Parameter(torch.randn(E, U, H) / U**0.5)
+        self.b_out = nn.Parameter(torch.randn(E, H) * 0.1)
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        h = torch.bmm(x.unsqueeze(1), self.w_in[index]).squeeze(1) + self.b_in[index]
+        h = F.silu(h[..., ::2]) * h[..., 1::2]
+        y = torch.bmm(h.unsqueeze(1), self.w_out[index]).squeeze(1) + self.b_out[index]
+        return y * weight
+
+
 class MoE(nn.Module):
     def __init__(self, experts: nn.Module) -> None:
         super().__init__()
@@ -82,13 +102,15 @@ class MoE(nn.Module):
 SPLITS = {
     "einsum": {"w_in": "packed_row", "w_out": "column"},
     "loop": {"w1": "column", "w3": 1, "w2": "row", "b1": {"dim": -1}},
-}
+    "interleaved": {"w_in": {"dim": 2, "interleave": 2}, "b_in": {"dim": -1, "interleave": 2}, "w_out": 1,
+                    "b_out": "once"},
+}  # fmt: skip
+KINDS = {"einsum": EinsumExperts, "loop": LoopExperts, "interleaved": InterleavedExperts}
 
 
 def _model(kind: str, seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
-    cls = EinsumExperts if kind == "einsum" else LoopExperts
-    return nn.Sequential(MoE(cls()), MoE(cls())).double()
+    return nn.Sequential(MoE(KINDS[kind]()), MoE(KINDS[kind]())).double()
 
 
 def _policy(kind: str) -> dict:
@@ -164,6 +186,32 @@ def test_indivisible_and_misplaced_experts_are_refused():
         plan_policy(nested, 2, {"experts": {"style": "experts", "params": {"w": "column"}}})
 
 
+def test_interleaved_chunks_and_a_bias_acting_once_are_planned_and_checked():
+    plan = plan_policy(_model("interleaved"), 4, _policy("interleaved"), strict=True)
+    row = next(m for m in plan.modules if m.name == "0.experts")
+    whole = E * H  # b_out stays whole on every rank
+    assert row.full_params == E * H * 2 * U + E * 2 * U + E * U * H + whole
+    assert row.local_params == (row.full_params - whole) // 4 + whole
+    with pytest.raises(
+        ShardingError, match=r"dim 2 of size 24 interleaves 2 chunks.*divisible by 2 x tensor_parallel_size=8"
+    ):
+        plan_policy(_model("interleaved"), 8, _policy("interleaved"))
+    with pytest.raises(ShardingError, match=r"params=\{'w': 'once'\} splits none of its parameters"):
+        plan_policy(nn.ModuleDict({"e": _one_param()}), 2, {"e": {"style": "experts", "params": {"w": "once"}}})
+    both = {**SPLITS["interleaved"], "w_in": {"dim": 2, "chunks": 2, "interleave": 2}}
+    with pytest.raises(ShardingError, match=r"params\['w_in'\]=.* gives both 'chunks' .* and 'interleave'"):
+        plan_policy(_model("interleaved"), 2, {"*.experts": {"style": "experts", "params": both}})
+    missing = {k: v for k, v in SPLITS["interleaved"].items() if k != "b_out"}
+    with pytest.raises(ShardingError, match=r"no split for its parameters \['b_out'\].*takes 'once'"):
+        plan_policy(_model("interleaved"), 2, {"*.experts": {"style": "experts", "params": missing}})
+
+
+def _one_param() -> nn.Module:
+    module = nn.Module()
+    module.w = nn.Parameter(torch.zeros(E, U, H))
+    return module
+
+
 def test_hugging_face_expert_entries_become_one_experts_rule():
     rules = translate_hf_plan({
         "layers.*.self_attn.q_proj": "colwise",
@@ -204,7 +252,8 @@ def test_expert_number_is_read_where_the_pattern_has_its_star(pattern, key, inde
     assert expert_index(pattern, key) == index
 
 
-def _parity(kind: str, tp: int) -> dict:
+def _parity(kind: str, tp: int, recompute: bool = False) -> dict:
+    from lightning_tp.engine.recompute import checkpoint_module
     from lightning_tp.engine.sharding import shard_spec
 
     group = _dist.mesh(tp).tp_group
@@ -213,9 +262,16 @@ def _parity(kind: str, tp: int) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing unmatched, no pattern unused
         plan = apply_policy(model, group, _policy(kind))  # verify=True: outputs and gradients checked too
+    if recompute:  # the experts' forward runs again in backward, outside their hooks
+        for block in model:
+            checkpoint_module(block.experts)
     res = {
         "sharded": sorted(n for n, p in model.named_parameters() if shard_spec(p) is not None),
         "local_params": sum(p.numel() for p in model.parameters()) == plan.local_params,
+        # a parameter acting once is the Parameter outside the forward (FSDP2 and loaders read it there)
+        "once_is_param": all(
+            getattr(e, n) is e._parameters[n] for e in (model[0].experts, model[1].experts) for n in e._parameters
+        ),
     }
     g = torch.Generator().manual_seed(1)
     res.update(
@@ -227,30 +283,42 @@ def _parity(kind: str, tp: int) -> dict:
 
 
 @pytest.mark.parametrize("tp", [2, 4])
-@pytest.mark.parametrize("kind", ["einsum", "loop"])
+@pytest.mark.parametrize("kind", list(SPLITS))
 def test_user_experts_match_dense(kind, tp):
+    split = [p for p, how in SPLITS[kind].items() if how != "once"]
     for rank, r in enumerate(_dist.run(4, _parity, kind, tp)):
-        assert r["sharded"] == sorted(f"{b}.experts.{p}" for b in "01" for p in SPLITS[kind]), r["sharded"]
+        assert r["sharded"] == sorted(f"{b}.experts.{p}" for b in "01" for p in split), r["sharded"]
         assert r["local_params"], "the plan's parameters per rank differ from the model's"
+        assert r["once_is_param"]
         assert r["out"] <= 1e-12 and r["grad"] <= 1e-11 and r["weight"] <= 1e-12, (kind, tp, rank, r)
 
 
-def _trained(tp: int, seed: int, steps: int):
+def test_a_bias_acting_once_is_added_once_in_an_activation_recompute_too():
+    """The experts module checkpointed on its own: its forward, run again in backward, reads the bias
+    as the forward did (once over TP), so the saved values it rebuilds, and the gradients, are right."""
+    for r in _dist.run(2, _parity, "interleaved", 2, True):
+        assert r["out"] <= 1e-12 and r["grad"] <= 1e-11 and r["weight"] <= 1e-12, r
+
+
+def _trained(kind: str, tp: int, seed: int, steps: int):
+    from lightning_tp.lightning.precision import all_reduce_partial_grads
+
     mesh = _dist.mesh(tp)
-    model = _model("loop", seed)
+    model = _model(kind, seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        apply_policy(model, mesh.tp_group, _policy("loop"), verify=False)
+        apply_policy(model, mesh.tp_group, _policy(kind), verify=False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     x = torch.randn(2, 6, H, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     for _ in range(steps):
         model(x).square().sum().backward()
+        all_reduce_partial_grads(list(model.parameters()), mesh.tp_group)  # as the strategy does ("once" biases)
         opt.step()
         opt.zero_grad()
     return mesh, model, opt
 
 
-def _reshard(path: str) -> tuple[dict, dict, dict, dict]:
+def _reshard(kind: str, path: str) -> tuple[dict, dict, dict, dict]:
     """Saved at TP 2 (x DP 2), loaded at TP 4 into a model of other weights: the same dense weights
     and AdamW moments."""
     from lightning_tp.lightning.checkpoint import full_state_dict, load, save
@@ -258,25 +326,69 @@ def _reshard(path: str) -> tuple[dict, dict, dict, dict]:
     def moments(mesh, model, opt):
         return {n: _dist.gathered(p, opt.state[p]["exp_avg"], mesh.tp_group) for n, p in model.named_parameters()}
 
-    mesh, model, opt = _trained(2, 0, 2)
+    mesh, model, opt = _trained(kind, 2, 0, 2)
     save(path, model, [opt], mesh, {"step": 2})
     saved = full_state_dict(model, mesh.tp_group), moments(mesh, model, opt)
-    mesh, model, opt = _trained(4, 99, 1)  # other weights and moments: all must come from the checkpoint
+    mesh, model, opt = _trained(kind, 4, 99, 1)  # other weights and moments: all must come from the checkpoint
     state, _ = load(path, model, [opt], mesh)
     assert state == {"step": 2}, state
     return (*saved, full_state_dict(model, mesh.tp_group), moments(mesh, model, opt))
 
 
-def test_experts_checkpoint_reshards_from_tp2_to_tp4(tmp_path):
+@pytest.mark.parametrize("kind", ["loop", "interleaved"])
+def test_experts_checkpoint_reshards_from_tp2_to_tp4(kind, tmp_path):
     from lightning_tp import consolidate
 
     path = str(tmp_path / "ckpt")
-    for weights, moments, loaded, loaded_moments in _dist.run(4, _reshard, path):
-        assert loaded.keys() == weights.keys() and any(".experts.w2" in k for k in loaded)
+    for weights, moments, loaded, loaded_moments in _dist.run(4, _reshard, kind, path):
+        assert loaded.keys() == weights.keys() and any(f".experts.{p}" in k for k in loaded for p in SPLITS[kind])
         for k in weights:
             assert torch.equal(loaded[k], weights[k]), k
         for k in moments:
             assert torch.equal(loaded_moments[k], moments[k]), k
     offline = consolidate(path)  # without a process group: the dense model's state_dict
     assert all(torch.equal(offline[k], weights[k]) for k in weights)
-    _model("loop").load_state_dict(offline, strict=True)
+    _model(kind).load_state_dict(offline, strict=True)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "olmoe", "llama4", "deepseek_v2", "gpt_oss"])
+def test_hugging_face_experts_declare_their_layout_and_the_name_rules_read_it(arch):
+    """Hugging Face's experts classes declare their layout (``is_transposed``, ``is_concatenated``,
+    ``has_bias``: the flags its own kernels read). The name rules split them from it, as the model's
+    tp_plan does where it has experts entries (the same shard of every parameter); GPT-OSS's plan has
+    none: the rules alone split its interleaved gate/up and keep its down_proj_bias whole ("once").
+    Llama 4's experts class declares nothing: the rules leave it whole (its tp_plan splits it)."""
+    pytest.importorskip("transformers")
+    import hf_zoo
+
+    from lightning_tp.policy.rules import hf_experts_rule
+    from lightning_tp.policy.styles import Experts
+
+    model = hf_zoo.build(arch)
+
+    def experts(policy):
+        rows = [m for m in plan_policy(model, 4, policy).modules if m.style == "experts"]
+        module = dict(model.named_modules())
+        return {m.name: (m.local_params, Experts().param_specs(m.name, module[m.name], m.options, 4)) for m in rows}
+
+    names = experts("names")
+    if arch == "llama4":
+        assert names == {} and experts("auto")
+        return
+    assert names and all(hf_experts_rule(model.get_submodule(n)) is not None for n in names)
+    if arch == "gpt_oss":
+        assert experts("auto") == {}  # its tp_plan leaves the experts whole; the plan's hint names them
+        assert set(names) <= set(plan_policy(model, 4).names_would_split)
+        rule = hf_experts_rule(model.get_submodule(next(iter(names))))
+        assert rule.options["params"] == {
+            "gate_up_proj": {"dim": -1, "interleave": 2},
+            "gate_up_proj_bias": {"dim": -1, "interleave": 2},
+            "down_proj": -2,
+            "down_proj_bias": "once",
+        }
+    else:
+        assert names == experts("auto")
+    plain = nn.Module()  # the flags alone, on a module whose parameters are not the declared ones: no rule
+    plain.is_transposed, plain.is_concatenated, plain.has_gate, plain.has_bias = False, True, True, False
+    plain.gate_up_proj, plain.w2 = nn.Parameter(torch.zeros(E, 2 * U, H)), nn.Parameter(torch.zeros(E, H, U))
+    assert hf_experts_rule(plain) is None

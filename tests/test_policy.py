@@ -559,9 +559,9 @@ def test_a_hugging_face_plan_that_splits_little_names_the_name_rules_which_split
     plan = plan_policy(_hunyuan(), 2)
     assert plan.source == "huggingface tp_plan" and "model.layers.0.self_attn.q_proj" in plan.unmatched
     assert {"model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"} <= set(plan.names_would_split)
-    with pytest.warns(PolicyWarning, match=r"leaves whole 14 layers that lightning_tp's name rules would split"):
+    with pytest.warns(PolicyWarning, match=r"leaves whole 14 modules that lightning_tp's name rules would split"):
         warn_plan(plan)
-    assert "the name rules would split 14 of the unmatched layers: policy 'names' uses them" in str(plan)
+    assert "the name rules would split 14 modules this plan leaves whole: policy 'names' uses them" in str(plan)
     names = {m.name: m.style for m in plan_policy(_hunyuan(), 2, "names").modules}
     assert names["model.layers.0.self_attn.q_proj"] == "column" and names["model.layers.0.mlp.down_proj"] == "row"
     for r in _dist.run(2, _names_policy_parity):

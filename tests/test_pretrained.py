@@ -199,12 +199,17 @@ def _hub_moe(arch: str):
         return transformers.MixtralForCausalLM(
             transformers.MixtralConfig(intermediate_size=16, num_local_experts=12, **kw)
         )
+    if arch == "gpt_oss":  # experts written as its 3-D parameters (the Hub's unquantized "BF16" layout)
+        import hf_zoo
+
+        return hf_zoo.gpt_oss(**kw, intermediate_size=16, num_local_experts=12, head_dim=8)
     return transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
         intermediate_size=40, moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=12, **kw
     ))  # fmt: skip
 
 
 def _load_hub_moe(paths: dict, tp: int) -> dict:
+    import hf_zoo
     import transformers
 
     m = _dist.mesh(tp)
@@ -215,8 +220,9 @@ def _load_hub_moe(paths: dict, tp: int) -> dict:
             dense = transformers.AutoModelForCausalLM.from_pretrained(path)  # Hugging Face's own conversion
             with torch.device("meta"):
                 model = _Holder(transformers.AutoModelForCausalLM.from_config(dense.config))
+            policy = hf_zoo.POLICY.get(arch, "auto")  # GPT-OSS: "names" (its tp_plan splits only the embedding)
             apply_policy(
-                model, m.tp_group, "auto", verify=False, materializer=Materializer(model, "cpu", 0, initialize=False)
+                model, m.tp_group, policy, verify=False, materializer=Materializer(model, "cpu", 0, initialize=False)
             )
         n = load_pretrained(model, path, m.tp_rank)
         wrong = []
@@ -237,17 +243,20 @@ def test_hub_layout_of_experts_loads_sharded(tmp_path):
     """A Hugging Face mixture of experts as `save_pretrained` writes it (the Hub's layout: one tensor per
     expert and projection, Mixtral's `block_sparse_moe` names) into a deferred model whose experts are
     3-D parameters split over TP: each rank reads its slices of every expert's tensors, and gets what
-    Hugging Face's own `from_pretrained` conversion gives, sliced."""
+    Hugging Face's own `from_pretrained` conversion gives, sliced. GPT-OSS's experts (3-D in the file,
+    gate/up interleaved, split under policy 'names') too, its down_proj_bias whole on every rank."""
     from safetensors import safe_open
 
     paths = {}
-    for arch in ("mixtral", "qwen2_moe"):
+    for arch in ("mixtral", "qwen2_moe", "gpt_oss"):
         torch.manual_seed(0)
         paths[arch] = str(tmp_path / arch)
         _hub_moe(arch).save_pretrained(paths[arch])
         keys = list(safe_open(f"{paths[arch]}/model.safetensors", "pt").keys())
-        assert any(".experts.11." in k for k in keys) and not any("gate_up_proj" in k for k in keys), keys[:5]
+        per_expert = any(".experts.11." in k for k in keys) and not any("gate_up_proj" in k for k in keys)
+        assert per_expert == (arch != "gpt_oss"), keys[:5]
+    split = {"mixtral": 4, "qwen2_moe": 4, "gpt_oss": 6}  # GPT-OSS: gate_up_proj, its bias, down_proj per layer
     for rank_result in _dist.run(2, _load_hub_moe, paths, 2):
         for arch, (all_loaded, wrong, err, experts) in rank_result.items():
-            assert all_loaded and not wrong and experts == 4, (arch, all_loaded, wrong, experts)
+            assert all_loaded and not wrong and experts == split[arch], (arch, all_loaded, wrong, experts)
             assert err < 1e-5, (arch, err)  # float32 logits, experts summed over TP

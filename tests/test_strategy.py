@@ -1,6 +1,7 @@
 """Trainer-level tests of the megatron_tp strategy (CPU/gloo, assertions inside hooks)."""
 
 import hashlib
+import importlib.util
 
 import lightning as L
 import lit
@@ -49,6 +50,8 @@ def reference_losses(steps=10, batch_size=8, clip=0.5, model="plain", **kw):
 
 
 def _token_embedding(model):
+    if hasattr(model, "get_input_embeddings"):  # a Hugging Face model
+        return model.get_input_embeddings()
     return model.embed_tokens if hasattr(model, "embed_tokens") else model.transformer.wte
 
 
@@ -137,6 +140,22 @@ def test_multi_query_attention_trains_as_one_process():
     for r in results:
         torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref), rtol=1e-5, atol=0)
         assert r["zero_active"] and r["sequence_sharded"]
+    for dp in range(2):
+        assert len({r["replicated"] for r in results if r["dp_rank"] == dp}) == 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers (extra 'hf')")
+def test_gpt_oss_experts_train_as_one_process():
+    """Hugging Face GPT-OSS under policy='names' at TP 2 x DP 2 with ZeRO-3 and clipping: its experts split
+    on their hidden units with gate/up interleaved, the bias after their down projection added on one rank
+    (its gradient summed over TP before the clipping), the attention sinks split with the heads: the
+    losses of one process, the replicated weights identical across each TP group."""
+    ref = reference_losses(model="hf_gpt_oss")
+    kw = {"policy": "names", "zero_stage": 3}
+    results = _dist.run(4, _fit, 4, 2, model="hf_gpt_oss", strategy_kw=kw)
+    for r in results:
+        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref), rtol=1e-5, atol=0)
+        assert r["zero_active"]
     for dp in range(2):
         assert len({r["replicated"] for r in results if r["dp_rank"] == dp}) == 1
 

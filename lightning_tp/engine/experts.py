@@ -15,11 +15,14 @@ floating outputs over TP (all-reduce; backward: identity) and gives its floating
 states and the routing weights) the all-reduce of their gradient in backward, as each rank's part of
 the output gives only a part of it (Megatron's ``f`` and ``g`` around the experts).
 
-That sum is the whole contract: every parameter that acts in the forward must be split this way.
-A bias added after the down projection would be added once per rank, so planning refuses a module
-with a parameter that is not split (:class:`~lightning_tp.policy.styles.Experts`); so would anything
-the module adds without parameters (identity or zero-compute experts), which the parity self-check
-catches.
+That sum is the whole contract: every parameter that acts in the forward must be split this way,
+or act on one rank only. A bias added after the down projection (GPT-OSS's ``down_proj_bias``) would
+be added once per rank; :func:`act_once` keeps it whole on every rank and lets the module read it as
+itself on the TP group's first rank and as zeros on the others (so the sum over TP adds it once; its
+gradient, complete on the first rank and zero elsewhere, is marked partial and summed over TP).
+Planning refuses a module with a parameter given neither (:class:`~lightning_tp.policy.styles.Experts`);
+anything the module adds without parameters (identity or zero-compute experts) would be summed once
+per rank too, which the parity self-check catches.
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
 from lightning_tp._compat import tree_map
-from lightning_tp.engine.comm import copy_to_tp, reduce_from_tp
+from lightning_tp.engine.comm import copy_to_tp, group_rank, reduce_from_tp
 from lightning_tp.engine.features import ModuleHooks
+from lightning_tp.engine.sharding import mark_partial_grad
 
 
 class ExpertsReduce(ModuleHooks):
@@ -60,3 +64,66 @@ class ExpertsReduce(ModuleHooks):
 
     def __repr__(self) -> str:
         return "ExpertsReduce()"
+
+
+_ONCE_CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
+_ONCE_DEPTH = "_tp_once_depth"  # how many calls of the module's forward are running (act_once)
+
+
+def _read_once(name: str) -> property:
+    def read(self: nn.Module) -> Tensor | None:
+        if name not in self._parameters:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        param = self._parameters[name]
+        if param is None or not self.__dict__.get(_ONCE_DEPTH):
+            return param
+        return param * self._tp_once_scale
+
+    return property(read, doc=f"{name!r}; inside forward, as this rank adds it to a sum over TP (act_once)")
+
+
+def _once_class(cls: type, names: tuple[str, ...]) -> type:
+    """``cls`` with a read through the scale for each of ``names`` and a ``forward`` that counts the
+    calls running (a class further derived from it, FSDP2's, still reaches ``cls.forward``)."""
+    once = type(cls.__name__, (cls,), {n: _read_once(n) for n in names})
+
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        self.__dict__[_ONCE_DEPTH] = self.__dict__.get(_ONCE_DEPTH, 0) + 1
+        try:
+            return super(once, self).forward(*args, **kwargs)
+        finally:
+            self.__dict__[_ONCE_DEPTH] -= 1
+
+    once.forward = forward
+    return once
+
+
+def act_once(module: nn.Module, names: tuple[str, ...], group: ProcessGroup) -> nn.Module:
+    """Make ``module``'s own parameters ``names`` (kept whole on every rank) act on the TP group's
+    first rank only: inside the module's forward its code reads each as itself there and as zeros on
+    the other ranks, so an output summed over TP (:class:`ExpertsReduce`) adds it once. The parameter
+    itself, its name, its ``state_dict`` entry and its value on every rank are unchanged, and outside
+    the forward the attribute is the Parameter (what FSDP2, ``get_parameter`` and loaders read); its
+    gradient (complete on the first rank, zero elsewhere) is marked partial, so it is summed over TP
+    before clipping and the step.
+
+    ``module``'s class becomes a subclass of it (``isinstance`` still holds) whose ``forward`` counts
+    the calls running (an activation-checkpointing recompute of that forward included) and whose read
+    of each name goes through that scale while one runs. Returns ``module``."""
+    names = tuple(names)
+    if not names:
+        return module
+    own = [n for n, p in module._parameters.items() if p is not None]
+    for name in names:
+        if name not in own:
+            raise ValueError(
+                f"act_once: {type(module).__name__} has no parameter {name!r} of its own (its parameters: {own})."
+            )
+        mark_partial_grad(module._parameters[name])
+    cls = type(module)
+    key = (cls, names)
+    if key not in _ONCE_CLASSES:
+        _ONCE_CLASSES[key] = _once_class(cls, names)
+    module.__dict__["_tp_once_scale"] = 1.0 if group_rank(group) == 0 else 0.0
+    module.__class__ = _ONCE_CLASSES[key]
+    return module

@@ -226,23 +226,26 @@ def _meta_reshapes(model: nn.Module, run: nn.Module, plan: Plan, inputs: Any) ->
 
 
 def warn_plan(plan: Plan) -> None:
-    """Warn about unmatched modules and patterns that match nothing."""
+    """Warn about unmatched modules, modules a Hugging Face plan leaves whole that the name rules
+    would split, and patterns that match nothing."""
+    names = plan.names_would_split
+    hint = (
+        f"The Hugging Face plan leaves whole {len(names)} modules that lightning_tp's name rules would split "
+        f"({names[:4]}{' ...' if len(names) > 4 else ''}): policy='names' uses those rules instead of the plan "
+        "(verify=True checks the result against the unsharded model)."
+        if names
+        else ""
+    )
     if plan.unmatched:
-        names = plan.names_would_split
-        hint = (
-            f" The Hugging Face plan leaves whole {len(names)} layers that lightning_tp's name rules would split "
-            f"({names[:4]}{' ...' if len(names) > 4 else ''}): policy='names' uses those rules instead of the plan "
-            "(verify=True checks the result against the unsharded model)."
-            if names
-            else ""
-        )
         warnings.warn(
             f"{len(plan.unmatched)} nn.Linear/nn.Embedding modules are not matched by the policy ({plan.source}) and "
             f"stay replicated: {plan.unmatched}. Map them explicitly (style 'replicate' silences this), or pass "
-            f"strict=True to make this an error.{hint}",
+            f"strict=True to make this an error.{' ' + hint if hint else ''}",
             PolicyWarning,
             stacklevel=3,
         )
+    elif hint:
+        warnings.warn(hint, PolicyWarning, stacklevel=3)
     if plan.unused_patterns:
         warnings.warn(
             f"policy patterns match no module: {plan.unused_patterns}. Patterns are fnmatch patterns on fully "

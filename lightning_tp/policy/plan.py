@@ -37,6 +37,7 @@ from lightning_tp.policy.rules import (
     expert_routers,
     head_sources,
     head_value,
+    hf_experts_rule,
     infer_vocab_size,
     positive_int,
     read_attr,
@@ -187,8 +188,11 @@ def plan_policy(
     unused = [p for p in rules if p not in used]
     _check_relative_names(model, modules, unused, ordered)
     names = []
-    if unmatched and source.startswith("huggingface"):  # what policy="names" would split of what stays whole
-        names = [n for n, r in auto_rules(model).items() if n in unmatched and r.style != "replicate"]
+    experts_left = [n for n, m in modules.items() if n not in planned and hf_experts_rule(m) is not None]
+    if source.startswith("huggingface") and (unmatched or experts_left):  # what policy="names" would split of it
+        names = [
+            n for n, r in auto_rules(model).items() if r.style != "replicate" and (n in unmatched or n in experts_left)
+        ]
     return Plan(tp_size, source, ordered, unmatched, unused, changes, full, local, sequence_parallel, names)
 
 

@@ -40,7 +40,9 @@ def plan_table(plan: Plan) -> Table:
         caption.append(f"patterns matching nothing: {plan.unused_patterns}")
     names = getattr(plan, "names_would_split", None)
     if names:
-        caption.append(f"the name rules would split {len(names)} of the unmatched layers: policy 'names' uses them")
+        caption.append(
+            f"the name rules would split {len(names)} modules this plan leaves whole: policy 'names' uses them"
+        )
     table.caption = "\n".join(caption)
     return table
 

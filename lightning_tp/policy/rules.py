@@ -320,12 +320,43 @@ def infer_vocab_size(model: nn.Module) -> int | None:
     return max(m.num_embeddings for m in (hinted or [m for _, m in embeddings]))
 
 
+def hf_experts_rule(module: nn.Module) -> Rule | None:
+    """The ``experts`` rule of a Hugging Face experts module (``@use_experts_implementation``), read
+    from the layout it declares on itself (the flags Hugging Face's own batched and grouped kernels
+    read): ``is_transposed`` (``(E, in, out)`` weights instead of ``(E, out, in)``), ``has_gate``
+    (``gate_up_proj`` holds gate and up: ``is_concatenated`` back to back, else interleaved element by
+    element, GPT-OSS), ``has_bias`` (a bias after the down projection acts ``once``). ``None`` for any
+    other module, for experts with a norm after each expert (not a sum over hidden units) or already
+    expert-parallel, and for one whose parameters are not exactly the declared ones."""
+    flags = {a: read_attr(module, a) for a in ("is_transposed", "is_concatenated", "has_gate", "has_bias")}
+    if not all(isinstance(v, bool) for v in flags.values()):
+        return None
+    if read_attr(module, "has_post_expert_norm") is True or read_attr(module, "_is_expert_parallel") is True:
+        return None
+    out_dim, in_dim = (-1, -2) if flags["is_transposed"] else (-2, -1)
+    up = "gate_up_proj" if flags["has_gate"] else "up_proj"
+    if not flags["has_gate"]:
+        up_split, bias_split = out_dim, -1
+    elif flags["is_concatenated"]:
+        up_split, bias_split = {"dim": out_dim, "chunks": 2}, {"dim": -1, "chunks": 2}
+    else:
+        up_split, bias_split = {"dim": out_dim, "interleave": 2}, {"dim": -1, "interleave": 2}
+    params: dict[str, Any] = {up: up_split, "down_proj": in_dim}
+    if flags["has_bias"]:
+        params.update({f"{up}_bias": bias_split, "down_proj_bias": "once"})
+    own = {n for n, _ in module.named_parameters(recurse=False)}
+    if own != set(params) or any(True for c in module.children() for _ in c.parameters()):
+        return None
+    return Rule("experts", {"params": params})
+
+
 def auto_rules(model: nn.Module) -> dict[str, Rule]:
     """Built-in rules for common transformer naming, resolved to one rule per module name.
 
     Column/qkv projections are split only when a row projection shares their parent (the pair that
     makes a TP region); token embeddings and LM heads (by vocabulary size) are vocab-parallel; other
-    embeddings are replicated.
+    embeddings are replicated; Hugging Face experts modules are split as their declared layout says
+    (:func:`hf_experts_rule`).
     """
     vocab = infer_vocab_size(model)
     linears = {n: m for n, m in model.named_modules() if as_linear(m) is not None}
@@ -349,7 +380,9 @@ def auto_rules(model: nn.Module) -> dict[str, Rule]:
             elif leaf in _AUTO_ROW:
                 rules[name] = Rule("row")
     for name, module in model.named_modules():
-        if isinstance(module, nn.Embedding):
+        if (experts := hf_experts_rule(module)) is not None:
+            rules[name] = experts
+        elif isinstance(module, nn.Embedding):
             rules[name] = Rule("vocab" if module.num_embeddings == vocab else "replicate")
         elif name not in rules and vocab is not None and (lin := as_linear(module)) is not None:
             if lin[1] == vocab:

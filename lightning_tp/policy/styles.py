@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Protocol
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from lightning_tp.engine.experts import ExpertsReduce
+from lightning_tp.engine.experts import ExpertsReduce, act_once
 from lightning_tp.engine.features import FeatureGather, TailGradSum, gathered_width
 from lightning_tp.engine.layers import (
     ColumnParallelLinear,
@@ -454,10 +454,14 @@ class Experts(_OwnParamsSplit):
     first: ``(E, out, in)`` weights, ``(E, out)`` biases. ``"column"`` splits ``out`` (dim -2 of a
     weight, the last dim of a 2-D or 1-D parameter), ``"row"`` (on
     ``in``, dim -1), ``"packed_column"`` / ``"packed_row"`` (the same dim holding two chunks back to
-    back, gate then up, each split), an int dim, or ``{"dim": d, "chunks": k}``. Every parameter of
-    the module must be split (one that is not, such as a bias added after the down projection, would
-    be summed once per rank), and so would anything the module adds without parameters (identity
-    experts): the split dims hold the hidden units, not the experts (dim 0 is refused)."""
+    back, gate then up, each split), an int dim, ``{"dim": d, "chunks": k}``, or
+    ``{"dim": d, "interleave": k}`` (the dim holds ``k`` chunks interleaved element by element, GPT-OSS's
+    gate/up ``[..., ::2]`` / ``[..., 1::2]``: each rank holds a contiguous run of whole groups).
+    ``"once"`` keeps a parameter whole, acting on one rank of the TP group (a bias added after the down
+    projection, GPT-OSS's ``down_proj_bias``: :func:`~lightning_tp.engine.experts.act_once`). Every
+    parameter of the module must be given one (one that is not, such as that bias, would be summed
+    once per rank), and so would anything the module adds without parameters (identity experts): the
+    split dims hold the hidden units, not the experts (dim 0 is refused)."""
 
     name = "experts"
     options = frozenset({"params"})
@@ -477,7 +481,7 @@ class Experts(_OwnParamsSplit):
         return tuple(next(module.parameters(recurse=False)).shape)
 
     def param_specs(self, name: str, module: nn.Module, options: dict[str, Any], tp: int) -> dict[str, ShardSpec]:
-        """The spec of each of ``module``'s own parameters, in registration order."""
+        """The spec of each of ``module``'s split parameters, in registration order (not the ``once`` ones)."""
         given = options.get("params")
         own = dict(module.named_parameters(recurse=False))
         label = f"module {name!r} (style 'experts')"
@@ -498,40 +502,74 @@ class Experts(_OwnParamsSplit):
             raise ShardingError(
                 f"{label}: params has {what} (its own parameters: {sorted(own)}). Every parameter that acts in the "
                 "experts must be split on the experts' hidden units: the output is summed over TP, so a whole one "
-                "would count once per rank. Map the module to 'replicate' if that is not possible."
+                "would count once per rank. A bias added after the down projection takes 'once' (kept whole, added "
+                "on one rank); map the module to 'replicate' if neither is possible."
             )
         specs = {}
         for p_name, param in own.items():
-            dim, chunks = _expert_split(label, p_name, given[p_name], param.dim())
-            sizes = chunk_sizes(param.shape[dim], chunks, f"{name}.{p_name}")
+            if given[p_name] == "once":
+                continue
+            dim, chunks, interleave = _expert_split(label, p_name, given[p_name], param.dim())
+            if interleave > 1:
+                size = param.shape[dim]
+                if size % (interleave * tp) != 0:
+                    raise ShardingError(
+                        f"{label}: params[{p_name!r}]={given[p_name]!r}: dim {dim} of size {size} interleaves "
+                        f"{interleave} chunks, and each rank must hold whole groups of {interleave}, so {size} must "
+                        f"be divisible by {interleave} x tensor_parallel_size={tp}. Use a tensor_parallel_size that "
+                        f"divides {size // interleave}."
+                    )
+                sizes = (size,)
+            else:
+                sizes = chunk_sizes(param.shape[dim], chunks, f"{name}.{p_name}")
             specs[p_name] = ShardSpec(dim=dim, sizes=sizes, tp_size=tp, name=f"dim {dim} of {name}.{p_name}")
+        if not specs:
+            raise ShardingError(
+                f"{label}: params={given!r} splits none of its parameters ('once' keeps one whole). Split the "
+                "experts' weights on their hidden units, or map the module to 'replicate'."
+            )
         return specs
+
+    @staticmethod
+    def once(options: Mapping[str, Any]) -> tuple[str, ...]:
+        """The parameters kept whole and acting on one rank (``"once"``)."""
+        return tuple(p for p, split in options["params"].items() if split == "once")
 
     def sequence_parallel_error(self, options):
         return "sequence parallelism would give it this rank's chunk of the sequence, and its output is summed over TP ranks holding different tokens."
 
     def build(self, row, dense, ctx):
-        ExpertsReduce(ctx.group).attach(super().build(row, dense, ctx))
+        super().build(row, dense, ctx)
+        act_once(dense, self.once(row.options), ctx.group)
+        ExpertsReduce(ctx.group).attach(dense)
         return dense
 
 
-def _expert_split(label: str, p_name: str, split: Any, ndim: int) -> tuple[int, int]:
-    """``(dim, chunks)`` of one entry of an ``experts`` row's ``params``."""
+def _expert_split(label: str, p_name: str, split: Any, ndim: int) -> tuple[int, int, int]:
+    """``(dim, chunks, interleave)`` of one entry of an ``experts`` row's ``params``."""
     dim: Any = None
     chunks: Any = 1
+    interleave: Any = 1
     if isinstance(split, str) and split in _EXPERT_SPLITS:
         dim, chunks = _EXPERT_SPLITS[split]
         if dim == -2 and ndim <= 2:  # a column split's bias, (E, out) or (out,): its last dim
             dim = -1
     elif isinstance(split, int) and not isinstance(split, bool):
         dim = split
-    elif isinstance(split, Mapping) and set(split) <= {"dim", "chunks"}:
-        dim, chunks = split.get("dim"), split.get("chunks", 1)
+    elif isinstance(split, Mapping) and set(split) <= {"dim", "chunks", "interleave"}:
+        if {"chunks", "interleave"} <= set(split):
+            raise ShardingError(
+                f"{label}: params[{p_name!r}]={split!r} gives both 'chunks' (chunks back to back) and 'interleave' "
+                "(chunks interleaved element by element); give the one that describes the dim."
+            )
+        dim, chunks, interleave = split.get("dim"), split.get("chunks", 1), split.get("interleave", 1)
     valid = isinstance(dim, int) and not isinstance(dim, bool) and -ndim <= dim < ndim
-    if not valid or not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
+    counts = (chunks, interleave)
+    if not valid or any(not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in counts):
         raise ShardingError(
-            f"{label}: params[{p_name!r}]={split!r} is not a split of a {ndim}-D parameter. Use one of "
-            f"{sorted(_EXPERT_SPLITS)}, a dim in [{-ndim}, {ndim}), or {{'dim': d, 'chunks': k}}."
+            f"{label}: params[{p_name!r}]={split!r} is not a split of a {ndim}-D parameter. Use 'once', one of "
+            f"{sorted(_EXPERT_SPLITS)}, a dim in [{-ndim}, {ndim}), {{'dim': d, 'chunks': k}} or "
+            "{'dim': d, 'interleave': k}."
         )
     if ndim >= 2 and dim % ndim == 0:
         raise ShardingError(
@@ -539,7 +577,7 @@ def _expert_split(label: str, p_name: str, split: Any, ndim: int) -> tuple[int, 
             "experts, which the module's code indexes by their global number (expert parallelism is not built). "
             "Split a dim of the experts' hidden units ('column', 'row', or a dim >= 1)."
         )
-    return dim % ndim, chunks
+    return dim % ndim, chunks, interleave
 
 
 class HeadParams(_OwnParamsSplit):
