@@ -38,13 +38,21 @@ class LitGPT(L.LightningModule):
         if model in ("plain", "plain_gqa", "plain_mqa"):  # grouped-query: 2 k/v heads; multi-query: 1
             kv = {"plain": None, "plain_gqa": 2, "plain_mqa": 1}[model]
             self.model = models.PlainGPT(vocab=VOCAB, d=32, n_layers=2, n_heads=4, n_kv_heads=kv, tied=tied, ctx=SEQ)
-        elif model == "litgpt":  # Lightning's LLM library (extra 'litgpt'): Llama-style, grouped-query attention
+        elif model in ("litgpt", "litgpt_moe"):  # Lightning's LLM library (extra 'litgpt'): Llama-style, GQA
             from litgpt.config import Config
             from litgpt.model import GPT
 
+            mlp = {"mlp_class_name": "LLaMAMLP"}
+            if model == "litgpt_moe":
+                mlp = {
+                    "mlp_class_name": "LLaMAMoE",
+                    "n_expert": 4,
+                    "n_expert_per_token": 2,
+                    "moe_intermediate_size": 16,
+                }
             self.model = GPT(Config(name="lit", block_size=SEQ, n_layer=2, n_embd=32, n_head=4, n_query_groups=2,
                                     vocab_size=VOCAB, padded_vocab_size=VOCAB, norm_class_name="RMSNorm",
-                                    mlp_class_name="LLaMAMLP", intermediate_size=48, bias=False))  # fmt: skip
+                                    intermediate_size=48, bias=False, **mlp))  # fmt: skip
         elif model == "hf_gpt_oss":  # Hugging Face GPT-OSS (extra 'hf'): experts with biases, attention sinks
             import hf_zoo
 

@@ -126,8 +126,6 @@ def test_plan_lists_each_expert_split_and_counts_local_parameters():
     assert row.full_params == expert_params and row.local_params == expert_params // 4
     assert plan.full_params - plan.local_params == 2 * (expert_params - expert_params // 4)
     assert "experts" in str(plan)
-    with pytest.raises(PolicyError, match=r"'0.experts' \(style 'experts'\): sequence parallelism"):
-        plan_policy(_model("loop"), 2, _policy("loop"), sequence_parallel=True)
 
 
 @pytest.mark.parametrize(
@@ -291,6 +289,74 @@ def test_user_experts_match_dense(kind, tp):
         assert r["local_params"], "the plan's parameters per rank differ from the model's"
         assert r["once_is_param"]
         assert r["out"] <= 1e-12 and r["grad"] <= 1e-11 and r["weight"] <= 1e-12, (kind, tp, rank, r)
+
+
+V = 37  # vocabulary of the sequence-parallel model (padded at TP 2 and 4)
+
+
+class _Tokens(nn.Module):
+    """Token embedding, two mixture-of-experts blocks, a final norm and an LM head: sequence parallelism
+    needs the model to leave through a vocab-parallel head."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(V, H)
+        self.blocks = nn.Sequential(MoE(KINDS[kind]()), MoE(KINDS[kind]()))
+        self.norm = nn.LayerNorm(H)
+        self.head = nn.Linear(H, V, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.blocks(self.embed(ids))))
+
+
+def _sequence_parallel_parity(kind: str, tp: int) -> dict:
+    from lightning_tp.engine.sharding import has_partial_grad
+
+    group = _dist.mesh(tp).tp_group
+    torch.manual_seed(0)
+    dense = _Tokens(kind).double()
+    model = copy.deepcopy(dense)
+    policy = {"embed": "vocab", "head": {"style": "vocab", "gather_output": True}, "*.router": "replicate",
+              "*.experts": {"style": "experts", "params": SPLITS[kind]}}  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan = apply_policy(model, group, policy, sequence_parallel=True)  # verify=True: outputs and grads
+    g = torch.Generator().manual_seed(3)
+    res = _dist.train_parity(dense, model, group, [torch.randint(0, V, (2, 8), generator=g) for _ in range(2)])
+    res["partial"] = sorted(n for n, p in model.named_parameters() if has_partial_grad(p))
+    res["rows"] = {r.name: r.style for r in plan.modules}
+    return res
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("kind", list(SPLITS))
+def test_experts_under_sequence_parallelism_match_dense(kind, tp):
+    """Sequence parallelism: each rank's MoE block gets its chunk of the tokens, routes them with the
+    whole router (its gradient partial, summed over TP), and the experts gather every rank's tokens,
+    run their part of every expert and reduce-scatter the output back to each rank's tokens."""
+    for r in _dist.run(4, _sequence_parallel_parity, kind, tp):
+        assert "blocks.0.router.weight" in r["partial"] and "blocks.0.norm.weight" in r["partial"], r["partial"]
+        assert r["rows"]["blocks.0.experts"] == "experts" and "blocks.0" not in r["rows"], r["rows"]
+        assert r["out"] <= 1e-12 and r["grad"] <= 1e-11 and r["weight"] <= 1e-12, (kind, tp, r)
+
+
+class _SharedBlock(nn.Module):
+    """Experts beside a shared MLP whose column and row layers are the block's own children."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(H, 2 * H), nn.Linear(2 * H, H)
+        self.router, self.experts = nn.Linear(H, E, bias=False), LoopExperts()
+
+
+def test_experts_in_a_block_that_gathers_the_sequence_are_refused_under_sequence_parallelism():
+    model = _Tokens("loop")
+    model.blocks[0] = _SharedBlock()
+    policy = {"embed": "vocab", "head": "vocab", "*.up": "column", "*.down": "row", "*.router": "replicate",
+              "*.experts": {"style": "experts", "params": SPLITS["loop"]}}  # fmt: skip
+    plan_policy(model, 2, policy)  # tensor parallelism alone: fine
+    with pytest.raises(PolicyError, match=r"'blocks.0.experts' \(experts\) sits in block 'blocks.0', which holds"):
+        plan_policy(model, 2, policy, sequence_parallel=True)
 
 
 def test_a_bias_acting_once_is_added_once_in_an_activation_recompute_too():

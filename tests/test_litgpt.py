@@ -386,14 +386,36 @@ def test_litgpt_named_config_matches_dense(zoo, name):
         assert not bad, (name, rank, bad)
 
 
-def test_litgpt_mixture_of_experts_router_stays_whole_and_sequence_parallelism_is_refused():
-    from lightning_tp.policy import PolicyError, plan_policy
+def _moe_sequence_parallel(name: str, tp: int) -> dict:
+    from lightning_tp.engine.sharding import has_partial_grad
+    from lightning_tp.policy import apply_policy
 
-    plan = plan_policy(build_named("Mixtral-8x7B-v0.1"), 2, "auto", strict=True)  # nothing unmatched
+    group = _dist.mesh(tp).tp_group
+    dense = build_named(name)
+    model = copy.deepcopy(dense)
+    idx, tgt = _batch()
+    plan = apply_policy(model, group, "auto", verify=True, example_input=idx, sequence_parallel=True)
+    res = _compare(dense, model, idx, tgt, group)
+    res["styles"] = {m.name: m.style for m in plan.modules}
+    res["partial"] = sorted(n for n, p in model.named_parameters() if has_partial_grad(p))
+    return res
+
+
+@pytest.mark.parametrize("name", ["Mixtral-8x7B-v0.1", "Qwen3-30B-A3B"])
+def test_litgpt_mixture_of_experts_under_sequence_parallelism(name):
+    """LitGPT's LLaMAMoE under sequence parallelism: the router stays whole (as without it), and each
+    mixture-of-experts layer runs on the whole sequence (gathered at its input, its output split back,
+    plain tensor parallelism inside), the attention blocks around it sequence parallel. Logits and every
+    gradient equal the dense model's (float32 rounding where LitGPT computes in float32)."""
+    from lightning_tp.policy import plan_policy
+
+    plan = plan_policy(build_named(name), 2, "auto", strict=True)  # nothing unmatched
     rows = {m.name: m.style for m in plan.modules}
     assert rows["transformer.h.0.mlp.gate"] == "replicate" and rows["transformer.h.0.mlp.experts.3.proj"] == "row"
-
-    with pytest.raises(
-        PolicyError, match=r"'transformer.h.0.mlp' routes tokens to 4 experts.*'transformer.h.0.mlp.gate"
-    ):
-        plan_policy(build_named("Mixtral-8x7B-v0.1"), 2, "auto", sequence_parallel=True)
+    for rank, r in enumerate(_dist.run(2, _moe_sequence_parallel, name, 2)):
+        assert r["styles"]["transformer.h.0.mlp"] == "sequence_whole", r["styles"]
+        assert r["styles"]["transformer.h.0.attn"] == "sequence_gather", r["styles"]
+        assert "transformer.h.0.norm_2.weight" in r["partial"] and not any(".mlp." in n for n in r["partial"])
+        assert r["logit_err"] <= 1e-6, (name, rank, r["logit_err"])
+        bad = {n: e for n, e in r["grad_err"].items() if e > 1e-6}
+        assert not bad, (name, rank, bad)

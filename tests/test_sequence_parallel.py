@@ -421,7 +421,7 @@ def _with(model, **extra):
     return model
 
 
-def test_mixture_of_experts_is_refused_under_sequence_parallelism_and_a_plain_stack_is_not():
+def test_a_mixture_of_experts_runs_on_the_whole_sequence_unless_it_is_the_whole_model():
     plan = plan_policy(_StackedMLPs(), 2, "auto", sequence_parallel=True)
     assert {r.name for r in plan.modules if r.style == "sequence_gather"} == {"layers.0", "layers.1", "layers.2"}
     # a stack whose own (3, 16) tensors are no router: a layer-scale table, a position table; a head over 3 tokens
@@ -430,17 +430,134 @@ def test_mixture_of_experts_is_refused_under_sequence_parallelism_and_a_plain_st
     small_vocab = plan_policy(_StackedMLPs(vocab=3), 2, "auto", sequence_parallel=True)
     assert {r.name: r.style for r in small_vocab.modules}["head"] == "vocab"
     plan_policy(_RoutedMLPs(), 2, "auto")  # tensor parallelism alone: each expert split as an MLP
-    with pytest.raises(PolicyError, match=r"'_RoutedMLPs' routes tokens to 3 experts \(layers\.\*, router 'router'\)"):
+    with pytest.raises(
+        PolicyError, match=r"'_RoutedMLPs' routes tokens to 3 experts \(layers\.\*, router 'router'\) and holds"
+    ):
         plan_policy(_RoutedMLPs(), 2, "auto", sequence_parallel=True)
     routed = {
         "w_gate (hidden, n)": (_with(_StackedMLPs(), w_gate=torch.nn.Parameter(torch.zeros(16, 3))), "w_gate"),
-        "DeepSpeed": (_DeepSpeedStyle(), "moe.gate"),
         "ModuleDict": (_with(_StackedMLPs(), router=torch.nn.Linear(16, 3)), "router"),
     }
     routed["ModuleDict"][0].layers = torch.nn.ModuleDict(
         {f"e{i}": m for i, m in enumerate(routed["ModuleDict"][0].layers)}
     )
-    for case, (model, router) in routed.items():
-        with pytest.raises(PolicyError, match=rf"routes tokens to 3 experts .*router '{router}'"):
+    for case, (model, router) in routed.items():  # the mixture of experts is the model itself
+        with pytest.raises(PolicyError, match=rf"routes tokens to 3 experts .*router '{router}'\) and holds"):
             plan_policy(model, 2, "auto", sequence_parallel=True)
         assert all(r.style == "replicate" for r in plan_policy(model, 2, "auto").modules if r.name == router), case
+    # DeepSpeed's layout: the layer holding the gate and the experts' container runs on the whole sequence
+    rows = {r.name: r for r in plan_policy(_DeepSpeedStyle(), 2, "auto", sequence_parallel=True).modules}
+    assert rows["moe"].style == "sequence_whole" and rows["moe"].options == {"in_features": [16]}
+    assert rows["moe.experts.deepspeed_experts.0.fc"].style == "column" and "moe.gate.wg" not in rows
+    assert not any(r.style == "sequence_gather" and r.name.startswith("moe.") for r in rows.values())
+
+
+def test_a_container_is_never_a_mixture_of_experts():
+    """Blocks in an nn.ModuleDict beside a sibling holding a (n_entries, hidden) tensor (the next layer's
+    gate): a container is never called, so it routes nothing; the real mixture of experts is found."""
+    model = _MoEGPT()
+    layers = torch.nn.ModuleList(
+        torch.nn.ModuleDict({"ln1": b.ln1, "mlp": b.mlp, "ln2": b.ln2, "moe": b.moe}) for b in model.blocks
+    )  # 4 entries each, as many as the experts of the gate in the other layer
+    model.blocks = layers
+    rows = {r.name: r.style for r in plan_policy(model, 2, "auto", sequence_parallel=True).modules}
+    assert rows["blocks.0.moe"] == rows["blocks.1.moe"] == "sequence_whole" and "blocks" not in rows, rows
+    assert rows["blocks.0.mlp"] == "sequence_gather", rows
+
+
+def test_a_mixture_of_experts_inside_a_gathering_block_or_given_a_style_is_refused():
+    class _Shared(torch.nn.Module):  # a shared MLP's layers are the layer's own children
+        def __init__(self, d=16):
+            super().__init__()
+            self.fc, self.fc2, self.moe = torch.nn.Linear(d, 2 * d), torch.nn.Linear(2 * d, d), _TopTwo(d)
+
+    model = _MoEGPT()
+    model.blocks[0] = _Shared()
+    with pytest.raises(PolicyError, match=r"'blocks.0.moe' \(a mixture of experts\) sits in block 'blocks.0'"):
+        plan_policy(model, 2, "auto", sequence_parallel=True)
+    model = _MoEGPT()
+    model.blocks[0].moe.temperature = torch.nn.Parameter(torch.ones(1))  # a parameter of the layer itself
+    policy = {**_auto_patterns(model), "blocks.0.moe": {"style": "replicate", "partial_grad": True}}
+    with pytest.raises(PolicyError, match=r"'blocks.0.moe' routes tokens to experts.*'replicate' \{'partial_grad'"):
+        plan_policy(model, 2, policy, sequence_parallel=True)
+
+
+class _TopTwo(torch.nn.Module):
+    """A mixture of experts as LitGPT's LLaMAMoE computes one: a gate scores the experts, each token
+    goes to its two best, weighted by their softmax; the experts are MLPs in an nn.ModuleList."""
+
+    def __init__(self, d, n=4):
+        super().__init__()
+        self.gate = torch.nn.Linear(d, n, bias=False)
+        self.experts = torch.nn.ModuleList(_MLP(d) for _ in range(n))
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.size(-1))
+        probs, index = torch.topk(self.gate(flat), 2)
+        probs = probs.softmax(-1)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(index == e)
+            out = out.index_add(0, token, probs[token, slot, None] * expert(flat[token]))
+        return out.view_as(x)
+
+
+class _MoEBlock(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.ln1, self.mlp, self.ln2, self.moe = torch.nn.LayerNorm(d), _MLP(d), torch.nn.LayerNorm(d), _TopTwo(d)
+
+    def forward(self, x):
+        x = x + self.mlp(self.ln1(x))
+        return x + self.moe(self.ln2(x))
+
+
+class _MoEGPT(torch.nn.Module):
+    """Token and position embeddings, blocks of (norm, attention-free mixing MLP, norm, mixture of
+    experts) with residuals, a final norm and a head."""
+
+    def __init__(self, vocab=30, d=16, n_layers=2, ctx=16):
+        super().__init__()
+        self.tok, self.pos = torch.nn.Embedding(vocab, d), torch.nn.Embedding(ctx, d)
+        self.blocks = torch.nn.ModuleList(_MoEBlock(d) for _ in range(n_layers))
+        self.ln_f, self.head = torch.nn.LayerNorm(d), torch.nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx):
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[-1]))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+def _moe_sp_parity(tp):
+    import copy
+
+    m = _dist.mesh(tp)
+    torch.manual_seed(0)
+    dense = _MoEGPT().double()
+    model = copy.deepcopy(dense)
+    plan = apply_policy(model, m.tp_group, "auto", sequence_parallel=True)  # verify=True: the self-check passes
+    styles = {r.name: r.style for r in plan.modules}
+    g = torch.Generator().manual_seed(5 + m.dp_rank)
+    ids, tgt = torch.randint(0, 30, (3, 12), generator=g), torch.randint(0, 30, (3, 12), generator=g)
+    ld, lt = dense(ids), model(ids)
+    models.loss_parity_backward(ld, lt, tgt, 30, TOL)
+    partial = sorted(n for n, p in model.named_parameters() if has_partial_grad(p))
+    all_reduce_partial_grads(list(model.parameters()), m.tp_group)
+    for pname, param in model.named_parameters():
+        ref = dense.get_parameter(pname).grad
+        spec = shard_spec(param)
+        ref = spec.shard(ref, m.tp_rank) if spec is not None else ref
+        torch.testing.assert_close(param.grad, ref, **TOL, msg=lambda s, n=pname: f"{n}: {s}")
+    return styles, partial
+
+
+@pytest.mark.parametrize(("world", "tp"), [(2, 2), (4, 4), (4, 2)], ids=["tp2", "tp4", "tp2xdp2"])
+def test_a_mixture_of_experts_under_sequence_parallelism_matches_dense(world, tp):
+    """Each mixture-of-experts layer runs on the whole sequence (its input gathered, its output split back),
+    its experts split as MLPs with no sequence sharding inside and its gate whole with complete gradients;
+    the rest of the model is sequence parallel. Logits and every gradient equal the dense model's."""
+    for styles, partial in _dist.run(world, _moe_sp_parity, tp):
+        assert styles["blocks.0.moe"] == "sequence_whole" and styles["blocks.0.mlp"] == "sequence_gather"
+        assert styles["blocks.0.moe.experts.1.fc"] == "column" and styles["blocks.0.moe.gate"] == "replicate"
+        assert "blocks.0.ln2.weight" in partial and not any(".moe." in n for n in partial), partial

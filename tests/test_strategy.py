@@ -160,6 +160,19 @@ def test_gpt_oss_experts_train_as_one_process():
         assert len({r["replicated"] for r in results if r["dp_rank"] == dp}) == 1
 
 
+@pytest.mark.skipif(importlib.util.find_spec("litgpt") is None, reason="litgpt (extra 'litgpt')")
+def test_litgpt_mixture_of_experts_trains_under_sequence_parallelism_as_one_process():
+    """LitGPT's LLaMAMoE at TP 2 x DP 2 with sequence parallelism: each mixture-of-experts layer runs on
+    the whole sequence (its gate's gradient complete), the rest sequence parallel (the first step's
+    check of every whole parameter's gradient across TP passes): the losses of one process."""
+    ref = reference_losses(model="litgpt_moe")
+    results = _dist.run(4, _fit, 4, 2, sp=True, model="litgpt_moe")
+    for r in results:
+        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref), rtol=1e-5, atol=0)
+    for dp in range(2):
+        assert len({r["replicated"] for r in results if r["dp_rank"] == dp}) == 1
+
+
 def test_sequence_parallel_dropout_keeps_replicated_weights_identical():
     results = _dist.run(2, _fit, 2, 2, steps=6, dropout=0.1, sp=True, model="nano")
     assert len({r["replicated"] for r in results}) == 1

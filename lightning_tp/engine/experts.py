@@ -13,7 +13,8 @@ ranks, and so is the layer's (the routing weights scale each expert's output, a 
 runs unchanged on them: it reads the widths from the tensors); :class:`ExpertsReduce` sums its
 floating outputs over TP (all-reduce; backward: identity) and gives its floating inputs (the hidden
 states and the routing weights) the all-reduce of their gradient in backward, as each rank's part of
-the output gives only a part of it (Megatron's ``f`` and ``g`` around the experts).
+the output gives only a part of it (Megatron's ``f`` and ``g`` around the experts). Under sequence
+parallelism it all-gathers the tokens' inputs on dim 0 instead and reduce-scatters the output there.
 
 That sum is the whole contract: every parameter that acts in the forward must be split this way,
 or act on one rank only. A bias added after the down projection (GPT-OSS's ``down_proj_bias``) would
@@ -32,38 +33,89 @@ from typing import Any
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
-from lightning_tp._compat import tree_map
-from lightning_tp.engine.comm import copy_to_tp, group_rank, reduce_from_tp
+from lightning_tp._compat import tree_leaves, tree_map
+from lightning_tp.engine.comm import (
+    all_gather_dim,
+    copy_to_tp,
+    gather_from_sp,
+    group_rank,
+    group_size,
+    reduce_from_tp,
+    reduce_scatter_to_sp,
+)
 from lightning_tp.engine.features import ModuleHooks
 from lightning_tp.engine.sharding import mark_partial_grad
+from lightning_tp.errors import ShardingError
 
 
 class ExpertsReduce(ModuleHooks):
     """Hooks that make a module whose parameters hold this rank's part of every expert compute the
     whole layer: floating inputs get a gradient summed over TP, floating outputs are summed over TP
-    (:meth:`attach` registers them)."""
+    (:meth:`attach` registers them).
 
-    def __init__(self, group: ProcessGroup) -> None:
+    Under sequence parallelism (``sequence_parallel=True``) each rank's inputs are its chunk of the
+    tokens: every tensor input that holds them on dim 0 (hidden states, routing weights, expert
+    indices: as many rows as the first floating input of two or more dims) is all-gathered there
+    (backward: the floating ones' gradients reduce-scattered, each rank's being partial), so each
+    rank runs its part of every expert on every token, and the floating outputs with those rows are
+    reduce-scattered on dim 0 (summed over TP, each rank keeping its own tokens; other floating
+    outputs are all-reduced). Experts act on each
+    token alone, so the order the gather puts the tokens in does not matter as long as the inputs
+    are token-major; a tensor input of another length on dim 0 (per-expert counts of tokens sorted by
+    expert) is a ``ShardingError``."""
+
+    def __init__(self, group: ProcessGroup, sequence_parallel: bool = False, name: str = "") -> None:
         self.group = group
+        self.sequence_parallel = sequence_parallel
+        self.name = name
+        self._rows = -1
 
     def _copy(self, x: Any) -> Any:
         if isinstance(x, Tensor) and x.is_floating_point():
             return copy_to_tp(x, self.group)  # forward: x; backward: all-reduce (each rank's grad is partial)
         return x
 
+    def _gather(self, x: Any, rows: int) -> Any:
+        if not isinstance(x, Tensor) or x.dim() == 0:
+            return x
+        if x.shape[0] != rows:
+            raise ShardingError(
+                f"module {self.name!r} (style 'experts') under sequence parallelism: a tensor input of shape "
+                f"{tuple(x.shape)} does not hold the tokens on dim 0 (the hidden states have {rows} rows there); "
+                "the experts gather every rank's tokens on dim 0. Pass token-major inputs (one row per token), or "
+                "use sequence_parallel=False."
+            )
+        if x.is_floating_point():
+            return gather_from_sp(x, self.group, dim=0)  # backward: reduce-scatter of the partial grads
+        return all_gather_dim(x, self.group, 0)
+
     def _sum(self, y: Any) -> Any:
         if isinstance(y, Tensor) and y.is_floating_point():
+            if self.sequence_parallel and y.dim() > 0 and y.shape[0] == self._rows:
+                return reduce_scatter_to_sp(y, self.group, dim=0)  # this rank's tokens, summed over TP
             return reduce_from_tp(y, self.group)  # forward: all-reduce of the partial outputs; backward: identity
         return y
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        return tree_map(self._copy, args), tree_map(self._copy, kwargs)
+        if not self.sequence_parallel:
+            return tree_map(self._copy, args), tree_map(self._copy, kwargs)
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+        hidden = next((t for t in tensors if t.is_floating_point() and t.dim() >= 2), None)
+        if hidden is None:
+            raise ShardingError(
+                f"module {self.name!r} (style 'experts') under sequence parallelism: none of its inputs is a floating "
+                "tensor of two or more dims (the tokens' hidden states, one row per token) to gather. Use "
+                "sequence_parallel=False."
+            )
+        rows = hidden.shape[0]
+        self._rows = rows * group_size(self.group)  # the gathered tokens: outputs with as many rows go back
+        return tree_map(lambda x: self._gather(x, rows), args), tree_map(lambda x: self._gather(x, rows), kwargs)
 
     def _post(self, module: nn.Module, args: tuple, output: Any) -> Any:
         return tree_map(self._sum, output)
 
     def __repr__(self) -> str:
-        return "ExpertsReduce()"
+        return f"ExpertsReduce(sequence_parallel={self.sequence_parallel})"
 
 
 _ONCE_CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}

@@ -11,6 +11,11 @@ Two pieces make the rest of a model work on them:
   the full input.
 * :class:`SequenceShardedEmbedding`: a replicated ``nn.Embedding`` (positions, token types) that
   gives this rank's sequence chunk, to be added to the sequence-sharded token embeddings.
+* :class:`WholeSequence`: forward hooks on a module that must see every token at once and runs as
+  plain tensor parallelism inside (a mixture of experts whose experts are blocks: each rank would
+  route different tokens to them). Its input is all-gathered on the sequence (backward: this rank's
+  chunk of the gradient, which inside is complete on every rank), its output split back to this
+  rank's chunk (backward: all-gather).
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 from torch.utils.hooks import RemovableHandle
 
-from lightning_tp._compat import tensor_version
+from lightning_tp._compat import tensor_version, tree_map
 from lightning_tp.engine.comm import gather_from_sp, scatter_to_sp
+from lightning_tp.engine.features import ModuleHooks
+from lightning_tp.errors import ShardingError
 
 
 class SequenceGather:
@@ -78,6 +85,53 @@ class SequenceGather:
 
     def __repr__(self) -> str:
         return f"SequenceGather(in_features={sorted(self.in_features)})"
+
+
+class WholeSequence(ModuleHooks):
+    """Runs a module on the whole sequence inside a sequence-parallel model (see the module doc).
+
+    Gathered: every floating input of shape ``(..., T/p, w)`` with ``w`` one of ``in_features`` (the
+    widths the module reads the hidden states at), on dim -2; the gradient of the gathered input is
+    complete and the same on every rank (the module runs as plain tensor parallelism inside: its
+    column layers all-reduce their input gradients), so backward keeps this rank's chunk of it. Split
+    back: every floating output of the gathered input's shape ``(..., T, w)``; other outputs (router
+    logits, an auxiliary loss) stay whole, as every rank computed them from every token. A call with
+    nothing to gather is a ``ShardingError`` (each rank would route other tokens).
+    """
+
+    def __init__(self, group: ProcessGroup, in_features: Iterable[int], name: str = "") -> None:
+        self.group, self.in_features, self.name = group, frozenset(int(i) for i in in_features), name
+        self._shapes: set[tuple[int, ...]] = set()  # the gathered inputs' shapes, set by the pre-hook
+
+    def _gather(self, x: Any) -> Any:
+        if isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 2 and x.shape[-1] in self.in_features:
+            full = gather_from_sp(x, self.group, -2, grad_reduce=False).contiguous()  # the module may view() it
+            self._shapes.add(tuple(full.shape))
+            return full
+        return x
+
+    def _split(self, y: Any) -> Any:
+        if isinstance(y, Tensor) and y.is_floating_point() and tuple(y.shape) in self._shapes:
+            return scatter_to_sp(y, self.group, -2)
+        return y
+
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        self._shapes = set()
+        out = tuple(self._gather(a) for a in args), {k: self._gather(v) for k, v in kwargs.items()}
+        if not self._shapes:
+            raise ShardingError(
+                f"module {self.name!r} (sequence parallelism runs this mixture of experts on the whole sequence): "
+                f"none of its inputs is a floating (..., T/p, w) tensor with w in {sorted(self.in_features)} to "
+                "gather, so each rank would route other tokens. Pass it the hidden states, or use "
+                "sequence_parallel=False."
+            )
+        return out
+
+    def _post(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        return tree_map(self._split, output)
+
+    def __repr__(self) -> str:
+        return f"WholeSequence(in_features={sorted(self.in_features)})"
 
 
 class SequenceShardedEmbedding(nn.Embedding):

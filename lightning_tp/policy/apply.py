@@ -23,7 +23,7 @@ from lightning_tp.engine.random import RNGTracker
 from lightning_tp.errors import DeferredInitError, ShardingError
 from lightning_tp.policy.plan import Plan, PlannedModule, attach_plan, plan_policy, planned_row
 from lightning_tp.policy.rules import PolicyError, PolicyWarning, Rule
-from lightning_tp.policy.styles import BuildContext, Qkv, SequenceGatherStyle
+from lightning_tp.policy.styles import BuildContext, Qkv, SequenceGatherStyle, WholeSequenceStyle
 from lightning_tp.policy.verify import (
     block_templates,
     capture,
@@ -118,7 +118,9 @@ def apply_plan(
     _check_plan_fits(model, plan)
     ctx = BuildContext(group, plan.sequence_parallel, rng_tracker)
     for row in plan.modules:
-        if isinstance(row.kind, SequenceGatherStyle):
+        if isinstance(row.kind, WholeSequenceStyle):  # (a SequenceGatherStyle that gathers and splits back)
+            ctx.whole_sequence += (row.name,)
+        elif isinstance(row.kind, SequenceGatherStyle):
             ctx.in_features[row.name] = set(row.options["in_features"])
     replaced: _Replaced = {}
     rows = [row for row in plan.modules if row.kind.replaces]

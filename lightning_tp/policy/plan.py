@@ -181,8 +181,9 @@ def plan_policy(
         )
     full, local = _param_counts(model, modules, planned)
     if sequence_parallel:
-        _check_sequence_parallel(modules, list(planned.values()))
-        _plan_sequence_parallel(modules, planned, tp_size)
+        owners = _whole_sequence_owners(modules, planned)
+        _check_sequence_parallel(modules, list(planned.values()), owners)
+        _plan_sequence_parallel(modules, planned, tp_size, owners)
     _plan_dropouts(modules, planned, tp_size, sequence_parallel)
     ordered = [planned[n] for n in modules if n in planned]
     unused = [p for p in rules if p not in used]
@@ -274,9 +275,13 @@ def _param_counts(
     return sum(p.numel() for p in params), sum(local_numel.get(id(p), p.numel()) for p in params)
 
 
-def _check_sequence_parallel(modules: dict[str, nn.Module], entries: list[PlannedModule]) -> None:
+def _check_sequence_parallel(
+    modules: dict[str, nn.Module], entries: list[PlannedModule], owners: dict[str, _Owner]
+) -> None:
     root = _split_root({e.name: e for e in entries})
     for entry in entries:
+        if _inside(entry.name, owners):
+            continue  # built as plain tensor parallelism: the layer it is in runs on the whole sequence
         if (why := entry.kind.sequence_parallel_error(entry.options)) is not None:
             raise PolicyError(f"module {entry.name!r} (style {entry.style!r}): {why} Use sequence_parallel=False.")
         if isinstance(entry.kind, Column) and entry.name.rpartition(".")[0] in ("", root):
@@ -285,7 +290,7 @@ def _check_sequence_parallel(modules: dict[str, nn.Module], entries: list[Planne
                 "holds a column layer, and this one sits directly in the model. Put it in a submodule (a block), "
                 "or use sequence_parallel=False."
             )
-    _check_no_experts(modules, entries)
+    _check_experts_placement(modules, entries, owners, root)
     if not any(isinstance(e.kind, Vocab) and as_linear(modules[e.name]) is not None for e in entries) and not any(
         isinstance(e.kind, Column) and e.options.get("gather_output") for e in entries
     ):
@@ -296,18 +301,55 @@ def _check_sequence_parallel(modules: dict[str, nn.Module], entries: list[Planne
         )
 
 
-def _check_no_experts(modules: dict[str, nn.Module], entries: list[PlannedModule]) -> None:
-    """Sequence parallelism gathers the sequence at the input of each block holding column layers; a
-    mixture-of-experts layer (:func:`~lightning_tp.policy.rules.expert_routers`) calls its experts on
-    the tokens routed to them, which differ per rank."""
-    split = {e.name for e in entries if e.splits}
-    for owner_name, list_name, n, routers in expert_routers(modules, _column_blocks(entries), split):
-        raise PolicyError(
-            f"module {owner_name or type(modules[owner_name]).__name__!r} routes tokens to {n} experts ({list_name}.*, "
-            f"router {routers[0]!r}): sequence parallelism would gather the sequence at each expert's input, but each "
-            "rank routes different tokens to it. Use sequence_parallel=False for this mixture-of-experts model "
-            "(tensor parallelism splits each expert as an MLP)."
-        )
+def _check_experts_placement(
+    modules: dict[str, nn.Module], entries: list[PlannedModule], owners: dict[str, _Owner], root: str
+) -> None:
+    """Under sequence parallelism a mixture of experts whose experts are blocks runs on the whole
+    sequence, and experts kept as parameters gather every rank's tokens: neither may hold the whole
+    split model (nothing would be sequence-sharded) or sit in a block that already gathers the
+    sequence at its input (the tokens would be gathered twice)."""
+    for owner, (list_name, n, router, _) in owners.items():
+        if owner == "" or owner == root or root.startswith(owner + "."):
+            raise PolicyError(
+                f"module {owner or type(modules[owner]).__name__!r} routes tokens to {n} experts ({list_name}.*, "
+                f"router {router!r}) and holds the whole split model: under sequence parallelism a mixture of "
+                "experts runs on the whole sequence, so nothing would be sequence-sharded. Put the experts and their "
+                "router in a submodule of their own (a layer), or use sequence_parallel=False."
+            )
+    blocks = [b for b in _column_blocks(entries) if not _inside(b, owners)]
+    gathering = [(o, "a mixture of experts") for o in owners]
+    gathering += [(e.name, "experts") for e in entries if e.style == "experts" and not _inside(e.name, owners)]
+    for name, kind in gathering:
+        for block in blocks:
+            if name.startswith(block + "."):
+                raise PolicyError(
+                    f"module {name!r} ({kind}) sits in block {block!r}, which holds column layers and so gathers the "
+                    "sequence at its input under sequence parallelism; the experts would gather every rank's tokens "
+                    f"again. Move {block!r}'s column and row layers into a submodule of their own (an MLP), or use "
+                    "sequence_parallel=False."
+                )
+
+
+# owner -> (its experts' container, the number of experts, the first router, the hidden widths it reads)
+_Owner = tuple[str, int, str, set[int]]
+
+
+def _whole_sequence_owners(modules: dict[str, nn.Module], planned: dict[str, PlannedModule]) -> dict[str, _Owner]:
+    """Mixtures of experts whose experts are blocks of column and row layers
+    (:func:`~lightning_tp.policy.rules.expert_routers`), by owner name. Each calls its experts on the
+    tokens routed to them, which under sequence parallelism would differ per rank; such a layer runs
+    on the whole sequence instead (style ``sequence_whole``)."""
+    blocks = _column_blocks(planned.values())
+    split = {r.name for r in planned.values() if r.splits}
+    owners: dict[str, _Owner] = {}
+    for owner, list_name, n, routers in expert_routers(modules, blocks, split):
+        widths = {w for b, ws in blocks.items() if b.rpartition(".")[0] == list_name for w in ws}
+        owners.setdefault(owner, (list_name, n, routers[0], set()))[3].update(widths)
+    return owners
+
+
+def _inside(name: str, owners: Iterable[str]) -> bool:
+    return any(name != o and _within(name, o) for o in owners)
 
 
 def _column_blocks(rows: Iterable[PlannedModule]) -> dict[str, set[int]]:
@@ -334,11 +376,15 @@ def _within(name: str, root: str) -> bool:
     return not root or name == root or name.startswith(root + ".")
 
 
-def _plan_sequence_parallel(modules: dict[str, nn.Module], planned: dict[str, PlannedModule], tp: int) -> None:
+def _plan_sequence_parallel(
+    modules: dict[str, nn.Module], planned: dict[str, PlannedModule], tp: int, owners: dict[str, _Owner]
+) -> None:
     """Megatron sequence parallelism outside the parallel layers, as plan rows:
 
     * each block holding column layers gathers the sequence at its input (``sequence_gather``);
     * replicated ``nn.Embedding``s (positions, token types) give this rank's chunk (``sequence_embedding``);
+    * a mixture of experts whose experts are blocks runs on the whole sequence (``sequence_whole``:
+      gathered at its input, its output split back), plain tensor parallelism inside;
     * every other module of the split model that holds whole parameters (norms, gains) gets a
       partial gradient (``replicate`` with ``partial_grad``): outside the blocks it runs on this
       rank's sequence chunk; inside a block it runs on the gathered sequence, but the gather's
@@ -347,11 +393,26 @@ def _plan_sequence_parallel(modules: dict[str, nn.Module], planned: dict[str, Pl
       stands; a row whose style takes the option (``replicate``, ``gather_input``) keeps its style
       and gets it.
     """
-    blocks = _column_blocks(planned.values())
+    blocks = {b: w for b, w in _column_blocks(planned.values()).items() if not _inside(b, owners)}
     root = _split_root(planned)
     layers = {r.name for r in planned.values() if r.splits or r.kind.replaces}  # TP layers (replicated k/v too)
     split = {id(p) for n in layers for p in modules[n].parameters(recurse=False)}
     for name, module in modules.items():
+        if _inside(name, owners):
+            continue  # runs as plain tensor parallelism on the whole sequence: nothing sequence-sharded inside
+        if name in owners:
+            given = planned.get(name)
+            if given is not None and (given.style != "replicate" or given.options):
+                raise PolicyError(
+                    f"module {name!r} routes tokens to experts, so sequence parallelism runs it on the whole sequence "
+                    f"(style 'sequence_whole'), and the policy gives it {given.style!r} {dict(given.options)}. Leave it "
+                    "out of the policy (or 'replicate' without options), or use sequence_parallel=False."
+                )
+            note = "a mixture of experts: runs on the whole sequence (gathered at its input, its output split)"
+            planned[name] = planned_row(
+                name, module, Rule("sequence_whole", {"in_features": sorted(owners[name][3])}), None, tp, note
+            )
+            continue
         if name in blocks:
             note = "all-gathers the sequence at the block input"
             options: dict[str, Any] = {"in_features": sorted(blocks[name])}
@@ -389,23 +450,25 @@ def _plan_dropouts(
 ) -> None:
     """Dropouts on activations split over TP draw per-rank masks (``tp_dropout``): attention-probability
     dropouts (named like ``attn_drop``) of blocks with split projections, and under sequence
-    parallelism every ``nn.Dropout`` of the split model (each acts on this rank's chunk or heads).
+    parallelism every ``nn.Dropout`` of the split model (each acts on this rank's chunk or heads) but
+    those inside a layer that runs on the whole sequence.
     Other dropouts act on replicated activations and keep the shared default stream."""
-    if sequence_parallel:
+    parents = {row.name.rpartition(".")[0] for row in planned.values() if isinstance(row.kind, Column)}
+    heads = [
+        n
+        for n, m in modules.items()
+        if type(m) is nn.Dropout
+        and n.rpartition(".")[0] in parents
+        and any(h in n.rpartition(".")[2].lower() for h in _ATTN_DROPOUT_HINTS)
+    ]
+    found = dict.fromkeys(heads, "on this rank's heads")
+    if sequence_parallel:  # every dropout but those inside a layer that runs on the whole sequence
         root = _split_root(planned)
-        found = [n for n, m in modules.items() if type(m) is nn.Dropout and _within(n, root)]
-        note = "on sequence-sharded activations"
-    else:
-        parents = {row.name.rpartition(".")[0] for row in planned.values() if isinstance(row.kind, Column)}
-        found = [
-            n
-            for n, m in modules.items()
-            if type(m) is nn.Dropout
-            and n.rpartition(".")[0] in parents
-            and any(h in n.rpartition(".")[2].lower() for h in _ATTN_DROPOUT_HINTS)
-        ]
-        note = "on this rank's heads"
-    for name in found:
+        owners = [r.name for r in planned.values() if r.style == "sequence_whole"]
+        for n, m in modules.items():
+            if type(m) is nn.Dropout and _within(n, root) and not _inside(n, owners):
+                found[n] = "on sequence-sharded activations"
+    for name, note in found.items():
         planned[name] = planned_row(name, modules[name], Rule("tp_dropout"), None, tp, note)
 
 

@@ -87,8 +87,9 @@ def expert_routers(
     * a parameter of that shape of the layer itself, named like a router (``w_gate``, ``router``).
 
     A container that holds only the experts (DeepSpeed's ``Experts``) is looked through: the router
-    is then its parent's. Modules in ``split`` (split by the policy: an LM head) are not routers.
-    Blocks called one after another have no router."""
+    is then its parent's. Modules in ``split`` (split by the policy: an LM head) are not routers, and
+    a container (``nn.ModuleList`` / ``nn.ModuleDict``, never called) routes nothing. Blocks called one
+    after another have no router."""
     found = []
     for list_name in sorted({b.rpartition(".")[0] for b in blocks}):
         experts = modules.get(list_name)
@@ -107,7 +108,7 @@ def expert_routers(
             if routers or not owner_name or len(list(owner.children())) > 1 or any(owner.parameters(recurse=False)):
                 break
             inner = owner_name  # a container of the experts alone: look at its parent
-        if routers:
+        if routers and not isinstance(modules[owner_name], (nn.ModuleList, nn.ModuleDict)):  # a container runs nothing
             found.append((owner_name, list_name, n, routers))
     return found
 

@@ -37,7 +37,7 @@ from lightning_tp.engine.layers import (
     split_parameters,
 )
 from lightning_tp.engine.random import RNGTracker, TPDropout
-from lightning_tp.engine.sequence import SequenceGather, SequenceShardedEmbedding
+from lightning_tp.engine.sequence import SequenceGather, SequenceShardedEmbedding, WholeSequence
 from lightning_tp.engine.sharding import (
     ShardSpec,
     has_partial_grad,
@@ -89,6 +89,12 @@ class BuildContext:
     rng_tracker: RNGTracker | None = None
     gathers: dict[str, SequenceGather] = field(default_factory=dict)
     in_features: dict[str, set[int]] = field(default_factory=dict)
+    whole_sequence: tuple[str, ...] = ()  # modules that run on the whole sequence (sequence_whole rows)
+
+    def sequence_parallel_at(self, name: str) -> bool:
+        """Whether the module ``name`` runs on sequence-sharded activations: under sequence
+        parallelism, unless it sits inside a module that runs on the whole sequence."""
+        return self.sequence_parallel and not any(name.startswith(w + ".") for w in self.whole_sequence)
 
     def gather(self, block: str) -> SequenceGather:
         """The sequence gather of ``block`` (made on first use; the plan must have its row)."""
@@ -201,7 +207,7 @@ class Column(Style):
             gather_output=row.options.get("gather_output", False),
             chunks=row.options.get("chunks", 1),
             head_dim=row.options.get("head_dim"),
-            sequence_gather=ctx.gather(block) if ctx.sequence_parallel else None,
+            sequence_gather=ctx.gather(block) if ctx.sequence_parallel_at(row.name) else None,
             name=row.name,
         )
 
@@ -248,7 +254,7 @@ class KVReplicate(Column):
         block = row.name.rpartition(".")[0]
         return KVReplicatedLinear.from_dense(
             dense, ctx.group, kv_heads=row.options["kv_heads"], chunks=row.options.get("chunks"),
-            sequence_gather=ctx.gather(block) if ctx.sequence_parallel else None, name=row.name,
+            sequence_gather=ctx.gather(block) if ctx.sequence_parallel_at(row.name) else None, name=row.name,
         )  # fmt: skip
 
 
@@ -274,7 +280,7 @@ class Row(Style):
         return bias.numel()
 
     def build(self, row, dense, ctx):
-        sp = {"sequence_parallel": True, "seq_dim": -2} if ctx.sequence_parallel else {}
+        sp = {"sequence_parallel": True, "seq_dim": -2} if ctx.sequence_parallel_at(row.name) else {}
         return RowParallelLinear.from_dense(
             dense_linear(dense), ctx.group, input_is_parallel=row.options.get("input_is_parallel", True),
             name=row.name, **sp,
@@ -535,13 +541,10 @@ class Experts(_OwnParamsSplit):
         """The parameters kept whole and acting on one rank (``"once"``)."""
         return tuple(p for p, split in options["params"].items() if split == "once")
 
-    def sequence_parallel_error(self, options):
-        return "sequence parallelism would give it this rank's chunk of the sequence, and its output is summed over TP ranks holding different tokens."
-
     def build(self, row, dense, ctx):
         super().build(row, dense, ctx)
         act_once(dense, self.once(row.options), ctx.group)
-        ExpertsReduce(ctx.group).attach(dense)
+        ExpertsReduce(ctx.group, ctx.sequence_parallel_at(row.name), row.name).attach(dense)
         return dense
 
 
@@ -641,6 +644,21 @@ class SequenceGatherStyle(Style):
         return REPLICATE.build(row, dense, ctx)
 
 
+class WholeSequenceStyle(SequenceGatherStyle):
+    """A module that sees every token at once inside a sequence-parallel model (a mixture of experts
+    whose experts are blocks of column and row layers): its inputs of width ``in_features`` are
+    all-gathered on the sequence, it runs as plain tensor parallelism inside, its outputs are split
+    back to this rank's chunk (:class:`~lightning_tp.engine.sequence.WholeSequence`). Planned by
+    sequence parallelism only."""
+
+    name = "sequence_whole"
+    options = frozenset({"in_features"})
+
+    def build(self, row, dense, ctx):
+        WholeSequence(ctx.group, row.options["in_features"], row.name).attach(dense)
+        return dense
+
+
 class SequenceEmbedding(Style):
     """A replicated ``nn.Embedding`` (positions) under sequence parallelism: this rank's chunk."""
 
@@ -692,4 +710,7 @@ STYLES: dict[str, Style] = {
     )
 }  # fmt: skip
 #: every style a plan row can hold (sequence parallelism's pieces are planned, never named)
-ALL_STYLES: dict[str, Style] = {**STYLES, **{s.name: s for s in (SequenceGatherStyle(), SequenceEmbedding())}}
+ALL_STYLES: dict[str, Style] = {
+    **STYLES,
+    **{s.name: s for s in (SequenceGatherStyle(), SequenceEmbedding(), WholeSequenceStyle())},
+}
