@@ -466,17 +466,59 @@ def _sink_parity(tp: int) -> dict:
 def test_per_head_parameters_of_a_block_are_split_with_its_heads(tp):
     """A parameter the attention block holds itself with one entry per head (GPT-OSS's sinks) is split
     with the heads (2 k/v heads: split at TP 2, replicated at TP 4); float64 outputs, gradients and
-    weights after AdamW as the dense block's. Not under sequence parallelism (refused by name)."""
+    weights after AdamW as the dense block's."""
     plan = plan_policy(_SinkAttention(), tp, "auto")
     row = {m.name: m for m in plan.modules}[""]
     assert row.style == "head_params" and row.options == {"params": {"sinks": 0}} and row.local_params == 8 // tp
     for errs in _dist.run(tp, _sink_parity, tp):
         assert errs["local"] == (8 // tp,)
         assert errs["out"] < 1e-12 and errs["grad"] < 1e-12 and errs["weight"] < 1e-12, errs
-    lm = nn.Module()
-    lm.embed, lm.layers, lm.lm_head = nn.Embedding(50, 32), nn.ModuleList([_SinkAttention()]), nn.Linear(32, 50)
-    with pytest.raises(PolicyError, match=r"'layers.0' \(style 'head_params'\): a block holding per-head parameters"):
-        plan_policy(lm, tp, "auto", sequence_parallel=True)
+
+
+class _SinkLM(nn.Module):
+    """Token embedding, two sink-attention blocks with residuals (one with a learned output scale of its
+    own), an LM head: a model sequence parallelism can run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.lm_head = nn.Embedding(50, 32), nn.Linear(32, 50)
+        self.layers = nn.ModuleList([_SinkAttention(), _SinkAttention()])
+        self.layers[1].gain = nn.Parameter(torch.ones(1))  # a whole parameter of a block with sinks
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for layer in self.layers:
+            x = x + layer(x) * getattr(layer, "gain", 1.0)
+        return self.lm_head(x)
+
+
+def _sink_sequence_parallel(tp: int) -> dict:
+    import copy
+
+    from lightning_tp.engine.sharding import has_partial_grad
+
+    torch.manual_seed(0)
+    dense = _SinkLM().double()
+    model = copy.deepcopy(dense)
+    group = _dist.mesh(tp).tp_group
+    policy = {**{r.name: {"style": r.style, **r.options} for r in plan_policy(_SinkLM(), tp, "auto").modules},
+              "lm_head": {"style": "vocab", "gather_output": True}}  # fmt: skip
+    plan = apply_policy(model, group, policy, sequence_parallel=True)  # verify=True: outputs and gradients
+    g = torch.Generator().manual_seed(2)
+    errs = _dist.train_parity(dense, model, group, [torch.randint(0, 50, (2, 8), generator=g) for _ in range(2)])
+    rows = {r.name: (r.style, r.options.get("params"), r.options.get("partial_grad")) for r in plan.modules}
+    return {**errs, "rows": rows, "partial": [n for n, p in model.named_parameters() if has_partial_grad(p)]}
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_per_head_parameters_are_split_under_sequence_parallelism(tp):
+    """Under sequence parallelism the block's one row gathers the sequence and splits its sinks; its other
+    whole parameter (a gain) gets a partial gradient. Float64 outputs, gradients and weights after AdamW."""
+    for r in _dist.run(tp, _sink_sequence_parallel, tp):
+        assert r["rows"]["layers.0"] == ("sequence_gather", {"sinks": 0}, None), r["rows"]
+        assert r["rows"]["layers.1"] == ("sequence_gather", {"sinks": 0}, True), r["rows"]
+        assert "layers.1.gain" in r["partial"] and not any("sinks" in n for n in r["partial"]), r["partial"]
+        assert r["out"] < 1e-12 and r["grad"] < 1e-11 and r["weight"] < 1e-12, r
 
 
 def test_tie_the_policy_would_break():

@@ -416,10 +416,17 @@ def _plan_sequence_parallel(
         if name in blocks:
             note = "all-gathers the sequence at the block input"
             options: dict[str, Any] = {"in_features": sorted(blocks[name])}
-            given = planned.get(name)  # a block is never a split row; the policy may mark its parameters
+            given = planned.get(name)  # the policy may mark its parameters, or split its per-head ones
+            heads = dict(given.options["params"]) if given is not None and given.style == "head_params" else {}
+            if heads:
+                options["params"] = heads
+                note += "; its per-head parameters split with its heads"
+            whole = [  # (with per-head parameters the block is itself a split row: its others are in `split` too)
+                p for n, p in module.named_parameters(recurse=False) if n not in heads and (heads or id(p) not in split)
+            ]
             if given is not None and "partial_grad" in given.options:
                 options["partial_grad"] = given.options["partial_grad"]
-            elif any(id(p) not in split for p in _own_params(module)) and name != root:
+            elif whole and name != root:
                 options["partial_grad"] = True  # the block's own whole parameters, as below
             row = planned_row(name, module, Rule("sequence_gather", options), None, tp, note)
             row.pattern = given.pattern if given is not None else None

@@ -587,7 +587,8 @@ class HeadParams(_OwnParamsSplit):
     """A block's own per-head parameters (GPT-OSS's attention sinks, ``(n_head,)``), in a block whose
     projections are split by heads: each split on its head dim (``params``: parameter name -> dim), so
     a rank holds its heads' entries, which the block's own code then reads with its local head count.
-    Planned automatically; a policy may name it too."""
+    Planned automatically; a policy may name it too. Under sequence parallelism the block's
+    ``sequence_gather`` row carries the split (``params``)."""
 
     name = "head_params"
     options = frozenset({"params"})
@@ -616,20 +617,22 @@ class HeadParams(_OwnParamsSplit):
             specs[p_name] = ShardSpec(dim=dim, sizes=(size,), tp_size=tp, name=f"dim {dim} of {name}.{p_name}")
         return specs
 
-    def sequence_parallel_error(self, options):
-        return "a block holding per-head parameters is not split under sequence parallelism (its sequence gather is not combined with the split of its parameters)."
-
     def shape(self, module):
         return ()
+
+
+HEAD_PARAMS = HeadParams()
 
 
 class SequenceGatherStyle(Style):
     """A block holding column layers (sequence parallelism): its inputs of width ``in_features``
     are all-gathered on the sequence (:class:`~lightning_tp.engine.sequence.SequenceGather`); with
-    ``partial_grad`` its own parameters' gradients are summed over TP."""
+    ``partial_grad`` its own whole parameters' gradients are summed over TP; with ``params`` its own
+    per-head parameters are split with its heads, as a ``head_params`` row does without sequence
+    parallelism (the block's one row carries both)."""
 
     name = "sequence_gather"
-    options = frozenset({"in_features", "partial_grad"})
+    options = frozenset({"in_features", "partial_grad", "params"})
     need = "a module"
     replaces = False
 
@@ -639,7 +642,15 @@ class SequenceGatherStyle(Style):
     def shape(self, module):
         return ()
 
+    def spec(self, name, module, shape, options, tp):
+        return HEAD_PARAMS.spec(name, module, shape, options, tp) if options.get("params") else None
+
+    def local_numels(self, module, row):
+        return HEAD_PARAMS.local_numels(module, row) if row.options.get("params") else super().local_numels(module, row)
+
     def build(self, row, dense, ctx):
+        if row.options.get("params"):
+            HEAD_PARAMS.build(row, dense, ctx)  # split first: partial marks go to the whole parameters only
         ctx.gather(row.name).attach(dense)
         return REPLICATE.build(row, dense, ctx)
 
@@ -705,7 +716,7 @@ KV_REPLICATE = KVReplicate()
 STYLES: dict[str, Style] = {
     s.name: s
     for s in (
-        Column(), Row(), Qkv(), KV_REPLICATE, Vocab(), Heads(), HeadParams(), REPLICATE, GatherInput(), Experts(),
+        Column(), Row(), Qkv(), KV_REPLICATE, Vocab(), Heads(), HEAD_PARAMS, REPLICATE, GatherInput(), Experts(),
         PerRankDropout(),
     )
 }  # fmt: skip
