@@ -29,6 +29,9 @@ torch (no public equivalent):
 * ``run_exit_handlers`` / ``clear_exit_handlers`` (``atexit._run_exitfuncs`` / ``atexit._clear``): a
   worker that leaves with ``os._exit`` (gloo teardown aborts otherwise) still runs Python's exit
   handlers (loggers finish); a forked one first forgets its parent's.
+* ``own_parameters`` (``nn.Module._parameters``): a module's own parameters by name, read without
+  attribute lookup (a class property of the same name, ``engine.experts.act_once``'s, must not be
+  called to find the Parameter it stands for).
 * ``assert_async`` (``torch._assert_async``): a check on tensor values that ``torch.compile`` keeps
   in the graph (raising at run time) where a Python ``if tensor:`` would break the graph.
 
@@ -118,6 +121,11 @@ def assert_async(condition: Tensor, message: str) -> None:
     torch._assert_async(condition, message)
 
 
+def own_parameters(module: torch.nn.Module) -> dict[str, Any]:
+    """``module``'s own parameters by name (the live dict: ``None`` for a registered ``None``)."""
+    return module._parameters
+
+
 def clear_exit_handlers() -> None:
     """Forget the functions registered with ``atexit`` so far (a forked child: they are its parent's)."""
     atexit._clear()
@@ -181,6 +189,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "DisableTorchFunctionSubclass",
+    "own_parameters",
     "disable_sigterm_broadcast",
     "take_lightning_sigterm",
     "MultiProcessingLauncher",  # noqa: F822 (module __getattr__)

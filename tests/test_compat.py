@@ -66,6 +66,17 @@ def test_private_symbols_behave_as_used():
     assert _compat.storage_use_count(u) > 1 and view.numel() == 2
 
 
+def test_own_parameters_are_the_modules_live_parameters_by_name():
+    """act_once reads a module's Parameter by name where a class property of that name stands in front."""
+    lin = torch.nn.Linear(2, 3)
+    params = _compat.own_parameters(lin)
+    assert params["weight"] is lin.weight and params["bias"] is lin.bias and set(params) == {"weight", "bias"}
+    lin.register_parameter("extra", None)
+    assert "extra" in params and params["extra"] is None  # the live dict, a registered None included
+    lin.extra = torch.nn.Parameter(torch.zeros(1))
+    assert params["extra"] is lin.extra
+
+
 def test_scaler_found_inf_flags_are_where_compat_reads_them():
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
     p = torch.nn.Parameter(torch.ones(2))

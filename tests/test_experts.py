@@ -268,7 +268,7 @@ def _parity(kind: str, tp: int, recompute: bool = False) -> dict:
         "local_params": sum(p.numel() for p in model.parameters()) == plan.local_params,
         # a parameter acting once is the Parameter outside the forward (FSDP2 and loaders read it there)
         "once_is_param": all(
-            getattr(e, n) is e._parameters[n] for e in (model[0].experts, model[1].experts) for n in e._parameters
+            getattr(e, n) is p for e in (model[0].experts, model[1].experts) for n, p in e.named_parameters()
         ),
     }
     g = torch.Generator().manual_seed(1)

@@ -33,7 +33,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
-from lightning_tp._compat import tree_leaves, tree_map
+from lightning_tp._compat import own_parameters, tree_leaves, tree_map
 from lightning_tp.engine.comm import (
     all_gather_dim,
     copy_to_tp,
@@ -59,10 +59,9 @@ class ExpertsReduce(ModuleHooks):
     (backward: the floating ones' gradients reduce-scattered, each rank's being partial), so each
     rank runs its part of every expert on every token, and the floating outputs with those rows are
     reduce-scattered on dim 0 (summed over TP, each rank keeping its own tokens; other floating
-    outputs are all-reduced). Experts act on each
-    token alone, so the order the gather puts the tokens in does not matter as long as the inputs
-    are token-major; a tensor input of another length on dim 0 (per-expert counts of tokens sorted by
-    expert) is a ``ShardingError``."""
+    outputs are all-reduced). Experts act on each token alone, so the order the gather puts the
+    tokens in does not matter as long as the inputs are token-major; a tensor input of another length
+    on dim 0 (per-expert counts of tokens sorted by expert) is a ``ShardingError``."""
 
     def __init__(self, group: ProcessGroup, sequence_parallel: bool = False, name: str = "") -> None:
         self.group = group
@@ -120,16 +119,18 @@ class ExpertsReduce(ModuleHooks):
 
 _ONCE_CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
 _ONCE_DEPTH = "_tp_once_depth"  # how many calls of the module's forward are running (act_once)
+_ONCE_SCALE = "_tp_once_scale"  # 1.0 on the TP group's first rank, 0.0 on the others
 
 
 def _read_once(name: str) -> property:
     def read(self: nn.Module) -> Tensor | None:
-        if name not in self._parameters:
+        params = own_parameters(self)
+        if name not in params:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        param = self._parameters[name]
+        param = params[name]
         if param is None or not self.__dict__.get(_ONCE_DEPTH):
             return param
-        return param * self._tp_once_scale
+        return param * self.__dict__[_ONCE_SCALE]
 
     return property(read, doc=f"{name!r}; inside forward, as this rank adds it to a sum over TP (act_once)")
 
@@ -165,17 +166,18 @@ def act_once(module: nn.Module, names: tuple[str, ...], group: ProcessGroup) -> 
     names = tuple(names)
     if not names:
         return module
-    own = [n for n, p in module._parameters.items() if p is not None]
+    params = own_parameters(module)
+    own = [n for n, p in params.items() if p is not None]
     for name in names:
         if name not in own:
             raise ValueError(
                 f"act_once: {type(module).__name__} has no parameter {name!r} of its own (its parameters: {own})."
             )
-        mark_partial_grad(module._parameters[name])
+        mark_partial_grad(params[name])
     cls = type(module)
     key = (cls, names)
     if key not in _ONCE_CLASSES:
         _ONCE_CLASSES[key] = _once_class(cls, names)
-    module.__dict__["_tp_once_scale"] = 1.0 if group_rank(group) == 0 else 0.0
+    module.__dict__[_ONCE_SCALE] = 1.0 if group_rank(group) == 0 else 0.0
     module.__class__ = _ONCE_CLASSES[key]
     return module

@@ -35,6 +35,12 @@ from lightning_tp.engine.features import ModuleHooks
 from lightning_tp.errors import ShardingError
 
 
+def is_hidden(x: Any, widths: frozenset[int]) -> bool:
+    """Whether ``x`` is sequence-sharded hidden states a gather takes: a floating ``(..., T/p, w)``
+    tensor with ``w`` one of ``widths``."""
+    return isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 2 and x.shape[-1] in widths
+
+
 class SequenceGather:
     """All-gathers the sequence of a block's inputs (sequence parallelism); see the module doc.
 
@@ -69,7 +75,7 @@ class SequenceGather:
         return entry[1]
 
     def _gather(self, x: Any) -> Any:
-        if isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 2 and x.shape[-1] in self.in_features:
+        if is_hidden(x, self.in_features):
             full = gather_from_sp(x, self.group, -2)  # (..., T, in)
             if torch.compiler.is_compiling():
                 return full
@@ -104,7 +110,7 @@ class WholeSequence(ModuleHooks):
         self._shapes: set[tuple[int, ...]] = set()  # the gathered inputs' shapes, set by the pre-hook
 
     def _gather(self, x: Any) -> Any:
-        if isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 2 and x.shape[-1] in self.in_features:
+        if is_hidden(x, self.in_features):
             full = gather_from_sp(x, self.group, -2, grad_reduce=False).contiguous()  # the module may view() it
             self._shapes.add(tuple(full.shape))
             return full

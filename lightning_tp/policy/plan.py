@@ -342,9 +342,8 @@ def _whole_sequence_owners(modules: dict[str, nn.Module], planned: dict[str, Pla
     blocks = _column_blocks(planned.values())
     split = {r.name for r in planned.values() if r.splits}
     owners: dict[str, _Owner] = {}
-    for owner, list_name, n, routers in expert_routers(modules, blocks, split):
-        widths = {w for b, ws in blocks.items() if b.rpartition(".")[0] == list_name for w in ws}
-        owners.setdefault(owner, (list_name, n, routers[0], set()))[3].update(widths)
+    for owner, list_name, n, hidden, routers in expert_routers(modules, blocks, split):
+        owners.setdefault(owner, (list_name, n, routers[0], set()))[3].update(hidden)
     return owners
 
 
@@ -381,7 +380,8 @@ def _plan_sequence_parallel(
 ) -> None:
     """Megatron sequence parallelism outside the parallel layers, as plan rows:
 
-    * each block holding column layers gathers the sequence at its input (``sequence_gather``);
+    * each block holding column layers gathers the sequence at its input (``sequence_gather``; a block
+      with per-head parameters of its own, a ``head_params`` row, gets them split by that same row);
     * replicated ``nn.Embedding``s (positions, token types) give this rank's chunk (``sequence_embedding``);
     * a mixture of experts whose experts are blocks runs on the whole sequence (``sequence_whole``:
       gathered at its input, its output split back), plain tensor parallelism inside;

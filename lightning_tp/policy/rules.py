@@ -75,8 +75,8 @@ _ROUTER_HINTS = ("gate", "rout", "wg")  # an expert layer's own scoring paramete
 
 def expert_routers(
     modules: dict[str, nn.Module], blocks: Mapping[str, set[int]], split: set[str] = frozenset()
-) -> list[tuple[str, str, int, list[str]]]:
-    """Mixture-of-experts layers: ``(owner, experts, number of experts, router parameters)`` for each
+) -> list[tuple[str, str, int, set[int], list[str]]]:
+    """Mixture-of-experts layers: ``(owner, experts, number of experts, hidden widths, routers)`` for each
     ``nn.ModuleList`` / ``nn.ModuleDict`` of two or more blocks holding column layers (``blocks``:
     block name -> input widths of its column layers) beside a router scoring the experts' input
     (width ``hidden``) over the ``n`` experts:
@@ -109,7 +109,7 @@ def expert_routers(
                 break
             inner = owner_name  # a container of the experts alone: look at its parent
         if routers and not isinstance(modules[owner_name], (nn.ModuleList, nn.ModuleDict)):  # a container runs nothing
-            found.append((owner_name, list_name, n, routers))
+            found.append((owner_name, list_name, n, hidden, routers))
     return found
 
 
