@@ -366,21 +366,22 @@ def _replicated_kv_parity(tp: int, kv: int, fused: bool) -> dict:
     ids=["tp2-mqa", "tp4-mqa", "tp4-kv2", "tp2-mqa-fused", "tp4-kv2-fused"],
 )  # fmt: skip
 def test_key_value_heads_fewer_than_ranks_are_replicated(tp, kv, fused):
-    """Fewer key/value heads than ranks (multi-query included): the k/v projections (a fused q/k/v one
-    too) stay whole on every rank, each rank computes its query heads and the k/v head they read, the
-    gradients of the k/v weights, biases and the per-head k norm are summed over TP; outputs, gradients and
+    """Fewer key/value heads than ranks (multi-query included): each rank holds and computes its query
+    heads and the one k/v head they read (a fused q/k/v projection too), the gradients of the k/v rows
+    are summed over the ranks that hold the head, the per-head k norm's over TP; outputs, gradients and
     weights after AdamW steps as the dense block's (float64)."""
     plan = plan_policy(_RepeatKVAttention(n_kv_heads=kv, fused=fused), tp, "auto")
     rows = {m.name: m for m in plan.modules}
     assert rows["wo"].style == "row"
-    if fused:
+    if fused:  # each rank holds its query heads' rows and one key/value head's
         assert rows["wqkv"].style == "kv_replicate"
         assert rows["wqkv"].options == {"kv_heads": kv, "chunks": (32, kv * 4, kv * 4)}
+        assert rows["wqkv"].local_shape == (32 // tp + 8, 32) and rows["wqkv"].local_params == (32 // tp + 8) * 33
     else:
         assert rows["wq"].style == "column"
         for name in ("wk", "wv"):
             assert rows[name].style == "kv_replicate" and rows[name].options == {"kv_heads": kv}
-            assert rows[name].local_shape == rows[name].full_shape == (kv * 4, 32)
+            assert rows[name].full_shape == (kv * 4, 32) and rows[name].local_shape == (4, 32)
     changes = {attr: (old, new) for _, attr, old, new in plan.attribute_changes}
     assert changes == {"n_heads": (8, 8 // tp), "n_kv_heads": (kv, 1), "n_rep": (8 // kv, 8 // tp)}
     for errs in _dist.run(tp, _replicated_kv_parity, tp, kv, fused):

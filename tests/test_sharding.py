@@ -56,3 +56,53 @@ def test_uneven_split_is_a_typed_error():
     with pytest.raises(ShardingError, match="w: expected 2 shards, got 1"):
         spec.unshard([torch.zeros(4)])
     assert issubclass(ShardingError, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "shared", "tp", "dim"),
+    [((8,), (2,), 2, 0), ((8,), (4,), 4, 0), ((8, 4, 4), (1, 2, 2), 4, 0), ((16, 4, 4), (1, 4, 4), 4, -1),
+     ((12, 6, 6), (1, 2, 2), 2, 1)],
+)  # fmt: skip
+def test_shared_chunks_round_trip(sizes, shared, tp, dim):
+    """A shared chunk is split into tp / shared pieces, each held by shared consecutive ranks: shard,
+    unshard and the activation gather index agree, and each piece counts once in the row weights."""
+    spec = ShardSpec(dim=dim, sizes=sizes, tp_size=tp, shared=shared)
+    shape = [3, 3]
+    shape[dim] = sum(sizes)
+    full = torch.randn(*shape, dtype=torch.float64)
+    shards = [spec.shard(full, r) for r in range(tp)]
+    assert all(s.shape[dim] == spec.local_size for s in shards)
+    assert torch.equal(spec.unshard(shards), full)
+    cat = torch.cat(shards, dim=dim)
+    assert torch.equal(cat.index_select(dim, spec.gather_index()), full)
+    # summed over the ranks, each chunk's squares divided by the ranks holding it: the dense squared norm
+    total = sum(
+        s.narrow(dim, first, size).square().sum() / spec.shared[c]
+        for s in shards
+        for c, first, size in spec.chunk_ranges()
+    )
+    assert torch.allclose(total, full.square().sum())
+
+
+def test_shared_key_value_heads_layout():
+    """(q, k, v) = (8, 2, 2) at TP 4 with the k/v chunks shared by 2 ranks: each rank holds its 2 query
+    rows and the k/v head its query heads read."""
+    spec = ShardSpec(dim=0, sizes=(8, 2, 2), tp_size=4, shared=(1, 2, 2))
+    full = torch.arange(12)  # q = 0..7, k = 8, 9, v = 10, 11
+    assert [spec.shard(full, r).tolist() for r in range(4)] == [
+        [0, 1, 8, 10], [2, 3, 8, 10], [4, 5, 9, 11], [6, 7, 9, 11]
+    ]  # fmt: skip
+    assert spec.pieces == (4, 2, 2) and spec.local_sizes == (2, 1, 1) and spec.is_shared
+    assert [spec.valid_range(r, 1) for r in range(4)] == [(0, 1), (0, 1), (1, 1), (1, 1)]
+    assert spec.chunk_ranges() == [(0, 0, 2), (1, 2, 1), (2, 3, 1)]
+    assert spec.chunk_ranges((1, 3)) == [(0, 0, 1), (1, 1, 1)]  # a part of the shard (ZeRO's rows)
+    assert not ShardSpec(dim=0, sizes=(8,), tp_size=4).is_shared
+
+
+def test_bad_sharing_is_a_typed_error():
+    with pytest.raises(ShardingError, match=r"kv: shared=\[3\] must give, for each of the 1 chunks, a number of ranks"):
+        ShardSpec(dim=0, sizes=(8,), tp_size=4, shared=(3,), name="kv")
+    with pytest.raises(ShardingError, match=r"shared=\[2\] must give, for each of the 2 chunks"):
+        ShardSpec(dim=0, sizes=(8, 8), tp_size=4, shared=(2,), name="kv")
+    with pytest.raises(ShardingError, match=r"a chunk of size 3 shared by 2 ranks must divide into 2 equal pieces"):
+        ShardSpec(dim=0, sizes=(8, 3), tp_size=4, shared=(1, 2), name="kv")

@@ -14,7 +14,7 @@ from lightning_tp import MegatronTPStrategy
 from lightning_tp.engine.sequence import SequenceShardedEmbedding
 from lightning_tp.engine.sharding import shard_spec
 from lightning_tp.errors import MeshConfigError
-from lightning_tp.lightning.zero import local
+from lightning_tp.lightning.zero import dp_rows_start, local
 
 
 class Recorder(L.Callback):
@@ -32,12 +32,20 @@ class Recorder(L.Callback):
 
 
 def _replicated_digest(module):
+    """A digest of what every rank of a TP group must hold alike: the whole parameters, and the rows of
+    a shared chunk held by every TP rank (one key/value head: multi-query attention)."""
     h = hashlib.sha1()
     for name, p in sorted(module.named_parameters()):
-        if shard_spec(p) is None:
+        spec, part = shard_spec(p), local(p).detach()  # ZeRO: this DP rank's part
+        if spec is None:
             h.update(name.encode())
-            part = local(p)  # ZeRO: this DP rank's part
-            h.update(part.detach().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(part.contiguous().view(torch.uint8).numpy().tobytes())
+            continue
+        start = dp_rows_start(p)
+        for c, first, size in spec.chunk_ranges((start, start + part.shape[0])):
+            if spec.pieces[c] == 1:  # one piece: every TP rank holds it
+                h.update(f"{name}[{start + first}:{start + first + size}]".encode())
+                h.update(part.narrow(0, first, size).contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -132,9 +140,10 @@ def test_sequence_parallel_losses_match_single_process(world, tp, ref_losses):
 
 
 def test_multi_query_attention_trains_as_one_process():
-    """One key/value head at TP 2 x DP 2, with sequence parallelism and ZeRO-3: the k/v projections stay
-    whole on every rank (each computes the head), their partial gradients are summed over TP before the
-    clipping and the step: the losses of one process."""
+    """One key/value head at TP 2 x DP 2, with sequence parallelism and ZeRO-3: every rank holds the k/v
+    projections' one head (split again over DP), their partial gradients are summed over the TP ranks
+    before the clipping (each head counted once in the norm) and the step: the losses of one process,
+    the head identical on both TP ranks."""
     ref = reference_losses(model="plain_mqa")
     results = _dist.run(4, _fit, 4, 2, sp=True, model="plain_mqa", strategy_kw={"zero_stage": 3})
     for r in results:

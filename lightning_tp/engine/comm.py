@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
+from lightning_tp.engine.sharding import ShardSpec
 from lightning_tp.errors import ShardingError
 
 # ----------------------------------------------------------------------------------------------
@@ -77,6 +78,32 @@ def all_reduce_coalesced(tensors: list[Tensor], group: ProcessGroup) -> list[Ten
             out[i] = flat[offset : offset + tensors[i].numel()].view_as(tensors[i])
             offset += tensors[i].numel()
     return out
+
+
+def sum_shared_pieces_(items: list[tuple[Tensor, ShardSpec, int]], group: ProcessGroup) -> None:
+    """Sum the gradients of shared chunks (:class:`~lightning_tp.engine.sharding.ShardSpec`
+    ``shared``) over the ranks that hold each piece, in place: ``items`` are ``(grad, spec, start)``,
+    ``grad`` this rank's tensor laid out by ``spec`` or, under ZeRO, its rows ``[start, start + len)``
+    of dim 0. One flat all-reduce over TP: each rank puts its rows in its piece's slot of a zero
+    buffer with a slot per piece, so the sum over all ranks fills each slot with its holders' sum
+    alone. Collective (every TP rank holds the same rows of every tensor, so the buffers line up)."""
+    views, buffers, slots = [], [], []
+    rank = dist.get_rank(group)
+    for grad, spec, start in items:
+        dim = spec.dim % grad.dim()
+        rows = (start, start + grad.shape[0]) if dim == 0 else None
+        for c, first, size in spec.chunk_ranges(rows):
+            if spec.shared[c] == 1:
+                continue
+            view = grad.narrow(dim, first, size)
+            buffer = view.new_zeros((spec.pieces[c], *view.shape))
+            buffer[spec.piece(rank, c)] = view
+            views.append(view)
+            buffers.append(buffer)
+            slots.append(spec.piece(rank, c))
+    totals = all_reduce_coalesced(buffers, group) if buffers else []
+    for view, total, piece in zip(views, totals, slots, strict=True):
+        view.copy_(total[piece])
 
 
 def broadcast_coalesced(tensors: list[Tensor], src: int = 0, group: ProcessGroup | None = None,

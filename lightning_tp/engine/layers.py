@@ -8,8 +8,8 @@ depend on the tensor-parallel size. ``p`` below is the TP group size, ``r`` this
   each chunk split separately, so every rank holds whole heads of q, k and v).
 * :class:`RowParallelLinear` ``Y = sum_r X_r A_r^T + b``, ``A`` split by input features; bias added
   once after the all-reduce.
-* :class:`KVReplicatedLinear`: a key/value projection with fewer heads than ranks, whole on every
-  rank, each computing the one head its query heads read.
+* :class:`KVReplicatedLinear`: a key/value projection with fewer heads than ranks: each rank holds
+  and computes the one head its query heads read (a fused ``[Q | K | V]`` one: its query rows too).
 * :class:`VocabParallelEmbedding`: embedding rows split by vocabulary, masked lookup + all-reduce.
 * :class:`VocabParallelLMHead`: an LM-head ``nn.Linear`` split by vocabulary (output features).
 
@@ -220,14 +220,17 @@ def _column_linear(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | N
 
 class KVReplicatedLinear(nn.Module):
     """A key or value projection of grouped-query attention with fewer key/value heads ``n`` than TP
-    ranks (multi-query attention: ``n = 1``), ``p`` a multiple of ``n``: the projection stays whole
-    on every rank, and rank ``r`` computes key/value head ``r // (p / n)``, the one that its query
-    heads ``[r H/p, (r+1) H/p)`` read (vLLM's replication of key/value heads). A fused ``[Q | K | V]``
-    projection (``chunks=(q, k, v)``) stays whole too; rank ``r`` computes its query heads' rows
-    and that key/value head's rows of ``K`` and ``V``.
+    ranks (multi-query attention: ``n = 1``), ``p`` a multiple of ``n``: rank ``r`` holds and
+    computes key/value head ``r // (p / n)`` alone, the one that its query heads ``[r H/p, (r+1) H/p)``
+    read; the ``p / n`` ranks of a head hold the same copy (vLLM's replication of key/value heads). A
+    fused ``[Q | K | V]`` projection (``chunks=(q, k, v)``): rank ``r`` holds its query heads' rows
+    (split as :class:`ColumnParallelLinear`'s) and that key/value head's rows of ``K`` and ``V``.
 
-    Weight and bias whole on every rank, their gradients partial (each rank's covers only its query
-    heads; marked, summed over TP before the step). Input ``(..., in)`` replicated over TP (or as
+    Weight ``(head_dim, in)`` (fused: ``(q/p + 2 head_dim, in)``) and bias laid out by a
+    :class:`~lightning_tp.engine.sharding.ShardSpec` whose key/value chunks are *shared* by ``p / n``
+    ranks: their gradients (each rank's covers only its query heads) are summed over a head's ranks
+    before the step (:func:`lightning_tp.lightning.precision.all_reduce_partial_grads`), and a
+    gradient norm counts each head once. Input ``(..., in)`` replicated over TP (or as
     :class:`ColumnParallelLinear` under sequence parallelism); output ``(..., head_dim)``, one head
     (fused: ``(..., q/p + 2 head_dim)``, ``[Q_r | K_h | V_h]``).
 
@@ -269,11 +272,15 @@ class KVReplicatedLinear(nn.Module):
         self.head = rank // (tp // kv_heads)  # the key/value head this rank's query heads read
         self.chunks = None if chunks is None else tuple(chunks)
         self.sequence_parallel, self.seq_dim, self.sequence_gather = sequence_parallel, seq_dim, sequence_gather
+        share = tp // kv_heads
+        sizes, shared = ((kv,), (share,)) if chunks is None else ((q, kv, kv), (1, share, share))
+        label = f"out_features of {name!r}" if name else "out_features"
+        self.weight_spec = ShardSpec(dim=0, sizes=sizes, tp_size=tp, shared=shared, name=label)
         if _dense is None:
             _dense = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.weight = mark_partial_grad(shard_parameter(_dense.weight, None, rank, _dense.weight.requires_grad))
+        self.weight = shard_parameter(_dense.weight, self.weight_spec, rank, _dense.weight.requires_grad)
         if _dense.bias is not None:
-            self.bias = mark_partial_grad(shard_parameter(_dense.bias, None, rank, _dense.bias.requires_grad))
+            self.bias = shard_parameter(_dense.bias, self.weight_spec, rank, _dense.bias.requires_grad)
         else:
             self.register_parameter("bias", None)
         head = torch.arange(self.head * self.head_dim, (self.head + 1) * self.head_dim)
@@ -283,27 +290,21 @@ class KVReplicatedLinear(nn.Module):
 
     @classmethod
     def from_dense(cls, module: nn.Linear, group: ProcessGroup, **kwargs) -> KVReplicatedLinear:
-        """Build from an existing ``nn.Linear`` (copied whole; keyword options as in the constructor)."""
+        """Build from an existing ``nn.Linear`` by slicing this rank's rows (keyword options as in the
+        constructor)."""
         m = _ParallelLinear._check_dense(module)
         return cls(m.in_features, m.out_features, m.bias is not None, group=group, _dense=m, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._rows.device != self.weight.device:  # made on the CPU; verify runs before the model's last move
-            self._rows = self._rows.to(self.weight.device)
-        if self.chunks is None:  # one head: a contiguous slice
-            start = self.head * self.head_dim
-            weight = self.weight.narrow(0, start, self.head_dim)  # (head_dim, in)
-            bias = None if self.bias is None else self.bias.narrow(0, start, self.head_dim)
-        else:
-            weight = self.weight.index_select(0, self._rows)  # (q/p + 2 head_dim, in)
-            bias = None if self.bias is None else self.bias.index_select(0, self._rows)
-        return _column_linear(self, x, weight, bias)
+        return _column_linear(self, x, self.weight, self.bias)  # (..., head_dim) or (..., q/p + 2 head_dim)
 
     def dense_output_rows(self) -> tuple[Tensor, Tensor]:
         """``(rows, share)``: the dense output features this rank's output holds, in order, and each
         one's share of it over TP (``1 / (p / n)`` for a key/value head, which ``p / n`` ranks compute;
         1 for a query head's, which one rank computes): ``sum`` over ranks of ``share * out`` covers
         every dense feature once (verify's block-by-block probe)."""
+        if self._rows.device != self.weight.device:  # made on the CPU; verify runs before the model's last move
+            self._rows = self._rows.to(self.weight.device)
         share = torch.full((self._rows.numel(),), self.kv_heads / self.tp_size, dtype=torch.float64)
         if self.chunks is not None:
             share[: self._rows.numel() - 2 * self.head_dim] = 1.0  # the query heads: this rank's alone

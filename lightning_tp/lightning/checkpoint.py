@@ -9,8 +9,9 @@ A checkpoint is a directory::
 
 Tensors are stored in a TP-size independent form: each TP-sharded parameter (and each optimizer
 state tensor shaped like it) is written as a ``DTensor`` over the mesh whose global shape is the
-dense, unpadded tensor (one DTensor per fused chunk: ``name::chunk{i}``). Vocabulary padding is never
-written. Loading at another TP size reads each rank's new slice (DCP reshards), padding rows become
+dense, unpadded tensor (one DTensor per fused chunk: ``name::chunk{i}``); a chunk whose pieces several
+ranks hold (replicated key/value heads, ``ShardSpec.shared``) is gathered and written whole, once.
+Vocabulary padding is never written. Loading at another TP size reads each rank's new slice (DCP reshards), padding rows become
 zeros. Replicated tensors are written once. The RNG states are per rank (``rng.rank{r}.*``) and
 restored only at the same world size.
 
@@ -27,7 +28,7 @@ import shutil
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -38,7 +39,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from lightning_tp.engine.comm import collective_device
+from lightning_tp.engine.comm import all_gather_dim, collective_device
 from lightning_tp.engine.mesh import TPMesh
 from lightning_tp.engine.sharding import ShardSpec, shard_spec
 from lightning_tp.errors import LightningTPError
@@ -69,8 +70,19 @@ def _global_shape(local_shape: torch.Size, spec: ShardSpec, chunk: int) -> torch
     return torch.Size(shape)
 
 
-def _canonical(key: str, local: Tensor, spec: ShardSpec | None, mesh: TPMesh) -> dict[str, Tensor]:
-    """``{key(s): tensor}`` to save for one local tensor (DTensors for sharded ones)."""
+class _SharedPiece(NamedTuple):
+    """This rank's piece of a shared chunk, to be saved whole once every rank has built its state
+    (:func:`_gather_shared`)."""
+
+    piece: Tensor
+    spec: ShardSpec
+    chunk: int
+
+
+def _canonical(key: str, local: Tensor, spec: ShardSpec | None, mesh: TPMesh, save: bool = True) -> dict[str, Any]:
+    """``{key(s): tensor}`` to save for one local tensor (DTensors for sharded ones; a shared chunk,
+    whose pieces several ranks hold, whole: a :class:`_SharedPiece` to gather when ``save``, a
+    buffer to load into otherwise)."""
     if spec is None:
         return {key: local.detach()}
     out, offset = {}, 0
@@ -79,6 +91,11 @@ def _canonical(key: str, local: Tensor, spec: ShardSpec | None, mesh: TPMesh) ->
         _, n_valid = spec.valid_range(mesh.tp_rank, c)
         piece = local.detach().narrow(spec.dim, offset, n_valid).contiguous()
         shape = _global_shape(local.shape, spec, c)
+        if spec.shared[c] > 1:  # the same on every rank: saved once, read whole
+            empty = torch.empty(shape, dtype=local.dtype, device=local.device)
+            out[ckey] = _SharedPiece(piece, spec, c) if save else empty
+            offset += m
+            continue
         out[ckey] = DTensor.from_local(
             piece, mesh.device_mesh, [Replicate(), Shard(spec.dim)], run_check=False, shape=shape,
             stride=torch.empty(shape, device="meta").stride(),
@@ -96,9 +113,24 @@ def _fill_local(local: Tensor, loaded: dict[str, Tensor], key: str, spec: ShardS
         local.zero_()
         offset = 0
         for c, ckey in enumerate(_chunk_keys(key, spec)):
-            _, n_valid = spec.valid_range(mesh.tp_rank, c)
-            local.narrow(spec.dim, offset, n_valid).copy_(loaded[ckey].to_local())
+            start, n_valid = spec.valid_range(mesh.tp_rank, c)
+            got = loaded[ckey]
+            got = got.to_local() if isinstance(got, DTensor) else got.narrow(spec.dim, start, n_valid)
+            local.narrow(spec.dim, offset, n_valid).copy_(got)
             offset += spec.local_sizes[c]
+
+
+def _gather_shared(tensors: dict[str, Any], mesh: TPMesh) -> dict[str, Tensor]:
+    """``tensors`` with each :class:`_SharedPiece` replaced by its whole chunk, read from every
+    piece's first holder (an all-gather over TP each, in the same order on every rank). Collective."""
+    out = {}
+    for key, t in tensors.items():
+        if isinstance(t, _SharedPiece):
+            dim = t.spec.dim
+            pieces = all_gather_dim(t.piece, mesh.tp_group, dim).chunk(t.spec.tp_size, dim=dim)
+            t = torch.cat(pieces[:: t.spec.shared[t.chunk]], dim=dim)
+        out[key] = t
+    return out
 
 
 # ZeRO (stages 2/3): parameters and optimizer state are DTensors split over the DP group. A
@@ -248,6 +280,7 @@ def save(
     failed = _failed_ranks(error is not None)
     if not failed:
         try:
+            tensors = _gather_shared(tensors, mesh)  # collective: shared chunks (replicated k/v heads) whole
             dcp.save(tensors, checkpoint_id=str(tmp))  # collective; a failure on one rank raises on all
             if rank == 0:
                 meta["lightning_tp"]["files"] = _manifest(tmp)  # every rank's files are complete here
@@ -415,7 +448,7 @@ def load(
     expected: dict[str, torch.Size] = {}
     for name, t in params.items():
         spec = shard_spec(t)
-        canon = _canonical(f"model.{name}", _empty_whole(t), spec, mesh)
+        canon = _canonical(f"model.{name}", _empty_whole(t), spec, mesh, save=False)
         expected.update({k: v.shape for k, v in canon.items()})
         buffers.update(canon)
         targets.append((t, f"model.{name}", spec, name))
@@ -437,7 +470,7 @@ def load(
                     first = stored.get(key) or stored[f"{key}{_CHUNK}0"]
                     if spec is not None and (key not in stored or tuple(first.size) == tuple(_dense_shape(p, spec))):
                         buf = _empty_whole(p)  # the local state; read through separate canonical buffers
-                        buffers.update(_canonical(key, _empty_whole(p), spec, mesh))
+                        buffers.update(_canonical(key, _empty_whole(p), spec, mesh, save=False))
                     else:
                         spec = None
                         buf = torch.empty(first.size, dtype=first.properties.dtype)

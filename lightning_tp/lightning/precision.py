@@ -30,9 +30,9 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from lightning_tp._compat import check_inf_per_device, found_inf_per_device
-from lightning_tp.engine.comm import all_reduce_coalesced, collective_device
-from lightning_tp.engine.sharding import has_partial_grad, shard_spec
-from lightning_tp.lightning.zero import is_dp_sharded, local
+from lightning_tp.engine.comm import all_reduce_coalesced, collective_device, sum_shared_pieces_
+from lightning_tp.engine.sharding import ShardSpec, has_partial_grad, shard_spec
+from lightning_tp.lightning.zero import dp_rows_start, is_dp_sharded, local
 
 
 def tp_grad_norm(
@@ -40,16 +40,23 @@ def tp_grad_norm(
 ) -> Tensor:
     """Norm of the unsharded model's gradient from this rank's parameters (identical on all ranks).
 
-    Sharded parameters contribute ``sum over TP`` of their local squared norms; replicated ones are
-    counted once (their grads are equal on every TP rank). Gradients split over data parallelism
-    (ZeRO: DTensors over ``dp_group``) contribute ``sum over DP`` of their local parts.
+    Sharded parameters contribute ``sum over TP`` of their local squared norms (a shared chunk's
+    rows weighted ``1 / shared``: each piece counted once); replicated ones are counted once (their
+    grads are equal on every TP rank). Gradients split over data parallelism (ZeRO: DTensors over
+    ``dp_group``) contribute ``sum over DP`` of their local parts.
     """
-    grads = [(local(p.grad), shard_spec(p) is not None, is_dp_sharded(p.grad)) for p in params if p.grad is not None]
+    grads = []  # (this rank's gradient, split over TP, split over DP, the spec of a shared one)
+    for p in params:
+        if p.grad is not None:
+            spec = shard_spec(p)
+            shared = spec if spec is not None and spec.is_shared else None
+            start = dp_rows_start(p.grad) if shared is not None else 0
+            grads.append((local(p.grad), spec is not None, is_dp_sharded(p.grad), shared, start))
     if not grads:
         return torch.tensor(0.0)
     device = grads[0][0].device
     tp_group = tp_group if tp_group is not None and dist.get_world_size(tp_group) > 1 else None
-    dp_group = dp_group if dp_group is not None and any(d for *_, d in grads) else None
+    dp_group = dp_group if dp_group is not None and any(d for _, _, d, *_ in grads) else None
     if norm_type == float("inf"):  # a max: any rank's copy of a replicated gradient gives the same
         top = max((g.detach().abs().max().float() for g, *_ in grads if g.numel()), default=None)
         top = torch.zeros((), device=device) if top is None else top.clone()
@@ -59,12 +66,21 @@ def tp_grad_norm(
         return top
     acc = torch.float64 if any(g.dtype == torch.float64 for g, *_ in grads) else torch.float32
 
-    def total(tp_split: bool, dp_split: bool) -> Tensor:
+    def power(g: Tensor, shared: ShardSpec | None, start: int) -> Tensor:
+        """``|g|^p`` summed, a shared chunk's rows divided by the ranks that hold them (counted once)."""
+        if shared is None:
+            return torch.linalg.vector_norm(g.detach(), norm_type, dtype=acc) ** norm_type
+        dim = shared.dim % g.dim()
+        rows = (start, start + g.shape[0]) if dim == 0 else None  # ZeRO: this DP rank's rows
         parts = [
-            torch.linalg.vector_norm(g.detach(), norm_type, dtype=acc) ** norm_type
-            for g, s, d in grads
-            if s == tp_split and d == dp_split
+            torch.linalg.vector_norm(g.detach().narrow(dim, first, size), norm_type, dtype=acc) ** norm_type
+            / shared.shared[c]
+            for c, first, size in shared.chunk_ranges(rows)
         ]
+        return torch.stack(parts).sum() if parts else torch.zeros((), dtype=acc, device=g.device)
+
+    def total(tp_split: bool, dp_split: bool) -> Tensor:
+        parts = [power(g, shared, start) for g, s, d, shared, start in grads if s == tp_split and d == dp_split]
         return torch.stack(parts).sum() if parts else torch.zeros((), dtype=acc, device=device)
 
     # [split over TP, whole on every TP rank] x [split over DP or not]
@@ -96,11 +112,15 @@ def clip_grads_by_norm_(
 
 def all_reduce_partial_grads(params: list[Tensor], tp_group: ProcessGroup | None) -> None:
     """Sum over TP the grads of replicated parameters that each rank computed only partially
-    (one flat all-reduce per dtype and device, not one per parameter)."""
+    (one flat all-reduce per dtype and device, not one per parameter), and the grads of shared
+    chunks over the ranks that hold each piece (replicated key/value heads)."""
     if tp_group is None or dist.get_world_size(tp_group) == 1:
         return
-    dense = []
+    dense, shared = [], []
     for p in params:
+        spec = shard_spec(p)
+        if p.grad is not None and spec is not None and spec.is_shared:
+            shared.append((local(p.grad), spec, dp_rows_start(p.grad)))
         if p.grad is None or not has_partial_grad(p):
             continue
         grad = local(p.grad)  # under ZeRO: this DP rank's part, the same part on every TP rank
@@ -110,6 +130,7 @@ def all_reduce_partial_grads(params: list[Tensor], tp_group: ProcessGroup | None
             dense.append(grad)
     for grad, total in zip(dense, all_reduce_coalesced(dense, tp_group), strict=True):
         grad.copy_(total)
+    sum_shared_pieces_(shared, tp_group)
 
 
 class TPGradScaler(torch.amp.GradScaler):

@@ -41,6 +41,22 @@ def is_dp_sharded(t: Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
+def dp_rows_start(t: Tensor) -> int:
+    """The first row (dim 0) of this rank's part of ``t`` in its whole TP shard: 0 for a plain
+    tensor; for a ZeRO DTensor split on dim 0 (FSDP2: ``torch.chunk`` pieces over the DP group,
+    the last ones shorter or empty), ``dp_rank * ceil(rows / dp)``, capped at the row count."""
+    if not isinstance(t, DTensor):
+        return 0
+    if len(t.placements) != 1 or not t.placements[0].is_shard(0):
+        raise NotImplementedError(f"a ZeRO tensor placed as {t.placements} (expected Shard(0) over the DP group)")
+    rows, dp, rank = t.shape[0], t.device_mesh.size(), t.device_mesh.get_local_rank()
+    per = -(-rows // dp)
+    start = min(rank * per, rows)
+    if t.to_local().shape[0] != max(0, min(per, rows - start)):
+        raise NotImplementedError(f"a ZeRO tensor of {rows} rows over {dp} ranks holds {t.to_local().shape[0]} here")
+    return start
+
+
 def dp_mesh(dp_group: ProcessGroup, device_type: str) -> DeviceMesh:
     """A 1-D device mesh over the data-parallel group (what ``fully_shard`` shards over)."""
     return DeviceMesh.from_group(dp_group, device_type, mesh_dim_names=("data_parallel",))

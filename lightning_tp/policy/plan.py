@@ -139,7 +139,7 @@ def planned_row(
     full_params = sum(p.numel() for p in module.parameters(recurse=False))
     shape = style.shape(module)
     spec = style.spec(name, module, shape, opts, tp)
-    local = shape if spec is None else tuple(spec.local_size if d == spec.dim else s for d, s in enumerate(shape))
+    local = style.local_shape(shape, spec, opts, tp)
     row = PlannedModule(
         name, type(module).__name__, style.name, opts, pattern, shape, local, full_params, full_params, spec,
         note=note,

@@ -138,6 +138,12 @@ class Style:
         """How the weight is split (``None``: whole on every rank). May fill derived options."""
         return None
 
+    def local_shape(
+        self, shape: tuple[int, ...], spec: ShardSpec | None, options: dict[str, Any], tp: int
+    ) -> tuple[int, ...]:
+        """The weight's shape on each rank (the plan's ``local_shape``)."""
+        return shape if spec is None else tuple(spec.local_size if d == spec.dim else s for d, s in enumerate(shape))
+
     def sequence_parallel_error(self, options: dict[str, Any]) -> str | None:
         """Why a row of this style cannot be sequence parallel (``None``: it can)."""
         return None
@@ -228,9 +234,10 @@ class Qkv(Column):
 
 class KVReplicate(Column):
     """Key/value heads fewer (``kv_heads``) than TP ranks, the TP size a multiple of them: a key or
-    value projection, or a fused ``[Q | K | V]`` one (``chunks=(q, k, v)``), stays whole on every
-    rank, each rank computing its query heads and the key/value head they read
-    (:class:`~lightning_tp.engine.layers.KVReplicatedLinear`). Planned in place of a ``column`` or
+    value projection, or a fused ``[Q | K | V]`` one (``chunks=(q, k, v)``): each rank holds and
+    computes its query heads and the key/value head they read
+    (:class:`~lightning_tp.engine.layers.KVReplicatedLinear`, whose weight's ``ShardSpec`` shares the
+    key/value chunks over the ranks of a head; the plan row has no spec: ``local_shape`` gives its size). Planned in place of a ``column`` or
     ``qkv`` row when the block's key/value heads cannot be split (a policy may name it too)."""
 
     name = "kv_replicate"
@@ -242,13 +249,25 @@ class KVReplicate(Column):
 
     def spec(self, name, module, shape, options, tp):
         kv_replica_layout(shape[0], options.get("kv_heads"), options.get("chunks"), tp, name)
-        return None  # whole on every rank
+        return None  # not a split the plan describes: KVReplicatedLinear lays its weight out itself
 
     def splits_heads(self, options):
         return True
 
     def output_spec(self, row):
         return None
+
+    def local_shape(self, shape, spec, options, tp):
+        """Each rank holds its query heads' rows and one key/value head's, not the whole projection."""
+        n, chunks = options["kv_heads"], options.get("chunks")
+        q, kv = kv_replica_layout(shape[0], n, chunks, tp)
+        return (q // tp + (2 if chunks else 1) * kv // n, *shape[1:])
+
+    def local_numels(self, module, row):
+        numels = {"weight": math.prod(row.local_shape)}
+        if getattr(module, "bias", None) is not None:
+            numels["bias"] = row.local_shape[0]
+        return numels
 
     def build(self, row, dense, ctx):
         block = row.name.rpartition(".")[0]

@@ -13,7 +13,7 @@ from lightning_tp.policy.styles import as_linear
 
 
 def _weight_key(spec: ShardSpec | None) -> tuple | None:
-    return None if spec is None else (spec.dim % 2, spec.sizes, spec.padded_sizes)
+    return None if spec is None else (spec.dim % 2, spec.sizes, spec.padded_sizes, spec.shared)
 
 
 def param_owners(model: nn.Module) -> dict[int, list[tuple[str, str]]]:
@@ -45,7 +45,8 @@ def check_ties(model: nn.Module, planned: Mapping[str, Any]) -> None:
             elif entry is not None and p_name == "bias" and entry.spec is not None and entry.spec.dim == 0:
                 layouts[(mod_name, p_name)] = ("bias", entry.spec.sizes, entry.spec.padded_sizes)
             elif entry is not None and entry.spec is None and entry.kind.replaces:
-                layouts[(mod_name, p_name)] = ("computed in part", mod_name)  # replicated k/v: its own, partial grads
+                # replicated k/v: one head per rank, a layout of its own
+                layouts[(mod_name, p_name)] = ("computed in part", mod_name)
             elif entry is not None and p_name == "bias":
                 layouts[(mod_name, p_name)] = None  # whole on every rank (a row layer's bias)
             else:

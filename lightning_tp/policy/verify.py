@@ -42,6 +42,7 @@ from lightning_tp.engine.comm import (
     collective_device,
     group_rank,
     group_size,
+    sum_shared_pieces_,
 )
 from lightning_tp.engine.layers import gather_sharded, gather_sharded_into
 from lightning_tp.engine.loss import VocabShardedLogits
@@ -385,12 +386,15 @@ def _check_grads(
     whole = [(n, p) for n, p in named if shard_spec(p) is None and grads.get(n) is not None]
     summed = all_reduce_coalesced([grads[n] for n, _ in whole], group)  # one flat all-reduce
     totals = dict(zip([n for n, _ in whole], summed, strict=True))
+    specs = {n: s for n, p in named if (s := shard_spec(p)) is not None and s.is_shared and grads.get(n) is not None}
+    shared = {n: grads[n].clone() for n in specs}  # replicated key/value heads: summed over their ranks
+    sum_shared_pieces_([(g, specs[n], 0) for n, g in shared.items()], group)  # as the strategy does
     first, detail = len(ref_grads) + 1, ""
     for index, (name, param) in enumerate(named):
         got, ref = grads.get(name), ref_grads.get(name)
         spec = shard_spec(param)
         if spec is not None and got is not None:
-            got = gather_sharded(got, spec, group)
+            got = gather_sharded(shared.get(name, got), spec, group)
         elif has_partial_grad(param) and got is not None:
             got = totals[name]
         if got is not None and name in transposed:
