@@ -34,6 +34,10 @@ torch (no public equivalent):
   called to find the Parameter it stands for).
 * ``assert_async`` (``torch._assert_async``): a check on tensor values that ``torch.compile`` keeps
   in the graph (raising at run time) where a Python ``if tensor:`` would break the graph.
+* ``checkpoint_block`` (DCP's checkpointable protocol: ``__create_write_items__``,
+  ``__create_chunk_list__``, ``__get_tensor_shard__``, the hooks DTensor implements): a rank's rows
+  of a stored tensor at any offset, so a ZeRO-split parameter is written and read in place, without
+  gathering its TP shard over DP (no DTensor placement describes rows of a fused, padded TP shard).
 
 Lightning (imported on first use, so the engine, which imports this module, imports no Lightning):
 
@@ -126,6 +130,48 @@ def own_parameters(module: torch.nn.Module) -> dict[str, Any]:
     return module._parameters
 
 
+class CheckpointBlock(Tensor):
+    """This rank's part ``data`` of a tensor stored by ``torch.distributed.checkpoint``: at
+    ``offsets`` in a tensor of ``global_size``. DCP writes and reads it through the checkpointable
+    hooks DTensor implements (``__create_write_items__``, ``__create_chunk_list__``,
+    ``__get_tensor_shard__``) and reads its stored size through ``size()``; a part several ranks
+    hold alike (equal offsets) is written once. Build with :func:`checkpoint_block`."""
+
+    @staticmethod
+    def __new__(cls, data: Tensor, offsets: tuple[int, ...], global_size: tuple[int, ...]):
+        block = Tensor._make_subclass(cls, torch.empty(0, dtype=data.dtype, device=data.device))
+        block.data_part, block.offsets, block.global_size = data, torch.Size(offsets), torch.Size(global_size)
+        return block
+
+    def size(self, dim: int | None = None):  # DCP compares the stored size with this one
+        return self.global_size if dim is None else self.global_size[dim]
+
+    def __create_write_items__(self, fqn: str, obj: Any) -> list:
+        from torch.distributed.checkpoint.metadata import MetadataIndex, TensorProperties
+        from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+
+        data = TensorWriteData(
+            chunk=self.__create_chunk_list__()[0],
+            properties=TensorProperties.create_from_tensor(self.data_part),
+            size=self.global_size,
+        )
+        return [WriteItem(index=MetadataIndex(fqn, self.offsets), type=WriteItemType.SHARD, tensor_data=data)]
+
+    def __create_chunk_list__(self) -> list:
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+        return [ChunkStorageMetadata(offsets=self.offsets, sizes=self.data_part.shape)]
+
+    def __get_tensor_shard__(self, index: Any) -> Tensor:
+        return self.data_part
+
+
+def checkpoint_block(data: Tensor, offsets: tuple[int, ...], global_size: tuple[int, ...]) -> Tensor:
+    """A :class:`CheckpointBlock`: ``data`` (written from, or read into, in place) at ``offsets``
+    of a stored tensor of ``global_size``."""
+    return CheckpointBlock(data, tuple(offsets), tuple(global_size))
+
+
 def clear_exit_handlers() -> None:
     """Forget the functions registered with ``atexit`` so far (a forked child: they are its parent's)."""
     atexit._clear()
@@ -190,6 +236,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "DisableTorchFunctionSubclass",
     "own_parameters",
+    "checkpoint_block",
     "disable_sigterm_broadcast",
     "take_lightning_sigterm",
     "MultiProcessingLauncher",  # noqa: F822 (module __getattr__)

@@ -229,3 +229,23 @@ def test_compiler_backend_is_a_callable_backend():
     y = torch.compile(lambda t: (t.sin() * 2).sum(), backend=recording, fullgraph=True)(x)
     y.backward()
     assert len(graphs) == 1 and torch.allclose(x.grad, 2 * x.detach().cos())
+
+
+def test_checkpoint_blocks_are_written_and_read_at_their_offsets(tmp_path):
+    """DCP writes a block from its data at its offsets and reads a stored tensor's rows into one in
+    place (one process: a block covering the whole tensor is written; rows 2..4 are read back)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    full = torch.arange(24.0).view(6, 4)
+    block = _compat.checkpoint_block(full.clone(), (0, 0), (6, 4))
+    assert block.size() == (6, 4) and block.size(0) == 6
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"w": block}, checkpoint_id=str(tmp_path), no_dist=True)
+        into = torch.zeros(2, 4)
+        dcp.load({"w": _compat.checkpoint_block(into, (2, 0), (6, 4))}, checkpoint_id=str(tmp_path), no_dist=True)
+        plain = {"w": torch.zeros(6, 4)}
+        dcp.load(plain, checkpoint_id=str(tmp_path), no_dist=True)
+    assert torch.equal(into, full[2:4]) and torch.equal(plain["w"], full)

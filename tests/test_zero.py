@@ -136,3 +136,42 @@ def _fit_then_evaluate():
 def test_zero3_bf16_mixed_fits_then_validates_tests_and_predicts():
     for val, test, n, active in _dist.run(4, _fit_then_evaluate):
         assert active and n > 0 and torch.isfinite(torch.tensor([val, test])).all()
+
+
+def _run_ckpt_in_place(world, steps, ckpt_dir, ckpt_path=None):
+    """As :func:`_run_ckpt` at stage 3 on the multi-query model (a key/value head shared by both TP
+    ranks, split again over DP), with ``DTensor.full_tensor`` refusing to run while fitting: saving
+    and loading must not gather a parameter or its optimizer state over DP."""
+    from unittest import mock
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from test_strategy import Recorder
+    from torch.distributed.tensor import DTensor
+
+    from lightning_tp.lightning.checkpoint import full_state_dict
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a ZeRO tensor was gathered over DP while fitting")
+
+    with lit.external_launch(world):
+        model, rec = lit.LitGPT(batch_size=4, n_train=24, model="plain_mqa"), Recorder()
+        ckpt = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=3, save_top_k=-1)
+        strategy = MegatronTPStrategy(tensor_parallel_size=2, zero_stage=3)
+        trainer = L.Trainer(**lit.trainer_kwargs(max_steps=steps, devices=world, strategy=strategy, gradient_clip_val=0.5,
+                                                 callbacks=[rec, ckpt], enable_checkpointing=True))  # fmt: skip
+        with mock.patch.object(DTensor, "full_tensor", refuse):
+            trainer.fit(model, ckpt_path=ckpt_path)
+        full = full_state_dict(model, strategy.tp_group)
+        return rec.losses, full if torch.distributed.get_rank() == 0 else None
+
+
+def test_zero3_checkpoints_are_written_and_read_in_place(tmp_path):
+    """Stage 3 at TP 2 x DP 2: each rank writes and reads its own rows of every parameter and optimizer
+    state (nothing gathered over DP, so a save needs no memory beyond what the rank holds), and a
+    resume from step 3 continues the uninterrupted run exactly, to the same weights."""
+    full = _dist.run(4, _run_ckpt_in_place, 4, 6, str(tmp_path / "a"))
+    (ckpt,) = (tmp_path / "a").glob("*step=3.ckpt")
+    resumed = _dist.run(4, _run_ckpt_in_place, 4, 6, None, str(ckpt))
+    assert resumed[0][0] == full[0][0][3:]
+    for key, value in full[0][1].items():
+        assert torch.equal(resumed[0][1][key], value), key

@@ -7,13 +7,13 @@ A checkpoint is a directory::
         meta.pt                   the Trainer's state (loops, callbacks, schedulers, scaler) and the
                                   layout; loaded with ``weights_only=True``
 
-Tensors are stored in a TP-size independent form: each TP-sharded parameter (and each optimizer
-state tensor shaped like it) is written as a ``DTensor`` over the mesh whose global shape is the
-dense, unpadded tensor (one DTensor per fused chunk: ``name::chunk{i}``); a chunk whose pieces several
-ranks hold (replicated key/value heads, ``ShardSpec.shared``) is gathered and written whole, once.
-Vocabulary padding is never written. Loading at another TP size reads each rank's new slice (DCP reshards), padding rows become
-zeros. Replicated tensors are written once. The RNG states are per rank (``rng.rank{r}.*``) and
-restored only at the same world size.
+Tensors are stored in a TP- and DP-size independent form: each TP-sharded parameter (and each
+optimizer state tensor shaped like it) is stored as the dense, unpadded tensor (one per fused chunk:
+``name::chunk{i}``), each rank writing its own rows in place at their offsets (under ZeRO, its DP
+part of its TP shard; nothing is gathered). Vocabulary padding is never written. Loading at another
+layout reads each rank's new rows (DCP reshards), padding rows become zeros. What several ranks
+hold alike (replicated tensors, DP replicas, a key/value head shared by several TP ranks) is written
+once. The RNG states are per rank (``rng.rank{r}.*``) and restored only at the same world size.
 
 Saving writes to a temporary directory and renames it over the target only when every rank has
 finished, so a failed save never destroys the previous checkpoint. Loading validates keys and shapes
@@ -28,7 +28,7 @@ import shutil
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -37,13 +37,14 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor
 
-from lightning_tp.engine.comm import all_gather_dim, collective_device
+from lightning_tp._compat import checkpoint_block
+from lightning_tp.engine.comm import collective_device
 from lightning_tp.engine.mesh import TPMesh
 from lightning_tp.engine.sharding import ShardSpec, shard_spec
 from lightning_tp.errors import LightningTPError
-from lightning_tp.lightning.zero import local
+from lightning_tp.lightning.zero import dp_rows_start, local
 from lightning_tp.policy.plan import applied_plan
 
 META_FILE = "meta.pt"
@@ -70,72 +71,48 @@ def _global_shape(local_shape: torch.Size, spec: ShardSpec, chunk: int) -> torch
     return torch.Size(shape)
 
 
-class _SharedPiece(NamedTuple):
-    """This rank's piece of a shared chunk, to be saved whole once every rank has built its state
-    (:func:`_gather_shared`)."""
+def _blocks(key: str, t: Tensor, spec: ShardSpec | None, tp_rank: int, into: Tensor | None = None) -> dict[str, Tensor]:
+    """``{key(s): block}``: where this rank's part of ``t`` (a parameter or optimizer state laid out
+    by ``spec``) lies in the stored tensors, to be written from it, or read into ``into`` (a tensor
+    shaped like that part), in place (:func:`lightning_tp._compat.checkpoint_block`).
 
-    piece: Tensor
-    spec: ShardSpec
-    chunk: int
-
-
-def _canonical(key: str, local: Tensor, spec: ShardSpec | None, mesh: TPMesh, save: bool = True) -> dict[str, Any]:
-    """``{key(s): tensor}`` to save for one local tensor (DTensors for sharded ones; a shared chunk,
-    whose pieces several ranks hold, whole: a :class:`_SharedPiece` to gather when ``save``, a
-    buffer to load into otherwise)."""
-    if spec is None:
-        return {key: local.detach()}
+    The part is the rank's whole TP shard of ``t`` or, under ZeRO, its rows ``[lo, lo + len)`` of
+    dim 0 (no gathering over DP either way). The stored tensors are TP-size independent: a sharded tensor is
+    stored dense and unpadded, one tensor per fused chunk (``key::chunk{i}``); vocabulary padding is
+    never written. A part that several ranks hold alike (a replicated tensor, a DP replica, a shared
+    key/value head) has the same offsets on each and is written once."""
+    part, lo, shape = local(t).detach() if into is None else into, dp_rows_start(t), t.shape
+    if spec is None and not isinstance(t, DTensor):
+        return {key: part}  # whole on this rank
+    if spec is None:  # ZeRO: this rank's rows (none at all for a short tensor over many DP ranks)
+        return {key: checkpoint_block(part, (lo,) + (0,) * (part.dim() - 1), shape)} if part.numel() else {}
+    dim, hi = spec.dim % len(shape), lo + part.shape[0]
     out, offset = {}, 0
     for c, ckey in enumerate(_chunk_keys(key, spec)):
-        m = spec.local_sizes[c]
-        _, n_valid = spec.valid_range(mesh.tp_rank, c)
-        piece = local.detach().narrow(spec.dim, offset, n_valid).contiguous()
-        shape = _global_shape(local.shape, spec, c)
-        if spec.shared[c] > 1:  # the same on every rank: saved once, read whole
-            empty = torch.empty(shape, dtype=local.dtype, device=local.device)
-            out[ckey] = _SharedPiece(piece, spec, c) if save else empty
-            offset += m
-            continue
-        out[ckey] = DTensor.from_local(
-            piece, mesh.device_mesh, [Replicate(), Shard(spec.dim)], run_check=False, shape=shape,
-            stride=torch.empty(shape, device="meta").stride(),
-        )  # fmt: skip
-        offset += m
+        start, n_valid = spec.valid_range(tp_rank, c)
+        a, b = offset, offset + n_valid  # the chunk's real rows in the TP shard
+        if dim == 0:
+            a, b = max(a, lo), min(b, hi)  # ZeRO: those this rank holds
+        if a < b:
+            offsets = [lo if d == 0 else 0 for d in range(len(shape))]
+            offsets[dim] = start + a - offset
+            data = part.narrow(dim, a - lo if dim == 0 else a, b - a)
+            out[ckey] = checkpoint_block(data, offsets, _global_shape(shape, spec, c))
+        offset += spec.local_sizes[c]
     return out
 
 
-def _fill_local(local: Tensor, loaded: dict[str, Tensor], key: str, spec: ShardSpec | None, mesh: TPMesh) -> None:
-    """Copy what :func:`_canonical` buffers received back into ``local`` (padding zeroed)."""
-    with torch.no_grad():
-        if spec is None:
-            local.copy_(loaded[key])
-            return
-        local.zero_()
-        offset = 0
-        for c, ckey in enumerate(_chunk_keys(key, spec)):
-            start, n_valid = spec.valid_range(mesh.tp_rank, c)
-            got = loaded[ckey]
-            got = got.to_local() if isinstance(got, DTensor) else got.narrow(spec.dim, start, n_valid)
-            local.narrow(spec.dim, offset, n_valid).copy_(got)
-            offset += spec.local_sizes[c]
+def _stored_shapes(key: str, shape: torch.Size, spec: ShardSpec | None) -> dict[str, torch.Size]:
+    """The stored tensors' shapes of a tensor whose TP shard is ``shape`` (as :func:`_blocks` writes)."""
+    if spec is None:
+        return {key: torch.Size(shape)}
+    return {ckey: _global_shape(shape, spec, c) for c, ckey in enumerate(_chunk_keys(key, spec))}
 
 
-def _gather_shared(tensors: dict[str, Any], mesh: TPMesh) -> dict[str, Tensor]:
-    """``tensors`` with each :class:`_SharedPiece` replaced by its whole chunk, read from every
-    piece's first holder (an all-gather over TP each, in the same order on every rank). Collective."""
-    out = {}
-    for key, t in tensors.items():
-        if isinstance(t, _SharedPiece):
-            dim = t.spec.dim
-            pieces = all_gather_dim(t.piece, mesh.tp_group, dim).chunk(t.spec.tp_size, dim=dim)
-            t = torch.cat(pieces[:: t.spec.shared[t.chunk]], dim=dim)
-        out[key] = t
-    return out
-
-
-# ZeRO (stages 2/3): parameters and optimizer state are DTensors split over the DP group. A
-# checkpoint holds them in the stage-0 form (this rank's whole TP shard), so that it loads at any
-# stage and DP size: gathered over DP when saved, split again when loaded.
+# ZeRO (stages 2/3): parameters and optimizer state are DTensors split over the DP group (dim 0 of
+# each TP shard). A checkpoint stores the same TP-size and DP-size independent tensors at every stage,
+# each rank writing and reading its own rows in place (:func:`_blocks`): it loads at any stage and
+# DP size, and saving or loading never holds more than what the rank holds anyway.
 
 
 def _whole(t: Tensor) -> Tensor:
@@ -143,16 +120,10 @@ def _whole(t: Tensor) -> Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _empty_whole(t: Tensor) -> Tensor:
-    """A plain tensor shaped like this rank's whole TP shard of ``t``."""
-    return torch.empty(t.shape, dtype=t.dtype, device=local(t).device)
-
-
-def _split_like(whole: Tensor, like: Tensor) -> Tensor:
-    """``whole`` split over DP as ``like`` is (no communication), or ``whole`` for a plain ``like``."""
-    if not isinstance(like, DTensor):
-        return whole
-    return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None)
+def _like(part: Tensor, like: Tensor) -> Tensor:
+    """``part`` (this rank's DP part) as a DTensor split over DP as the ZeRO tensor ``like`` is."""
+    return DTensor.from_local(part, like.device_mesh, like.placements, run_check=False, shape=like.shape,
+                              stride=like.stride())  # fmt: skip
 
 
 def _params(module: nn.Module) -> dict[str, Tensor]:
@@ -191,7 +162,7 @@ def _state_to_save(module: nn.Module, optimizers: list[torch.optim.Optimizer], m
     params = _params(module)
     for name, t in params.items():
         spec = shard_spec(t)
-        tensors.update(_canonical(f"model.{name}", _whole(t), spec, mesh))
+        tensors.update(_blocks(f"model.{name}", t, spec, mesh.tp_rank))
         layout[name] = None if spec is None else {"dim": spec.dim, "sizes": list(spec.sizes), "pad": spec.pad}
     names = {id(p): n for n, p in params.items()}
     optim_meta = []
@@ -204,9 +175,10 @@ def _state_to_save(module: nn.Module, optimizers: list[torch.optim.Optimizer], m
             for p in group["params"]:
                 for k, v in opt.state.get(p, {}).items():
                     key = f"optim{i}.{names[id(p)]}.{k}"
-                    if isinstance(v, Tensor):
-                        spec = shard_spec(p) if v.shape == p.shape else None
-                        tensors.update(_canonical(key, _whole(v), spec, mesh))
+                    if isinstance(v, Tensor) and v.dim() > 0 and v.shape == p.shape:  # laid out as p
+                        tensors.update(_blocks(key, v, shard_spec(p), mesh.tp_rank))
+                    elif isinstance(v, Tensor):
+                        tensors[key] = _whole(v)
                     else:
                         extra.setdefault(names[id(p)], {})[k] = v
         optim_meta.append({"param_groups": groups, "extra": extra})
@@ -280,7 +252,6 @@ def save(
     failed = _failed_ranks(error is not None)
     if not failed:
         try:
-            tensors = _gather_shared(tensors, mesh)  # collective: shared chunks (replicated k/v heads) whole
             dcp.save(tensors, checkpoint_id=str(tmp))  # collective; a failure on one rank raises on all
             if rank == 0:
                 meta["lightning_tp"]["files"] = _manifest(tmp)  # every rank's files are complete here
@@ -443,15 +414,15 @@ def load(
     _raise_if_bad(path, info, distributed=True)
     stored = _storage(path)
     params = _params(module)
-    buffers: dict[str, Tensor] = {}
-    targets: list[tuple[Tensor, str, ShardSpec | None, str]] = []
+    buffers: dict[str, Tensor] = {}  # what DCP reads into: blocks of plain tensors shaped like each rank's part
+    targets: list[tuple[Tensor, Tensor]] = []  # (parameter or buffer, what its part is read into)
     expected: dict[str, torch.Size] = {}
     for name, t in params.items():
         spec = shard_spec(t)
-        canon = _canonical(f"model.{name}", _empty_whole(t), spec, mesh, save=False)
-        expected.update({k: v.shape for k, v in canon.items()})
-        buffers.update(canon)
-        targets.append((t, f"model.{name}", spec, name))
+        expected.update(_stored_shapes(f"model.{name}", t.shape, spec))
+        into = torch.zeros_like(local(t).detach())  # vocabulary padding rows stay zero
+        buffers.update(_blocks(f"model.{name}", t, spec, mesh.tp_rank, into=into))
+        targets.append((t, into))
     _check_model_keys(path, stored, expected, strict)
 
     names = {id(p): n for n, p in params.items()}
@@ -465,17 +436,23 @@ def load(
             for p in group["params"]:
                 prefix = f"optim{i}.{names[id(p)]}."
                 for key in sorted({k.split(_CHUNK)[0] for k in stored if k.startswith(prefix)}):
-                    state_key = key[len(prefix) :]
-                    spec = shard_spec(p)
-                    first = stored.get(key) or stored[f"{key}{_CHUNK}0"]
-                    if spec is not None and (key not in stored or tuple(first.size) == tuple(_dense_shape(p, spec))):
-                        buf = _empty_whole(p)  # the local state; read through separate canonical buffers
-                        buffers.update(_canonical(key, _empty_whole(p), spec, mesh, save=False))
+                    state_key, spec = key[len(prefix) :], shard_spec(p)
+                    shapes = _stored_shapes(key, p.shape, spec)
+                    if p.dim() > 0 and all(k in stored and tuple(stored[k].size) == s for k, s in shapes.items()):
+                        into = torch.zeros_like(local(p).detach())  # a state laid out as its parameter
+                        buffers.update(_blocks(key, p, spec, mesh.tp_rank, into=into))
+                        state = into if not isinstance(p, DTensor) else _like(into, p)  # ZeRO: split as p
+                    elif key not in stored:  # chunked as a parameter, but not as this one
+                        raise CheckpointError(
+                            f"checkpoint {path}: optimizer state {key!r} is stored as {sorted(shapes)} chunks of shapes "
+                            f"{[tuple(stored[k].size) for k in shapes if k in stored]}, its parameter here is laid "
+                            f"out as {[tuple(s) for s in shapes.values()]}: saved with a different model."
+                        )
                     else:
-                        spec = None
-                        buf = torch.empty(first.size, dtype=first.properties.dtype)
-                        buffers[key] = buf
-                    optim_targets.append((i, p, state_key, buf, key, spec))
+                        meta_ = stored[key]
+                        state = into = torch.empty(meta_.size, dtype=meta_.properties.dtype)  # as saved (a CPU step)
+                        buffers[key] = into
+                    optim_targets.append((i, p, state_key, state))
     rng_keys = [k for k in stored if k.startswith(f"rng.rank{dist.get_rank()}.")]
     same_layout = info["world_size"] == mesh.world_size and info["tp_size"] == mesh.tp_size
     if same_layout:
@@ -490,23 +467,14 @@ def load(
             "or truncated (a missing or short .distcp file); the model was not modified."
         ) from exc
 
-    for t, key, spec, _ in targets:
-        if isinstance(t, DTensor):  # ZeRO: this rank's whole TP shard, then its DP part
-            whole = _empty_whole(t)
-            _fill_local(whole, buffers, key, spec, mesh)
-            with torch.no_grad():
-                local(t).copy_(_split_like(whole, t).to_local())
-        else:
-            _fill_local(t.data, buffers, key, spec, mesh)
+    with torch.no_grad():
+        for t, into in targets:
+            local(t).copy_(into)
     for i, opt in enumerate(optimizers):
         state: dict[int, dict[str, Any]] = {}
         index = {id(p): j for j, p in enumerate(p for g in opt.param_groups for p in g["params"])}
-        for _, p, state_key, buf, key, spec in (t for t in optim_targets if t[0] == i):
-            if spec is not None:
-                _fill_local(buf, buffers, key, spec, mesh)
-            if buf.shape == p.shape and buf.dim() > 0:
-                buf = _split_like(buf, p)  # ZeRO: the optimizer state is split over DP as its parameter is
-            state.setdefault(index[id(p)], {})[state_key] = buf
+        for _, p, state_key, value in (t for t in optim_targets if t[0] == i):
+            state.setdefault(index[id(p)], {})[state_key] = value
         saved = info["optimizers"][i]
         for name, extra in saved["extra"].items():
             p = params.get(name)
@@ -520,10 +488,6 @@ def load(
         opt.load_state_dict({"state": state, "param_groups": groups})
     rng = {k.split(".", 2)[2]: buffers[k] for k in rng_keys} if same_layout else None
     return meta, rng
-
-
-def _dense_shape(p: Tensor, spec: ShardSpec) -> torch.Size:
-    return _global_shape(p.shape, spec, 0)
 
 
 # ------------------------------------------------------------------------------------------------
