@@ -60,6 +60,33 @@ def _qwen2():
     )  # (q/k/v carry biases)
 
 
+def _apertus():
+    from transformers import ApertusConfig, ApertusForCausalLM
+
+    model = ApertusForCausalLM(
+        ApertusConfig(
+            vocab_size=126,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=L,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=8,
+            max_position_embeddings=8192,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            attention_dropout=0.0,
+            **COMMON,
+        )
+    )  # fmt: skip (max_position_embeddings: Apertus's default rope scaling reads 8192 original positions)
+    with torch.no_grad():  # xIELU's learned alpha_p / alpha_n, drawn away from their init
+        for name, param in model.named_parameters():
+            if name.endswith(("alpha_p", "alpha_n")):
+                param.add_(torch.randn_like(param) * 0.3)
+    return model
+
+
 def _qwen3():
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -447,6 +474,7 @@ BUILDERS = {
     "mistral": _mistral,
     "qwen2": _qwen2,
     "qwen3": _qwen3,
+    "apertus": _apertus,
     "gemma": _gemma,
     "phi3": _phi3,
     "gpt2": _gpt2,

@@ -57,6 +57,9 @@ EXPECTED: dict[str, object] = {
     "mistral": EXACT,  # sliding window 5 < sequence 12
     "qwen2": EXACT,  # q/k/v biases, tied head
     "qwen3": EXACT,  # q_norm/k_norm (RMSNorm over head_dim) see only this rank's heads: partial grads
+    # xIELU activation between up_proj and down_proj with learned one-element alpha_p / alpha_n: each rank's
+    # gradient covers only its hidden units (planned partial)
+    "apertus": EXACT,
     # multi-query (as Gemma-2B): the one k/v head replicated on every rank; embedding scaled by sqrt(hidden)
     # inside GemmaTextScaledWordEmbedding.forward, tied head
     "gemma": EXACT,

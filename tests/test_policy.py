@@ -318,6 +318,34 @@ def test_a_per_head_gate_is_split_with_the_heads(tp):
         assert errs["out"] < 1e-12 and errs["grad"] < 1e-12 and errs["weight"] < 1e-12, errs
 
 
+class _PReLUMLP(nn.Module):
+    """An MLP written with torch's own learned activation: ``nn.PReLU()`` holds one slope shared by every
+    hidden unit (a one-element parameter), between the column and the row layer."""
+
+    def __init__(self, d=32, hidden=64):
+        super().__init__()
+        self.fc_in, self.act, self.fc_out = nn.Linear(d, hidden), nn.PReLU(init=0.1), nn.Linear(hidden, d)
+
+    def forward(self, x):
+        return self.fc_out(self.act(self.fc_in(x)))
+
+
+def _prelu_parity(tp: int) -> dict:
+    return _block_parity(_PReLUMLP, tp, {"fc_in": "column", "fc_out": "row"}, perturb=True)[1]
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_one_element_parameters_beside_split_layers_are_partial(tp):
+    """A learned activation's one-element parameters (nn.PReLU's slope; Apertus's xIELU alpha_p/alpha_n)
+    act on this rank's hidden units: planned partial (gradient summed over TP), with a note; outputs,
+    gradients and weights after AdamW steps as the dense MLP's (float64)."""
+    rows = {m.name: m for m in plan_policy(_PReLUMLP(), tp, {"fc_in": "column", "fc_out": "row"}).modules}
+    assert rows["act"].style == "replicate" and rows["act"].options == {"partial_grad": True}
+    assert "one-element parameters" in rows["act"].note
+    for errs in _dist.run(tp, _prelu_parity, tp):
+        assert errs["out"] < 1e-12 and errs["grad"] < 1e-12 and errs["weight"] < 1e-12, errs
+
+
 class _RepeatKVAttention(nn.Module):
     """Grouped-query attention as Meta's reference Llama writes it (wq/wk/wv/wo, ``n_kv_heads`` and
     ``n_rep`` attributes, keys and values expanded by ``n_rep`` before attention), with biased k/v

@@ -20,7 +20,7 @@ from torch import nn
 
 from lightning_tp.engine.features import gathered_width
 from lightning_tp.engine.layers import check_heads
-from lightning_tp.engine.sharding import ShardSpec
+from lightning_tp.engine.sharding import ShardSpec, has_partial_grad_mark
 from lightning_tp.errors import ShardingError
 from lightning_tp.policy.report import plan_table, render_plan
 from lightning_tp.policy.rules import (
@@ -515,6 +515,13 @@ def _plan_head_local(modules: dict[str, nn.Module], planned: dict[str, PlannedMo
                 planned[name] = planned_row(name, child, Rule("heads"), None, tp)
                 continue
             if as_linear(child) is not None or isinstance(child, nn.Embedding) or any(True for _ in child.children()):
+                continue
+            own = _own_params(child)
+            if own and all(p.numel() == 1 for p in own) and not any(has_partial_grad_mark(p) for p in own):
+                # one-element parameters of a module beside split projections (a learned activation's, Apertus's
+                # xIELU alpha_p / alpha_n) act on this rank's features: each rank's gradient is partial
+                note = "one-element parameters on this rank's features: gradients summed over TP"
+                planned[name] = planned_row(name, child, Rule("replicate", {"partial_grad": True}), None, tp, note)
                 continue
             width = gathered_width(child)  # the size of its 1-D parameters (a norm's weight and bias)
             if head_dim and width == head_dim:
