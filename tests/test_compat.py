@@ -249,3 +249,37 @@ def test_checkpoint_blocks_are_written_and_read_at_their_offsets(tmp_path):
         plain = {"w": torch.zeros(6, 4)}
         dcp.load(plain, checkpoint_id=str(tmp_path), no_dist=True)
     assert torch.equal(into, full[2:4]) and torch.equal(plain["w"], full)
+
+
+def test_checkpoint_blocks_of_several_ranks_plan_as_dcp_expects():
+    """Several ranks' blocks through DCP's own planning (what one process cannot show): the blocks of
+    two ranks tile the stored tensor, a block both hold alike is written once, and a plan whose blocks
+    overlap is refused by DCP's validation."""
+    from torch.distributed.checkpoint._dedup_save_plans import dedup_save_plans
+    from torch.distributed.checkpoint.default_planner import (
+        _validate_global_plan,
+        create_default_global_save_plan,
+        create_default_local_save_plan,
+    )
+
+    full, rep = torch.arange(24.0).view(6, 4), torch.ones(2)
+
+    def plans(rows):
+        return [
+            create_default_local_save_plan(
+                {
+                    "w": _compat.checkpoint_block(full[a:b], (a, 0), (6, 4)),
+                    "r": _compat.checkpoint_block(rep, (0,), (2,)),
+                },
+                is_coordinator=rank == 0,
+            )
+            for rank, (a, b) in enumerate(rows)
+        ]
+
+    deduped = dedup_save_plans(plans([(0, 3), (3, 6)]))
+    assert sum(1 for plan in deduped for item in plan.items if item.index.fqn == "r") == 1
+    _, metadata = create_default_global_save_plan(deduped)
+    assert _validate_global_plan(deduped, metadata) == []  # the errors it finds
+    assert [tuple(c.offsets) for c in metadata.state_dict_metadata["w"].chunks] == [(0, 0), (3, 0)]
+    overlapping = dedup_save_plans(plans([(0, 4), (3, 6)]))
+    assert _validate_global_plan(overlapping, create_default_global_save_plan(overlapping)[1])

@@ -166,12 +166,21 @@ def _run_ckpt_in_place(world, steps, ckpt_dir, ckpt_path=None):
 
 
 def test_zero3_checkpoints_are_written_and_read_in_place(tmp_path):
-    """Stage 3 at TP 2 x DP 2: each rank writes and reads its own rows of every parameter and optimizer
-    state (nothing gathered over DP, so a save needs no memory beyond what the rank holds), and a
-    resume from step 3 continues the uninterrupted run exactly, to the same weights."""
+    """Stage 3 at TP 2 x DP 2: each rank writes and reads its own rows of every parameter and of its
+    optimizer state (no DTensor.full_tensor runs while fitting, saves and the resume included); the
+    stored tensors are the dense weights (the step-6 checkpoint consolidates, without a process group,
+    to the weights gathered at step 6), and a resume from step 3 continues the uninterrupted run
+    exactly, to the same weights."""
+    from lightning_tp import consolidate
+
     full = _dist.run(4, _run_ckpt_in_place, 4, 6, str(tmp_path / "a"))
     (ckpt,) = (tmp_path / "a").glob("*step=3.ckpt")
-    resumed = _dist.run(4, _run_ckpt_in_place, 4, 6, None, str(ckpt))
+    (last,) = (tmp_path / "a").glob("*step=6.ckpt")
+    stored = consolidate(last)
+    assert stored.keys() == full[0][1].keys()
+    for key, value in full[0][1].items():
+        assert torch.equal(stored[key], value), key
+    resumed = _dist.run(4, _run_ckpt_in_place, 4, 6, str(tmp_path / "b"), str(ckpt))
     assert resumed[0][0] == full[0][0][3:]
     for key, value in full[0][1].items():
         assert torch.equal(resumed[0][1][key], value), key

@@ -93,7 +93,7 @@ def _blocks(key: str, t: Tensor, spec: ShardSpec | None, tp_rank: int, into: Ten
         a, b = offset, offset + n_valid  # the chunk's real rows in the TP shard
         if dim == 0:
             a, b = max(a, lo), min(b, hi)  # ZeRO: those this rank holds
-        if a < b:
+        if a < b and part.shape[0]:  # (ZeRO: a DP part with no rows at all writes nothing)
             offsets = [lo if d == 0 else 0 for d in range(len(shape))]
             offsets[dim] = start + a - offset
             data = part.narrow(dim, a - lo if dim == 0 else a, b - a)
@@ -412,52 +412,67 @@ def load(
         raise error or CheckpointError(f"checkpoint {path} cannot be read on ranks {failed}; nothing was loaded.")
     info = meta.pop("lightning_tp")
     _raise_if_bad(path, info, distributed=True)
-    stored = _storage(path)
-    params = _params(module)
-    buffers: dict[str, Tensor] = {}  # what DCP reads into: blocks of plain tensors shaped like each rank's part
-    targets: list[tuple[Tensor, Tensor]] = []  # (parameter or buffer, what its part is read into)
-    expected: dict[str, torch.Size] = {}
-    for name, t in params.items():
-        spec = shard_spec(t)
-        expected.update(_stored_shapes(f"model.{name}", t.shape, spec))
-        into = torch.zeros_like(local(t).detach())  # vocabulary padding rows stay zero
-        buffers.update(_blocks(f"model.{name}", t, spec, mesh.tp_rank, into=into))
-        targets.append((t, into))
-    _check_model_keys(path, stored, expected, strict)
 
-    names = {id(p): n for n, p in params.items()}
-    optim_targets = []
-    for i, opt in enumerate(optimizers):
-        if i >= len(info["optimizers"]):
-            raise CheckpointError(
-                f"checkpoint {path} has {len(info['optimizers'])} optimizers, the model has {len(optimizers)}."
-            )
-        for group in opt.param_groups:
-            for p in group["params"]:
-                prefix = f"optim{i}.{names[id(p)]}."
-                for key in sorted({k.split(_CHUNK)[0] for k in stored if k.startswith(prefix)}):
-                    state_key, spec = key[len(prefix) :], shard_spec(p)
-                    shapes = _stored_shapes(key, p.shape, spec)
-                    if p.dim() > 0 and all(k in stored and tuple(stored[k].size) == s for k, s in shapes.items()):
-                        into = torch.zeros_like(local(p).detach())  # a state laid out as its parameter
-                        buffers.update(_blocks(key, p, spec, mesh.tp_rank, into=into))
-                        state = into if not isinstance(p, DTensor) else _like(into, p)  # ZeRO: split as p
-                    elif key not in stored:  # chunked as a parameter, but not as this one
-                        raise CheckpointError(
-                            f"checkpoint {path}: optimizer state {key!r} is stored as {sorted(shapes)} chunks of shapes "
-                            f"{[tuple(stored[k].size) for k in shapes if k in stored]}, its parameter here is laid "
-                            f"out as {[tuple(s) for s in shapes.values()]}: saved with a different model."
-                        )
-                    else:
-                        meta_ = stored[key]
-                        state = into = torch.empty(meta_.size, dtype=meta_.properties.dtype)  # as saved (a CPU step)
-                        buffers[key] = into
-                    optim_targets.append((i, p, state_key, state))
-    rng_keys = [k for k in stored if k.startswith(f"rng.rank{dist.get_rank()}.")]
-    same_layout = info["world_size"] == mesh.world_size and info["tp_size"] == mesh.tp_size
-    if same_layout:
-        for k in rng_keys:
-            buffers[k] = torch.empty(stored[k].size, dtype=stored[k].properties.dtype)
+    def plan_reads():  # the buffers DCP reads into, on every rank: may fail here, before any collective
+        stored = _storage(path)
+        params = _params(module)
+        buffers: dict[str, Tensor] = {}  # what DCP reads into: blocks of plain tensors shaped like each rank's part
+        targets: list[tuple[Tensor, Tensor]] = []  # (parameter or buffer, what its part is read into)
+        expected: dict[str, torch.Size] = {}
+        for name, t in params.items():
+            spec = shard_spec(t)
+            expected.update(_stored_shapes(f"model.{name}", t.shape, spec))
+            into = torch.zeros_like(local(t).detach())  # vocabulary padding rows stay zero
+            buffers.update(_blocks(f"model.{name}", t, spec, mesh.tp_rank, into=into))
+            targets.append((t, into))
+        _check_model_keys(path, stored, expected, strict)
+
+        names = {id(p): n for n, p in params.items()}
+        optim_targets = []
+        for i, opt in enumerate(optimizers):
+            if i >= len(info["optimizers"]):
+                raise CheckpointError(
+                    f"checkpoint {path} has {len(info['optimizers'])} optimizers, the model has {len(optimizers)}."
+                )
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    prefix = f"optim{i}.{names[id(p)]}."
+                    for key in sorted({k.split(_CHUNK)[0] for k in stored if k.startswith(prefix)}):
+                        state_key, spec = key[len(prefix) :], shard_spec(p)
+                        shapes = _stored_shapes(key, p.shape, spec)
+                        if p.dim() > 0 and all(k in stored and tuple(stored[k].size) == s for k, s in shapes.items()):
+                            into = torch.zeros_like(local(p).detach())  # a state laid out as its parameter
+                            buffers.update(_blocks(key, p, spec, mesh.tp_rank, into=into))
+                            state, as_param = into, True  # ZeRO: made a DTensor split as p once read
+                        elif key not in stored:  # chunked as a parameter, but not as this one
+                            raise CheckpointError(
+                                f"checkpoint {path}: optimizer state {key!r} is stored as {sorted(shapes)} chunks of shapes "
+                                f"{[tuple(stored[k].size) for k in shapes if k in stored]}, its parameter here is laid "
+                                f"out as {[tuple(s) for s in shapes.values()]}: saved with a different model."
+                            )
+                        else:
+                            meta_ = stored[key]
+                            state = into = torch.empty(
+                                meta_.size, dtype=meta_.properties.dtype
+                            )  # as saved (a CPU step)
+                            as_param = False
+                            buffers[key] = into
+                        optim_targets.append((i, p, state_key, state, as_param))
+        rng_keys = [k for k in stored if k.startswith(f"rng.rank{dist.get_rank()}.")]
+        same_layout = info["world_size"] == mesh.world_size and info["tp_size"] == mesh.tp_size
+        if same_layout:
+            for k in rng_keys:
+                buffers[k] = torch.empty(stored[k].size, dtype=stored[k].properties.dtype)
+        return stored, params, buffers, targets, optim_targets, rng_keys, same_layout
+
+    error = None
+    try:
+        stored, params, buffers, targets, optim_targets, rng_keys, same_layout = plan_reads()
+    except Exception as exc:
+        error = exc
+    failed = _failed_ranks(error is not None)  # every rank raises together, before DCP's collectives
+    if failed:
+        raise error or CheckpointError(f"loading {path} failed on ranks {failed}; nothing was loaded.")
 
     try:
         dcp.load(buffers, checkpoint_id=str(path))
@@ -473,7 +488,9 @@ def load(
     for i, opt in enumerate(optimizers):
         state: dict[int, dict[str, Any]] = {}
         index = {id(p): j for j, p in enumerate(p for g in opt.param_groups for p in g["params"])}
-        for _, p, state_key, value in (t for t in optim_targets if t[0] == i):
+        for _, p, state_key, value, as_param in (t for t in optim_targets if t[0] == i):
+            if as_param and isinstance(p, DTensor):
+                value = _like(value, p)  # ZeRO: the state is split over DP as its parameter is
             state.setdefault(index[id(p)], {})[state_key] = value
         saved = info["optimizers"][i]
         for name, extra in saved["extra"].items():
