@@ -416,6 +416,29 @@ def test_key_value_heads_fewer_than_ranks_are_replicated(tp, kv, fused):
         assert errs["out"] < 1e-12 and errs["grad"] < 1e-12 and errs["weight"] < 1e-12, errs
 
 
+def _narrow_kv_parity(tp: int, fused: bool) -> dict:
+    make = functools.partial(_RepeatKVAttention, n_heads=16, n_kv_heads=1, fused=fused)
+    return _block_parity(make, tp, perturb=True)[1]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+def test_key_value_heads_narrower_than_the_ranks_are_replicated(fused):
+    """One key/value head of head_dim 2 at TP 4: its width (2) does not divide by the TP size, which a
+    column split would refuse; replicated, each rank holds the whole head, so it is planned as
+    kv_replicate all the same (float64 parity of outputs, gradients and AdamW steps). A width that is
+    not a key/value head still refuses with the split's own error."""
+    rows = {
+        m.name: m for m in plan_policy(_RepeatKVAttention(n_heads=16, n_kv_heads=1, fused=fused), 4, "auto").modules
+    }
+    for name in ("wqkv",) if fused else ("wk", "wv"):
+        assert rows[name].style == "kv_replicate", rows[name]
+    for errs in _dist.run(4, _narrow_kv_parity, 4, fused):
+        assert errs["out"] < 1e-12 and errs["grad"] < 1e-12 and errs["weight"] < 1e-12, errs
+    mlp = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 8))
+    with pytest.raises(ShardingError, match=r"cannot split out_features of '0' of size 6 over tensor_parallel_size=4"):
+        plan_policy(mlp, 4, {"0": "column", "2": "replicate"})
+
+
 class _GatedQueryAttention(nn.Module):
     """Qwen3-Next's attention layout, Hugging Face style: the head counts in a config, ``head_dim`` and
     ``num_key_value_groups`` on the block, a query projection twice as wide as the heads (each head's

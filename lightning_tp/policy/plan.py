@@ -169,8 +169,16 @@ def plan_policy(
     """
     source, rules = resolve_rules(model, policy)
     modules = dict(model.named_modules())
-    planned, unmatched, used = _match(model, modules, source, rules, tp_size)
-    replicated_kv = _plan_kv_replicas(modules, planned, tp_size)
+    planned, unmatched, used, failed = _match(model, modules, source, rules, tp_size)
+    try:
+        replicated_kv = _plan_kv_replicas(modules, planned, tp_size)
+    except Exception:
+        if failed:  # a model that fails anyway: the first module's own error, as without replication
+            raise next(iter(failed.values())) from None
+        raise
+    for name, error in failed.items():  # in module order: the first one that still fails
+        if name not in planned or planned[name].kind is not KV_REPLICATE:
+            raise error  # not a key/value projection whose heads are replicated: the split is refused
     _plan_head_local(modules, planned, tp_size)
     check_ties(model, planned)
     changes = _attribute_changes(modules, planned, tp_size, replicated_kv)
@@ -220,10 +228,15 @@ def _check_relative_names(
 
 def _match(
     model: nn.Module, modules: dict[str, nn.Module], source: str, rules: dict[str, Rule], tp: int
-) -> tuple[dict[str, PlannedModule], list[str], set[str]]:
-    """``(rows by module name, unmatched linear/embedding names, patterns used)``: the first
-    matching pattern of each module."""
+) -> tuple[dict[str, PlannedModule], list[str], set[str], dict[str, Exception]]:
+    """``(rows by module name, unmatched linear/embedding names, patterns used, failed)``: the first
+    matching pattern of each module. ``failed`` holds, in module order, the error of each module whose
+    row could not be planned; a ``column``/``qkv`` row whose widths do not divide by ``tp`` is planned
+    all the same, unvalidated, for :func:`_plan_kv_replicas` to make it a ``kv_replicate`` row
+    (key/value heads fewer than ranks need no split of their width). The caller raises the first
+    error whose module did not become one, so a model that fails still fails on its first module."""
     used: set[str] = set()
+    failed: dict[str, Exception] = {}
     planned: dict[str, PlannedModule] = {}
     unmatched: list[str] = []
     for name, module in modules.items():
@@ -258,8 +271,31 @@ def _match(
             rule = Rule(rule.style, {**rule.options, "partial_output": value})
         if rule.style == "qkv" and "chunks" not in rule.options:
             rule = Rule("qkv", {**rule.options, "chunks": _gqa_chunks(modules, name, module) or 3})
-        planned[name] = planned_row(name, module, rule, shown, tp)
-    return planned, unmatched, used
+        try:
+            planned[name] = planned_row(name, module, rule, shown, tp)
+        except (ShardingError, TypeError) as error:
+            row = _unsplit_row(name, module, rule, shown, tp) if isinstance(error, ShardingError) else None
+            if row is not None:
+                planned[name] = row
+            failed[name] = error
+    return planned, unmatched, used, failed
+
+
+def _unsplit_row(name: str, module: nn.Module, rule: Rule, pattern: str | None, tp: int) -> PlannedModule | None:
+    """A ``column`` row, or a ``qkv`` row with ``(q, k, v)`` chunk sizes, planned with its widths
+    unvalidated (a spec that pads): a candidate for key/value head replication only."""
+    lin = as_linear(module)
+    chunks = rule.options.get("chunks")
+    if lin is None or rule.style not in ("column", "qkv") or set(rule.options) - {"chunks"}:
+        return None
+    sizes = (lin[1],) if rule.style == "column" else tuple(chunks) if isinstance(chunks, (tuple, list)) else None
+    if sizes is None or sum(sizes) != lin[1]:
+        return None
+    shape = (lin[1], lin[0])
+    spec = ShardSpec(dim=0, sizes=sizes, tp_size=tp, pad=True, name=f"out_features of {name!r}")
+    params = sum(p.numel() for p in module.parameters(recurse=False))
+    return PlannedModule(name, type(module).__name__, rule.style, dict(rule.options), pattern, shape, shape, params,
+                         params, spec)  # fmt: skip
 
 
 def _param_counts(
