@@ -437,6 +437,12 @@ def test_key_value_heads_narrower_than_the_ranks_are_replicated(fused):
     mlp = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 8))
     with pytest.raises(ShardingError, match=r"cannot split out_features of '0' of size 6 over tensor_parallel_size=4"):
         plan_policy(mlp, 4, {"0": "column", "2": "replicate"})
+    # replicated k/v heads before a module that still cannot be split: that module's own error
+    block = nn.ModuleDict({"attn": _RepeatKVAttention(n_heads=16, n_kv_heads=1, fused=fused), "fc": nn.Linear(32, 6)})
+    policy = {"attn.wo": "row", "attn.w*": "column", "fc": "column"} if not fused else {
+        "attn.wqkv": {"style": "qkv", "chunks": [32, 2, 2]}, "attn.wo": "row", "fc": "column"}  # fmt: skip
+    with pytest.raises(ShardingError, match=r"cannot split out_features of 'fc' of size 6 over tensor_parallel_size=4"):
+        plan_policy(block, 4, policy)
 
 
 class _GatedQueryAttention(nn.Module):

@@ -170,12 +170,7 @@ def plan_policy(
     source, rules = resolve_rules(model, policy)
     modules = dict(model.named_modules())
     planned, unmatched, used, failed = _match(model, modules, source, rules, tp_size)
-    try:
-        replicated_kv = _plan_kv_replicas(modules, planned, tp_size)
-    except Exception:
-        if failed:  # a model that fails anyway: the first module's own error, as without replication
-            raise next(iter(failed.values())) from None
-        raise
+    replicated_kv = _plan_kv_replicas(modules, planned, tp_size)
     for name, error in failed.items():  # in module order: the first one that still fails
         if name not in planned or planned[name].kind is not KV_REPLICATE:
             raise error  # not a key/value projection whose heads are replicated: the split is refused
@@ -251,8 +246,11 @@ def _match(
         used.add(pattern)
         rule, shown = rules[pattern], (None if source in ("auto", NAMES_SOURCE) else pattern)
         if not STYLES[rule.style].replaces and not STYLES[rule.style].acts_on(module, rule.options):
-            if candidate:
-                planned[name] = planned_row(name, module, rule, shown, tp)
+            try:
+                if candidate:
+                    planned[name] = planned_row(name, module, rule, shown, tp)
+            except (ShardingError, TypeError) as error:
+                failed[name] = error
             continue
         if not candidate and _is_container_match(name, pattern, modules):
             continue  # a broad pattern that also covers the parents of the modules it targets
@@ -264,10 +262,11 @@ def _match(
             attr = rule.options["partial_output"]
             value = head_value(modules[name.rpartition(".")[0]], (attr,))
             if value is None:
-                raise PolicyError(
+                failed[name] = PolicyError(
                     f"module {name!r}: partial_output={attr!r} names an attribute that its parent module (or the "
                     "config it holds) does not have. Give the number of output features instead."
                 )
+                continue
             rule = Rule(rule.style, {**rule.options, "partial_output": value})
         if rule.style == "qkv" and "chunks" not in rule.options:
             rule = Rule("qkv", {**rule.options, "chunks": _gqa_chunks(modules, name, module) or 3})
@@ -288,8 +287,13 @@ def _unsplit_row(name: str, module: nn.Module, rule: Rule, pattern: str | None, 
     chunks = rule.options.get("chunks")
     if lin is None or rule.style not in ("column", "qkv") or set(rule.options) - {"chunks"}:
         return None
-    sizes = (lin[1],) if rule.style == "column" else tuple(chunks) if isinstance(chunks, (tuple, list)) else None
-    if sizes is None or sum(sizes) != lin[1]:
+    if ALL_STYLES[rule.style].dropped_state(module):
+        return None  # refused for what it holds, whatever its widths
+    try:
+        sizes = (lin[1],) if rule.style == "column" else tuple(int(s) for s in chunks)
+    except (TypeError, ValueError):
+        return None  # an int count of equal chunks: never (q, k, v) of fewer key/value heads
+    if sum(sizes) != lin[1]:
         return None
     shape = (lin[1], lin[0])
     spec = ShardSpec(dim=0, sizes=sizes, tp_size=tp, pad=True, name=f"out_features of {name!r}")
