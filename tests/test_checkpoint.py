@@ -202,3 +202,46 @@ def test_pickled_objects_refused(tmp_path):
     _dist.run(2, _pickled_meta, path)
     with pytest.raises(CheckpointError, match="pickled objects, which are refused"):
         consolidate(path)
+
+
+def _factored_state_round_trip(path, tp, load_tp):
+    """Adafactor (its row_var / col_var are shaped unlike their parameters) at ``tp``: saved, then read
+    into a fresh model and optimizer at ``load_tp`` (``None``: the same mesh). Returns the states that
+    came back different on this rank, or the CheckpointError's message."""
+    m = _dist.mesh(tp)
+
+    def build(seed, mesh):
+        torch.manual_seed(seed)
+        model = lit.LitGPT(model="plain")
+        apply_policy(model, mesh.tp_group, "auto", verify=False)
+        return model, torch.optim.Adafactor(model.parameters(), lr=1e-2)
+
+    model, opt = build(0, m)
+    x, y = next(iter(model.train_dataloader()))
+    for _ in range(2):
+        torch.nn.functional.cross_entropy(model(x).reshape(-1, lit.VOCAB), y.reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad()
+    save(path, model, [opt], m, {})
+    other = _dist.mesh(load_tp or tp)
+    model2, opt2 = build(5, other)
+    try:
+        load(path, model2, [opt2], other)
+    except CheckpointError as exc:
+        return str(exc)
+    return [
+        f"{n}.{k}"
+        for (n, p), p2 in zip(model.named_parameters(), model2.parameters(), strict=True)
+        for k, v in opt.state[p].items()
+        if torch.is_tensor(v) and not torch.equal(v, opt2.state[p2][k])
+    ]
+
+
+def test_optimizer_state_shaped_unlike_its_parameter_is_kept_per_rank(tmp_path):
+    """Adafactor's factored statistics of a sharded parameter differ on each TP rank: every rank's are
+    saved and come back to it (before, one rank's were stored for all); at another TP size they cannot
+    be resharded, which is a CheckpointError naming the state, not a silent mix."""
+    for bad in _dist.run(2, _factored_state_round_trip, str(tmp_path / "a"), 2, None):
+        assert bad == [], bad
+    for msg in _dist.run(2, _factored_state_round_trip, str(tmp_path / "b"), 2, 1):
+        assert "was saved per tensor-parallel rank" in msg and "tensor_parallel_size=1" in msg, msg

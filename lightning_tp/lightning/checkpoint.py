@@ -50,6 +50,7 @@ from lightning_tp.policy.plan import applied_plan
 META_FILE = "meta.pt"
 FORMAT_VERSION = 1
 _CHUNK = "::chunk"
+_TP_RANK = "::tprank"  # an optimizer state of a TP-sharded parameter, shaped otherwise: one per TP rank
 
 
 class CheckpointError(LightningTPError, RuntimeError):
@@ -177,6 +178,10 @@ def _state_to_save(module: nn.Module, optimizers: list[torch.optim.Optimizer], m
                     key = f"optim{i}.{names[id(p)]}.{k}"
                     if isinstance(v, Tensor) and v.dim() > 0 and v.shape == p.shape:  # laid out as p
                         tensors.update(_blocks(key, v, shard_spec(p), mesh.tp_rank))
+                    elif isinstance(v, Tensor) and v.dim() > 0 and shard_spec(p) is not None:
+                        # shaped otherwise, of a sharded parameter (Adafactor's factored statistics): this
+                        # TP rank's own, not one tensor for all (the DP replicas of a TP rank hold it alike)
+                        tensors[f"{key}{_TP_RANK}{mesh.tp_rank}"] = _whole(v)
                     elif isinstance(v, Tensor):
                         tensors[key] = _whole(v)
                     else:
@@ -437,10 +442,23 @@ def load(
             for group in opt.param_groups:
                 for p in group["params"]:
                     prefix = f"optim{i}.{names[id(p)]}."
-                    for key in sorted({k.split(_CHUNK)[0] for k in stored if k.startswith(prefix)}):
+                    for key in sorted({k.split(_CHUNK)[0].split(_TP_RANK)[0] for k in stored if k.startswith(prefix)}):
                         state_key, spec = key[len(prefix) :], shard_spec(p)
                         shapes = _stored_shapes(key, p.shape, spec)
-                        if p.dim() > 0 and all(k in stored and tuple(stored[k].size) == s for k, s in shapes.items()):
+                        own = f"{key}{_TP_RANK}{mesh.tp_rank}"
+                        if f"{key}{_TP_RANK}0" in stored:  # saved per TP rank: read back at the same TP size only
+                            if info["tp_size"] != mesh.tp_size or own not in stored or spec is None:
+                                raise CheckpointError(
+                                    f"checkpoint {path}: optimizer state {key.split('.', 1)[1]!r} was saved per "
+                                    f"tensor-parallel rank (shaped unlike its parameter, as a factored statistic is) at "
+                                    f"tensor_parallel_size={info['tp_size']}; it cannot be resharded to "
+                                    f"tensor_parallel_size={mesh.tp_size}. Resume at TP {info['tp_size']}, or load the "
+                                    "model without its optimizer state."
+                                )
+                            meta_ = stored[own]
+                            state = into = torch.empty(meta_.size, dtype=meta_.properties.dtype, device=local(p).device)
+                            buffers[own], as_param = into, False
+                        elif p.dim() > 0 and all(k in stored and tuple(stored[k].size) == s for k, s in shapes.items()):
                             into = torch.zeros_like(local(p).detach())  # a state laid out as its parameter
                             buffers.update(_blocks(key, p, spec, mesh.tp_rank, into=into))
                             state, as_param = into, True  # ZeRO: made a DTensor split as p once read
