@@ -8,12 +8,17 @@ from lightning_tp.errors import ShardingError
 
 
 @pytest.mark.parametrize(
-    ("sizes", "tp", "pad", "dim"),
-    [((12,), 2, False, 0), ((12,), 4, False, 1), ((8, 8, 8), 4, False, 0), ((8, 4, 4), 2, False, -1),
-     ((30,), 4, True, 0), ((5,), 4, True, 0), ((7, 9), 2, True, 1)],
+    ("sizes", "tp", "pad", "dim", "shared"),
+    [((12,), 2, False, 0, ()), ((12,), 4, False, 1, ()), ((8, 8, 8), 4, False, 0, ()), ((8, 4, 4), 2, False, -1, ()),
+     ((30,), 4, True, 0, ()), ((5,), 4, True, 0, ()), ((7, 9), 2, True, 1, ()),
+     # shared chunks: split into tp / shared pieces, each held by shared consecutive ranks
+     ((8,), 2, False, 0, (2,)), ((8,), 4, False, 0, (4,)), ((8, 4, 4), 4, False, 0, (1, 2, 2)),
+     ((16, 4, 4), 4, False, -1, (1, 4, 4)), ((12, 6, 6), 2, False, 1, (1, 2, 2))],
 )  # fmt: skip
-def test_shard_unshard_round_trip(sizes, tp, pad, dim):
-    spec = ShardSpec(dim=dim, sizes=sizes, tp_size=tp, pad=pad)
+def test_shard_unshard_round_trip(sizes, tp, pad, dim, shared):
+    """shard, unshard and the activation gather index agree; summed over the ranks, each chunk's
+    squares divided by the ranks holding it give the dense squared norm (a shared piece counts once)."""
+    spec = ShardSpec(dim=dim, sizes=sizes, tp_size=tp, pad=pad, shared=shared)
     shape = [3, 3]
     shape[dim] = sum(sizes)
     full = torch.randn(*shape, dtype=torch.float64)
@@ -24,6 +29,12 @@ def test_shard_unshard_round_trip(sizes, tp, pad, dim):
     cat = torch.cat(shards, dim=dim)
     index = spec.gather_index()
     assert torch.equal(cat if index is None else cat.index_select(dim, index), full)
+    total = sum(
+        s.narrow(dim, first, size).square().sum() / spec.shared[c]
+        for s in shards
+        for c, first, size in spec.chunk_ranges()
+    )
+    assert torch.allclose(total, full.square().sum())  # padding rows are zeros
 
 
 def test_fused_chunks_give_each_rank_the_same_heads_of_q_k_v():
@@ -56,32 +67,6 @@ def test_uneven_split_is_a_typed_error():
     with pytest.raises(ShardingError, match="w: expected 2 shards, got 1"):
         spec.unshard([torch.zeros(4)])
     assert issubclass(ShardingError, ValueError)
-
-
-@pytest.mark.parametrize(
-    ("sizes", "shared", "tp", "dim"),
-    [((8,), (2,), 2, 0), ((8,), (4,), 4, 0), ((8, 4, 4), (1, 2, 2), 4, 0), ((16, 4, 4), (1, 4, 4), 4, -1),
-     ((12, 6, 6), (1, 2, 2), 2, 1)],
-)  # fmt: skip
-def test_shared_chunks_round_trip(sizes, shared, tp, dim):
-    """A shared chunk is split into tp / shared pieces, each held by shared consecutive ranks: shard,
-    unshard and the activation gather index agree, and each piece counts once in the row weights."""
-    spec = ShardSpec(dim=dim, sizes=sizes, tp_size=tp, shared=shared)
-    shape = [3, 3]
-    shape[dim] = sum(sizes)
-    full = torch.randn(*shape, dtype=torch.float64)
-    shards = [spec.shard(full, r) for r in range(tp)]
-    assert all(s.shape[dim] == spec.local_size for s in shards)
-    assert torch.equal(spec.unshard(shards), full)
-    cat = torch.cat(shards, dim=dim)
-    assert torch.equal(cat.index_select(dim, spec.gather_index()), full)
-    # summed over the ranks, each chunk's squares divided by the ranks holding it: the dense squared norm
-    total = sum(
-        s.narrow(dim, first, size).square().sum() / spec.shared[c]
-        for s in shards
-        for c, first, size in spec.chunk_ranges()
-    )
-    assert torch.allclose(total, full.square().sum())
 
 
 def test_shared_key_value_heads_layout():

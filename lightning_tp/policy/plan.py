@@ -697,7 +697,7 @@ def _plan_kv_replicas(
     """Grouped-query attention with fewer key/value heads than TP ranks (multi-query included): the
     block's key and value projections (plain ``column`` rows of ``n`` heads beside a query projection
     of ``H`` heads, ``H`` divisible by ``tp``, ``tp`` a multiple of ``n``) become ``kv_replicate`` rows:
-    whole on every rank, each rank computing the head its query heads read. Only where the block
+    each rank holding and computing the head its query heads read. Only where the block
     says so: a key/value head count ``n`` (on the block or its config) or ``H / n`` query heads per
     key/value head (``num_key_value_groups``). A policy's own ``kv_replicate`` rows count too.
     Returns block -> ``(H, n)``."""
