@@ -35,6 +35,7 @@ from lightning_tp.errors import (
     PreemptedError,
     SequenceParallelGradError,
     ShardingError,
+    UnsupportedCallbackError,
     VerifyInputError,
 )
 from lightning_tp.lightning.checkpoint import CheckpointError, consolidate
@@ -78,6 +79,7 @@ __all__ = [
     "PreemptedError",
     "PartialGradError",
     "VerifyInputError",
+    "UnsupportedCallbackError",
     "HeadParallelEmbedding",
     "SequenceParallelGradError",
     "PolicyMismatchError",

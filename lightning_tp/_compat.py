@@ -50,12 +50,25 @@ Lightning (imported on first use, so the engine, which imports this module, impo
 * ``set_launcher`` (``Strategy._launcher``): where ``_configure_launcher`` must leave the launcher.
 * ``set_device_mesh`` (``LightningModule._device_mesh``): what ``LightningModule.device_mesh``
   returns (Lightning's ``ModelParallelStrategy`` sets it the same way).
+* ``averaged_model`` / ``set_averaged_model`` (``WeightAveraging._average_model``): the copy a
+  weight-averaging callback (``EMAWeightAveraging``) made in its ``setup``, before the strategy
+  sharded the model: the strategy has the callback copy the sharded model again, and saves and
+  restores that copy's shards.
+
+Python:
+
+* ``shared_process_groups`` (``copy._deepcopy_dispatch``): ``copy.deepcopy`` of a rewritten model
+  shares its process groups (a handle, not data; deep-copying one raises) for as long as the context
+  is open.
 """
 
 from __future__ import annotations
 
 import atexit
+import copy
 import importlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -65,9 +78,11 @@ from torch.utils._pytree import tree_leaves, tree_map
 DisableTorchFunctionSubclass = torch._C.DisableTorchFunctionSubclass
 
 
-def tensor_version(t: Tensor) -> int:
-    """How many in-place changes ``t``'s memory has seen (autograd's version counter)."""
-    return t._version
+def tensor_version(t: Tensor) -> int | object:
+    """How many in-place changes ``t``'s memory has seen (autograd's version counter). A tensor made
+    under ``torch.inference_mode`` has none: then a value equal to no other (nothing kept against it is
+    reused)."""
+    return object() if t.is_inference() else t._version
 
 
 def use_count(t: Tensor) -> int:
@@ -224,6 +239,31 @@ def take_lightning_sigterm(trainer: Any) -> bool:
     return received
 
 
+def averaged_model(callback: Any) -> Any:
+    """The ``AveragedModel`` of a Lightning ``WeightAveraging`` callback (``None`` outside fit)."""
+    return getattr(callback, "_average_model", None)
+
+
+def set_averaged_model(callback: Any, model: Any) -> None:
+    callback._average_model = model
+
+
+@contextmanager
+def shared_process_groups() -> Iterator[None]:
+    """Inside, ``copy.deepcopy`` returns a ``ProcessGroup`` itself instead of raising."""
+    from torch.distributed import ProcessGroup
+
+    before = copy._deepcopy_dispatch.get(ProcessGroup)
+    copy._deepcopy_dispatch[ProcessGroup] = copy._deepcopy_atomic
+    try:
+        yield
+    finally:
+        if before is None:
+            del copy._deepcopy_dispatch[ProcessGroup]
+        else:
+            copy._deepcopy_dispatch[ProcessGroup] = before
+
+
 def __getattr__(name: str) -> Any:
     if name in _LIGHTNING:
         module, attr = _LIGHTNING[name]
@@ -234,6 +274,9 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "averaged_model",
+    "set_averaged_model",
+    "shared_process_groups",
     "DisableTorchFunctionSubclass",
     "own_parameters",
     "checkpoint_block",

@@ -59,6 +59,11 @@ class DeferredInitError(LightningTPError, TypeError):
     ``init_weights(module)`` hook)."""
 
 
+class UnsupportedCallbackError(LightningTPError, TypeError):
+    """A Lightning callback the strategy cannot run on sharded weights (it keeps a dense copy of the
+    model in its own state). Raised on every rank in ``setup``, before the model is sharded."""
+
+
 class PreemptedError(LightningTPError, RuntimeError):
     """Training stopped on a signal (SIGTERM, SIGINT, SLURM's requeue signal): every rank left the
     loop after the same step and, unless ``save_on_signal=False``, wrote one checkpoint together. The

@@ -283,3 +283,35 @@ def test_checkpoint_blocks_of_several_ranks_plan_as_dcp_expects():
     assert [tuple(c.offsets) for c in metadata.state_dict_metadata["w"].chunks] == [(0, 0), (3, 0)]
     overlapping = dedup_save_plans(plans([(0, 4), (3, 6)]))
     assert _validate_global_plan(overlapping, create_default_global_save_plan(overlapping)[1])
+
+
+def test_shared_process_groups_makes_deepcopy_share_them_inside_only():
+    import copy
+
+    import torch.distributed as dist
+
+    group = dist.ProcessGroup(dist.HashStore(), 0, 1)
+    with pytest.raises(TypeError, match="pickle"):
+        copy.deepcopy({"group": group})
+    with _compat.shared_process_groups():
+        assert copy.deepcopy({"group": group, "t": torch.ones(1)})["group"] is group
+    with pytest.raises(TypeError, match="pickle"):
+        copy.deepcopy(group)
+
+
+def test_averaged_model_is_where_weight_averaging_keeps_its_copy():
+    import lightning as L
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 2)
+
+    callback, module = EMAWeightAveraging(), Tiny()
+    assert _compat.averaged_model(callback) is None
+    callback.setup(None, module, "fit")
+    averaged = _compat.averaged_model(callback)
+    assert isinstance(averaged, torch.optim.swa_utils.AveragedModel) and type(averaged.module) is Tiny
+    _compat.set_averaged_model(callback, None)
+    assert _compat.averaged_model(callback) is None

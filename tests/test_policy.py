@@ -1,5 +1,6 @@
 """The module-rewriting policy: auto rules, HF plans, ties, head attributes, errors, verify, report."""
 
+import copy
 import functools
 import importlib.util
 import warnings
@@ -7,6 +8,7 @@ import warnings
 import models
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import _dist
@@ -897,3 +899,142 @@ def test_partial_output_is_resolved_from_the_block_and_checked():
             {f"*.{k}": v for k, v in policy.items()},
             sequence_parallel=True,
         )
+
+
+class _EncoderLM(nn.Module):
+    """torch's own nn.TransformerEncoder between a token embedding and a head: in eval mode without
+    gradients each layer runs torch's fused kernel, which reads linear1/linear2's weights itself."""
+
+    def __init__(self, vocab=37, d=32):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, 4, 64, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.lm_head = nn.Linear(d, vocab)
+
+    def forward(self, ids):
+        return self.lm_head(self.enc(self.tok(ids)))
+
+
+class _InferenceKernelMLP(nn.Module):
+    """A user's MLP with its own inference path that reads the layers' weights instead of calling them."""
+
+    def __init__(self, d=32, hidden=64):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def forward(self, x):
+        if torch.is_grad_enabled():
+            return self.fc2(F.gelu(self.fc1(x)))
+        return F.linear(F.gelu(F.linear(x, self.fc1.weight, self.fc1.bias)), self.fc2.weight, self.fc2.bias)
+
+
+_ENCODER_POLICY = {"enc.layers.*.linear1": "column", "enc.layers.*.linear2": "row", "tok": "vocab",
+                   "lm_head": {"style": "vocab", "gather_output": True}}  # fmt: skip
+
+
+def _encoder_inference(tp):
+    torch.manual_seed(0)
+    dense = _EncoderLM().double()
+    model = copy.deepcopy(dense)
+    ids = torch.randint(0, 37, (2, 10), generator=torch.Generator().manual_seed(1))
+    apply_policy(model, _dist.mesh(tp).tp_group, _ENCODER_POLICY, example_input=ids)  # verify: both paths
+    dense.eval(), model.eval()
+    errs = {}
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            want = dense(ids)
+            errs[mode.__name__] = float((gather_logits(model(ids)) - want).abs().max() / want.abs().max())
+    errs["fast path restored"] = torch.backends.mha.get_fastpath_enabled()
+    return errs
+
+
+def test_torch_transformer_encoder_layers_run_split_in_inference_too():
+    """nn.TransformerEncoderLayer's fused inference kernel (eval mode, no gradients: Lightning's
+    evaluation loops) would bypass split linear1/linear2 (no all-reduce: silently wrong logits); it is
+    turned off while such a layer runs, so inference is exact as training is."""
+    for errs in _dist.run(2, _encoder_inference, 2):
+        assert errs.pop("fast path restored")
+        assert max(errs.values()) < 1e-12, errs
+
+
+def _inference_kernel_refused(tp):
+    torch.manual_seed(0)
+    model = nn.Sequential(_InferenceKernelMLP()).double()
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    with pytest.raises(PolicyMismatchError, match="eval mode without gradients.*matches with gradients enabled"):
+        apply_policy(model, _dist.mesh(tp).tp_group, {"0.fc1": "column", "0.fc2": "row"}, example_input=x)
+    return True
+
+
+def test_verify_compares_the_inference_path_too():
+    """A module whose eval-mode, no-gradient forward reads a split layer's weights itself agrees with
+    gradients enabled, so verify also runs both models that way and refuses the policy."""
+    assert all(_dist.run(2, _inference_kernel_refused, 2))
+
+
+class _LateEmbedding(nn.Module):
+    """An MLP registered before a token embedding with options a vocab-parallel table cannot honour."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.blk = _PReLUMLP()
+        self.tok = nn.Embedding(40, 32, **options)
+
+
+@pytest.mark.parametrize("options", [{"max_norm": 1.0}, {"sparse": True}, {"scale_grad_by_freq": True}])
+def test_embedding_options_are_refused_when_planned_naming_the_module(options):
+    """Refused by the plan (as `lightning-tp plan` and the main process before launch make it), not
+    half-way through the rewrite: the layers before it stay untouched."""
+    model = _LateEmbedding(**options)
+    policy = {"blk.fc_in": "column", "blk.fc_out": "row", "tok": "vocab"}
+    with pytest.raises(ShardingError, match=rf"module 'tok' \(Embedding\).*options \['{next(iter(options))}'\]"):
+        plan_policy(model, 2, policy)
+    assert type(model.blk.fc_in) is nn.Linear and shard_spec(model.tok.weight) is None
+
+
+class _PerHeadNorms(nn.Module):
+    """One LayerNorm per head in a ModuleList zipped with the heads (StableLM's qk_layernorm): each rank
+    pairs its heads with the first norms, equal at init, so outputs agree and gradients do not."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.head_dim = d // heads
+        self.q, self.o = nn.Linear(d, d), nn.Linear(d, d)
+        self.norms = nn.ModuleList(nn.LayerNorm(self.head_dim) for _ in range(heads))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, -1, self.head_dim)
+        q = torch.stack([norm(h) for norm, h in zip(self.norms, q.unbind(2), strict=False)], 2)
+        return self.o(q.reshape(b, t, -1))
+
+
+class _MatmulHead(nn.Module):
+    """A head that multiplies by the embedding's weight itself (not a tied nn.Linear)."""
+
+    def __init__(self, vocab=40, d=32):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+
+    def forward(self, ids):
+        return self.tok(ids) @ self.tok.weight.t()
+
+
+def _mismatch_messages(tp):
+    torch.manual_seed(0)
+    out = []
+    for model, policy, x in (
+        (_PerHeadNorms().double(), {"q": "column", "o": "row"}, torch.randn(2, 5, 32, dtype=torch.float64)),
+        (_MatmulHead().double(), {"tok": "vocab"}, torch.randint(0, 40, (2, 5))),
+    ):
+        with pytest.raises(PolicyMismatchError) as info:
+            apply_policy(model, _dist.mesh(tp).tp_group, policy, example_input=x)
+        out.append(str(info.value))
+    return out
+
+
+def test_mismatch_messages_name_the_parameter_and_the_shapes_on_every_rank():
+    for grads, shapes in _dist.run(2, _mismatch_messages, 2):
+        assert "parameter 'norms.0.weight'" in grads  # also where another rank found it first
+        assert "an output of shape (2, 5, 20) where the unsharded model's is (2, 5, 40)" in shapes

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import _dist
-from lightning_tp import ShardingError, VocabShardedLogits, apply_policy
+from lightning_tp import ShardingError, VocabShardedLogits, apply_policy, gather_logits
 from lightning_tp.engine.layers import VocabParallelLMHead
 
 HAS_HF = importlib.util.find_spec("transformers") is not None
@@ -88,6 +88,15 @@ def _ops(tp):
     ld = dense(xd)
     (F.cross_entropy(ld.view(-1, V), y.view(-1)) + (ld.softmax(-1) ** 2).sum()).backward()
     _close(xs.grad, xd.grad)
+    with torch.inference_mode():  # Lightning's evaluation loops on GPUs: tensors without a version counter
+        si, di = head(x), dense(x)
+        assert isinstance(si, VocabShardedLogits) and si.is_inference()
+        for op in (lambda z: z.argmax(-1), lambda z: z.softmax(-1), lambda z: F.log_softmax(z, -1),
+                   lambda z: torch.topk(z, 3).values, lambda z: z.softmax(-1).argmax(-1)):  # fmt: skip
+            _close(op(si), op(di))
+            _close(op(si), op(di))  # again: nothing gathered before is reused without a version to check
+        _close(gather_logits(si), di)
+        _close(F.cross_entropy(si.view(-1, V), y.view(-1)), F.cross_entropy(di.view(-1, V), y.view(-1)))
     # gradients through the routed loss and through gathered ops equal the dense ones
     for loss_fn in (lambda z: F.cross_entropy(z.view(-1, V), y.view(-1), label_smoothing=0.1),
                     lambda z: z.log_softmax(-1)[..., 3].sum() + z.max(-1).values.sum()):  # fmt: skip

@@ -454,6 +454,19 @@ class VocabParallelLMHead(ColumnParallelLinear):
         return VocabShardedLogits.wrap(y, self.group, self.out_features, self._loss_workspace)
 
 
+EMBEDDING_OPTIONS_REASON = (
+    "cannot be vocab-parallel (they depend on which rows a batch touches across all ranks). Map this embedding "
+    "to 'replicate' in the policy or drop them."
+)
+
+
+def unsupported_embedding_options(module: nn.Embedding) -> list[str]:
+    """The options of ``module`` a vocab-parallel embedding cannot honour."""
+    options = {"max_norm": module.max_norm is not None, "scale_grad_by_freq": module.scale_grad_by_freq,
+               "sparse": module.sparse}  # fmt: skip
+    return [k for k, v in options.items() if v]
+
+
 class VocabParallelEmbedding(nn.Module):
     """Embedding ``E`` (V, H) split by vocabulary rows, ``V`` padded to ``Vp``, a multiple of ``p``.
 
@@ -496,17 +509,10 @@ class VocabParallelEmbedding(nn.Module):
         """Build from an existing ``nn.Embedding`` by slicing (and padding) its weight."""
         if not isinstance(module, nn.Embedding):
             raise TypeError(f"VocabParallelEmbedding.from_dense expects an nn.Embedding, got {type(module).__name__}.")
-        unsupported = {
-            "max_norm": module.max_norm is not None,
-            "scale_grad_by_freq": module.scale_grad_by_freq,
-            "sparse": module.sparse,
-        }
-        bad = [k for k, v in unsupported.items() if v]
+        bad = unsupported_embedding_options(module)
         if bad:
-            raise ShardingError(
-                f"nn.Embedding options {bad} cannot be vocab-parallel (they depend on which rows a batch "
-                "touches across all ranks). Map this embedding to 'replicate' in the policy or drop them."
-            )
+            where = f" of {kwargs['name']!r}" if kwargs.get("name") else ""
+            raise ShardingError(f"nn.Embedding options {bad}{where} {EMBEDDING_OPTIONS_REASON}")
         if type(module) is not nn.Embedding:
             return _vocab_parallel_subclass(module, group, **kwargs)
         return cls(module.num_embeddings, module.embedding_dim, group=group, _dense=module, **kwargs)

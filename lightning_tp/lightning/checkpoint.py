@@ -51,6 +51,7 @@ META_FILE = "meta.pt"
 FORMAT_VERSION = 1
 _CHUNK = "::chunk"
 _TP_RANK = "::tprank"  # an optimizer state of a TP-sharded parameter, shaped otherwise: one per TP rank
+_CURRENT = "current."  # the training weights, beside averaged ones under "model." (weight averaging)
 
 
 class CheckpointError(LightningTPError, RuntimeError):
@@ -157,13 +158,18 @@ def _transposed(module: nn.Module) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 
 
-def _state_to_save(module: nn.Module, optimizers: list[torch.optim.Optimizer], mesh: TPMesh):
+def _state_to_save(
+    module: nn.Module, optimizers: list[torch.optim.Optimizer], mesh: TPMesh, average: nn.Module | None = None
+):
     tensors: dict[str, Tensor] = {}
     layout: dict[str, Any] = {}
     params = _params(module)
+    averaged = _params(average) if average is not None else params
     for name, t in params.items():
         spec = shard_spec(t)
-        tensors.update(_blocks(f"model.{name}", t, spec, mesh.tp_rank))
+        tensors.update(_blocks(f"model.{name}", averaged[name], spec, mesh.tp_rank))
+        if average is not None:
+            tensors.update(_blocks(f"{_CURRENT}{name}", t, spec, mesh.tp_rank))
         layout[name] = None if spec is None else {"dim": spec.dim, "sizes": list(spec.sizes), "pad": spec.pad}
     names = {id(p): n for n, p in params.items()}
     optim_meta = []
@@ -221,8 +227,13 @@ def save(
     mesh: TPMesh,
     trainer_state: dict[str, Any],
     rng_state: dict[str, Tensor] | None = None,
+    average: nn.Module | None = None,
 ) -> None:
     """Save every rank's shards and the trainer state to directory ``path``. Collective.
+
+    With ``average`` (a weight-averaging callback's copy of ``module``, parameters of the same names and
+    layouts) the model's state is the averaged weights, as in Lightning's checkpoints (what
+    :func:`consolidate` and ``export`` give), and ``module``'s own are stored beside them for a resume.
 
     Written to a temporary sibling directory, which replaces ``path`` only when every rank has
     finished. Every rank runs the same collectives whatever fails where, so a failure on one rank
@@ -236,7 +247,7 @@ def save(
     tmp = path.parent / f".{path.name}.tmp-{token[0]}"
     error: BaseException | None = None
     try:  # local work: build what to write; rank 0 creates the directory
-        tensors, layout, optim_meta = _state_to_save(module, optimizers, mesh)
+        tensors, layout, optim_meta = _state_to_save(module, optimizers, mesh, average)
         for name, state in (rng_state or {}).items():
             tensors[f"rng.rank{rank}.{name}"] = state
         meta = dict(trainer_state)
@@ -249,6 +260,7 @@ def save(
             "aliases": _aliases(module),
             "optimizers": optim_meta,
             "hf": hf_info(module),
+            "averaged": average is not None,
         }
         if rank == 0:
             tmp.mkdir(parents=True, exist_ok=False)
@@ -402,10 +414,15 @@ def load(
     optimizers: list[torch.optim.Optimizer],
     mesh: TPMesh,
     strict: bool = True,
+    average: nn.Module | None = None,
 ) -> tuple[dict[str, Any], dict[str, Tensor] | None]:
     """Load shards into ``module`` / ``optimizers`` at the current TP size (resharding as needed).
     Returns ``(trainer_state, rng_state or None)``. Collective; raises :class:`CheckpointError`
-    before modifying anything on a bad checkpoint."""
+    before modifying anything on a bad checkpoint.
+
+    A checkpoint saved with averaged weights holds them as the model's state: they go into ``average``
+    (a weight-averaging callback's copy of ``module``) and the training weights into ``module``;
+    without ``average`` the averaged weights go into ``module``, as Lightning loads such a checkpoint."""
     path = Path(path)
     meta, error = None, None
     try:
@@ -424,12 +441,17 @@ def load(
         buffers: dict[str, Tensor] = {}  # what DCP reads into: blocks of plain tensors shaped like each rank's part
         targets: list[tuple[Tensor, Tensor]] = []  # (parameter or buffer, what its part is read into)
         expected: dict[str, torch.Size] = {}
+        # (stored key, what reads it): the model's state, or the averaged weights and the training ones
+        both = average is not None and info.get("averaged", False)
+        reads = [("model.", _params(average)), (_CURRENT, params)] if both else [("model.", params)]
         for name, t in params.items():
             spec = shard_spec(t)
             expected.update(_stored_shapes(f"model.{name}", t.shape, spec))
-            into = torch.zeros_like(local(t).detach())  # vocabulary padding rows stay zero
-            buffers.update(_blocks(f"model.{name}", t, spec, mesh.tp_rank, into=into))
-            targets.append((t, into))
+            for prefix, into_params in reads:
+                target = into_params[name]
+                into = torch.zeros_like(local(target).detach())  # vocabulary padding rows stay zero
+                buffers.update(_blocks(f"{prefix}{name}", target, spec, mesh.tp_rank, into=into))
+                targets.append((target, into))
         _check_model_keys(path, stored, expected, strict)
 
         names = {id(p): n for n, p in params.items()}

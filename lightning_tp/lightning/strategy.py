@@ -53,6 +53,7 @@ from lightning_tp.engine.random import RNGTracker, derive_seed, model_parallel_s
 from lightning_tp.engine.recompute import apply_activation_checkpointing, checkpoint_targets
 from lightning_tp.errors import CheckpointSkippedWarning, MeshConfigError
 from lightning_tp.lightning import checkpoint as ckpt
+from lightning_tp.lightning.averaging import averaging_callbacks, copy_sharded
 from lightning_tp.lightning.faults import (
     agree_on_signals,
     check_finite_loss,
@@ -64,7 +65,14 @@ from lightning_tp.lightning.launcher import TPMultiProcessingLauncher, TPSubproc
 from lightning_tp.lightning.precision import PartialGradCheck, TPPrecision, _TPPrecisionMixin, to_tp_precision
 from lightning_tp.lightning.pretrained import load_pretrained
 from lightning_tp.lightning.signals import SignalFlag, SignalStop
-from lightning_tp.lightning.zero import ZERO_STAGES, dp_mesh, dp_shard, keep_param_attrs, no_gradient_sync
+from lightning_tp.lightning.zero import (
+    ZERO_STAGES,
+    dp_mesh,
+    dp_shard,
+    fsdp_modules,
+    keep_param_attrs,
+    no_gradient_sync,
+)
 from lightning_tp.policy import applied_plan, apply_policy, plan_policy, resolve_rules
 
 log = logging.getLogger(__name__)
@@ -194,6 +202,7 @@ class MegatronTPStrategy(DDPStrategy):
         self._ddp_group = None  # debug mode: the DP group without the debug wrapper, for DDP
         self.rng_tracker: RNGTracker | None = None
         self.deferred_init = False  # the model was built on the meta device and initialized layer by layer
+        self.averaged: nn.Module | None = None  # a weight-averaging callback's copy of the sharded model (fit)
 
     # -- precision: every plugin becomes its TP-aware variant ------------------------------------
     def _get_precision_plugin(self) -> Precision:
@@ -293,6 +302,8 @@ class MegatronTPStrategy(DDPStrategy):
     # -- model ------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.accelerator is not None and self.model is not None
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        averaging = averaging_callbacks(trainer.callbacks) if fitting else []  # refused before anything changes
         self.accelerator.setup(trainer)
         module = self.lightning_module
         with keep_param_attrs(module):  # a ZeRO module from an earlier fit: moving it swaps its parameters' dicts
@@ -302,15 +313,19 @@ class MegatronTPStrategy(DDPStrategy):
                 move_built_tensors(module, self.root_device)
         if applied_plan(module) is None:
             self._shard(module)
+        # made before the precision conversion, as the callback's own copy is in Lightning's order
+        self.averaged = copy_sharded(averaging[0], trainer, module) if averaging else None
         if self.activation_checkpointing is not None:  # before ZeRO wraps the layers (FSDP2's order)
             done = apply_activation_checkpointing(module, self.activation_checkpointing, self.rng_tracker)
             log.info("lightning_tp: activation checkpointing of %d modules: %s", len(done), done)
         with keep_param_attrs(module):
             self.model = self.precision_plugin.convert_module(self.model)
             self.model_to_device()
-        fitting = trainer.state.fn == TrainerFn.FITTING
         if fitting and self.tp_mesh.dp_size > 1 and self.zero_stage and not isinstance(module, FSDPModule):
-            dp_shard(module, dp_mesh(self.dp_group, self.root_device.type), self.zero_stage)
+            mesh = dp_mesh(self.dp_group, self.root_device.type)
+            for m in (module, self.averaged):  # the averaged copy split over DP as the model is
+                if m is not None:
+                    dp_shard(m, mesh, self.zero_stage)
         if isinstance(module, FSDPModule):  # sharded now, or by an earlier fit (then validate/test/predict)
             self.model, self.zero_active = _ZeroRoot(module), True  # FSDP2's hooks run on module's __call__
         check = PartialGradCheck(list(module.named_parameters()), self.sequence_parallel)  # at the first steps
@@ -412,6 +427,24 @@ class MegatronTPStrategy(DDPStrategy):
                 output, self.root_device, trainer.global_step, trainer.current_epoch, signum
             )
         return output
+
+    # -- weight averaging under ZeRO-2 -------------------------------------------------------------
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        self._reshard_in_validation(True)
+
+    def on_validation_end(self) -> None:
+        self._reshard_in_validation(self.zero_stage == 3)
+        super().on_validation_end()
+
+    def _reshard_in_validation(self, reshard: bool) -> None:
+        """A weight-averaging callback swaps the DP-split weights with its copy's when validation
+        starts and ends: ZeRO-2 (no reshard after forward) would leave them gathered at the end."""
+        if self.averaged is None or not self.zero_active or self.zero_stage == 3:
+            return
+        for m in fsdp_modules(self.lightning_module):
+            m.reshard()
+            m.set_reshard_after_forward(reshard, recurse=False)
 
     # -- signals ----------------------------------------------------------------------------------
     def on_train_start(self) -> None:
@@ -525,15 +558,25 @@ class MegatronTPStrategy(DDPStrategy):
         state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
         rng = self.rng_tracker.state_dict() if self.rng_tracker is not None else None
         optimizers = [_unwrapped(o) for o in self.optimizers]
-        ckpt.save(path, self.lightning_module, optimizers, self.tp_mesh, state, rng)
+        # a weight-averaging callback put the averaged weights in "state_dict", the model's in "current_model_state"
+        average = self.averaged if "current_model_state" in checkpoint else None
+        state.pop("current_model_state", None)
+        ckpt.save(path, self.lightning_module, optimizers, self.tp_mesh, state, rng, average)
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         path = self.broadcast(str(checkpoint_path))
         optimizers = [_unwrapped(o) for o in self.optimizers]
         strict = getattr(self.lightning_module, "strict_loading", True)
-        state, rng = ckpt.load(path, self.lightning_module, optimizers, self.tp_mesh, strict=strict)
+        state, rng = ckpt.load(
+            path, self.lightning_module, optimizers, self.tp_mesh, strict=strict, average=self.averaged
+        )
         if rng is not None and self.rng_tracker is not None:
             self.rng_tracker.load_state_dict(rng)
+        # What Lightning's hooks read (on_load_checkpoint): this rank's shards, as loaded. A weight-averaging
+        # callback loads "state_dict" into its copy and "current_model_state" into the model (here, already).
+        state["state_dict"] = self.lightning_module.state_dict()
+        if self.averaged is not None and "averaging_state" in state:
+            state["state_dict"], state["current_model_state"] = self.averaged.state_dict(), state["state_dict"]
         return state
 
     def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:

@@ -20,6 +20,7 @@ from lightning_tp._compat import tree_map
 from lightning_tp.engine.comm import group_size
 from lightning_tp.engine.init import Materializer, is_deferred
 from lightning_tp.engine.random import RNGTracker
+from lightning_tp.engine.sharding import shard_spec
 from lightning_tp.errors import DeferredInitError, ShardingError
 from lightning_tp.policy.plan import Plan, PlannedModule, attach_plan, plan_policy, planned_row
 from lightning_tp.policy.rules import PolicyError, PolicyWarning, Rule
@@ -30,6 +31,7 @@ from lightning_tp.policy.verify import (
     check_blocks,
     check_parity,
     check_reference,
+    inference_outputs,
     interleaved_groups,
     make_example_input,
     model_device,
@@ -150,8 +152,34 @@ def apply_plan(
         if not row.kind.replaces:
             row.kind.build(row, model.get_submodule(row.name), ctx)
     _set_attributes(model, plan.attribute_changes)
+    _without_fast_paths(model)
     attach_plan(model, plan)
     return model
+
+
+# torch modules whose fused inference kernel (eval mode, no gradients: Lightning's evaluation loops) reads
+# their linear layers' weights directly instead of calling them: with a split layer inside, no collective runs
+_FAST_PATH_MODULES = (nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.MultiheadAttention)
+
+
+def _without_fast_paths(model: nn.Module) -> None:
+    """Turn torch's fused inference path off (``torch.backends.mha``) while a transformer module that
+    holds split layers runs, so that they run as their own modules (the path training takes)."""
+    for module in model.modules():
+        if isinstance(module, _FAST_PATH_MODULES) and not getattr(module, "_tp_no_fast_path", False):
+            if any(shard_spec(p) is not None for p in module.parameters()):
+                was: list[bool] = []
+                module.register_forward_pre_hook(lambda *_, was=was: _set_fast_path(was, False))
+                module.register_forward_hook(lambda *_, was=was: _set_fast_path(was, None), always_call=True)
+                module._tp_no_fast_path = True
+
+
+def _set_fast_path(was: list[bool], enabled: bool | None) -> None:
+    if enabled is None:  # after the forward: as it was
+        torch.backends.mha.set_fastpath_enabled(was.pop())
+    else:
+        was.append(torch.backends.mha.get_fastpath_enabled())
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def _get_path(obj: Any, path: str) -> Any:
@@ -333,10 +361,11 @@ def apply_policy(
         fused = tuple(m.name for m in plan.modules if isinstance(m.kind, Qkv))
         reference = capture(model, inputs, fused=fused, run=run)
         check_reference(reference, inputs)  # a batch the model does not take: raised before any rewrite
+        inference = inference_outputs(model, inputs, run)
         plan = _per_head_fused(plan, model, interleaved_groups(plan, model, reference[-1]))
     apply_plan(model, plan, group, rng_tracker, materializer)
     if verify:
-        check_parity(model, inputs, reference, plan, group, run=run)
+        check_parity(model, inputs, reference, plan, group, run=run, inference=inference)
     if load_weights is not None:
         load_weights(model)
     return plan

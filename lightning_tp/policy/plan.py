@@ -136,6 +136,10 @@ def planned_row(
             "them. Map this module to 'replicate' in the policy (it stays whole on every rank), or move that "
             "state out of it."
         )
+    reason = style.refusal(module)
+    if reason:
+        where = f" (pattern {pattern!r})" if pattern else ""
+        raise ShardingError(f"module {name!r} ({type(module).__name__}){where}: {reason}")
     full_params = sum(p.numel() for p in module.parameters(recurse=False))
     shape = style.shape(module)
     spec = style.spec(name, module, shape, opts, tp)

@@ -25,6 +25,7 @@ from torch.distributed import ProcessGroup
 from lightning_tp.engine.experts import ExpertsReduce, act_once
 from lightning_tp.engine.features import FeatureGather, TailGradSum, gathered_width
 from lightning_tp.engine.layers import (
+    EMBEDDING_OPTIONS_REASON,
     ColumnParallelLinear,
     HeadParallelEmbedding,
     KVReplicatedLinear,
@@ -35,6 +36,7 @@ from lightning_tp.engine.layers import (
     chunk_sizes,
     kv_replica_layout,
     split_parameters,
+    unsupported_embedding_options,
 )
 from lightning_tp.engine.random import RNGTracker, TPDropout
 from lightning_tp.engine.sequence import SequenceGather, SequenceShardedEmbedding, WholeSequence
@@ -180,6 +182,11 @@ class Style:
         names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
         return [n for n in names if n not in ("weight", "bias")]
 
+    def refusal(self, module: nn.Module) -> str | None:
+        """Why this style cannot split ``module`` whatever its sizes (``None``: it can). Checked when the
+        plan is made, before any module is touched."""
+        return None
+
     def build(self, row: PlannedModule, dense: nn.Module, ctx: BuildContext) -> nn.Module:
         raise NotImplementedError
 
@@ -324,6 +331,10 @@ class Vocab(Style):
         if isinstance(module, nn.Embedding) and type(module) is not nn.Embedding:
             return []  # a subclass is kept, only its weight replaced (VocabParallelEmbedding.from_dense)
         return super().dropped_state(module)
+
+    def refusal(self, module):
+        bad = unsupported_embedding_options(module) if isinstance(module, nn.Embedding) else []
+        return f"its nn.Embedding options {bad} {EMBEDDING_OPTIONS_REASON}" if bad else None
 
     def build(self, row, dense, ctx):
         if isinstance(dense, nn.Embedding):

@@ -264,6 +264,63 @@ def capture(
     return out, records, error, where, got_grads, watch_loosest(watch), watch.reshaped
 
 
+def inference_outputs(
+    model: nn.Module, inputs: Any, run: nn.Module | None = None
+) -> tuple[list[Tensor], Exception | None]:
+    """The output leaves of one forward of ``run`` (default ``model``) in eval mode without gradients,
+    as Lightning's evaluation loops run it (a module may take another path there: a fused inference
+    kernel), or the exception it raised; RNG and training flags are left as they were."""
+    training = {m: m.training for m in model.modules()}
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        model.eval()
+        try:
+            return [t.detach() for t in _leaves(_run(model if run is None else run, inputs)) if t is not None], None
+        except Exception as exc:  # noqa: BLE001 - reported as a policy mismatch
+            return [], exc
+        finally:
+            for m, flag in training.items():
+                m.train(flag)
+
+
+def _check_inference(
+    model: nn.Module,
+    inputs: Any,
+    reference: tuple,
+    group: ProcessGroup,
+    loosest: torch.dtype | None,
+    run: nn.Module | None,
+) -> None:
+    """Compare the rewritten model's :func:`inference_outputs` with the unsharded model's (``reference``)."""
+    ref_out, ref_error = reference
+    if ref_error is not None:
+        return  # the unsharded model does not run that way on this input: nothing to compare
+    out, error = inference_outputs(model, inputs, run)
+    device = model_device(model)
+    failed = all_reduce(torch.tensor([float(error is not None)], device=device), group, dist.ReduceOp.MAX)
+    bad = None
+    if float(failed) == 0.0:  # every rank gathers the same outputs
+        for got, ref in zip(out, ref_out, strict=False):
+            d = _diff(_dense(got, None, group), ref, loosest) or (float("inf"), 0.0)
+            bad = d if bad is None and d[0] > d[1] else bad
+        flag = float(bad is not None or len(out) != len(ref_out))
+        failed = all_reduce(torch.tensor([flag], device=device), group, dist.ReduceOp.MAX)
+    if float(failed) == 0.0:
+        return
+    what = (
+        f"raised {type(error).__name__}: {error}"
+        if error is not None
+        else "differs from the unsharded model's"
+        + (f" (max abs difference {bad[0]:.3e} > tolerance {bad[1]:.3e})" if bad is not None else "")
+    )
+    raise PolicyMismatchError(
+        f"in eval mode without gradients (how Lightning's validation, test and predict loops run it) the rewritten "
+        f"model's output {what}, although it matches with gradients enabled: a module takes another path there "
+        "that reads a split layer's weights itself instead of calling the layer (a fused inference kernel). Map "
+        "that block's layers to 'replicate', or turn that path off in the model; pass verify=False to skip this "
+        "check."
+    ) from error
+
+
 def check_reference(reference: tuple, inputs: Any) -> None:
     """Raise :class:`VerifyInputError` when the unsharded model failed on the verification input
     (called before the model is rewritten)."""
@@ -312,11 +369,18 @@ def _diff(got: Tensor | None, ref: Tensor | None, loosest: torch.dtype | None = 
 
 
 def check_parity(
-    model: nn.Module, inputs: Any, reference: tuple, plan: Plan, group: ProcessGroup, run: nn.Module | None = None
+    model: nn.Module,
+    inputs: Any,
+    reference: tuple,
+    plan: Plan,
+    group: ProcessGroup,
+    run: nn.Module | None = None,
+    inference: tuple | None = None,
 ) -> float:
     """Run the rewritten model (``run``, as in :func:`capture`) on ``inputs`` (forward and backward)
-    and compare with ``reference`` (from :func:`capture` on the unsharded model). Returns the max
-    abs difference of the outputs.
+    and compare with ``reference`` (from :func:`capture` on the unsharded model); with ``inference``
+    (the unsharded model's :func:`inference_outputs`) its outputs in eval mode without gradients too.
+    Returns the max abs difference of the outputs.
 
     Raises:
         PolicyMismatchError: outputs or gradients differ beyond the tolerance, or the forward raised.
@@ -332,11 +396,14 @@ def check_parity(
             "or make the forward use local sizes (view(..., -1, head_dim)); pass verify=False to skip this check."
         ) from error
     specs = {m.name: spec for m in plan.modules if (spec := m.kind.output_spec(m)) is not None}
-    worst, bad = 0.0, None
+    worst, bad, shapes = 0.0, None, None
     if len(out) != len(ref_out):
         bad = (float("inf"), 0.0)
     for got, ref in zip(out, ref_out, strict=False):
-        d = _diff(_dense(got, None, group), ref, loosest) or (float("inf"), 0.0)
+        dense = _dense(got, None, group)
+        d = _diff(dense, ref, loosest)
+        if d is None:  # not comparable: shapes (or presence) differ
+            d, shapes = (float("inf"), 0.0), shapes or (_shape(dense), _shape(ref))
         worst = max(worst, d[0])
         if d[0] > d[1] and bad is None:
             bad = d
@@ -345,16 +412,27 @@ def check_parity(
     if float(flag) == 0.0:
         transposed = frozenset(f"{m.name}.weight" for m in plan.modules if m.module_type == "Conv1D" and m.splits)
         _check_grads(list(model.named_parameters()), grads, ref_grads, transposed, group, loosest)
+        if inference is not None:
+            _check_inference(model, inputs, inference, group, loosest, run)
         return worst
     first = _first_mismatch(records, ref_records, specs, group, loosest)
     diff, allowed = bad if bad is not None else (float("nan"), float("nan"))
+    what = (
+        f"an output of shape {shapes[0]} where the unsharded model's is {shapes[1]}"
+        if shapes is not None
+        else f"max abs difference {diff:.3e} > tolerance {allowed:.3e} (atol + rtol * max|reference|, "
+        f"{_tolerance(ref_out[0].dtype if ref_out else None, loosest)})"
+    )
     raise PolicyMismatchError(
-        f"the rewritten model's output differs from the unsharded model's: max abs difference {diff:.3e} "
-        f"> tolerance {allowed:.3e} (atol + rtol * max|reference|, {_tolerance(ref_out[0].dtype if ref_out else None, loosest)}). "
+        f"the rewritten model's output differs from the unsharded model's: {what}. "
         f"First module whose output differs: {first!r}.{_fused_hint(first, plan)} The policy does not fit this "
         "model's forward; check that module's style and the head/width attributes it reads (`lightning-tp plan` "
         "shows the plan)."
     )
+
+
+def _shape(t: Tensor | None) -> tuple[int, ...] | None:
+    return None if t is None else tuple(t.shape)
 
 
 def _fused_hint(first: str, plan: Plan) -> str:
@@ -420,7 +498,8 @@ def _check_grads(
     if int(worst) > len(ref_grads):
         return
     if int(worst) != first:
-        detail = f"parameter #{int(worst)} differs on another tensor-parallel rank"
+        name = named[int(worst)][0] if int(worst) < len(named) else f"#{int(worst)}"
+        detail = f"parameter {name!r} differs on another tensor-parallel rank"
     raise PolicyMismatchError(
         f"the rewritten model's outputs match, but its gradients do not: first parameter whose gradient differs "
         f"from the unsharded model's: {detail}. The policy does not fit this model's backward "
