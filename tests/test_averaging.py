@@ -126,3 +126,43 @@ def _fit_swa(world):
 
 def test_stochastic_weight_averaging_is_refused_before_the_model_changes():
     assert all(_dist.run(2, _fit_swa, 2))
+
+
+class _AverageIsModel(L.Callback):
+    """At the start of training: whether the averaging callback's copy holds the model's weights."""
+
+    def __init__(self, averaging):
+        self.averaging, self.same = averaging, None
+
+    def on_train_start(self, trainer, pl_module):
+        copy = self.averaging._average_model.module
+        pairs = zip(copy.parameters(), pl_module.parameters(), strict=True)
+        self.same = all(torch.equal(a.to_local(), b.to_local()) for a, b in pairs)  # ZeRO: DTensors
+
+
+def _after_fit(world, path):
+    with lit.external_launch(world):
+        model = lit.LitGPT(batch_size=4, n_train=24)
+        strategy = MegatronTPStrategy(tensor_parallel_size=2, zero_stage=2)
+        trainer = L.Trainer(**_kwargs(devices=world, strategy=strategy, callbacks=[_averaging("ema")]))
+        trainer.fit(model)
+        val = trainer.validate(model, verbose=False)[0]["val_loss"]  # the callback's copy is left from fit
+        trainer.save_checkpoint(path)  # outside fit: the model's weights alone
+        with pytest.raises(UnsupportedCallbackError, match="already sharded by an earlier fit"):
+            L.Trainer(**_kwargs(devices=world, strategy=MegatronTPStrategy(tensor_parallel_size=2),
+                                callbacks=[_averaging("ema")])).fit(model)  # fmt: skip
+        fresh, averaging = lit.LitGPT(batch_size=4, n_train=24), _averaging("ema")
+        check = _AverageIsModel(averaging)
+        strategy = MegatronTPStrategy(tensor_parallel_size=2, zero_stage=2)
+        trainer = L.Trainer(**_kwargs(devices=world, strategy=strategy, callbacks=[averaging, check],
+                                      max_steps=STEPS + 1))  # fmt: skip
+        trainer.fit(fresh, ckpt_path=path)
+        return val, check.same, trainer.global_step
+
+
+def test_validate_after_fit_a_checkpoint_then_and_a_second_fit(tmp_path):
+    """ZeRO-2: validate after fit swaps with the callback's copy (the weights split over DP at both ends);
+    a checkpoint saved then holds the model's weights, and a resume with the callback starts its copy
+    from them; a second fit of the sharded model with the callback is refused before it copies."""
+    for val, same, step in _dist.run(4, _after_fit, 4, str(tmp_path / "late.ckpt")):
+        assert torch.isfinite(torch.tensor(val)) and same and step == STEPS + 1

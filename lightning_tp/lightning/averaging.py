@@ -46,6 +46,20 @@ def averaging_callbacks(callbacks: list[Any]) -> list[WeightAveraging]:
     return found
 
 
+def refuse_averaging_resharded(trainer: Any) -> None:
+    """Refuse a weight-averaging callback for a fit of a model that an earlier fit sharded: the callback
+    would copy it in its ``setup``, before the strategy can share the copy's process groups."""
+    if trainer.state.fn != "fit":
+        return
+    found = averaging_callbacks(trainer.callbacks)
+    if found:
+        raise UnsupportedCallbackError(
+            f"{type(found[0]).__name__} on a model already sharded by an earlier fit: the callback copies the model "
+            "when fit starts, before megatron_tp can make that copy of a sharded model. Build the LightningModule "
+            "anew and resume from a checkpoint (trainer.fit(model, ckpt_path=...)) to go on with weight averaging."
+        )
+
+
 def copy_sharded(callback: WeightAveraging, trainer: Any, module: nn.Module) -> nn.Module | None:
     """Have ``callback`` copy the (now sharded) ``module`` again. Returns the copy's module (its
     parameters in the order of ``module``'s), or ``None`` when the callback made no copy (not fitting)."""

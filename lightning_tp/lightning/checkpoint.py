@@ -433,6 +433,10 @@ def load(
     if failed:
         raise error or CheckpointError(f"checkpoint {path} cannot be read on ranks {failed}; nothing was loaded.")
     info = meta.pop("lightning_tp")
+    if not info.get(
+        "averaged", False
+    ):  # no averaged weights stored: a weight-averaging callback starts from the model's
+        meta.pop("averaging_state", None)
     _raise_if_bad(path, info, distributed=True)
 
     def plan_reads():  # the buffers DCP reads into, on every rank: may fail here, before any collective

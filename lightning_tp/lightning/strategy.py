@@ -40,6 +40,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_tp._compat import (
+    averaged_model,
     disable_sigterm_broadcast,
     set_device_mesh,
     set_launcher,
@@ -53,7 +54,7 @@ from lightning_tp.engine.random import RNGTracker, derive_seed, model_parallel_s
 from lightning_tp.engine.recompute import apply_activation_checkpointing, checkpoint_targets
 from lightning_tp.errors import CheckpointSkippedWarning, MeshConfigError
 from lightning_tp.lightning import checkpoint as ckpt
-from lightning_tp.lightning.averaging import averaging_callbacks, copy_sharded
+from lightning_tp.lightning.averaging import averaging_callbacks, copy_sharded, refuse_averaging_resharded
 from lightning_tp.lightning.faults import (
     agree_on_signals,
     check_finite_loss,
@@ -288,6 +289,9 @@ class MegatronTPStrategy(DDPStrategy):
     def setup_environment(self) -> None:
         # Validate the layout before the process group exists: no collective on bad input.
         self._validate_config()
+        module = self.lightning_module
+        if module is not None and applied_plan(module) is not None:
+            refuse_averaging_resharded(module.trainer)  # before the callbacks' setup copies the sharded model
         if self.debug:
             enable_collective_debug()
         super().setup_environment()
@@ -440,7 +444,9 @@ class MegatronTPStrategy(DDPStrategy):
     def _reshard_in_validation(self, reshard: bool) -> None:
         """A weight-averaging callback swaps the DP-split weights with its copy's when validation
         starts and ends: ZeRO-2 (no reshard after forward) would leave them gathered at the end."""
-        if self.averaged is None or not self.zero_active or self.zero_stage == 3:
+        trainer = self.lightning_module.trainer
+        averaging = [cb for cb in averaging_callbacks(trainer.callbacks) if averaged_model(cb) is not None]
+        if not averaging or not self.zero_active or self.zero_stage == 3:  # (a copy left by fit: validate after it)
             return
         for m in fsdp_modules(self.lightning_module):
             m.reshard()
@@ -561,6 +567,8 @@ class MegatronTPStrategy(DDPStrategy):
         # a weight-averaging callback put the averaged weights in "state_dict", the model's in "current_model_state"
         average = self.averaged if "current_model_state" in checkpoint else None
         state.pop("current_model_state", None)
+        if average is None:  # (a callback's copy left by an earlier fit): the model's weights alone
+            state.pop("averaging_state", None)
         ckpt.save(path, self.lightning_module, optimizers, self.tp_mesh, state, rng, average)
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:

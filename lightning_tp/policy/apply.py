@@ -175,8 +175,9 @@ def _without_fast_paths(model: nn.Module) -> None:
 
 
 def _set_fast_path(was: list[bool], enabled: bool | None) -> None:
-    if enabled is None:  # after the forward: as it was
-        torch.backends.mha.set_fastpath_enabled(was.pop())
+    if enabled is None:  # after the forward (also one that raised): as it was
+        if was:
+            torch.backends.mha.set_fastpath_enabled(was.pop())
     else:
         was.append(torch.backends.mha.get_fastpath_enabled())
         torch.backends.mha.set_fastpath_enabled(enabled)

@@ -292,11 +292,12 @@ def _check_inference(
 ) -> None:
     """Compare the rewritten model's :func:`inference_outputs` with the unsharded model's (``reference``)."""
     ref_out, ref_error = reference
-    if ref_error is not None:
-        return  # the unsharded model does not run that way on this input: nothing to compare
     out, error = inference_outputs(model, inputs, run)
     device = model_device(model)
-    failed = all_reduce(torch.tensor([float(error is not None)], device=device), group, dist.ReduceOp.MAX)
+    flags = torch.tensor([float(ref_error is not None), float(error is not None)], device=device)
+    skip, failed = all_reduce(flags, group, dist.ReduceOp.MAX)  # agreed on by every rank
+    if float(skip):
+        return  # the unsharded model does not run that way on this input (on some rank): nothing to compare
     bad = None
     if float(failed) == 0.0:  # every rank gathers the same outputs
         for got, ref in zip(out, ref_out, strict=False):
