@@ -197,3 +197,50 @@ def _fit_unmarked(world):
 
 def test_first_step_net_stops_every_rank_before_the_step():
     assert sorted(_dist.run(4, _fit_unmarked, 4)) == [0, 1, 2, 3]
+
+
+class _ManualGPT(__import__("lit").LitGPT):
+    """Manual optimization, clipping itself before the step (Lightning's documented pattern)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, _):
+        opt = self.optimizers()
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self(x).reshape(-1, 30), y.reshape(-1))
+        opt.zero_grad()
+        self.manual_backward(loss)
+        self.clip_gradients(opt, gradient_clip_val=0.5, gradient_clip_algorithm="norm")
+        opt.step()
+        self.losses.append(float(loss.detach()))
+        return loss
+
+
+def _manual_fit(world, tp):
+    import lightning as L
+    import lit
+
+    from lightning_tp import MegatronTPStrategy
+
+    kw = dict(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, accelerator="cpu")  # fmt: skip
+    if world == 1:
+        model = _ManualGPT(batch_size=8, ref_sampler=True)
+        L.Trainer(devices=1, **kw).fit(model)
+        return model.losses
+    with lit.external_launch(world):
+        model = _ManualGPT(batch_size=8)
+        strategy = MegatronTPStrategy(tensor_parallel_size=tp, sequence_parallel=True)
+        L.Trainer(devices=world, strategy=strategy, **kw).fit(model)
+        return model.losses
+
+
+def test_manual_optimization_clips_after_the_partial_gradients_are_summed():
+    """self.clip_gradients before opt.step (manual optimization) under sequence parallelism: the norms'
+    and position table's partial gradients are summed over TP first, so the clip and the steps are one
+    process's (before: the first-step check refused them, or with those frozen, the steps differed)."""
+    want = _manual_fit(1, 1)
+    for got in _dist.run(2, _manual_fit, 2, 2):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=0)

@@ -184,3 +184,23 @@ def test_zero3_checkpoints_are_written_and_read_in_place(tmp_path):
     assert resumed[0][0] == full[0][0][3:]
     for key, value in full[0][1].items():
         assert torch.equal(resumed[0][1][key], value), key
+
+
+def _fit_ending_in_validation():
+    from lightning_tp.engine.sharding import shard_spec
+
+    with lit.external_launch(4):
+        model = lit.LitGPT(batch_size=4, n_train=16)
+        strategy = MegatronTPStrategy(tensor_parallel_size=2, zero_stage=2)
+        trainer = L.Trainer(**lit.trainer_kwargs(max_steps=-1, max_epochs=1, devices=4, strategy=strategy,
+                                                 limit_val_batches=1))  # fmt: skip
+        trainer.fit(model)
+        return sum(shard_spec(p) is not None for p in model.parameters()), trainer.global_step
+
+
+def test_zero2_fit_ending_in_validation_keeps_the_tp_marks():
+    """ZeRO-2 keeps the parameters gathered after an eval forward (FSDP2's unmarked ones): teardown
+    reshards first, so after fit every split parameter still says how it is split (a checkpoint or a
+    second fit reads them)."""
+    for marked, step in _dist.run(4, _fit_ending_in_validation):
+        assert step == 2 and marked >= 8  # 2 layers x (q, k, v, o, gate, up, down) + embedding

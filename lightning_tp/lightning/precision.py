@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
@@ -277,13 +278,32 @@ class _TPPrecisionMixin:
         gradients over); run ``partial_grad_check`` at the first steps."""
         self.tp_group, self.partial_grad_check, self.dp_group = tp_group, partial_grad_check, dp_group
 
-    def _after_closure(self, model, optimizer) -> None:
+    _partials_summed = False  # this step's partial gradients are summed already (a manual clip came first)
+
+    def _sum_partials(self, optimizer) -> None:
+        if self._partials_summed:
+            return
         params = list(self.main_params(optimizer))
         if self.partial_grad_check is not None and self.tp_group is not None:
             self.partial_grad_check(params, self.tp_group)
         all_reduce_partial_grads(params, self.tp_group)
+        self._partials_summed = True
+
+    def clip_gradients(
+        self, optimizer, clip_val: int | float = 0.0, gradient_clip_algorithm=GradClipAlgorithmType.NORM
+    ) -> None:
+        # Manual optimization clips (self.clip_gradients) before the step's closure: sum the partial
+        # gradients first, so the norm and the clipped values are the unsharded model's.
+        self._sum_partials(optimizer)
+        super().clip_gradients(optimizer, clip_val, gradient_clip_algorithm)
+
+    def _after_closure(self, model, optimizer) -> None:
+        self._sum_partials(optimizer)
         self.last_grad_norm = None
-        super()._after_closure(model, optimizer)
+        try:
+            super()._after_closure(model, optimizer)
+        finally:
+            self._partials_summed = False
         if self.last_grad_norm is not None and model.trainer is not None:
             model.log("grad_norm", self.last_grad_norm.float(), on_step=True, prog_bar=False, batch_size=1)
 

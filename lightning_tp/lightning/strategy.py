@@ -407,6 +407,8 @@ class MegatronTPStrategy(DDPStrategy):
     def teardown(self) -> None:
         module = self.lightning_module
         if self.zero_active and module is not None:
+            for m in fsdp_modules(module):  # ZeRO-2 after an eval forward holds gathered, unmarked parameters
+                m.reshard()
             with keep_param_attrs(module):  # Lightning's teardown moves the model (DTensor params: swapped)
                 super().teardown()
             return
