@@ -50,7 +50,7 @@ Lightning (imported on first use, so the engine, which imports this module, impo
 * ``set_launcher`` (``Strategy._launcher``): where ``_configure_launcher`` must leave the launcher.
 * ``set_device_mesh`` (``LightningModule._device_mesh``): what ``LightningModule.device_mesh``
   returns (Lightning's ``ModelParallelStrategy`` sets it the same way).
-* ``averaged_model`` / ``set_averaged_model`` (``WeightAveraging._average_model``): the copy a
+* ``averaged_model`` (``WeightAveraging._average_model``): the copy a
   weight-averaging callback (``EMAWeightAveraging``) made in its ``setup``, before the strategy
   sharded the model: the strategy has the callback copy the sharded model again, and saves and
   restores that copy's shards.
@@ -244,10 +244,6 @@ def averaged_model(callback: Any) -> Any:
     return getattr(callback, "_average_model", None)
 
 
-def set_averaged_model(callback: Any, model: Any) -> None:
-    callback._average_model = model
-
-
 @contextmanager
 def shared_process_groups() -> Iterator[None]:
     """Inside, ``copy.deepcopy`` returns a ``ProcessGroup`` itself instead of raising."""
@@ -275,7 +271,6 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "averaged_model",
-    "set_averaged_model",
     "shared_process_groups",
     "DisableTorchFunctionSubclass",
     "own_parameters",

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, StochasticWeightAveraging, WeightAveraging
 
 import _dist
-from lightning_tp import MegatronTPStrategy, UnsupportedCallbackError, consolidate
+from lightning_tp import MegatronTPStrategy, UnsupportedCallbackError, _compat, consolidate
 from lightning_tp.lightning.checkpoint import full_state_dict
 
 STEPS = 6
@@ -135,7 +135,7 @@ class _AverageIsModel(L.Callback):
         self.averaging, self.same = averaging, None
 
     def on_train_start(self, trainer, pl_module):
-        copy = self.averaging._average_model.module
+        copy = _compat.averaged_model(self.averaging).module
         pairs = zip(copy.parameters(), pl_module.parameters(), strict=True)
         self.same = all(torch.equal(a.to_local(), b.to_local()) for a, b in pairs)  # ZeRO: DTensors
 

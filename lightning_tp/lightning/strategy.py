@@ -569,7 +569,7 @@ class MegatronTPStrategy(DDPStrategy):
         # a weight-averaging callback put the averaged weights in "state_dict", the model's in "current_model_state"
         average = self.averaged if "current_model_state" in checkpoint else None
         state.pop("current_model_state", None)
-        if average is None:  # (a callback's copy left by an earlier fit): the model's weights alone
+        if average is None:  # no averaged copy in this fit (a callback may hold one from an earlier fit)
             state.pop("averaging_state", None)
         ckpt.save(path, self.lightning_module, optimizers, self.tp_mesh, state, rng, average)
 

@@ -269,7 +269,8 @@ def inference_outputs(
 ) -> tuple[list[Tensor], Exception | None]:
     """The output leaves of one forward of ``run`` (default ``model``) in eval mode without gradients,
     as Lightning's evaluation loops run it (a module may take another path there: a fused inference
-    kernel), or the exception it raised; RNG and training flags are left as they were."""
+    kernel), or the exception it raised; RNG and training flags are left as they were. No hooks are
+    added (unlike :func:`capture`'s recording): a module with forward hooks leaves torch's fast path."""
     training = {m: m.training for m in model.modules()}
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         model.eval()
