@@ -204,3 +204,28 @@ def test_zero2_fit_ending_in_validation_keeps_the_tp_marks():
     second fit reads them)."""
     for marked, step in _dist.run(4, _fit_ending_in_validation):
         assert step == 2 and marked >= 8  # 2 layers x (q, k, v, o, gate, up, down) + embedding
+
+
+def _find_lr(root):
+    from lightning.pytorch.tuner import Tuner
+
+    from lightning_tp.lightning.checkpoint import full_state_dict
+
+    with lit.external_launch(4):
+        model = lit.LitGPT(batch_size=4, n_train=16)  # 2 steps an epoch: the finder validates after each, the last too
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+        strategy = MegatronTPStrategy(tensor_parallel_size=2, zero_stage=2)
+        trainer = L.Trainer(**lit.trainer_kwargs(devices=4, strategy=strategy, default_root_dir=root))
+        finder = Tuner(trainer).lr_find(model, num_training=4, early_stop_threshold=None, update_attr=False)
+        full = full_state_dict(model, strategy.tp_group)  # collective: gathered over TP and DP
+        same = full.keys() == initial.keys() and all(torch.equal(full[k], v) for k, v in initial.items())
+        return len(finder.results["lr"]), same
+
+
+def test_zero2_learning_rate_finder_restores_the_model_after_validating(tmp_path):
+    """Lightning's learning-rate finder reads its checkpoint back after validation runs, where ZeRO-2
+    holds the parameters gathered: it restores the split ones (before: a CheckpointError, the shapes
+    of the TP shards against the whole ones), and removes the checkpoint directory."""
+    for n, same in _dist.run(4, _find_lr, str(tmp_path)):
+        assert n == 4 and same
+    assert list(tmp_path.iterdir()) == []

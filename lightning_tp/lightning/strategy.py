@@ -407,12 +407,21 @@ class MegatronTPStrategy(DDPStrategy):
     def teardown(self) -> None:
         module = self.lightning_module
         if self.zero_active and module is not None:
-            for m in fsdp_modules(module):  # ZeRO-2 after an eval forward holds gathered, unmarked parameters
-                m.reshard()
+            self._reshard_zero()
             with keep_param_attrs(module):  # Lightning's teardown moves the model (DTensor params: swapped)
                 super().teardown()
             return
         super().teardown()
+
+    def _reshard_zero(self) -> None:
+        """Put the DP-split (marked) parameters back in the modules. ZeRO-2 keeps them gathered after an
+        eval forward as FSDP2's unmarked, TP-local tensors: a checkpoint read or written then (Lightning's
+        learning-rate finder restores one after its validation runs), or a teardown, needs the split ones."""
+        if not self.zero_active:
+            return
+        for model in (self.lightning_module, self.averaged):
+            for m in fsdp_modules(model) if model is not None else ():
+                m.reshard()
 
     @contextmanager
     def block_backward_sync(self) -> Generator[None, None, None]:
@@ -563,6 +572,7 @@ class MegatronTPStrategy(DDPStrategy):
                 "the ranks during fit (ModelCheckpoint); lightning_tp.export makes a dense file from one."
             )
         path = self.broadcast(str(filepath))
+        self._reshard_zero()
         state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
         rng = self.rng_tracker.state_dict() if self.rng_tracker is not None else None
         optimizers = [_unwrapped(o) for o in self.optimizers]
@@ -575,6 +585,7 @@ class MegatronTPStrategy(DDPStrategy):
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         path = self.broadcast(str(checkpoint_path))
+        self._reshard_zero()
         optimizers = [_unwrapped(o) for o in self.optimizers]
         strict = getattr(self.lightning_module, "strict_loading", True)
         state, rng = ckpt.load(
