@@ -110,6 +110,29 @@ def _qwen3():
     )  # (q_norm/k_norm over head_dim; q_proj 32 -> 128)
 
 
+def _cohere():
+    from transformers import CohereConfig, CohereForCausalLM
+
+    return CohereForCausalLM(
+        CohereConfig(
+            vocab_size=122,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=L,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            use_qk_norm=True,
+            logit_scale=0.5,
+            max_position_embeddings=64,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            attention_dropout=0.0,
+            **COMMON,
+        )
+    )  # (a LayerNorm per head: q_norm (8, 8), k_norm (2, 8); tied head)
+
+
 def _gemma():
     from transformers import GemmaConfig, GemmaForCausalLM
 
@@ -477,6 +500,7 @@ BUILDERS = {
     "apertus": _apertus,
     "gemma": _gemma,
     "phi3": _phi3,
+    "cohere": _cohere,
     "gpt2": _gpt2,
     "gpt_neox": _gpt_neox,
     "gptj": _gptj,

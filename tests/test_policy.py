@@ -535,6 +535,78 @@ def test_per_head_parameters_of_a_block_are_split_with_its_heads(tp):
         assert errs["out"] < 1e-12 and errs["grad"] < 1e-12 and errs["weight"] < 1e-12, errs
 
 
+class _HeadScale(nn.Module):
+    """A learned scale and shift per head and feature, ``(heads, head_dim)`` each, applied to
+    ``(b, heads, t, head_dim)`` activations (a user's per-head norm, as Cohere's q_norm / k_norm)."""
+
+    def __init__(self, heads: int, head_dim: int, shift: bool = True):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(heads, head_dim))
+        self.shift = nn.Parameter(torch.randn(heads, head_dim)) if shift else None
+
+    def forward(self, x):
+        x = torch.einsum("bhtd,hd->bhtd", x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6), self.scale)
+        return x if self.shift is None else x + self.shift[:, None, :]
+
+
+class _HeadNormAttention(nn.Module):
+    """Attention with a learned per-head norm on its queries (8 heads), keys and values (2 key/value
+    heads; the keys' without a shift, which the softmax would cancel), heads read from the projections'
+    local widths."""
+
+    def __init__(self, d: int = 32, n_heads: int = 8, n_kv_heads: int = 2):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, d // n_heads
+        self.q_proj, self.o_proj = nn.Linear(d, d), nn.Linear(d, d)
+        self.k_proj, self.v_proj = (nn.Linear(d, n_kv_heads * self.head_dim) for _ in range(2))
+        self.q_norm, self.v_norm = _HeadScale(n_heads, self.head_dim), _HeadScale(n_kv_heads, self.head_dim)
+        self.k_norm = _HeadScale(n_kv_heads, self.head_dim, shift=False)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (
+            m(x).unflatten(-1, (-1, self.head_dim)).transpose(1, 2) for m in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        q, k, v = self.q_norm(q), self.k_norm(k), self.v_norm(v)
+        rep = q.shape[1] // k.shape[1]
+        out = F.scaled_dot_product_attention(
+            q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), is_causal=True
+        )
+        return self.o_proj(out.transpose(1, 2).flatten(2))
+
+
+def _head_norm_parity(tp: int) -> dict:
+    model, errs = _block_parity(_HeadNormAttention, tp)
+    return {**errs, "local": (tuple(model.q_norm.scale.shape), tuple(model.k_norm.scale.shape))}
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_per_head_parameters_of_a_child_are_split_with_the_heads(tp):
+    """A module inside the attention block whose parameters hold one row per query head or per key/value
+    head (a per-head norm) is split with the heads (2 key/value heads: split at TP 2; at TP 4 replicated,
+    each rank holding its head's row); float64 outputs, gradients and weights after AdamW as dense."""
+    rows = {m.name: m for m in plan_policy(_HeadNormAttention(), tp, "auto").modules}
+    assert rows["q_norm"].style == rows["k_norm"].style == rows["v_norm"].style == "head_params"
+    assert rows["q_norm"].options == {"params": {"scale": 0, "shift": 0}}
+    assert rows["k_norm"].options == {"params": {"scale": {"dim": 0, "kv_heads": 2}}}
+    assert rows["v_norm"].options == {"params": dict.fromkeys(("scale", "shift"), {"dim": 0, "kv_heads": 2})}
+    for errs in _dist.run(tp, _head_norm_parity, tp):
+        assert errs["local"] == ((8 // tp, 4), (2 // tp or 1, 4))
+        assert errs["out"] < 1e-12 and errs["grad"] < 1e-12 and errs["weight"] < 1e-12, errs
+
+
+def test_per_head_split_of_key_value_heads_is_checked():
+    """``{'dim': d, 'kv_heads': n}`` names key/value heads: a size other than n at a TP size they are
+    replicated at, or a value of another form, is refused naming the parameter."""
+    policy = {"q_proj": "column", "k_proj": "column", "v_proj": "column", "o_proj": "row"}
+    bad = {"k_norm": {"style": "head_params", "params": {"scale": {"dim": 0, "kv_heads": 3}}}}
+    with pytest.raises(ShardingError, match=r"params\['scale'\] has 2 entries on dim 0.*key/value head of 3"):
+        plan_policy(_HeadNormAttention(), 4, {**policy, **bad})
+    bad = {"k_norm": {"style": "head_params", "params": {"scale": {"dim": 0, "heads": 2}}}}
+    with pytest.raises(ShardingError, match=r"params\['scale'\]=\{'dim': 0, 'heads': 2\} is not a dim"):
+        plan_policy(_HeadNormAttention(), 2, {**policy, **bad})
+
+
 class _SinkLM(nn.Module):
     """Token embedding, two sink-attention blocks with residuals (one with a learned output scale of its
     own), an LM head: a model sequence parallelism can run."""

@@ -533,6 +533,9 @@ def _plan_head_local(modules: dict[str, nn.Module], planned: dict[str, PlannedMo
     * a child whose parameters are vectors as wide as a whole split chunk, ``(n_head * head_dim,)``
       or ``(n_kv_heads * head_dim,)`` (OLMo-2's ``q_norm`` / ``k_norm`` over all heads), reads the
       whole width: style ``gather_input`` (its input gathered over TP, this rank's part of its output);
+    * a child whose parameters have one row per head, ``(n_head, ...)`` or ``(n_kv_heads, ...)``
+      (Cohere's ``q_norm`` / ``k_norm``: a LayerNorm per head), gets them split with the heads (style
+      ``head_params``; replicated key/value heads: each rank holds the row of the head it computes);
     * the block's own per-head parameters are split with the heads (:func:`_plan_head_params`).
 
     Entries the policy gave (a pattern of the user's or a Hugging Face plan, or a split) are kept; auto's
@@ -550,6 +553,7 @@ def _plan_head_local(modules: dict[str, nn.Module], planned: dict[str, PlannedMo
     for parent_name, chunk_widths in widths.items():
         parent = modules[parent_name]
         heads = _first(_block_sources(parent), HEAD_ATTRS[:4])
+        kv_heads = _first(_block_sources(parent), KV_HEAD_ATTRS)
         head_dim = head_value(parent, HEAD_DIM_ATTRS)
         for leaf, child in parent.named_children():
             name = f"{parent_name}.{leaf}" if parent_name else leaf
@@ -559,6 +563,11 @@ def _plan_head_local(modules: dict[str, nn.Module], planned: dict[str, PlannedMo
                 planned[name] = planned_row(name, child, Rule("heads"), None, tp)
                 continue
             if as_linear(child) is not None or isinstance(child, nn.Embedding) or any(True for _ in child.children()):
+                continue
+            per_head = _per_head_rows(child, heads, kv_heads)
+            if per_head:
+                note = "per-head parameters split with the block's heads"
+                planned[name] = planned_row(name, child, Rule("head_params", {"params": per_head}), None, tp, note)
                 continue
             own = _own_params(child)
             if own and all(p.numel() == 1 for p in own) and not any(has_partial_grad_mark(p) for p in own):
@@ -594,6 +603,24 @@ def _plan_head_params(
     if own and (given is None or (given.pattern is None and not given.splits)):
         rule, note = Rule("head_params", {"params": dict.fromkeys(own, 0)}), "per-head parameters split with the heads"
         planned[name] = planned_row(name, block, rule, None, tp, note)
+
+
+def _per_head_rows(child: nn.Module, heads: int | None, kv_heads: int | None) -> dict[str, Any]:
+    """The ``head_params`` split of a leaf module whose own parameters all hold one row per query head
+    (dim 0 of size ``heads``) or per key/value head (``kv_heads``), e.g. a per-head LayerNorm's
+    ``(n_head, head_dim)`` weight; ``{}`` for any other module."""
+    own = dict(child.named_parameters(recurse=False))
+    params: dict[str, Any] = {}
+    for p_name, p in own.items():
+        if p.dim() < 2:
+            return {}
+        if p.shape[0] == heads:
+            params[p_name] = 0
+        elif p.shape[0] == kv_heads:
+            params[p_name] = {"dim": 0, "kv_heads": kv_heads}
+        else:
+            return {}
+    return params
 
 
 def _own_params(module: nn.Module) -> list[nn.Parameter]:

@@ -638,13 +638,28 @@ class HeadParams(_OwnParamsSplit):
                 "holds the heads, e.g. {'sinks': 0}."
             )
         specs = {}
-        for p_name, dim in given.items():
+        for p_name, split in given.items():
             ndim = own[p_name].dim()
-            if isinstance(dim, bool) or not isinstance(dim, int) or not -ndim <= dim < ndim:
-                raise ShardingError(f"{label}: params[{p_name!r}]={dim!r} is not a dim of a {ndim}-D parameter.")
+            dim, kv = (split.get("dim"), split.get("kv_heads")) if isinstance(split, Mapping) else (split, None)
+            valid = not isinstance(dim, bool) and isinstance(dim, int) and -ndim <= dim < ndim
+            if isinstance(split, Mapping):
+                valid = valid and set(split) <= {"dim", "kv_heads"} and type(kv) is int and kv > 0
+            if not valid:
+                raise ShardingError(
+                    f"{label}: params[{p_name!r}]={split!r} is not a dim of a {ndim}-D parameter, nor "
+                    "{'dim': d, 'kv_heads': n} (the dim holds the block's n key/value heads)."
+                )
             dim %= ndim
-            size = own[p_name].shape[dim]
-            specs[p_name] = ShardSpec(dim=dim, sizes=(size,), tp_size=tp, name=f"dim {dim} of {name}.{p_name}")
+            size, what = own[p_name].shape[dim], f"dim {dim} of {name}.{p_name}"
+            shared = ()
+            if kv is not None and kv < tp:  # replicated key/value heads: each rank holds the one its queries read
+                if size != kv or tp % kv:
+                    raise ShardingError(
+                        f"{label}: params[{p_name!r}] has {size} entries on dim {dim}, not one per key/value head of "
+                        f"{kv} replicated over tensor_parallel_size={tp} (which a multiple of {kv} must be)."
+                    )
+                shared = (tp // kv,)
+            specs[p_name] = ShardSpec(dim=dim, sizes=(size,), tp_size=tp, name=what, shared=shared)
         return specs
 
     def shape(self, module):
