@@ -12,6 +12,7 @@ import models
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 import _dist
@@ -282,11 +283,24 @@ class _NormedMLP(nn.Module):
         return x + self.fc2(h / h.norm(dim=-1, keepdim=True))
 
 
+class _InferencePathMLP(nn.Module):
+    """An MLP whose eval-mode, no-gradient forward reads its layers' weights itself (an inference kernel)."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        if torch.is_grad_enabled() or self.training:
+            return x + self.fc2(torch.tanh(self.fc1(x)))
+        return x + F.linear(torch.tanh(F.linear(x, self.fc1.weight, self.fc1.bias)), self.fc2.weight, self.fc2.bias)
+
+
 class _Stack(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, block: type[nn.Module] = _NormedMLP) -> None:
         super().__init__()
         self.emb = nn.Embedding(40, 16)
-        self.blocks = nn.ModuleList(_NormedMLP() for _ in range(3))
+        self.blocks = nn.ModuleList(block() for _ in range(3))
         self.head = nn.Linear(16, 40)
 
     def forward(self, ids):
@@ -311,3 +325,22 @@ def _wrong_policy_on_meta():
 def test_block_verify_names_the_first_layer_that_differs():
     message = _dist.run(2, _wrong_policy_on_meta)[0]
     assert "tolerance" in message
+
+
+def _inference_path_on_meta():
+    from lightning_tp import PolicyMismatchError
+
+    m = _dist.mesh(2)
+    with torch.device("meta"):
+        model = _Stack(_InferencePathMLP).double()
+    policy = {"blocks.*.fc1": "column", "blocks.*.fc2": "row", "emb": "replicate", "head": "replicate"}
+    match = r"block by block\): in eval mode without gradients .* block 'blocks.0'.* matches with gradients enabled"
+    with pytest.raises(PolicyMismatchError, match=match):
+        apply_policy(model, m.tp_group, policy, verify=True, materializer=Materializer(model, "cpu", SEED))
+    return True
+
+
+def test_block_verify_compares_the_inference_path_too():
+    """Block by block, as for a dense model: a block whose eval-mode, no-gradient forward reads a split
+    layer's weights itself (right with gradients) is refused, naming it."""
+    assert all(_dist.run(2, _inference_path_on_meta))

@@ -308,19 +308,25 @@ def _check_inference(
         failed = all_reduce(torch.tensor([flag], device=device), group, dist.ReduceOp.MAX)
     if float(failed) == 0.0:
         return
-    what = (
+    raise PolicyMismatchError(_inference_mismatch("model", error, bad)) from error
+
+
+def _inference_mismatch(what: str, error: BaseException | None, bad: tuple[float, float] | None) -> str:
+    """The message for ``what`` (the model, a block) whose eval-mode, no-gradient output raised
+    ``error`` or differs from the unsharded one's (``bad``: difference and tolerance)."""
+    how = (
         f"raised {type(error).__name__}: {error}"
         if error is not None
         else "differs from the unsharded model's"
         + (f" (max abs difference {bad[0]:.3e} > tolerance {bad[1]:.3e})" if bad is not None else "")
     )
-    raise PolicyMismatchError(
+    return (
         f"in eval mode without gradients (how Lightning's validation, test and predict loops run it) the rewritten "
-        f"model's output {what}, although it matches with gradients enabled: a module takes another path there "
+        f"{what}'s output {how}, although it matches with gradients enabled: a module takes another path there "
         "that reads a split layer's weights itself instead of calling the layer (a fused inference kernel). Map "
         "that block's layers to 'replicate', or turn that path off in the model; pass verify=False to skip this "
         "check."
-    ) from error
+    )
 
 
 def check_reference(reference: tuple, inputs: Any) -> None:
@@ -750,6 +756,41 @@ def _run_unit(module: nn.Module, args: tuple, kwargs: dict, watch: _DtypeWatch |
     return [t for t in _leaves(out) if t is not None]
 
 
+def _unit_inference(
+    dense: nn.Module,
+    dense_inputs: tuple[tuple, dict],
+    unit: nn.Module,
+    inputs: tuple[tuple, dict],
+    check: BlockCheck,
+    group: ProcessGroup,
+    loosest: torch.dtype | None,
+    rows: tuple[Tensor, Tensor] | None,
+) -> tuple[BaseException | None, tuple[float, float] | None] | None:
+    """Both forms of a unit once more in eval mode without gradients (a fused inference kernel may
+    take over there): ``None`` when they agree, or when the dense one cannot run so (on some rank);
+    else ``(the rewritten unit's exception, output difference)``. Collective; every rank decides alike."""
+    device = model_device(unit)
+    refs, outs, ref_error, error = [], [], None, None
+    with torch.no_grad():
+        try:
+            refs = _run_unit(dense, *dense_inputs)
+        except Exception as exc:  # noqa: BLE001 - agreed on below
+            ref_error = exc
+        try:
+            outs = _run_unit(unit, *inputs)
+        except Exception as exc:  # noqa: BLE001 - reported as a policy mismatch
+            error = exc
+        flags = torch.tensor([float(ref_error is not None), float(error is not None)], device=device)
+        skip, failed = all_reduce(flags, group, dist.ReduceOp.MAX)
+        if float(skip):
+            return None
+        bad = None
+        if not float(failed):  # every rank compares (the comparison gathers split outputs)
+            bad = _block_probes(outs, refs, check.spec, group, loosest, rows)[2]
+            failed = all_reduce(torch.tensor([float(bad is not None)], device=device), group, dist.ReduceOp.MAX)
+    return (error, bad) if float(failed) else None
+
+
 def _gather_inputs(tree: Any, widths: frozenset[int], group: ProcessGroup) -> Any:
     """The block's inputs as the dense unit takes them: sequence-sharded ones (what its sequence
     gathers all-gather: floating, ``(..., T/p, w)`` with ``w`` in ``widths``) gathered on dim -2."""
@@ -834,6 +875,9 @@ def check_blocks(
                     probe.backward()
             grads = {n: (None if p.grad is None else p.grad.detach().clone()) for n, p in named}
             ref_grads = {n: (None if p.grad is None else p.grad.detach()) for n, p in dense.named_parameters()}
+            loosest = watch_loosest(watch)
+            inference = _unit_inference(dense, (dense_args, dense_kwargs), unit, (args, kwargs), check, group,
+                                        loosest, rows)  # fmt: skip
         finally:
             for _, p in named:
                 p.grad = saved[id(p)]
@@ -853,6 +897,9 @@ def check_blocks(
             _check_grads(named, grads, ref_grads, check.transposed, group, watch_loosest(watch))
         except PolicyMismatchError as exc:
             raise PolicyMismatchError(f"verify (block by block), in {name or '<root>'!r}: {exc}") from None
+        if inference is not None:
+            message = _inference_mismatch(f"block {name or '<root>'!r}", *inference)
+            raise PolicyMismatchError(f"verify (block by block): {message}") from inference[0]
         del grads, ref_grads  # one dense layer (and its gradient) at a time
         checked += 1
     if skipped:
