@@ -65,8 +65,15 @@ def export_main(args: list[str]) -> None:
         "out", help="output: a file for the dense state_dict (torch.save), or a directory (--format hf)"
     )
     parser.add_argument("--format", choices=["pt", "hf"], default="pt", help="hf: a from_pretrained directory")
+    parser.add_argument(
+        "--weights-only",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--no-weights-only: unpickle the objects the checkpoint's trainer state holds (a LightningModule's "
+        "own hyperparameters); only for files you trust",
+    )
     ns = parser.parse_args(args)
-    out = export(ns.checkpoint, ns.out, format=ns.format)
+    out = export(ns.checkpoint, ns.out, format=ns.format, weights_only=ns.weights_only)
     if ns.format == "hf":
         print(f"wrote {out}: config.json + safetensors; load with <ModelClass>.from_pretrained({str(out)!r})")
         return

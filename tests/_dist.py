@@ -132,6 +132,15 @@ def run(world_size: int, fn, *args, timeout: float = CALL_TIMEOUT_S, **kwargs) -
         raise
 
 
+def close(world_size: int) -> None:
+    """Stop the world of ``world_size`` (the next call starts a fresh one): after a test that leaves its
+    processes holding much (failed fits: Trainers kept alive by their tracebacks), so that later tests,
+    torch.compile ones especially (measured: 2x slower there), start clean."""
+    world = _worlds.pop(world_size, None)
+    if world is not None:
+        world.close()
+
+
 def close_all() -> None:
     """Stop every world (called at the end of the test session)."""
     while _worlds:

@@ -4,6 +4,7 @@ import argparse
 import hashlib
 import os
 from pathlib import Path
+from unittest import mock
 
 import lightning as L
 import lit
@@ -13,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 import _dist
 from lightning_tp import CheckpointError, MegatronTPStrategy, consolidate
+from lightning_tp.lightning import checkpoint as ckpt
 from lightning_tp.lightning.checkpoint import full_state_dict, load, save
 from lightning_tp.lightning.precision import all_reduce_partial_grads
 from lightning_tp.policy import apply_policy
@@ -200,8 +202,102 @@ def _pickled_meta(path):
 def test_pickled_objects_refused(tmp_path):
     path = str(tmp_path / "ckpt")
     _dist.run(2, _pickled_meta, path)
-    with pytest.raises(CheckpointError, match="pickled objects, which are refused"):
+    with pytest.raises(CheckpointError, match="pickled objects, which weights_only=True refuses.*weights_only=False"):
         consolidate(path)
+    assert consolidate(path, weights_only=False).keys() == consolidate(path, weights_only=False).keys()  # trusted
+
+
+class PathHparams(lit.LitGPT):
+    """Hyperparameters holding objects of the user's: a path (commonly), and an argparse Namespace."""
+
+    def __init__(self, data_dir=Path("/data"), extra=None, **kw):
+        super().__init__(**kw)
+        self.save_hyperparameters()
+
+
+class DropLastLayer(lit.LitGPT):
+    """Lightning's partial checkpoint: a hook leaves a layer out, loading is non-strict."""
+
+    strict_loading = False
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if ".layers.1." not in k}
+
+
+def _fit_with(world, cls, steps, root, ckpt_path=None, weights_only=None, **kw):
+    with lit.external_launch(world):
+        model = cls(batch_size=4, n_train=16, **kw)
+        callbacks = [ModelCheckpoint(dirpath=root, save_weights_only=True, filename="weights", save_last=False)]
+        trainer = L.Trainer(**lit.trainer_kwargs(max_steps=steps, devices=world, default_root_dir=root,
+                                                 strategy=MegatronTPStrategy(tensor_parallel_size=world),
+                                                 enable_checkpointing=True, callbacks=callbacks))  # fmt: skip
+        trainer.fit(model, ckpt_path=ckpt_path, weights_only=weights_only)
+        return trainer, model
+
+
+def _checkpoint_paths(root):
+    from lightning_tp.lightning.checkpoint import read_meta
+
+    out = {}
+    trainer, model = _fit_with(2, PathHparams, 2, root, extra=argparse.Namespace(a=1))
+    state = full_state_dict(model, trainer.strategy.tp_group)
+    # a URL would be a directory named after it here: refused; file:// is a path
+    with pytest.raises(CheckpointError, match="is a URL"):
+        trainer.save_checkpoint("s3://bucket/run/x.ckpt")
+    written = []  # where the shards go first: the temporary directory a save killed mid-write leaves behind
+    real_save = ckpt.dcp.save
+    with mock.patch.object(ckpt.dcp, "save", lambda *a, **k: written.append(k["checkpoint_id"]) or real_save(*a, **k)):
+        trainer.save_checkpoint(f"file://{root}/hpc_ckpt_1.ckpt")
+    out["file_url"] = os.path.isdir(f"{root}/hpc_ckpt_1.ckpt")
+    # such a leftover beside the checkpoint: SLURM's resume ("hpc") must not read version digits from it
+    if torch.distributed.get_rank() == 0:
+        os.makedirs(written[0])
+    torch.distributed.barrier()
+    with pytest.raises(CheckpointError, match="weights_only=False"):  # the Namespace: refused by default
+        _fit_with(2, PathHparams, 4, root, ckpt_path="hpc", extra=argparse.Namespace(a=1))
+    trainer, model = _fit_with(2, PathHparams, 2, root, ckpt_path="hpc", weights_only=False)  # trusted
+    out["hpc"] = trainer.global_step == 2 and all(
+        torch.equal(v, state[k]) for k, v in full_state_dict(model, trainer.strategy.tp_group).items()
+    )
+    # weights only: no optimizer state written; a fit cannot resume from it, a validation can
+    weights = f"{root}/weights.ckpt"
+    out["weights_only_keys"] = sorted({k.split(".")[0] for k in _stored_keys(weights)})
+    with pytest.raises(CheckpointError, match="saved with the weights only"):
+        _fit_with(2, PathHparams, 4, root, ckpt_path=weights, weights_only=False)
+    trainer.validate(model, ckpt_path=weights, verbose=False, weights_only=False)
+    # a hook's partial checkpoint: the layer it left out is not written, and keeps its value on a non-strict load
+    trainer, model = _fit_with(2, DropLastLayer, 2, root)
+    trainer.save_checkpoint(f"{root}/partial.ckpt")
+    saved = full_state_dict(model, trainer.strategy.tp_group)
+    out["partial_layout"] = sorted({k.split(".")[2] for k in read_meta(f"{root}/partial.ckpt")["lightning_tp"]["layout"]
+                                    if k.startswith("model.layers.")})  # fmt: skip
+    trainer, model = _fit_with(2, DropLastLayer, 2, root, ckpt_path=f"{root}/partial.ckpt")  # done: loads only
+    fresh = lit.LitGPT().state_dict()
+    loaded = full_state_dict(model, trainer.strategy.tp_group)
+    out["partial_load"] = all(torch.equal(v, (fresh if ".layers.1." in k else saved)[k]) for k, v in loaded.items())
+    return out
+
+
+def _stored_keys(path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return list(FileSystemReader(path).read_metadata().state_dict_metadata)
+
+
+def test_checkpoint_paths_as_lightning_users_give_them(tmp_path):
+    """file:// URLs (other URLs refused, not written to a relative directory named after them); SLURM's
+    "hpc" resume beside a save's leftover temporary directory; hyperparameters holding a path load by
+    default, other objects with weights_only=False; weights-only checkpoints hold no optimizer state
+    (a fit refuses them, a validation uses them); a hook's partial checkpoint loads non-strictly."""
+    try:
+        results = _dist.run(2, _checkpoint_paths, str(tmp_path))
+    finally:
+        _dist.close(2)  # its refused fits leave much behind in the processes
+    assert results[0] == results[1]
+    r = results[0]
+    assert r["file_url"] and r["hpc"]
+    assert r["weights_only_keys"] == ["model"]
+    assert r["partial_layout"] == ["0"] and r["partial_load"]
 
 
 def _factored_state_round_trip(path, tp, load_tp):
@@ -245,3 +341,36 @@ def test_optimizer_state_shaped_unlike_its_parameter_is_kept_per_rank(tmp_path):
         assert bad == [], bad
     for msg in _dist.run(2, _factored_state_round_trip, str(tmp_path / "b"), 2, 1):
         assert "was saved per tensor-parallel rank" in msg and "tensor_parallel_size=1" in msg, msg
+
+
+def test_a_save_over_a_link_replaces_the_link_only(tmp_path):
+    """ModelCheckpoint(save_last="link") leaves last.ckpt a link to another checkpoint: a save to last.ckpt
+    replaces the link (no dangling link left beside it), and the checkpoint it pointed to stays."""
+    target, new = tmp_path / "epoch=0.ckpt", tmp_path / ".new"
+    target.mkdir()
+    (target / "meta.pt").write_text("old")
+    new.mkdir()
+    (new / "meta.pt").write_text("new")
+    (tmp_path / "last.ckpt").symlink_to(target.name)
+    ckpt._replace(new, tmp_path / "last.ckpt", tmp_path / ".old")
+    assert not (tmp_path / "last.ckpt").is_symlink() and (tmp_path / "last.ckpt" / "meta.pt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch=0.ckpt", "last.ckpt"]
+    assert (target / "meta.pt").read_text() == "old"
+
+
+def _other_groups(path):
+    m, model, opt = _gpt_with_optimizer(2)
+    save(path, model, [opt], m, {"global_step": 2})
+    params = list(model.parameters())
+    regrouped = torch.optim.AdamW([{"params": params[:3]}, {"params": params[3:], "lr": 1e-3}], lr=1e-2)
+    with pytest.raises(
+        CheckpointError, match=r"parameter groups of \[\d+\] parameters, the optimizer here has \[3, \d+\]"
+    ):
+        load(path, model, [regrouped], m)
+    return True
+
+
+def test_optimizer_groups_other_than_saved_are_refused(tmp_path):
+    """Resuming with other parameter groups (a fine-tuning callback's group not added again) is an error,
+    as torch's load_state_dict makes it, not a silent loss of a group's state."""
+    assert all(_dist.run(2, _other_groups, str(tmp_path / "ckpt")))

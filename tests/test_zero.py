@@ -186,24 +186,40 @@ def test_zero3_checkpoints_are_written_and_read_in_place(tmp_path):
         assert torch.equal(resumed[0][1][key], value), key
 
 
+class _OptimizerHoldsParameters(L.Callback):
+    """Whether ``pl_module.parameters()`` are the optimizer's, where callbacks read them after validation."""
+
+    def __init__(self):
+        self.seen = []
+
+    def _check(self, trainer, pl_module):
+        held = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+        self.seen.append(all(id(p) in held for p in pl_module.parameters()))
+
+    on_validation_end = on_train_epoch_start = _check
+
+
 def _fit_ending_in_validation():
     from lightning_tp.engine.sharding import shard_spec
 
     with lit.external_launch(4):
-        model = lit.LitGPT(batch_size=4, n_train=16)
+        model, held = lit.LitGPT(batch_size=4, n_train=16), _OptimizerHoldsParameters()
         strategy = MegatronTPStrategy(tensor_parallel_size=2, zero_stage=2)
-        trainer = L.Trainer(**lit.trainer_kwargs(max_steps=-1, max_epochs=1, devices=4, strategy=strategy,
-                                                 limit_val_batches=1))  # fmt: skip
+        trainer = L.Trainer(**lit.trainer_kwargs(max_steps=-1, max_epochs=2, devices=4, strategy=strategy,
+                                                 limit_val_batches=1, callbacks=[held]))  # fmt: skip
         trainer.fit(model)
-        return sum(shard_spec(p) is not None for p in model.parameters()), trainer.global_step
+        return sum(shard_spec(p) is not None for p in model.parameters()), trainer.global_step, held.seen
 
 
 def test_zero2_fit_ending_in_validation_keeps_the_tp_marks():
     """ZeRO-2 keeps the parameters gathered after an eval forward (FSDP2's unmarked ones): teardown
     reshards first, so after fit every split parameter still says how it is split (a checkpoint or a
     second fit reads them)."""
-    for marked, step in _dist.run(4, _fit_ending_in_validation):
-        assert step == 2 and marked >= 8  # 2 layers x (q, k, v, o, gate, up, down) + embedding
+    for marked, step, held in _dist.run(4, _fit_ending_in_validation):
+        assert step == 4 and marked >= 8  # 2 layers x (q, k, v, o, gate, up, down) + embedding
+        # after each validation (and at the next epoch) the module's parameters are the optimizer's, not FSDP2's
+        # gathered ones (a fine-tuning callback unfreezing them then froze other tensors, or failed on DTensors)
+        assert held == [True] * 4, held
 
 
 def _find_lr(root):

@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pathlib
+import re
 import shutil
+import urllib.parse
 import uuid
 import warnings
 from pathlib import Path
@@ -56,6 +59,33 @@ _CURRENT = "current."  # the training weights, beside averaged ones under "model
 
 class CheckpointError(LightningTPError, RuntimeError):
     """A checkpoint that cannot be loaded: corrupt, truncated, or from a different model."""
+
+
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+# Plain objects a trainer state commonly holds that weights_only=True loading may rebuild: a LightningModule's
+# hyperparameters often include paths (save_hyperparameters() of a data directory).
+_SAFE_META_GLOBALS = [pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath, pathlib.PureWindowsPath]
+# Names of the temporary and replaced directories beside a checkpoint: free of "ckpt_", which Lightning's
+# search for the newest SLURM checkpoint (hpc_ckpt_<n>) reads version digits from in any name holding it.
+_TMP, _OLD = ".lightning_tp-tmp-", ".lightning_tp-old-"
+
+
+def local_path(path: str | os.PathLike) -> Path:
+    """A checkpoint location as a local (or mounted) path: a ``file://`` URL becomes its path; any other
+    URL (``s3://``, ``gs://``, ``memory://``) is a :class:`CheckpointError`, as checkpoints are written
+    and read through the file system (``Path`` would turn ``s3://b/x`` into a relative ``s3:/b/x``)."""
+    text = os.fspath(path)
+    match = _URL.match(text)
+    if match is None:
+        return Path(text)
+    url = urllib.parse.urlparse(text)
+    if match.group(1).lower() == "file" and url.netloc in ("", "localhost"):
+        return Path(urllib.parse.unquote(url.path))
+    raise CheckpointError(
+        f"checkpoint path {text!r} is a URL: megatron_tp writes and reads checkpoints (directories of every rank's "
+        "shards) through the file system only. Use a local or mounted path (for object storage, a mount such as "
+        "s3fs/gcsfuse, or copy the directory after it is written)."
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,19 +189,26 @@ def _transposed(module: nn.Module) -> list[str]:
 
 
 def _state_to_save(
-    module: nn.Module, optimizers: list[torch.optim.Optimizer], mesh: TPMesh, average: nn.Module | None = None
+    module: nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    mesh: TPMesh,
+    average: nn.Module | None = None,
+    state_dict: dict[str, Any] | None = None,
 ):
     tensors: dict[str, Tensor] = {}
     layout: dict[str, Any] = {}
     params = _params(module)
+    names = {id(p): n for n, p in params.items()}  # every tensor's: the optimizer state is written whole
+    aliases = _aliases(module)
     averaged = _params(average) if average is not None else params
+    if state_dict is not None and average is None:  # Lightning's hooks may have dropped or replaced entries
+        params, averaged, aliases = _as_hooks_left(params, aliases, state_dict, module)
     for name, t in params.items():
         spec = shard_spec(t)
         tensors.update(_blocks(f"model.{name}", averaged[name], spec, mesh.tp_rank))
         if average is not None:
             tensors.update(_blocks(f"{_CURRENT}{name}", t, spec, mesh.tp_rank))
         layout[name] = None if spec is None else {"dim": spec.dim, "sizes": list(spec.sizes), "pad": spec.pad}
-    names = {id(p): n for n, p in params.items()}
     optim_meta = []
     for i, opt in enumerate(optimizers):
         groups, extra = [], {}
@@ -193,7 +230,49 @@ def _state_to_save(
                     else:
                         extra.setdefault(names[id(p)], {})[k] = v
         optim_meta.append({"param_groups": groups, "extra": extra})
-    return tensors, layout, optim_meta
+    return tensors, layout, optim_meta, aliases
+
+
+def _as_hooks_left(
+    params: dict[str, Tensor], aliases: dict[str, str], state_dict: dict[str, Any], module: nn.Module
+) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, str]]:
+    """The model's tensors to write as ``state_dict`` (the checkpoint's, after Lightning's
+    ``on_save_checkpoint`` hooks) says: ``(tensors kept, with their specs, what to write for each, aliases
+    kept)``. A name removed there (with its aliases) is not written; a replaced value is written instead."""
+    known = set(module.state_dict(keep_vars=True))
+    added = sorted(k for k in state_dict if k not in known)
+    if added:
+        raise CheckpointError(
+            f"checkpoint['state_dict'] holds keys the model does not have: {added[:10]}. A checkpoint stores the "
+            "model's own tensors (each rank its shards); put other data under a top-level key of the checkpoint."
+        )
+    names_of: dict[str, list[str]] = {name: [name] for name in params}
+    for alias, name in aliases.items():
+        names_of.setdefault(name, [name]).append(alias)
+    kept, values = {}, {}
+    for name, t in params.items():
+        present = [n for n in names_of[name] if n in state_dict]
+        if not present:
+            continue  # dropped by a hook: a partial checkpoint (load it with strict_loading=False)
+        value = state_dict[present[0]]
+        if (
+            not isinstance(value, Tensor)
+            or value.shape != t.shape
+            or value.dtype != t.dtype
+            or isinstance(value, DTensor) != isinstance(t, DTensor)  # ZeRO: split over DP as the parameter
+        ):
+            what = (
+                f"{type(value).__name__} {tuple(value.shape)} {value.dtype}"
+                if isinstance(value, Tensor)
+                else type(value).__name__
+            )
+            raise CheckpointError(
+                f"checkpoint['state_dict'][{present[0]!r}] is {what}; this rank's tensor is {tuple(t.shape)} {t.dtype}. "
+                "A hook may drop entries or replace them with tensors of the same shape and dtype (this rank's shard)."
+            )
+        kept[name], values[name] = t, value
+    kept_aliases = {a: n for a, n in aliases.items() if n in kept and a in state_dict}
+    return kept, values, kept_aliases
 
 
 def _failed_ranks(failed: bool) -> list[int]:
@@ -205,19 +284,20 @@ def _failed_ranks(failed: bool) -> list[int]:
 
 
 def _replace(tmp: Path, path: Path, old: Path) -> None:
-    """Move ``tmp`` to ``path``; a previous ``path`` is moved aside first and put back on failure."""
-    if path.exists():
+    """Move ``tmp`` to ``path``; a previous ``path`` (a directory, a file, or a link such as
+    ``ModelCheckpoint(save_last="link")``'s ``last.ckpt``) is moved aside first and put back on failure."""
+    if path.is_symlink() or path.exists():
         path.rename(old)
     try:
         tmp.rename(path)
     except BaseException:
-        if old.exists() and not path.exists():
+        if (old.is_symlink() or old.exists()) and not (path.is_symlink() or path.exists()):
             old.rename(path)
         raise
-    if old.is_dir():
+    if old.is_symlink() or old.is_file():
+        old.unlink()  # a link: only the link (the checkpoint it pointed to is another's)
+    elif old.is_dir():
         shutil.rmtree(old, ignore_errors=True)
-    elif old.exists():
-        old.unlink()
 
 
 def save(
@@ -228,8 +308,13 @@ def save(
     trainer_state: dict[str, Any],
     rng_state: dict[str, Tensor] | None = None,
     average: nn.Module | None = None,
+    state_dict: dict[str, Any] | None = None,
 ) -> None:
     """Save every rank's shards and the trainer state to directory ``path``. Collective.
+
+    ``state_dict``: the checkpoint's ``"state_dict"`` as Lightning's hooks left it (this rank's shards):
+    a key removed there is not written (a partial checkpoint), a value replaced there is written in place
+    of the model's (it must keep the shard's shape and dtype).
 
     With ``average`` (a weight-averaging callback's copy of ``module``, parameters of the same names and
     layouts) the model's state is the averaged weights, as in Lightning's checkpoints (what
@@ -240,14 +325,14 @@ def save(
     is a :class:`CheckpointError` on all of them (naming the failed ranks), the temporary directory
     is removed and a previous checkpoint at ``path`` is left as it was.
     """
-    path = Path(path)
+    path = local_path(path)  # the same on every rank (a URL raises on all)
     rank = dist.get_rank()
     token = [uuid.uuid4().hex if rank == 0 else None]
     dist.broadcast_object_list(token, src=0)
-    tmp = path.parent / f".{path.name}.tmp-{token[0]}"
+    tmp = path.parent / f"{_TMP}{token[0]}"
     error: BaseException | None = None
     try:  # local work: build what to write; rank 0 creates the directory
-        tensors, layout, optim_meta = _state_to_save(module, optimizers, mesh, average)
+        tensors, layout, optim_meta, aliases = _state_to_save(module, optimizers, mesh, average, state_dict)
         for name, state in (rng_state or {}).items():
             tensors[f"rng.rank{rank}.{name}"] = state
         meta = dict(trainer_state)
@@ -257,7 +342,7 @@ def save(
             "world_size": mesh.world_size,
             "layout": layout,
             "transpose": _transposed(module),
-            "aliases": _aliases(module),
+            "aliases": aliases,
             "optimizers": optim_meta,
             "hf": hf_info(module),
             "averaged": average is not None,
@@ -279,7 +364,7 @@ def save(
     if not failed:
         if rank == 0:
             try:
-                _replace(tmp, path, path.parent / f".{path.name}.old-{token[0]}")
+                _replace(tmp, path, path.parent / f"{_OLD}{token[0]}")
             except Exception as exc:
                 error = exc
         failed = _failed_ranks(error is not None)
@@ -307,20 +392,30 @@ def hf_info(module: nn.Module) -> dict[str, str] | None:
     return None
 
 
-def read_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """The trainer state and layout of a checkpoint (``weights_only=True``)."""
-    path = Path(path)
+def read_meta(path: str | os.PathLike, weights_only: bool = True) -> dict[str, Any]:
+    """The trainer state and layout of a checkpoint. ``weights_only=True`` (default) rebuilds no
+    arbitrary objects (paths excepted); ``False`` unpickles whatever the trainer state holds (a
+    LightningModule's hyperparameters of other types): only for files you trust."""
+    path = local_path(path)
     if not path.is_dir() or not (path / META_FILE).is_file():
         raise CheckpointError(
             f"{path} is not a lightning_tp checkpoint (a directory with {META_FILE} and DCP shards); "
             "it may be missing, partially written or from another strategy."
         )
     try:
-        meta = torch.load(path / META_FILE, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_SAFE_META_GLOBALS):
+            meta = torch.load(path / META_FILE, map_location="cpu", weights_only=weights_only)
     except Exception as exc:
+        hint = (
+            " If it holds objects of your own (hyperparameters saved by save_hyperparameters()) and you trust the "
+            "file, load it with weights_only=False: trainer.fit(model, ckpt_path=..., weights_only=False), "
+            "lightning_tp.consolidate(path, weights_only=False)."
+            if weights_only
+            else ""
+        )
         raise CheckpointError(
-            f"cannot read {path / META_FILE}: {type(exc).__name__}: {exc}. The file is corrupt or truncated, or it "
-            "holds pickled objects, which are refused (loading uses weights_only=True)."
+            f"cannot read {path / META_FILE}: {type(exc).__name__}: {str(exc)[:1000]}. The file is corrupt or "
+            f"truncated, or it holds pickled objects, which weights_only=True refuses.{hint}"
         ) from exc
     if not isinstance(meta, dict) or "lightning_tp" not in meta:
         raise CheckpointError(f"{path / META_FILE} has no lightning_tp layout: not a lightning_tp checkpoint.")
@@ -415,6 +510,7 @@ def load(
     mesh: TPMesh,
     strict: bool = True,
     average: nn.Module | None = None,
+    weights_only: bool = True,
 ) -> tuple[dict[str, Any], dict[str, Tensor] | None]:
     """Load shards into ``module`` / ``optimizers`` at the current TP size (resharding as needed).
     Returns ``(trainer_state, rng_state or None)``. Collective; raises :class:`CheckpointError`
@@ -422,11 +518,13 @@ def load(
 
     A checkpoint saved with averaged weights holds them as the model's state: they go into ``average``
     (a weight-averaging callback's copy of ``module``) and the training weights into ``module``;
-    without ``average`` the averaged weights go into ``module``, as Lightning loads such a checkpoint."""
-    path = Path(path)
+    without ``average`` the averaged weights go into ``module``, as Lightning loads such a checkpoint.
+    With ``strict=False`` the model's tensors the checkpoint does not hold (a partial checkpoint) keep
+    their values."""
     meta, error = None, None
     try:
-        meta = read_meta(path)
+        path = local_path(path)
+        meta = read_meta(path, weights_only)
     except CheckpointError as exc:
         error = exc
     failed = _failed_ranks(error is not None)  # every rank raises, not only those that cannot read it
@@ -450,7 +548,10 @@ def load(
         reads = [("model.", _params(average)), (_CURRENT, params)] if both else [("model.", params)]
         for name, t in params.items():
             spec = shard_spec(t)
-            expected.update(_stored_shapes(f"model.{name}", t.shape, spec))
+            shapes = _stored_shapes(f"model.{name}", t.shape, spec)
+            if not strict and not any(k in stored for k in shapes):
+                continue  # not in a partial checkpoint: keeps its value
+            expected.update(shapes)
             for prefix, into_params in reads:
                 target = into_params[name]
                 into = torch.zeros_like(local(target).detach())  # vocabulary padding rows stay zero
@@ -462,8 +563,17 @@ def load(
         optim_targets = []
         for i, opt in enumerate(optimizers):
             if i >= len(info["optimizers"]):
+                weights = (
+                    " It was saved with the weights only (ModelCheckpoint(save_weights_only=True) or "
+                    "trainer.save_checkpoint(..., weights_only=True)): training cannot resume from it. Validate, test "
+                    "or predict with it, or start a fit from its weights (lightning-tp export, then "
+                    "MegatronTPStrategy(pretrained=...))."
+                    if not info["optimizers"]
+                    else ""
+                )
                 raise CheckpointError(
                     f"checkpoint {path} has {len(info['optimizers'])} optimizers, the model has {len(optimizers)}."
+                    f"{weights}"
                 )
             for group in opt.param_groups:
                 for p in group["params"]:
@@ -541,8 +651,15 @@ def load(
             p = params.get(name)
             if p is not None and id(p) in index:
                 state.setdefault(index[id(p)], {}).update(extra)
+        sizes = [len(g["params"]) for g in opt.param_groups], [len(g["params"]) for g in saved["param_groups"]]
+        if sizes[0] != sizes[1]:  # torch's load_state_dict refuses it too; matched by position it would drop state
+            raise CheckpointError(
+                f"checkpoint {path}: optimizer {i} was saved with parameter groups of {sizes[1]} parameters, the "
+                f"optimizer here has {sizes[0]}. Build the optimizer's groups as they were when it was saved (a "
+                "callback adding groups during fit, such as BaseFinetuning, must add them again before the resume)."
+            )
         groups = []
-        for current, old in zip(opt.param_groups, saved["param_groups"], strict=False):
+        for current, old in zip(opt.param_groups, saved["param_groups"], strict=True):
             groups.append(
                 {**{k: v for k, v in old.items() if k != "params"}, "params": [index[id(p)] for p in current["params"]]}
             )
@@ -583,13 +700,15 @@ def read_offline(path: Path, keys: dict[str, TensorStorageMetadata]) -> dict[str
     return buffers
 
 
-def consolidate(path: str | os.PathLike) -> dict[str, Tensor]:
+def consolidate(path: str | os.PathLike, weights_only: bool = True) -> dict[str, Tensor]:
     """One full, unsharded state_dict from a sharded checkpoint, without a process group.
 
     The original (unmodified) LightningModule loads it with ``load_state_dict(strict=True)``.
+    ``weights_only=False``: the checkpoint's trainer state may hold objects of your own (see
+    :func:`read_meta`); only for files you trust.
     """
-    path = Path(path)
-    info = read_meta(path)["lightning_tp"]
+    path = local_path(path)
+    info = read_meta(path, weights_only)["lightning_tp"]
     _raise_if_bad(path, info, distributed=False)
     stored = _storage(path)
     buffers = read_offline(path, {k: v for k, v in stored.items() if k.startswith("model.")})

@@ -23,6 +23,7 @@ from lightning_tp.lightning.checkpoint import (
     _raise_if_bad,
     _storage,
     consolidate,
+    local_path,
     read_meta,
     read_offline,
 )
@@ -33,6 +34,7 @@ def export(
     out: str | os.PathLike,
     format: Literal["pt", "hf"] = "pt",
     max_shard_bytes: int = 2 * 2**30,
+    weights_only: bool = True,
 ) -> Path:
     """Write checkpoint ``path`` unsharded to ``out``.
 
@@ -43,19 +45,21 @@ def export(
             directory that the Hugging Face model's class loads with ``from_pretrained``.
         format: ``"pt"`` or ``"hf"``.
         max_shard_bytes: ``"hf"``: the largest safetensors file (more files and an index above it).
+        weights_only: ``False`` unpickles the objects the checkpoint's trainer state holds (a
+            LightningModule's own hyperparameters): only for files you trust.
 
     Raises:
         CheckpointError: an unreadable checkpoint, or ``"hf"`` for one that holds no Hugging Face model.
     """
     out = Path(out)
     if format == "pt":
-        state = consolidate(path)
+        state = consolidate(path, weights_only)
         out.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, out)
         return out
     if format != "hf":
         raise ValueError(f"format must be 'pt' or 'hf', got {format!r}.")
-    return _export_hf(Path(path), out, max_shard_bytes)
+    return _export_hf(local_path(path), out, max_shard_bytes, weights_only)
 
 
 def _dense(path: Path, info: dict, name: str, stored: dict) -> Tensor:
@@ -71,10 +75,10 @@ def _dense(path: Path, info: dict, name: str, stored: dict) -> Tensor:
     return full.t().contiguous() if name in info["transpose"] else full
 
 
-def _export_hf(path: Path, out: Path, max_shard_bytes: int) -> Path:
+def _export_hf(path: Path, out: Path, max_shard_bytes: int, weights_only: bool = True) -> Path:
     from safetensors.torch import save_file
 
-    info = read_meta(path)["lightning_tp"]
+    info = read_meta(path, weights_only)["lightning_tp"]
     _raise_if_bad(path, info, distributed=False)
     hf = info.get("hf")
     if not hf:

@@ -6,6 +6,7 @@ Both plan the policy on the main process's model before they start any other pro
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import sys
@@ -24,6 +25,17 @@ from lightning_tp._compat import (
 from lightning_tp.lightning.checkpoint import full_state_dict
 
 
+def record_weights_only(strategy: Any, function: Callable, args: tuple, kwargs: dict) -> None:
+    """Keep the ``weights_only`` given to ``fit``/``validate``/``test``/``predict`` on the strategy:
+    Lightning hands it to ``Strategy.load_checkpoint`` only when the strategy restores before setup,
+    and megatron_tp restores after (into the sharded model)."""
+    try:
+        bound = inspect.signature(function).bind_partial(*args, **kwargs)
+    except (TypeError, ValueError):
+        return
+    strategy.load_weights_only = bound.arguments.get("weights_only")
+
+
 class TPSubprocessScriptLauncher(SubprocessScriptLauncher):
     """Lightning's popen launcher (this script is started again for every other local rank), which
     first plans the policy on this process's model when it is the one that starts the others."""
@@ -33,6 +45,7 @@ class TPSubprocessScriptLauncher(SubprocessScriptLauncher):
         self.tp_strategy = strategy
 
     def launch(self, function: Callable, *args: Any, trainer: pl.Trainer | None = None, **kwargs: Any) -> Any:
+        record_weights_only(self.tp_strategy, function, args, kwargs)
         if not self.cluster_environment.creates_processes_externally and args:
             self.tp_strategy.plan_before_launch(args[0])  # args[0]: the model given to fit/validate/test/predict
         return super().launch(function, *args, trainer=trainer, **kwargs)
@@ -59,6 +72,7 @@ class TPMultiProcessingLauncher(MultiProcessingLauncher):
         forwarded to them, where the strategy stops every rank after the same step (a copy of a
         signal the workers also got, like a terminal's Ctrl-C, counts once there)."""
 
+        record_weights_only(self.tp_strategy, function, args, kwargs)
         if args:
             self.tp_strategy.plan_before_launch(args[0])  # before any worker starts
         launcher_pid = os.getpid()

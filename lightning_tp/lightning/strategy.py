@@ -40,7 +40,6 @@ from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_tp._compat import (
-    averaged_model,
     disable_sigterm_broadcast,
     set_device_mesh,
     set_launcher,
@@ -203,6 +202,7 @@ class MegatronTPStrategy(DDPStrategy):
         self._ddp_group = None  # debug mode: the DP group without the debug wrapper, for DDP
         self.rng_tracker: RNGTracker | None = None
         self.deferred_init = False  # the model was built on the meta device and initialized layer by layer
+        self.load_weights_only: bool | None = None  # fit/validate/...(weights_only=...), kept by the launcher
         self.averaged: nn.Module | None = None  # a weight-averaging callback's copy of the sharded model (fit)
 
     # -- precision: every plugin becomes its TP-aware variant ------------------------------------
@@ -453,11 +453,12 @@ class MegatronTPStrategy(DDPStrategy):
         super().on_validation_end()
 
     def _reshard_in_validation(self, reshard: bool) -> None:
-        """A weight-averaging callback swaps the DP-split weights with its copy's when validation
-        starts and ends: ZeRO-2 (no reshard after forward) would leave them gathered at the end."""
-        trainer = self.lightning_module.trainer
-        averaging = [cb for cb in averaging_callbacks(trainer.callbacks) if averaged_model(cb) is not None]
-        if not averaging or not self.zero_active or self.zero_stage == 3:  # (a copy left by fit: validate after it)
+        """ZeRO-2 (no reshard after forward) would leave the parameters gathered after an eval forward, as
+        FSDP2's plain, unmarked tensors, not the ones the optimizer holds: the hooks after it (a callback
+        freezing or unfreezing ``pl_module.parameters()``, a weight-averaging callback swapping the weights
+        with its copy's, a checkpoint) would act on those. During validation in fit they reshard after each
+        forward, as under ZeRO-3."""
+        if not self.zero_active or self.zero_stage == 3:
             return
         for m in fsdp_modules(self.lightning_module):
             m.reshard()
@@ -571,26 +572,33 @@ class MegatronTPStrategy(DDPStrategy):
                 "main process of a spawn launch holds the dense model, not the shards). Checkpoints are written by "
                 "the ranks during fit (ModelCheckpoint); lightning_tp.export makes a dense file from one."
             )
-        path = self.broadcast(str(filepath))
+        path = self.broadcast(os.fspath(filepath))
         self._reshard_zero()
         state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
-        rng = self.rng_tracker.state_dict() if self.rng_tracker is not None else None
-        optimizers = [_unwrapped(o) for o in self.optimizers]
+        # Lightning leaves the optimizers out of a weights-only checkpoint (save_weights_only=True): so do we
+        weights_only = "optimizer_states" not in checkpoint
+        rng = self.rng_tracker.state_dict() if self.rng_tracker is not None and not weights_only else None
+        optimizers = [] if weights_only else [_unwrapped(o) for o in self.optimizers]
         # a weight-averaging callback put the averaged weights in "state_dict", the model's in "current_model_state"
         average = self.averaged if "current_model_state" in checkpoint else None
         state.pop("current_model_state", None)
         if average is None:  # no averaged copy in this fit (a callback may hold one from an earlier fit)
             state.pop("averaging_state", None)
-        ckpt.save(path, self.lightning_module, optimizers, self.tp_mesh, state, rng, average)
+        ckpt.save(
+            path, self.lightning_module, optimizers, self.tp_mesh, state, rng, average, checkpoint.get("state_dict")
+        )
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
-        path = self.broadcast(str(checkpoint_path))
+        path = self.broadcast(os.fspath(checkpoint_path))
         self._reshard_zero()
-        optimizers = [_unwrapped(o) for o in self.optimizers]
+        fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        optimizers = [_unwrapped(o) for o in self.optimizers] if fitting else []  # as Lightning restores them
         strict = getattr(self.lightning_module, "strict_loading", True)
         state, rng = ckpt.load(
-            path, self.lightning_module, optimizers, self.tp_mesh, strict=strict, average=self.averaged
-        )
+            path, self.lightning_module, optimizers, self.tp_mesh, strict=strict, average=self.averaged,
+            # the trainer state is unpickled only when asked for explicitly (fit/validate/... weights_only=False)
+            weights_only=(self.load_weights_only if weights_only is None else weights_only) is not False,
+        )  # fmt: skip
         if rng is not None and self.rng_tracker is not None:
             self.rng_tracker.load_state_dict(rng)
         # What Lightning's hooks read (on_load_checkpoint): this rank's shards, as loaded. A weight-averaging
@@ -608,8 +616,10 @@ class MegatronTPStrategy(DDPStrategy):
 
     def remove_checkpoint(self, filepath) -> None:
         if self.is_global_zero:
-            path = os.fspath(filepath)
-            if os.path.isdir(path):
+            path = ckpt.local_path(filepath)
+            if path.is_symlink():
+                path.unlink()
+            elif os.path.isdir(path):
                 shutil.rmtree(path)
             elif os.path.exists(path):
                 os.remove(path)

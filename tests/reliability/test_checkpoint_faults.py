@@ -144,7 +144,7 @@ def test_pickled_objects_refused_when_resuming(tmp_path):
     (``consolidate`` is tests/test_checkpoint.py::test_pickled_objects_refused)."""
     path = str(tmp_path / "ckpt")
     _dist.run(2, tc._pickled_meta, path)
-    _dist.run(2, _load_fails, path, "holds pickled objects, which are refused")
+    _dist.run(2, _load_fails, path, "holds pickled objects, which weights_only=True refuses.*weights_only=False")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -172,7 +172,7 @@ def _fault(where: str):
         real = Path.rename
 
         def rename(self, target):
-            if ".tmp-" in self.name:
+            if self.name.startswith(ckpt._TMP):
                 raise OSError(16, "Device or resource busy")
             return real(self, target)
 
