@@ -414,9 +414,11 @@ class MegatronTPStrategy(DDPStrategy):
         super().teardown()
 
     def _reshard_zero(self) -> None:
-        """Put the DP-split (marked) parameters back in the modules. ZeRO-2 keeps them gathered after an
-        eval forward as FSDP2's unmarked, TP-local tensors: a checkpoint read or written then (Lightning's
-        learning-rate finder restores one after its validation runs), or a teardown, needs the split ones."""
+        """Put the DP-split (marked) parameters back in the modules. ZeRO-2 keeps them gathered, as FSDP2's
+        unmarked TP-local tensors, from a forward until the backward after it (validation in fit reshards
+        after each forward: :meth:`_reshard_in_validation`); a checkpoint read or written, or a teardown,
+        needs the split ones whatever ran last (Lightning's learning-rate finder reads its checkpoint back
+        right after a validation)."""
         if not self.zero_active:
             return
         for model in (self.lightning_module, self.averaged):
