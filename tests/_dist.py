@@ -34,9 +34,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def refuse_relaunching_pytest() -> None:
+    """Make Lightning's subprocess launcher an error in this process. Under pytest it re-runs
+    ``sys.argv``, the whole test session, as the other ranks: a test whose Trainer was not told its
+    processes are already started (``lit.external_launch``) left full test sessions running beside
+    the suite, orphaned, doubling its time. Tests that check that launcher run a script of their own."""
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    def refuse(self, *args, **kwargs):
+        log = os.environ.get("LTP_TEST_RELAUNCH_LOG")
+        if log:
+            with open(log, "a") as f:
+                f.write("".join(traceback.format_stack()) + "\n----\n")
+        raise RuntimeError(
+            "a test started Lightning's subprocess launcher, which would re-run the whole pytest session "
+            "as the other ranks: inside a _dist worker wrap the Trainer in lit.external_launch(world_size)"
+        )
+
+    _SubprocessScriptLauncher._call_children_scripts = refuse
+
+
 def _worker(rank: int, size: int, port: int, tasks: mp.Queue, results: mp.Queue) -> None:
     import torch.distributed as dist
 
+    refuse_relaunching_pytest()
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     dist.init_process_group(

@@ -7,6 +7,7 @@ import _dist
 
 os.environ.setdefault("WANDB_MODE", "offline")
 torch.set_num_threads(1)
+_dist.refuse_relaunching_pytest()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -264,7 +264,8 @@ def _checkpoint_paths(root):
     out["weights_only_keys"] = sorted({k.split(".")[0] for k in _stored_keys(weights)})
     with pytest.raises(CheckpointError, match="saved with the weights only"):
         _fit_with(2, PathHparams, 4, root, ckpt_path=weights, weights_only=False)
-    trainer.validate(model, ckpt_path=weights, verbose=False, weights_only=False)
+    with lit.external_launch(2):
+        trainer.validate(model, ckpt_path=weights, verbose=False, weights_only=False)
     # a hook's partial checkpoint: the layer it left out is not written, and keeps its value on a non-strict load
     trainer, model = _fit_with(2, DropLastLayer, 2, root)
     trainer.save_checkpoint(f"{root}/partial.ckpt")
