@@ -263,7 +263,8 @@ def _run() -> dict:
 
 @pytest.fixture(scope="module")
 def results():
-    return _dist.run(2, _run)
+    # every case of the module in one call: 60 s of a 2-core machine alone, more beside other load
+    return _dist.run(2, _run, timeout=240)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{k}-{'sp' if sp else 'tp'}-{how}" for k, sp, how in CASES])
