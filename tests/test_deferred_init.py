@@ -139,6 +139,45 @@ def test_trainer_with_a_meta_model_initializes_like_tp1():
         assert torch.equal(start[key], ref), key
 
 
+def _fit_built_under_init_module(world: int) -> list[dict]:
+    """LitGPT sets example_input_array in __init__: under init_module(empty_init=True) it is a meta tensor.
+    A fit with the self-check and Lightning's ModelSummary (which runs the model on it), then one without
+    the self-check."""
+    out = []
+    for verify in (True, False):
+        with lit.external_launch(world):
+            strategy = MegatronTPStrategy(tensor_parallel_size=world, seed=SEED, verify=verify)
+            trainer = L.Trainer(**lit.trainer_kwargs(max_steps=2, devices=world, strategy=strategy,
+                                                     enable_model_summary=True))  # fmt: skip
+            with trainer.init_module(empty_init=True):
+                model = lit.LitGPT()
+            built_on_meta = model.example_input_array.is_meta
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                trainer.fit(model)
+        out.append({
+            "built_on_meta": built_on_meta, "deferred": trainer.strategy.deferred_init, "step": trainer.global_step,
+            "example": model.example_input_array,
+            "warned": any("example_input_array holds tensors on the meta device" in str(w.message) for w in caught),
+        })  # fmt: skip
+    return out
+
+
+def test_example_input_built_on_meta_gets_values():
+    """An example_input_array built under trainer.init_module(empty_init=True) is a shape without values;
+    the self-check copied it to the device (NotImplementedError: Cannot copy out of meta tensor) and so did
+    Lightning's ModelSummary. It gets values of its shape and dtype, the same on every rank, with a warning."""
+    per_rank = _dist.run(2, _fit_built_under_init_module, 2)
+    for rank, runs in enumerate(per_rank):
+        for r in runs:
+            assert r["built_on_meta"] and r["deferred"] and r["step"] == 2, r
+            example = r["example"]
+            assert example.device.type == "cpu" and example.shape == (2, lit.SEQ) and example.dtype == torch.long
+            assert 0 <= int(example.min()) and int(example.max()) < lit.VOCAB and example.unique().numel() > 1
+            assert torch.equal(example, per_rank[0][0]["example"])  # the same batch on every rank
+            assert r["warned"] == (rank == 0), (rank, r)
+
+
 def test_init_module_with_empty_init_builds_on_meta():
     trainer = L.Trainer(**lit.trainer_kwargs(devices=1, strategy=MegatronTPStrategy(tensor_parallel_size=1)))
     with trainer.init_module(empty_init=True):

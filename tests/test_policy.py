@@ -1110,3 +1110,115 @@ def test_mismatch_messages_name_the_parameter_and_the_shapes_on_every_rank():
     for grads, shapes in _dist.run(2, _mismatch_messages, 2):
         assert "parameter 'norms.0.weight'" in grads  # also where another rank found it first
         assert "an output of shape (2, 5, 20) where the unsharded model's is (2, 5, 40)" in shapes
+
+
+class _AliasBlock(nn.Module):
+    """Attention and MLP in one module (no bias on the fused projection: a key bias's gradient is zero
+    by the softmax's shift invariance, so AdamW would only amplify rounding noise there)."""
+
+    def __init__(self, d=32, n_head=4):
+        super().__init__()
+        self.n_head, self.head_dim = n_head, d // n_head
+        self.norm = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.proj = nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(b, t, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, -1)
+        x = x + self.proj(y)
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+class _SharedEmbeddingLM(nn.Module):
+    """T5's layout: the model's ``shared`` embedding is registered again as its encoder's ``embed_tokens``
+    (one module under two names), and the LM head's weight is tied to it."""
+
+    def __init__(self, vocab=64, d=32):
+        super().__init__()
+        self.shared = nn.Embedding(vocab, d)
+        self.encoder = nn.Module()
+        self.encoder.embed_tokens = self.shared
+        self.encoder.blocks = nn.ModuleList([_AliasBlock(d) for _ in range(2)])
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.shared.weight
+
+    def forward(self, ids):
+        x = self.encoder.embed_tokens(ids)
+        for block in self.encoder.blocks:
+            x = block(x)
+        return self.lm_head(x)
+
+
+class _RepeatedBlockLM(nn.Module):
+    """A weight-shared depth (ALBERT, Universal Transformers): one block registered three times."""
+
+    def __init__(self, vocab=64, d=32):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList([_AliasBlock(d)] * 3)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+_ALIAS_MODELS = {"shared-embedding": _SharedEmbeddingLM, "repeated-block": _RepeatedBlockLM}
+# explicit policies: the shared embedding named by its second name only; the repeated block by its last
+_BLOCK_POLICY = {"*.qkv": "qkv", "*.proj": "row", "*.fc1": "column", "*.fc2": "row"}
+_ALIAS_POLICIES = {
+    "shared-embedding": {"encoder.embed_tokens": "vocab", "lm_head": "vocab", **_BLOCK_POLICY},
+    "repeated-block": {"emb": "vocab", "head": "vocab", **{f"blocks.2.{k[2:]}": v for k, v in _BLOCK_POLICY.items()}},
+}
+
+
+def _aliased_parity(kind: str, tp: int, policy, path: str) -> dict:
+    from lightning_tp.lightning.checkpoint import full_state_dict, save
+
+    torch.manual_seed(0)
+    dense = _ALIAS_MODELS[kind]().double()
+    model = copy.deepcopy(dense)
+    mesh = _dist.mesh(tp)
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randint(0, 64, (2, 8), generator=g) for _ in range(3)]
+    plan = apply_policy(model, mesh.tp_group, policy, verify=True, example_input=xs[0])
+    errs = _dist.train_parity(dense, model, mesh.tp_group, xs)
+    places = dict(model.named_modules(remove_duplicate=False))
+    embed, qkv = ("shared", "encoder.embed_tokens"), ("blocks.0.qkv", "blocks.2.qkv")
+    names = embed if kind == "shared-embedding" else qkv
+    errs["same_module"] = places[names[0]] is places[names[1]]
+    errs["rewritten"] = type(places[names[1]]).__name__
+    errs["rows"] = [m.name for m in plan.modules if m.splits]
+    save(path, model, [], mesh, {})
+    errs["state"] = full_state_dict(model, mesh.tp_group)
+    errs["dense"] = dense.state_dict()
+    return errs
+
+
+@pytest.mark.parametrize("policy", ["auto", "explicit"])
+@pytest.mark.parametrize("kind", list(_ALIAS_MODELS))
+def test_a_module_registered_under_two_names_is_rewritten_at_both(kind, policy, tmp_path):
+    """One module object at two places (T5's shared embedding; a weight-shared block list) is one module
+    of the plan: a pattern matching either name applies, it is not a tie the policy breaks (it was refused
+    as one), and the rewritten module takes each place, so the model still holds one module there. Outputs,
+    gradients, weights after AdamW equal the dense model's (float64); its checkpoint consolidates into
+    a state dict the dense model loads strictly."""
+    from lightning_tp import consolidate
+
+    rule = "auto" if policy == "auto" else _ALIAS_POLICIES[kind]
+    for r in _dist.run(2, _aliased_parity, kind, 2, rule, str(tmp_path / "ckpt")):
+        assert r["out"] < 1e-12 and r["grad"] < 1e-12 and r["weight"] < 1e-12, r
+        assert r["same_module"], r
+        parallel = "VocabParallelEmbedding" if kind == "shared-embedding" else "ColumnParallelLinear"
+        assert r["rewritten"] == parallel
+        assert len(r["rows"]) == (10 if kind == "shared-embedding" else 6), r["rows"]
+    dense = _ALIAS_MODELS[kind]().double()
+    dense.load_state_dict(consolidate(tmp_path / "ckpt"), strict=True)
+    for key, value in dense.state_dict().items():  # every name of the trained weights, aliases included
+        assert torch.equal(value, r["state"][key]), key
+        torch.testing.assert_close(value, r["dense"][key], rtol=0, atol=1e-12)  # the dense model's training

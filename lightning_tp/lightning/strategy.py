@@ -34,7 +34,7 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
@@ -74,6 +74,7 @@ from lightning_tp.lightning.zero import (
     no_gradient_sync,
 )
 from lightning_tp.policy import applied_plan, apply_policy, plan_policy, resolve_rules
+from lightning_tp.policy.verify import holds_meta, values_for_meta
 
 log = logging.getLogger(__name__)
 _INIT_STREAM = 0x1417  # the deferred-init seed: derived from the run's seed, apart from the dropout streams
@@ -381,6 +382,14 @@ class MegatronTPStrategy(DDPStrategy):
         """``(module whose forward verify runs, verify, example input)``: the wrapped model when the
         LightningModule has neither a forward nor an example input to verify with."""
         example = getattr(module, "example_input_array", None)
+        if holds_meta(example):  # built under trainer.init_module(empty_init=True): shapes without values
+            example = module.example_input_array = values_for_meta(example, module)
+            rank_zero_warn(
+                "lightning_tp: example_input_array holds tensors on the meta device (built under "
+                "trainer.init_module(empty_init=True)), which have no values: they were replaced by values of the "
+                "same shapes and dtypes (floats normal, integers token ids below the vocabulary size, booleans True) "
+                "for the self-check and Lightning's uses of it. To choose the values, build it with device='cpu'."
+            )
         if not self.verify or example is not None or is_overridden("forward", module, pl.LightningModule):
             return None, self.verify, example
         children = [c for c in module.children() if any(True for _ in c.parameters())]

@@ -22,7 +22,7 @@ from lightning_tp.engine.init import Materializer, is_deferred
 from lightning_tp.engine.random import RNGTracker
 from lightning_tp.engine.sharding import shard_spec
 from lightning_tp.errors import DeferredInitError, ShardingError
-from lightning_tp.policy.plan import Plan, PlannedModule, attach_plan, plan_policy, planned_row
+from lightning_tp.policy.plan import Plan, PlannedModule, attach_plan, module_aliases, plan_policy, planned_row
 from lightning_tp.policy.rules import PolicyError, PolicyWarning, Rule
 from lightning_tp.policy.styles import BuildContext, Qkv, SequenceGatherStyle, WholeSequenceStyle
 from lightning_tp.policy.verify import (
@@ -31,10 +31,12 @@ from lightning_tp.policy.verify import (
     check_blocks,
     check_parity,
     check_reference,
+    holds_meta,
     inference_outputs,
     interleaved_groups,
     make_example_input,
     model_device,
+    values_for_meta,
 )
 
 
@@ -126,6 +128,7 @@ def apply_plan(
             ctx.in_features[row.name] = set(row.options["in_features"])
     replaced: _Replaced = {}
     rows = [row for row in plan.modules if row.kind.replaces]
+    aliases = module_aliases(model)
     if materializer is None:
         if is_deferred(model):
             raise DeferredInitError(
@@ -133,13 +136,13 @@ def apply_plan(
                 "(lightning_tp.engine.init.Materializer(model, device, seed)) to initialize it layer by layer."
             )
         for row in rows:
-            _replace(model, row, ctx, replaced)
+            _replace(model, row, ctx, replaced, aliases)
     else:
         for name, unit, recurse in list(materializer.units()):
             materializer.materialize(name, unit, recurse)
             for row in rows:
                 if row.name == name or (recurse and row.name.startswith(name + ".")):
-                    _replace(model, row, ctx, replaced)
+                    _replace(model, row, ctx, replaced, aliases)
         materializer.finish()
     split = {row.name for row in plan.modules if row.splits}
     for mod_name, holder in model.named_modules(remove_duplicate=False):  # holders of a replaced parameter follow it
@@ -227,7 +230,9 @@ def _replacement(replaced: _Replaced, old: nn.Parameter) -> nn.Parameter | None:
     return entry[1] if entry is not None and entry[0]() is old else None
 
 
-def _replace(model: nn.Module, row: PlannedModule, ctx: BuildContext, replaced: _Replaced) -> None:
+def _replace(
+    model: nn.Module, row: PlannedModule, ctx: BuildContext, replaced: _Replaced, aliases: dict[str, tuple[str, ...]]
+) -> None:
     dense = model.get_submodule(row.name)
     originals = dict(dense.named_parameters(recurse=False))
     new = row.kind.build(row, dense, ctx)
@@ -238,6 +243,11 @@ def _replace(model: nn.Module, row: PlannedModule, ctx: BuildContext, replaced: 
             replaced[id(old)] = (weakref.ref(old), getattr(new, p_name))
     if new is not dense:
         model.set_submodule(row.name, new)
+        for alias in aliases.get(row.name, ())[1:]:  # its other places (those under a shared parent follow)
+            parent, _, leaf = alias.rpartition(".")
+            holder = model.get_submodule(parent)
+            if getattr(holder, leaf) is dense:
+                setattr(holder, leaf, new)
 
 
 def _to(inputs: Any, device: torch.device | str) -> Any:
@@ -312,6 +322,7 @@ def apply_policy(
         verify: run the parity self-check (one forward before and after on a fixed random batch).
         example_input: the batch for ``verify`` (default: random token ids, or floats for models
             without embeddings); a tensor, a tuple of positional args or a dict of keyword args.
+            Tensors on the meta device (shapes only) get values (:func:`~lightning_tp.policy.verify.values_for_meta`).
         sequence_parallel: Megatron sequence parallelism (see :func:`apply_plan`); a given
             :class:`Plan` keeps its own setting.
         rng_tracker: the model-parallel RNG tracker the per-rank dropouts draw from (see
@@ -333,6 +344,8 @@ def apply_policy(
         PolicyMismatchError: the rewritten model does not compute what the unsharded one did.
     """
     group = getattr(group, "tp_group", group)
+    if holds_meta(example_input):  # built on the meta device (deferred init): shapes without values
+        example_input = values_for_meta(example_input, model)
     if isinstance(policy, Plan):
         if sequence_parallel and not policy.sequence_parallel:
             raise PolicyError(

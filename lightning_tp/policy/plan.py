@@ -238,10 +238,12 @@ def _match(
     failed: dict[str, Exception] = {}
     planned: dict[str, PlannedModule] = {}
     unmatched: list[str] = []
+    aliases = module_aliases(model)
     for name, module in modules.items():
         if not name:
             continue
-        pattern = next((p for p in rules if fnmatch.fnmatchcase(name, p)), None)
+        names = aliases.get(name, (name,))
+        pattern = next((p for p in rules if any(fnmatch.fnmatchcase(n, p) for n in names)), None)
         candidate = as_linear(module) is not None or isinstance(module, nn.Embedding)
         if pattern is None:
             if candidate:
@@ -282,6 +284,18 @@ def _match(
                 planned[name] = row
             failed[name] = error
     return planned, unmatched, used, failed
+
+
+def module_aliases(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """``{name: (name, *other names)}`` of every module registered under more than one name: one
+    layer object shared by several parents (T5's ``shared`` embedding kept again as each stack's
+    ``embed_tokens``), or weight-shared blocks (``nn.ModuleList([block] * n)``). ``name`` is the one
+    ``named_modules()`` gives (its first place); a policy pattern that matches any of the names
+    applies to the one module, and rewriting it rewrites it at every place."""
+    paths: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(name)
+    return {names[0]: tuple(names) for names in paths.values() if len(names) > 1}
 
 
 def _unsplit_row(name: str, module: nn.Module, rule: Rule, pattern: str | None, tp: int) -> PlannedModule | None:

@@ -30,7 +30,9 @@ def check_ties(model: nn.Module, planned: Mapping[str, Any]) -> None:
     parameter (not an ``nn.Linear``/``nn.Embedding``, e.g. BERT's ``cls.predictions`` holding the
     decoder's bias) follows the layer that uses it: :func:`apply_plan` points it at the new shard."""
     modules = dict(model.named_modules(remove_duplicate=False))
-    for group in param_owners(model).values():
+    for places in param_owners(model).values():
+        seen: set[tuple[int, str]] = set()  # a module registered under several names holds it once
+        group = [(m, p) for m, p in places if (id(modules[m]), p) not in seen and not seen.add((id(modules[m]), p))]
         if len({m for m, _ in group}) < 2:
             continue
         layouts = {}

@@ -70,10 +70,8 @@ def make_example_input(
     param = next(model.parameters(), None)
     if device is None:
         device = param.device if param is not None else torch.device("cpu")
-    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
-    if embeddings:
-        vocab = infer_vocab_size(model)
-        high = vocab if vocab is not None else min(m.num_embeddings for m in embeddings)
+    high = _token_bound(model)
+    if high is not None:
         ids = torch.randint(0, high, (batch, seq), generator=gen).to(device)
         try:
             takes_decoder_ids = "decoder_input_ids" in inspect.signature(model.forward).parameters
@@ -92,6 +90,43 @@ def make_example_input(
         "cannot build an example input for a model with no nn.Linear/nn.Embedding: set example_input_array on the "
         "LightningModule (or pass example_input= to apply_policy), or verify=False."
     )
+
+
+def _token_bound(model: nn.Module) -> int | None:
+    """Token ids below this are valid inputs of ``model`` (its vocabulary, else its smallest
+    embedding); ``None`` for a model without embeddings."""
+    embeddings = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
+    if not embeddings:
+        return None
+    vocab = infer_vocab_size(model)
+    return vocab if vocab is not None else min(embeddings)
+
+
+def holds_meta(tree: Any) -> bool:
+    """Whether ``tree`` (a batch: tensors in dicts, lists, tuples) holds a tensor on the meta device."""
+    return any(t is not None and t.is_meta for t in _leaves(tree))
+
+
+def values_for_meta(tree: Any, model: nn.Module, seed: int = 0) -> Any:
+    """``tree`` with each meta tensor (an ``example_input_array`` built under
+    ``trainer.init_module(empty_init=True)``: a shape without values) replaced by a CPU tensor of
+    its shape and dtype, the same on every rank: floats drawn from a normal distribution, integers
+    token ids below ``model``'s vocabulary (zeros for a model without embeddings), booleans True."""
+    gen = torch.Generator().manual_seed(seed)
+    high = _token_bound(model)
+
+    def fill(t: Any) -> Any:
+        if not isinstance(t, Tensor) or not t.is_meta:
+            return t
+        if t.dtype == torch.bool:
+            return torch.ones(t.shape, dtype=torch.bool)
+        if t.dtype.is_floating_point or t.dtype.is_complex:
+            return torch.randn(t.shape, generator=gen, dtype=t.dtype)
+        if high is None:
+            return torch.zeros(t.shape, dtype=t.dtype)
+        return torch.randint(0, high, t.shape, generator=gen, dtype=t.dtype)
+
+    return tree_map(fill, tree)
 
 
 def _leaves(tree: Any) -> Iterator[Tensor | None]:
