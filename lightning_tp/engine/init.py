@@ -71,6 +71,18 @@ def param_slots(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Para
             yield name, module, p_name, p
 
 
+def module_aliases(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """``{name: (name, *other names)}`` of every module registered under more than one name: one
+    layer object shared by several parents (T5's ``shared`` embedding kept again as each stack's
+    ``embed_tokens``), or weight-shared blocks (``nn.ModuleList([block] * n)``). ``name`` is the one
+    ``named_modules()`` gives (its first place); a policy pattern that matches any of the names
+    applies to the one module, and rewriting it rewrites it at every place."""
+    paths: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(name)
+    return {names[0]: tuple(names) for names in paths.values() if len(names) > 1}
+
+
 def units(model: nn.Module) -> Iterator[tuple[str, nn.Module, bool]]:
     """``(name, module, with children)`` in module order. A layer (an element of an
     ``nn.ModuleList`` / ``nn.ModuleDict`` that holds no such container itself) comes with its

@@ -22,6 +22,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lightning_tp.engine.init import module_aliases
 from lightning_tp.engine.random import RNGTracker
 
 Targets = type | str | Iterable[type | str]
@@ -103,9 +104,14 @@ def apply_activation_checkpointing(model: nn.Module, targets: Targets, tracker: 
         ValueError: the targets match no module (a typo would otherwise silently save nothing).
     """
     items = checkpoint_targets(targets)
+    aliases = module_aliases(model)  # a module registered under several names matches by any of them
     done: list[str] = []
     for name, module in model.named_modules():
-        if not name or any(name.startswith(d + ".") for d in done) or not _matches(name, module, items):
+        if (
+            not name
+            or any(name.startswith(d + ".") for d in done)
+            or not any(_matches(n, module, items) for n in aliases.get(name, (name,)))
+        ):
             continue
         checkpoint_module(module, tracker)
         done.append(name)

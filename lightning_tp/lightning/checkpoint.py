@@ -678,12 +678,16 @@ def full_state_dict(module: nn.Module, group: ProcessGroup) -> dict[str, Tensor]
     """The dense state_dict of a rewritten module, in the original module's layout (collective)."""
     from lightning_tp.engine.layers import gather_sharded
 
-    transpose = set(_transposed(module))
+    # by identity: a module registered under several names (or a tie) holds the same tensor under each
+    transpose = {id(module.get_parameter(name)) for name in _transposed(module)}
+    done: dict[int, Tensor] = {}
     out = {}
     for name, t in module.state_dict(keep_vars=True).items():
-        whole, spec = _whole(t.detach()), shard_spec(t)  # ZeRO: gathered over DP first
-        full = gather_sharded(whole, spec, group) if spec is not None else whole.clone()
-        out[name] = full.t().contiguous() if name in transpose else full
+        if id(t) not in done:
+            whole, spec = _whole(t.detach()), shard_spec(t)  # ZeRO: gathered over DP first
+            full = gather_sharded(whole, spec, group) if spec is not None else whole.clone()
+            done[id(t)] = full.t().contiguous() if id(t) in transpose else full
+        out[name] = done[id(t)]
     return out
 
 

@@ -51,7 +51,7 @@ from lightning_tp.engine.init import Materializer, is_deferred, move_built_tenso
 from lightning_tp.engine.mesh import TPMesh, init_tp_mesh, parallel_sizes
 from lightning_tp.engine.random import RNGTracker, derive_seed, model_parallel_seed
 from lightning_tp.engine.recompute import apply_activation_checkpointing, checkpoint_targets
-from lightning_tp.errors import CheckpointSkippedWarning, MeshConfigError
+from lightning_tp.errors import CheckpointSkippedWarning, MeshConfigError, VerifyInputError
 from lightning_tp.lightning import checkpoint as ckpt
 from lightning_tp.lightning.averaging import averaging_callbacks, copy_sharded, refuse_averaging_resharded
 from lightning_tp.lightning.faults import (
@@ -383,13 +383,21 @@ class MegatronTPStrategy(DDPStrategy):
         LightningModule has neither a forward nor an example input to verify with."""
         example = getattr(module, "example_input_array", None)
         if holds_meta(example):  # built under trainer.init_module(empty_init=True): shapes without values
-            example = module.example_input_array = values_for_meta(example, module)
-            rank_zero_warn(
-                "lightning_tp: example_input_array holds tensors on the meta device (built under "
-                "trainer.init_module(empty_init=True)), which have no values: they were replaced by values of the "
-                "same shapes and dtypes (floats normal, integers token ids below the vocabulary size, booleans True) "
-                "for the self-check and Lightning's uses of it. To choose the values, build it with device='cpu'."
-            )
+            try:
+                example = values_for_meta(example, module)
+            except VerifyInputError as error:
+                if self.verify:
+                    raise
+                example = None  # Lightning's uses of it (ModelSummary, log_graph) would fail copying it
+                rank_zero_warn(f"lightning_tp: example_input_array set to None: {error}")
+            else:
+                rank_zero_warn(
+                    "lightning_tp: example_input_array holds tensors on the meta device (built under "
+                    "trainer.init_module(empty_init=True)), which have no values: they were replaced by values of the "
+                    "same shapes and dtypes (floats normal, token ids below the vocabulary size, booleans True) for "
+                    "the self-check and Lightning's uses of it. To choose the values, build it with device='cpu'."
+                )
+            module.example_input_array = example
         if not self.verify or example is not None or is_overridden("forward", module, pl.LightningModule):
             return None, self.verify, example
         children = [c for c in module.children() if any(True for _ in c.parameters())]

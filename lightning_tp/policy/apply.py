@@ -9,7 +9,8 @@ import copy
 import dataclasses
 import warnings
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -18,13 +19,13 @@ from torch.distributed import ProcessGroup
 
 from lightning_tp._compat import tree_map
 from lightning_tp.engine.comm import group_size
-from lightning_tp.engine.init import Materializer, is_deferred
-from lightning_tp.engine.random import RNGTracker
+from lightning_tp.engine.init import Materializer, is_deferred, module_aliases
+from lightning_tp.engine.random import RNGTracker, SplitRegion
 from lightning_tp.engine.sharding import shard_spec
 from lightning_tp.errors import DeferredInitError, ShardingError
-from lightning_tp.policy.plan import Plan, PlannedModule, attach_plan, module_aliases, plan_policy, planned_row
+from lightning_tp.policy.plan import Plan, PlannedModule, attach_plan, plan_policy, planned_row
 from lightning_tp.policy.rules import PolicyError, PolicyWarning, Rule
-from lightning_tp.policy.styles import BuildContext, Qkv, SequenceGatherStyle, WholeSequenceStyle
+from lightning_tp.policy.styles import BuildContext, Column, Qkv, Row, SequenceGatherStyle, WholeSequenceStyle
 from lightning_tp.policy.verify import (
     block_templates,
     capture,
@@ -154,10 +155,31 @@ def apply_plan(
     for row in plan.modules:
         if not row.kind.replaces:
             row.kind.build(row, model.get_submodule(row.name), ctx)
+    if rng_tracker is not None:
+        _split_regions(model, plan, rng_tracker)
     _set_attributes(model, plan.attribute_changes)
     _without_fast_paths(model)
     attach_plan(model, plan)
     return model
+
+
+def _split_regions(model: nn.Module, plan: Plan, tracker: RNGTracker) -> None:
+    """In each block holding column layers with a sharded output and a row layer, random draws between
+    them come from the model-parallel stream (:class:`~lightning_tp.engine.random.SplitRegion`)."""
+    blocks: dict[str, tuple[list[str], list[str]]] = {}
+    for row in plan.modules:
+        parent = row.name.rpartition(".")[0]
+        if isinstance(row.kind, Column) and not row.options.get("gather_output", False):
+            blocks.setdefault(parent, ([], []))[0].append(row.name)
+        elif isinstance(row.kind, Row) and row.options.get("input_is_parallel", True):
+            blocks.setdefault(parent, ([], []))[1].append(row.name)
+    for parent, (columns, rows) in blocks.items():
+        if columns and rows:
+            SplitRegion(tracker).install(
+                model.get_submodule(parent),
+                [model.get_submodule(n) for n in columns],
+                [model.get_submodule(n) for n in rows],
+            )
 
 
 # torch modules whose fused inference kernel (eval mode, no gradients: Lightning's evaluation loops) reads
@@ -175,6 +197,26 @@ def _without_fast_paths(model: nn.Module) -> None:
                 module.register_forward_pre_hook(lambda *_, was=was: _set_fast_path(was, False))
                 module.register_forward_hook(lambda *_, was=was: _set_fast_path(was, None), always_call=True)
                 module._tp_no_fast_path = True
+
+
+@contextmanager
+def _fast_path_as_rewritten(model: nn.Module, plan: Plan) -> Iterator[None]:
+    """Run the unsharded reference on the path the rewritten model takes: torch's fused inference path
+    off when a transformer module will hold split layers (:func:`_without_fast_paths`). On it,
+    ``nn.TransformerEncoder`` with a padding mask returns zeros at the padded positions (a nested
+    tensor), which the unfused path does not."""
+    split = [row.name for row in plan.modules if row.splits]
+    fused = any(
+        isinstance(module, _FAST_PATH_MODULES) and any(not name or s.startswith(name + ".") for s in split)
+        for name, module in model.named_modules()
+    )
+    was = torch.backends.mha.get_fastpath_enabled()
+    if fused:
+        torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
 
 
 def _set_fast_path(was: list[bool], enabled: bool | None) -> None:
@@ -375,7 +417,8 @@ def apply_policy(
         fused = tuple(m.name for m in plan.modules if isinstance(m.kind, Qkv))
         reference = capture(model, inputs, fused=fused, run=run)
         check_reference(reference, inputs)  # a batch the model does not take: raised before any rewrite
-        inference = inference_outputs(model, inputs, run)
+        with _fast_path_as_rewritten(model, plan):
+            inference = inference_outputs(model, inputs, run)
         plan = _per_head_fused(plan, model, interleaved_groups(plan, model, reference[-1]))
     apply_plan(model, plan, group, rng_tracker, materializer)
     if verify:

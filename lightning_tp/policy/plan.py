@@ -19,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from lightning_tp.engine.features import gathered_width
+from lightning_tp.engine.init import module_aliases
 from lightning_tp.engine.layers import check_heads
 from lightning_tp.engine.sharding import ShardSpec, has_partial_grad_mark
 from lightning_tp.errors import ShardingError
@@ -173,6 +174,7 @@ def plan_policy(
     """
     source, rules = resolve_rules(model, policy)
     modules = dict(model.named_modules())
+    aliases = module_aliases(model)  # a module registered under several names is inside what any name is inside
     planned, unmatched, used, failed = _match(model, modules, source, rules, tp_size)
     replicated_kv = _plan_kv_replicas(modules, planned, tp_size)
     for name, error in failed.items():  # in module order: the first one that still fails
@@ -190,8 +192,8 @@ def plan_policy(
     if sequence_parallel:
         owners = _whole_sequence_owners(modules, planned)
         _check_sequence_parallel(modules, list(planned.values()), owners)
-        _plan_sequence_parallel(modules, planned, tp_size, owners)
-    _plan_dropouts(modules, planned, tp_size, sequence_parallel)
+        _plan_sequence_parallel(modules, planned, tp_size, owners, aliases)
+    _plan_dropouts(modules, planned, tp_size, sequence_parallel, aliases)
     ordered = [planned[n] for n in modules if n in planned]
     unused = [p for p in rules if p not in used]
     _check_relative_names(model, modules, unused, ordered)
@@ -284,18 +286,6 @@ def _match(
                 planned[name] = row
             failed[name] = error
     return planned, unmatched, used, failed
-
-
-def module_aliases(model: nn.Module) -> dict[str, tuple[str, ...]]:
-    """``{name: (name, *other names)}`` of every module registered under more than one name: one
-    layer object shared by several parents (T5's ``shared`` embedding kept again as each stack's
-    ``embed_tokens``), or weight-shared blocks (``nn.ModuleList([block] * n)``). ``name`` is the one
-    ``named_modules()`` gives (its first place); a policy pattern that matches any of the names
-    applies to the one module, and rewriting it rewrites it at every place."""
-    paths: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        paths.setdefault(id(module), []).append(name)
-    return {names[0]: tuple(names) for names in paths.values() if len(names) > 1}
 
 
 def _unsplit_row(name: str, module: nn.Module, rule: Rule, pattern: str | None, tp: int) -> PlannedModule | None:
@@ -434,7 +424,11 @@ def _within(name: str, root: str) -> bool:
 
 
 def _plan_sequence_parallel(
-    modules: dict[str, nn.Module], planned: dict[str, PlannedModule], tp: int, owners: dict[str, _Owner]
+    modules: dict[str, nn.Module],
+    planned: dict[str, PlannedModule],
+    tp: int,
+    owners: dict[str, _Owner],
+    aliases: dict[str, tuple[str, ...]],
 ) -> None:
     """Megatron sequence parallelism outside the parallel layers, as plan rows:
 
@@ -489,7 +483,7 @@ def _plan_sequence_parallel(
             row = planned_row(name, module, Rule("sequence_gather", options), None, tp, note)
             row.pattern = given.pattern if given is not None else None
             planned[name] = row
-        elif name in layers or not _within(name, root) or name == root:
+        elif name in layers or name == root or not any(_within(n, root) for n in aliases.get(name, (name,))):
             continue  # the split model's root: its own parameters may act on gathered outputs (a logit scale)
         elif type(module) is nn.Embedding:
             planned[name] = planned_row(
@@ -511,27 +505,39 @@ _ATTN_DROPOUT_HINTS = ("attn_drop", "attention_drop", "attn_dropout", "attention
 
 
 def _plan_dropouts(
-    modules: dict[str, nn.Module], planned: dict[str, PlannedModule], tp: int, sequence_parallel: bool
+    modules: dict[str, nn.Module],
+    planned: dict[str, PlannedModule],
+    tp: int,
+    sequence_parallel: bool,
+    aliases: dict[str, tuple[str, ...]],
 ) -> None:
     """Dropouts on activations split over TP draw per-rank masks (``tp_dropout``): attention-probability
     dropouts (named like ``attn_drop``) of blocks with split projections, and under sequence
     parallelism every ``nn.Dropout`` of the split model (each acts on this rank's chunk or heads) but
     those inside a layer that runs on the whole sequence.
     Other dropouts act on replicated activations and keep the shared default stream."""
-    parents = {row.name.rpartition(".")[0] for row in planned.values() if isinstance(row.kind, Column)}
+
+    def names(n: str) -> tuple[str, ...]:
+        return aliases.get(n, (n,))
+
+    parents = {
+        a.rpartition(".")[0] for row in planned.values() if isinstance(row.kind, Column) for a in names(row.name)
+    }
     heads = [
         n
         for n, m in modules.items()
         if type(m) is nn.Dropout
-        and n.rpartition(".")[0] in parents
-        and any(h in n.rpartition(".")[2].lower() for h in _ATTN_DROPOUT_HINTS)
+        and any(
+            a.rpartition(".")[0] in parents and any(h in a.rpartition(".")[2].lower() for h in _ATTN_DROPOUT_HINTS)
+            for a in names(n)
+        )
     ]
     found = dict.fromkeys(heads, "on this rank's heads")
     if sequence_parallel:  # every dropout but those inside a layer that runs on the whole sequence
         root = _split_root(planned)
         owners = [r.name for r in planned.values() if r.style == "sequence_whole"]
         for n, m in modules.items():
-            if type(m) is nn.Dropout and _within(n, root) and not _inside(n, owners):
+            if type(m) is nn.Dropout and any(_within(a, root) and not _inside(a, owners) for a in names(n)):
                 found[n] = "on sequence-sharded activations"
     for name, note in found.items():
         planned[name] = planned_row(name, modules[name], Rule("tp_dropout"), None, tp, note)

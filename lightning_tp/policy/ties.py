@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from lightning_tp.engine.init import module_aliases
 from lightning_tp.engine.sharding import ShardSpec
 from lightning_tp.policy.rules import PolicyError
 from lightning_tp.policy.styles import as_linear
@@ -23,6 +24,14 @@ def param_owners(model: nn.Module) -> dict[int, list[tuple[str, str]]]:
         for p_name, param in module.named_parameters(recurse=False, remove_duplicate=False):
             owners.setdefault(id(param), []).append((mod_name, p_name))
     return owners
+
+
+def _describe(planned: Mapping[str, Any], aliases: dict[str, tuple[str, ...]], m: str, p: str) -> str:
+    row = planned.get(m)
+    how = "unmatched/replicate" if row is None else row.style
+    how += f", pattern {row.pattern!r}" if row is not None and row.pattern else ""
+    how += f", also registered as {list(aliases[m][1:])}" if m in aliases else ""
+    return f"'{m}.{p}' ({how})"
 
 
 def check_ties(model: nn.Module, planned: Mapping[str, Any]) -> None:
@@ -54,9 +63,7 @@ def check_ties(model: nn.Module, planned: Mapping[str, Any]) -> None:
             else:
                 layouts[(mod_name, p_name)] = _weight_key(entry.spec) if entry is not None else None
         if len(set(layouts.values())) > 1:
-            desc = ", ".join(
-                f"'{m}.{p}' ({planned[m].style if m in planned else 'unmatched/replicate'})" for m, p in layouts
-            )
+            desc = ", ".join(_describe(planned, module_aliases(model), m, p) for m, p in layouts)
             raise PolicyError(
                 f"the policy would break a tied parameter shared by {desc}: each side would be split differently. "
                 "Give all modules that share a parameter the same style (e.g. 'vocab' for both a tied embedding "

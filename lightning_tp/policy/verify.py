@@ -110,21 +110,43 @@ def holds_meta(tree: Any) -> bool:
 def values_for_meta(tree: Any, model: nn.Module, seed: int = 0) -> Any:
     """``tree`` with each meta tensor (an ``example_input_array`` built under
     ``trainer.init_module(empty_init=True)``: a shape without values) replaced by a CPU tensor of
-    its shape and dtype, the same on every rank: floats drawn from a normal distribution, integers
-    token ids below ``model``'s vocabulary (zeros for a model without embeddings), booleans True."""
+    its shape and dtype, the same on every rank: floats drawn from a normal distribution, booleans
+    True, and a batch that is one integer tensor token ids below ``model``'s vocabulary (zeros for
+    a model without embeddings).
+
+    Raises:
+        VerifyInputError: an integer meta tensor inside a structure (a dict or tuple of inputs: its
+            values could be token ids, an attention mask, token types or positions, each valid in its
+            own range only).
+    """
     gen = torch.Generator().manual_seed(seed)
-    high = _token_bound(model)
+    if isinstance(tree, Tensor) and tree.is_meta and not (tree.dtype.is_floating_point or tree.dtype.is_complex):
+        if tree.dtype == torch.bool:
+            return torch.ones(tree.shape, dtype=torch.bool)
+        high = _token_bound(model)
+        if high is None:
+            return torch.zeros(tree.shape, dtype=tree.dtype)
+        high = min(high, torch.iinfo(tree.dtype).max + 1)
+        return torch.randint(0, high, tree.shape, generator=gen, dtype=tree.dtype)
+    integers = [
+        t
+        for t in _leaves(tree)
+        if t is not None and t.is_meta and t.dtype != torch.bool and not t.dtype.is_floating_point
+    ]
+    if integers:
+        raise VerifyInputError(
+            f"the example input holds integer tensors on the meta device (shapes {[tuple(t.shape) for t in integers]}, "
+            "built under trainer.init_module(empty_init=True)): they have no values, and which would be valid (token "
+            "ids, an attention mask, token types, positions) cannot be told from the shape. Build example_input_array "
+            "with device='cpu' (torch.zeros(..., device='cpu')), or pass verify=False."
+        )
 
     def fill(t: Any) -> Any:
         if not isinstance(t, Tensor) or not t.is_meta:
             return t
         if t.dtype == torch.bool:
             return torch.ones(t.shape, dtype=torch.bool)
-        if t.dtype.is_floating_point or t.dtype.is_complex:
-            return torch.randn(t.shape, generator=gen, dtype=t.dtype)
-        if high is None:
-            return torch.zeros(t.shape, dtype=t.dtype)
-        return torch.randint(0, high, t.shape, generator=gen, dtype=t.dtype)
+        return torch.randn(t.shape, generator=gen, dtype=t.dtype)
 
     return tree_map(fill, tree)
 

@@ -95,8 +95,8 @@ BAD_CONFIGS = {
     ),
     "policy-breaks-a-tie": (
         {"policy": {**GPT_POLICY, "model.lm_head": "replicate"}}, {}, "PolicyError",
-        r"the policy would break a tied parameter shared by 'model\.transformer\.wte\.weight' \(vocab\), "
-        r"'model\.lm_head\.weight'",
+        r"the policy would break a tied parameter shared by 'model\.transformer\.wte\.weight' \(vocab, pattern "
+        r"'model\.transformer\.wte'\), 'model\.lm_head\.weight' \(replicate, pattern 'model\.lm_head'\)",
     ),
 }  # fmt: skip
 
