@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -76,7 +75,6 @@ class RNGTracker:
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = _device(device)
         self._states: dict[str, Tensor] = {}
-        self._active: str | None = None  # the stream the default generator holds now (inside fork/open)
 
     @property
     def names(self) -> list[str]:
@@ -93,31 +91,15 @@ class RNGTracker:
     @contextmanager
     def fork(self, name: str = MODEL_PARALLEL) -> Iterator[None]:
         """Draw from stream ``name`` inside the block; the default generator resumes after it."""
-        outer = self.open(name)
+        if name not in self._states:
+            raise KeyError(f"RNG stream {name!r} is not tracked (have {self.names}); call add() first.")
+        outer = get_rng_state(self.device)
+        set_rng_state(self._states[name], self.device)
         try:
             yield
         finally:
-            self.close(name, outer)
-
-    def open(self, name: str = MODEL_PARALLEL) -> tuple[Tensor, str | None] | None:
-        """Make the default generator draw from stream ``name`` until :meth:`close` (given what this
-        returns); ``None`` when it already does (a fork inside a fork of the same stream draws on)."""
-        if name not in self._states:
-            raise KeyError(f"RNG stream {name!r} is not tracked (have {self.names}); call add() first.")
-        if self._active == name:
-            return None
-        outer = (get_rng_state(self.device), self._active)
-        set_rng_state(self._states[name], self.device)
-        self._active = name
-        return outer
-
-    def close(self, name: str, outer: tuple[Tensor, str | None] | None) -> None:
-        """End what :meth:`open` began: stream ``name`` keeps its advanced state, the generator resumes."""
-        if outer is None:
-            return
-        self._states[name] = get_rng_state(self.device)
-        set_rng_state(outer[0], self.device)
-        self._active = outer[1]
+            self._states[name] = get_rng_state(self.device)
+            set_rng_state(outer, self.device)
 
     def state_dict(self) -> dict[str, Tensor]:
         """Tracked stream states plus the device's default generator (key ``"default"``)."""
@@ -149,41 +131,6 @@ def model_parallel_seed(seed: int, tp_rank: int, dp_rank: int, device: torch.dev
     tracker = RNGTracker(device)
     tracker.add(MODEL_PARALLEL, derive_seed(seed, 1, dp_rank, tp_rank))
     return tracker
-
-
-class SplitRegion:
-    """The stretch of a block's forward where its activations are split over TP: from its column
-    layers' outputs to its row layer's input (attention probabilities of this rank's heads, the hidden
-    units of an MLP). Random draws there, whatever makes them (``F.dropout`` in Hugging Face's
-    attention functions, ``scaled_dot_product_attention``'s ``dropout_p``, an ``nn.Dropout`` of any
-    name), come from ``tracker``'s model-parallel stream, so each rank's heads and units get masks of
-    their own, as in the unsharded model; before and after it the default stream, shared by the TP
-    ranks, drops the replicated activations alike on every rank (Megatron's rule). Installed by
-    :meth:`install` as forward hooks, in training mode only, and not under ``torch.compile`` (the
-    generator swap would break the graph: compiled, those draws stay shared by the TP ranks)."""
-
-    def __init__(self, tracker: RNGTracker, stream: str = MODEL_PARALLEL) -> None:
-        self.tracker, self.stream = tracker, stream
-        self._outer: tuple[Tensor, str | None] | None = None
-        self._open = False
-
-    def open(self, module: nn.Module, *_: Any) -> None:
-        # (not inside torch.compile: swapping generator states breaks the graph; draws there stay shared)
-        if module.training and not self._open and not torch.compiler.is_compiling():
-            self._outer, self._open = self.tracker.open(self.stream), True
-
-    def close(self, *_: Any) -> None:
-        if self._open:
-            self.tracker.close(self.stream, self._outer)
-            self._outer, self._open = None, False
-
-    def install(self, block: nn.Module, columns: list[nn.Module], rows: list[nn.Module]) -> None:
-        """Open after each of ``columns``' forwards, close before each of ``rows``' and after ``block``'s."""
-        for column in columns:
-            column.register_forward_hook(lambda module, *_: self.open(module))
-        for row in rows:
-            row.register_forward_pre_hook(self.close)
-        block.register_forward_hook(self.close, always_call=True)
 
 
 class TPDropout(nn.Dropout):

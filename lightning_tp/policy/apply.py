@@ -20,12 +20,12 @@ from torch.distributed import ProcessGroup
 from lightning_tp._compat import tree_map
 from lightning_tp.engine.comm import group_size
 from lightning_tp.engine.init import Materializer, is_deferred, module_aliases
-from lightning_tp.engine.random import RNGTracker, SplitRegion
+from lightning_tp.engine.random import RNGTracker
 from lightning_tp.engine.sharding import shard_spec
 from lightning_tp.errors import DeferredInitError, ShardingError
 from lightning_tp.policy.plan import Plan, PlannedModule, attach_plan, plan_policy, planned_row
 from lightning_tp.policy.rules import PolicyError, PolicyWarning, Rule
-from lightning_tp.policy.styles import BuildContext, Column, Qkv, Row, SequenceGatherStyle, WholeSequenceStyle
+from lightning_tp.policy.styles import BuildContext, Qkv, SequenceGatherStyle, WholeSequenceStyle
 from lightning_tp.policy.verify import (
     block_templates,
     capture,
@@ -155,31 +155,10 @@ def apply_plan(
     for row in plan.modules:
         if not row.kind.replaces:
             row.kind.build(row, model.get_submodule(row.name), ctx)
-    if rng_tracker is not None:
-        _split_regions(model, plan, rng_tracker)
     _set_attributes(model, plan.attribute_changes)
     _without_fast_paths(model)
     attach_plan(model, plan)
     return model
-
-
-def _split_regions(model: nn.Module, plan: Plan, tracker: RNGTracker) -> None:
-    """In each block holding column layers with a sharded output and a row layer, random draws between
-    them come from the model-parallel stream (:class:`~lightning_tp.engine.random.SplitRegion`)."""
-    blocks: dict[str, tuple[list[str], list[str]]] = {}
-    for row in plan.modules:
-        parent = row.name.rpartition(".")[0]
-        if isinstance(row.kind, Column) and not row.options.get("gather_output", False):
-            blocks.setdefault(parent, ([], []))[0].append(row.name)
-        elif isinstance(row.kind, Row) and row.options.get("input_is_parallel", True):
-            blocks.setdefault(parent, ([], []))[1].append(row.name)
-    for parent, (columns, rows) in blocks.items():
-        if columns and rows:
-            SplitRegion(tracker).install(
-                model.get_submodule(parent),
-                [model.get_submodule(n) for n in columns],
-                [model.get_submodule(n) for n in rows],
-            )
 
 
 # torch modules whose fused inference kernel (eval mode, no gradients: Lightning's evaluation loops) reads
