@@ -1325,7 +1325,10 @@ def test_meta_example_inputs_get_values_where_the_shape_says_what_they_are():
     filled = values_for_meta(ids, model)
     assert filled.device.type == "cpu" and 0 <= int(filled.min()) and int(filled.max()) < 300
     assert torch.equal(filled, values_for_meta(ids, model))  # the same on every rank
-    out = values_for_meta({"x": x, "mask": mask, "n": 3}, model)
+    with torch.device("meta"):
+        z = torch.zeros(2, 5, dtype=torch.complex64)
+    out = values_for_meta({"x": x, "z": z, "mask": mask, "n": 3}, model)
     assert out["x"].dtype == torch.float64 and not out["x"].is_meta and out["mask"].all() and out["n"] == 3
+    assert out["z"].dtype == torch.complex64 and not out["z"].is_meta  # not an integer tensor
     with pytest.raises(VerifyInputError, match=r"integer tensors on the meta device .*device='cpu'"):
         values_for_meta({"input_ids": ids, "attention_mask": ids}, model)  # a mask or token ids: not from a shape

@@ -175,7 +175,7 @@ def plan_policy(
     source, rules = resolve_rules(model, policy)
     modules = dict(model.named_modules())
     aliases = module_aliases(model)  # a module registered under several names is inside what any name is inside
-    planned, unmatched, used, failed = _match(model, modules, source, rules, tp_size)
+    planned, unmatched, used, failed = _match(model, modules, aliases, source, rules, tp_size)
     replicated_kv = _plan_kv_replicas(modules, planned, tp_size)
     for name, error in failed.items():  # in module order: the first one that still fails
         if name not in planned or planned[name].kind is not KV_REPLICATE:
@@ -228,10 +228,15 @@ def _check_relative_names(
 
 
 def _match(
-    model: nn.Module, modules: dict[str, nn.Module], source: str, rules: dict[str, Rule], tp: int
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    aliases: dict[str, tuple[str, ...]],
+    source: str,
+    rules: dict[str, Rule],
+    tp: int,
 ) -> tuple[dict[str, PlannedModule], list[str], set[str], dict[str, Exception]]:
     """``(rows by module name, unmatched linear/embedding names, patterns used, failed)``: the first
-    matching pattern of each module. ``failed`` holds, in module order, the error of each module whose
+    matching pattern of each module (matching any of its names, ``aliases``). ``failed`` holds, in module order, the error of each module whose
     row could not be planned; a ``column``/``qkv`` row whose widths do not divide by ``tp`` is planned
     all the same, unvalidated, for :func:`_plan_kv_replicas` to make it a ``kv_replicate`` row
     (key/value heads fewer than ranks need no split of their width). The caller raises the first
@@ -240,7 +245,6 @@ def _match(
     failed: dict[str, Exception] = {}
     planned: dict[str, PlannedModule] = {}
     unmatched: list[str] = []
-    aliases = module_aliases(model)
     for name, module in modules.items():
         if not name:
             continue

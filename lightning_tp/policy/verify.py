@@ -102,6 +102,10 @@ def _token_bound(model: nn.Module) -> int | None:
     return vocab if vocab is not None else min(embeddings)
 
 
+def _integral_meta(t: Tensor) -> bool:
+    return t.is_meta and not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
+
+
 def holds_meta(tree: Any) -> bool:
     """Whether ``tree`` (a batch: tensors in dicts, lists, tuples) holds a tensor on the meta device."""
     return any(t is not None and t.is_meta for t in _leaves(tree))
@@ -120,19 +124,13 @@ def values_for_meta(tree: Any, model: nn.Module, seed: int = 0) -> Any:
             own range only).
     """
     gen = torch.Generator().manual_seed(seed)
-    if isinstance(tree, Tensor) and tree.is_meta and not (tree.dtype.is_floating_point or tree.dtype.is_complex):
-        if tree.dtype == torch.bool:
-            return torch.ones(tree.shape, dtype=torch.bool)
+    if isinstance(tree, Tensor) and _integral_meta(tree):
         high = _token_bound(model)
         if high is None:
             return torch.zeros(tree.shape, dtype=tree.dtype)
         high = min(high, torch.iinfo(tree.dtype).max + 1)
         return torch.randint(0, high, tree.shape, generator=gen, dtype=tree.dtype)
-    integers = [
-        t
-        for t in _leaves(tree)
-        if t is not None and t.is_meta and t.dtype != torch.bool and not t.dtype.is_floating_point
-    ]
+    integers = [t for t in _leaves(tree) if t is not None and _integral_meta(t)]
     if integers:
         raise VerifyInputError(
             f"the example input holds integer tensors on the meta device (shapes {[tuple(t.shape) for t in integers]}, "
