@@ -34,6 +34,9 @@ torch (no public equivalent):
   called to find the Parameter it stands for).
 * ``assert_async`` (``torch._assert_async``): a check on tensor values that ``torch.compile`` keeps
   in the graph (raising at run time) where a Python ``if tensor:`` would break the graph.
+* ``fake_mode_active`` (``torch._guards.detect_fake_mode``): whether tensors are fake now (a tracer
+  or memory estimator running the model under ``FakeTensorMode``), where a value read from a tensor
+  (``.item()``) is not there to read.
 * ``checkpoint_block`` (DCP's checkpointable protocol: ``__create_write_items__``,
   ``__create_chunk_list__``, ``__get_tensor_shard__``, the hooks DTensor implements): a rank's rows
   of a stored tensor at any offset, so a ZeRO-split parameter is written and read in place, without
@@ -133,6 +136,13 @@ def compile_inputs_opaque(cls: type) -> None:
 def run_exit_handlers() -> None:
     """Run the functions registered with ``atexit`` now (before an ``os._exit``)."""
     atexit._run_exitfuncs()
+
+
+def fake_mode_active() -> bool:
+    """Whether a ``FakeTensorMode`` is active (tensors made now hold no values)."""
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode() is not None
 
 
 def assert_async(condition: Tensor, message: str) -> None:

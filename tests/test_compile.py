@@ -99,13 +99,16 @@ def _widest(graphs, width: int) -> list[str]:
 def _case(kind: str, sp: bool, how: str) -> dict:
     from lightning_tp.engine.compiled import compile_layers
     from lightning_tp.engine.loss import VocabShardedLogits
+    from lightning_tp.engine.random import model_parallel_seed
     from lightning_tp.policy import apply_policy
 
     torch.set_num_threads(1)
     group = _dist.mesh(2).tp_group
     eager, compiled = _model(kind), _model(kind)  # the same weights (same seed)
-    for model in (eager, compiled):
-        apply_policy(model, group, "auto", sequence_parallel=sp, verify=False)
+    mesh = _dist.mesh(2)
+    for model in (eager, compiled):  # with the strategy's RNG tracker: its split-region hooks are traced too
+        tracker = model_parallel_seed(0, mesh.tp_rank, mesh.dp_rank)
+        apply_policy(model, group, "auto", sequence_parallel=sp, verify=False, rng_tracker=tracker)
     g = torch.Generator().manual_seed(1)
     idx, tgt = torch.randint(0, VOCAB, (2, SEQ), generator=g), torch.randint(0, VOCAB, (2, SEQ), generator=g)
 

@@ -1,12 +1,16 @@
 """Activation checkpointing that is right for tensor parallelism (Megatron's ``CheckpointFunction``).
 
 A checkpointed module keeps only its inputs in forward and runs its forward again in backward.
-``torch.utils.checkpoint`` restores the default generators for the recompute, so dropout on
-replicated activations draws the same masks again; but per-rank dropouts draw from the
-model-parallel stream of an :class:`~lightning_tp.engine.random.RNGTracker`, which has moved on
-by then. :func:`checkpoint_module` snapshots the tracker's streams when the forward runs and puts
-them back for the recompute (then restores what they were), so the recomputed masks equal the
-first ones and the gradients equal those without checkpointing, bit for bit.
+``torch.utils.checkpoint`` restores the CPU generator and those of the devices its tensor arguments
+live on for the recompute, so dropout on replicated activations draws the same masks again, and so
+do per-rank dropouts: the model-parallel stream of an
+:class:`~lightning_tp.engine.random.RNGTracker` is derived from the default generators where it is
+drawn. What torch does not restore is whether a split region
+(:class:`~lightning_tp.engine.random.SplitRegion`) was open: a checkpointed module that holds a row
+layer but not its column layers (or the reverse) starts its recompute with the region as the forward
+found it, and what the recompute leaves open is dropped after it. The recomputed masks equal the
+first ones and the gradients equal those without checkpointing, bit for bit (as under Hugging Face's
+or timm's own gradient checkpointing of whole blocks, which use ``torch.utils.checkpoint`` too).
 
 The module's hooks (a sequence-parallel gather, FSDP2's parameter gathers) run outside the
 recomputed region: only its own ``forward`` is run again, on the same inputs.
@@ -15,6 +19,7 @@ recomputed region: only its own ``forward`` is run again, on the same inputs.
 from __future__ import annotations
 
 import fnmatch
+import functools
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -30,43 +35,49 @@ Targets = type | str | Iterable[type | str]
 _WRAPPED = "_tp_checkpointed_forward"
 
 
-def _contexts(tracker: RNGTracker | None):
-    """``context_fn`` for ``torch.utils.checkpoint``: (forward context, recompute context)."""
-    saved: dict[str, Tensor] = {}
+class _RegionAsInForward:
+    """``context_fn`` for ``torch.utils.checkpoint``: the forward context notes the split region's
+    state, the recompute context puts it back and, after, drops whatever the recompute left open
+    (torch's own restore of the generators follows)."""
+
+    def __init__(self, tracker: RNGTracker) -> None:
+        self.tracker = tracker
+        self.at_forward: Tensor | None = None
 
     @contextmanager
-    def forward() -> Iterator[None]:
-        if tracker is not None:
-            saved.update({k: v for k, v in tracker.state_dict().items() if k != "default"})
+    def forward(self) -> Iterator[None]:
+        self.at_forward = self.tracker.region_state
         yield
 
     @contextmanager
-    def recompute() -> Iterator[None]:
-        if tracker is None:
-            yield
-            return
-        current = tracker.state_dict()  # includes the default generator, which stays as torch sets it
-        current.pop("default")
-        tracker.load_state_dict(saved)
+    def recompute(self) -> Iterator[None]:
+        before = self.tracker.swap_region(self.at_forward)
         try:
             yield
         finally:
-            tracker.load_state_dict(current)
+            self.tracker.swap_region(before)
 
-    return forward(), recompute()
+
+def _contexts(tracker: RNGTracker) -> tuple[Any, Any]:
+    region = _RegionAsInForward(tracker)
+    return region.forward(), region.recompute()
+
+
+def _checkpointed(inner: Any, tracker: RNGTracker | None, *args: Any, **kwargs: Any) -> Any:
+    if tracker is None:
+        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+    return checkpoint(inner, *args, use_reentrant=False, context_fn=functools.partial(_contexts, tracker), **kwargs)
 
 
 def checkpoint_module(module: nn.Module, tracker: RNGTracker | None = None) -> nn.Module:
-    """Recompute ``module``'s forward in backward (in place; returns ``module``), restoring
-    ``tracker``'s model-parallel streams for the recompute. Idempotent."""
+    """Recompute ``module``'s forward in backward (in place; returns ``module``). Idempotent. With
+    ``tracker`` (the one the model's split regions use) the recompute starts with the split region as
+    the forward found it: needed where ``module`` holds a row layer but not its column layers, or
+    the reverse."""
     if _WRAPPED in module.__dict__:
         return module
     inner = module.forward
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        return checkpoint(inner, *args, use_reentrant=False, context_fn=lambda: _contexts(tracker), **kwargs)
-
-    module.forward = forward
+    module.forward = functools.partial(_checkpointed, inner, tracker)
     module.__dict__[_WRAPPED] = inner
     return module
 

@@ -20,12 +20,12 @@ from torch.distributed import ProcessGroup
 from lightning_tp._compat import tree_map
 from lightning_tp.engine.comm import group_size
 from lightning_tp.engine.init import Materializer, is_deferred, module_aliases
-from lightning_tp.engine.random import RNGTracker
+from lightning_tp.engine.random import RNGTracker, SplitRegion
 from lightning_tp.engine.sharding import shard_spec
 from lightning_tp.errors import DeferredInitError, ShardingError
 from lightning_tp.policy.plan import Plan, PlannedModule, attach_plan, plan_policy, planned_row
 from lightning_tp.policy.rules import PolicyError, PolicyWarning, Rule
-from lightning_tp.policy.styles import BuildContext, Qkv, SequenceGatherStyle, WholeSequenceStyle
+from lightning_tp.policy.styles import BuildContext, Column, Qkv, Row, SequenceGatherStyle, WholeSequenceStyle
 from lightning_tp.policy.verify import (
     block_templates,
     capture,
@@ -101,7 +101,8 @@ def apply_plan(
 
     Each row's style builds its module (split layers, sequence-sharded position embeddings,
     per-rank dropouts drawing from ``rng_tracker``'s model-parallel stream; without a tracker they
-    stay ``nn.Dropout``); a tie stays one parameter (the first layer's new parameter serves every
+    stay ``nn.Dropout``), and with a tracker every block's stretch from its column layers to its row
+    layer draws from that stream (:class:`~lightning_tp.engine.random.SplitRegion`); a tie stays one parameter (the first layer's new parameter serves every
     user, and modules that only hold it are pointed at it); then ``replicate`` rows with
     ``partial_grad`` mark their parameters for a sum of their gradient over TP (the strategy's
     precision plugin does it and checks the marks at the first step; elsewhere call
@@ -155,10 +156,38 @@ def apply_plan(
     for row in plan.modules:
         if not row.kind.replaces:
             row.kind.build(row, model.get_submodule(row.name), ctx)
+    if rng_tracker is not None:
+        _split_regions(model, plan, rng_tracker, aliases)
     _set_attributes(model, plan.attribute_changes)
     _without_fast_paths(model)
     attach_plan(model, plan)
     return model
+
+
+def _split_regions(model: nn.Module, plan: Plan, tracker: RNGTracker, aliases: dict[str, tuple[str, ...]]) -> None:
+    """Random draws between a block's column layers (sharded output) and its row layer (sharded input)
+    come from the model-parallel stream (:class:`~lightning_tp.engine.random.SplitRegion`). A column's
+    block is its nearest ancestor that holds a row layer (GPT-2's ``attn``; BERT's ``attention``, whose
+    ``self.query`` and ``output.dense`` sit in sibling modules), the model itself where nothing nearer is."""
+    columns = [r.name for r in plan.modules if isinstance(r.kind, Column) and not r.options.get("gather_output", False)]
+    rows = [r.name for r in plan.modules if isinstance(r.kind, Row) and r.options.get("input_is_parallel", True)]
+    if not columns or not rows:
+        return
+    row_names = [a for n in rows for a in aliases.get(n, (n,))]
+    blocks: dict[str, None] = {}
+    for name in columns:
+        parent = name
+        while parent:
+            parent = parent.rpartition(".")[0]
+            if any(not parent or r.startswith(parent + ".") for r in row_names):
+                blocks[parent] = None
+                break
+    SplitRegion(tracker).install(
+        model,
+        [model.get_submodule(n) for n in blocks],
+        [model.get_submodule(n) for n in columns],
+        [model.get_submodule(n) for n in rows],
+    )
 
 
 # torch modules whose fused inference kernel (eval mode, no gradients: Lightning's evaluation loops) reads
