@@ -269,13 +269,30 @@ class _Raises(Exception):
     pass
 
 
+class _Holder(nn.Module):
+    """A LightningModule's shape: the model is a child, and what trains calls the child, not this forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _TimmMlp()
+
+    def forward(self, x):
+        return self.net(x)
+
+
 def _region_after_an_error() -> dict:
-    """A forward that raises between a column layer and its row layer (the region open) leaves the
-    default generator as it was outside the region, in step across the TP ranks."""
+    """A forward that raises between a column layer and its row layer (the region open) and is caught by
+    its caller (who called the model held by the module the policy was applied to, as a training_step
+    does) leaves the default generator as it was outside the region, in step across the TP ranks."""
     import torch.nn.functional as F
 
+    from lightning_tp.policy import apply_policy
+
     m = _dist.mesh(2)
-    model, x = _split_model("timm-mlp", m)
+    torch.manual_seed(0)
+    holder, x = _Holder().double(), torch.randn(2, 8, 32, dtype=torch.float64)
+    apply_policy(holder, m.tp_group, "auto", example_input=x, rng_tracker=model_parallel_seed(1234, m.tp_rank, 0))
+    model = holder.net
     model.train()
     torch.manual_seed(5)
     with mock.patch.object(F, "gelu", side_effect=_Raises), pytest.raises(_Raises):
@@ -435,3 +452,77 @@ def _under_fake_tensors() -> bool:
 
 def test_a_split_model_runs_on_fake_tensors():
     assert all(_dist.run(2, _under_fake_tensors))
+
+
+class _RetryingModule(nn.Module):
+    """A replicated dropout and LayerNorm before a split MLP: a per-rank draw there shows in the norm's
+    gradient (replicated weights would drift apart)."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.drop, self.norm, self.mlp = nn.Dropout(0.5), nn.LayerNorm(d), _TimmMlp(d)
+
+    def forward(self, x):
+        return self.mlp(self.norm(self.drop(x)))
+
+
+def _fit_with_a_caught_error() -> dict:
+    """A training_step that calls its model (not the LightningModule's forward), catches an error raised
+    mid-stretch at the first step (an out-of-memory retry) and runs again; then a second Trainer on the
+    sharded model."""
+    import lightning as L
+    import lit
+    import torch.nn.functional as F
+
+    from lightning_tp import MegatronTPStrategy
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.model = _RetryingModule()
+            self.example_input_array = torch.randn(2, 8, 32)
+
+        def forward(self, x):  # (the self-check runs it; training_step calls the model itself)
+            return self.model(x)
+
+        def training_step(self, batch, i):
+            x = torch.randn(4, 8, 32, generator=torch.Generator().manual_seed(i))
+            if i == 0:
+                with mock.patch.object(F, "gelu", side_effect=_Raises):
+                    try:
+                        self.model(x)
+                    except _Raises:
+                        pass
+            return self.model(x).square().mean()
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(range(4))
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    module = Module()
+    strategies = []
+    with lit.external_launch(2):
+        for steps in (3, 4):
+            strategies.append(MegatronTPStrategy(tensor_parallel_size=2))
+            L.Trainer(**lit.trainer_kwargs(max_steps=steps, devices=2, strategy=strategies[-1])).fit(module)
+    group = strategies[0].tp_group
+    spread = 0.0
+    for name, p in module.named_parameters():
+        if "norm" in name or name.endswith("fc2.bias"):  # replicated
+            both = [torch.empty_like(p) for _ in range(2)]
+            dist.all_gather(both, p.detach().contiguous(), group=group)
+            spread = max(spread, float((both[0] - both[1]).abs().max()))
+    return {"spread": spread, "same_tracker": strategies[1].rng_tracker is strategies[0].rng_tracker is not None}
+
+
+def test_a_caught_error_mid_stretch_leaves_replicated_weights_identical():
+    """A split region left open by an error that training_step caught drew the next step's replicated
+    dropout per rank (the LightningModule's own forward, whose hooks would close it, is not what
+    training_step calls): replicated weights drifted apart with no error. The strategy closes the region
+    around every step, and every module above a block closes it before its forward. A second Trainer on the
+    sharded model keeps the tracker its dropouts were built with."""
+    for r in _dist.run(2, _fit_with_a_caught_error):
+        assert r["spread"] == 0.0 and r["same_tracker"], r

@@ -201,6 +201,21 @@ def model_parallel_seed(seed: int, tp_rank: int, dp_rank: int, device: torch.dev
     return tracker
 
 
+_TRACKER_ATTR = "_lightning_tp_rng_tracker"
+
+
+def attach_tracker(model: nn.Module, tracker: RNGTracker) -> None:
+    """Record on ``model`` the tracker its per-rank dropouts and split regions use (not a submodule, not
+    in its state_dict), for whoever trains it next (a second Trainer's strategy)."""
+    object.__setattr__(model, _TRACKER_ATTR, tracker)
+
+
+def attached_tracker(model: nn.Module) -> RNGTracker | None:
+    """The tracker :func:`attach_tracker` recorded on ``model``, ``None`` if none."""
+    tracker = getattr(model, _TRACKER_ATTR, None)
+    return tracker if isinstance(tracker, RNGTracker) else None
+
+
 class TPDropout(nn.Dropout):
     """``nn.Dropout`` that draws its mask from a tracker stream (default: model-parallel).
 
@@ -237,8 +252,8 @@ class SplitRegion:
     per device), where the strategy's activation checkpointing finds it for a recompute.
 
     :meth:`install` adds forward hooks (bound methods): open after a column layer's forward, close
-    before a row layer's, before and after each block that holds them, and after the model's forward
-    even when it raises. In training mode only, not under ``torch.compile`` (swapping generators would
+    before a row layer's, after each block that holds them, before the forward of every module above
+    a block, and after the model's forward (and its children's that hold blocks) even when it raises. In training mode only, not under ``torch.compile`` (swapping generators would
     break the graph: compiled, those draws stay shared by the TP ranks) and not on fake tensors."""
 
     def __init__(self, tracker: RNGTracker, stream: str = MODEL_PARALLEL) -> None:
@@ -258,14 +273,22 @@ class SplitRegion:
     def install(
         self, root: nn.Module, blocks: list[nn.Module], columns: list[nn.Module], rows: list[nn.Module]
     ) -> None:
-        """Hooks: ``columns`` open the region; ``rows``, ``blocks`` (those holding both) and ``root`` close
-        it. Only ``root``'s runs when its forward raises (``always_call``: Dynamo guards on each such
-        hook, so one per block would compile identical blocks once each)."""
+        """Hooks: ``columns`` open the region; ``rows`` and ``blocks`` (those holding both) close it, and so
+        does every module above a block before its forward (a forward that raised mid-stretch and was
+        caught, a retry after running out of memory, leaves no region open for the next forward, whichever
+        module its caller calls: a LightningModule's ``training_step`` calls its model, not its own
+        forward); ``root`` and its children holding blocks also close it after their forward even when it
+        raises (``always_call``). Blocks get plain hooks: Dynamo guards on each ``always_call`` hook, so one
+        per block would compile identical blocks once each."""
         for column in columns:
             column.register_forward_hook(self.open)
         for row in rows:
             row.register_forward_pre_hook(self.close)
         for block in blocks:
-            block.register_forward_pre_hook(self.close)
             block.register_forward_hook(self.close)
-        root.register_forward_hook(self.close, always_call=True)
+        held = {id(b) for b in blocks}
+        above = [m for m in root.modules() if any(id(sub) in held for sub in m.modules())]  # blocks included
+        for module in above:
+            module.register_forward_pre_hook(self.close)
+        for top in [root, *(c for c in root.children() if any(c is m for m in above))]:
+            top.register_forward_hook(self.close, always_call=True)

@@ -49,7 +49,7 @@ from lightning_tp._compat import (
 from lightning_tp.engine.comm import broadcast_coalesced
 from lightning_tp.engine.init import Materializer, is_deferred, move_built_tensors
 from lightning_tp.engine.mesh import TPMesh, init_tp_mesh, parallel_sizes
-from lightning_tp.engine.random import RNGTracker, derive_seed, model_parallel_seed
+from lightning_tp.engine.random import RNGTracker, attached_tracker, derive_seed, model_parallel_seed
 from lightning_tp.engine.recompute import apply_activation_checkpointing, checkpoint_targets
 from lightning_tp.errors import CheckpointSkippedWarning, MeshConfigError, VerifyInputError
 from lightning_tp.lightning import checkpoint as ckpt
@@ -318,6 +318,8 @@ class MegatronTPStrategy(DDPStrategy):
                 move_built_tensors(module, self.root_device)
         if applied_plan(module) is None:
             self._shard(module)
+        else:  # sharded by an earlier fit: its dropouts and split regions keep the tracker they were built with
+            self.rng_tracker = attached_tracker(module)
         # made before the precision conversion, as the callback's own copy is in Lightning's order
         self.averaged = copy_sharded(averaging[0], trainer, module) if averaging else None
         if self.activation_checkpointing is not None:  # before ZeRO wraps the layers (FSDP2's order)
@@ -452,8 +454,34 @@ class MegatronTPStrategy(DDPStrategy):
             yield
 
     # -- faults -----------------------------------------------------------------------------------
+    @contextmanager
+    def _no_open_region(self) -> Generator[None, None, None]:
+        """No split region open before a step nor after it, even one that raised: a region left open by
+        a forward that raised and was caught inside the step would draw replicated dropouts per rank."""
+        if self.rng_tracker is None:
+            yield
+            return
+        self.rng_tracker.close_region()
+        try:
+            yield
+        finally:
+            self.rng_tracker.close_region()
+
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._no_open_region():
+            return super().validation_step(*args, **kwargs)
+
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._no_open_region():
+            return super().test_step(*args, **kwargs)
+
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._no_open_region():
+            return super().predict_step(*args, **kwargs)
+
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        output = super().training_step(*args, **kwargs)
+        with self._no_open_region():
+            output = super().training_step(*args, **kwargs)
         if self.nan_check and getattr(self.precision_plugin, "scaler", None) is None:
             trainer = self.lightning_module.trainer
             signum = self.signal_flag.signum if self.signal_flag is not None else 0

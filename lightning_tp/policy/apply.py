@@ -20,7 +20,7 @@ from torch.distributed import ProcessGroup
 from lightning_tp._compat import tree_map
 from lightning_tp.engine.comm import group_size
 from lightning_tp.engine.init import Materializer, is_deferred, module_aliases
-from lightning_tp.engine.random import RNGTracker, SplitRegion
+from lightning_tp.engine.random import RNGTracker, SplitRegion, attach_tracker
 from lightning_tp.engine.sharding import shard_spec
 from lightning_tp.errors import DeferredInitError, ShardingError
 from lightning_tp.policy.plan import Plan, PlannedModule, attach_plan, plan_policy, planned_row
@@ -158,6 +158,7 @@ def apply_plan(
             row.kind.build(row, model.get_submodule(row.name), ctx)
     if rng_tracker is not None:
         _split_regions(model, plan, rng_tracker, aliases)
+        attach_tracker(model, rng_tracker)
     _set_attributes(model, plan.attribute_changes)
     _without_fast_paths(model)
     attach_plan(model, plan)
