@@ -253,8 +253,9 @@ class SplitRegion:
 
     :meth:`install` adds forward hooks (bound methods): open after a column layer's forward, close
     before a row layer's, after each block that holds them, before the forward of every module above
-    a block, and after the model's forward (and its children's that hold blocks) even when it raises. In training mode only, not under ``torch.compile`` (swapping generators would
-    break the graph: compiled, those draws stay shared by the TP ranks) and not on fake tensors."""
+    a block, and after the model's forward (and its children's that hold blocks) even when it raises.
+    In training mode only, not under ``torch.compile`` (swapping generators would break the graph:
+    compiled, those draws stay shared by the TP ranks) and not on fake tensors."""
 
     def __init__(self, tracker: RNGTracker, stream: str = MODEL_PARALLEL) -> None:
         self.tracker, self.stream = tracker, stream

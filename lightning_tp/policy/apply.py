@@ -102,8 +102,9 @@ def apply_plan(
     Each row's style builds its module (split layers, sequence-sharded position embeddings,
     per-rank dropouts drawing from ``rng_tracker``'s model-parallel stream; without a tracker they
     stay ``nn.Dropout``), and with a tracker every block's stretch from its column layers to its row
-    layer draws from that stream (:class:`~lightning_tp.engine.random.SplitRegion`); a tie stays one parameter (the first layer's new parameter serves every
-    user, and modules that only hold it are pointed at it); then ``replicate`` rows with
+    layer draws from that stream (:class:`~lightning_tp.engine.random.SplitRegion`); a tie stays one
+    parameter (the first layer's new parameter serves every user, and modules that only hold it are
+    pointed at it); then ``replicate`` rows with
     ``partial_grad`` mark their parameters for a sum of their gradient over TP (the strategy's
     precision plugin does it and checks the marks at the first step; elsewhere call
     ``lightning_tp.lightning.precision.all_reduce_partial_grads``), blocks of a sequence-parallel
