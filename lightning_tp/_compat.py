@@ -298,6 +298,7 @@ __all__ = [
     "run_exit_handlers",
     "clear_exit_handlers",
     "assert_async",
+    "fake_mode_active",
     "set_device_mesh",
     "set_launcher",
     "storage_use_count",

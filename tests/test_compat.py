@@ -66,6 +66,16 @@ def test_private_symbols_behave_as_used():
     assert _compat.storage_use_count(u) > 1 and view.numel() == 2
 
 
+def test_fake_mode_active_is_true_under_fake_tensors_only():
+    """The split regions and TPDropout skip their draw (a value read from a tensor) under FakeTensorMode."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    assert not _compat.fake_mode_active()
+    with FakeTensorMode():
+        assert _compat.fake_mode_active()
+    assert not _compat.fake_mode_active()
+
+
 def test_own_parameters_are_the_modules_live_parameters_by_name():
     """act_once reads a module's Parameter by name where a class property of that name stands in front."""
     lin = torch.nn.Linear(2, 3)

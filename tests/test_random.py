@@ -8,7 +8,14 @@ import torch.distributed as dist
 from torch import nn
 
 import _dist
-from lightning_tp.engine.random import MODEL_PARALLEL, RNGTracker, TPDropout, derive_seed, model_parallel_seed
+from lightning_tp.engine.random import (
+    MODEL_PARALLEL,
+    RNGTracker,
+    TPDropout,
+    attached_tracker,
+    derive_seed,
+    model_parallel_seed,
+)
 
 
 def _mask(drop: nn.Module, n: int = 256) -> torch.Tensor:
@@ -122,6 +129,12 @@ def _hf(kind: str):
     return BertModel(cfg, add_pooling_layer=False)
 
 
+# auto leaves BERT replicated (its projections and row layers sit in sibling modules): a policy of one's own
+_LAYER = "encoder.layer.*."
+_BERT = {_LAYER + "attention.self.[qkv]*": "column", _LAYER + "attention.output.dense": "row",
+         _LAYER + "intermediate.dense": "column", _LAYER + "output.dense": "row"}  # fmt: skip
+
+
 def _split_model(kind: str, m):
     from lightning_tp.policy import apply_policy
 
@@ -132,10 +145,9 @@ def _split_model(kind: str, m):
         model, x = _hf(kind).double(), torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(3))
     tracker = model_parallel_seed(1234, m.tp_rank, m.dp_rank)
     policy = "auto"
-    if kind == "bert":  # (auto leaves BERT replicated: its projections and row layers sit in sibling modules)
+    if kind == "bert":
         policy = _BERT
     apply_policy(model, m.tp_group, policy, example_input=x, rng_tracker=tracker)
-    model.tracker = tracker  # (a plain attribute: for the tests' activation checkpointing)
     return model, x
 
 
@@ -297,26 +309,19 @@ def _region_after_an_error() -> dict:
     torch.manual_seed(5)
     with mock.patch.object(F, "gelu", side_effect=_Raises), pytest.raises(_Raises):
         model(x)
-    regions = {id(h.__self__) : h.__self__ for mod in model.modules() for h in mod._forward_hooks.values()
-               if hasattr(h, "__self__")}  # fmt: skip
+    tracker = attached_tracker(holder)
     after = torch.get_rng_state()
     states = [torch.empty_like(after) for _ in range(2)]
     dist.all_gather(states, after, group=m.tp_group)
     torch.manual_seed(5)
-    with tracker_draw(model):
+    with tracker.fork():  # the one draw a region's opening takes from the CPU default generator
         pass
     expected = torch.get_rng_state()
     return {
-        "closed": bool(regions) and not any(r.is_open for r in regions.values()),
+        "closed": not tracker.region_open,
         "in_step": torch.equal(states[0], states[1]),
         "as_outside": torch.equal(after, expected),
     }
-
-
-def tracker_draw(model):
-    """The one draw a region's opening takes from the CPU default generator (nothing else moved it)."""
-    region = next(h.__self__ for mod in model.modules() for h in mod._forward_hooks.values() if hasattr(h, "__self__"))
-    return region.tracker.fork(region.stream)
 
 
 def test_a_region_left_by_an_error_is_closed():
@@ -379,11 +384,6 @@ def _with_replayed_masks(kind: str) -> dict:
     return {"out": float((out - ref).detach().abs().max()), "grad": grad}
 
 
-_LAYER = "encoder.layer.*."
-_BERT = {_LAYER + "attention.self.[qkv]*": "column", _LAYER + "attention.output.dense": "row",
-         _LAYER + "intermediate.dense": "column", _LAYER + "output.dense": "row"}  # fmt: skip
-
-
 @pytest.mark.parametrize("kind", ["gpt2", "bert"])
 def test_per_rank_masks_train_as_the_unsharded_model_with_the_same_masks(kind):
     """Per-rank masks are still dropout of the one model: the unsharded model given the masks the TP ranks
@@ -405,7 +405,7 @@ def _cut_stretch(target: str) -> dict:
     for checkpointed in (False, True):
         model, x = _split_model("bert", m)
         if checkpointed:
-            assert len(apply_activation_checkpointing(model, target, model.tracker)) == 2
+            assert len(apply_activation_checkpointing(model, target, attached_tracker(model))) == 2
         model.train()
         torch.manual_seed(42)
         steps = []
@@ -413,7 +413,7 @@ def _cut_stretch(target: str) -> dict:
             model.zero_grad()
             _output(model(x)).square().sum().backward()
             steps.append({n: p.grad.clone() for n, p in model.named_parameters()})
-        assert not model.tracker.region_open
+        assert not attached_tracker(model).region_open
         runs.append(steps)
     grad = max(float((a[n] - b[n]).abs().max()) for a, b in zip(*runs, strict=True) for n in a)
     spread = 0.0
@@ -446,8 +446,8 @@ def _under_fake_tensors() -> bool:
     model.train()
     with FakeTensorMode(allow_non_fake_inputs=True):
         out = model(torch.randn(2, 8, 32, dtype=torch.float64))
-        drop = TPDropout(0.5, tracker=model.tracker)(torch.ones(4))
-    return tuple(out.shape) == (2, 8, 32) and tuple(drop.shape) == (4,) and not model.tracker.region_open
+        drop = TPDropout(0.5, tracker=attached_tracker(model))(torch.ones(4))
+    return tuple(out.shape) == (2, 8, 32) and tuple(drop.shape) == (4,) and not attached_tracker(model).region_open
 
 
 def test_a_split_model_runs_on_fake_tensors():

@@ -260,10 +260,6 @@ class SplitRegion:
     def __init__(self, tracker: RNGTracker, stream: str = MODEL_PARALLEL) -> None:
         self.tracker, self.stream = tracker, stream
 
-    @property
-    def is_open(self) -> bool:
-        return self.tracker.region_open
-
     def open(self, module: nn.Module, *_: Any) -> None:
         if module.training and not torch.compiler.is_compiling() and not fake_mode_active():
             self.tracker.open_region(self.stream)

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from lightning_tp.engine.init import module_aliases
 from lightning_tp.engine.random import RNGTracker
@@ -64,9 +64,8 @@ def _contexts(tracker: RNGTracker) -> tuple[Any, Any]:
 
 
 def _checkpointed(inner: Any, tracker: RNGTracker | None, *args: Any, **kwargs: Any) -> Any:
-    if tracker is None:
-        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
-    return checkpoint(inner, *args, use_reentrant=False, context_fn=functools.partial(_contexts, tracker), **kwargs)
+    contexts = noop_context_fn if tracker is None else functools.partial(_contexts, tracker)
+    return checkpoint(inner, *args, use_reentrant=False, context_fn=contexts, **kwargs)
 
 
 def checkpoint_module(module: nn.Module, tracker: RNGTracker | None = None) -> nn.Module:
