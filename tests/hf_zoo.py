@@ -503,6 +503,7 @@ BUILDERS = {
     "cohere": _cohere,
     "gpt2": _gpt2,
     "gpt_neox": _gpt_neox,
+    "gpt_neox_names": _gpt_neox,  # under the name rules (POLICY), not its Hugging Face plan
     "gptj": _gptj,
     "gpt_bigcode_mq": lambda: _gpt_bigcode(True),
     "gpt_bigcode_mha": lambda: _gpt_bigcode(False),
@@ -522,8 +523,9 @@ BUILDERS = {
     "gpt_oss": gpt_oss,
 }
 # The policy each architecture is rewritten with in the tests ("auto" unless named): GPT-OSS's tp_plan
-# splits only the token embedding; the name rules split its attention and experts.
-POLICY = {"gpt_oss": "names"}
+# splits only the token embedding; the name rules split its attention and experts. GPT-NeoX under the
+# name rules: its query_key_value is read per head (head counts in its config, head_size on the block).
+POLICY = {"gpt_oss": "names", "gpt_neox_names": "names"}
 ARCHS = list(BUILDERS)
 
 

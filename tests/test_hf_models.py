@@ -74,6 +74,7 @@ EXPECTED: dict[str, object] = {
     "cohere": EXACT,
     "gpt2": EXACT,  # Conv1D (in, out) weights, fused c_attn (q | k | v)
     "gpt_neox": EXACT,  # query_key_value interleaved per head, partial rotary
+    "gpt_neox_names": EXACT,  # the same under policy="names": verify reads the per-head layout (-> column)
     "gptj": EXACT,  # lm_head with bias, partial rotary (rotary_dim)
     # multi-query: c_attn (q 32 | k 8 | v 8), one k/v head for all q heads: c_attn stays whole on every rank,
     # each rank computes its query heads and the k/v head (kv_replicate); Megatron refuses this case
@@ -98,6 +99,15 @@ EXPECTED: dict[str, object] = {
     # (head_params); experts as their declared layout says (use_experts_implementation flags): gate/up
     # interleaved element by element, down_proj_bias kept whole and added on one rank ("once")
     "gpt_oss": EXACT,
+}
+
+# Layers that must be split (their weights sharded) where the name rules once kept them whole: Falcon's,
+# BLOOM's and GPT-NeoX's attention (query_key_value / dense; BLOOM's ALiBi biases cut to each rank's heads).
+SPLIT = {
+    "falcon": ["self_attention.query_key_value", "self_attention.dense"],
+    "falcon_new_arch": ["self_attention.query_key_value", "self_attention.dense"],
+    "bloom": ["self_attention.query_key_value", "self_attention.dense"],
+    "gpt_neox_names": ["attention.query_key_value", "attention.dense"],
 }
 
 
@@ -285,12 +295,45 @@ def test_hf_architecture(arch, tp):
             whole_experts = [n for n in res["whole"] if ".experts." in n and n not in res["partial"]]  # not "once"
             assert not whole_experts, f"{where}: experts kept whole: {whole_experts}"
             assert verify is None, f"{where}: verify=True raised {verify['type']}: {verify['message']}"
+            whole = [n for n in res["whole"] if any(n.endswith(f".{layer}.weight") for layer in SPLIT.get(arch, ()))]
+            assert not whole, f"{where}: kept whole: {whole}"
         else:
             err_type, needles = expected
             assert verify is not None, f"{where}: expected a refusal ({err_type}), verify=True passed: {_describe(res)}"
             assert verify["typed"] and err_type in verify["mro"], f"{where}: {verify['type']}: {verify['message']}"
             for needle in needles:
                 assert needle in verify["message"], f"{where}: {needle!r} not in {verify['message']!r}"
+
+
+def _falcon_groups_over_more_ranks() -> str:
+    from transformers import FalconConfig, FalconForCausalLM
+
+    from lightning_tp.errors import ShardingError
+    from lightning_tp.policy import apply_policy
+
+    torch.manual_seed(0)
+    config = FalconConfig(
+        vocab_size=64, num_hidden_layers=1, hidden_size=64, num_attention_heads=8, num_kv_heads=2,
+        new_decoder_architecture=True, ffn_hidden_size=128, attn_implementation="eager", use_cache=False,
+    )  # fmt: skip
+    model = FalconForCausalLM(config).double()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            apply_policy(
+                model, _dist.mesh(4).tp_group, "auto", example_input={"input_ids": torch.randint(0, 64, (2, 6))}
+            )
+    except ShardingError as exc:
+        return str(exc) + f" | still dense: {type(model.transformer.h[0].self_attention.query_key_value).__name__}"
+    return "no error"
+
+
+def test_a_projection_read_per_key_value_group_over_more_ranks_than_groups_is_refused():
+    """Falcon-40B's query_key_value holds (q * g | k | v) per key/value head; with fewer key/value heads
+    than ranks no rank can hold a whole group: a typed refusal before any rewrite (before: a parity error)."""
+    message = _dist.run(WORLD, _falcon_groups_over_more_ranks)[0]
+    assert "'transformer.h.0.self_attention.query_key_value': its output is read in 2 groups" in message, message
+    assert "tensor_parallel_size=4" in message and message.endswith("still dense: FalconLinear"), message
 
 
 def test_every_architecture_builds_and_runs_dense():

@@ -154,6 +154,41 @@ def test_auto_rules_and_attributes_nano():
     assert plan.unmatched == [] and plan.unused_patterns == []
 
 
+class _UnsizedFused(nn.Module):
+    """A fused q/k/v of 3 query heads and 1 key/value head (24 + 8 + 8) whose block names the key/value
+    head count in a way no rule knows (``groups``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n_heads, self.groups, self.head_dim = 3, 1, 8
+        self.query_key_value = nn.Linear(24, 40)
+        self.dense = nn.Linear(24, 24)
+
+
+def test_a_fused_projection_the_name_rules_cannot_size_stays_whole_with_its_row():
+    model = nn.ModuleDict({"attn": _UnsizedFused(), "mlp": models.PlainGPT(d=16, n_heads=2).layers[0].mlp})
+    with pytest.warns(PolicyWarning, match=r"'attn.query_key_value' for a fused .* cannot be read.*\['attn.dense'\]"):
+        plan = plan_policy(model, 2)
+    assert {m.name: m.style for m in plan.modules if m.name.startswith("attn")} == {}
+    assert {"attn.query_key_value", "attn.dense"} <= set(plan.unmatched)
+    assert plan.attribute_changes == [] and {m.style for m in plan.modules} == {"column", "row"}  # the MLP split
+    with pytest.raises(ShardingError, match=r"cannot be divided into 3 equal fused chunks"):
+        plan_policy(model, 2, {"attn.query_key_value": "qkv", "attn.dense": "row"})  # a policy's own entry
+
+
+def test_verify_false_warns_that_fused_layouts_were_not_read():
+    from lightning_tp.policy.apply import _warn_unread_layouts
+
+    model = models.build("nano")
+    with pytest.warns(
+        PolicyWarning, match=r"verify=False: 2 fused q/k/v projections .*\[Q \| K \| V\] chunks \(16, 16, 16\)"
+    ):
+        _warn_unread_layouts(plan_policy(model, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the layout a policy of one's own gives is not second-guessed
+        _warn_unread_layouts(plan_policy(model, 2, {"*.c_attn": "qkv", "*.attn.c_proj": "row"}))
+
+
 def test_plan_report_table():
     plan = plan_policy(models.build("plain_tied"), 4)
     text = str(plan)

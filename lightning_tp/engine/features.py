@@ -24,12 +24,14 @@ A call whose input is not of this rank's width (the module used on replicated, f
 activations, e.g. a pre-norm of width ``n_head * head_dim`` inside the block) runs unchanged.
 
 Also here: :class:`TailGradSum`, for a whole layer whose output is split in features by its users
-(multi-head latent attention), and :class:`ModuleHooks`, the input/output hook pair these and
-:class:`~lightning_tp.engine.experts.ExpertsReduce` attach.
+(multi-head latent attention), :class:`HeadSlice`, for a tensor of all heads that the model hands
+to a block holding only this rank's (BLOOM's ALiBi biases), and :class:`ModuleHooks`, the
+input/output hook pair these and :class:`~lightning_tp.engine.experts.ExpertsReduce` attach.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -140,3 +142,52 @@ class TailGradSum:
 
     def __repr__(self) -> str:
         return f"TailGradSum(n={self.n})"
+
+
+class HeadSlice:
+    """A forward pre-hook on a block whose projections are split by heads: tensor arguments that
+    hold one entry per head of the whole model, made outside the block (BLOOM's and Falcon-RW's ALiBi
+    biases, ``(batch * n_head, 1, kv_len)``, built once from all heads by the model and handed to every
+    layer), are cut to this rank's heads. ``inputs`` maps the argument's name in the block's
+    ``forward`` to the model's head count; the tensor must be 3-D, dim 0 read as ``(-1, n_head)``,
+    batch-major (a tensor without a batch, ``(n_head, q, kv)``, is the case ``-1 = 1``; a 4-D
+    ``(batch, n_head, ...)`` tensor is refused, as its batch could pass for heads), and rank ``r``
+    keeps heads ``[r * n_head / p, (r + 1) * n_head / p)``, the query heads its split projections compute. A
+    ``None`` argument (Falcon without ALiBi) passes. A tensor that requires grad gets its gradient
+    summed over TP in backward (each rank's covers its heads only)."""
+
+    def __init__(self, group: ProcessGroup, inputs: dict[str, int]) -> None:
+        self.group, self.inputs = group, dict(inputs)
+
+    def attach(self, module: nn.Module) -> RemovableHandle:
+        names = list(inspect.signature(module.forward).parameters)
+        self.positions = {name: names.index(name) for name in self.inputs if name in names}
+        return module.register_forward_pre_hook(self._pre, with_kwargs=True)
+
+    def _slice(self, name: str, x: Any) -> Any:
+        if not isinstance(x, Tensor):
+            return x
+        heads, tp = self.inputs[name], group_size(self.group)
+        if x.dim() != 3 or x.shape[0] % heads:
+            raise ValueError(
+                f"{name!r} of shape {tuple(x.shape)} does not hold {heads} heads on dim 0 as (batch * heads, q, kv), "
+                "the layout cut to this rank's heads (BLOOM's ALiBi). Map this block's projections to 'replicate' in "
+                "the policy (it then gets all heads), or give its forward this rank's heads yourself."
+            )
+        local = heads // tp
+        if x.requires_grad:
+            x = copy_to_tp(x, self.group)
+        start = group_rank(self.group) * local
+        return x.unflatten(0, (-1, heads))[:, start : start + local].flatten(0, 1)
+
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        args, kwargs = list(args), dict(kwargs)
+        for name, position in self.positions.items():
+            if name in kwargs:
+                kwargs[name] = self._slice(name, kwargs[name])
+            elif position < len(args):
+                args[position] = self._slice(name, args[position])
+        return tuple(args), kwargs
+
+    def __repr__(self) -> str:
+        return f"HeadSlice(inputs={self.inputs})"

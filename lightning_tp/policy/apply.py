@@ -24,14 +24,16 @@ from lightning_tp.engine.random import RNGTracker, SplitRegion, attach_tracker
 from lightning_tp.engine.sharding import shard_spec
 from lightning_tp.errors import DeferredInitError, ShardingError
 from lightning_tp.policy.plan import Plan, PlannedModule, attach_plan, plan_policy, planned_row
-from lightning_tp.policy.rules import PolicyError, PolicyWarning, Rule
-from lightning_tp.policy.styles import BuildContext, Column, Qkv, Row, SequenceGatherStyle, WholeSequenceStyle
+from lightning_tp.policy.rules import NAMES_SOURCE, PolicyError, PolicyWarning, Rule
+from lightning_tp.policy.styles import BuildContext, Column, Row, SequenceGatherStyle, WholeSequenceStyle
 from lightning_tp.policy.verify import (
     block_templates,
     capture,
     check_blocks,
     check_parity,
     check_reference,
+    chunk_sizes,
+    fused_rows,
     holds_meta,
     inference_outputs,
     interleaved_groups,
@@ -53,8 +55,8 @@ def _per_head_fused(plan: Plan, model: nn.Module, groups: dict[str, int]) -> Pla
             n = groups[entry.name]
             if n % plan.tp_size:
                 raise ShardingError(
-                    f"module {entry.name!r}: its output is read per head as {n} groups, which cannot be split over "
-                    f"tensor_parallel_size={plan.tp_size}. Use a tensor_parallel_size that divides {n}, or map it "
+                    f"module {entry.name!r}: its output is read in {n} groups (per head or per key/value head), "
+                    f"which cannot be split over tensor_parallel_size={plan.tp_size}. Use a tensor_parallel_size that divides {n}, or map it "
                     "to 'replicate'."
                 )
             module = model.get_submodule(entry.name)
@@ -311,11 +313,30 @@ def _meta_reshapes(model: nn.Module, run: nn.Module, plan: Plan, inputs: Any) ->
     :func:`~lightning_tp.policy.verify.interleaved_groups`), from a forward on meta tensors (shapes
     only, no memory). ``{}`` when the forward cannot run on meta (the block check still catches a
     wrong split)."""
-    fused = tuple(m.name for m in plan.modules if isinstance(m.kind, Qkv))
+    fused = tuple(fused_rows(plan))
     if not fused:
         return {}
     reference = capture(model, inputs, grads=False, fused=fused, run=run)
     return interleaved_groups(plan, model, reference[-1]) if reference[2] is None else {}
+
+
+def _warn_unread_layouts(plan: Plan) -> None:
+    """Warn that the name rules split fused q/k/v projections as ``[Q | K | V]`` chunks without the
+    reference forward that reads how the model consumes them (``verify=False``)."""
+    names = set(fused_rows(plan))
+    fused = [m for m in plan.modules if m.name in names]
+    if not fused or plan.source not in ("auto", NAMES_SOURCE):
+        return
+    warnings.warn(
+        f"verify=False: {len(fused)} fused q/k/v projections ({[m.name for m in fused[:3]]}"
+        f"{' ...' if len(fused) > 3 else ''}) are split as [Q | K | V] chunks {chunk_sizes(fused[0])}, as the name "
+        "rules plan them, without reading how the forward consumes them. A model that reads them per head or per "
+        "key/value group (GPT-NeoX, BLOOM, Falcon-40B, multi-head GPT-BigCode) would then compute a different "
+        "function without an error: keep verify=True (it reads the layout and splits those as plain columns), or "
+        "map them to 'column' (per-head layouts) or 'qkv' (chunks) in a policy of your own.",
+        PolicyWarning,
+        stacklevel=3,
+    )
 
 
 def warn_plan(plan: Plan) -> None:
@@ -408,6 +429,8 @@ def apply_policy(
     else:
         plan = plan_policy(model, group_size(group), policy, strict=strict, sequence_parallel=sequence_parallel)
     warn_plan(plan)
+    if not verify:
+        _warn_unread_layouts(plan)
     run = model if forward_module is None else forward_module
     if verify and is_deferred(model):
         if materializer is None:  # apply_plan says what is missing
@@ -424,7 +447,7 @@ def apply_policy(
     if verify:
         # a LightningModule's example_input_array lives on the CPU (Lightning moves it for its own uses)
         inputs = make_example_input(run) if example_input is None else _to(example_input, model_device(model))
-        fused = tuple(m.name for m in plan.modules if isinstance(m.kind, Qkv))
+        fused = tuple(fused_rows(plan))
         reference = capture(model, inputs, fused=fused, run=run)
         check_reference(reference, inputs)  # a batch the model does not take: raised before any rewrite
         with _fast_path_as_rewritten(model, plan):

@@ -12,6 +12,8 @@ Every check raises before the first module is touched.
 from __future__ import annotations
 
 import fnmatch
+import inspect
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,11 +29,13 @@ from lightning_tp.policy.report import plan_table, render_plan
 from lightning_tp.policy.rules import (
     HEAD_ATTRS,
     HEAD_DIM_ATTRS,
+    HEAD_INPUTS,
     KV_GROUP_ATTRS,
     KV_HEAD_ATTRS,
     NAMES_SOURCE,
     WIDTH_ATTRS,
     PolicyError,
+    PolicyWarning,
     Rule,
     auto_rules,
     config_objects,
@@ -178,8 +182,12 @@ def plan_policy(
     planned, unmatched, used, failed = _match(model, modules, aliases, source, rules, tp_size)
     replicated_kv = _plan_kv_replicas(modules, planned, tp_size)
     for name, error in failed.items():  # in module order: the first one that still fails
-        if name not in planned or planned[name].kind is not KV_REPLICATE:
-            raise error  # not a key/value projection whose heads are replicated: the split is refused
+        if name in planned and planned[name].kind is KV_REPLICATE:
+            continue  # a key/value projection whose heads are replicated
+        if source in ("auto", NAMES_SOURCE) and _unsized_fused(modules, name, rules.get(name)):
+            _keep_pair_whole(name, planned, unmatched, rules)
+            continue
+        raise error  # the split is refused
     _plan_head_local(modules, planned, tp_size)
     check_ties(model, planned)
     changes = _attribute_changes(modules, planned, tp_size, replicated_kv)
@@ -290,6 +298,38 @@ def _match(
                 planned[name] = row
             failed[name] = error
     return planned, unmatched, used, failed
+
+
+def _unsized_fused(modules: dict[str, nn.Module], name: str, rule: Rule | None) -> bool:
+    """Whether the name rules took ``name`` for a fused ``[Q | K | V]`` projection whose sizes nothing
+    gives: no key/value head count on its block (or its config) and no three equal parts."""
+    lin = as_linear(modules[name])
+    return (
+        rule is not None
+        and rule.style == "qkv"
+        and "chunks" not in rule.options
+        and lin is not None
+        and lin[1] % 3 != 0
+        and _gqa_chunks(modules, name, modules[name]) is None
+    )
+
+
+def _keep_pair_whole(name: str, planned: dict[str, PlannedModule], unmatched: list[str], rules: dict) -> None:
+    """Leave the name rules' fused projection ``name`` and the layers they paired with it (its parent's)
+    whole on every rank, with a warning (the name rules guess; a guess that cannot be sized stays exact)."""
+    parent = name.rpartition(".")[0]
+    paired = [n for n in planned if n.rpartition(".")[0] == parent and n in rules]
+    for n in paired:
+        del planned[n]
+    unmatched.extend(sorted({name, *paired} - set(unmatched)))
+    warnings.warn(
+        f"the name rules take {name!r} for a fused [Q | K | V] projection, but its sizes cannot be read: its block "
+        f"(or the config it holds) has no key/value head count and out_features is not three equal parts. It and "
+        f"{paired or 'nothing else'} stay whole on every rank. To split them give a policy of your own, "
+        f"{{{name!r}: {{'style': 'qkv', 'chunks': [q, k, v]}}, ...}} with its row layer as 'row'.",
+        PolicyWarning,
+        stacklevel=3,
+    )
 
 
 def _unsplit_row(name: str, module: nn.Module, rule: Rule, pattern: str | None, tp: int) -> PlannedModule | None:
@@ -473,6 +513,13 @@ def _plan_sequence_parallel(
             note = "all-gathers the sequence at the block input"
             options: dict[str, Any] = {"in_features": sorted(blocks[name])}
             given = planned.get(name)  # the policy may mark its parameters, or split its per-head ones
+            if given is not None and given.style == "head_inputs":
+                raise ShardingError(
+                    f"sequence parallelism: block {name!r} takes inputs of all the model's heads "
+                    f"{sorted(given.options['inputs'])} (style 'head_inputs', e.g. ALiBi biases), which are built "
+                    "for the sequence the model sees, not for the gathered one this block would run on. Use "
+                    "sequence_parallel=False for this model."
+                )
             heads = dict(given.options["params"]) if given is not None and given.style == "head_params" else {}
             if heads:
                 options["params"] = heads
@@ -614,6 +661,7 @@ def _plan_head_local(modules: dict[str, nn.Module], planned: dict[str, PlannedMo
                 note = "inputs of this rank's width gathered over TP"
                 planned[name] = planned_row(name, child, Rule("gather_input", {"width": width}), None, tp, note)
         _plan_head_params(planned, parent_name, parent, heads, tp)
+        _plan_head_inputs(planned, parent_name, parent, heads, tp)
 
 
 def _plan_head_params(
@@ -627,6 +675,21 @@ def _plan_head_params(
     if own and (given is None or (given.pattern is None and not given.splits)):
         rule, note = Rule("head_params", {"params": dict.fromkeys(own, 0)}), "per-head parameters split with the heads"
         planned[name] = planned_row(name, block, rule, None, tp, note)
+
+
+def _plan_head_inputs(
+    planned: dict[str, PlannedModule], name: str, block: nn.Module, heads: int | None, tp: int
+) -> None:
+    """A block with head-split projections whose ``forward`` takes an argument made from all the
+    model's heads outside it (:data:`~lightning_tp.policy.rules.HEAD_INPUTS`: BLOOM's ALiBi biases)
+    gets it cut to this rank's heads (style ``head_inputs``), unless the block has a row already (the
+    policy's, or its own per-head parameters'; then its forward meets all heads and fails on the shapes)."""
+    takes = [a for a in HEAD_INPUTS if a in inspect.signature(block.forward).parameters]
+    if takes and heads and name not in planned:
+        note = "the model's all-heads inputs cut to this rank's heads"
+        planned[name] = planned_row(
+            name, block, Rule("head_inputs", {"inputs": dict.fromkeys(takes, heads)}), None, tp, note
+        )
 
 
 def _per_head_rows(child: nn.Module, heads: int | None, kv_heads: int | None) -> dict[str, Any]:

@@ -18,10 +18,14 @@ from lightning_tp.policy.styles import STYLES, as_linear
 
 HEAD_ATTRS = (
     "n_head", "n_heads", "num_heads", "num_attention_heads",  # query heads: the first four
-    "num_key_value_heads", "n_kv_heads", "kv_heads", "n_query_groups",
+    "num_key_value_heads", "num_kv_heads", "n_kv_heads", "kv_heads", "n_query_groups",
 )  # fmt: skip
-KV_HEAD_ATTRS = ("num_key_value_heads", "n_kv_heads", "kv_heads", "n_query_groups")  # LitGPT: n_query_groups
+# LitGPT: n_query_groups; Falcon: num_kv_heads
+KV_HEAD_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "kv_heads", "n_query_groups")
 HEAD_DIM_ATTRS = ("head_dim", "head_size")
+# Arguments of an attention block's forward that hold one entry per head of the whole model, made outside
+# the block (BLOOM's and Falcon-RW's ALiBi biases): cut to this rank's heads when the block's heads are split.
+HEAD_INPUTS = ("alibi",)
 # Query heads per key/value head (grouped-query attention): constant under a split of the key/value heads,
 # divided when they are replicated (fewer than the TP ranks).
 KV_GROUP_ATTRS = ("num_key_value_groups", "num_kv_groups", "n_rep", "num_queries_per_kv", "q_per_kv")
@@ -293,14 +297,17 @@ def translate_hf_plan(plan: Mapping[str, str]) -> dict[str, Rule]:
     return rules
 
 
-_AUTO_QKV = {"c_attn", "qkv", "wqkv", "qkv_proj", "to_qkv"}
+_AUTO_QKV = {"c_attn", "qkv", "wqkv", "qkv_proj", "to_qkv", "query_key_value"}
 _AUTO_PACKED = {"gate_up_proj"}
 _AUTO_COLUMN = {
     "q_proj", "k_proj", "v_proj", "q", "k", "v", "query", "key", "value", "wq", "wk", "wv",
     "to_q", "to_k", "to_v", "fc", "c_fc", "fc1", "fc_in", "up_proj", "gate_proj", "w1", "w3",
     "dense_h_to_4h", "fc_1", "fc_2",  # LitGPT's LLaMAMLP: fc_1 (gate) and fc_2 (up) feed proj
 }  # fmt: skip
-_AUTO_ROW = {"o_proj", "out_proj", "c_proj", "wo", "o", "proj", "down_proj", "w2", "fc2", "fc_out", "dense_4h_to_h"}
+_AUTO_ROW = {
+    "o_proj", "out_proj", "c_proj", "wo", "o", "proj", "down_proj", "w2", "fc2", "fc_out", "dense_4h_to_h",
+    "dense",  # a row only beside column projections in the same module (Falcon's, BLOOM's, ALBERT's attention)
+}  # fmt: skip
 _TOKEN_EMBEDDING_HINTS = ("wte", "tok", "token", "word", "embed_tokens", "embedding")
 
 

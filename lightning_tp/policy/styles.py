@@ -13,6 +13,7 @@ style; :func:`~lightning_tp.policy.apply.apply_plan` calls that style's :meth:`S
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Mapping
@@ -23,7 +24,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from lightning_tp.engine.experts import ExpertsReduce, act_once
-from lightning_tp.engine.features import FeatureGather, TailGradSum, gathered_width
+from lightning_tp.engine.features import FeatureGather, HeadSlice, TailGradSum, gathered_width
 from lightning_tp.engine.layers import (
     EMBEDDING_OPTIONS_REASON,
     ColumnParallelLinear,
@@ -669,6 +670,48 @@ class HeadParams(_OwnParamsSplit):
 HEAD_PARAMS = HeadParams()
 
 
+class HeadInputs(Style):
+    """A block whose projections are split by heads and whose ``forward`` takes a tensor holding one
+    entry per head of the whole model, made outside it (BLOOM's ALiBi biases, ``(batch * n_head, 1,
+    kv_len)``): that argument is cut to this rank's heads before the block runs
+    (:class:`~lightning_tp.engine.features.HeadSlice`). ``inputs`` maps the argument's name to the
+    model's head count, e.g. ``{'alibi': 32}``. Planned automatically for an argument named ``alibi``;
+    a policy may name it too."""
+
+    name = "head_inputs"
+    options = frozenset({"inputs"})
+    need = "a block (not a linear or embedding layer) whose forward takes the named arguments"
+    replaces = False
+
+    def fits(self, module):
+        return as_linear(module) is None and not isinstance(module, nn.Embedding)
+
+    def shape(self, module):
+        return ()
+
+    def spec(self, name, module, shape, options, tp):
+        given, params = options.get("inputs"), inspect.signature(module.forward).parameters
+        valid = isinstance(given, Mapping) and bool(given)
+        for arg, heads in given.items() if valid else ():
+            if arg not in params or isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0:
+                valid = False
+            elif heads % tp:
+                raise ShardingError(
+                    f"module {name!r} (style 'head_inputs'): {arg!r} holds {heads} heads, which "
+                    f"tensor_parallel_size={tp} does not divide. Use a tensor_parallel_size that divides {heads}."
+                )
+        if not valid:
+            raise ShardingError(
+                f"module {name!r} (style 'head_inputs'): inputs={given!r} must map arguments of its forward "
+                f"{list(params)} to the model's head count, e.g. {{'alibi': <n_head>}}."
+            )
+        return None
+
+    def build(self, row, dense, ctx):
+        HeadSlice(ctx.group, row.options["inputs"]).attach(dense)
+        return dense
+
+
 class SequenceGatherStyle(Style):
     """A block holding column layers (sequence parallelism): its inputs of width ``in_features``
     are all-gathered on the sequence (:class:`~lightning_tp.engine.sequence.SequenceGather`); with
@@ -761,7 +804,8 @@ KV_REPLICATE = KVReplicate()
 STYLES: dict[str, Style] = {
     s.name: s
     for s in (
-        Column(), Row(), Qkv(), KV_REPLICATE, Vocab(), Heads(), HEAD_PARAMS, REPLICATE, GatherInput(), Experts(),
+        Column(), Row(), Qkv(), KV_REPLICATE, Vocab(), Heads(), HEAD_PARAMS, HeadInputs(), REPLICATE, GatherInput(),
+        Experts(),
         PerRankDropout(),
     )
 }  # fmt: skip

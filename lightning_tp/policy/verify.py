@@ -49,8 +49,8 @@ from lightning_tp.engine.loss import VocabShardedLogits
 from lightning_tp.engine.sharding import ShardSpec, has_partial_grad, shard_spec
 from lightning_tp.errors import PolicyMismatchError, VerifyInputError
 from lightning_tp.policy.plan import Plan
-from lightning_tp.policy.rules import HEAD_ATTRS, PolicyWarning, head_sources, infer_vocab_size, read_attr
-from lightning_tp.policy.styles import Qkv, SequenceGatherStyle, as_linear
+from lightning_tp.policy.rules import HEAD_ATTRS, PolicyWarning, config_objects, infer_vocab_size, read_attr
+from lightning_tp.policy.styles import KV_REPLICATE, Qkv, SequenceGatherStyle, as_linear
 
 # (atol, rtol relative to the reference's max magnitude), by the output dtype
 TOLERANCES = {torch.float64: (1e-9, 1e-9), torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-2, 3e-2), torch.float16: (1e-3, 1e-2)}  # fmt: skip
@@ -224,6 +224,19 @@ class _DtypeWatch(TorchFunctionMode):
         return out
 
 
+def fused_rows(plan: Plan) -> list[str]:
+    """Names of the plan's fused q/k/v projections: ``qkv`` rows, and ``kv_replicate`` rows of a fused
+    projection (``chunks``: each rank holds its query heads' rows and one key/value head's)."""
+    return [
+        m.name for m in plan.modules if isinstance(m.kind, Qkv) or (m.kind is KV_REPLICATE and m.options.get("chunks"))
+    ]
+
+
+def chunk_sizes(row: Any) -> tuple[int, ...]:
+    """The ``[Q | K | V]`` chunk sizes a fused row is split as (a ``kv_replicate`` row may have no spec)."""
+    return tuple(row.spec.sizes) if row.spec is not None else tuple(row.options["chunks"])
+
+
 def interleaved_groups(plan: Plan, model: nn.Module, reshaped: dict[str, tuple[int, ...]]) -> dict[str, int]:
     """Fused projections that the model reads per head, not as ``[Q | K | V]`` chunks:
     ``{module name: n}`` where the first reshape of the output is ``(..., n, F/n)`` or
@@ -232,22 +245,24 @@ def interleaved_groups(plan: Plan, model: nn.Module, reshaped: dict[str, tuple[i
     BLOOM ``(heads, 3, head_dim)``, Falcon ``(kv_heads, q_per_kv + 2, head_dim)``). A plain column
     split then gives every rank whole groups."""
     found: dict[str, int] = {}
+    fused = set(fused_rows(plan))
     for entry in plan.modules:
         shape = reshaped.get(entry.name)
-        if not isinstance(entry.kind, Qkv) or not shape or len(shape) < 2:
+        if entry.name not in fused or not shape or len(shape) < 2:
             continue
         parent = model.get_submodule(entry.name.rpartition(".")[0])
-        heads = {
+        heads = {  # the block's own head counts and its configs' (GPT-NeoX's keeps head_size itself, the counts there)
             value
-            for _, source in head_sources(parent)
+            for source in (parent, *(obj for _, obj in config_objects(parent)))
             for a in HEAD_ATTRS
             if isinstance(value := read_attr(source, a), int)
         }
         n, rest = shape[0], math.prod(shape[1:])
-        if n == len(entry.spec.sizes) and len(set(entry.spec.sizes)) == 1 and rest == entry.spec.sizes[0]:
+        sizes = chunk_sizes(entry)
+        if n == len(sizes) and len(set(sizes)) == 1 and rest == sizes[0]:
             continue  # (3, heads, head_dim): [Q | K | V] chunks, even when the head count is 3
         per_head = entry.full_shape[0] // max(heads) if heads else 0
-        if n in heads and rest > per_head // len(entry.spec.sizes) and n * rest == entry.full_shape[0]:
+        if n in heads and rest > per_head // len(sizes) and n * rest == entry.full_shape[0]:
             found[entry.name] = n
     return found
 
