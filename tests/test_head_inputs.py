@@ -21,6 +21,7 @@ from torch import nn
 
 import _dist
 from lightning_tp import apply_policy, plan_policy
+from lightning_tp.engine.recompute import checkpoint_module
 from lightning_tp.errors import ShardingError
 
 D, HEADS, T = 32, 4, 6
@@ -73,6 +74,12 @@ def test_the_all_heads_input_is_planned_and_named_in_the_plan():
         assert rows[f"layers.{i}"].style == "head_inputs" and rows[f"layers.{i}"].options == {"inputs": {"alibi": 4}}
         assert rows[f"layers.{i}.wo"].style == "row"
     assert "head_inputs" in str(plan)
+    wrapped = _model()
+    checkpoint_module(wrapped.layers[0])  # forward replaced on the instance by a (*args, **kwargs) wrapper
+    assert [m.name for m in plan_policy(wrapped, 2, "auto").modules if m.style == "head_inputs"] == [
+        "layers.0",
+        "layers.1",
+    ]
 
 
 def test_head_inputs_named_by_a_policy_and_its_errors():
@@ -93,6 +100,7 @@ def test_head_inputs_named_by_a_policy_and_its_errors():
 def _parity(tp: int) -> dict:
     group = _dist.mesh(tp).tp_group
     dense, model = _model(), _model()
+    checkpoint_module(model.layers[1])  # a forward wrapped before the rewrite still shows its alibi argument
     apply_policy(model, group, "auto")  # verify=True: outputs and gradients checked too
     g = torch.Generator().manual_seed(1)
     batches = [torch.randn(2, T, D, dtype=torch.float64, generator=g) for _ in range(2)]

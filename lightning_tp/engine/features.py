@@ -144,6 +144,15 @@ class TailGradSum:
         return f"TailGradSum(n={self.n})"
 
 
+def forward_parameters(module: nn.Module) -> list[str]:
+    """The names of ``module.forward``'s parameters, in order. A forward replaced on the instance by a
+    pass-through wrapper (``*args, **kwargs``: activation checkpointing's) is read from its class."""
+    params = inspect.signature(module.forward).parameters
+    if all(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params.values()) and "forward" in vars(module):
+        return list(inspect.signature(type(module).forward).parameters)[1:]  # without self
+    return list(params)
+
+
 class HeadSlice:
     """A forward pre-hook on a block whose projections are split by heads: tensor arguments that
     hold one entry per head of the whole model, made outside the block (BLOOM's and Falcon-RW's ALiBi
@@ -160,7 +169,7 @@ class HeadSlice:
         self.group, self.inputs = group, dict(inputs)
 
     def attach(self, module: nn.Module) -> RemovableHandle:
-        names = list(inspect.signature(module.forward).parameters)
+        names = forward_parameters(module)
         self.positions = {name: names.index(name) for name in self.inputs if name in names}
         return module.register_forward_pre_hook(self._pre, with_kwargs=True)
 

@@ -12,7 +12,6 @@ Every check raises before the first module is touched.
 from __future__ import annotations
 
 import fnmatch
-import inspect
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_tp.engine.features import gathered_width
+from lightning_tp.engine.features import forward_parameters, gathered_width
 from lightning_tp.engine.init import module_aliases
 from lightning_tp.engine.layers import check_heads
 from lightning_tp.engine.sharding import ShardSpec, has_partial_grad_mark
@@ -684,7 +683,7 @@ def _plan_head_inputs(
     model's heads outside it (:data:`~lightning_tp.policy.rules.HEAD_INPUTS`: BLOOM's ALiBi biases)
     gets it cut to this rank's heads (style ``head_inputs``), unless the block has a row already (the
     policy's, or its own per-head parameters'; then its forward meets all heads and fails on the shapes)."""
-    takes = [a for a in HEAD_INPUTS if a in inspect.signature(block.forward).parameters]
+    takes = [a for a in HEAD_INPUTS if a in forward_parameters(block)]
     if takes and heads and name not in planned:
         note = "the model's all-heads inputs cut to this rank's heads"
         planned[name] = planned_row(

@@ -13,7 +13,6 @@ style; :func:`~lightning_tp.policy.apply.apply_plan` calls that style's :meth:`S
 
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
 from collections.abc import Mapping
@@ -24,7 +23,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from lightning_tp.engine.experts import ExpertsReduce, act_once
-from lightning_tp.engine.features import FeatureGather, HeadSlice, TailGradSum, gathered_width
+from lightning_tp.engine.features import FeatureGather, HeadSlice, TailGradSum, forward_parameters, gathered_width
 from lightning_tp.engine.layers import (
     EMBEDDING_OPTIONS_REASON,
     ColumnParallelLinear,
@@ -690,7 +689,7 @@ class HeadInputs(Style):
         return ()
 
     def spec(self, name, module, shape, options, tp):
-        given, params = options.get("inputs"), inspect.signature(module.forward).parameters
+        given, params = options.get("inputs"), forward_parameters(module)
         valid = isinstance(given, Mapping) and bool(given)
         for arg, heads in given.items() if valid else ():
             if arg not in params or isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0:
