@@ -155,8 +155,8 @@ def forward_parameters(module: nn.Module) -> list[str]:
 
 class HeadSlice:
     """A forward pre-hook on a block whose projections are split by heads: tensor arguments that
-    hold one entry per head of the whole model, made outside the block (BLOOM's and Falcon-RW's ALiBi
-    biases, ``(batch * n_head, 1, kv_len)``, built once from all heads by the model and handed to every
+    hold one entry per head of the whole model, made outside the block (BLOOM's ALiBi biases,
+    ``(batch * n_head, 1, kv_len)``, built once from all heads by the model and handed to every
     layer), are cut to this rank's heads. ``inputs`` maps the argument's name in the block's
     ``forward`` to the model's head count; the tensor must be 3-D, dim 0 read as ``(-1, n_head)``,
     batch-major (a tensor without a batch, ``(n_head, q, kv)``, is the case ``-1 = 1``; a 4-D

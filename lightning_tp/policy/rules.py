@@ -24,7 +24,7 @@ HEAD_ATTRS = (
 KV_HEAD_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "kv_heads", "n_query_groups")
 HEAD_DIM_ATTRS = ("head_dim", "head_size")
 # Arguments of an attention block's forward that hold one entry per head of the whole model, made outside
-# the block (BLOOM's and Falcon-RW's ALiBi biases): cut to this rank's heads when the block's heads are split.
+# the block (BLOOM's ALiBi biases): cut to this rank's heads when the block's heads are split.
 HEAD_INPUTS = ("alibi",)
 # Query heads per key/value head (grouped-query attention): constant under a split of the key/value heads,
 # divided when they are replicated (fewer than the TP ranks).

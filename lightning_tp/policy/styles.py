@@ -68,6 +68,12 @@ def as_linear(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def not_a_layer(module: nn.Module) -> bool:
+    """Neither a linear layer nor an embedding: what styles that hook or split a module's own
+    parameters (a norm, an attention block) fit."""
+    return as_linear(module) is None and not isinstance(module, nn.Embedding)
+
+
 def dense_linear(module: nn.Module) -> nn.Linear:
     """``module`` as an ``nn.Linear`` sharing its parameters (a ``Conv1D`` is transposed)."""
     if isinstance(module, nn.Linear):
@@ -428,7 +434,7 @@ class GatherInput(Style):
     replaces = False
 
     def fits(self, module):
-        return not isinstance(module, nn.Embedding) and as_linear(module) is None
+        return not_a_layer(module)
 
     def spec(self, name, module, shape, options, tp):
         width = options.setdefault("width", gathered_width(module))
@@ -626,7 +632,7 @@ class HeadParams(_OwnParamsSplit):
     replaces = False
 
     def fits(self, module):
-        return as_linear(module) is None and not isinstance(module, nn.Embedding)
+        return not_a_layer(module)
 
     def param_specs(self, name: str, module: nn.Module, options: Mapping[str, Any], tp: int) -> dict[str, ShardSpec]:
         """The shard spec of each named parameter (split on its given dim)."""
@@ -683,7 +689,7 @@ class HeadInputs(Style):
     replaces = False
 
     def fits(self, module):
-        return as_linear(module) is None and not isinstance(module, nn.Embedding)
+        return not_a_layer(module)
 
     def shape(self, module):
         return ()
