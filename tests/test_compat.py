@@ -69,10 +69,19 @@ def test_private_symbols_behave_as_used():
 def test_fake_mode_active_is_true_under_fake_tensors_only():
     """The split regions and TPDropout skip their draw (a value read from a tensor) under FakeTensorMode."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passing(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
 
     assert not _compat.fake_mode_active()
     with FakeTensorMode():
         assert _compat.fake_mode_active()
+        with Passing():  # another mode above the fake one
+            assert _compat.fake_mode_active()
+    with Passing():
+        assert not _compat.fake_mode_active()
     assert not _compat.fake_mode_active()
 
 

@@ -60,25 +60,39 @@ def test_vocab_parallel_cross_entropy(world, tp, vocab, label_smoothing, reducti
     assert all(_dist.run(world, _check_loss, tp, vocab, label_smoothing, reduction))
 
 
-def _check_low_precision(tp, dtype):
+def _check_low_precision(tp, dtype, label_smoothing):
     m = _dist.mesh(tp)
     vocab = 30
     spec = ShardSpec(dim=-1, sizes=(vocab,), tp_size=tp, pad=True)
     logits, target = _data(m, vocab, dtype=dtype)
-    ref = F.cross_entropy(logits.float(), target)
+    target[5:8] = target[5:8] % 2  # (targets in the first shard too)
+    logits[5:8, 0] += 60.0  # confident rows: softmax - 1 at the target cancels (rounded first, it would be 0)
+    exact = logits.double().requires_grad_()  # the same (rounded) logits, in float64
+    ref = F.cross_entropy(exact, target, label_smoothing=label_smoothing, reduction="sum")
     local = spec.shard(logits, m.tp_rank).requires_grad_()
-    out = vocab_parallel_cross_entropy(local, target, m.tp_group, vocab)
+    out = vocab_parallel_cross_entropy(local, target, m.tp_group, vocab, label_smoothing=label_smoothing, reduction="sum")
     assert out.dtype == torch.float32  # computed in fp32 like Megatron
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.double(), ref, atol=0, rtol=1e-6)
     out.backward()
+    ref.backward()
     assert local.grad.dtype == dtype
+    # the float64 gradient rounded once to the logits' dtype (half a unit in the last place), the target
+    # entries included; padded columns and ignored rows exactly 0
+    want = spec.shard(exact.grad, m.tp_rank)
+    ulp = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}[dtype]
+    err = (local.grad.double() - want).abs() - ulp * want.abs()
+    assert float(err.max()) <= 1e-7 * float(want.abs().max()), float(err.max())
+    _, n_valid = spec.valid_range(m.tp_rank)
+    assert torch.count_nonzero(local.grad[:, n_valid:]) == 0 and torch.count_nonzero(local.grad[:3]) == 0
     return True
 
 
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_low_precision_logits_computed_in_fp32(dtype, tp):
-    assert all(_dist.run(tp, _check_low_precision, tp, dtype))
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_low_precision_logits_computed_in_fp32(dtype, tp, label_smoothing):
+    """The loss in fp32 and the gradient rounded once to the logits' dtype from the fp32 one."""
+    assert all(_dist.run(tp, _check_low_precision, tp, dtype, label_smoothing))
 
 
 def _check_reduction_sizes(tp):

@@ -277,6 +277,44 @@ def test_the_models_own_gradient_checkpointing_draws_the_same_per_rank_masks(kin
     assert max(_dist.run(2, _recomputed_grads, kind)) < 1e-12
 
 
+def _tp1_against_dense(kind: str) -> float:
+    """The largest difference of a training forward's output and gradients between the dense model and
+    the same model rewritten at TP 1 with the strategy's tracker, from the same default generator state."""
+    import copy
+
+    from lightning_tp.policy import apply_policy
+
+    m = _dist.mesh(1)
+    torch.manual_seed(0)
+    if kind == "timm":
+        dense, x = _Timm().double(), torch.randn(2, 8, 32, dtype=torch.float64)
+    else:
+        dense, x = _hf(kind).double(), torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(3))
+    split = copy.deepcopy(dense)
+    tracker = model_parallel_seed(1234, m.tp_rank, m.dp_rank)
+    apply_policy(split, m.tp_group, "auto", example_input=x, rng_tracker=tracker)
+    diffs = []
+    for model in (dense, split):
+        model.train()
+        torch.manual_seed(42)
+        out = _output(model(x))
+        out.square().sum().backward()
+        diffs.append({"out": out.detach(), **{n: p.grad for n, p in model.named_parameters()}})
+    assert diffs[0].keys() == diffs[1].keys()
+    flipped = {f"{n}.weight" for n, mod in dense.named_modules() if type(mod).__name__ == "Conv1D"}  # (in, out)
+    pairs = [(a, diffs[1][n].t() if n in flipped else diffs[1][n]) for n, a in diffs[0].items()]
+    return max(float((a - b).abs().max()) for a, b in pairs)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "timm"])
+def test_at_tp_1_a_rewritten_model_draws_the_dense_models_masks(kind):
+    """A group of one holds every head and unit: its draws need no stream of their own, so at TP 1 (here
+    TP 1 x DP 2) the rewritten model trains with the dense model's dropout masks and skips
+    the split regions' generator swaps in every forward (host time each step). Before, it drew the
+    attention-probability and hidden-unit masks from the model-parallel stream: other masks, other grads."""
+    assert max(_dist.run(2, _tp1_against_dense, kind)) < 1e-12  # float64: F.linear against Conv1D's addmm
+
+
 class _Raises(Exception):
     pass
 

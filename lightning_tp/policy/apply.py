@@ -160,7 +160,8 @@ def apply_plan(
         if not row.kind.replaces:
             row.kind.build(row, model.get_submodule(row.name), ctx)
     if rng_tracker is not None:
-        _split_regions(model, plan, rng_tracker, aliases)
+        if plan.tp_size > 1:  # a group of one holds every head and unit: its draws need no stream of their own
+            _split_regions(model, plan, rng_tracker, aliases)
         attach_tracker(model, rng_tracker)
     _set_attributes(model, plan.attribute_changes)
     _without_fast_paths(model)

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Protocol
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from lightning_tp.engine.comm import group_size
 from lightning_tp.engine.experts import ExpertsReduce, act_once
 from lightning_tp.engine.features import FeatureGather, HeadSlice, TailGradSum, forward_parameters, gathered_width
 from lightning_tp.engine.layers import (
@@ -790,6 +791,8 @@ class PerRankDropout(Style):
         return ()
 
     def build(self, row, dense, ctx):
+        if group_size(ctx.group) == 1:
+            return dense  # one rank holds every head and unit: the dense model's masks
         if ctx.rng_tracker is None:
             if dense.p > 0:
                 warnings.warn(
