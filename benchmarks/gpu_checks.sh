@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one run (one GPU is enough; a second adds the TP 2 cases):
 # the MFU benchmark (gpt2-medium, bf16-mixed, one process: plain Lightning and MegatronTPStrategy at
-# TP 1), the cuda-marked tests, then the same benchmark compiled (COMPILE=blocks, the default: every
-# block; COMPILE=model: the whole model). BENCH_FLAGS is added to both benchmark runs (e.g.
-# "--precision bf16-true --batch 16").
+# TP 1), the cuda-marked tests, the loss alone (bench_loss.py), then the MFU benchmark compiled
+# (COMPILE=blocks, the default: every block; COMPILE=model: the whole model). BENCH_FLAGS is added to
+# both MFU runs (e.g. "--precision bf16-true --batch 16").
 #   bash benchmarks/gpu_checks.sh [OUTDIR]     (default benchmarks/results/gpu)
-# Writes OUTDIR/log.txt and OUTDIR/{eager,compiled}/results.{json,md}. Needs the project importable
-# (installed, or run from the repository root: PYTHONPATH is set to it).
+# Writes OUTDIR/log.txt, OUTDIR/{eager,compiled}/results.{json,md} and OUTDIR/loss/loss.{json,md}.
+# Needs the project importable (installed, or run from the repository root: PYTHONPATH is set to it).
 set -u
 OUTDIR=${1:-benchmarks/results/gpu}
 mkdir -p "$OUTDIR"
@@ -29,6 +29,9 @@ LOG="$OUTDIR/log.txt"
   xdist=$($PY -c "import xdist" 2>/dev/null && echo "-n 4")  # the tests' processes side by side where pytest-xdist is
   timeout "${TEST_TIMEOUT:-300}" $PY -m pytest tests/test_cuda.py -q -rA -p no:cacheprovider $xdist
   echo "cuda tests exit $?"
+  echo "== the loss alone (gpt2-medium's logits: where the TP 1 gap's loss share is)"
+  timeout "${LOSS_TIMEOUT:-240}" $PY benchmarks/bench_loss.py --tokens 8192 --compiled --out "$OUTDIR/loss"
+  echo "bench_loss exit $?"
   echo "== compiled MFU"; bench compiled --compile "${COMPILE:-blocks}"
   date -u
 } 2>&1 | tee "$LOG"
