@@ -15,6 +15,9 @@ global batch:
 * ``dtensor``              raw torch DTensor TP=2, no Lightning
 * ``lightning_tp_sp``      ``lightning_tp`` with Megatron sequence parallelism (``sequence_parallel=True``)
 * ``lightning_tp_tp1``     MegatronTPStrategy at TP=1 on one device: the strategy's own cost against ``single``
+* ``lightning_tp_tp1_gather`` the same with gathered logits, so the loss is ``F.cross_entropy`` as in ``single``
+                           (in the logits' dtype) instead of the vocab-parallel loss (fp32): the strategy's cost
+                           apart from the loss's precision
 * ``lightning_tp_compute`` ``lightning_tp`` with every collective turned into a no-op after setup:
                            not a result, the compute floor of the same engine (how fast TP=2 could
                            be with free communication); bounds the ratio any engine can reach
@@ -65,9 +68,13 @@ from comm_counter import CommCounter  # noqa: E402
 
 VARIANTS = [
     "single", "lightning_tp", "lightning_tp_gather", "model_parallel", "ddp", "dtensor", "lightning_tp_compute",
-    "lightning_tp_sp", "lightning_tp_tp1",
+    "lightning_tp_sp", "lightning_tp_tp1", "lightning_tp_tp1_gather",
 ]  # fmt: skip
-SINGLE_DEVICE = {"single", "lightning_tp_tp1"}  # one process; every other variant runs TP 2 / 2 ranks
+SINGLE_DEVICE = {
+    "single",
+    "lightning_tp_tp1",
+    "lightning_tp_tp1_gather",
+}  # one process; every other variant runs TP 2 / 2 ranks
 PRESETS = {
     "cpu": {"n_embd": 512, "n_layer": 4, "n_head": 8, "vocab": 8192, "ctx": 256, "batch": 8},
     "gpt2-medium": {"n_embd": 1024, "n_layer": 24, "n_head": 16, "vocab": 50304, "ctx": 1024, "batch": 8},
@@ -349,6 +356,10 @@ def run_lightning_tp_sp(cfg, args, counter):
 
 def run_lightning_tp_tp1(cfg, args, counter):
     return _lightning_tp(cfg, args, counter, gather=False, tp=1)
+
+
+def run_lightning_tp_tp1_gather(cfg, args, counter):
+    return _lightning_tp(cfg, args, counter, gather=True, tp=1)
 
 
 def run_lightning_tp_compute(cfg, args, counter):
@@ -779,7 +790,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--variants", nargs="+", default=VARIANTS[:-1], choices=VARIANTS, help="default: all but lightning_tp_tp1"
+        "--variants", nargs="+", default=VARIANTS[:-2], choices=VARIANTS, help="default: all but the TP=1 ones"
     )
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one run (one GPU is enough; a second adds the TP 2 cases):
 # the MFU benchmark (gpt2-medium, bf16-mixed, one process: plain Lightning and MegatronTPStrategy at
-# TP 1), the cuda-marked tests, the loss alone (bench_loss.py), then the MFU benchmark compiled
+# TP 1, with the vocab-parallel loss and with gathered logits), the cuda-marked tests, the loss alone (bench_loss.py), then the MFU benchmark compiled
 # (COMPILE=blocks, the default: every block; COMPILE=model: the whole model). BENCH_FLAGS is added to
 # both MFU runs (e.g. "--precision bf16-true --batch 16").
 #   bash benchmarks/gpu_checks.sh [OUTDIR]     (default benchmarks/results/gpu)
@@ -19,7 +19,7 @@ LOG="$OUTDIR/log.txt"
   $PY -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__, torch.cuda.get_device_name())"
   bench() {  # $1: out folder, rest: extra flags
     local out=$1; shift
-    timeout "${BENCH_TIMEOUT:-240}" $PY benchmarks/bench_tp.py --preset gpt2-medium --variants single lightning_tp_tp1 \
+    timeout "${BENCH_TIMEOUT:-240}" $PY benchmarks/bench_tp.py --preset gpt2-medium --variants single lightning_tp_tp1 lightning_tp_tp1_gather \
       --steps 12 --warmup 4 --comm-steps 1 --repeats 1 --timeout 200 --out "$OUTDIR/$out" ${BENCH_FLAGS:-} "$@"
     echo "bench $out exit $?"
     rm -f "$OUTDIR/$out/results.png"
