@@ -237,18 +237,27 @@ def set_device_mesh(module: Any, mesh: Any) -> None:
     module._device_mesh = mesh
 
 
-def disable_sigterm_broadcast(trainer: Any) -> None:
-    """Turn off Lightning 2.6's per-batch broadcast of rank 0's SIGTERM flag (the strategy agrees on
-    signals itself, from every rank, in one reduction per step)."""
-    trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
+def _install_no_handlers() -> None:
+    """Stands in for Lightning's ``_SignalConnector.register_signal_handlers`` while the strategy handles signals."""
 
 
-def take_lightning_sigterm(trainer: Any) -> bool:
-    """Whether Lightning's SIGTERM handler recorded a signal (``trainer.received_sigterm``); clears
-    it, so that Lightning's loops do not raise ``SIGTERMException`` on this rank alone."""
-    connector = trainer._signal_connector
-    received, connector.received_sigterm = bool(connector.received_sigterm), False
-    return received
+def _no_sigterm_broadcast() -> None:
+    """Stands in for Lightning's per-batch ``_broadcast_sigterm_tensor`` while the strategy handles signals."""
+
+
+def take_over_signal_handling(trainer: Any) -> None:
+    """For one fit: Lightning 2.6 installs none of its signal handlers (its SIGTERM handler broadcasts from
+    inside the handler; it would also compose itself with the strategy's and, at teardown, put the
+    strategy's back as "the original") and skips its per-batch broadcast of rank 0's SIGTERM flag (the
+    strategy agrees on every rank's signal in one reduction per step). Undone by ``give_back_signal_handling``."""
+    trainer._signal_connector.register_signal_handlers = _install_no_handlers
+    trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = _no_sigterm_broadcast
+
+
+def give_back_signal_handling(trainer: Any) -> None:
+    """Lightning's own signal handling again (validate / test / predict, or a later fit with another strategy)."""
+    vars(trainer._signal_connector).pop("register_signal_handlers", None)
+    vars(trainer.fit_loop.epoch_loop).pop("_broadcast_sigterm_tensor", None)
 
 
 def averaged_model(callback: Any) -> Any:
@@ -287,8 +296,8 @@ __all__ = [
     "DisableTorchFunctionSubclass",
     "own_parameters",
     "checkpoint_block",
-    "disable_sigterm_broadcast",
-    "take_lightning_sigterm",
+    "give_back_signal_handling",
+    "take_over_signal_handling",
     "MultiProcessingLauncher",  # noqa: F822 (module __getattr__)
     "SubprocessScriptLauncher",  # noqa: F822 (module __getattr__)
     "found_inf_per_device",

@@ -67,7 +67,9 @@ class UnsupportedCallbackError(LightningTPError, TypeError):
 class PreemptedError(LightningTPError, RuntimeError):
     """Training stopped on a signal (SIGTERM, SIGINT, SLURM's requeue signal): every rank left the
     loop after the same step and, unless ``save_on_signal=False``, wrote one checkpoint together. The
-    message names the signal, the ranks that received it, the step and the checkpoint."""
+    message names the signal, the ranks that received it, the step and the checkpoint. ``checkpoint`` is
+    the one to resume from: the one written, or, for a signal before the first training step (no
+    checkpoint is written then), the one this fit started from (``None`` if none)."""
 
     def __init__(self, message: str, signum: int = 0, step: int = 0, checkpoint: str | None = None) -> None:
         super().__init__(message)

@@ -168,21 +168,34 @@ def test_set_launcher_and_device_mesh_are_what_lightning_reads():
     assert module.device_mesh is marker
 
 
-def test_disable_sigterm_broadcast_replaces_lightnings_per_batch_broadcast():
-    """Lightning's training epoch loop broadcasts rank 0's SIGTERM flag every batch through this
-    method; the strategy turns it into a no-op on its trainer (it agrees on signals itself)."""
+def test_take_over_signal_handling_keeps_lightnings_handlers_out_of_one_fit():
+    """Lightning's Trainer installs its signal handlers in ``_run`` and its training epoch loop broadcasts
+    rank 0's SIGTERM flag every batch; for a fit the strategy turns both into no-ops (it agrees on signals
+    itself), and gives them back afterwards."""
     import inspect
+    import signal
 
     import lightning.pytorch as pl
     from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 
     assert "self._broadcast_sigterm_tensor()" in inspect.getsource(_TrainingEpochLoop.advance)
+    assert "self._signal_connector.register_signal_handlers()" in inspect.getsource(pl.Trainer._run)
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
-    _compat.disable_sigterm_broadcast(trainer)
+    connector, before = trainer._signal_connector, signal.getsignal(signal.SIGTERM)
+    _compat.take_over_signal_handling(trainer)
+    connector.register_signal_handlers()
+    assert signal.getsignal(signal.SIGTERM) is before
     assert trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor() is None
-    assert not _compat.take_lightning_sigterm(trainer)
-    trainer._signal_connector.received_sigterm = True  # what Lightning's SIGTERM handler sets
-    assert trainer.received_sigterm and _compat.take_lightning_sigterm(trainer) and not trainer.received_sigterm
+    connector.teardown()
+    assert signal.getsignal(signal.SIGTERM) is before
+    _compat.give_back_signal_handling(trainer)
+    try:
+        connector.register_signal_handlers()  # Lightning's own again
+        assert signal.getsignal(signal.SIGTERM) is not before
+    finally:
+        connector.teardown()
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert "_broadcast_sigterm_tensor" not in vars(trainer.fit_loop.epoch_loop)
 
 
 def test_lightning_names_load_lazily():

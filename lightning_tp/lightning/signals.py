@@ -10,10 +10,16 @@ signal, the step and the checkpoint. A second signal to a rank exits it at once 
 unless it comes within :data:`REPEAT_WINDOW_S` of the first (a terminal's Ctrl-C reaches every process
 of the group, and a spawn parent forwards it too: one press).
 
-Lightning 2.6's own handling is replaced while training runs: its SIGTERM handler broadcasts from
-inside the handler, its loop broadcasts rank 0's flag every batch (a signal to another rank is
-lost), and SIGINT is not handled; the strategy installs these handlers at the start of training and
-turns that per-batch broadcast off (``_compat.disable_sigterm_broadcast``).
+The handlers are installed when fit sets up (before the model is built or loaded, the data prepared,
+the sanity check run) and put back when training ends. A signal before the first training step is
+agreed on when training starts: every rank stops there, with no checkpoint (nothing was trained in
+this fit). A signal after the last step's agreement (in the final validation or save) is agreed on
+once more when training ends: every rank writes the checkpoint and raises, as after a step.
+
+Lightning 2.6's own handling is replaced during fit: its SIGTERM handler broadcasts from inside the
+handler, its loop broadcasts rank 0's flag every batch (a signal to another rank is lost), and SIGINT
+is not handled; the strategy keeps Lightning from installing its handlers in that fit and turns that
+per-batch broadcast off (``_compat.take_over_signal_handling``).
 """
 
 from __future__ import annotations
@@ -94,52 +100,121 @@ def signal_checkpoint_path(root: str | os.PathLike) -> str:
 
 def requeue_slurm_job() -> int:
     """``scontrol requeue`` this SLURM job (array jobs as ``JOBID_TASKID``), as Lightning's SLURM
-    auto-requeue does; returns scontrol's exit code."""
-    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
-    job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
-    if not re.fullmatch(r"[0-9_]+", job):
-        raise ValueError(f"not a SLURM job id: {job!r}")
-    return subprocess.call(["scontrol", "requeue", job])
+    auto-requeue does (through a shell when ``scontrol`` is not found directly); returns scontrol's exit
+    code. Raises ``ValueError`` when no SLURM job id is set, ``OSError`` when it cannot be run."""
+    array_job, job = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_JOB_ID")
+    if array_job:
+        job = f"{array_job}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+    if not job or not re.fullmatch(r"[0-9]+(_[0-9]+)?", job):
+        raise ValueError(f"no SLURM job id to requeue: SLURM_JOB_ID (or SLURM_ARRAY_JOB_ID with SLURM_ARRAY_TASK_ID) "
+                         f"gives {job!r}")  # fmt: skip
+    try:
+        return subprocess.call(["scontrol", "requeue", job])
+    except FileNotFoundError:  # scontrol not on this process's PATH: a login shell may find it
+        return subprocess.call(f"scontrol requeue {job}", shell=True)
 
 
-class SignalStop(pl.Callback):
-    """Added by the strategy while training runs: at the end of the step at which the ranks agreed
-    that one of them was signalled (after its optimizer step; with gradient accumulation, at the
-    next optimizer step, the epoch's last batch included), every rank writes one checkpoint together and raises
-    :class:`~lightning_tp.errors.PreemptedError`."""
+_UNSET = object()
 
-    def __init__(self, strategy: Any) -> None:
-        self.strategy = strategy
+
+class SignalStop:
+    """Made by the strategy when training starts; stops every rank together once they agree that one of
+    them was signalled:
+
+    - when training starts (:meth:`at_train_start`): for a signal since fit began to set up; no checkpoint;
+    - at the end of a step (:meth:`after_batch`, run right after the LightningModule's own
+      ``on_train_batch_end``, so the checkpoint holds what that hook did): after its optimizer step; with
+      gradient accumulation, at the next optimizer step, the epoch's last batch included;
+    - when training ends (:meth:`at_train_end`): for a signal after the last step's agreement.
+
+    Every rank then writes one checkpoint together (unless ``save_on_signal=False``; none before the first
+    step) and raises :class:`~lightning_tp.errors.PreemptedError`.
+    """
+
+    def __init__(self, strategy: Any, trainer: pl.Trainer) -> None:
+        self.strategy, self.trainer = strategy, trainer
         self.pending: dict[int, int] = {}
+        self._module = trainer.lightning_module
+        self._previous = vars(self._module).get("on_train_batch_end", _UNSET)  # a hook set on the instance
+        hook = self._module.on_train_batch_end
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        def on_train_batch_end(outputs: Any, batch: Any, batch_idx: int) -> Any:
+            result = hook(outputs, batch, batch_idx)
+            self.after_batch(batch_idx)
+            return result
+
+        self._hook = on_train_batch_end
+        self._module.on_train_batch_end = on_train_batch_end
+
+    def remove(self) -> None:
+        """Give the LightningModule its own ``on_train_batch_end`` back."""
+        if vars(self._module).get("on_train_batch_end") is self._hook:
+            if self._previous is _UNSET:
+                del self._module.on_train_batch_end
+            else:
+                self._module.on_train_batch_end = self._previous
+
+    def at_train_start(self) -> None:
+        self.pending = self.strategy.agreed_signals()
+        if self.pending:
+            self._stop("first")
+
+    def after_batch(self, batch_idx: int) -> None:
+        trainer = self.trainer
         self.pending.update(self.strategy.agreed_signals())
         progress = trainer.fit_loop.epoch_loop.batch_progress
         # Lightning steps at the epoch's last batch, accumulated or not (a loader of unknown length: is_last_batch)
         last_of_epoch = batch_idx + 1 == trainer.num_training_batches or progress.is_last_batch
-        if not self.pending or ((batch_idx + 1) % trainer.accumulate_grad_batches and not last_of_epoch):
-            return
-        signum = min(self.pending.values())
-        step, path = trainer.global_step, None
-        if self.strategy.save_on_signal:
-            path = self.strategy.broadcast(signal_checkpoint_path(trainer.default_root_dir))  # rank 0 names it
-            trainer.save_checkpoint(path)  # collective: every rank is here, after the same step
-        requeue = self.strategy.requeue_signal
+        if self.pending and (not (batch_idx + 1) % trainer.accumulate_grad_batches or last_of_epoch):
+            self._stop("step")
+
+    def at_train_end(self) -> None:
+        self.pending.update(self.strategy.agreed_signals())
+        if self.pending:
+            self._stop("last")
+
+    def _stop(self, when: str) -> None:
+        trainer, strategy = self.trainer, self.strategy
+        signum, step, path = min(self.pending.values()), trainer.global_step, None
+        if when == "first":
+            path = trainer.ckpt_path  # this fit's state is the one it started from
+            started = f"from checkpoint {path}" if path else "from the start"
+            saved = (f"no checkpoint was written (no step was trained in this fit, which started {started}); run "
+                     "the same fit again")  # fmt: skip
+        elif strategy.save_on_signal:
+            path = strategy.broadcast(signal_checkpoint_path(trainer.default_root_dir))  # rank 0 names it
+            trainer.save_checkpoint(path)  # collective: every rank is here, at the same point
+            saved = (f"saved checkpoint {path}; resume with trainer.fit(model, ckpt_path={path!r}) (a requeued "
+                     "SLURM job finds it by itself)")  # fmt: skip
+        else:
+            saved = "no checkpoint was written (save_on_signal=False)"
+        requeue = strategy.requeue_signal
         if requeue is not None and signum == requeue and trainer.is_global_zero:
-            code = requeue_slurm_job()  # after the checkpoint: the requeued job resumes from it
-            log.info("lightning_tp: scontrol requeue exited with %d", code)
+            saved += self._requeue()  # after the checkpoint: the requeued job resumes from it
         ranks = sorted(self.pending)
         who = "every rank" if len(ranks) == trainer.world_size else f"rank{'s' if len(ranks) > 1 else ''} {ranks}"
-        saved = (
-            f"saved checkpoint {path}; resume with trainer.fit(model, ckpt_path={path!r}) (a requeued SLURM job "
-            "finds it by itself)"
-            if path
-            else "no checkpoint was written (save_on_signal=False)"
-        )
+        where = {
+            "first": f"before its first training step (global step {step})",
+            "step": f"after global step {step}",
+            "last": f"after its last training step (global step {step}; the signal came after that step's check)",
+        }[when]  # fmt: skip
         raise PreemptedError(
-            f"training stopped on {signal_name(signum)} (received by {who}): every rank left the training loop after "
-            f"global step {step} and {saved}. A second signal exits at once.",
+            f"training stopped on {signal_name(signum)} (received by {who}): every rank left the training loop "
+            f"{where} and {saved}. A second signal exits at once.",
             signum=signum,
             step=step,
             checkpoint=path,
         )
+
+    @staticmethod
+    def _requeue() -> str:
+        """Requeue the SLURM job; what the error message adds when that failed."""
+        try:
+            code = requeue_slurm_job()
+        except (OSError, ValueError) as exc:
+            log.warning("lightning_tp: the SLURM requeue failed: %s", exc)
+            return f"; the SLURM requeue failed ({exc}): requeue the job by hand (scontrol requeue JOBID)"
+        log.info("lightning_tp: scontrol requeue exited with %d", code)
+        if code:
+            return f"; scontrol requeue exited with {code}: requeue the job by hand (scontrol requeue JOBID)"
+        return "; the SLURM job was requeued"

@@ -40,10 +40,10 @@ from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_tp._compat import (
-    disable_sigterm_broadcast,
+    give_back_signal_handling,
     set_device_mesh,
     set_launcher,
-    take_lightning_sigterm,
+    take_over_signal_handling,
     tree_map,
 )
 from lightning_tp.engine.comm import broadcast_coalesced
@@ -124,10 +124,12 @@ class MegatronTPStrategy(DDPStrategy):
             ``"model.layers.*"``) whose forward is recomputed in backward instead of keeping its
             activations; the model-parallel RNG streams are restored for the recompute, so dropout
             masks (and gradients) equal those without it (``lightning_tp.engine.recompute``).
-        save_on_signal: on SIGTERM / SIGINT (or SLURM's requeue signal) to any rank, every rank stops
-            after the same step; with ``True`` they first write one checkpoint together
-            (``default_root_dir/hpc_ckpt_N.ckpt``), then raise ``PreemptedError`` naming the signal,
-            the step and the checkpoint (``lightning_tp.lightning.signals``).
+        save_on_signal: on SIGTERM / SIGINT (or SLURM's requeue signal) to any rank during fit, every
+            rank stops after the same step (a signal before the first step: when training starts; one
+            after the last step: when it ends); with ``True`` they first write one checkpoint together
+            (``default_root_dir/hpc_ckpt_N.ckpt``; none before the first step), then raise
+            ``PreemptedError`` naming the signal, the step and the checkpoint
+            (``lightning_tp.lightning.signals``).
         **kwargs: passed to ``DistributedDataParallel`` (e.g. ``find_unused_parameters``).
     """
 
@@ -192,7 +194,8 @@ class MegatronTPStrategy(DDPStrategy):
         self.pretrained, self.pretrained_prefix = pretrained, pretrained_prefix
         self.zero_stage = int(zero_stage)
         self.save_on_signal = bool(save_on_signal)
-        self.signal_flag: SignalFlag | None = None
+        self.signal_flag: SignalFlag | None = None  # installed for each fit, from setup_environment to on_train_end
+        self.signal_stop: SignalStop | None = None
         self.requeue_signal: int | None = None  # SLURM auto-requeue: the signal after which the job is requeued
         self._agreed: dict[int, int] | None = None  # signals agreed on in this step's non-finite-loss reduction
         self.activation_checkpointing = (
@@ -290,6 +293,9 @@ class MegatronTPStrategy(DDPStrategy):
     def setup_environment(self) -> None:
         # Validate the layout before the process group exists: no collective on bad input.
         self._validate_config()
+        trainer = self._attached_trainer()
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            self._take_over_signals(trainer)  # a signal from here on (a long load, the sanity check) is agreed on
         module = self.lightning_module
         if module is not None and applied_plan(module) is not None:
             refuse_averaging_resharded(module.trainer)  # before the callbacks' setup copies the sharded model
@@ -424,6 +430,9 @@ class MegatronTPStrategy(DDPStrategy):
         return DistributedDataParallel(model, device_ids=device_ids, process_group=group, **kwargs)
 
     def teardown(self) -> None:
+        late = self._release_signals()  # fit ended by an exception, or trained nothing (on_train_end did it otherwise)
+        if late and self._fault() is None:  # a fit with no step to train (at max_steps): the handlers from before act
+            signal.raise_signal(late)
         module = self.lightning_module
         if self.zero_active and module is not None:
             self._reshard_zero()
@@ -512,30 +521,51 @@ class MegatronTPStrategy(DDPStrategy):
             m.set_reshard_after_forward(reshard, recurse=False)
 
     # -- signals ----------------------------------------------------------------------------------
-    def on_train_start(self) -> None:
-        super().on_train_start()
-        trainer = self.lightning_module.trainer
+    def _take_over_signals(self, trainer: pl.Trainer) -> None:
+        """For this fit, handlers that only record a signal (SIGTERM, SIGINT, SLURM's requeue signal) in
+        place of the process's and Lightning's (``lightning_tp.lightning.signals``)."""
+        self._release_signals()  # left by an earlier fit that did not reach its teardown
         signals = [signal.SIGTERM, signal.SIGINT]
         env = self.cluster_environment
-        self.requeue_signal = None
         if isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal is not None:
             self.requeue_signal = int(env.requeue_signal)  # stop, checkpoint, then `scontrol requeue`
             signals.append(self.requeue_signal)
-        self.signal_flag = SignalFlag(tuple(signals))
-        self.signal_flag.install()  # replaces Lightning's handlers while training runs
-        if take_lightning_sigterm(trainer):  # a SIGTERM between Lightning's handler and ours: agreed on like any
-            self.signal_flag.signum = int(signal.SIGTERM)
-        disable_sigterm_broadcast(trainer)
-        self._agreed = None
-        stops = [cb for cb in trainer.callbacks if isinstance(cb, SignalStop)]
-        if stops:
-            stops[0].pending.clear()  # a new fit on the same Trainer
         else:
-            trainer.callbacks.append(SignalStop(self))
+            self.requeue_signal = None
+        self.signal_flag = SignalFlag(tuple(signals))
+        self.signal_flag.install()
+        take_over_signal_handling(trainer)
+        self._agreed = None
+
+    def _release_signals(self) -> int:
+        """Put back the handlers from before fit, Lightning's own handling and the LightningModule's
+        ``on_train_batch_end``; returns the signal this rank recorded (0 if none)."""
+        flag, stop = self.signal_flag, self.signal_stop
+        self.signal_flag = self.signal_stop = None
+        if stop is not None:
+            stop.remove()
+        trainer = self._attached_trainer()
+        if trainer is not None:
+            give_back_signal_handling(trainer)
+        if flag is None:
+            return 0
+        flag.uninstall()
+        return flag.signum
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        trainer = self.lightning_module.trainer
+        if self.signal_flag is None:  # a fit set up without setup_environment
+            self._take_over_signals(trainer)
+        self.signal_stop = SignalStop(self, trainer)
+        self.signal_stop.at_train_start()  # a signal while fit set up: every rank stops before the first step
 
     def on_train_end(self) -> None:
-        if self.signal_flag is not None:
-            self.signal_flag.uninstall()
+        if self.signal_stop is not None:
+            self.signal_stop.at_train_end()  # a signal after the last step's agreement: checkpoint, PreemptedError
+        late = self._release_signals()
+        if late:  # came between that agreement and now: the handlers from before fit act on it
+            signal.raise_signal(late)
         super().on_train_end()
 
     def agreed_signals(self) -> dict[int, int]:
@@ -546,13 +576,15 @@ class MegatronTPStrategy(DDPStrategy):
             return agreed
         return agree_on_signals(self.root_device, self.signal_flag.signum if self.signal_flag is not None else 0)
 
+    def _attached_trainer(self) -> pl.Trainer | None:
+        try:
+            return self.lightning_module.trainer if self.lightning_module is not None else None
+        except RuntimeError:  # not attached to a Trainer
+            return None
+
     def _fault(self) -> BaseException | None:
         """The exception this rank is handling if a fault interrupted the Trainer (see ``faults``)."""
-        try:
-            trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        except RuntimeError:  # not attached to a Trainer
-            trainer = None
-        return fault_in_flight(trainer, self._tp_mesh is not None)
+        return fault_in_flight(self._attached_trainer(), self._tp_mesh is not None)
 
     def barrier(self, name: str | None = None) -> None:
         if self._fault() is not None:

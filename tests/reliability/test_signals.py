@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import lit
 import pytest
+import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 from test_strategy import Recorder
@@ -23,15 +24,51 @@ SIGNAL_STEP = 3
 
 
 class SendSignal(L.Callback):
-    """Deliver ``signum`` to this process at the start of batch ``step`` on the ranks in ``ranks``
-    (what SLURM / Kubernetes / torchrun do on preemption)."""
+    """Deliver ``signum`` to this process on the ranks in ``ranks`` (what SLURM / Kubernetes / torchrun do
+    on preemption): at the start of batch ``step`` (``where="batch"``), in the callbacks' ``setup`` (fit
+    setting up, before the model is sharded), at the start of the sanity check, in the callbacks'
+    ``on_train_end`` (after the last step's agreement), or right after the strategy's final agreement."""
 
-    def __init__(self, signum: int, ranks: tuple[int, ...], step: int) -> None:
-        self.signum, self.ranks, self.step = signum, ranks, step
+    def __init__(self, signum: int, ranks: tuple[int, ...], step: int, where: str = "batch") -> None:
+        self.signum, self.ranks, self.step, self.where = signum, ranks, step, where
+
+    def _send(self, trainer, where: str) -> None:
+        if where == self.where and trainer.global_rank in self.ranks:
+            os.kill(os.getpid(), self.signum)
+
+    def setup(self, trainer, pl_module, stage):
+        self._send(trainer, "setup")
+
+    def on_sanity_check_start(self, trainer, pl_module):
+        self._send(trainer, "sanity")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step and trainer.global_rank in self.ranks:
-            os.kill(os.getpid(), self.signum)
+        if trainer.global_step == self.step:
+            self._send(trainer, "batch")
+
+    def on_train_end(self, trainer, pl_module):
+        self._send(trainer, "train_end")
+        if self.where == "after_final_check" and trainer.global_rank in self.ranks:  # in the strategy's on_train_end
+            stop = trainer.strategy.signal_stop
+            check = stop.at_train_end
+
+            def check_then_signal():
+                check()
+                os.kill(os.getpid(), self.signum)
+
+            stop.at_train_end = check_then_signal
+
+
+class CountingGPT(lit.LitGPT):
+    """Updates a buffer in its own ``on_train_batch_end`` (as an EMA of the weights would): a checkpoint
+    written at a step's end must hold that step's update."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.register_buffer("hook_calls", torch.zeros((), dtype=torch.float64))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.hook_calls += 1
 
 
 def _corpus_data(root: str):
@@ -51,22 +88,31 @@ def _fit(root: str, steps: int, signal_spec=None, ckpt_path=None, save=True, dat
     with lit.external_launch(2):
         # 4 steps per epoch, the signal in step 4 (index 3): the stop is at an epoch's end, where Lightning
         # resumes a plain DataLoader exactly (mid-epoch it restarts the epoch's data unless the loader is stateful)
-        model, rec = lit.LitGPT(batch_size=8, n_train=32, dropout=0.1), Recorder()
+        model, rec = CountingGPT(batch_size=8, n_train=32, dropout=0.1), Recorder()
         callbacks = [rec, ModelCheckpoint(dirpath=os.path.join(root, "ckpts"), every_n_train_steps=2, save_top_k=-1)]
+        extra = {}
         if signal_spec is not None:
             callbacks.append(SendSignal(*signal_spec))
+            if signal_spec[3:] == ("sanity",):
+                extra = {"num_sanity_val_steps": 1, "limit_val_batches": 1}
         # data=True: TP 1 x DP 2 on the project's data module, which resumes mid-epoch exactly
         strategy = MegatronTPStrategy(tensor_parallel_size=1 if data else 2, save_on_signal=save)
         trainer = L.Trainer(**lit.trainer_kwargs(max_steps=steps, devices=2, strategy=strategy, callbacks=callbacks,
-                                                 enable_checkpointing=True, default_root_dir=root))  # fmt: skip
+                                                 enable_checkpointing=True, default_root_dir=root, **extra))  # fmt: skip
+        delivered = []  # the process's own SIGTERM handler: it sees only a signal the strategy did not act on
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: delivered.append(signum))
+        handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
         start, error = time.time(), None
         try:
             trainer.fit(model, datamodule=_corpus_data(root) if data else None, ckpt_path=ckpt_path)
         except PreemptedError as exc:
             error = {"message": str(exc), "signum": exc.signum, "step": exc.step, "checkpoint": exc.checkpoint}
-        handler = signal.getsignal(signal.SIGTERM)
+        finally:
+            restored = handlers == [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
+            signal.signal(signal.SIGTERM, previous)
         return {"rank": dist.get_rank(), "losses": rec.losses, "error": error, "seconds": time.time() - start,
-                "step": trainer.global_step, "handler_restored": handler is signal.SIG_DFL or callable(handler)}  # fmt: skip
+                "step": trainer.global_step, "handlers_restored": restored, "hook_calls": float(model.hook_calls),
+                "own_hook": "on_train_batch_end" not in vars(model), "delivered": delivered}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +134,9 @@ def test_signal_stops_every_rank_at_the_same_step_and_resumes_exactly(tmp_path, 
         assert err["signum"] == signum and err["step"] == SIGNAL_STEP + 1  # the signalled step was finished
         assert signal.Signals(signum).name in err["message"] and err["checkpoint"] in err["message"]
         assert r["step"] == SIGNAL_STEP + 1 and len(r["losses"]) == SIGNAL_STEP + 1
+        assert r["handlers_restored"] and r["own_hook"]  # the process's handlers and the module's hook are back
+        assert r["delivered"] == []  # acted on by the strategy only
+        assert r["hook_calls"] == SIGNAL_STEP + 1  # the module's on_train_batch_end ran before the checkpoint
     path = Path(stopped[0]["error"]["checkpoint"])
     assert path == tmp_path / "hpc_ckpt_1.ckpt" and stopped[1]["error"]["checkpoint"] == str(path)
     assert read_meta(path)["global_step"] == SIGNAL_STEP + 1
@@ -95,7 +144,64 @@ def test_signal_stops_every_rank_at_the_same_step_and_resumes_exactly(tmp_path, 
     resumed = _dist.run(2, _fit, root, 6, None, str(path))
     for full, stop, res in zip(uninterrupted, stopped, resumed, strict=True):
         assert stop["losses"] + res["losses"] == full["losses"]  # exactly, dropout on
-        assert res["error"] is None and res["step"] == 6
+        assert res["error"] is None and res["step"] == 6 and res["hook_calls"] == full["hook_calls"] == 6
+        assert res["handlers_restored"] and full["handlers_restored"]
+
+
+@pytest.mark.parametrize(
+    ("where", "ranks"), [("setup", (1,)), ("sanity", (0,))], ids=["in-setup-rank1", "sanity-rank0"]
+)
+def test_signal_before_training_stops_every_rank_before_the_first_step(tmp_path, where, ranks):
+    """A signal while fit sets up (the callbacks' setup, before the model is sharded) or during the sanity
+    check: no rank hangs or dies; every rank stops when training starts, before its first step, without
+    a checkpoint (nothing was trained), and the handlers from before fit are back."""
+    for r in _dist.run(2, _fit, str(tmp_path), 6, (signal.SIGTERM, ranks, 0, where)):
+        err = r["error"]
+        assert err is not None and err["step"] == 0 and err["checkpoint"] is None, r
+        assert "before its first training step" in err["message"] and "no checkpoint was written" in err["message"]
+        assert r["losses"] == [] and r["hook_calls"] == 0 and r["handlers_restored"] and r["own_hook"]
+        assert r["seconds"] < 60
+    assert not list(tmp_path.glob("hpc_ckpt_*"))
+
+
+def test_signal_after_the_last_step_checkpoints_the_finished_run(tmp_path):
+    """A signal after the last step's agreement (the callbacks' on_train_end) is not lost: every rank
+    writes hpc_ckpt_1 of the last step (the weights of that step's ModelCheckpoint) and raises. A fit for
+    more steps from it that is signalled while it sets up stops before its first step, naming the checkpoint
+    it started from. The requeued job (the same fit from it) ends at once, training nothing; a signal
+    while that one sets up reaches the process's own handler once fit is done."""
+    from lightning_tp.lightning.checkpoint import consolidate
+
+    root = str(tmp_path)
+    stopped = _dist.run(2, _fit, root, 4, (signal.SIGINT, (1,), 0, "train_end"))
+    path = str(tmp_path / "hpc_ckpt_1.ckpt")
+    for r in stopped:
+        err = r["error"]
+        assert err is not None and err["step"] == 4 and err["checkpoint"] == path and "SIGINT" in err["message"], r
+        assert "after its last training step" in err["message"] and r["handlers_restored"] and r["own_hook"]
+    assert read_meta(path)["global_step"] == 4
+    final, at_step = consolidate(path), consolidate(tmp_path / "ckpts" / "epoch=0-step=4.ckpt")
+    assert final.keys() == at_step.keys() and all(torch.equal(final[k], at_step[k]) for k in final if k != "hook_calls")
+    # ModelCheckpoint (a callback) writes before the module's own on_train_batch_end; the stop holds its update
+    assert float(final["hook_calls"]) == 4 and float(at_step["hook_calls"]) == 3
+    again = _dist.run(2, _fit, root, 6, (signal.SIGTERM, (0,), 0, "setup"), path)
+    for r in again:
+        assert r["error"]["step"] == 4 and r["error"]["checkpoint"] == path and r["losses"] == []
+        assert f"started from checkpoint {path}" in r["error"]["message"] and r["delivered"] == []
+    assert sorted(p.name for p in tmp_path.glob("hpc_ckpt_*")) == ["hpc_ckpt_1.ckpt"]
+    for r in _dist.run(2, _fit, root, 4, None, path):
+        assert r["error"] is None and r["losses"] == [] and r["step"] == 4 and r["hook_calls"] == 4
+    # that fit trains nothing (no training start, no stop): a signal while it sets up reaches the process's handler
+    late = _dist.run(2, _fit, root, 4, (signal.SIGTERM, (1,), 0, "setup"), path)
+    assert [r["delivered"] for r in late] == [[], [signal.SIGTERM]] and not [r for r in late if r["error"]]
+
+
+def test_a_signal_after_the_final_check_reaches_the_process_handler(tmp_path):
+    """A signal between the final agreement and the handlers being put back is delivered again, to the
+    handler the process had before fit: it is not lost."""
+    for r in _dist.run(2, _fit, str(tmp_path), 2, (signal.SIGTERM, (0,), 0, "after_final_check")):
+        assert r["error"] is None and r["step"] == 2 and r["handlers_restored"], r
+        assert r["delivered"] == ([signal.SIGTERM] if r["rank"] == 0 else [])
 
 
 def test_mid_epoch_signal_resumes_exactly_with_the_data_module(tmp_path):
@@ -274,13 +380,65 @@ def test_stop_waits_for_the_optimizer_step_of_an_accumulation_window():
         agreed_signals=lambda: {1: int(signal.SIGTERM)}, save_on_signal=False, requeue_signal=None
     )
     progress = SimpleNamespace(is_last_batch=False)
+    module = SimpleNamespace(on_train_batch_end=lambda outputs, batch, batch_idx: None)
     trainer = SimpleNamespace(accumulate_grad_batches=4, num_training_batches=6, global_step=1, world_size=2,
-                              is_global_zero=True, fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))  # fmt: skip
+                              is_global_zero=True, lightning_module=module,
+                              fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))  # fmt: skip
     stops = []
     for batch_idx in range(6):
         try:
-            SignalStop(strategy).on_train_batch_end(trainer, None, None, None, batch_idx)
+            SignalStop(strategy, trainer).after_batch(batch_idx)
         except PreemptedError as exc:
             stops.append(batch_idx)
             assert "rank [1]" in str(exc) and exc.checkpoint is None
     assert stops == [3, 5]
+
+
+def test_stop_runs_after_the_modules_own_batch_end_hook_and_gives_it_back():
+    """The stop is checked right after the LightningModule's on_train_batch_end (the checkpoint holds
+    what that hook did); removing the stop gives the module its hook back, one set on the instance too."""
+    from types import SimpleNamespace
+
+    from lightning_tp.lightning.signals import SignalStop
+
+    calls = []
+    module = L.LightningModule()
+    module.on_train_batch_end = lambda outputs, batch, batch_idx: calls.append(("module", batch_idx))
+    own = module.on_train_batch_end
+    strategy = SimpleNamespace(agreed_signals=lambda: calls.append(("agree", None)) or {})
+    progress = SimpleNamespace(is_last_batch=False)
+    trainer = SimpleNamespace(accumulate_grad_batches=1, num_training_batches=6, lightning_module=module,
+                              fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))  # fmt: skip
+    stop = SignalStop(strategy, trainer)
+    module.on_train_batch_end(None, None, 2)
+    assert calls == [("module", 2), ("agree", None)]
+    stop.remove()
+    assert module.on_train_batch_end is own
+    plain = L.LightningModule()
+    trainer.lightning_module = plain
+    SignalStop(strategy, trainer).remove()
+    assert "on_train_batch_end" not in vars(plain)
+
+
+@pytest.mark.parametrize("env", ["no-job-id", "no-scontrol"])
+def test_a_failed_requeue_keeps_the_preempted_error(tmp_path, monkeypatch, env):
+    """Rank 0 requeues after the checkpoint; when that fails (no SLURM job id, or no scontrol even
+    through a shell) the stop still raises PreemptedError, saying the requeue failed."""
+    from types import SimpleNamespace
+
+    from lightning_tp.lightning.signals import SignalStop
+
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    if env == "no-job-id":
+        monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    else:
+        monkeypatch.setenv("SLURM_JOB_ID", "4242")
+        monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: no scontrol, for the shell either
+    strategy = SimpleNamespace(agreed_signals=lambda: {0: int(signal.SIGUSR1)}, save_on_signal=False,
+                               requeue_signal=int(signal.SIGUSR1))  # fmt: skip
+    trainer = SimpleNamespace(global_step=3, world_size=2, is_global_zero=True, ckpt_path=None,
+                              lightning_module=SimpleNamespace(on_train_batch_end=None))  # fmt: skip
+    with pytest.raises(PreemptedError, match="SIGUSR1") as info:
+        SignalStop(strategy, trainer).at_train_end()
+    expected = "the SLURM requeue failed (no SLURM job id" if env == "no-job-id" else "scontrol requeue exited with 127"
+    assert expected in str(info.value) and "requeue the job by hand" in str(info.value)
