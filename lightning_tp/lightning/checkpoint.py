@@ -27,9 +27,12 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import urllib.parse
 import uuid
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -283,17 +286,38 @@ def _failed_ranks(failed: bool) -> list[int]:
     return torch.nonzero(flags).flatten().tolist()
 
 
+_DEFERRED_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold these signals (blocked, delivered when the block ends) while the checkpoint is renamed into
+    place: a handler run between the two renames (a second signal's exit, a default action) would leave
+    nothing at the checkpoint's path. A no-op where threads cannot block signals (Windows)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = {getattr(signal, name) for name in _DEFERRED_SIGNALS if hasattr(signal, name)}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 def _replace(tmp: Path, path: Path, old: Path) -> None:
     """Move ``tmp`` to ``path``; a previous ``path`` (a directory, a file, or a link such as
-    ``ModelCheckpoint(save_last="link")``'s ``last.ckpt``) is moved aside first and put back on failure."""
-    if path.is_symlink() or path.exists():
-        path.rename(old)
-    try:
-        tmp.rename(path)
-    except BaseException:
-        if (old.is_symlink() or old.exists()) and not (path.is_symlink() or path.exists()):
-            old.rename(path)
-        raise
+    ``ModelCheckpoint(save_last="link")``'s ``last.ckpt``) is moved aside first and put back on failure.
+    Signals wait until one of the two is at ``path`` again."""
+    with _signals_deferred():
+        if path.is_symlink() or path.exists():
+            path.rename(old)
+        try:
+            tmp.rename(path)
+        except BaseException:
+            if (old.is_symlink() or old.exists()) and not (path.is_symlink() or path.exists()):
+                old.rename(path)
+            raise
     if old.is_symlink() or old.is_file():
         old.unlink()  # a link: only the link (the checkpoint it pointed to is another's)
     elif old.is_dir():

@@ -271,3 +271,31 @@ def test_resume_from_truncated_checkpoint_fails_on_every_rank(good, tmp_path):
     _truncate(path / "__0_0.distcp")
     messages = _dist.run(2, _resume_from, str(path))
     assert messages[0] == messages[1] and "__0_0.distcp is truncated" in messages[0]
+
+
+def test_a_signal_during_the_rename_waits_until_the_checkpoint_is_in_place(tmp_path, monkeypatch):
+    """The previous checkpoint is moved aside, then the new one renamed into place: a signal between the
+    two (a second SIGTERM's exit) waits until the new one is at the path (the handler sees it there)."""
+    import signal
+
+    from lightning_tp.lightning.checkpoint import _replace
+
+    path, tmp, old = tmp_path / "step=4.ckpt", tmp_path / "tmp", tmp_path / "old"
+    for d, text in ((path, "previous"), (tmp, "new")):
+        d.mkdir()
+        (d / "meta").write_text(text)
+    rename, seen = Path.rename, []
+
+    def rename_then_signal(self, target):
+        out = rename(self, target)
+        if self == path:  # the previous checkpoint moved aside, the new one not yet in place
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append((path / "meta").read_text()))
+    monkeypatch.setattr(Path, "rename", rename_then_signal)
+    try:
+        _replace(tmp, path, old)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == ["new"] and not old.exists() and not tmp.exists()
