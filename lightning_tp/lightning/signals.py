@@ -16,9 +16,14 @@ agreed on when training starts: every rank stops there, with no checkpoint (noth
 this fit). A signal after the last step's agreement (in the final validation or save) is agreed on
 once more when training ends: every rank writes the checkpoint and raises, as after a step.
 
-Lightning 2.6's own handling is replaced during fit: its SIGTERM handler broadcasts from inside the
+``validate`` / ``test`` / ``predict`` record a signal the same way and act on none mid-stage (no
+per-batch collective; a rank stopping alone would leave its peers waiting in their next collective):
+when the stage ends the handlers from before it are put back and the signal delivered to them, as if
+it came then. A second signal exits at once there too.
+
+Lightning 2.6's own handling is replaced in every stage: its SIGTERM handler broadcasts from inside the
 handler, its loop broadcasts rank 0's flag every batch (a signal to another rank is lost), and SIGINT
-is not handled; the strategy keeps Lightning from installing its handlers in that fit and turns that
+is not handled; the strategy keeps Lightning from installing its handlers and turns that
 per-batch broadcast off (``_compat.take_over_signal_handling``).
 """
 
@@ -54,10 +59,13 @@ class SignalFlag:
 
     Args:
         signals: the signals to handle (default SIGTERM and SIGINT).
+        notice: written to stderr at the first signal (``lightning_tp: SIGTERM received: {notice}``): what
+            will happen.
     """
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT), notice: str = "") -> None:
         self.signals = tuple(dict.fromkeys(signals))
+        self.notice = notice
         self.signum = 0
         self._at = 0.0
         self._previous: dict[int, Any] = {}
@@ -87,6 +95,8 @@ class SignalFlag:
             os._exit(128 + signum)
         if not self.signum:
             self.signum, self._at = signum, now
+            if self.notice:
+                os.write(2, f"lightning_tp: {signal_name(signum)} received: {self.notice}\n".encode())
 
 
 def signal_checkpoint_path(root: str | os.PathLike) -> str:

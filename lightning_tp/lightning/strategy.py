@@ -194,7 +194,7 @@ class MegatronTPStrategy(DDPStrategy):
         self.pretrained, self.pretrained_prefix = pretrained, pretrained_prefix
         self.zero_stage = int(zero_stage)
         self.save_on_signal = bool(save_on_signal)
-        self.signal_flag: SignalFlag | None = None  # installed for each fit, from setup_environment to on_train_end
+        self.signal_flag: SignalFlag | None = None  # installed for each stage, from setup_environment
         self.signal_stop: SignalStop | None = None
         self.requeue_signal: int | None = None  # SLURM auto-requeue: the signal after which the job is requeued
         self._agreed: dict[int, int] | None = None  # signals agreed on in this step's non-finite-loss reduction
@@ -294,8 +294,8 @@ class MegatronTPStrategy(DDPStrategy):
         # Validate the layout before the process group exists: no collective on bad input.
         self._validate_config()
         trainer = self._attached_trainer()
-        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
-            self._take_over_signals(trainer)  # a signal from here on (a long load, the sanity check) is agreed on
+        if trainer is not None:  # a signal from here on (a long load, the sanity check) is only recorded
+            self._take_over_signals(trainer)
         module = self.lightning_module
         if module is not None and applied_plan(module) is not None:
             refuse_averaging_resharded(module.trainer)  # before the callbacks' setup copies the sharded model
@@ -430,8 +430,8 @@ class MegatronTPStrategy(DDPStrategy):
         return DistributedDataParallel(model, device_ids=device_ids, process_group=group, **kwargs)
 
     def teardown(self) -> None:
-        late = self._release_signals()  # fit ended by an exception, or trained nothing (on_train_end did it otherwise)
-        if late and self._fault() is None:  # a fit with no step to train (at max_steps): the handlers from before act
+        late = self._release_signals()  # validate/test/predict, or fit ended by an exception or with nothing to train
+        if late and self._fault() is None:  # not acted on: the handlers from before the stage act on it now
             signal.raise_signal(late)
         module = self.lightning_module
         if self.zero_active and module is not None:
@@ -522,9 +522,9 @@ class MegatronTPStrategy(DDPStrategy):
 
     # -- signals ----------------------------------------------------------------------------------
     def _take_over_signals(self, trainer: pl.Trainer) -> None:
-        """For this fit, handlers that only record a signal (SIGTERM, SIGINT, SLURM's requeue signal) in
-        place of the process's and Lightning's (``lightning_tp.lightning.signals``)."""
-        self._release_signals()  # left by an earlier fit that did not reach its teardown
+        """For this stage (fit, validate, test, predict), handlers that only record a signal (SIGTERM, SIGINT,
+        SLURM's requeue signal) in place of the process's and Lightning's (``lightning_tp.lightning.signals``)."""
+        self._release_signals()  # left by an earlier stage that did not reach its teardown
         signals = [signal.SIGTERM, signal.SIGINT]
         env = self.cluster_environment
         if isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal is not None:
@@ -532,13 +532,20 @@ class MegatronTPStrategy(DDPStrategy):
             signals.append(self.requeue_signal)
         else:
             self.requeue_signal = None
-        self.signal_flag = SignalFlag(tuple(signals))
+        stage = trainer.state.fn
+        notice = (
+            "every rank stops after the current training step (a second signal exits at once)"
+            if stage == TrainerFn.FITTING
+            else f"{stage.value} runs to its end, then the signal acts as without lightning_tp (a second signal "
+            "exits at once)"
+        )
+        self.signal_flag = SignalFlag(tuple(signals), notice)
         self.signal_flag.install()
         take_over_signal_handling(trainer)
         self._agreed = None
 
     def _release_signals(self) -> int:
-        """Put back the handlers from before fit, Lightning's own handling and the LightningModule's
+        """Put back the handlers from before the stage, Lightning's own handling and the LightningModule's
         ``on_train_batch_end``; returns the signal this rank recorded (0 if none)."""
         flag, stop = self.signal_flag, self.signal_stop
         self.signal_flag = self.signal_stop = None

@@ -204,6 +204,48 @@ def test_a_signal_after_the_final_check_reaches_the_process_handler(tmp_path):
         assert r["delivered"] == ([signal.SIGTERM] if r["rank"] == 0 else [])
 
 
+class SignalInEvaluation(L.Callback):
+    """SIGTERM to rank ``rank`` at the first batch of validate / test / predict; counts the batches run."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank, self.batches = rank, 0
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 0 and trainer.global_rank == self.rank:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    on_test_batch_start = on_predict_batch_start = on_validation_batch_start
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.batches += 1
+
+    on_test_batch_end = on_predict_batch_end = on_validation_batch_end
+
+
+def _evaluate(stage: str):
+    with lit.external_launch(2):
+        send, seen = SignalInEvaluation(rank=1), []
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append((signum, send.batches)))
+        try:
+            trainer = L.Trainer(**lit.trainer_kwargs(devices=2, strategy=MegatronTPStrategy(tensor_parallel_size=2),
+                                                     callbacks=[send], limit_val_batches=2, limit_test_batches=2))  # fmt: skip
+            start = time.time()
+            out = getattr(trainer, stage)(lit.LitGPT())
+            return {"seen": seen, "seconds": time.time() - start, "results": len(out), "batches": send.batches}
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.parametrize("stage", ["validate", "test", "predict"])
+def test_signal_in_evaluation_acts_when_the_stage_ends(stage):
+    """SIGTERM to rank 1 during validate / test / predict: no rank waits in a collective (Lightning's handler
+    broadcast inside the handler: both ranks hung until the process-group timeout); the stage runs to its
+    end on every rank, then the signal reaches rank 1's own handler."""
+    results = _dist.run(2, _evaluate, stage)
+    assert [r["seen"] for r in results] == [[], [(signal.SIGTERM, 2)]], results
+    assert all(r["results"] and r["batches"] == 2 and r["seconds"] < 20 for r in results), results
+
+
 def test_mid_epoch_signal_resumes_exactly_with_the_data_module(tmp_path):
     """A stop in the middle of an epoch (step 3 of 8) at DP 2: the project's data module records the
     batches done, and the resumed run (found as Lightning's SLURM auto-resume finds it, ``ckpt_path="hpc"``)
