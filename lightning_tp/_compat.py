@@ -260,6 +260,13 @@ def give_back_signal_handling(trainer: Any) -> None:
     vars(trainer.fit_loop.epoch_loop).pop("_broadcast_sigterm_tensor", None)
 
 
+def lr_finder_running(trainer: Any) -> bool:
+    """Whether Lightning's learning-rate finder is running the fit loop (inside ``Tuner.lr_find`` or the
+    ``LearningRateFinder`` callback): its ``_LRCallback`` is the trainer's callback list while it sweeps."""
+    finder = lightning_class("lightning.pytorch.tuner.lr_finder._LRCallback")
+    return any(isinstance(cb, finder) for cb in getattr(trainer, "callbacks", ()))
+
+
 def averaged_model(callback: Any) -> Any:
     """The ``AveragedModel`` of a Lightning ``WeightAveraging`` callback (``None`` outside fit)."""
     return getattr(callback, "_average_model", None)
@@ -297,6 +304,7 @@ __all__ = [
     "own_parameters",
     "checkpoint_block",
     "give_back_signal_handling",
+    "lr_finder_running",
     "take_over_signal_handling",
     "MultiProcessingLauncher",  # noqa: F822 (module __getattr__)
     "SubprocessScriptLauncher",  # noqa: F822 (module __getattr__)

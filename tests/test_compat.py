@@ -198,6 +198,18 @@ def test_take_over_signal_handling_keeps_lightnings_handlers_out_of_one_fit():
     assert "_broadcast_sigterm_tensor" not in vars(trainer.fit_loop.epoch_loop)
 
 
+def test_lr_finder_running_sees_the_finders_callback():
+    """Lightning's LR finder replaces the trainer's callbacks with its ``_LRCallback`` while it sweeps."""
+    import inspect
+    from types import SimpleNamespace
+
+    from lightning.pytorch.tuner import lr_finder
+
+    assert "trainer.callbacks = [_LRCallback(" in inspect.getsource(lr_finder)
+    assert _compat.lr_finder_running(SimpleNamespace(callbacks=[lr_finder._LRCallback(3, None)]))
+    assert not _compat.lr_finder_running(SimpleNamespace(callbacks=[]))
+
+
 def test_lightning_names_load_lazily():
     """The engine imports _compat; importing it must not import Lightning."""
     import subprocess

@@ -50,6 +50,7 @@ from lightning_tp.engine.comm import collective_device
 from lightning_tp.engine.mesh import TPMesh
 from lightning_tp.engine.sharding import ShardSpec, shard_spec
 from lightning_tp.errors import LightningTPError
+from lightning_tp.lightning.signals import exits_held
 from lightning_tp.lightning.zero import dp_rows_start, local
 from lightning_tp.policy.plan import applied_plan
 
@@ -308,8 +309,9 @@ def _signals_deferred() -> Iterator[None]:
 def _replace(tmp: Path, path: Path, old: Path) -> None:
     """Move ``tmp`` to ``path``; a previous ``path`` (a directory, a file, or a link such as
     ``ModelCheckpoint(save_last="link")``'s ``last.ckpt``) is moved aside first and put back on failure.
-    Signals wait until one of the two is at ``path`` again."""
-    with _signals_deferred():
+    Signals wait until one of the two is at ``path`` again: a second signal's exit always (``exits_held``),
+    other actions in a process of one thread (``pthread_sigmask`` holds them for the calling thread only)."""
+    with exits_held(), _signals_deferred():
         if path.is_symlink() or path.exists():
             path.rename(old)
         try:

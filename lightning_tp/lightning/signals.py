@@ -10,8 +10,8 @@ signal, the step and the checkpoint. A second signal to a rank exits it at once 
 unless it comes within :data:`REPEAT_WINDOW_S` of the first (a terminal's Ctrl-C reaches every process
 of the group, and a spawn parent forwards it too: one press).
 
-The handlers are installed when fit sets up (before the model is built or loaded, the data prepared,
-the sanity check run) and put back when training ends. A signal before the first training step is
+The handlers are installed once the process group exists (before the model is built or loaded, the
+data prepared, the sanity check run) and put back at teardown. A signal before the first training step is
 agreed on when training starts: every rank stops there, with no checkpoint (nothing was trained in
 this fit). A signal after the last step's agreement (in the final validation or save) is agreed on
 once more when training ends: every rank writes the checkpoint and raises, as after a step.
@@ -19,7 +19,8 @@ once more when training ends: every rank writes the checkpoint and raises, as af
 ``validate`` / ``test`` / ``predict`` record a signal the same way and act on none mid-stage (no
 per-batch collective; a rank stopping alone would leave its peers waiting in their next collective):
 when the stage ends the handlers from before it are put back and the signal delivered to them, as if
-it came then. A second signal exits at once there too.
+it came then. A second signal exits at once there too. One process evaluating keeps Lightning's
+handling (no peer waits for it).
 
 Lightning 2.6's own handling is replaced in every stage: its SIGTERM handler broadcasts from inside the
 handler, its loop broadcasts rank 0's flag every batch (a signal to another rank is lost), and SIGINT
@@ -35,16 +36,36 @@ import re
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import lightning.pytorch as pl
 
+from lightning_tp._compat import lr_finder_running
 from lightning_tp.errors import PreemptedError
 
 REPEAT_WINDOW_S = 1.0
 log = logging.getLogger(__name__)
+_held = 0  # blocks of exits_held() open
+_pending_exit = 0  # the exit code a second signal asked for while one was open
+
+
+@contextmanager
+def exits_held() -> Iterator[None]:
+    """A second signal's immediate exit waits until this block ends (a checkpoint renamed into place):
+    the handler runs in the main thread whichever thread the signal reached, so blocking it with
+    ``pthread_sigmask`` holds it only in a process of one thread."""
+    global _held, _pending_exit
+    _held += 1
+    try:
+        yield
+    finally:
+        _held -= 1
+        if not _held and _pending_exit:
+            os._exit(_pending_exit)
 
 
 def signal_name(signum: int) -> str:
@@ -68,6 +89,7 @@ class SignalFlag:
         self.notice = notice
         self.signum = 0
         self._at = 0.0
+        self._pid = os.getpid()  # a forked DataLoader worker inherits the handler: it records, quietly
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -90,12 +112,19 @@ class SignalFlag:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         now = time.monotonic()
+        global _pending_exit
         if self.signum and now - self._at > REPEAT_WINDOW_S:
+            if _held:  # a checkpoint is being renamed into place: exit right after
+                os.write(
+                    2, f"lightning_tp: second signal ({signal_name(signum)}): exiting after the rename.\n".encode()
+                )
+                _pending_exit = _pending_exit or 128 + signum
+                return
             os.write(2, f"lightning_tp: second signal ({signal_name(signum)}): exiting now.\n".encode())
             os._exit(128 + signum)
         if not self.signum:
             self.signum, self._at = signum, now
-            if self.notice:
+            if self.notice and os.getpid() == self._pid:
                 os.write(2, f"lightning_tp: {signal_name(signum)} received: {self.notice}\n".encode())
 
 
@@ -120,11 +149,28 @@ def requeue_slurm_job() -> int:
                          f"gives {job!r}")  # fmt: skip
     try:
         return subprocess.call(["scontrol", "requeue", job])
-    except FileNotFoundError:  # scontrol not on this process's PATH: a login shell may find it
+    except FileNotFoundError:  # as Lightning does; /bin/sh exits 127 when it does not find scontrol either
         return subprocess.call(f"scontrol requeue {job}", shell=True)
 
 
 _UNSET = object()
+
+
+class _StopAfterHook:
+    """The LightningModule's ``on_train_batch_end`` while training runs: its own hook, then the stop. A copy
+    of the module (pickle, deepcopy) gets its own hook back, not this fit's stop."""
+
+    def __init__(self, module: Any, stop: SignalStop) -> None:
+        self._module, self._hook, self._stop = module, module.on_train_batch_end, stop
+
+    def __call__(self, outputs: Any, batch: Any, batch_idx: int) -> Any:
+        result = self._hook(outputs, batch, batch_idx)
+        self._stop.after_batch(batch_idx)
+        return result
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, str]]:
+        # rebuilt while the copy's attributes are not set yet: its class's hook, bound to the copy
+        return getattr, (self._module, "on_train_batch_end")
 
 
 class SignalStop:
@@ -146,15 +192,8 @@ class SignalStop:
         self.pending: dict[int, int] = {}
         self._module = trainer.lightning_module
         self._previous = vars(self._module).get("on_train_batch_end", _UNSET)  # a hook set on the instance
-        hook = self._module.on_train_batch_end
-
-        def on_train_batch_end(outputs: Any, batch: Any, batch_idx: int) -> Any:
-            result = hook(outputs, batch, batch_idx)
-            self.after_batch(batch_idx)
-            return result
-
-        self._hook = on_train_batch_end
-        self._module.on_train_batch_end = on_train_batch_end
+        self._hook = _StopAfterHook(self._module, self)
+        self._module.on_train_batch_end = self._hook
 
     def remove(self) -> None:
         """Give the LightningModule its own ``on_train_batch_end`` back."""
@@ -186,7 +225,9 @@ class SignalStop:
     def _stop(self, when: str) -> None:
         trainer, strategy = self.trainer, self.strategy
         signum, step, path = min(self.pending.values()), trainer.global_step, None
-        if when == "first":
+        if lr_finder_running(trainer):  # its steps are a sweep it undoes: the fit has trained nothing yet
+            when = "finder"
+        if when in ("first", "finder"):
             path = trainer.ckpt_path  # this fit's state is the one it started from
             started = f"from checkpoint {path}" if path else "from the start"
             saved = (f"no checkpoint was written (no step was trained in this fit, which started {started}); run "
@@ -205,6 +246,7 @@ class SignalStop:
         who = "every rank" if len(ranks) == trainer.world_size else f"rank{'s' if len(ranks) > 1 else ''} {ranks}"
         where = {
             "first": f"before its first training step (global step {step})",
+            "finder": f"in the learning-rate finder's sweep (its global step {step}), before the first training step",
             "step": f"after global step {step}",
             "last": f"after its last training step (global step {step}; the signal came after that step's check)",
         }[when]  # fmt: skip

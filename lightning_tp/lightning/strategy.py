@@ -51,7 +51,7 @@ from lightning_tp.engine.init import Materializer, is_deferred, move_built_tenso
 from lightning_tp.engine.mesh import TPMesh, init_tp_mesh, parallel_sizes
 from lightning_tp.engine.random import RNGTracker, attached_tracker, derive_seed, model_parallel_seed
 from lightning_tp.engine.recompute import apply_activation_checkpointing, checkpoint_targets
-from lightning_tp.errors import CheckpointSkippedWarning, MeshConfigError, VerifyInputError
+from lightning_tp.errors import CheckpointSkippedWarning, MeshConfigError, PreemptedError, VerifyInputError
 from lightning_tp.lightning import checkpoint as ckpt
 from lightning_tp.lightning.averaging import averaging_callbacks, copy_sharded, refuse_averaging_resharded
 from lightning_tp.lightning.faults import (
@@ -293,15 +293,17 @@ class MegatronTPStrategy(DDPStrategy):
     def setup_environment(self) -> None:
         # Validate the layout before the process group exists: no collective on bad input.
         self._validate_config()
-        trainer = self._attached_trainer()
-        if trainer is not None:  # a signal from here on (a long load, the sanity check) is only recorded
-            self._take_over_signals(trainer)
         module = self.lightning_module
         if module is not None and applied_plan(module) is not None:
             refuse_averaging_resharded(module.trainer)  # before the callbacks' setup copies the sharded model
         if self.debug:
             enable_collective_debug()
         super().setup_environment()
+        trainer = self._attached_trainer()
+        # from here on (a long load, the sanity check) a signal is only recorded; one process evaluating keeps
+        # Lightning's (and Python's Ctrl-C): no collective to wait in
+        if trainer is not None and (trainer.state.fn == TrainerFn.FITTING or self.world_size > 1):
+            self._take_over_signals(trainer)
         self._tp_mesh = init_tp_mesh(self.tensor_parallel_size, self.root_device.type)
         if self.debug and self._tp_mesh.dp_size > 1:
             self._ddp_group = unchecked_dp_group(self._tp_mesh, self.pg_timeout)
@@ -430,16 +432,20 @@ class MegatronTPStrategy(DDPStrategy):
         return DistributedDataParallel(model, device_ids=device_ids, process_group=group, **kwargs)
 
     def teardown(self) -> None:
-        late = self._release_signals()  # validate/test/predict, or fit ended by an exception or with nothing to train
-        if late and self._fault() is None:  # not acted on: the handlers from before the stage act on it now
-            signal.raise_signal(late)
-        module = self.lightning_module
-        if self.zero_active and module is not None:
-            self._reshard_zero()
-            with keep_param_attrs(module):  # Lightning's teardown moves the model (DTensor params: swapped)
+        late = self._release_signals()
+        try:
+            module = self.lightning_module
+            if self.zero_active and module is not None:
+                self._reshard_zero()
+                with keep_param_attrs(module):  # Lightning's teardown moves the model (DTensor params: swapped)
+                    super().teardown()
+            else:
                 super().teardown()
-            return
-        super().teardown()
+        finally:
+            # a signal no stop acted on (validate/test/predict, a fit with nothing to train, after the last
+            # step's check, or a fit ended by another error): the handlers from before the stage get it now
+            if late and not isinstance(self._fault(), PreemptedError):
+                signal.raise_signal(late)
 
     def _reshard_zero(self) -> None:
         """Put the DP-split (marked) parameters back in the modules. ZeRO-2 keeps them gathered, as FSDP2's
@@ -536,7 +542,7 @@ class MegatronTPStrategy(DDPStrategy):
         notice = (
             "every rank stops after the current training step (a second signal exits at once)"
             if stage == TrainerFn.FITTING
-            else f"{stage.value} runs to its end, then the signal acts as without lightning_tp (a second signal "
+            else f"{stage.value} runs to its end, then the handlers from before it get the signal (a second signal "
             "exits at once)"
         )
         self.signal_flag = SignalFlag(tuple(signals), notice)
@@ -568,11 +574,12 @@ class MegatronTPStrategy(DDPStrategy):
         self.signal_stop.at_train_start()  # a signal while fit set up: every rank stops before the first step
 
     def on_train_end(self) -> None:
-        if self.signal_stop is not None:
-            self.signal_stop.at_train_end()  # a signal after the last step's agreement: checkpoint, PreemptedError
-        late = self._release_signals()
-        if late:  # came between that agreement and now: the handlers from before fit act on it
-            signal.raise_signal(late)
+        stop, self.signal_stop = self.signal_stop, None
+        if stop is not None:
+            stop.remove()
+            stop.at_train_end()  # a signal after the last step's agreement: checkpoint, PreemptedError
+        # the handlers stay until teardown (a run inside fit, e.g. the LR finder's, ends here too): a signal
+        # from now on is given to the handlers from before fit then
         super().on_train_end()
 
     def agreed_signals(self) -> dict[int, int]:

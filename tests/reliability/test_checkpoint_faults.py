@@ -273,9 +273,10 @@ def test_resume_from_truncated_checkpoint_fails_on_every_rank(good, tmp_path):
     assert messages[0] == messages[1] and "__0_0.distcp is truncated" in messages[0]
 
 
-def test_a_signal_during_the_rename_waits_until_the_checkpoint_is_in_place(tmp_path, monkeypatch):
-    """The previous checkpoint is moved aside, then the new one renamed into place: a signal between the
-    two (a second SIGTERM's exit) waits until the new one is at the path (the handler sees it there)."""
+def test_the_rename_blocks_signals_in_the_calling_thread(tmp_path, monkeypatch):
+    """The previous checkpoint is moved aside, then the new one renamed into place: the thread doing it
+    blocks SIGTERM / SIGINT for both renames (their default actions wait in a process of one thread; a
+    second signal's exit waits in any case, see test_signals) and unblocks them after."""
     import signal
 
     from lightning_tp.lightning.checkpoint import _replace
@@ -284,18 +285,14 @@ def test_a_signal_during_the_rename_waits_until_the_checkpoint_is_in_place(tmp_p
     for d, text in ((path, "previous"), (tmp, "new")):
         d.mkdir()
         (d / "meta").write_text(text)
-    rename, seen = Path.rename, []
+    rename, masks = Path.rename, []
 
-    def rename_then_signal(self, target):
-        out = rename(self, target)
-        if self == path:  # the previous checkpoint moved aside, the new one not yet in place
-            os.kill(os.getpid(), signal.SIGTERM)
-        return out
+    def rename_and_look(self, target):
+        masks.append(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        return rename(self, target)
 
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append((path / "meta").read_text()))
-    monkeypatch.setattr(Path, "rename", rename_then_signal)
-    try:
-        _replace(tmp, path, old)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert seen == ["new"] and not old.exists() and not tmp.exists()
+    monkeypatch.setattr(Path, "rename", rename_and_look)
+    _replace(tmp, path, old)
+    assert len(masks) == 2 and all({signal.SIGTERM, signal.SIGINT} <= mask for mask in masks)
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    assert (path / "meta").read_text() == "new" and not old.exists() and not tmp.exists()

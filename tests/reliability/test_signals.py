@@ -204,6 +204,60 @@ def test_a_signal_after_the_final_check_reaches_the_process_handler(tmp_path):
         assert r["delivered"] == ([signal.SIGTERM] if r["rank"] == 0 else [])
 
 
+class HandlerAtSanityCheck(L.Callback):
+    """Records whether the strategy's handler is SIGTERM's when the sanity check starts and when training does."""
+
+    def __init__(self) -> None:
+        self.ours = []
+
+    def _record(self, trainer) -> None:
+        flag = trainer.strategy.signal_flag
+        self.ours.append(flag is not None and signal.getsignal(signal.SIGTERM) == flag._handle)
+
+    def on_sanity_check_start(self, trainer, pl_module):
+        self._record(trainer)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            self._record(trainer)
+
+
+class SignalledInSweep(lit.LitGPT):
+    """SIGTERM to rank 1 at the second batch of the LR finder's sweep (the finder runs no other callbacks)."""
+
+    def on_train_batch_start(self, batch, batch_idx):
+        from lightning_tp._compat import lr_finder_running
+
+        if lr_finder_running(self.trainer) and batch_idx == 1 and self.global_rank == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _fit_with_lr_finder(root: str, in_sweep: bool = False):
+    from lightning.pytorch.callbacks import LearningRateFinder
+
+    with lit.external_launch(2):
+        check = HandlerAtSanityCheck()
+        finder = LearningRateFinder(num_training_steps=3, early_stop_threshold=None, update_attr=False)
+        trainer = L.Trainer(**lit.trainer_kwargs(max_steps=2, devices=2, strategy=MegatronTPStrategy(tensor_parallel_size=2),
+                                                 callbacks=[finder, check], num_sanity_val_steps=1, limit_val_batches=1,
+                                                 default_root_dir=root))  # fmt: skip
+        try:
+            trainer.fit(SignalledInSweep() if in_sweep else lit.LitGPT())
+        except PreemptedError as exc:
+            return str(exc), exc.checkpoint
+        return check.ours, trainer.global_step
+
+
+def test_a_run_inside_fit_keeps_the_strategys_handlers(tmp_path):
+    """The LR finder runs the fit loop inside fit (from on_fit_start): its end must not give the handlers
+    back, or Lightning installs its own for the sanity check (a SIGTERM to one rank then hangs every rank).
+    A signal during its sweep stops every rank without a checkpoint: the sweep's weights are not the fit's."""
+    assert _dist.run(2, _fit_with_lr_finder, str(tmp_path)) == [([True, True], 2)] * 2
+    for message, checkpoint in _dist.run(2, _fit_with_lr_finder, str(tmp_path), True):
+        assert "in the learning-rate finder's sweep" in message and checkpoint is None
+    assert not list(tmp_path.glob("hpc_ckpt_*"))
+
+
 class SignalInEvaluation(L.Callback):
     """SIGTERM to rank ``rank`` at the first batch of validate / test / predict; counts the batches run."""
 
@@ -292,6 +346,48 @@ def test_second_signal_exits_at_once():
     assert out.returncode == 128 + signal.SIGINT, out.stderr
     assert "second signal (SIGINT): exiting now" in out.stderr
     assert time.time() - start < 20
+
+
+SECOND_SIGNAL_IN_RENAME = """
+import os, signal, sys, threading, time
+from pathlib import Path
+from lightning_tp.lightning.checkpoint import _replace
+from lightning_tp.lightning.signals import SignalFlag
+root = Path(os.environ["CKPT_ROOT"])
+path, tmp = root / "step=4.ckpt", root / "tmp"
+path.mkdir()
+tmp.mkdir()
+(tmp / "meta").write_text("new")
+flag = SignalFlag()
+flag.install()
+flag.signum, flag._at = signal.SIGTERM, 0.0  # a first signal long ago
+threading.Thread(target=time.sleep, args=(60,), daemon=True).start()  # takes the signal the main thread holds
+rename = Path.rename
+def rename_then_signal(self, target):
+    out = rename(self, target)
+    if self == path:  # between the two renames: the second signal
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)
+    return out
+Path.rename = rename_then_signal
+_replace(tmp, path, root / "old")
+time.sleep(30)
+sys.exit(0)
+"""
+
+
+def test_a_second_signal_during_the_rename_exits_once_the_checkpoint_is_in_place(tmp_path):
+    """With a second thread (as NCCL's watchdog, a pin-memory thread), a signal reaches the process while
+    the main thread holds it: the handler still runs between the two renames. The second signal's exit
+    waits until the new checkpoint is at the path."""
+    from _forkserver import server
+    from _procs import clean_env
+
+    out = server().run(["-c", SECOND_SIGNAL_IN_RENAME], env=clean_env(CKPT_ROOT=str(tmp_path)), cwd=os.getcwd(),
+                       timeout=60)  # fmt: skip
+    assert out.returncode == 128 + signal.SIGTERM, out.stderr
+    assert "exiting after the rename" in out.stderr
+    assert (tmp_path / "step=4.ckpt" / "meta").read_text() == "new" and not (tmp_path / "tmp").exists()
 
 
 def _assert_no_process_left(run) -> None:
@@ -460,6 +556,37 @@ def test_stop_runs_after_the_modules_own_batch_end_hook_and_gives_it_back():
     trainer.lightning_module = plain
     SignalStop(strategy, trainer).remove()
     assert "on_train_batch_end" not in vars(plain)
+
+
+class HookCounter(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = []
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.calls.append(batch_idx)
+
+
+def test_a_copy_of_the_module_while_training_gets_its_own_hook():
+    """The wrapped hook does not keep the module from being pickled or copied during training (a callback
+    saving it with torch.save, a DataLoader worker started with spawn); the copy calls its own hook only."""
+    import copy
+    import pickle
+    from types import SimpleNamespace
+
+    from lightning_tp.lightning.signals import SignalStop
+
+    agreed = []
+    module = HookCounter()
+    progress = SimpleNamespace(is_last_batch=False)
+    trainer = SimpleNamespace(accumulate_grad_batches=1, num_training_batches=6, lightning_module=module,
+                              fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))  # fmt: skip
+    SignalStop(SimpleNamespace(agreed_signals=lambda: agreed.append(1) or {}), trainer)
+    for clone in (pickle.loads(pickle.dumps(module)), copy.deepcopy(module)):
+        clone.on_train_batch_end(None, None, 7)
+        assert clone.calls == [7] and module.calls == [] and agreed == []
+    module.on_train_batch_end(None, None, 1)
+    assert module.calls == [1] and agreed == [1]
 
 
 @pytest.mark.parametrize("env", ["no-job-id", "no-scontrol"])
