@@ -246,7 +246,7 @@ def _no_sigterm_broadcast() -> None:
 
 
 def take_over_signal_handling(trainer: Any) -> None:
-    """For one fit: Lightning 2.6 installs none of its signal handlers (its SIGTERM handler broadcasts from
+    """For one stage (fit; validate / test / predict with more than one process): Lightning 2.6 installs none of its signal handlers (its SIGTERM handler broadcasts from
     inside the handler; it would also compose itself with the strategy's and, at teardown, put the
     strategy's back as "the original") and skips its per-batch broadcast of rank 0's SIGTERM flag (the
     strategy agrees on every rank's signal in one reduction per step). Undone by ``give_back_signal_handling``."""

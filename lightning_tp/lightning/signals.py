@@ -265,8 +265,10 @@ class SignalStop:
             code = requeue_slurm_job()
         except (OSError, ValueError) as exc:
             log.warning("lightning_tp: the SLURM requeue failed: %s", exc)
-            return f"; the SLURM requeue failed ({exc}): requeue the job by hand (scontrol requeue JOBID)"
-        log.info("lightning_tp: scontrol requeue exited with %d", code)
-        if code:
-            return f"; scontrol requeue exited with {code}: requeue the job by hand (scontrol requeue JOBID)"
-        return "; the SLURM job was requeued"
+            failed = f"the SLURM requeue failed ({exc})"
+        else:
+            log.info("lightning_tp: scontrol requeue exited with %d", code)
+            if not code:
+                return "; the SLURM job was requeued"
+            failed = f"scontrol requeue exited with {code}"
+        return f"; {failed}: requeue the job by hand (scontrol requeue JOBID)"

@@ -507,6 +507,15 @@ def test_requeue_runs_scontrol_for_this_job(tmp_path, monkeypatch):
     assert requeue_slurm_job() == 0 and (tmp_path / "called").read_text().split() == ["requeue", "77_3"]
 
 
+def _fake_trainer(module, accumulate: int = 1, **attrs):
+    """What SignalStop reads of a Trainer: the module, the accumulation window, the batch progress."""
+    from types import SimpleNamespace
+
+    progress = SimpleNamespace(is_last_batch=False)
+    return SimpleNamespace(accumulate_grad_batches=accumulate, num_training_batches=6, lightning_module=module,
+                           fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)), **attrs)  # fmt: skip
+
+
 def test_stop_waits_for_the_optimizer_step_of_an_accumulation_window():
     """With accumulate_grad_batches=4 the stop comes at the next optimizer step: batch 4 of a window, or
     the epoch's last batch, where Lightning steps with a partial window."""
@@ -517,11 +526,8 @@ def test_stop_waits_for_the_optimizer_step_of_an_accumulation_window():
     strategy = SimpleNamespace(
         agreed_signals=lambda: {1: int(signal.SIGTERM)}, save_on_signal=False, requeue_signal=None
     )
-    progress = SimpleNamespace(is_last_batch=False)
     module = SimpleNamespace(on_train_batch_end=lambda outputs, batch, batch_idx: None)
-    trainer = SimpleNamespace(accumulate_grad_batches=4, num_training_batches=6, global_step=1, world_size=2,
-                              is_global_zero=True, lightning_module=module,
-                              fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))  # fmt: skip
+    trainer = _fake_trainer(module, accumulate=4, global_step=1, world_size=2, is_global_zero=True)
     stops = []
     for batch_idx in range(6):
         try:
@@ -544,9 +550,7 @@ def test_stop_runs_after_the_modules_own_batch_end_hook_and_gives_it_back():
     module.on_train_batch_end = lambda outputs, batch, batch_idx: calls.append(("module", batch_idx))
     own = module.on_train_batch_end
     strategy = SimpleNamespace(agreed_signals=lambda: calls.append(("agree", None)) or {})
-    progress = SimpleNamespace(is_last_batch=False)
-    trainer = SimpleNamespace(accumulate_grad_batches=1, num_training_batches=6, lightning_module=module,
-                              fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))  # fmt: skip
+    trainer = _fake_trainer(module)
     stop = SignalStop(strategy, trainer)
     module.on_train_batch_end(None, None, 2)
     assert calls == [("module", 2), ("agree", None)]
@@ -578,10 +582,7 @@ def test_a_copy_of_the_module_while_training_gets_its_own_hook():
 
     agreed = []
     module = HookCounter()
-    progress = SimpleNamespace(is_last_batch=False)
-    trainer = SimpleNamespace(accumulate_grad_batches=1, num_training_batches=6, lightning_module=module,
-                              fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))  # fmt: skip
-    SignalStop(SimpleNamespace(agreed_signals=lambda: agreed.append(1) or {}), trainer)
+    SignalStop(SimpleNamespace(agreed_signals=lambda: agreed.append(1) or {}), _fake_trainer(module))
     for clone in (pickle.loads(pickle.dumps(module)), copy.deepcopy(module)):
         clone.on_train_batch_end(None, None, 7)
         assert clone.calls == [7] and module.calls == [] and agreed == []
