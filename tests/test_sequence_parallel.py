@@ -129,14 +129,15 @@ def test_sequence_parallel_needs_an_lm_head_and_parallel_row_inputs():
 def _check_hf_llama_refused():
     m = _dist.mesh(2)
     model = models.HFLogits(models.build("hf_llama"))
-    with pytest.raises(PolicyMismatchError):
+    with pytest.raises(PolicyMismatchError, match=r"1/2 of the sequence.*check the model with sequence_parallel=False"):
         apply_policy(model, m.tp_group, "auto", sequence_parallel=True)
     return True
 
 
 @pytest.mark.skipif(not HAS_HF, reason="transformers (extra 'hf') not installed")
 def test_model_that_reads_sequence_length_from_activations_is_caught_by_verify():
-    # HF Llama derives positions from the (now sequence-sharded) embeddings: the self-check refuses it
+    # HF Llama derives positions from the (now sequence-sharded) embeddings: the self-check refuses it,
+    # and its message names sequence parallelism as the cause to check first
     assert all(_dist.run(2, _check_hf_llama_refused))
 
 

@@ -472,6 +472,7 @@ def check_parity(
             f"{error}. Its forward does not fit the policy (for example it reshapes with a full hidden size "
             "or head count read from the input or the config). Fix the policy (map that block to 'replicate') "
             "or make the forward use local sizes (view(..., -1, head_dim)); pass verify=False to skip this check."
+            f"{_sequence_hint(plan)}"
         ) from error
     specs = {m.name: spec for m in plan.modules if (spec := m.kind.output_spec(m)) is not None}
     worst, bad, shapes = 0.0, None, None
@@ -505,7 +506,18 @@ def check_parity(
         f"the rewritten model's output differs from the unsharded model's: {what}. "
         f"First module whose output differs: {first!r}.{_fused_hint(first, plan)} The policy does not fit this "
         "model's forward; check that module's style and the head/width attributes it reads (`lightning-tp plan` "
-        "shows the plan)."
+        f"shows the plan).{_sequence_hint(plan)}"
+    )
+
+
+def _sequence_hint(plan: Plan) -> str:
+    """What to try first when a sequence-parallel plan fails its check."""
+    if not plan.sequence_parallel:
+        return ""
+    return (
+        f" Under sequence parallelism the activations between the blocks hold 1/{plan.tp_size} of the sequence: a "
+        "model that derives positions, masks or rotary tables from their length (Hugging Face models do, from "
+        "`inputs_embeds`) does not fit it; check the model with sequence_parallel=False."
     )
 
 
@@ -903,6 +915,7 @@ def check_blocks(
             f"verify (block by block): the rewritten model's forward failed in module {where or '<root>'!r}: "
             f"{type(error).__name__}: {error}. Its forward does not fit the policy (for example it reshapes with a "
             "full hidden size or head count); map that block to 'replicate', or pass verify=False to skip this check."
+            f"{_sequence_hint(plan)}"
         ) from error
     device = model_device(model)
     checked, skipped = 0, []
