@@ -25,14 +25,22 @@ from lightning_tp.policy import plan_policy
 
 
 def _cli(args: list[str], run: bool = True) -> LightningCLI:
-    return LightningCLI(
-        args=args,
+    kwargs = dict(
         run=run,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "lightning-tp"} if run else {"prog": "lightning-tp plan"},
     )
+    if args == sys.argv[1:]:  # the command line itself: LightningCLI reads it (no warning about args given twice)
+        return LightningCLI(**kwargs)
+    if run:
+        return LightningCLI(args=args, **kwargs)
+    argv, sys.argv = sys.argv, sys.argv[:1]  # `plan`: parse ``args`` alone; nothing runs while sys.argv is short
+    try:
+        return LightningCLI(args=args, **kwargs)
+    finally:
+        sys.argv = argv
 
 
 def plan_main(args: list[str]) -> str:

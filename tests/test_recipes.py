@@ -150,6 +150,7 @@ def test_cpu_recipe_smoke_run(recipe, tmp_path, request):
         extra.append("--trainer.strategy.init_args.start_method=fork")
     out = _smoke(recipe, tmp_path, extra=extra, fresh=recipe == MAIN_RECIPE)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "args parameter is intended to run from within Python" not in out.stdout + out.stderr  # args given once
     if recipe in PRETRAINED_RECIPES:
         assert re.search(r"lightning_tp: loaded 21 pretrained tensors from \S*llama-hf-base", out.stdout + out.stderr)
     runs = list((tmp_path / "runs" / "wandb").glob("offline-run-*"))
