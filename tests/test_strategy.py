@@ -316,10 +316,14 @@ def test_reduce_gather_broadcast_over_dp():
 
 
 def test_clip_by_value_matches_single_process():
+    """Clipping by value at TP 2: the losses of one process, and the whole model's gradient norm before
+    clipping logged as `grad_norm` (as under clipping by norm), equal to the one a single rank logs."""
     ref = reference_losses(steps=6, clip=0.05, gradient_clip_algorithm="value")
+    (one,) = _dist.run(1, _fit, 1, 1, steps=6, clip=0.05, gradient_clip_algorithm="value")
+    assert one["grad_norm"] is not None and one["grad_norm"] > 0.05
     for r in _dist.run(2, _fit, 2, 2, steps=6, clip=0.05, gradient_clip_algorithm="value"):
         torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref), rtol=1e-5, atol=0)
-        assert r["grad_norm"] is None  # only norm clipping computes (and logs) the norm
+        assert r["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])

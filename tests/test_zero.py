@@ -47,6 +47,7 @@ def test_zero3_clip_by_value_and_gradient_accumulation():
     ref = reference_losses(steps=5, **kw)
     results = _dist.run(4, _fit, 4, 2, steps=5, strategy_kw={"zero_stage": 3}, **kw)
     _check(results, ref, 3)
+    assert all(r["grad_norm"] is not None and r["grad_norm"] > 0 for r in results)  # logged under "value" too
 
 
 def _fit_fp16_zero():

@@ -311,6 +311,12 @@ class _TPPrecisionMixin:
         params = [p for p in self.main_params(optimizer) if p.grad is not None]
         self.last_grad_norm = clip_grads_by_norm_(params, float(clip_val), self.tp_group, self.dp_group)
 
+    def clip_grad_by_value(self, optimizer, clip_val: int | float) -> None:
+        # element-wise, exact on shards; the unsharded norm before clipping is logged as under "norm"
+        params = [p for p in self.main_params(optimizer) if p.grad is not None]
+        self.last_grad_norm = tp_grad_norm(params, self.tp_group, dp_group=self.dp_group)
+        super().clip_grad_by_value(optimizer, clip_val)
+
 
 class TPPrecision(_TPPrecisionMixin, Precision):
     """``32-true`` with TP-aware clipping."""
