@@ -53,12 +53,12 @@ class LitGPT(L.LightningModule):
             self.model = GPT(Config(name="lit", block_size=SEQ, n_layer=2, n_embd=32, n_head=4, n_query_groups=2,
                                     vocab_size=VOCAB, padded_vocab_size=VOCAB, norm_class_name="RMSNorm",
                                     intermediate_size=48, bias=False, **mlp))  # fmt: skip
-        elif model == "hf_gpt_oss":  # Hugging Face GPT-OSS (extra 'hf'): experts with biases, attention sinks
-            import hf_zoo
+        elif model in ("hf_gpt_oss", "hf_gpt_oss_cache"):  # Hugging Face GPT-OSS (extra 'hf'): experts with biases,
+            import hf_zoo  # attention sinks; "_cache": its key/value cache on in training (use_cache=True)
 
             self.model = hf_zoo.gpt_oss(vocab_size=VOCAB, num_hidden_layers=2, num_experts_per_tok=2, sliding_window=4,
                                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-                                        tie_word_embeddings=tied)  # fmt: skip
+                                        tie_word_embeddings=tied, use_cache=model.endswith("_cache"))  # fmt: skip
         else:
             self.model = models.NanoGPT(vocab=VOCAB, n_embd=32, n_layer=2, n_head=4, block_size=SEQ)
         self.drop = torch.nn.Dropout(dropout)

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint, noop_context_fn
 
@@ -68,15 +69,56 @@ def _checkpointed(inner: Any, tracker: RNGTracker | None, *args: Any, **kwargs: 
     return checkpoint(inner, *args, use_reentrant=False, context_fn=contexts, **kwargs)
 
 
+def _checkpointed_call(tracker: RNGTracker | None, function: Any, *args: Any, **kwargs: Any) -> Any:
+    return _checkpointed(function, tracker, *args, **kwargs)
+
+
+def _is_kv_cache(value: Any) -> bool:
+    """A Hugging Face key/value cache object (``DynamicCache`` and its kin): appended to in forward."""
+    return type(value).__name__.endswith("Cache") and callable(getattr(value, "update", None))
+
+
+def _checkpointed_forward(inner: Any, tracker: RNGTracker | None, *args: Any, **kwargs: Any) -> Any:
+    if torch.is_grad_enabled() and (cache := [k for k, v in kwargs.items() if _is_kv_cache(v)]):
+        owner = getattr(inner, "__self__", None)
+        raise ValueError(
+            f"activation checkpointing of {type(owner).__name__ if owner is not None else inner!r}: it is called with "
+            f"a key/value cache ({cache[0]}={type(kwargs[cache[0]]).__name__}) while gradients are on, and its "
+            "recompute in backward would append to that cache a second time. Checkpoint the whole decoder layers "
+            "instead (e.g. 'model.layers.*': a Hugging Face decoder layer turns its cache off when checkpointed), or "
+            "turn the cache off in training (config.use_cache=False)."
+        )
+    return _checkpointed(inner, tracker, *args, **kwargs)
+
+
+def _checkpoints_itself(module: nn.Module) -> bool:
+    """Whether ``module`` is a Hugging Face ``GradientCheckpointingLayer`` (every decoder layer of
+    transformers 5): its own ``forward`` wrapper checkpoints when ``gradient_checkpointing`` is set,
+    through ``_gradient_checkpointing_func``, and drops the key/value cache arguments first (a
+    recompute would append to the cache a second time)."""
+    cls = type(module)
+    return isinstance(getattr(cls, "_can_checkpoint_with_cache", None), bool) and isinstance(
+        getattr(cls, "gradient_checkpointing", None), bool
+    )
+
+
 def checkpoint_module(module: nn.Module, tracker: RNGTracker | None = None) -> nn.Module:
     """Recompute ``module``'s forward in backward (in place; returns ``module``). Idempotent. With
     ``tracker`` (the one the model's split regions use) the recompute starts with the split region as
     the forward found it: needed where ``module`` holds a row layer but not its column layers, or
-    the reverse."""
+    the reverse. A Hugging Face decoder layer (``GradientCheckpointingLayer``) is checkpointed
+    through its own switch, with this checkpoint function: it turns its key/value cache off for the
+    checkpointed call, as Hugging Face's ``gradient_checkpointing_enable`` does, so a model with
+    ``use_cache=True`` trains (the cache it returns then lacks those layers); that switch checkpoints
+    in training mode with gradients on only."""
     if _WRAPPED in module.__dict__:
         return module
     inner = module.forward
-    module.forward = functools.partial(_checkpointed, inner, tracker)
+    if _checkpoints_itself(module):
+        module._gradient_checkpointing_func = functools.partial(_checkpointed_call, tracker)
+        module.gradient_checkpointing = True
+    else:
+        module.forward = functools.partial(_checkpointed_forward, inner, tracker)
     module.__dict__[_WRAPPED] = inner
     return module
 
@@ -129,5 +171,29 @@ def apply_activation_checkpointing(model: nn.Module, targets: Targets, tracker: 
         raise ValueError(
             f"activation_checkpointing={targets!r} matches no module of {type(model).__name__}. Module names look "
             f"like {[n for n, _ in model.named_modules()][1:4]} (fnmatch patterns on them, or module classes)."
+            f"{_class_name_hint(model, items)}"
         )
     return done
+
+
+def _class_name_hint(model: nn.Module, items: list[type | str]) -> str:
+    """For a string target that names a module class rather than module names: how to give the class."""
+    hints = []
+    for t in items:
+        if not isinstance(t, str):
+            continue
+        short = t.rpartition(".")[2]
+        named = [n for n, m in model.named_modules() if n and type(m).__name__ in (t, short)]
+        if named:
+            hints.append(
+                f" {t!r} is read as a module-name pattern, and it is the class name of {named[0]!r}: give the class "
+                f"itself (in YAML or on the command line its full import path, e.g. "
+                f"'{type(model.get_submodule(named[0])).__module__}.{type(model.get_submodule(named[0])).__name__}'), "
+                f"or a name pattern such as '{named[0].rpartition('.')[0] + '.*' if '.' in named[0] else named[0]}'."
+            )
+        elif "." in t and not any(c in t for c in "*?[") and short[:1].isupper():
+            hints.append(
+                f" {t!r} looks like a class's import path but is read as a module-name pattern (a class path that "
+                "imports is resolved to the class on the command line and in YAML): check its spelling."
+            )
+    return "".join(hints)
