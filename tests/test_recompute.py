@@ -66,6 +66,12 @@ def test_bad_targets_are_clear_errors():
         apply_activation_checkpointing(model, "Block")
     with pytest.raises(ValueError, match=r"'lightning_tp.models.gpt.Blok' looks like a class's import path.*spelling"):
         apply_activation_checkpointing(model, ["lightning_tp.models.gpt.Blok"])
+    # layer classes are matched after the rewrite, where no nn.Linear is left to match
+    from lightning_tp.engine.layers import ColumnParallelLinear, RowParallelLinear
+
+    assert not issubclass(ColumnParallelLinear, torch.nn.Linear) and not issubclass(RowParallelLinear, torch.nn.Linear)
+    with pytest.raises(ValueError, match=r"Linear is matched after the tensor-parallel rewrite.*target the blocks"):
+        apply_activation_checkpointing(torch.nn.Sequential(torch.nn.ReLU()), torch.nn.Linear)
 
 
 def _hf_llama_grads(tp: int, checkpointed: bool) -> tuple[dict[str, torch.Tensor], int]:

@@ -180,6 +180,12 @@ def _class_name_hint(model: nn.Module, items: list[type | str]) -> str:
     """For a string target that names a module class rather than module names: how to give the class."""
     hints = []
     for t in items:
+        if isinstance(t, type) and issubclass(t, nn.Linear | nn.Embedding):
+            hints.append(
+                f" {t.__name__} is matched after the tensor-parallel rewrite, and the parallel layers are not "
+                f"{t.__name__} subclasses: target the blocks that hold them (a block class, or a pattern such as "
+                "'model.layers.*')."
+            )
         if not isinstance(t, str):
             continue
         short = t.rpartition(".")[2]
