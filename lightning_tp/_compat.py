@@ -1,4 +1,4 @@
-"""Every private Lightning or torch name lightning_tp still needs, in one place. Each breaks on some
+"""Every private Lightning, torch or transformers name lightning_tp still needs, in one place. Each breaks on some
 future release; ``tests/test_compat.py`` fails naming the symbol when it is gone or behaves otherwise.
 
 torch (no public equivalent):
@@ -57,6 +57,12 @@ Lightning (imported on first use, so the engine, which imports this module, impo
   weight-averaging callback (``EMAWeightAveraging``) made in its ``setup``, before the strategy
   sharded the model: the strategy has the callback copy the sharded model again, and saves and
   restores that copy's shards.
+
+transformers (its private checkpointing protocol; imported by nothing here):
+
+* ``own_checkpointing`` (``GradientCheckpointingLayer._gradient_checkpointing_func``, recognized by
+  ``_can_checkpoint_with_cache``): a Hugging Face decoder layer checkpoints itself through that
+  function once ``gradient_checkpointing`` is set, and drops its key/value cache arguments first.
 
 Python:
 
@@ -246,8 +252,8 @@ def _no_sigterm_broadcast() -> None:
 
 
 def take_over_signal_handling(trainer: Any) -> None:
-    """For one stage (fit; validate / test / predict with more than one process): Lightning 2.6 installs none of its signal handlers (its SIGTERM handler broadcasts from
-    inside the handler; it would also compose itself with the strategy's and, at teardown, put the
+    """For one stage (fit; validate / test / predict with more than one process): Lightning 2.6 installs
+    none of its signal handlers (its SIGTERM handler broadcasts from inside the handler; it would also compose itself with the strategy's and, at teardown, put the
     strategy's back as "the original") and skips its per-batch broadcast of rank 0's SIGTERM flag (the
     strategy agrees on every rank's signal in one reduction per step). Undone by ``give_back_signal_handling``."""
     trainer._signal_connector.register_signal_handlers = _install_no_handlers
@@ -258,6 +264,22 @@ def give_back_signal_handling(trainer: Any) -> None:
     """Lightning's own signal handling again (validate / test / predict, or a later fit with another strategy)."""
     vars(trainer._signal_connector).pop("register_signal_handlers", None)
     vars(trainer.fit_loop.epoch_loop).pop("_broadcast_sigterm_tensor", None)
+
+
+def own_checkpointing(module: torch.nn.Module, function: Any) -> bool:
+    """If ``module`` is a Hugging Face ``GradientCheckpointingLayer`` (every decoder layer of transformers 5),
+    turn on its own checkpointing with ``function(forward, *args)`` as the checkpoint function and return
+    ``True``: its ``forward`` wrapper then drops the key/value cache arguments and calls ``function`` (in
+    training mode, gradients on). Otherwise change nothing and return ``False``."""
+    cls = type(module)
+    if not (
+        isinstance(getattr(cls, "_can_checkpoint_with_cache", None), bool)
+        and isinstance(getattr(cls, "gradient_checkpointing", None), bool)
+    ):
+        return False
+    module._gradient_checkpointing_func = function
+    module.gradient_checkpointing = True
+    return True
 
 
 def lr_finder_running(trainer: Any) -> bool:
@@ -305,6 +327,7 @@ __all__ = [
     "checkpoint_block",
     "give_back_signal_handling",
     "lr_finder_running",
+    "own_checkpointing",
     "take_over_signal_handling",
     "MultiProcessingLauncher",  # noqa: F822 (module __getattr__)
     "SubprocessScriptLauncher",  # noqa: F822 (module __getattr__)

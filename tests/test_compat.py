@@ -1,5 +1,5 @@
-"""Every private Lightning or torch name lightning_tp uses lives in lightning_tp._compat: each must still exist and
-behave as used (a failure names the symbol an upstream release removed or changed)."""
+"""Every private Lightning, torch or transformers name lightning_tp uses lives in lightning_tp._compat: each must
+still exist and behave as used (a failure names the symbol an upstream release removed or changed)."""
 
 import pytest
 import torch
@@ -357,3 +357,29 @@ def test_averaged_model_is_where_weight_averaging_keeps_its_copy():
     callback.setup(None, module, "fit")
     averaged = _compat.averaged_model(callback)
     assert isinstance(averaged, torch.optim.swa_utils.AveragedModel) and type(averaged.module) is Tiny
+
+
+def test_own_checkpointing_is_how_a_hugging_face_layer_checkpoints_itself():
+    """A Hugging Face decoder layer recognized, given the checkpoint function (private
+    ``_gradient_checkpointing_func``), calls it in a training forward with gradients on, its key/value
+    cache argument dropped; not in eval mode; a module of another kind is left as it is."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, attn_implementation="eager",
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config)
+    calls = []
+
+    def function(forward, *args):
+        calls.append(dict(forward.keywords))
+        return forward(*args)
+
+    linear = torch.nn.Linear(2, 2)
+    assert not _compat.own_checkpointing(linear, function) and "gradient_checkpointing" not in vars(linear)
+    assert _compat.own_checkpointing(model.model.layers[0], function)
+    ids = torch.randint(0, 32, (1, 4))
+    model.train()(input_ids=ids, use_cache=True)
+    assert len(calls) == 1 and "cache" in calls[0] and calls[0]["cache"] is None and calls[0]["use_cache"] is False
+    model.eval()(input_ids=ids)
+    assert len(calls) == 1

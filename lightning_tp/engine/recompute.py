@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint, noop_context_fn
 
+from lightning_tp._compat import own_checkpointing
 from lightning_tp.engine.init import module_aliases
 from lightning_tp.engine.random import RNGTracker
 
@@ -64,13 +65,9 @@ def _contexts(tracker: RNGTracker) -> tuple[Any, Any]:
     return region.forward(), region.recompute()
 
 
-def _checkpointed(inner: Any, tracker: RNGTracker | None, *args: Any, **kwargs: Any) -> Any:
+def _checkpointed(tracker: RNGTracker | None, inner: Any, *args: Any, **kwargs: Any) -> Any:
     contexts = noop_context_fn if tracker is None else functools.partial(_contexts, tracker)
     return checkpoint(inner, *args, use_reentrant=False, context_fn=contexts, **kwargs)
-
-
-def _checkpointed_call(tracker: RNGTracker | None, function: Any, *args: Any, **kwargs: Any) -> Any:
-    return _checkpointed(function, tracker, *args, **kwargs)
 
 
 def _is_kv_cache(value: Any) -> bool:
@@ -88,18 +85,7 @@ def _checkpointed_forward(inner: Any, tracker: RNGTracker | None, *args: Any, **
             "instead (e.g. 'model.layers.*': a Hugging Face decoder layer turns its cache off when checkpointed), or "
             "turn the cache off in training (config.use_cache=False)."
         )
-    return _checkpointed(inner, tracker, *args, **kwargs)
-
-
-def _checkpoints_itself(module: nn.Module) -> bool:
-    """Whether ``module`` is a Hugging Face ``GradientCheckpointingLayer`` (every decoder layer of
-    transformers 5): its own ``forward`` wrapper checkpoints when ``gradient_checkpointing`` is set,
-    through ``_gradient_checkpointing_func``, and drops the key/value cache arguments first (a
-    recompute would append to the cache a second time)."""
-    cls = type(module)
-    return isinstance(getattr(cls, "_can_checkpoint_with_cache", None), bool) and isinstance(
-        getattr(cls, "gradient_checkpointing", None), bool
-    )
+    return _checkpointed(tracker, inner, *args, **kwargs)
 
 
 def checkpoint_module(module: nn.Module, tracker: RNGTracker | None = None) -> nn.Module:
@@ -114,10 +100,7 @@ def checkpoint_module(module: nn.Module, tracker: RNGTracker | None = None) -> n
     if _WRAPPED in module.__dict__:
         return module
     inner = module.forward
-    if _checkpoints_itself(module):
-        module._gradient_checkpointing_func = functools.partial(_checkpointed_call, tracker)
-        module.gradient_checkpointing = True
-    else:
+    if not own_checkpointing(module, functools.partial(_checkpointed, tracker)):
         module.forward = functools.partial(_checkpointed_forward, inner, tracker)
     module.__dict__[_WRAPPED] = inner
     return module
@@ -189,13 +172,14 @@ def _class_name_hint(model: nn.Module, items: list[type | str]) -> str:
         if not isinstance(t, str):
             continue
         short = t.rpartition(".")[2]
-        named = [n for n, m in model.named_modules() if n and type(m).__name__ in (t, short)]
-        if named:
+        named = next(((n, type(m)) for n, m in model.named_modules() if n and type(m).__name__ in (t, short)), None)
+        if named is not None:
+            name, cls = named
+            parent = name.rpartition(".")[0]
             hints.append(
-                f" {t!r} is read as a module-name pattern, and it is the class name of {named[0]!r}: give the class "
-                f"itself (in YAML or on the command line its full import path, e.g. "
-                f"'{type(model.get_submodule(named[0])).__module__}.{type(model.get_submodule(named[0])).__name__}'), "
-                f"or a name pattern such as '{named[0].rpartition('.')[0] + '.*' if '.' in named[0] else named[0]}'."
+                f" {t!r} is read as a module-name pattern, and it is the class name of {name!r}: give the class "
+                f"itself (in YAML or on the command line its full import path, e.g. '{cls.__module__}.{cls.__name__}'), "
+                f"or a name pattern such as '{parent + '.*' if parent else name}'."
             )
         elif "." in t and not any(c in t for c in "*?[") and short[:1].isupper():
             hints.append(
