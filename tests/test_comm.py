@@ -120,6 +120,39 @@ def test_collectives_exact_tp2_dp2(dim_name):
         assert members == [[0, 2], [1, 3], [0, 2], [1, 3]]
 
 
+def _check_outputs_modified_in_place():
+    """Each split, gather and reduce-scatter output is a tensor of its own: a residual ``+=`` on it (Falcon
+    and Llama 4 add to the row layer's reduce-scattered output in place) keeps forward and backward exact."""
+    m = _dist.mesh(2)
+    rank, me, members = dist.get_rank(), dist.get_rank(m.tp_group), dist.get_process_group_ranks(m.tp_group)
+    cases = [  # (function, input shape, kwargs, its plain output, the gradient of its input for a grad g)
+        (comm.reduce_scatter_to_sp, (1, 4, 3), {"dim": 1}, lambda: sum(_val(r, (1, 4, 3)) for r in members).chunk(2, 1)[me],
+         lambda g: torch.cat([g(r, (1, 2, 3)) for r in members], 1)),
+        (comm.scatter_to_sp, (1, 4, 3), {"dim": 1}, lambda: _val(rank, (1, 4, 3)).chunk(2, 1)[me],
+         lambda g: torch.cat([g(r, (1, 2, 3)) for r in members], 1)),
+        (comm.gather_from_sp, (2, 2, 3), {"dim": 1}, lambda: torch.cat([_val(r, (2, 2, 3)) for r in members], 1),
+         lambda g: sum(g(r, (2, 4, 3)) for r in members).chunk(2, 1)[me]),
+        (comm.scatter_to_tp, (4, 2), {}, lambda: _val(rank, (4, 2)).chunk(2, -1)[me],
+         lambda g: torch.cat([g(r, (4, 1)) for r in members], -1)),
+        (comm.gather_from_tp, (2, 3), {}, lambda: torch.cat([_val(r, (2, 3)) for r in members], -1),
+         lambda g: g(rank, (2, 6)).chunk(2, -1)[me]),
+    ]  # fmt: skip
+    done = []
+    for fn, shape, kw, plain, grad_of in cases:
+        x = _val(rank, shape).requires_grad_()
+        y = fn(x, m.tp_group, **kw)
+        y += 1.0  # in place
+        assert torch.equal(y, plain() + 1.0), fn.__name__
+        y.backward(_grad(rank, y.shape))
+        assert torch.equal(x.grad, grad_of(_grad)), fn.__name__
+        done.append(fn.__name__)
+    return done
+
+
+def test_collective_outputs_can_be_modified_in_place():
+    assert all(len(done) == 5 for done in _dist.run(2, _check_outputs_modified_in_place))
+
+
 def _check_identity_on_group_of_one():
     m = _dist.mesh(1)
     x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)

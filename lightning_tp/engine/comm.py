@@ -22,6 +22,8 @@ With a group of size 1 every operator is the identity. Collectives are called th
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -148,7 +150,7 @@ def all_gather_dim(x: Tensor, group: ProcessGroup, dim: int) -> Tensor:
     x0 = x.movedim(dim, 0).contiguous()  # (n, ...rest)
     out = torch.empty((p * x0.shape[0], *x0.shape[1:]), dtype=x.dtype, device=x.device)  # (p*n, ...)
     _gather_single(out, x0, group)
-    return out.movedim(0, dim)
+    return out.movedim(0, dim) if dim else out
 
 
 def split_dim(x: Tensor, group: ProcessGroup, dim: int) -> Tensor:
@@ -156,12 +158,29 @@ def split_dim(x: Tensor, group: ProcessGroup, dim: int) -> Tensor:
     p = group_size(group)
     if p == 1:
         return x
+    return _chunk(x, p, dim, group).contiguous()
+
+
+def _chunk(x: Tensor, p: int, dim: int, group: ProcessGroup) -> Tensor:
+    _check_split(x, p, dim)
+    return x.chunk(p, dim=dim)[group_rank(group)]
+
+
+def _check_split(x: Tensor, p: int, dim: int) -> None:
     if x.shape[dim] % p != 0:
         raise ShardingError(
             f"cannot split dim {dim} of size {x.shape[dim]} over a tensor-parallel group of {p}: "
             f"the size must be divisible by {p}. Pad it or choose a tensor_parallel_size that divides it."
         )
-    return x.chunk(p, dim=dim)[group_rank(group)].contiguous()
+
+
+def _check_reduce_scatter(x: Tensor, p: int, dim: int) -> None:
+    if x.shape[dim] % p != 0:
+        raise ShardingError(
+            f"cannot reduce-scatter dim {dim} of size {x.shape[dim]} over a group of {p}: the size "
+            f"must be divisible by {p} (for sequence parallelism, make the sequence length a multiple "
+            "of tensor_parallel_size)."
+        )
 
 
 def reduce_scatter_dim(x: Tensor, group: ProcessGroup, dim: int) -> Tensor:
@@ -169,17 +188,12 @@ def reduce_scatter_dim(x: Tensor, group: ProcessGroup, dim: int) -> Tensor:
     p = group_size(group)
     if p == 1:
         return x
-    if x.shape[dim] % p != 0:
-        raise ShardingError(
-            f"cannot reduce-scatter dim {dim} of size {x.shape[dim]} over a group of {p}: the size "
-            f"must be divisible by {p} (for sequence parallelism, make the sequence length a multiple "
-            "of tensor_parallel_size)."
-        )
+    _check_reduce_scatter(x, p, dim)
     dim = dim % x.dim()
     x0 = x.movedim(dim, 0).contiguous()  # (p*n, ...rest)
     out = torch.empty((x0.shape[0] // p, *x0.shape[1:]), dtype=x.dtype, device=x.device)  # (n, ...)
     _reduce_scatter_single(out, x0, group)
-    return out.movedim(0, dim)
+    return out.movedim(0, dim) if dim else out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,33 +312,67 @@ class _LinearRegather(torch.autograd.Function):
         return grad_x, None, grad_w, grad_b, None, None
 
 
+# The split, gather and reduce-scatter Functions below return a tensor of their own, never a view of
+# their input or of a buffer, so that it may be modified in place (a residual ``+=`` after a row layer),
+# which autograd refuses for a view made inside a custom Function: a split copies this rank's chunk (a
+# contiguous tensor); a gather or reduce-scatter works on dim 0, its wrapper moving the dim there and
+# back outside it. A group of one runs none of them (each is the identity).
+
+
+def _apply_collective(
+    function: type[torch.autograd.Function],
+    x: Tensor,
+    group: ProcessGroup,
+    dim: int,
+    *args: Any,
+    check: Any = None,
+    on_dim0: bool = True,
+) -> Tensor:
+    p = group_size(group)
+    if p == 1:
+        return x
+    if check is not None:
+        check(x, p, dim)  # named by the caller's dim
+    dim = dim % x.dim()
+    if not on_dim0:  # a split: its Function copies the chunk of ``dim`` itself
+        return function.apply(x, group, dim, *args)
+    if dim == 0:
+        return function.apply(x, group, 0, *args)
+    return function.apply(x.movedim(dim, 0), group, 0, *args).movedim(0, dim)
+
+
+def _own_chunk(x: Tensor, group: ProcessGroup, dim: int) -> Tensor:
+    """This rank's chunk of ``dim`` as a contiguous tensor of its own (a copy)."""
+    return _chunk(x, group_size(group), dim, group).clone(memory_format=torch.contiguous_format)
+
+
 class _ScatterToTP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, group: ProcessGroup) -> Tensor:
-        ctx.group = group
-        return split_dim(x, group, -1)
+    def forward(ctx, x: Tensor, group: ProcessGroup, dim: int) -> Tensor:
+        ctx.group, ctx.dim = group, dim
+        return _own_chunk(x, group, dim)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return all_gather_dim(grad, ctx.group, -1), None
+        return all_gather_dim(grad, ctx.group, ctx.dim), None, None
 
 
 class _GatherFromTP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, group: ProcessGroup) -> Tensor:
+    def forward(ctx, x: Tensor, group: ProcessGroup, dim: int) -> Tensor:
         ctx.group = group
-        return all_gather_dim(x, group, -1)
+        return all_gather_dim(x, group, 0)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return split_dim(grad, ctx.group, -1), None
+        return split_dim(grad, ctx.group, 0), None, None
 
 
 class _ScatterToSP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, group: ProcessGroup, dim: int) -> Tensor:
         ctx.group, ctx.dim = group, dim
-        return split_dim(x, group, dim)
+        return _own_chunk(x, group, dim)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -387,17 +435,17 @@ def reduce_from_tp(x: Tensor, group: ProcessGroup, inplace: bool = False) -> Ten
 
 def scatter_to_tp(x: Tensor, group: ProcessGroup) -> Tensor:
     """forward: keep this rank's chunk of the last dim; backward: all-gather the last dim."""
-    return _ScatterToTP.apply(x, group)
+    return _apply_collective(_ScatterToTP, x, group, -1, check=_check_split, on_dim0=False)
 
 
 def gather_from_tp(x: Tensor, group: ProcessGroup) -> Tensor:
     """forward: all-gather the last dim; backward: keep this rank's chunk of the last dim."""
-    return _GatherFromTP.apply(x, group)
+    return _apply_collective(_GatherFromTP, x, group, -1)
 
 
 def scatter_to_sp(x: Tensor, group: ProcessGroup, dim: int = 1) -> Tensor:
     """forward: keep this rank's chunk of the sequence dim; backward: all-gather the sequence dim."""
-    return _ScatterToSP.apply(x, group, dim)
+    return _apply_collective(_ScatterToSP, x, group, dim, check=_check_split, on_dim0=False)
 
 
 def gather_from_sp(x: Tensor, group: ProcessGroup, dim: int = 1, grad_reduce: bool = True) -> Tensor:
@@ -406,9 +454,9 @@ def gather_from_sp(x: Tensor, group: ProcessGroup, dim: int = 1, grad_reduce: bo
     Use ``grad_reduce=True`` where the gathered tensor enters a tensor-parallel region (each rank's
     grad is a partial sum), ``False`` where every rank's grad is already complete.
     """
-    return _GatherFromSP.apply(x, group, dim, grad_reduce)
+    return _apply_collective(_GatherFromSP, x, group, dim, grad_reduce)
 
 
 def reduce_scatter_to_sp(x: Tensor, group: ProcessGroup, dim: int = 1) -> Tensor:
     """forward: reduce-scatter (sum) along the sequence dim; backward: all-gather the sequence dim."""
-    return _ReduceScatterToSP.apply(x, group, dim)
+    return _apply_collective(_ReduceScatterToSP, x, group, dim, check=_check_reduce_scatter)
