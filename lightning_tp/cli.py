@@ -20,7 +20,7 @@ from lightning.pytorch.cli import LightningCLI
 
 import lightning_tp  # noqa: F401  (registers the strategy names)
 from lightning_tp.lightning.export import export
-from lightning_tp.lightning.strategy import MegatronTPStrategy
+from lightning_tp.lightning.strategy import MegatronTPStrategy, forward_target
 from lightning_tp.policy import plan_policy
 
 
@@ -60,7 +60,9 @@ def plan_main(args: list[str]) -> str:
             strategy.strict,
             strategy.sequence_parallel,
         )
-    plan = plan_policy(model, tp, policy, strict=strict, sequence_parallel=sp)
+    forward, example = forward_target(model)  # what the strategy's plan traces
+    plan = plan_policy(model, tp, policy, strict=strict, sequence_parallel=sp, example_input=example,
+                       forward_module=forward)  # fmt: skip
     text = str(plan)
     print(text)
     return text

@@ -59,9 +59,11 @@ class LitGPT(L.LightningModule):
             self.model = hf_zoo.gpt_oss(vocab_size=VOCAB, num_hidden_layers=2, num_experts_per_tok=2, sliding_window=4,
                                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
                                         tie_word_embeddings=tied, use_cache=model.endswith("_cache"))  # fmt: skip
+        elif model == "hf_gpt2":  # Hugging Face GPT-2 (extra 'hf'), tied head; its own dropouts (no extra one)
+            self.model = models.hf_gpt2(vocab=VOCAB, dropout=dropout)
         else:
             self.model = models.NanoGPT(vocab=VOCAB, n_embd=32, n_layer=2, n_head=4, block_size=SEQ)
-        self.drop = torch.nn.Dropout(dropout)
+        self.drop = torch.nn.Dropout(0.0 if model == "hf_gpt2" else dropout)
         self.example_input_array = torch.zeros(2, SEQ, dtype=torch.long)
         self.losses: list[float] = []
 
@@ -71,7 +73,7 @@ class LitGPT(L.LightningModule):
 
     def training_step(self, batch, _):
         x, y = batch
-        logits = self.drop(self(x)) if self.hparams.dropout else self(x)
+        logits = self.drop(self(x)) if self.drop.p else self(x)
         loss = cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
         self.log("train_loss", loss, sync_dist=True)
         return loss

@@ -157,14 +157,86 @@ def hf_llama(vocab=30, n_kv_heads=4, tied=False):
     return LlamaForCausalLM(cfg)
 
 
-def hf_gpt2(vocab=30):
+def hf_gpt2(vocab=30, dropout=0.0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(
-        vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, attn_implementation="eager", bos_token_id=0, eos_token_id=1,
+        vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=dropout, embd_pdrop=dropout,
+        attn_pdrop=dropout, attn_implementation="eager", bos_token_id=0, eos_token_id=1,
     )  # fmt: skip
     return GPT2LMHeadModel(cfg)
+
+
+class RopeAttention(nn.Module):
+    def __init__(self, d, n_heads):
+        super().__init__()
+        self.n_heads = n_heads
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, d, bias=False) for _ in range(3))
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x, cos=None, sin=None, alibi=None):
+        B, T, _ = x.shape
+        q, k, v = (p(x).view(B, T, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if alibi is not None:  # (B * heads, 1, T), BLOOM's layout, built by the model for all heads
+            causal = torch.full((T, T), float("-inf"), dtype=x.dtype).triu(1)
+            bias = alibi.view(B, self.n_heads, 1, T) + causal
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+        def rotate(t):
+            half = t.shape[-1] // 2
+            return t * cos + torch.cat((-t[..., half:], t[..., :half]), -1) * sin
+
+        y = F.scaled_dot_product_attention(rotate(q), rotate(k), v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class RopeBlock(nn.Module):
+    """A pre-norm layer that takes the rotary tables (cos, sin) as arguments, as Hugging Face layers do;
+    a residual dropout after the attention."""
+
+    def __init__(self, d, n_heads, dropout):
+        super().__init__()
+        self.norm1, self.norm2 = nn.RMSNorm(d), nn.RMSNorm(d)
+        self.attn = RopeAttention(d, n_heads)
+        self.mlp = SwiGLU(d, 2 * d)
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x, cos=None, sin=None, alibi=None):
+        x = x + self.resid_drop(self.attn(self.norm1(x), cos, sin, alibi=alibi))
+        return x + self.mlp(self.norm2(x))
+
+
+class RopeGPT(nn.Module):
+    """A user's model written in Hugging Face's manner, not one of theirs: the rotary tables (or, with
+    ``alibi``, BLOOM-style ALiBi biases for all heads) are built for the sequence length of the
+    embeddings' output and handed to every layer; an embedding dropout before the layers; an untied head."""
+
+    def __init__(self, vocab=30, d=32, n_heads=4, n_layers=3, dropout=0.0, alibi=False):
+        super().__init__()
+        self.n_heads, self.alibi = n_heads, alibi
+        self.embed = nn.Embedding(vocab, d)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(RopeBlock(d, n_heads, dropout) for _ in range(n_layers))
+        self.norm = nn.RMSNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.head_dim = d // n_heads
+
+    def forward(self, ids):
+        x = self.drop(self.embed(ids))
+        pos = torch.arange(x.size(1), dtype=x.dtype)  # from the embeddings' output
+        if self.alibi:
+            slopes = 2.0 ** -torch.arange(1, self.n_heads + 1, dtype=x.dtype)
+            alibi = (slopes[:, None] * pos[None, :]).repeat(x.size(0), 1)[:, None, :]  # (B * heads, 1, T)
+            for block in self.blocks:
+                x = block(x, alibi=alibi)
+            return self.lm_head(self.norm(x))
+        inv = 1.0 / 10000 ** (torch.arange(0, self.head_dim, 2, dtype=x.dtype) / self.head_dim)
+        angles = torch.cat([torch.outer(pos, inv)] * 2, -1)
+        cos, sin = angles.cos(), angles.sin()
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        return self.lm_head(self.norm(x))
 
 
 class HFLogits(nn.Module):

@@ -310,6 +310,18 @@ def test_verify_checks_a_meta_model_block_by_block(world):
         assert "blocks were not checked" in by_name["t5"][2][0] and "others matched" in by_name["t5"][2][0]
 
 
+@pytest.mark.skipif(not HAS_HF, reason="transformers (extra 'hf') not installed")
+def test_verify_checks_a_meta_hugging_face_model_block_by_block_under_sequence_parallelism():
+    """Hugging Face models under sequence parallelism on the meta device: their layer stack is the
+    sequence-sharded region, so the first layer takes the whole sequence (its dense copy is given it as
+    it is, not gathered) and the last gives it whole; every unit (embedding, the layers, the head) is
+    checked, none skipped. Llama (rotary, grouped-query), GPT-2 (Conv1D, learned positions), Mixtral
+    (experts split, a view of its input) and Falcon-7B (ALiBi cut to each rank's heads, multi-query)."""
+    cases = [("llama", 2, True), ("gpt2", 2, True), ("mixtral", 2, True), ("falcon", 2, True)]
+    for (name, _, _), (checked, _, warned) in zip(cases, _dist.run(2, _block_verify, cases)[0], strict=True):
+        assert checked == 4 and not warned, (name, checked, warned)
+
+
 class _NormedMLP(nn.Module):
     """Normalizes its hidden features between fc1 and fc2: a column split of fc1 changes the result."""
 

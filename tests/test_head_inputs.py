@@ -138,10 +138,40 @@ def test_an_input_of_another_layout_is_an_error_naming_it():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers (extra 'hf') not installed")
-def test_bloom_under_sequence_parallelism_is_refused_naming_the_block():
+def test_bloom_under_sequence_parallelism_cuts_its_alibi_inside_the_layer_stack():
+    """BLOOM builds its ALiBi biases for the whole sequence and hands them to every layer: under sequence
+    parallelism its layer stack is the sequence-sharded region, and each attention block's row both
+    gathers the sequence and cuts the biases to the rank's heads. (BLOOM is still refused by the
+    self-check under sequence parallelism: its attention adds the residual stream it is given after its
+    row layer, tests/test_hf_models.py.)"""
     import hf_zoo
 
-    with pytest.raises(
-        ShardingError, match=r"block 'transformer.h.0.self_attention' takes inputs of all .*\['alibi'\]"
-    ):
-        plan_policy(hf_zoo.build("bloom"), 2, "auto", sequence_parallel=True)
+    rows = {r.name: r for r in plan_policy(hf_zoo.build("bloom"), 2, "auto", sequence_parallel=True).modules}
+    attn = rows["transformer.h.0.self_attention"]
+    assert attn.style == "sequence_gather" and attn.options["inputs"] == {"alibi": 4}, attn
+    assert rows["transformer.h.0"].style == "sequence_stack" and rows["transformer.h.1"].options["gather_output"]
+
+
+class _LayersWithoutStack(nn.Module):
+    """Two layers held as attributes (no nn.ModuleList): no layer stack to make the region, so Megatron's
+    split at the embeddings, for which ALiBi biases built for the whole sequence do not fit."""
+
+    def __init__(self):
+        super().__init__()
+        import models
+
+        inner = models.RopeGPT(alibi=True, n_layers=2)
+        self.embed, self.norm, self.lm_head = inner.embed, inner.norm, inner.lm_head
+        self.first, self.second = inner.blocks
+        self.n_heads = inner.n_heads
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        slopes = 2.0 ** -torch.arange(1, self.n_heads + 1, dtype=x.dtype)
+        alibi = (slopes[:, None] * torch.arange(ids.shape[1], dtype=x.dtype)[None, :]).repeat(x.size(0), 1)[:, None]
+        return self.lm_head(self.norm(self.second(self.first(x, alibi=alibi), alibi=alibi)))
+
+
+def test_alibi_with_the_sequence_split_at_the_embeddings_is_refused_naming_the_block():
+    with pytest.raises(ShardingError, match=r"block 'first.attn' takes inputs of all .*\['alibi'\]"):
+        plan_policy(_LayersWithoutStack(), 2, "auto", sequence_parallel=True)

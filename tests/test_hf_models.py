@@ -101,6 +101,29 @@ EXPECTED: dict[str, object] = {
     "gpt_oss": EXACT,
 }
 
+# Under sequence parallelism (test_hf_architecture_sequence_parallel). Refused: a row layer whose input is
+# not a column layer's output (Phi-3's and OLMoE's HF plans gather the column outputs), a replicated layer
+# whose output is partly per head (multi-head latent attention), and models whose forward does not fit a
+# sequence-sharded layer (the self-check names it and sequence parallelism as the cause): BLOOM's attention
+# adds the residual stream it is given after its row layer; OPT's layer holds its MLP's linears itself (the
+# whole layer would gather the sequence); T5's decoder length 7; BERT; Llama 4's experts read their tokens
+# expert-major (E * N), which gathering tokens over TP mixes; Gemma 4's per-layer inputs are per position.
+_SP_MISMATCH = ("PolicyMismatchError", ["of the sequence", "sequence_parallel=False"])
+SP_EXPECTED: dict[str, object] = {
+    **{a: EXACT for a in ("llama", "mistral", "qwen2", "qwen3", "apertus", "gemma", "cohere", "gpt2", "gpt_neox")},
+    **{a: EXACT for a in ("gptj", "gpt_bigcode_mq", "gpt_bigcode_mha", "mixtral", "qwen2_moe", "qwen3_moe")},
+    "falcon": EXACT,  # ALiBi (new_arch: none): built outside the stack for the whole sequence, cut to the heads
+    "falcon_new_arch": EXACT,
+    "gpt_oss": EXACT,
+    "phi3": ("PolicyError", ["self_attn.o_proj", "input_is_parallel=False"]),
+    "olmoe": ("PolicyError", ["self_attn.o_proj", "input_is_parallel=False"]),
+    "deepseek_v2": ("PolicyError", ["kv_a_proj_with_mqa", "partial_output"]),
+    **{a: _SP_MISMATCH for a in ("bloom", "opt", "t5", "bert", "llama4", "gemma4")},
+}
+# Gemma's RMSNorm computes in float32 (`x.float()`): its weight's gradient, summed over the sequence
+# chunks, agrees to float32 rounding (exact to 1.5e-15 at TP 2 and 4 with the cast made a no-op).
+SP_GRAD_RTOL_BY_ARCH = {**GRAD_RTOL_BY_ARCH, "gemma": 1e-6}
+
 # Layers that must be split (their weights sharded) where the name rules once kept them whole: Falcon's,
 # BLOOM's and GPT-NeoX's attention (query_key_value / dense; BLOOM's ALiBi biases cut to each rank's heads).
 SPLIT = {
@@ -143,7 +166,7 @@ def _is_conv1d(model, pname: str) -> bool:
     return type(model.get_submodule(owner)).__name__ == "Conv1D"
 
 
-def _exactness(arch, dense, mesh, kwargs, tgt) -> dict:
+def _exactness(arch, dense, mesh, kwargs, tgt, sequence_parallel=False) -> dict:
     import hf_zoo
 
     from lightning_tp.engine.loss import gather_logits
@@ -159,7 +182,10 @@ def _exactness(arch, dense, mesh, kwargs, tgt) -> dict:
             warnings.simplefilter("ignore")
             # verify=True: the self-check (forward and backward vs dense) passes, and its reference forward
             # reads how fused projections are consumed (per-head interleaved layouts become plain columns)
-            plan = apply_policy(model, group, hf_zoo.POLICY.get(arch, "auto"), verify=True, example_input=kwargs)
+            plan = apply_policy(
+                model, group, hf_zoo.POLICY.get(arch, "auto"), verify=True, example_input=kwargs,
+                sequence_parallel=sequence_parallel,
+            )  # fmt: skip
     except LightningTPError as exc:
         return {"status": "refused", **_error_info(exc), "verify": _error_info(exc)}
     info = {
@@ -170,6 +196,8 @@ def _exactness(arch, dense, mesh, kwargs, tgt) -> dict:
         "n_sharded": sum(shard_spec(p) is not None for p in model.parameters()),
         "whole": [n for n, p in model.named_parameters() if shard_spec(p) is None],
         "partial": [n for n, p in model.named_parameters() if has_partial_grad(p)],
+        "stack": sorted({r.name.rpartition(".")[0] for r in plan.modules if r.style == "sequence_stack"}),
+        "styles": sorted({r.style for r in plan.modules}),
     }
     ld = dense(**kwargs).logits
     lt_raw = model(**kwargs).logits
@@ -207,7 +235,7 @@ def _exactness(arch, dense, mesh, kwargs, tgt) -> dict:
         scale = max(1e-4, float(ref.abs().max()))
         err = float((got - ref).abs().max()) / scale
         worst = max(worst, err)
-        if err > GRAD_RTOL_BY_ARCH.get(arch, GRAD_RTOL):
+        if err > (SP_GRAD_RTOL_BY_ARCH if sequence_parallel else GRAD_RTOL_BY_ARCH).get(arch, GRAD_RTOL):
             wrong.append((name, f"grad error {err:.2e} (relative to {scale:.2e})"))
     info["grad_err"] = worst
     with torch.no_grad():  # the model's own loss (labels=): HF reshapes the logits with config.vocab_size
@@ -229,7 +257,7 @@ def _exactness(arch, dense, mesh, kwargs, tgt) -> dict:
     return {"status": "exact", **info}
 
 
-def _case(arch: str, tp: int) -> dict:
+def _case(arch: str, tp: int, sequence_parallel: bool = False) -> dict:
     import hf_zoo
 
     mesh = _dist.mesh(tp)
@@ -237,30 +265,32 @@ def _case(arch: str, tp: int) -> dict:
         dense = hf_zoo.build(arch)  # same seed on every rank: the same dense model everywhere
         kwargs = hf_zoo.inputs(arch, dense)
         tgt = hf_zoo.targets(arch, dense, kwargs)
-        result = _exactness(arch, dense, mesh, kwargs, tgt)
+        result = _exactness(arch, dense, mesh, kwargs, tgt, sequence_parallel)
     except Exception as exc:  # noqa: BLE001 - reported per architecture
         return {"status": "error", **_error_info(exc), "traceback": traceback.format_exc()}
     return {"verify": None, **result}
 
 
-def _run_archs(archs: list[str], tp: int) -> dict[str, dict]:
-    return {arch: _case(arch, tp) for arch in archs}
+def _run_archs(archs: list[str], tp: int, sequence_parallel: bool = False) -> dict[str, dict]:
+    return {arch: _case(arch, tp, sequence_parallel) for arch in archs}
 
 
 # ------------------------------------------------------------------------------------------------
 # Driver side.
 
-_RESULTS: dict[int, object] = {}
+_RESULTS: dict[tuple[int, bool], object] = {}
 
 
-def _results(tp: int) -> list[dict[str, dict]]:
+def _results(tp: int, sequence_parallel: bool = False) -> list[dict[str, dict]]:
     """Per-rank results of every architecture at ``tp``, computed once (one world call)."""
-    if tp not in _RESULTS:
+    key = (tp, sequence_parallel)
+    if key not in _RESULTS:
+        archs = list(SP_EXPECTED if sequence_parallel else EXPECTED)
         try:
-            _RESULTS[tp] = _dist.run(WORLD, _run_archs, list(EXPECTED), tp, timeout=CALL_TIMEOUT_S)
+            _RESULTS[key] = _dist.run(WORLD, _run_archs, archs, tp, sequence_parallel, timeout=CALL_TIMEOUT_S)
         except BaseException as exc:  # noqa: BLE001 - every test of this TP size reports it
-            _RESULTS[tp] = exc
-    value = _RESULTS[tp]
+            _RESULTS[key] = exc
+    value = _RESULTS[key]
     if isinstance(value, BaseException):
         raise AssertionError(f"the TP {tp} world run failed: {value}") from value
     return value
@@ -300,6 +330,35 @@ def test_hf_architecture(arch, tp):
         else:
             err_type, needles = expected
             assert verify is not None, f"{where}: expected a refusal ({err_type}), verify=True passed: {_describe(res)}"
+            assert verify["typed"] and err_type in verify["mro"], f"{where}: {verify['type']}: {verify['message']}"
+            for needle in needles:
+                assert needle in verify["message"], f"{where}: {needle!r} not in {verify['message']!r}"
+
+
+@pytest.mark.parametrize("tp", TP_SIZES, ids=[f"tp{t}" for t in TP_SIZES])
+@pytest.mark.parametrize("arch", list(SP_EXPECTED))
+def test_hf_architecture_sequence_parallel(arch, tp):
+    """Sequence parallelism (sequence_parallel=True). Hugging Face models compute their layers'
+    positions, causal mask and rotary tables from the embeddings' output (and GPT-2 reshapes the
+    stack's output to the input's length), so the sequence-sharded region is their layer stack: split
+    at the first layer's input, gathered at the last one's output; the embeddings, the final norm and
+    the head run as without it. Logits and every gradient equal the dense model's; the layers' norms
+    have partial gradients (summed over TP), nothing outside the stack has. Models whose forward does
+    not fit are refused by the self-check or the plan with a typed error naming the module."""
+    per_rank = _results(tp, sequence_parallel=True)
+    expected = SP_EXPECTED[arch]
+    for rank, results in enumerate(per_rank):
+        res = results[arch]
+        where = f"{arch} at TP {tp} with sequence parallelism, rank {rank}"
+        if expected == EXACT:
+            assert res["status"] == "exact", f"{where}: {_describe(res)}"
+            assert "sequence_gather" in res["styles"] and len(res["stack"]) == 1, f"{where}: {res['styles']}"
+            stack = res["stack"][0] + "."
+            assert res["partial"] and all(n.startswith(stack) for n in res["partial"]), f"{where}: {res['partial']}"
+        else:
+            err_type, needles = expected
+            verify = res.get("verify")
+            assert verify is not None, f"{where}: expected a refusal ({err_type}): {_describe(res)}"
             assert verify["typed"] and err_type in verify["mro"], f"{where}: {verify['type']}: {verify['message']}"
             for needle in needles:
                 assert needle in verify["message"], f"{where}: {needle!r} not in {verify['message']!r}"

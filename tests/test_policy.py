@@ -1351,7 +1351,7 @@ def test_where_an_aliased_module_sits_is_read_from_every_name():
 
 def test_meta_example_inputs_get_values_where_the_shape_says_what_they_are():
     from lightning_tp.errors import VerifyInputError
-    from lightning_tp.policy.verify import values_for_meta
+    from lightning_tp.policy.inputs import values_for_meta
 
     model = nn.Sequential(nn.Embedding(300, 8), nn.Linear(8, 8))
     with torch.device("meta"):

@@ -1,5 +1,6 @@
 """Megatron sequence parallelism through the policy: float64 parity with the unsharded model."""
 
+import copy
 import importlib.util
 import math
 
@@ -44,6 +45,25 @@ def _counting_collectives():
     return counts, lambda: [setattr(dist, n, f) for n, f in real.items()]
 
 
+def _counted_forward(model, ids):
+    """``model(ids)`` and the collectives it ran, by name."""
+    counts, restore = _counting_collectives()
+    try:
+        return model(ids), counts
+    finally:
+        restore()
+
+
+def _assert_grads_match_dense(model, dense, m):
+    """Every gradient (partial ones summed over TP first) equals this rank's part of the dense model's."""
+    all_reduce_partial_grads(list(model.parameters()), m.tp_group)
+    for pname, param in model.named_parameters():
+        ref = dense.get_parameter(pname).grad
+        spec = shard_spec(param)
+        ref = ref if spec is None else spec.shard(ref, m.tp_rank)
+        torch.testing.assert_close(param.grad, ref, **TOL, msg=lambda s, n=pname: f"{n}: {s}")
+
+
 def _check_sp_parity(name, tp, sharded_loss):
     m = _dist.mesh(tp)
     dense, model = models.build(name), models.build(name)
@@ -61,25 +81,14 @@ def _check_sp_parity(name, tp, sharded_loss):
     tgt = torch.randint(0, vocab, (3, T), generator=g)
     tgt[1, :4] = -100
     ld_logits = dense(ids)
-    counts, restore = _counting_collectives()
-    try:
-        lt_logits = model(ids)
-    finally:
-        restore()
+    lt_logits, counts = _counted_forward(model, ids)
     # activations between the parallel layers are sequence-sharded: no all-reduce in forward
     assert "all_reduce" not in counts and counts.keys() & {"reduce_scatter_tensor", "reduce_scatter_single"}, counts
     if not sharded_loss:
         torch.testing.assert_close(lt_logits, ld_logits, **TOL)
     models.loss_parity_backward(ld_logits, lt_logits, tgt, vocab, TOL)
-    params = list(model.parameters())
     partial = [n for n, p in model.named_parameters() if has_partial_grad(p)]
-    all_reduce_partial_grads(params, m.tp_group)
-    for pname, param in model.named_parameters():
-        ref = dense.get_parameter(pname).grad
-        spec = shard_spec(param)
-        if spec is not None:
-            ref = spec.shard(ref, m.tp_rank)
-        torch.testing.assert_close(param.grad, ref, **TOL, msg=lambda s, n=pname: f"{n}: {s}")
+    _assert_grads_match_dense(model, dense, m)
     return partial
 
 
@@ -126,19 +135,245 @@ def test_sequence_parallel_needs_an_lm_head_and_parallel_row_inputs():
         )  # fmt: skip
 
 
-def _check_hf_llama_refused():
+def _check_layer_stack_region(tp, alibi):
+    """Float64 parity of a model whose layers take per-position inputs, under sequence parallelism."""
+    from lightning_tp.engine.layers import VocabParallelEmbedding
+
+    m = _dist.mesh(tp)
+    torch.manual_seed(0)
+    dense = models.RopeGPT(alibi=alibi).double()
+    model = models.RopeGPT(alibi=alibi).double()
+    model.load_state_dict(dense.state_dict())
+    plan = apply_policy(model, m.tp_group, "auto", sequence_parallel=True)  # verify=True passes
+    styles = {r.name: (r.style, r.options) for r in plan.modules}
+    g = torch.Generator().manual_seed(3)
+    ids, tgt = torch.randint(0, 30, (2, 12), generator=g), torch.randint(0, 30, (2, 12), generator=g)
+    ld = dense(ids)
+    lt, counts = _counted_forward(model, ids)
+    models.loss_parity_backward(ld, lt, tgt, 30, TOL)
+    partial = sorted(n for n, p in model.named_parameters() if has_partial_grad(p))
+    _assert_grads_match_dense(model, dense, m)
+    embedding = model.embed
+    return {
+        "styles": styles,
+        "partial": partial,
+        "embedding_split": isinstance(embedding, VocabParallelEmbedding) and embedding.sequence_parallel,
+        "counts": counts,
+    }
+
+
+@pytest.mark.parametrize("alibi", [False, True], ids=["rotary", "alibi"])
+@pytest.mark.parametrize("tp", [2, 4])
+def test_layers_that_take_per_position_inputs_make_the_layer_stack_the_sequence_parallel_region(tp, alibi):
+    """A model that builds its layers' per-position inputs (rotary tables) from the embeddings' output
+    would build them for T/p positions from Megatron's split at the embeddings. Its layer stack is the
+    sequence-sharded region instead: the first layer splits the sequence at its input, the last gathers
+    it at its output; the embedding (all-reduce, not reduce-scatter), its dropout, the final norm and the
+    head run as without sequence parallelism, the layers' norms have partial gradients. Logits and every
+    gradient equal the dense model's (float64). ALiBi biases of all heads, built outside the stack for
+    the whole sequence the attention gathers, are cut to each rank's heads."""
+    for r in _dist.run(tp, _check_layer_stack_region, tp, alibi):
+        styles = r["styles"]
+        stack = {"in_features": [32], "split_input": True, "gather_output": False, "arg": 0, "ndim": 3}
+        assert styles["blocks.0"] == ("sequence_stack", stack)  # the hidden states: its first argument, 3-D
+        assert styles["blocks.2"][1]["gather_output"] and not styles["blocks.2"][1]["split_input"]
+        assert styles["blocks.1.mlp"][0] == "sequence_gather" and styles["blocks.1.resid_drop"][0] == "tp_dropout"
+        # (its forward takes `alibi`, so the cut is planned for both models; a None passes)
+        assert styles["blocks.1.attn"] == ("sequence_gather", {"in_features": [32], "inputs": {"alibi": 4}})
+        assert "drop" not in styles and "norm" not in styles  # as without sequence parallelism
+        assert not r["embedding_split"] and r["counts"].get("all_reduce") == 1  # the embedding's (+ nothing else)
+        assert r["partial"] == sorted(f"blocks.{i}.norm{j}.weight" for i in range(3) for j in (1, 2)), r["partial"]
+
+
+def _embedding_dropout_masks(tp):
+    import torch.distributed as dist
+
+    m = _dist.mesh(tp)
+    torch.manual_seed(0)  # the same weights and default stream on every rank, as Lightning seeds them
+    model = models.RopeGPT(dropout=0.5)
+    apply_policy(model, m.tp_group, "auto", sequence_parallel=True, rng_tracker=_tracker(m))
+    seen = {}
+    model.drop.register_forward_hook(lambda mod, args, out: seen.setdefault("drop", out.detach()))
+    model.blocks[0].resid_drop.register_forward_hook(lambda mod, args, out: seen.setdefault("resid", out.detach()))
+    model.train()
+    model(torch.randint(0, 30, (2, 12), generator=torch.Generator().manual_seed(0)))
+    out = {}
+    for key, t in seen.items():
+        gathered = [torch.empty_like(t) for _ in range(tp)]
+        dist.all_gather(gathered, t.contiguous(), group=m.tp_group)
+        out[key] = all(torch.equal(gathered[0], x) for x in gathered[1:])
+    return out
+
+
+def _tracker(m):
+    from lightning_tp import model_parallel_seed
+
+    return model_parallel_seed(0, m.tp_rank, m.dp_rank)
+
+
+def test_dropout_before_the_layer_stack_draws_one_mask_on_every_tensor_parallel_rank():
+    """Where the layer stack is the sequence-sharded region, a dropout before it acts on the whole,
+    replicated sequence: every TP rank draws the same mask (it would otherwise enter the first layer
+    different on each rank); a dropout inside the stack acts on this rank's chunk and draws its own."""
+    for r in _dist.run(2, _embedding_dropout_masks, 2):
+        assert r == {"drop": True, "resid": False}, r
+
+
+class _NestedLayers(torch.nn.Module):
+    """x-transformers' layout: ``layers`` holds a ``ModuleList([attention, feed-forward])`` per layer, and
+    the forward unpacks them (``for attn, ff in self.layers``): no element of ``layers`` is ever called."""
+
+    def __init__(self, d=16, vocab=30):
+        super().__init__()
+        self.embed_tokens = torch.nn.Embedding(vocab, d)
+        self.layers = torch.nn.ModuleList(
+            torch.nn.ModuleList([models.PlainAttention(d, 4), models.SwiGLU(d, 2 * d)]) for _ in range(2)
+        )
+        self.norms = torch.nn.ModuleList(torch.nn.RMSNorm(d) for _ in range(4))
+        self.norm, self.lm_head = torch.nn.RMSNorm(d), torch.nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx):
+        x = self.embed_tokens(idx)
+        for i, (attn, ff) in enumerate(self.layers):
+            x = x + attn(self.norms[2 * i](x))
+            x = x + ff(self.norms[2 * i + 1](x))
+        return self.lm_head(self.norm(x))
+
+
+def _check_nested_layers():
     m = _dist.mesh(2)
-    model = models.HFLogits(models.build("hf_llama"))
+    torch.manual_seed(0)
+    dense = _NestedLayers().double()
+    model = _NestedLayers().double()
+    model.load_state_dict(dense.state_dict())
+    plan = apply_policy(model, m.tp_group, "auto", sequence_parallel=True)  # verify=True passes
+    ids = torch.randint(0, 30, (2, 8), generator=torch.Generator().manual_seed(0))
+    models.loss_parity_backward(dense(ids), model(ids), ids, 30, TOL)
+    _assert_grads_match_dense(model, dense, m)
+    return [r.name for r in plan.modules if r.style == "sequence_stack"]
+
+
+def test_layers_the_forward_never_calls_keep_the_split_at_the_embeddings():
+    """The trace reaches no element of the layer list (the forward unpacks each into its attention and
+    feed-forward): Megatron's split at the embeddings, as before, exact against the dense model."""
+    assert _dist.run(2, _check_nested_layers) == [[], []]
+
+
+def _check_hidden_width_inputs_that_are_not_the_hidden_states():
+    """A float mask as wide as the hidden states (sequence length = hidden width, eager attention) and an
+    encoder's states for cross-attention pass each layer whole; only the hidden states are split."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lightning_tp import gather_logits
+
+    m = _dist.mesh(2)
+    out = {}
+    torch.manual_seed(0)
+    llama = models.hf_llama().double()  # hidden 64, eager attention: its causal mask is a float (B, 1, T, T)
+    model = models.HFLogits(llama)
+    dense = copy.deepcopy(model)
+    apply_policy(model, m.tp_group, "auto", sequence_parallel=True)  # checked at T = 8
+    ids = torch.randint(0, 30, (1, 64), generator=torch.Generator().manual_seed(1))  # T = 64 = the hidden width
+    out["mask"] = float((gather_logits(model(ids)) - dense(ids)).abs().max())
+    cfg = GPT2Config(vocab_size=30, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+                     attn_pdrop=0.0, attn_implementation="eager", add_cross_attention=True)  # fmt: skip
+    torch.manual_seed(0)
+    dense = GPT2LMHeadModel(cfg).double()
+    model = copy.deepcopy(dense)
+    apply_policy(model, m.tp_group, "auto", sequence_parallel=True)
+    enc = torch.randn(2, 6, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, 30, (2, 8), generator=torch.Generator().manual_seed(3))
+    got = gather_logits(model(input_ids=ids, encoder_hidden_states=enc).logits)
+    out["cross"] = float((got - dense(input_ids=ids, encoder_hidden_states=enc).logits).abs().max())
+    return out
+
+
+@pytest.mark.skipif(not HAS_HF, reason="transformers (extra 'hf') not installed")
+def test_only_the_hidden_states_are_split_at_the_layer_stack():
+    """Which argument carries the hidden states is read from the trace and only it is split (and only
+    tensors of its rank gathered in the stack): Llama at a sequence length equal to its hidden width
+    (its eager float mask is (B, 1, 64, 64)), GPT-2 with cross-attention to 6 encoder states."""
+    for r in _dist.run(2, _check_hidden_width_inputs_that_are_not_the_hidden_states):
+        assert r["mask"] < 1e-10 and r["cross"] < 1e-10, r
+
+
+@pytest.mark.skipif(not HAS_HF, reason="transformers (extra 'hf') not installed")
+def test_every_caller_traces_the_same_forward():
+    """A LightningModule without a forward (its training_step calls self.model): the plan before launch,
+    setup's and ``lightning-tp plan`` all trace the wrapped model (forward_target), so they plan alike;
+    a forward that fails on the example is said (PolicyWarning), and the sequence split at the
+    embeddings."""
+    import lightning as L
+
+    from lightning_tp.lightning.strategy import forward_target
+    from lightning_tp.policy import PolicyWarning
+
+    class NoForward(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = models.HFLogits(models.build("hf_llama"))
+
+    lm = NoForward()
+    forward, example = forward_target(lm)
+    assert forward is lm.model and example is None
+    plan = plan_policy(lm, 2, "auto", sequence_parallel=True, forward_module=forward)
+    assert [r.name for r in plan.modules if r.style == "sequence_stack"] == [
+        "model.model.model.layers.0",
+        "model.model.model.layers.1",
+    ]
+    with pytest.warns(PolicyWarning, match=r"forward of the model up to its first layer .*failed"):
+        plan = plan_policy(lm, 2, "auto", sequence_parallel=True)  # LightningModule.forward: not implemented
+    assert not any(r.style == "sequence_stack" for r in plan.modules)
+
+
+class _PositionsFromEmbeddings(torch.nn.Module):
+    """Positions numbered from the embeddings' output, and layers that take the hidden states alone:
+    nothing in the layers' inputs shows that the embeddings' output must stay whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = models.PlainGPT(vocab=30, d=16, n_layers=2, n_heads=4, ctx=32)
+
+    def forward(self, idx):
+        t = self.inner
+        x = t.embed_tokens(idx)
+        x = x + t.pos(torch.arange(x.shape[1]))
+        for layer in t.layers:
+            x = layer(x)
+        return t.lm_head(t.norm(x))
+
+
+def _check_positions_from_embeddings_refused():
+    m = _dist.mesh(2)
+    model = _PositionsFromEmbeddings().double()
     with pytest.raises(PolicyMismatchError, match=r"1/2 of the sequence.*check the model with sequence_parallel=False"):
         apply_policy(model, m.tp_group, "auto", sequence_parallel=True)
     return True
 
 
-@pytest.mark.skipif(not HAS_HF, reason="transformers (extra 'hf') not installed")
 def test_model_that_reads_sequence_length_from_activations_is_caught_by_verify():
-    # HF Llama derives positions from the (now sequence-sharded) embeddings: the self-check refuses it,
-    # and its message names sequence parallelism as the cause to check first
-    assert all(_dist.run(2, _check_hf_llama_refused))
+    # the layers take the hidden states alone: Megatron's split at the embeddings, and the position table
+    # gets T/p positions: the self-check refuses it, and its message names sequence parallelism as the
+    # cause to check first
+    assert all(_dist.run(2, _check_positions_from_embeddings_refused))
+
+
+@pytest.mark.skipif(not HAS_HF, reason="transformers (extra 'hf') not installed")
+def test_where_the_sequence_is_split_is_read_from_the_layers_inputs():
+    """Layers that take the hidden states alone: Megatron's split at the embeddings (no sequence_stack
+    row). Hugging Face layers take positions and masks: the stack is the region, read from a forward up
+    to the first layer, on meta tensors for a model built on the meta device."""
+    stack = lambda plan: [
+        (r.name, r.options["split_input"], r.options["gather_output"])
+        for r in plan.modules
+        if r.style == "sequence_stack"
+    ]  # noqa: E731
+    assert stack(plan_policy(models.build("plain"), 2, "auto", sequence_parallel=True)) == []
+    expected = [("model.model.layers.0", True, False), ("model.model.layers.1", False, True)]
+    assert stack(plan_policy(models.HFLogits(models.build("hf_llama")), 2, "auto", sequence_parallel=True)) == expected
+    with torch.device("meta"):
+        meta = models.HFLogits(models.hf_llama())
+    assert stack(plan_policy(meta, 2, "auto", sequence_parallel=True)) == expected
 
 
 def _saved_activation_shapes(name, sp):

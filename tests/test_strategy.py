@@ -185,6 +185,28 @@ def test_litgpt_mixture_of_experts_trains_under_sequence_parallelism_as_one_proc
         assert len({r["replicated"] for r in results if r["dp_rank"] == dp}) == 1
 
 
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers (extra 'hf')")
+def test_hugging_face_model_trains_sequence_parallel_as_one_process():
+    """Hugging Face GPT-2 under sequence parallelism at TP 2 x DP 2 with ZeRO-2: its positions and mask
+    come from the embeddings' output, so only its layer stack is sequence-sharded (split at the first
+    layer's input, gathered at the last one's output; the embeddings, ln_f and the tied head as without
+    it): the losses of one process, the replicated weights identical across each TP group. With its
+    dropouts on, the embedding dropout (before the stack) draws one mask for the whole sequence on every
+    TP rank and those in the layers per rank: the first steps' check of every whole parameter's gradient
+    across TP passes and the replicated weights stay identical."""
+    ref = reference_losses(model="hf_gpt2")
+    results = _dist.run(4, _fit, 4, 2, sp=True, model="hf_gpt2", strategy_kw={"zero_stage": 2})
+    for r in results:
+        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref), rtol=1e-5, atol=0)
+        assert r["zero_active"] and r["lm_head_tied"] and not r["sequence_sharded"]  # wpe runs on the whole sequence
+    for dp in range(2):
+        assert len({r["replicated"] for r in results if r["dp_rank"] == dp}) == 1
+    results = _dist.run(2, _fit, 2, 2, steps=6, dropout=0.1, sp=True, model="hf_gpt2")
+    assert len({r["replicated"] for r in results}) == 1
+    assert all(r["losses"] == results[0]["losses"] for r in results)
+    assert results[0]["losses"] != ref[:6]  # the dropouts were on
+
+
 def test_sequence_parallel_dropout_keeps_replicated_weights_identical():
     results = _dist.run(2, _fit, 2, 2, steps=6, dropout=0.1, sp=True, model="nano")
     assert len({r["replicated"] for r in results}) == 1

@@ -1,7 +1,7 @@
 """Megatron sequence parallelism outside the parallel linears.
 
 Between the tensor-parallel regions the activations are sharded on the sequence, ``(B, T/p, H)``.
-Two pieces make the rest of a model work on them:
+These pieces make the rest of a model work on them:
 
 * :class:`SequenceGather`: forward hooks on a block that holds column layers. At the block's input
   it all-gathers the sequence (forward: all-gather on dim -2; backward: reduce-scatter, which also
@@ -9,6 +9,12 @@ Two pieces make the rest of a model work on them:
   column layers run no collective in forward. Each column layer built with this object reads the
   shard behind its (gathered) input from it, to all-gather it again in backward instead of saving
   the full input.
+* :class:`StackSequence`: hooks on the first and last layers of the model's layer stack, for models
+  whose layers take per-position inputs the model computes from the embeddings' output (positions,
+  masks, rotary tables from its sequence length, as Hugging Face models do): the sequence-sharded
+  region is the stack. The hidden states are split to this rank's chunk where they enter the first
+  layer and all-gathered where they leave the last; what runs before and after the stack runs on
+  the whole sequence, as without sequence parallelism.
 * :class:`SequenceShardedEmbedding`: a replicated ``nn.Embedding`` (positions, token types) that
   gives this rank's sequence chunk, to be added to the sequence-sharded token embeddings.
 * :class:`WholeSequence`: forward hooks on a module that must see every token at once and runs as
@@ -30,7 +36,7 @@ from torch.distributed import ProcessGroup
 from torch.utils.hooks import RemovableHandle
 
 from lightning_tp._compat import tensor_version, tree_map
-from lightning_tp.engine.comm import gather_from_sp, scatter_to_sp
+from lightning_tp.engine.comm import gather_from_sp, group_size, scatter_to_sp
 from lightning_tp.engine.features import ModuleHooks
 from lightning_tp.errors import ShardingError
 
@@ -51,10 +57,13 @@ class SequenceGather:
     Args:
         group: the tensor-parallel process group.
         in_features: input widths of the column layers inside the block.
+        ndim: the hidden states' number of dims, where known (a layer stack that is the sequence-sharded
+            region: read from the model's forward); a tensor of another rank (a float mask as wide as a
+            hidden width) is not gathered.
     """
 
-    def __init__(self, group: ProcessGroup, in_features: Iterable[int]) -> None:
-        self.group, self.in_features = group, frozenset(int(i) for i in in_features)
+    def __init__(self, group: ProcessGroup, in_features: Iterable[int], ndim: int | None = None) -> None:
+        self.group, self.in_features, self.ndim = group, frozenset(int(i) for i in in_features), ndim
         # id(gathered) -> (weak ref to it, this rank's shard, its version when gathered). An entry
         # lives as long as the gathered tensor (a recompute of a checkpointed region inside the block
         # finds it again); it is dropped when that tensor is freed.
@@ -75,7 +84,7 @@ class SequenceGather:
         return entry[1]
 
     def _gather(self, x: Any) -> Any:
-        if is_hidden(x, self.in_features):
+        if is_hidden(x, self.in_features) and (self.ndim is None or x.dim() == self.ndim):
             full = gather_from_sp(x, self.group, -2)  # (..., T, in)
             if torch.compiler.is_compiling():
                 return full
@@ -138,6 +147,89 @@ class WholeSequence(ModuleHooks):
 
     def __repr__(self) -> str:
         return f"WholeSequence(in_features={sorted(self.in_features)})"
+
+
+class StackSequence:
+    """The layer stack's ends for a model whose layers take per-position inputs (see the module doc):
+    with ``split_input`` (the first layer) the hidden states, the argument ``arg`` (a position or a
+    keyword, read from the model's forward), are split to this rank's chunk on dim -2 (backward:
+    all-gather, so what ran before the stack gets the whole, identical gradient on every rank); with
+    ``gather_output`` (the last layer) its outputs of the shape of that argument (sequence-sharded) are
+    all-gathered on dim -2 (backward: this rank's chunk of the gradient, which what runs after the
+    stack, as without sequence parallelism, makes complete on every rank). Other inputs (masks,
+    positions, rotary tables, an encoder's states) pass unchanged: the layers read them whole. The
+    hooks keep no state between calls (a compiled layer's guards see none).
+
+    Args:
+        group: the tensor-parallel process group.
+        in_features: the widths of the hidden states (the input widths of the stack's column layers).
+        split_input: split the inputs (the stack's first layer).
+        gather_output: gather the outputs (the stack's last layer).
+        name: the layer's name (in errors).
+        arg: the argument that carries the hidden states: its position in ``args``, or its keyword.
+    """
+
+    def __init__(
+        self,
+        group: ProcessGroup,
+        in_features: Iterable[int],
+        split_input: bool,
+        gather_output: bool,
+        name: str = "",
+        arg: int | str = 0,
+    ) -> None:
+        self.group, self.in_features, self.name, self.arg = group, frozenset(int(i) for i in in_features), name, arg
+        self.split_input, self.gather_output = split_input, gather_output
+
+    def attach(self, layer: nn.Module) -> list[RemovableHandle]:
+        """Register the split on ``layer``'s input and the gather on its output, as configured."""
+        handles = []
+        if self.split_input:
+            handles.append(layer.register_forward_pre_hook(self._pre, with_kwargs=True))
+        if self.gather_output:  # (after the split, on a one-layer stack: it sees the split inputs)
+            handles.append(layer.register_forward_hook(self._post, with_kwargs=True))
+        return handles
+
+    def _hidden(self, args: tuple, kwargs: dict) -> Tensor:
+        x = args[self.arg] if isinstance(self.arg, int) and self.arg < len(args) else kwargs.get(str(self.arg))
+        if not is_hidden(x, self.in_features):
+            raise ShardingError(
+                f"sequence parallelism: {self.name!r} (the layer stack's first or last layer) takes the hidden states "
+                f"as argument {self.arg!r}, read from the model's forward, and this call gives it "
+                f"{type(x).__name__ if not isinstance(x, Tensor) else tuple(x.shape)}, not a floating (..., T, w) "
+                f"tensor with w in {sorted(self.in_features)}. Call the layers alike, or use sequence_parallel=False."
+            )
+        return x
+
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        x = self._hidden(args, kwargs)
+        p = group_size(self.group)
+        if x.shape[-2] % p:
+            raise ShardingError(
+                f"sequence parallelism splits the hidden states entering {self.name!r} on the sequence: "
+                f"length {x.shape[-2]} does not divide by {p}. Make the sequence length a multiple of "
+                "tensor_parallel_size (pad the batch), or use sequence_parallel=False."
+            )
+        shard = scatter_to_sp(x, self.group, -2)
+        if isinstance(self.arg, int) and self.arg < len(args):
+            return (*args[: self.arg], shard, *args[self.arg + 1 :]), kwargs
+        return args, {**kwargs, str(self.arg): shard}
+
+    def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        shape = tuple(self._hidden(args, kwargs).shape)  # this rank's chunk
+
+        def gather(y: Any) -> Any:
+            if isinstance(y, Tensor) and y.is_floating_point() and tuple(y.shape) == shape:
+                return gather_from_sp(y, self.group, -2, grad_reduce=False)
+            return y
+
+        return tree_map(gather, output)
+
+    def __repr__(self) -> str:
+        return (
+            f"StackSequence(in_features={sorted(self.in_features)}, split_input={self.split_input}, "
+            f"gather_output={self.gather_output}, arg={self.arg!r})"
+        )
 
 
 class SequenceShardedEmbedding(nn.Embedding):

@@ -74,7 +74,7 @@ from lightning_tp.lightning.zero import (
     no_gradient_sync,
 )
 from lightning_tp.policy import applied_plan, apply_policy, plan_policy, resolve_rules
-from lightning_tp.policy.verify import holds_meta, values_for_meta
+from lightning_tp.policy.inputs import holds_meta, values_for_meta
 
 log = logging.getLogger(__name__)
 _INIT_STREAM = 0x1417  # the deferred-init seed: derived from the run's seed, apart from the dropout streams
@@ -287,8 +287,10 @@ class MegatronTPStrategy(DDPStrategy):
             return
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the plan's warnings come once, from setup
+            forward, example = forward_target(model)  # what setup's plan traces too
             plan_policy(model, self.tensor_parallel_size, self.policy, strict=self.strict,
-                        sequence_parallel=self.sequence_parallel)  # fmt: skip
+                        sequence_parallel=self.sequence_parallel, example_input=example,
+                        forward_module=forward)  # fmt: skip
 
     def setup_environment(self) -> None:
         # Validate the layout before the process group exists: no collective on bad input.
@@ -360,8 +362,9 @@ class MegatronTPStrategy(DDPStrategy):
         # Policy, head-count, tie and initializer errors are raised here, identically on every rank, before any
         # collective.
         plan = plan_policy(
-            module, self.tensor_parallel_size, self.policy, strict=self.strict, sequence_parallel=self.sequence_parallel
-        )
+            module, self.tensor_parallel_size, self.policy, strict=self.strict, sequence_parallel=self.sequence_parallel,
+            example_input=example, forward_module=forward,
+        )  # fmt: skip
         self.deferred_init = is_deferred(module)
         materializer = None
         if self.deferred_init:  # every rank initializes the same dense layers from the shared seed
@@ -408,13 +411,12 @@ class MegatronTPStrategy(DDPStrategy):
                     "the self-check and Lightning's uses of it. To choose the values, build it with device='cpu'."
                 )
             module.example_input_array = example
-        if not self.verify or example is not None or is_overridden("forward", module, pl.LightningModule):
-            return None, self.verify, example
-        children = [c for c in module.children() if any(True for _ in c.parameters())]
-        if len(children) == 1:
-            return children[0], True, None  # verify the wrapped model; rewriting the module rewrites it
-        log.warning("lightning_tp: no forward and no example_input_array: skipping verify.")
-        return None, False, None
+        forward, example = forward_target(module, example)
+        if forward is None and example is None and not is_overridden("forward", module, pl.LightningModule):
+            if self.verify:
+                log.warning("lightning_tp: no forward and no example_input_array: skipping verify.")
+            return None, False, None
+        return forward, self.verify, example
 
     def _resolve_seed(self) -> int:
         if self._seed is not None:
@@ -728,6 +730,24 @@ class MegatronTPStrategy(DDPStrategy):
                 name, cls, description=f"Megatron-style tensor parallelism, start_method={start_method!r}",
                 start_method=start_method, override=True,
             )  # fmt: skip
+
+
+def forward_target(module: nn.Module, example: Any = None) -> tuple[nn.Module | None, Any]:
+    """``(module whose forward takes a batch, example input)`` for the plan's trace and the self-check:
+    a LightningModule with an ``example_input_array`` (or ``example``) or a ``forward`` of its own is
+    run itself (``None``); one without either, its one child holding parameters (the wrapped model;
+    rewriting the module rewrites it), with no example (random token ids); else ``(None, None)``.
+    The same for every caller (setup, the plan before launch, ``lightning-tp plan``), so they plan
+    alike."""
+    if example is None:
+        example = getattr(module, "example_input_array", None)
+        example = None if holds_meta(example) else example
+    if not isinstance(module, pl.LightningModule) or example is not None:
+        return None, example
+    if is_overridden("forward", module, pl.LightningModule):
+        return None, None
+    children = [c for c in module.children() if any(True for _ in c.parameters())]
+    return (children[0], None) if len(children) == 1 else (None, None)
 
 
 class _ZeroRoot(nn.Module):

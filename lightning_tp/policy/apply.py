@@ -23,9 +23,17 @@ from lightning_tp.engine.init import Materializer, is_deferred, module_aliases
 from lightning_tp.engine.random import RNGTracker, SplitRegion, attach_tracker
 from lightning_tp.engine.sharding import shard_spec
 from lightning_tp.errors import DeferredInitError, ShardingError
+from lightning_tp.policy.inputs import holds_meta, make_example_input, model_device, values_for_meta
 from lightning_tp.policy.plan import Plan, PlannedModule, attach_plan, plan_policy, planned_row
 from lightning_tp.policy.rules import NAMES_SOURCE, PolicyError, PolicyWarning, Rule
-from lightning_tp.policy.styles import BuildContext, Column, Row, SequenceGatherStyle, WholeSequenceStyle
+from lightning_tp.policy.styles import (
+    BuildContext,
+    Column,
+    Row,
+    SequenceGatherStyle,
+    SequenceStackStyle,
+    WholeSequenceStyle,
+)
 from lightning_tp.policy.verify import (
     block_templates,
     capture,
@@ -34,12 +42,8 @@ from lightning_tp.policy.verify import (
     check_reference,
     chunk_sizes,
     fused_rows,
-    holds_meta,
     inference_outputs,
     interleaved_groups,
-    make_example_input,
-    model_device,
-    values_for_meta,
 )
 
 
@@ -129,6 +133,8 @@ def apply_plan(
     for row in plan.modules:
         if isinstance(row.kind, WholeSequenceStyle):  # (a SequenceGatherStyle that gathers and splits back)
             ctx.whole_sequence += (row.name,)
+        elif isinstance(row.kind, SequenceStackStyle):  # (a SequenceGatherStyle at an end of the layer stack)
+            ctx.stack, ctx.hidden_ndim = row.name.rpartition(".")[0], row.options["ndim"]
         elif isinstance(row.kind, SequenceGatherStyle):
             ctx.in_features[row.name] = set(row.options["in_features"])
     replaced: _Replaced = {}
@@ -396,7 +402,7 @@ def apply_policy(
         verify: run the parity self-check (one forward before and after on a fixed random batch).
         example_input: the batch for ``verify`` (default: random token ids, or floats for models
             without embeddings); a tensor, a tuple of positional args or a dict of keyword args.
-            Tensors on the meta device (shapes only) get values (:func:`~lightning_tp.policy.verify.values_for_meta`).
+            Tensors on the meta device (shapes only) get values (:func:`~lightning_tp.policy.inputs.values_for_meta`).
         sequence_parallel: Megatron sequence parallelism (see :func:`apply_plan`); a given
             :class:`Plan` keeps its own setting.
         rng_tracker: the model-parallel RNG tracker the per-rank dropouts draw from (see
@@ -428,7 +434,10 @@ def apply_policy(
             )
         plan = policy
     else:
-        plan = plan_policy(model, group_size(group), policy, strict=strict, sequence_parallel=sequence_parallel)
+        plan = plan_policy(
+            model, group_size(group), policy, strict=strict, sequence_parallel=sequence_parallel,
+            example_input=example_input, forward_module=forward_module,
+        )  # fmt: skip
     warn_plan(plan)
     if not verify:
         _warn_unread_layouts(plan)

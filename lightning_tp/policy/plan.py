@@ -47,6 +47,7 @@ from lightning_tp.policy.rules import (
     read_attr,
     resolve_rules,
 )
+from lightning_tp.policy.stack import StackSplit, stack_split
 from lightning_tp.policy.styles import ALL_STYLES, KV_REPLICATE, STYLES, Column, Qkv, Style, Vocab, as_linear
 from lightning_tp.policy.ties import check_ties
 
@@ -163,12 +164,17 @@ def plan_policy(
     policy: str | Mapping[str, Any] | None = "auto",
     strict: bool = False,
     sequence_parallel: bool = False,
+    example_input: Any = None,
+    forward_module: nn.Module | None = None,
 ) -> Plan:
     """Resolve and validate ``policy`` for ``model`` at ``tp_size``, without touching the model.
 
     With ``sequence_parallel`` the plan also makes the activations between the parallel layers
     (norms, dropouts, residual adds) sequence-sharded, Megatron's sequence parallelism: see
-    :func:`apply_plan`.
+    :func:`apply_plan`. Where the sequence is split (at the embeddings, or only inside the layer stack
+    for a model whose layers take per-position inputs: :mod:`lightning_tp.policy.stack`) is read from
+    a forward of the dense model up to its first layer (no gradients) on ``example_input`` (default:
+    random token ids) through ``forward_module`` (default ``model``).
 
     Raises:
         PolicyError: bad policy entries, a tie the policy would break, unmatched modules (``strict``).
@@ -196,11 +202,13 @@ def plan_policy(
             "Add patterns for them (style 'replicate' keeps a module whole)."
         )
     full, local = _param_counts(model, modules, planned)
+    split = None
     if sequence_parallel:
         owners = _whole_sequence_owners(modules, planned)
-        _check_sequence_parallel(modules, list(planned.values()), owners)
-        _plan_sequence_parallel(modules, planned, tp_size, owners, aliases)
-    _plan_dropouts(modules, planned, tp_size, sequence_parallel, aliases)
+        split = _stack_split(model, modules, planned, owners, example_input, forward_module)
+        _check_sequence_parallel(modules, list(planned.values()), owners, split)
+        _plan_sequence_parallel(modules, planned, tp_size, owners, aliases, stack=split)
+    _plan_dropouts(modules, planned, tp_size, sequence_parallel, aliases, stack=split)
     ordered = [planned[n] for n in modules if n in planned]
     unused = [p for p in rules if p not in used]
     _check_relative_names(model, modules, unused, ordered)
@@ -366,13 +374,60 @@ def _param_counts(
     return sum(p.numel() for p in params), sum(local_numel.get(id(p), p.numel()) for p in params)
 
 
+def _stack_split(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    planned: dict[str, PlannedModule],
+    owners: dict[str, _Owner],
+    example_input: Any,
+    forward_module: nn.Module | None,
+) -> StackSplit | None:
+    """The layer stack as the sequence-sharded region (:func:`~lightning_tp.policy.stack.stack_split`),
+    unless the policy gives the stack's first or last layer a style of its own (then Megatron's split)."""
+    blocks = {b: w for b, w in _column_blocks(planned.values()).items() if not _inside(b, owners)}
+    split = stack_split(model, modules, blocks, example_input, forward_module)
+    for given in (planned.get(split.first), planned.get(split.last)) if split is not None else ():
+        if given is not None and (given.style != "replicate" or set(given.options) - {"partial_grad"}):
+            return None
+    return split
+
+
+def _split_row(
+    name: str,
+    module: nn.Module,
+    planned: dict[str, PlannedModule],
+    stack: StackSplit,
+    split: set[int],
+    tp: int,
+) -> PlannedModule:
+    """The ``sequence_stack`` row of the stack's first or last layer (one row where they are one layer).
+    Its own whole parameters (if any) get partial gradients, as every layer's."""
+    given = planned.get(name)
+    options: dict[str, Any] = {
+        "in_features": sorted(stack.widths), "split_input": name == stack.first, "gather_output": name == stack.last,
+        "arg": stack.arg, "ndim": stack.ndim,
+    }  # fmt: skip
+    if given is not None and "partial_grad" in given.options:
+        options["partial_grad"] = given.options["partial_grad"]
+    elif any(id(p) not in split for p in _own_params(module)):
+        options["partial_grad"] = True
+    ends = [what for what, on in (("splits", name == stack.first), ("gathers", name == stack.last)) if on]
+    note = f"{' and '.join(ends)} the sequence: the layer stack is sequence parallel, what runs outside it is not"
+    row = planned_row(name, module, Rule("sequence_stack", options), None, tp, note)
+    row.pattern = given.pattern if given is not None else None
+    return row
+
+
 def _check_sequence_parallel(
-    modules: dict[str, nn.Module], entries: list[PlannedModule], owners: dict[str, _Owner]
+    modules: dict[str, nn.Module],
+    entries: list[PlannedModule],
+    owners: dict[str, _Owner],
+    split: StackSplit | None = None,
 ) -> None:
     root = _split_root({e.name: e for e in entries})
     for entry in entries:
-        if _inside(entry.name, owners):
-            continue  # built as plain tensor parallelism: the layer it is in runs on the whole sequence
+        if _inside(entry.name, owners) or (split is not None and not split.inside(entry.name)):
+            continue  # plain tensor parallelism: in a layer on the whole sequence, or outside the sequence-split stack
         if (why := entry.kind.sequence_parallel_error(entry.options)) is not None:
             raise PolicyError(f"module {entry.name!r} (style {entry.style!r}): {why} Use sequence_parallel=False.")
         if isinstance(entry.kind, Column) and entry.name.rpartition(".")[0] in ("", root):
@@ -382,8 +437,10 @@ def _check_sequence_parallel(
                 "or use sequence_parallel=False."
             )
     _check_experts_placement(modules, entries, owners, root)
-    if not any(isinstance(e.kind, Vocab) and as_linear(modules[e.name]) is not None for e in entries) and not any(
-        isinstance(e.kind, Column) and e.options.get("gather_output") for e in entries
+    if (
+        split is None
+        and not any(isinstance(e.kind, Vocab) and as_linear(modules[e.name]) is not None for e in entries)
+        and not any(isinstance(e.kind, Column) and e.options.get("gather_output") for e in entries)
     ):
         raise PolicyError(
             "sequence_parallel=True needs the model's output to leave through a vocab-parallel LM head (or a "
@@ -472,8 +529,13 @@ def _plan_sequence_parallel(
     tp: int,
     owners: dict[str, _Owner],
     aliases: dict[str, tuple[str, ...]],
+    stack: StackSplit | None = None,
 ) -> None:
     """Megatron sequence parallelism outside the parallel layers, as plan rows:
+
+    * with a ``stack`` split (a model whose layers take per-position inputs) only the layer stack is
+      sequence parallel: its first layer splits the sequence, its last gathers it (``sequence_stack``),
+      and what runs outside the stack is planned as without sequence parallelism;
 
     * each block holding column layers gathers the sequence at its input (``sequence_gather``; a block
       with per-head parameters of its own, a ``head_params`` row, gets them split by that same row);
@@ -495,6 +557,11 @@ def _plan_sequence_parallel(
     for name, module in modules.items():
         if _inside(name, owners):
             continue  # runs as plain tensor parallelism on the whole sequence: nothing sequence-sharded inside
+        if stack is not None and name in (stack.first, stack.last):
+            planned[name] = _split_row(name, module, planned, stack, split, tp)
+            continue
+        if stack is not None and not stack.inside(name):
+            continue  # runs on the whole sequence, replicated, as without sequence parallelism
         if name in owners:
             given = planned.get(name)
             if given is not None and (given.style != "replicate" or given.options):
@@ -513,12 +580,16 @@ def _plan_sequence_parallel(
             options: dict[str, Any] = {"in_features": sorted(blocks[name])}
             given = planned.get(name)  # the policy may mark its parameters, or split its per-head ones
             if given is not None and given.style == "head_inputs":
-                raise ShardingError(
-                    f"sequence parallelism: block {name!r} takes inputs of all the model's heads "
-                    f"{sorted(given.options['inputs'])} (style 'head_inputs', e.g. ALiBi biases), which are built "
-                    "for the sequence the model sees, not for the gathered one this block would run on. Use "
-                    "sequence_parallel=False for this model."
-                )
+                if stack is None:
+                    raise ShardingError(
+                        f"sequence parallelism: block {name!r} takes inputs of all the model's heads "
+                        f"{sorted(given.options['inputs'])} (style 'head_inputs', e.g. ALiBi biases), which are "
+                        "built for the sequence the model sees, not for the gathered one this block would run on. "
+                        "Use sequence_parallel=False for this model."
+                    )
+                # the model builds them outside the layer stack, for the whole sequence the block gathers
+                options["inputs"] = dict(given.options["inputs"])
+                note += "; its per-head inputs cut to this rank's heads"
             heads = dict(given.options["params"]) if given is not None and given.style == "head_params" else {}
             if heads:
                 options["params"] = heads
@@ -560,11 +631,13 @@ def _plan_dropouts(
     tp: int,
     sequence_parallel: bool,
     aliases: dict[str, tuple[str, ...]],
+    stack: StackSplit | None = None,
 ) -> None:
     """Dropouts on activations split over TP draw per-rank masks (``tp_dropout``): attention-probability
     dropouts (named like ``attn_drop``) of blocks with split projections, and under sequence
     parallelism every ``nn.Dropout`` of the split model (each acts on this rank's chunk or heads) but
-    those inside a layer that runs on the whole sequence.
+    those inside a layer that runs on the whole sequence and, with a ``stack`` split, those outside the
+    layer stack.
     Other dropouts act on replicated activations and keep the shared default stream."""
 
     def names(n: str) -> tuple[str, ...]:
@@ -587,7 +660,11 @@ def _plan_dropouts(
         root = _split_root(planned)
         owners = [r.name for r in planned.values() if r.style == "sequence_whole"]
         for n, m in modules.items():
-            if type(m) is nn.Dropout and any(_within(a, root) and not _inside(a, owners) for a in names(n)):
+            if (
+                type(m) is nn.Dropout
+                and (stack is None or stack.inside(n))
+                and any(_within(a, root) and not _inside(a, owners) for a in names(n))
+            ):
                 found[n] = "on sequence-sharded activations"
     for name, note in found.items():
         planned[name] = planned_row(name, modules[name], Rule("tp_dropout"), None, tp, note)

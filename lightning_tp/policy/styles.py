@@ -7,7 +7,8 @@ in place of ``column`` for key/value projections with fewer heads than ranks), `
 ``replicate``, ``gather_input`` (also planned automatically for a full-width norm inside a
 head-split block), ``experts`` (a mixture of experts kept as parameters, each expert split like an
 MLP), ``tp_dropout`` (also planned automatically for attention dropouts of split blocks). Styles only
-sequence-parallel planning adds: ``sequence_gather``, ``sequence_embedding``. A :class:`~lightning_tp.policy.plan.Plan` row names its
+sequence-parallel planning adds: ``sequence_gather``, ``sequence_embedding``, ``sequence_whole``,
+``sequence_stack``. A :class:`~lightning_tp.policy.plan.Plan` row names its
 style; :func:`~lightning_tp.policy.apply.apply_plan` calls that style's :meth:`Style.build`.
 """
 
@@ -40,7 +41,7 @@ from lightning_tp.engine.layers import (
     unsupported_embedding_options,
 )
 from lightning_tp.engine.random import RNGTracker, TPDropout
-from lightning_tp.engine.sequence import SequenceGather, SequenceShardedEmbedding, WholeSequence
+from lightning_tp.engine.sequence import SequenceGather, SequenceShardedEmbedding, StackSequence, WholeSequence
 from lightning_tp.engine.sharding import (
     ShardSpec,
     has_partial_grad,
@@ -99,11 +100,18 @@ class BuildContext:
     gathers: dict[str, SequenceGather] = field(default_factory=dict)
     in_features: dict[str, set[int]] = field(default_factory=dict)
     whole_sequence: tuple[str, ...] = ()  # modules that run on the whole sequence (sequence_whole rows)
+    stack: str | None = None  # the layer stack, where a plan with sequence_stack rows is sequence parallel
+    hidden_ndim: int | None = None  # the hidden states' dims there (read from the model's forward)
 
     def sequence_parallel_at(self, name: str) -> bool:
         """Whether the module ``name`` runs on sequence-sharded activations: under sequence
-        parallelism, unless it sits inside a module that runs on the whole sequence."""
-        return self.sequence_parallel and not any(name.startswith(w + ".") for w in self.whole_sequence)
+        parallelism, unless it sits inside a module that runs on the whole sequence or outside the
+        layer stack of a plan whose sequence-sharded region is that stack."""
+        return (
+            self.sequence_parallel
+            and (self.stack is None or name.startswith(self.stack + "."))
+            and not any(name.startswith(w + ".") for w in self.whole_sequence)
+        )
 
     def gather(self, block: str) -> SequenceGather:
         """The sequence gather of ``block`` (made on first use; the plan must have its row)."""
@@ -113,7 +121,7 @@ class BuildContext:
                 "column layers. Make the plan with plan_policy(model, tp, policy, sequence_parallel=True)."
             )
         if block not in self.gathers:
-            self.gathers[block] = SequenceGather(self.group, self.in_features[block])
+            self.gathers[block] = SequenceGather(self.group, self.in_features[block], self.hidden_ndim)
         return self.gathers[block]
 
 
@@ -346,9 +354,9 @@ class Vocab(Style):
     def build(self, row, dense, ctx):
         if isinstance(dense, nn.Embedding):
             return VocabParallelEmbedding.from_dense(
-                dense, ctx.group, name=row.name, sequence_parallel=ctx.sequence_parallel
+                dense, ctx.group, name=row.name, sequence_parallel=ctx.sequence_parallel_at(row.name)
             )
-        sp = {"sequence_parallel": True, "seq_dim": -2} if ctx.sequence_parallel else {}
+        sp = {"sequence_parallel": True, "seq_dim": -2} if ctx.sequence_parallel_at(row.name) else {}
         return VocabParallelLMHead.from_dense(
             dense_linear(dense), ctx.group, gather_output=row.options.get("gather_output", False), name=row.name, **sp
         )
@@ -723,10 +731,12 @@ class SequenceGatherStyle(Style):
     are all-gathered on the sequence (:class:`~lightning_tp.engine.sequence.SequenceGather`); with
     ``partial_grad`` its own whole parameters' gradients are summed over TP; with ``params`` its own
     per-head parameters are split with its heads, as a ``head_params`` row does without sequence
-    parallelism (the block's one row carries both)."""
+    parallelism (the block's one row carries both); with ``inputs`` (a layer stack that is the
+    sequence-sharded region: per-head inputs the model builds outside it, for the whole sequence)
+    those arguments are cut to this rank's heads, as a ``head_inputs`` row does."""
 
     name = "sequence_gather"
-    options = frozenset({"in_features", "partial_grad", "params"})
+    options = frozenset({"in_features", "partial_grad", "params", "inputs"})
     need = "a module"
     replaces = False
 
@@ -737,6 +747,8 @@ class SequenceGatherStyle(Style):
         return ()
 
     def spec(self, name, module, shape, options, tp):
+        if options.get("inputs"):
+            HEAD_INPUTS.spec(name, module, shape, {"inputs": options["inputs"]}, tp)  # validated as that row's
         return HEAD_PARAMS.spec(name, module, shape, options, tp) if options.get("params") else None
 
     def local_numels(self, module, row):
@@ -745,6 +757,8 @@ class SequenceGatherStyle(Style):
     def build(self, row, dense, ctx):
         if row.options.get("params"):
             HEAD_PARAMS.build(row, dense, ctx)  # split first: partial marks go to the whole parameters only
+        if row.options.get("inputs"):
+            HeadSlice(ctx.group, row.options["inputs"]).attach(dense)
         ctx.gather(row.name).attach(dense)
         return REPLICATE.build(row, dense, ctx)
 
@@ -762,6 +776,26 @@ class WholeSequenceStyle(SequenceGatherStyle):
     def build(self, row, dense, ctx):
         WholeSequence(ctx.group, row.options["in_features"], row.name).attach(dense)
         return dense
+
+
+class SequenceStackStyle(SequenceGatherStyle):
+    """The first (``split_input``) or last (``gather_output``) layer of the model's layer stack, for a
+    model whose layers take per-position inputs it computes from the embeddings' output: the stack is
+    the sequence-sharded region (:class:`~lightning_tp.engine.sequence.StackSequence`), what runs
+    outside it runs as without sequence parallelism. ``arg`` is the argument that carries the hidden
+    states (a position or a keyword), ``ndim`` their number of dims (the stack's sequence gathers take
+    only tensors of that rank). With ``partial_grad`` its own whole parameters' gradients are summed
+    over TP. Planned by sequence parallelism only."""
+
+    name = "sequence_stack"
+    options = frozenset({"in_features", "split_input", "gather_output", "arg", "ndim", "partial_grad"})
+
+    def build(self, row, dense, ctx):
+        o = row.options
+        StackSequence(ctx.group, o["in_features"], o["split_input"], o["gather_output"], row.name, o["arg"]).attach(
+            dense
+        )
+        return REPLICATE.build(row, dense, ctx)
 
 
 class SequenceEmbedding(Style):
@@ -808,11 +842,12 @@ class PerRankDropout(Style):
 
 REPLICATE = Replicate()
 KV_REPLICATE = KVReplicate()
+HEAD_INPUTS = HeadInputs()
 #: styles a policy can name, by name
 STYLES: dict[str, Style] = {
     s.name: s
     for s in (
-        Column(), Row(), Qkv(), KV_REPLICATE, Vocab(), Heads(), HEAD_PARAMS, HeadInputs(), REPLICATE, GatherInput(),
+        Column(), Row(), Qkv(), KV_REPLICATE, Vocab(), Heads(), HEAD_PARAMS, HEAD_INPUTS, REPLICATE, GatherInput(),
         Experts(),
         PerRankDropout(),
     )
@@ -820,5 +855,5 @@ STYLES: dict[str, Style] = {
 #: every style a plan row can hold (sequence parallelism's pieces are planned, never named)
 ALL_STYLES: dict[str, Style] = {
     **STYLES,
-    **{s.name: s for s in (SequenceGatherStyle(), SequenceEmbedding(), WholeSequenceStyle())},
+    **{s.name: s for s in (SequenceGatherStyle(), SequenceEmbedding(), WholeSequenceStyle(), SequenceStackStyle())},
 }

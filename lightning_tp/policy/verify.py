@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import math
 import warnings
 from collections.abc import Iterator
@@ -48,9 +47,12 @@ from lightning_tp.engine.layers import gather_sharded, gather_sharded_into
 from lightning_tp.engine.loss import VocabShardedLogits
 from lightning_tp.engine.sharding import ShardSpec, has_partial_grad, shard_spec
 from lightning_tp.errors import PolicyMismatchError, VerifyInputError
+from lightning_tp.policy.inputs import META_SCALARS, model_device
+from lightning_tp.policy.inputs import call as _run
+from lightning_tp.policy.inputs import leaves as _leaves
 from lightning_tp.policy.plan import Plan
-from lightning_tp.policy.rules import HEAD_ATTRS, PolicyWarning, config_objects, infer_vocab_size, read_attr
-from lightning_tp.policy.styles import KV_REPLICATE, Qkv, SequenceGatherStyle, as_linear
+from lightning_tp.policy.rules import HEAD_ATTRS, PolicyWarning, config_objects, read_attr
+from lightning_tp.policy.styles import KV_REPLICATE, Qkv, SequenceGatherStyle
 
 # (atol, rtol relative to the reference's max magnitude), by the output dtype
 TOLERANCES = {torch.float64: (1e-9, 1e-9), torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-2, 3e-2), torch.float16: (1e-3, 1e-2)}  # fmt: skip
@@ -58,107 +60,6 @@ TOLERANCES = {torch.float64: (1e-9, 1e-9), torch.float32: (1e-5, 1e-4), torch.bf
 _LOOSENESS = [torch.float64, torch.float32, torch.bfloat16, torch.float16]  # TOLERANCES from tight to loose
 
 Records = dict[tuple[str, int], Any]
-
-
-def make_example_input(
-    model: nn.Module, batch: int = 2, seq: int = 8, seed: int = 0, device: torch.device | str | None = None
-) -> Tensor:
-    """A fixed random batch, identical on every rank: token ids for a model with embeddings (below
-    the smallest embedding size), else floats of the first linear layer's input width; on
-    ``device`` (default: where the model's first parameter is)."""
-    gen = torch.Generator().manual_seed(seed)
-    param = next(model.parameters(), None)
-    if device is None:
-        device = param.device if param is not None else torch.device("cpu")
-    high = _token_bound(model)
-    if high is not None:
-        ids = torch.randint(0, high, (batch, seq), generator=gen).to(device)
-        try:
-            takes_decoder_ids = "decoder_input_ids" in inspect.signature(model.forward).parameters
-        except (TypeError, ValueError):
-            takes_decoder_ids = False
-        if takes_decoder_ids:  # an encoder-decoder (T5, BART): the decoder needs its own ids
-            return {
-                "input_ids": ids,
-                "decoder_input_ids": torch.randint(0, high, (batch, seq), generator=gen).to(device),
-            }
-        return ids
-    for module in model.modules():
-        if (lin := as_linear(module)) is not None:
-            return torch.randn(batch, seq, lin[0], generator=gen, dtype=module.weight.dtype).to(device)
-    raise VerifyInputError(
-        "cannot build an example input for a model with no nn.Linear/nn.Embedding: set example_input_array on the "
-        "LightningModule (or pass example_input= to apply_policy), or verify=False."
-    )
-
-
-def _token_bound(model: nn.Module) -> int | None:
-    """Token ids below this are valid inputs of ``model`` (its vocabulary, else its smallest
-    embedding); ``None`` for a model without embeddings."""
-    embeddings = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
-    if not embeddings:
-        return None
-    vocab = infer_vocab_size(model)
-    return vocab if vocab is not None else min(embeddings)
-
-
-def _integral_meta(t: Tensor) -> bool:
-    return t.is_meta and not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
-
-
-def holds_meta(tree: Any) -> bool:
-    """Whether ``tree`` (a batch: tensors in dicts, lists, tuples) holds a tensor on the meta device."""
-    return any(t is not None and t.is_meta for t in _leaves(tree))
-
-
-def values_for_meta(tree: Any, model: nn.Module, seed: int = 0) -> Any:
-    """``tree`` with each meta tensor (an ``example_input_array`` built under
-    ``trainer.init_module(empty_init=True)``: a shape without values) replaced by a CPU tensor of
-    its shape and dtype, the same on every rank: floats drawn from a normal distribution, booleans
-    True, and a batch that is one integer tensor token ids below ``model``'s vocabulary (zeros for
-    a model without embeddings).
-
-    Raises:
-        VerifyInputError: an integer meta tensor inside a structure (a dict or tuple of inputs: its
-            values could be token ids, an attention mask, token types or positions, each valid in its
-            own range only).
-    """
-    gen = torch.Generator().manual_seed(seed)
-    if isinstance(tree, Tensor) and _integral_meta(tree):
-        high = _token_bound(model)
-        if high is None:
-            return torch.zeros(tree.shape, dtype=tree.dtype)
-        high = min(high, torch.iinfo(tree.dtype).max + 1)
-        return torch.randint(0, high, tree.shape, generator=gen, dtype=tree.dtype)
-    integers = [t for t in _leaves(tree) if t is not None and _integral_meta(t)]
-    if integers:
-        raise VerifyInputError(
-            f"the example input holds integer tensors on the meta device (shapes {[tuple(t.shape) for t in integers]}, "
-            "built under trainer.init_module(empty_init=True)): they have no values, and which would be valid (token "
-            "ids, an attention mask, token types, positions) cannot be told from the shape. Build example_input_array "
-            "with device='cpu' (torch.zeros(..., device='cpu')), or pass verify=False."
-        )
-
-    def fill(t: Any) -> Any:
-        if not isinstance(t, Tensor) or not t.is_meta:
-            return t
-        if t.dtype == torch.bool:
-            return torch.ones(t.shape, dtype=torch.bool)
-        return torch.randn(t.shape, generator=gen, dtype=t.dtype)
-
-    return tree_map(fill, tree)
-
-
-def _leaves(tree: Any) -> Iterator[Tensor | None]:
-    if isinstance(tree, Tensor):
-        yield tree
-    elif isinstance(tree, dict):
-        for v in tree.values():
-            yield from _leaves(v)
-    elif isinstance(tree, list | tuple):
-        for v in tree:
-            yield from _leaves(v)
-    # other objects (caches, None) carry no comparable tensor
 
 
 @contextmanager
@@ -185,17 +86,6 @@ def _recording(model: nn.Module, records: Records, stack: list[str]) -> Iterator
             h.remove()
 
 
-def _run(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, tuple | list):
-        return model(*inputs)
-    return model(inputs)
-
-
-_META_SCALARS = {Tensor.item: 0, Tensor.__bool__: False, Tensor.__int__: 0, Tensor.__float__: 0.0, Tensor.__index__: 0}
-
-
 class _DtypeWatch(TorchFunctionMode):
     """Records the floating dtypes of every op's output (a float64 model may compute in float32)
     and, for the outputs of fused projections (``watched``: ``id(tensor) -> module name``), the
@@ -208,10 +98,10 @@ class _DtypeWatch(TorchFunctionMode):
         self.reshaped: dict[str, tuple[int, ...]] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in _META_SCALARS and args and isinstance(args[0], Tensor) and args[0].is_meta:
+        if func in META_SCALARS and args and isinstance(args[0], Tensor) and args[0].is_meta:
             # a forward on meta tensors (shapes only, for a meta-device model): data-dependent
             # values (mask checks) are taken as zero / False; only reshapes are read from it
-            return _META_SCALARS[func]
+            return META_SCALARS[func]
         out = func(*args, **(kwargs or {}))
         if isinstance(out, Tensor) and out.is_floating_point():
             self.seen.add(out.dtype)
@@ -514,10 +404,18 @@ def _sequence_hint(plan: Plan) -> str:
     """What to try first when a sequence-parallel plan fails its check."""
     if not plan.sequence_parallel:
         return ""
+    if any(row.style == "sequence_stack" for row in plan.modules):
+        return (
+            f" Under sequence parallelism the activations inside the layer stack hold 1/{plan.tp_size} of the "
+            "sequence (split at its first layer's input): a layer that reads the sequence length from them, or "
+            "combines them with a per-position input outside its attention and MLP blocks, does not fit it; "
+            "check the model with sequence_parallel=False."
+        )
     return (
-        f" Under sequence parallelism the activations between the blocks hold 1/{plan.tp_size} of the sequence: a "
-        "model that derives positions, masks or rotary tables from their length (Hugging Face models do, from "
-        "`inputs_embeds`) does not fit it; check the model with sequence_parallel=False."
+        f" Under sequence parallelism the activations between the blocks hold 1/{plan.tp_size} of the sequence, "
+        "from the embeddings on: a model that derives positions, masks or rotary tables from their length does "
+        "not fit it unless it hands them to its layers (then only the layer stack is split); check the model "
+        "with sequence_parallel=False."
     )
 
 
@@ -597,13 +495,6 @@ def _check_grads(
     )
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """Where ``model``'s first parameter is: where the check's inputs go and its collectives' flags
-    live (CPU for gloo, the GPU for NCCL)."""
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 def _first_mismatch(
     records: Records,
     ref_records: Records,
@@ -639,6 +530,7 @@ class BlockCheck:
     gathers: frozenset[int]  # input widths its sequence gathers all-gather (sequence parallelism)
     spec: ShardSpec | None  # its output's layout when the unit is one split layer
     transposed: frozenset[str]  # Conv1D weights (relative names): stored (in, out) in the dense form
+    whole_input: bool = False  # the layer stack's first layer: it takes the whole sequence and splits it
 
 
 def block_templates(model: nn.Module, plan: Plan, units: list[tuple[str, nn.Module, bool]]) -> list[BlockCheck]:
@@ -662,7 +554,10 @@ def block_templates(model: nn.Module, plan: Plan, units: list[tuple[str, nn.Modu
         transposed = frozenset(
             f"{row.name}.weight".removeprefix(prefix) for row in rows if row.module_type == "Conv1D" and row.splits
         )
-        checks.append(BlockCheck(name, template, gathers, spec, transposed))
+        whole_input = any(r.name == name and r.options.get("split_input") for r in rows)  # a sequence_stack row
+        checks.append(
+            BlockCheck(name, template, frozenset() if whole_input else gathers, spec, transposed, whole_input)
+        )
     return checks
 
 
@@ -881,7 +776,7 @@ def _gather_inputs(tree: Any, widths: frozenset[int], group: ProcessGroup) -> An
 
     def gather(x):
         if isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 2 and x.shape[-1] in widths:
-            return all_gather_dim(x.contiguous(), group, -2)
+            return all_gather_dim(x.contiguous(), group, -2).contiguous()  # (the layer may view() it)
         return x
 
     return tree_map(gather, tree)
@@ -924,11 +819,15 @@ def check_blocks(
         dense = _dense_unit(check, unit, group, device)
         watch = _DtypeWatch()
         # sequence parallelism: inputs the block's sequence gathers, or its layers themselves, all-gather
-        own = {
-            m.in_features
-            for m in unit.modules()
-            if getattr(m, "sequence_parallel", False) is True and isinstance(getattr(m, "in_features", None), int)
-        }
+        own = (
+            {
+                m.in_features
+                for m in unit.modules()
+                if getattr(m, "sequence_parallel", False) is True and isinstance(getattr(m, "in_features", None), int)
+            }
+            if not check.whole_input
+            else set()
+        )
         dense_args, dense_kwargs = _gather_inputs((args, kwargs), check.gathers | own, group)
         failure = None
         try:
