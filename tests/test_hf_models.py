@@ -106,7 +106,7 @@ EXPECTED: dict[str, object] = {
 # whose output is partly per head (multi-head latent attention), and models whose forward does not fit a
 # sequence-sharded layer (the self-check names it and sequence parallelism as the cause): BLOOM's attention
 # adds the residual stream it is given after its row layer; OPT's layer holds its MLP's linears itself (the
-# whole layer would gather the sequence); T5's decoder length 7; BERT; Llama 4's experts read their tokens
+# whole layer would gather the sequence); T5's decoder length 7; Llama 4's experts read their tokens
 # expert-major (E * N), which gathering tokens over TP mixes; Gemma 4's per-layer inputs are per position.
 _SP_MISMATCH = ("PolicyMismatchError", ["of the sequence", "sequence_parallel=False"])
 SP_EXPECTED: dict[str, object] = {
@@ -118,7 +118,8 @@ SP_EXPECTED: dict[str, object] = {
     "phi3": ("PolicyError", ["self_attn.o_proj", "input_is_parallel=False"]),
     "olmoe": ("PolicyError", ["self_attn.o_proj", "input_is_parallel=False"]),
     "deepseek_v2": ("PolicyError", ["kv_a_proj_with_mqa", "partial_output"]),
-    **{a: _SP_MISMATCH for a in ("bloom", "opt", "t5", "bert", "llama4", "gemma4")},
+    **{a: _SP_MISMATCH for a in ("bloom", "opt", "t5", "llama4", "gemma4")},
+    "bert": ("PolicyError", ["splits no layer of the model"]),  # "auto" leaves BERT's layers whole
 }
 # Gemma's RMSNorm computes in float32 (`x.float()`): its weight's gradient, summed over the sequence
 # chunks, agrees to float32 rounding (exact to 1.5e-15 at TP 2 and 4 with the cast made a no-op).

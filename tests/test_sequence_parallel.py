@@ -326,6 +326,21 @@ def test_every_caller_traces_the_same_forward():
     assert not any(r.style == "sequence_stack" for r in plan.modules)
 
 
+def test_a_policy_that_splits_no_layer_is_refused_under_sequence_parallelism():
+    """Only the embedding and the head split (a Hugging Face plan that covers no more, or a model without
+    attention): every layer would run whole on 1/TP of the sequence. Refused before any change, naming
+    the policy; a Hugging Face plan is told of policy='names' (before: the self-check blamed the head,
+    and with verify=False the logits were wrong)."""
+    with pytest.raises(PolicyError, match=r"splits no layer of the model .*sequence_parallel=False\.$"):
+        plan_policy(models.build("plain"), 2, {"embed_tokens": "vocab", "lm_head": "vocab", "*": "replicate"},
+                    sequence_parallel=True)  # fmt: skip
+    if HAS_HF:
+        import hf_zoo
+
+        with pytest.raises(PolicyError, match=r"policy \(huggingface tp_plan\) splits no layer.*policy='names'"):
+            plan_policy(hf_zoo.build("gpt_oss"), 2, "auto", sequence_parallel=True)
+
+
 class _PositionsFromEmbeddings(torch.nn.Module):
     """Positions numbered from the embeddings' output, and layers that take the hidden states alone:
     nothing in the layers' inputs shows that the embeddings' output must stay whole."""

@@ -206,7 +206,7 @@ def plan_policy(
     if sequence_parallel:
         owners = _whole_sequence_owners(modules, planned)
         split = _stack_split(model, modules, planned, owners, example_input, forward_module)
-        _check_sequence_parallel(modules, list(planned.values()), owners, split)
+        _check_sequence_parallel(modules, list(planned.values()), owners, split, source)
         _plan_sequence_parallel(modules, planned, tp_size, owners, aliases, stack=split)
     _plan_dropouts(modules, planned, tp_size, sequence_parallel, aliases, stack=split)
     ordered = [planned[n] for n in modules if n in planned]
@@ -423,7 +423,21 @@ def _check_sequence_parallel(
     entries: list[PlannedModule],
     owners: dict[str, _Owner],
     split: StackSplit | None = None,
+    source: str = "",
 ) -> None:
+    splits_layers = owners or any(not _inside(b, owners) for b in _column_blocks(entries))
+    if not splits_layers and not any(e.style == "experts" for e in entries):  # (experts gather their tokens)
+        hint = (
+            " The model's own Hugging Face plan splits no layer of it: policy='names' uses lightning_tp's name "
+            "rules instead."
+            if source.startswith("huggingface")
+            else ""
+        )
+        raise PolicyError(
+            f"sequence_parallel=True, but the policy ({source}) splits no layer of the model into column and row "
+            "layers (no attention or MLP block gathers the sequence): every layer would run whole on 1/TP of the "
+            f"sequence and compute another function. Split the layers, or use sequence_parallel=False.{hint}"
+        )
     root = _split_root({e.name: e for e in entries})
     for entry in entries:
         if _inside(entry.name, owners) or (split is not None and not split.inside(entry.name)):
