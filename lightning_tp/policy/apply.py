@@ -14,16 +14,15 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.distributed import ProcessGroup
 
-from lightning_tp._compat import tree_map
 from lightning_tp.engine.comm import group_size
 from lightning_tp.engine.init import Materializer, is_deferred, module_aliases
 from lightning_tp.engine.random import RNGTracker, SplitRegion, attach_tracker
 from lightning_tp.engine.sharding import shard_spec
 from lightning_tp.errors import DeferredInitError, ShardingError
-from lightning_tp.policy.inputs import holds_meta, make_example_input, model_device, values_for_meta
+from lightning_tp.policy.inputs import holds_meta, make_example_input, model_device, to_device, values_for_meta
 from lightning_tp.policy.plan import Plan, PlannedModule, attach_plan, plan_policy, planned_row
 from lightning_tp.policy.rules import NAMES_SOURCE, PolicyError, PolicyWarning, Rule
 from lightning_tp.policy.styles import (
@@ -311,10 +310,6 @@ def _replace(
                 setattr(holder, leaf, new)
 
 
-def _to(inputs: Any, device: torch.device | str) -> Any:
-    return tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, inputs)
-
-
 def _meta_reshapes(model: nn.Module, run: nn.Module, plan: Plan, inputs: Any) -> dict[str, int]:
     """For a meta-device model: how it reads its fused projections (see
     :func:`~lightning_tp.policy.verify.interleaved_groups`), from a forward on meta tensors (shapes
@@ -446,8 +441,8 @@ def apply_policy(
         if materializer is None:  # apply_plan says what is missing
             apply_plan(model, plan, group, rng_tracker, materializer)
         device = materializer.device
-        inputs = make_example_input(run, device=device) if example_input is None else _to(example_input, device)
-        plan = _per_head_fused(plan, model, _meta_reshapes(model, run, plan, _to(inputs, "meta")))
+        inputs = make_example_input(run, device=device) if example_input is None else to_device(example_input, device)
+        plan = _per_head_fused(plan, model, _meta_reshapes(model, run, plan, to_device(inputs, "meta")))
         checks = block_templates(model, plan, list(materializer.units()))  # meta copies: no memory
         apply_plan(model, plan, group, rng_tracker, materializer)
         if load_weights is not None:
@@ -456,7 +451,7 @@ def apply_policy(
         return plan
     if verify:
         # a LightningModule's example_input_array lives on the CPU (Lightning moves it for its own uses)
-        inputs = make_example_input(run) if example_input is None else _to(example_input, model_device(model))
+        inputs = make_example_input(run) if example_input is None else to_device(example_input, model_device(model))
         fused = tuple(fused_rows(plan))
         reference = capture(model, inputs, fused=fused, run=run)
         check_reference(reference, inputs)  # a batch the model does not take: raised before any rewrite

@@ -129,6 +129,11 @@ def call(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
+def to_device(inputs: Any, device: torch.device | str) -> Any:
+    """``inputs`` (a batch: tensors in dicts, lists, tuples) with every tensor moved to ``device``."""
+    return tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, inputs)
+
+
 def model_device(model: nn.Module) -> torch.device:
     """Where ``model``'s first parameter is: where the check's inputs go and its collectives' flags
     live (CPU for gloo, the GPU for NCCL)."""

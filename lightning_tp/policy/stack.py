@@ -29,12 +29,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from lightning_tp._compat import tree_map
 from lightning_tp.engine.init import is_deferred
 from lightning_tp.engine.sequence import is_hidden
-from lightning_tp.policy.inputs import MetaScalars, call, leaves, make_example_input, model_device
+from lightning_tp.policy.inputs import MetaScalars, call, leaves, make_example_input, model_device, to_device
 from lightning_tp.policy.rules import PolicyWarning
 
 
@@ -98,7 +97,7 @@ def stack_split(
     run = model if forward_module is None else forward_module
     device = torch.device("meta") if is_deferred(model) else model_device(model)
     try:
-        inputs = make_example_input(run, device=device) if example_input is None else _to(example_input, device)
+        inputs = make_example_input(run, device=device) if example_input is None else to_device(example_input, device)
         first = _first_layer_call(model, run, inputs, {id(modules[n]): n for n in layers})
     except torch.OutOfMemoryError:
         raise
@@ -125,10 +124,6 @@ def stack_split(
     if not any(length in t.shape for t in others):
         return None  # the layers take the hidden states alone (or nothing per position): Megatron's split
     return StackSplit(stack, layers[0], layers[-1], widths, arg, states.dim())
-
-
-def _to(inputs: Any, device: torch.device) -> Any:
-    return tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, inputs)
 
 
 class _Reached(Exception):
