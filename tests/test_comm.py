@@ -153,6 +153,30 @@ def test_collective_outputs_can_be_modified_in_place():
     assert all(len(done) == 5 for done in _dist.run(2, _check_outputs_modified_in_place))
 
 
+def _check_second_order_refused() -> list[str]:
+    """A second derivative through a collective (a gradient penalty: ``create_graph=True``, then backward)
+    would not run the collective again (their backward is a plain, untracked collective): each Function
+    is once-differentiable, so it is an error instead of a silently wrong gradient."""
+    m = _dist.mesh(2)
+    torch.manual_seed(0)
+    refused = []
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    layers = {
+        "column": ColumnParallelLinear(8, 8, group=m.tp_group).double(),
+        "row": RowParallelLinear(8, 8, group=m.tp_group, input_is_parallel=False).double(),
+    }
+    for what, layer in layers.items():
+        (grad,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            grad.square().sum().backward()
+        refused.append(what)
+    return refused
+
+
+def test_second_order_gradients_through_collectives_are_refused():
+    assert all(r == ["column", "row"] for r in _dist.run(2, _check_second_order_refused))
+
+
 def _check_identity_on_group_of_one():
     m = _dist.mesh(1)
     x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.distributed import ProcessGroup
 
 from lightning_tp.engine.sharding import ShardSpec
@@ -208,6 +209,7 @@ class _CopyToTP(torch.autograd.Function):
         return x.view_as(x)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor):
         return all_reduce(grad, ctx.group), None
 
@@ -223,6 +225,7 @@ class _ReduceFromTP(torch.autograd.Function):
         return x
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor):
         return grad, None, None
 
@@ -271,6 +274,7 @@ class _CopyToTPLinear(torch.autograd.Function):
         return _linear(x, weight, bias)  # (..., out)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -303,6 +307,7 @@ class _LinearRegather(torch.autograd.Function):
         return _linear(x, weight, bias)  # (..., out)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor):
         shard, weight = ctx.saved_tensors
         need_x, _, need_w, need_b = ctx.needs_input_grad[:4]
@@ -353,6 +358,7 @@ class _ScatterToTP(torch.autograd.Function):
         return _own_chunk(x, group, dim)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor):
         return all_gather_dim(grad, ctx.group, ctx.dim), None, None
 
@@ -364,6 +370,7 @@ class _GatherFromTP(torch.autograd.Function):
         return all_gather_dim(x, group, 0)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor):
         return split_dim(grad, ctx.group, 0), None, None
 
@@ -375,6 +382,7 @@ class _ScatterToSP(torch.autograd.Function):
         return _own_chunk(x, group, dim)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor):
         return all_gather_dim(grad, ctx.group, ctx.dim), None, None
 
@@ -386,6 +394,7 @@ class _GatherFromSP(torch.autograd.Function):
         return all_gather_dim(x, group, dim)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor):
         if ctx.grad_reduce:
             return reduce_scatter_dim(grad, ctx.group, ctx.dim), None, None, None
@@ -399,6 +408,7 @@ class _ReduceScatterToSP(torch.autograd.Function):
         return reduce_scatter_dim(x, group, dim)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor):
         return all_gather_dim(grad, ctx.group, ctx.dim), None, None
 

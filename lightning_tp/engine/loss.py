@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.distributed import ProcessGroup
 
 from lightning_tp._compat import (
@@ -456,6 +457,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
         exp, sum_exp, local_t, in_range, ignored = ctx.saved_tensors
         g = grad_loss.masked_fill(ignored, 0.0)  # (...)
