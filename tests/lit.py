@@ -61,9 +61,11 @@ class LitGPT(L.LightningModule):
                                         tie_word_embeddings=tied, use_cache=model.endswith("_cache"))  # fmt: skip
         elif model == "hf_gpt2":  # Hugging Face GPT-2 (extra 'hf'), tied head; its own dropouts (no extra one)
             self.model = models.hf_gpt2(vocab=VOCAB, dropout=dropout)
+        elif model == "torch_encoder":  # torch's nn.TransformerEncoder; its own dropouts (no extra one)
+            self.model = models.TorchEncoderLM(vocab=VOCAB, dropout=dropout)
         else:
             self.model = models.NanoGPT(vocab=VOCAB, n_embd=32, n_layer=2, n_head=4, block_size=SEQ)
-        self.drop = torch.nn.Dropout(0.0 if model == "hf_gpt2" else dropout)
+        self.drop = torch.nn.Dropout(0.0 if model in ("hf_gpt2", "torch_encoder") else dropout)
         self.example_input_array = torch.zeros(2, SEQ, dtype=torch.long)
         self.losses: list[float] = []
 

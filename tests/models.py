@@ -157,6 +157,21 @@ def hf_llama(vocab=30, n_kv_heads=4, tied=False):
     return LlamaForCausalLM(cfg)
 
 
+class TorchEncoderLM(nn.Module):
+    """A causal LM built from torch's own nn.TransformerEncoder (its nn.MultiheadAttention, linear1/linear2)."""
+
+    def __init__(self, vocab=30, d=32, n_layers=2, n_heads=4, dropout=0.0):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, n_heads, 2 * d, dropout=dropout, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx):
+        mask = nn.Transformer.generate_square_subsequent_mask(idx.shape[1], dtype=self.embed_tokens.weight.dtype)
+        return self.lm_head(self.encoder(self.embed_tokens(idx), mask=mask, is_causal=True))
+
+
 def hf_gpt2(vocab=30, dropout=0.0):
     from transformers import GPT2Config, GPT2LMHeadModel
 

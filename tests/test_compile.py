@@ -17,6 +17,11 @@ error; a recording backend counts the graphs):
   ``lightning_tp.engine.compiled.compile_layers``, the recipes' ``compile: true``): the head and
   the vocab-parallel loss stay eager, logits stay sharded.
 
+The models: a plain GPT (multi-query), nanoGPT (fused ``c_attn``) and one whose layers take rotary
+tables, with and without sequence parallelism, and torch's own ``nn.TransformerEncoder`` (its
+``nn.MultiheadAttention`` split by heads runs the project's forward; per block, its identical layers
+share one graph).
+
 Then the edges, in float64 against eager: the compiled loss's own backward (padded vocabulary,
 label smoothing, ignored targets); sharded logits that cross a graph break or enter a compiled
 function as an argument (run eagerly there: the right values, not a crash); a Hugging Face model's
@@ -49,12 +54,16 @@ def _model(kind: str):
         return models.PlainGPT(vocab=VOCAB, d=32, n_layers=2, n_heads=4, n_kv_heads=1, tied=True, ctx=SEQ)
     if kind == "rope":  # layers given rotary tables: under sequence parallelism the layer stack is the region
         return models.RopeGPT(vocab=VOCAB, d=32, n_heads=4, n_layers=2)
+    if kind == "torch":  # torch's nn.TransformerEncoder: nn.MultiheadAttention split by heads (its own forward)
+        return models.TorchEncoderLM(vocab=VOCAB, d=32, n_layers=2, n_heads=4)
     return models.NanoGPT(vocab=VOCAB, n_embd=32, n_layer=2, n_head=4, block_size=SEQ)  # fused c_attn, own code
 
 
 def _blocks(model) -> list[torch.nn.Module]:
     if hasattr(model, "blocks"):
         return list(model.blocks)
+    if hasattr(model, "encoder"):
+        return list(model.encoder.layers)
     return list(model.layers) if hasattr(model, "layers") else list(model.transformer.h)
 
 
@@ -264,7 +273,7 @@ def _hf_labels_loss() -> dict:
 CASES = [
     (kind, sp, how)
     for how in ("model", "step", "blocks")
-    for kind, sp in (("plain", False), ("nano", True), ("rope", True))
+    for kind, sp in (("plain", False), ("nano", True), ("rope", True), ("torch", False))
 ]
 
 

@@ -207,6 +207,23 @@ def test_hugging_face_model_trains_sequence_parallel_as_one_process():
     assert results[0]["losses"] != ref[:6]  # the dropouts were on
 
 
+def test_torch_transformer_layers_train_as_one_process():
+    """torch's own nn.TransformerEncoder under policy "auto" (its nn.MultiheadAttention split by heads,
+    linear1/linear2 a column/row pair) gives the losses of one process at TP 2 x DP 2 with ZeRO-3 and its
+    layers checkpointed. With its dropouts on, the attention weights' and the MLP's are drawn per rank
+    and the residual ones alike on every rank: the replicated weights (norms, biases) stay identical."""
+    ref = reference_losses(steps=6, model="torch_encoder")
+    kw = {"zero_stage": 3, "activation_checkpointing": "model.encoder.layers.*"}
+    results = _dist.run(4, _fit, 4, 2, steps=6, model="torch_encoder", strategy_kw=kw)
+    for r in results:
+        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref), rtol=1e-5, atol=0)
+        assert r["zero_active"] and r["checkpointed"] == 2
+    results = _dist.run(2, _fit, 2, 2, steps=6, dropout=0.1, model="torch_encoder")
+    assert len({r["replicated"] for r in results}) == 1
+    assert all(r["losses"] == results[0]["losses"] for r in results)
+    assert results[0]["losses"] != ref  # the dropouts were on
+
+
 def test_sequence_parallel_dropout_keeps_replicated_weights_identical():
     results = _dist.run(2, _fit, 2, 2, steps=6, dropout=0.1, sp=True, model="nano")
     assert len({r["replicated"] for r in results}) == 1

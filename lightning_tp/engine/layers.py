@@ -184,7 +184,7 @@ class ColumnParallelLinear(_ParallelLinear):
 
     def _local_linear(self, x: Tensor) -> Tensor:
         """``x A_r^T + b_r`` with the collectives of the input's layout: (..., in) -> (..., out/p)."""
-        return _column_linear(self, x, self.weight, self.bias)
+        return column_linear(self, x, self.weight, self.bias)
 
     def _gather(self, y: Tensor) -> Tensor:
         y = gather_from_tp(y, self.group)  # (..., p * out/p) in rank order
@@ -203,7 +203,7 @@ class ColumnParallelLinear(_ParallelLinear):
         )
 
 
-def _column_linear(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def column_linear(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``F.linear(x, weight, bias)`` for a layer whose input is replicated over TP and whose output
     reaches only this rank's heads, with the collectives of the input's layout (``layer``'s ``group``,
     ``sequence_parallel``, ``seq_dim``, ``sequence_gather``): the grad of ``x`` is summed over TP."""
@@ -296,7 +296,7 @@ class KVReplicatedLinear(nn.Module):
         return cls(m.in_features, m.out_features, m.bias is not None, group=group, _dense=m, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
-        return _column_linear(self, x, self.weight, self.bias)  # (..., head_dim) or (..., q/p + 2 head_dim)
+        return column_linear(self, x, self.weight, self.bias)  # (..., head_dim) or (..., q/p + 2 head_dim)
 
     def dense_output_rows(self) -> tuple[Tensor, Tensor]:
         """``(rows, share)``: the dense output features this rank's output holds, in order, and each

@@ -24,7 +24,7 @@ Works for the CPU generator and for CUDA devices.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -268,9 +268,16 @@ class SplitRegion:
         self.tracker.close_region()
 
     def install(
-        self, root: nn.Module, blocks: list[nn.Module], columns: list[nn.Module], rows: list[nn.Module]
+        self,
+        root: nn.Module,
+        blocks: list[nn.Module],
+        columns: list[nn.Module],
+        rows: list[nn.Module],
+        entries: Sequence[nn.Module] = (),
     ) -> None:
-        """Hooks: ``columns`` open the region; ``rows`` and ``blocks`` (those holding both) close it, and so
+        """Hooks: ``columns`` open the region after their forward, ``entries`` (blocks split from their
+        input on, torch's ``nn.MultiheadAttention`` split by heads) before theirs; ``rows`` and ``blocks``
+        (those holding both) close it, and so
         does every module above a block before its forward (a forward that raised mid-stretch and was
         caught, a retry after running out of memory, leaves no region open for the next forward, whichever
         module its caller calls: a LightningModule's ``training_step`` calls its model, not its own
@@ -287,5 +294,7 @@ class SplitRegion:
         above = [m for m in root.modules() if any(id(sub) in held for sub in m.modules())]  # blocks included
         for module in above:
             module.register_forward_pre_hook(self.close)
+        for entry in entries:  # after the close it gets as a block: its forward runs with the region open
+            entry.register_forward_pre_hook(self.open)
         for top in [root, *(c for c in root.children() if any(c is m for m in above))]:
             top.register_forward_hook(self.close, always_call=True)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from lightning_tp.engine.attention import TensorParallelMultiheadAttention
 from lightning_tp.engine.comm import group_size
 from lightning_tp.engine.init import Materializer, is_deferred, module_aliases
 from lightning_tp.engine.random import RNGTracker, SplitRegion, attach_tracker
@@ -28,6 +29,7 @@ from lightning_tp.policy.rules import NAMES_SOURCE, PolicyError, PolicyWarning, 
 from lightning_tp.policy.styles import (
     BuildContext,
     Column,
+    MultiheadAttentionStyle,
     Row,
     SequenceGatherStyle,
     SequenceStackStyle,
@@ -181,7 +183,8 @@ def _split_regions(model: nn.Module, plan: Plan, tracker: RNGTracker, aliases: d
     ``self.query`` and ``output.dense`` sit in sibling modules), the model itself where nothing nearer is."""
     columns = [r.name for r in plan.modules if isinstance(r.kind, Column) and not r.options.get("gather_output", False)]
     rows = [r.name for r in plan.modules if isinstance(r.kind, Row) and r.options.get("input_is_parallel", True)]
-    if not columns or not rows:
+    entries = [r.name for r in plan.modules if isinstance(r.kind, MultiheadAttentionStyle)]  # split from its input on
+    if not (columns or entries) or not rows:
         return
     row_names = [a for n in rows for a in aliases.get(n, (n,))]
     blocks: dict[str, None] = {}
@@ -194,9 +197,10 @@ def _split_regions(model: nn.Module, plan: Plan, tracker: RNGTracker, aliases: d
                 break
     SplitRegion(tracker).install(
         model,
-        [model.get_submodule(n) for n in blocks],
+        [model.get_submodule(n) for n in [*blocks, *entries]],
         [model.get_submodule(n) for n in columns],
         [model.get_submodule(n) for n in rows],
+        [model.get_submodule(n) for n in entries],
     )
 
 
@@ -207,14 +211,20 @@ _FAST_PATH_MODULES = (nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.Mult
 
 def _without_fast_paths(model: nn.Module) -> None:
     """Turn torch's fused inference path off (``torch.backends.mha``) while a transformer module that
-    holds split layers runs, so that they run as their own modules (the path training takes)."""
+    holds split layers runs, so that they run as their own modules (the path training takes); an
+    ``nn.TransformerEncoder`` holding them never takes its nested-tensor path (``use_nested_tensor``)."""
     for module in model.modules():
+        if isinstance(module, TensorParallelMultiheadAttention):
+            continue  # its own forward, on this rank's heads: no fused path
         if isinstance(module, _FAST_PATH_MODULES) and not getattr(module, "_tp_no_fast_path", False):
             if any(shard_spec(p) is not None for p in module.parameters()):
-                was: list[bool] = []
-                module.register_forward_pre_hook(lambda *_, was=was: _set_fast_path(was, False))
-                module.register_forward_hook(lambda *_, was=was: _set_fast_path(was, None), always_call=True)
+                # the same two functions on every module (Dynamo guards on each hook: distinct closures would
+                # compile identical layers once each)
+                module.register_forward_pre_hook(_fast_path_off)
+                module.register_forward_hook(_fast_path_back, always_call=True)
                 module._tp_no_fast_path = True
+                if isinstance(module, nn.TransformerEncoder):  # its nested-tensor path also under the compiler
+                    module.use_nested_tensor = False  # (there with mask_check=False), where no flag is set
 
 
 @contextmanager
@@ -237,12 +247,28 @@ def _fast_path_as_rewritten(model: nn.Module, plan: Plan) -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(was)
 
 
-def _set_fast_path(was: list[bool], enabled: bool | None) -> None:
+# the fused path's flag before each running module turned it off, innermost last (the modules nest)
+_FAST_PATH_WAS: list[bool] = []
+
+
+def _fast_path_off(*_: Any) -> None:
+    _set_fast_path(False)
+
+
+def _fast_path_back(*_: Any) -> None:
+    _set_fast_path(None)
+
+
+def _set_fast_path(enabled: bool | None) -> None:
+    if torch.compiler.is_compiling():
+        # (not traceable; and not needed there: a transformer layer with hooks attached, as these are, takes no
+        # fused path, nor does nn.TransformerEncoder's nested-tensor one with mask_check on under the compiler)
+        return
     if enabled is None:  # after the forward (also one that raised): as it was
-        if was:
-            torch.backends.mha.set_fastpath_enabled(was.pop())
+        if _FAST_PATH_WAS:
+            torch.backends.mha.set_fastpath_enabled(_FAST_PATH_WAS.pop())
     else:
-        was.append(torch.backends.mha.get_fastpath_enabled())
+        _FAST_PATH_WAS.append(torch.backends.mha.get_fastpath_enabled())
         torch.backends.mha.set_fastpath_enabled(enabled)
 
 

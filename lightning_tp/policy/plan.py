@@ -196,6 +196,9 @@ def plan_policy(
     _plan_head_local(modules, planned, tp_size)
     check_ties(model, planned)
     changes = _attribute_changes(modules, planned, tp_size, replicated_kv)
+    for name, row in planned.items():
+        if (why := row.kind.companion_error(name, planned)) is not None:
+            raise PolicyError(f"module {name!r} (style {row.style!r}): {why}")
     if unmatched and strict:
         raise PolicyError(
             f"strict policy: {len(unmatched)} nn.Linear/nn.Embedding modules match no pattern: {unmatched}. "

@@ -358,13 +358,18 @@ def hf_experts_rule(module: nn.Module) -> Rule | None:
     return Rule("experts", {"params": params})
 
 
+_TORCH_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
 def auto_rules(model: nn.Module) -> dict[str, Rule]:
     """Built-in rules for common transformer naming, resolved to one rule per module name.
 
     Column/qkv projections are split only when a row projection shares their parent (the pair that
     makes a TP region); token embeddings and LM heads (by vocabulary size) are vocab-parallel; other
     embeddings are replicated; Hugging Face experts modules are split as their declared layout says
-    (:func:`hf_experts_rule`).
+    (:func:`hf_experts_rule`). torch's own modules by type: every ``nn.MultiheadAttention`` by heads
+    (``mha``, its ``out_proj`` a row layer), ``nn.TransformerEncoderLayer``/``DecoderLayer``'s
+    ``linear1``/``linear2`` as a column/row pair.
     """
     vocab = infer_vocab_size(model)
     linears = {n: m for n, m in model.named_modules() if as_linear(m) is not None}
@@ -388,6 +393,11 @@ def auto_rules(model: nn.Module) -> dict[str, Rule]:
             elif leaf in _AUTO_ROW:
                 rules[name] = Rule("row")
     for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):  # torch's attention: split by heads, out_proj a row layer
+            rules[name], rules[f"{name}.out_proj"] = Rule("mha"), Rule("row")
+        elif isinstance(module, _TORCH_LAYERS):  # torch's transformer layers hold their MLP's linears themselves
+            if as_linear(getattr(module, "linear1", None)) and as_linear(getattr(module, "linear2", None)):
+                rules[f"{name}.linear1"], rules[f"{name}.linear2"] = Rule("column"), Rule("row")
         if (experts := hf_experts_rule(module)) is not None:
             rules[name] = experts
         elif isinstance(module, nn.Embedding):

@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Protocol
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from lightning_tp.engine.attention import multihead_attention_specs, own_forward, split_multihead_attention
 from lightning_tp.engine.comm import group_size
 from lightning_tp.engine.experts import ExpertsReduce, act_once
 from lightning_tp.engine.features import FeatureGather, HeadSlice, TailGradSum, forward_parameters, gathered_width
@@ -200,6 +201,11 @@ class Style:
     def refusal(self, module: nn.Module) -> str | None:
         """Why this style cannot split ``module`` whatever its sizes (``None``: it can). Checked when the
         plan is made, before any module is touched."""
+        return None
+
+    def companion_error(self, name: str, rows: Mapping[str, PlannedModule]) -> str | None:
+        """Why the row of module ``name`` cannot be built with the plan's other ``rows`` (by module name), a
+        module it runs needing a row of its own (``None``: it can). Checked when the plan is made."""
         return None
 
     def build(self, row: PlannedModule, dense: nn.Module, ctx: BuildContext) -> nn.Module:
@@ -684,6 +690,54 @@ class HeadParams(_OwnParamsSplit):
 HEAD_PARAMS = HeadParams()
 
 
+class MultiheadAttentionStyle(_OwnParamsSplit):
+    """torch's ``nn.MultiheadAttention`` split by heads: its own q/k/v projection parameters (fused
+    ``in_proj_weight`` or ``q/k/v_proj_weight``, ``in_proj_bias``, ``bias_k``/``bias_v``) keep this rank's
+    heads and the module runs them (:class:`~lightning_tp.engine.attention.TensorParallelMultiheadAttention`);
+    its ``out_proj`` must be a ``row`` row of its own, which sums the heads over TP. ``num_heads`` keeps
+    the whole count (``local_heads``: this rank's). Planned by the auto rules for every
+    ``nn.MultiheadAttention``."""
+
+    name = "mha"
+    need = "an nn.MultiheadAttention"
+
+    def fits(self, module):
+        return isinstance(module, nn.MultiheadAttention)
+
+    def shape(self, module):
+        return tuple(next(module.parameters(recurse=False)).shape)  # in_proj_weight (3E, E) or q_proj_weight (E, E)
+
+    def dropped_state(self, module):
+        return []  # the module is kept, its parameters split in place
+
+    def refusal(self, module):
+        return own_forward(module)
+
+    def param_specs(self, name, module, options, tp):
+        return multihead_attention_specs(module, tp, name)
+
+    def sequence_parallel_error(self, options):
+        return (
+            "nn.MultiheadAttention split by heads is not built for sequence parallelism (it reads the sequence on "
+            "dim 0 unless batch_first, and gathers no sequence); mapping it and its out_proj to 'replicate' keeps "
+            "it whole."
+        )
+
+    def companion_error(self, name, rows):
+        out = rows.get(f"{name}.out_proj")
+        if out is not None and out.style == "row" and out.options.get("input_is_parallel", True):
+            return None
+        got = "no row (whole)" if out is None else f"style {out.style!r} {out.options or ''}".rstrip()
+        return (
+            f"its out_proj must be a 'row' layer taking this rank's heads, and the plan gives {name}.out_proj "
+            f"{got}. Add {{'{name}.out_proj': 'row'}} to the policy, or map both to 'replicate'."
+        )
+
+    def build(self, row, dense, ctx):
+        super().build(row, dense, ctx)  # this rank's heads of its own parameters
+        return split_multihead_attention(dense, ctx.group, row.name)
+
+
 class HeadInputs(Style):
     """A block whose projections are split by heads and whose ``forward`` takes a tensor holding one
     entry per head of the whole model, made outside it (BLOOM's ALiBi biases, ``(batch * n_head, 1,
@@ -848,7 +902,7 @@ STYLES: dict[str, Style] = {
     s.name: s
     for s in (
         Column(), Row(), Qkv(), KV_REPLICATE, Vocab(), Heads(), HEAD_PARAMS, HEAD_INPUTS, REPLICATE, GatherInput(),
-        Experts(),
+        Experts(), MultiheadAttentionStyle(),
         PerRankDropout(),
     )
 }  # fmt: skip
