@@ -15,6 +15,7 @@ module calling ``nn.MultiheadAttention`` directly with ``kdim``/``vdim``, ``bias
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -188,8 +189,9 @@ def test_torch_attention_and_transformer_layers_match_the_dense_model(tp):
                 assert r["unmatched"] == [] and "column" in r["styles"], (label, r)  # linear1/linear2 split too
 
 
-def _dropout_streams(with_tracker: bool) -> bool:
-    """Whether this rank's heads and the other rank's get different attention-dropout masks."""
+def _dropout_streams(with_tracker: bool) -> tuple[bool, list[str]]:
+    """Whether this rank's heads and the other rank's get different attention-dropout masks; the warnings
+    two calls that return the attention weights gave."""
     from lightning_tp.engine.mesh import init_tp_mesh  # noqa: F401 (the mesh below)
     from lightning_tp.engine.random import model_parallel_seed
 
@@ -202,14 +204,19 @@ def _dropout_streams(with_tracker: bool) -> bool:
     apply_policy(holder, m.tp_group, "auto", verify=False, rng_tracker=tracker)
     torch.manual_seed(1)  # the same default stream on both ranks
     x = torch.randn(2, 5, D, dtype=torch.float64)
-    _, weights = holder.attn(x, x, x, average_attn_weights=False)  # (B, 8, L, L), every rank's heads
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        _, weights = holder.attn(x, x, x, average_attn_weights=False)  # (B, 8, L, L), every rank's heads
+        holder.attn(x, x, x)
     dropped = weights == 0
-    return not torch.equal(dropped[:, :4], dropped[:, 4:])  # rank 0's heads against rank 1's
+    return not torch.equal(dropped[:, :4], dropped[:, 4:]), [str(w.message) for w in said]  # rank 0's heads vs 1's
 
 
 def test_attention_dropout_draws_per_rank_from_the_model_parallel_stream():
-    assert all(_dist.run(2, _dropout_streams, True))
-    assert not any(_dist.run(2, _dropout_streams, False))  # without the tracker's stream: one mask for both
+    for differ, said in _dist.run(2, _dropout_streams, True):
+        assert differ
+        assert len(said) == 1 and said[0].startswith("attn: split by heads") and "need_weights=False" in said[0]
+    assert not any(differ for differ, _ in _dist.run(2, _dropout_streams, False))  # without the stream: one mask
 
 
 def _checkpoint(tp: int, path: str, save: bool) -> dict:

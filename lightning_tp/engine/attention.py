@@ -22,6 +22,7 @@ weights averaged over every head (this rank's heads summed, then all-reduced) or
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +66,8 @@ class TensorParallelMultiheadAttention(nn.MultiheadAttention):
     group: ProcessGroup
     local_heads: int  # this rank's heads (num_heads: every rank's)
     first_head: int  # the first of this rank's heads
+    tp_name: str = ""  # its name in the model (in warnings)
+    weights_warned = False  # whether it said that returning the attention weights costs a collective
     sequence_parallel = False  # (the in-projection's input layout, as a column layer's: replicated)
     sequence_gather = None
 
@@ -126,6 +129,15 @@ class TensorParallelMultiheadAttention(nn.MultiheadAttention):
             kpm = kpm.view(bsz, 1, 1, src_len).expand(-1, h, -1, -1).reshape(bsz * h, 1, src_len)
             mask = kpm if mask is None else mask + kpm  # (B h, L, S)
         dropout_p = self.dropout if self.training else 0.0
+        if need_weights and not torch.compiler.is_compiling() and not self.weights_warned:
+            self.weights_warned = True  # (once per module)
+            warnings.warn(
+                f"{self.tp_name or type(self).__name__}: split by heads, the attention weights it returns "
+                "(need_weights=True, nn.MultiheadAttention's default) cost an all-reduce (averaged over the heads) "
+                "or an all-gather (per head) of (batch, target, source) per call besides the output's all-reduce. "
+                "Pass need_weights=False where they are not used.",
+                stacklevel=2,
+            )
         if need_weights:
             out, weights = self._attend_with_weights(q, k, v, mask, dropout_p, average_attn_weights)
         else:
@@ -262,6 +274,7 @@ def split_multihead_attention(module: nn.MultiheadAttention, group: ProcessGroup
     if cls not in _SUBCLASSES and not issubclass(cls, TensorParallelMultiheadAttention):
         _SUBCLASSES[cls] = type(f"TensorParallel{cls.__name__}", (TensorParallelMultiheadAttention, cls), {})
     module.__class__ = _SUBCLASSES.get(cls, cls)
-    module.group, module.local_heads = group, module.num_heads // tp
+    module.group, module.local_heads, module.tp_name = group, module.num_heads // tp, name
     module.first_head = group_rank(group) * module.local_heads
+    module.weights_warned = tp == 1  # one rank holds every head: no collective to say
     return module
