@@ -25,7 +25,7 @@ import _dist
 from lightning_tp import apply_policy, plan_policy
 from lightning_tp.engine.attention import TensorParallelMultiheadAttention
 from lightning_tp.errors import ShardingError
-from lightning_tp.policy import PolicyError
+from lightning_tp.policy import PolicyError, PolicyWarning
 
 V, D, HEADS, T = 40, 32, 4, 6
 PAD = 0
@@ -51,6 +51,35 @@ class EncoderLM(nn.Module):
         h = h if self.batch_first else h.transpose(0, 1)
         h = self.encoder(h, mask=causal, src_key_padding_mask=padding, is_causal=True)
         return self.head(h if self.batch_first else h.transpose(0, 1))
+
+
+class ViTBlock(nn.Module):
+    """torchvision's ViT encoder block: its attention called with need_weights=False, its MLP an
+    nn.Sequential(Linear, GELU, Dropout, Linear, Dropout) (children named 0..4)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(D), nn.LayerNorm(D)
+        self.self_attention = nn.MultiheadAttention(D, HEADS, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(D, 3 * D), nn.GELU(), nn.Dropout(0.0), nn.Linear(3 * D, D), nn.Dropout(0.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln_1(x)
+        x = x + self.self_attention(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class ViT(nn.Module):
+    """Patches -> ViT blocks -> a classifier head that is an nn.Sequential MLP too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Linear(D // 2, D)
+        self.blocks = nn.Sequential(ViTBlock(), ViTBlock())
+        self.head = nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Linear(D, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.patch(x)).mean(dim=-2))
 
 
 class Seq2Seq(nn.Module):
@@ -124,6 +153,7 @@ MODELS = {
     "encoder": (EncoderLM, {}, "ids"),
     "encoder seq-first prenorm": (EncoderLM, {"batch_first": False, "norm_first": True}, "ids"),
     "seq2seq": (Seq2Seq, {}, "ids"),
+    "vit": (ViT, {}, "x"),
     "direct": (DirectAttention, {}, "x"),
     "direct no bias, per-head weights": (DirectAttention, {"bias": False, "average": False}, "x"),
     "direct bias_kv zero_attn": (
@@ -183,10 +213,10 @@ def test_torch_attention_and_transformer_layers_match_the_dense_model(tp):
             assert "mha" in r["styles"] and "row" in r["styles"], (label, r)
             subclass = "subclass" in label  # still the user's class, its buffer kept
             assert r["classes"] == [(True, subclass, subclass)], (label, r)
-            heads = 8 if label.startswith("direct") else HEADS
+            heads = 8 if label.startswith("direct") else HEADS  # (ViT: HEADS)
             assert r["heads"] == [(heads, heads // tp)], (label, r)  # num_heads: the whole module's, as torch's
-            if not label.startswith("direct"):
-                assert r["unmatched"] == [] and "column" in r["styles"], (label, r)  # linear1/linear2 split too
+            if not label.startswith("direct"):  # linear1/linear2, the Sequential MLPs split too
+                assert r["unmatched"] == (["patch"] if label == "vit" else []) and "column" in r["styles"], (label, r)
 
 
 def _dropout_streams(with_tracker: bool) -> tuple[bool, list[str]]:
@@ -259,6 +289,29 @@ def test_plan_lists_heads_and_the_pairs():
     assert rows["encoder.layers.1.linear1"] == ("column", (D, D))
     assert rows["encoder.layers.1.linear2"] == ("row", (D, D))
     assert plan.attribute_changes == [] and plan.unmatched == []  # num_heads stays the whole module's
+
+
+def test_sequential_mlps_pair_by_structure():
+    """A linear layer, elementwise modules only, then a linear layer taking its width, in an nn.Sequential:
+    a column/row pair. Not across a norm or a GLU (which mixes features), not onto an LM head (the
+    vocabulary rule's), not where a name rule already paired them; a pair whose width does not split stays
+    whole with a warning (before this rule it was left whole without one, so no model fails to plan)."""
+    rows = {r.name: r.style for r in plan_policy(ViT(), 2).modules}
+    assert rows["blocks.0.mlp.0"] == "column" and rows["blocks.0.mlp.3"] == "row"
+    assert rows["head.0"] == "column" and rows["head.2"] == "row"
+
+    def plan(*layers, tp=2):
+        return {r.name: r.style for r in plan_policy(nn.Sequential(*layers), tp).modules}
+
+    assert plan(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 8)) == {"0": "column", "3": "row"}
+    assert plan(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 8)) == {}
+    assert plan(nn.Linear(8, 16), nn.GLU(), nn.Linear(8, 8)) == {}
+    assert plan(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)) == {
+        "0": "column",
+        "2": "row",
+    }
+    with pytest.warns(PolicyWarning, match=r"pair '0' in an nn.Sequential MLP.*not divisible by 2.*stay whole"):
+        assert plan(nn.Linear(8, 3), nn.ReLU(), nn.Linear(3, 2)) == {}
 
 
 def test_refusals_name_the_module_and_the_fix():

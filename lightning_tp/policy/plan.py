@@ -190,7 +190,20 @@ def plan_policy(
         if name in planned and planned[name].kind is KV_REPLICATE:
             continue  # a key/value projection whose heads are replicated
         if source in ("auto", NAMES_SOURCE) and _unsized_fused(modules, name, rules.get(name)):
-            _keep_pair_whole(name, planned, unmatched, rules)
+            why = (
+                f"the name rules take {name!r} for a fused [Q | K | V] projection, but its sizes cannot be read: its "
+                "block (or the config it holds) has no key/value head count and out_features is not three equal parts."
+            )
+            fix = (
+                f"To split them give a policy of your own, {{{name!r}: {{'style': 'qkv', 'chunks': [q, k, v]}}, ...}} "
+                "with its row layer as 'row'."
+            )
+            _keep_pair_whole(name, planned, unmatched, rules, failed, why, fix)
+            continue
+        if source in ("auto", NAMES_SOURCE) and getattr(rules.get(name), "inferred", False):
+            why = f"the auto rules pair {name!r} in an nn.Sequential MLP, and it cannot be split: {error}"
+            fix = "Map them in a policy of your own ('replicate' keeps them whole without this warning)."
+            _keep_pair_whole(name, planned, unmatched, rules, failed, why, fix)
             continue
         raise error  # the split is refused
     _plan_head_local(modules, planned, tp_size)
@@ -324,21 +337,27 @@ def _unsized_fused(modules: dict[str, nn.Module], name: str, rule: Rule | None) 
     )
 
 
-def _keep_pair_whole(name: str, planned: dict[str, PlannedModule], unmatched: list[str], rules: dict) -> None:
-    """Leave the name rules' fused projection ``name`` and the layers they paired with it (its parent's)
-    whole on every rank, with a warning (the name rules guess; a guess that cannot be sized stays exact)."""
+def _keep_pair_whole(
+    name: str,
+    planned: dict[str, PlannedModule],
+    unmatched: list[str],
+    rules: dict,
+    failed: dict[str, Exception],
+    why: str,
+    fix: str,
+) -> None:
+    """Leave the rules' guessed split of ``name`` and the layers they paired with it (its parent's) whole
+    on every rank, with a warning saying ``why`` and how to split them (``fix``): the built-in rules
+    guess, and a guess that cannot be sized stays exact."""
+    if name in unmatched:
+        return  # the layer it was paired with failed first: left whole with it
     parent = name.rpartition(".")[0]
-    paired = [n for n in planned if n.rpartition(".")[0] == parent and n in rules]
-    for n in paired:
-        del planned[n]
+    paired = [n for n in rules if n.rpartition(".")[0] == parent and n != name and (n in planned or n in failed)]
+    for n in [name, *paired]:
+        planned.pop(n, None)
     unmatched.extend(sorted({name, *paired} - set(unmatched)))
     warnings.warn(
-        f"the name rules take {name!r} for a fused [Q | K | V] projection, but its sizes cannot be read: its block "
-        f"(or the config it holds) has no key/value head count and out_features is not three equal parts. It and "
-        f"{paired or 'nothing else'} stay whole on every rank. To split them give a policy of your own, "
-        f"{{{name!r}: {{'style': 'qkv', 'chunks': [q, k, v]}}, ...}} with its row layer as 'row'.",
-        PolicyWarning,
-        stacklevel=3,
+        f"{why} It and {paired or 'nothing else'} stay whole on every rank. {fix}", PolicyWarning, stacklevel=3
     )
 
 

@@ -158,6 +158,9 @@ class Rule:
 
     style: str
     options: Mapping[str, Any] = field(default_factory=dict)
+    # inferred from a module's structure by the auto rules (an nn.Sequential MLP's pair): left whole where
+    # its sizes do not split, with a warning
+    inferred: bool = field(default=False, compare=False)
 
     @classmethod
     def parse(cls, pattern: str, value: str | Mapping[str, Any] | Rule) -> Rule:
@@ -359,6 +362,36 @@ def hf_experts_rule(module: nn.Module) -> Rule | None:
 
 
 _TORCH_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+# modules that act on each feature alone: between a column and a row layer they run on this rank's features
+_ELEMENTWISE = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,
+    nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Dropout, nn.Identity,
+)  # fmt: skip
+
+
+def _sequential_pairs(model: nn.Module, vocab: int | None, taken: set[str]) -> dict[str, Rule]:
+    """Column/row pairs in ``nn.Sequential`` MLPs (``Sequential(Linear(d, 4d), GELU(), Dropout(), Linear(4d,
+    d))``, torchvision's ViT ``MLPBlock``): two linear layers with only elementwise modules (exact types, so a
+    subclass doing more is not taken) between them, the second taking the first's width. A pair whose
+    second layer gives the vocabulary (an LM head) is left to the vocabulary rule, one with a layer in
+    ``taken`` (ruled by name) to that rule."""
+    rules: dict[str, Rule] = {}
+    for name, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        first: tuple[str, int] | None = None  # the open column candidate: (name, out_features)
+        for child_name, child in seq.named_children():
+            full = f"{name}.{child_name}" if name else child_name
+            lin = as_linear(child)
+            if lin is not None:
+                if first is not None and lin[0] == first[1] and lin[1] != vocab and not {first[0], full} & taken:
+                    rules[first[0]], rules[full] = Rule("column", inferred=True), Rule("row", inferred=True)
+                    first = None
+                else:
+                    first = (full, lin[1])
+            elif type(child) not in _ELEMENTWISE:
+                first = None
+    return rules
 
 
 def auto_rules(model: nn.Module) -> dict[str, Rule]:
@@ -369,7 +402,7 @@ def auto_rules(model: nn.Module) -> dict[str, Rule]:
     embeddings are replicated; Hugging Face experts modules are split as their declared layout says
     (:func:`hf_experts_rule`). torch's own modules by type: every ``nn.MultiheadAttention`` by heads
     (``mha``, its ``out_proj`` a row layer), ``nn.TransformerEncoderLayer``/``DecoderLayer``'s
-    ``linear1``/``linear2`` as a column/row pair.
+    ``linear1``/``linear2`` as a column/row pair, and ``nn.Sequential`` MLPs (:func:`_sequential_pairs`).
     """
     vocab = infer_vocab_size(model)
     linears = {n: m for n, m in model.named_modules() if as_linear(m) is not None}
@@ -392,6 +425,7 @@ def auto_rules(model: nn.Module) -> dict[str, Rule]:
                 rules[name] = Rule("column")
             elif leaf in _AUTO_ROW:
                 rules[name] = Rule("row")
+    rules.update(_sequential_pairs(model, vocab, taken=set(rules)))  # (the name rules' pairs stand)
     for name, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention):  # torch's attention: split by heads, out_proj a row layer
             rules[name], rules[f"{name}.out_proj"] = Rule("mha"), Rule("row")
