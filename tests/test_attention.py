@@ -222,7 +222,6 @@ def test_torch_attention_and_transformer_layers_match_the_dense_model(tp):
 def _dropout_streams(with_tracker: bool) -> tuple[bool, list[str]]:
     """Whether this rank's heads and the other rank's get different attention-dropout masks; the warnings
     two calls that return the attention weights gave."""
-    from lightning_tp.engine.mesh import init_tp_mesh  # noqa: F401 (the mesh below)
     from lightning_tp.engine.random import model_parallel_seed
 
     m = _dist.mesh(2)

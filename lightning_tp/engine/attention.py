@@ -87,7 +87,8 @@ class TensorParallelMultiheadAttention(nn.MultiheadAttention):
                 "query, key and value should all be unbatched 2D or batched 3D tensors, but received "
                 f"{query.dim()}-D, {key.dim()}-D and {value.dim()}-D ones"
             )
-        same = key.shape == value.shape if self._qkv_same_embed_dim else key.shape[:-1] == value.shape[:-1]
+        fused = self.in_proj_weight is not None  # [q | k | v] in one weight: key and value as wide as the query
+        same = key.shape == value.shape if fused else key.shape[:-1] == value.shape[:-1]
         if not same:
             raise ValueError(f"key of shape {tuple(key.shape)} and value of shape {tuple(value.shape)} do not match")
         batched = query.dim() == 3
@@ -154,7 +155,7 @@ class TensorParallelMultiheadAttention(nn.MultiheadAttention):
         """This rank's heads of q, k and v: ``(L, B, E/p)``, ``(S, B, E/p)`` x 2. Each distinct input's
         gradient is summed over TP in backward (one call per distinct input tensor)."""
         local = self.local_heads * self.head_dim
-        if not self._qkv_same_embed_dim:
+        if self.in_proj_weight is None:  # q/k/v_proj_weight: key and value of widths of their own
             b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None,) * 3
             return (
                 column_linear(self, query, self.q_proj_weight, b_q),

@@ -262,7 +262,7 @@ def _fast_path_back(*_: Any) -> None:
 def _set_fast_path(enabled: bool | None) -> None:
     if torch.compiler.is_compiling():
         # (not traceable; and not needed there: a transformer layer with hooks attached, as these are, takes no
-        # fused path, nor does nn.TransformerEncoder's nested-tensor one with mask_check on under the compiler)
+        # fused path, and an encoder holding split layers no nested-tensor one: use_nested_tensor is off)
         return
     if enabled is None:  # after the forward (also one that raised): as it was
         if _FAST_PATH_WAS:
