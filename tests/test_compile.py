@@ -160,6 +160,14 @@ def _case(kind: str, sp: bool, how: str) -> dict:
     out["losses"] = losses
     out["graphs"] = len(graphs)
     out["full_vocab_nodes"] = _widest(graphs, VOCAB)
+    if how == "model":  # evaluation and generation: no gradients, any length (an odd one on the whole sequence)
+        from lightning_tp import gather_logits
+
+        with torch.no_grad():
+            pairs = [
+                (gather_logits(eager(idx[:, :n])), gather_logits(compiled_model(idx[:, :n]))) for n in (SEQ - 1, 1)
+            ]
+        out["no_grad_err"] = _rel(pairs)
     return out
 
 
@@ -301,6 +309,8 @@ def test_compiled_tp_model_has_no_graph_break_and_eager_values(results, case):
             assert abs(compiled - eager) <= RTOL * abs(eager), (where, r["losses"])
         assert r["grad_err"] <= RTOL and r["weight_err"] <= STEP_TOL, (where, r["grad_err"], r["weight_err"])
         assert r["sharded_logits"], where  # whole model, whole step and blocks alike: the head keeps them sharded
+        if how == "model":  # compiled without gradients too (fullgraph): at 11 tokens and at 1
+            assert r["no_grad_err"] <= RTOL, (where, r["no_grad_err"])
         if how == "step":  # model and loss in one graph, and the logits never gathered in it
             assert r["full_vocab_nodes"] == [], (where, r["full_vocab_nodes"])
 

@@ -323,6 +323,9 @@ def _sequence_parallel_parity(kind: str, tp: int) -> dict:
         plan = apply_policy(model, group, policy, sequence_parallel=True)  # verify=True: outputs and grads
     g = torch.Generator().manual_seed(3)
     res = _dist.train_parity(dense, model, group, [torch.randint(0, V, (2, 8), generator=g) for _ in range(2)])
+    with torch.no_grad():  # a length that does not divide by TP, without gradients: every token on every rank
+        ids = torch.randint(0, V, (2, 7), generator=g)
+        res["whole_err"] = float((model(ids) - dense(ids)).abs().max())
     res["partial"] = sorted(n for n, p in model.named_parameters() if has_partial_grad(p))
     res["rows"] = {r.name: r.style for r in plan.modules}
     return res
@@ -338,6 +341,7 @@ def test_experts_under_sequence_parallelism_match_dense(kind, tp):
         assert "blocks.0.router.weight" in r["partial"] and "blocks.0.norm.weight" in r["partial"], r["partial"]
         assert r["rows"]["blocks.0.experts"] == "experts" and "blocks.0" not in r["rows"], r["rows"]
         assert r["out"] <= 1e-12 and r["grad"] <= 1e-11 and r["weight"] <= 1e-12, (kind, tp, r)
+        assert r["whole_err"] <= 1e-12, (kind, tp, r)  # 7 tokens without gradients: on the whole sequence
 
 
 class _SharedBlock(nn.Module):

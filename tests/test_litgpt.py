@@ -307,7 +307,10 @@ def _olmo2_sequence_parallel(tp: int) -> list[str]:
     model = build("olmo2")
     idx = torch.randint(0, 50, (2, SEQ), generator=torch.Generator().manual_seed(1))
     plan = apply_policy(model, _dist.mesh(tp).tp_group, "auto", verify=True, example_input=idx, sequence_parallel=True)
-    return [f"{m.name}:{m.style}:{m.options.get('partial_grad', False)}" for m in plan.modules if "norm_" in m.name]
+    rows = [f"{m.name}:{m.style}:{m.options.get('partial_grad', False)}" for m in plan.modules if "norm_" in m.name]
+    with torch.no_grad():  # a prefill of 5 tokens and each decode step of one token: on the whole sequence
+        same = _generate(build("olmo2"), idx[:, :5], 4).tolist() == _generate(model, idx[:, :5], 4).tolist()
+    return rows + (["generated as dense"] if same else [])
 
 
 def test_litgpt_olmo2_under_sequence_parallelism():
@@ -317,6 +320,7 @@ def test_litgpt_olmo2_under_sequence_parallelism():
     for rows in _dist.run(2, _olmo2_sequence_parallel, 2):
         assert "transformer.h.0.attn.norm_q:gather_input:True" in rows, rows
         assert "transformer.h.0.norm_1:replicate:True" in rows, rows
+        assert "generated as dense" in rows, rows  # greedy with LitGPT's KV cache
 
 
 # -- LitGPT's own named configs, shrunk: one per layout family it ships ------------------------------------
@@ -398,6 +402,8 @@ def _moe_sequence_parallel(name: str, tp: int) -> dict:
     res = _compare(dense, model, idx, tgt, group)
     res["styles"] = {m.name: m.style for m in plan.modules}
     res["partial"] = sorted(n for n, p in model.named_parameters() if has_partial_grad(p))
+    with torch.no_grad():  # a prefill of SEQ tokens sequence parallel, one-token decode steps on the whole sequence
+        res["generated"] = (_generate(dense, idx, 4).tolist(), _generate(model, idx, 4).tolist())
     return res
 
 
@@ -419,3 +425,4 @@ def test_litgpt_mixture_of_experts_under_sequence_parallelism(name):
         assert r["logit_err"] <= 1e-6, (name, rank, r["logit_err"])
         bad = {n: e for n, e in r["grad_err"].items() if e > 1e-6}
         assert not bad, (name, rank, bad)
+        assert r["generated"][0] == r["generated"][1], (name, rank, r["generated"])  # greedy, LitGPT's KV cache

@@ -174,23 +174,3 @@ def test_export_cli(tmp_path, capsys):
     import lit
 
     lit.LitGPT().load_state_dict(state, strict=True)
-
-
-def test_generate_pads_the_context_under_sequence_parallelism():
-    """Under sequence parallelism the context is padded to a multiple of TP at the end; the model
-    is causal, so the sampled tokens are exactly those of the unpadded context."""
-    from types import SimpleNamespace
-
-    from lightning_tp.models import CausalLM
-
-    torch.manual_seed(0)
-    lm = CausalLM(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16)
-    lm.configure_model()
-    prompt = torch.tensor([[3, 7, 1]])
-    plain = lm.generate(prompt, 6)
-    seen = []
-    lm.model.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[1]))
-    lm._trainer = SimpleNamespace(strategy=SimpleNamespace(sequence_parallel=True, tensor_parallel_size=4))
-    padded = lm.generate(prompt, 6)
-    assert torch.equal(padded, plain)
-    assert all(n % 4 == 0 for n in seen) and seen[0] == 4 and max(seen) <= 16, seen

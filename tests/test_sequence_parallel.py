@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import _dist
-from lightning_tp import ShardingError
+from lightning_tp import ShardingError, gather_logits
 from lightning_tp.engine.sequence import SequenceShardedEmbedding
 from lightning_tp.engine.sharding import has_partial_grad, shard_spec
 from lightning_tp.lightning.precision import all_reduce_partial_grads
@@ -64,6 +64,26 @@ def _assert_grads_match_dense(model, dense, m):
         torch.testing.assert_close(param.grad, ref, **TOL, msg=lambda s, n=pname: f"{n}: {s}")
 
 
+def _forwards_without_grad(model, dense, tp, vocab=30, lengths=(1, 6, 11, 12)):
+    """``model`` and ``dense`` on ids of each length, without gradients: the largest logit difference and
+    whether the forward ran sequence parallel (reduce-scatters) or on the whole sequence (none)."""
+    out = {}
+    with torch.no_grad():
+        for T in lengths:
+            ids = torch.randint(0, vocab, (2, T), generator=torch.Generator().manual_seed(T))
+            logits, counts = _counted_forward(model, ids)
+            err = float((gather_logits(logits) - dense(ids)).abs().max())
+            sharded = bool(counts.keys() & {"reduce_scatter_tensor", "reduce_scatter_single"})
+            out[T] = (err, "sequence" if sharded else "whole")
+    return out
+
+
+def _assert_any_length_without_grad(forwards, tp):
+    """A length that divides by TP runs sequence parallel, any other on the whole sequence; both exact."""
+    for T, (err, how) in forwards.items():
+        assert err < 1e-12 and how == ("whole" if T % tp else "sequence"), (T, err, how)
+
+
 def _check_sp_parity(name, tp, sharded_loss):
     m = _dist.mesh(tp)
     dense, model = models.build(name), models.build(name)
@@ -89,6 +109,7 @@ def _check_sp_parity(name, tp, sharded_loss):
     models.loss_parity_backward(ld_logits, lt_logits, tgt, vocab, TOL)
     partial = [n for n, p in model.named_parameters() if has_partial_grad(p)]
     _assert_grads_match_dense(model, dense, m)
+    _assert_any_length_without_grad(_forwards_without_grad(model, dense, tp), tp)
     return partial
 
 
@@ -113,12 +134,20 @@ def _check_sequence_not_divisible():
     m = _dist.mesh(2)
     model = models.build("nano")
     apply_policy(model, m.tp_group, "auto", sequence_parallel=True)
-    with pytest.raises(ShardingError, match="sequence length a multiple of tensor_parallel_size"):
-        model(torch.randint(0, 30, (2, 11)))
+    counts, restore = _counting_collectives()
+    try:
+        with pytest.raises(ShardingError, match="'transformer.wte'.*length 11 does not divide by 2.*multiple of 2"):
+            model(torch.randint(0, 30, (2, 11)))
+    finally:
+        restore()
+    assert counts == {}, counts  # raised before any collective
     return True
 
 
-def test_sequence_length_not_divisible_is_a_sharding_error():
+def test_sequence_length_not_divisible_is_a_sharding_error_with_gradients():
+    """Training at a length that does not divide by TP is refused (the parameters whose gradients
+    sequence parallelism sums over TP would be counted once per rank); without gradients such a
+    length runs on the whole sequence (the parity tests check it)."""
     assert all(_dist.run(2, _check_sequence_not_divisible))
 
 
@@ -153,6 +182,7 @@ def _check_layer_stack_region(tp, alibi):
     models.loss_parity_backward(ld, lt, tgt, 30, TOL)
     partial = sorted(n for n, p in model.named_parameters() if has_partial_grad(p))
     _assert_grads_match_dense(model, dense, m)
+    _assert_any_length_without_grad(_forwards_without_grad(model, dense, tp), tp)
     embedding = model.embed
     return {
         "styles": styles,
@@ -185,7 +215,9 @@ def test_layers_that_take_per_position_inputs_make_the_layer_stack_the_sequence_
         assert r["partial"] == sorted(f"blocks.{i}.norm{j}.weight" for i in range(3) for j in (1, 2)), r["partial"]
 
 
-def _embedding_dropout_masks(tp):
+def _embedding_dropout_masks(tp, T=12):
+    """Whether each dropout's output (and the final norm's input) is the same on every TP rank, in training
+    mode; at a length that does not divide by TP without gradients (generation in training mode)."""
     import torch.distributed as dist
 
     m = _dist.mesh(tp)
@@ -195,14 +227,56 @@ def _embedding_dropout_masks(tp):
     seen = {}
     model.drop.register_forward_hook(lambda mod, args, out: seen.setdefault("drop", out.detach()))
     model.blocks[0].resid_drop.register_forward_hook(lambda mod, args, out: seen.setdefault("resid", out.detach()))
+    model.norm.register_forward_hook(lambda mod, args, out: seen.setdefault("final", args[0].detach()))
     model.train()
-    model(torch.randint(0, 30, (2, 12), generator=torch.Generator().manual_seed(0)))
+    with torch.set_grad_enabled(T % tp == 0):
+        model(torch.randint(0, 30, (2, T), generator=torch.Generator().manual_seed(0)))
     out = {}
     for key, t in seen.items():
         gathered = [torch.empty_like(t) for _ in range(tp)]
         dist.all_gather(gathered, t.contiguous(), group=m.tp_group)
         out[key] = all(torch.equal(gathered[0], x) for x in gathered[1:])
     return out
+
+
+def _generations(tp):
+    """Tokens generated under sequence parallelism and by the dense model: the project's CausalLM (its own
+    generate samples from contexts of every length up to block_size) and, with transformers installed,
+    Hugging Face's greedy generate with its KV cache (a prompt of 4 tokens runs sequence parallel, one of 5
+    and every cached decode step of one token on the whole sequence), with the scores of each step."""
+    from lightning_tp.models import CausalLM
+
+    m = _dist.mesh(tp)
+    torch.manual_seed(0)
+    lm = CausalLM(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_embd=32).double()
+    dense = copy.deepcopy(lm).eval()
+    apply_policy(lm.model, m.tp_group, "auto", sequence_parallel=True)
+    prompt = torch.tensor([[3, 7, 1]])
+    out = {"causal_lm": torch.equal(lm.eval().generate(prompt, 16), dense.generate(prompt, 16))}
+    if not HAS_HF:
+        return out
+    for name in ("hf_llama", "hf_gpt2"):
+        dense, model = models.build(name), models.build(name)
+        apply_policy(model, m.tp_group, "auto", sequence_parallel=True)
+        for T in (4, 5):
+            ids = torch.randint(2, 30, (2, T), generator=torch.Generator().manual_seed(T))
+            kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0, "output_scores": True}
+            kw["return_dict_in_generate"] = True
+            got, ref = model.generate(ids, **kw), dense.generate(ids, **kw)
+            err = max(float((gather_logits(a) - b).abs().max()) for a, b in zip(got.scores, ref.scores, strict=True))
+            out[f"{name}-{T}"] = (torch.equal(got.sequences, ref.sequences), err)
+    return out
+
+
+@pytest.mark.parametrize("tp", [2])
+def test_generation_under_sequence_parallelism_matches_dense(tp):
+    """Generation runs without gradients, at the lengths its prompt and its steps give: each forward whose
+    length does not divide by TP (a decode step of one token) runs on the whole sequence, as without
+    sequence parallelism, on the same weights; the tokens are the dense model's."""
+    for r in _dist.run(tp, _generations, tp):
+        assert r.pop("causal_lm"), r
+        for key, (same, err) in r.items():
+            assert same and err < 1e-10, (key, same, err)
 
 
 def _tracker(m):
@@ -216,7 +290,15 @@ def test_dropout_before_the_layer_stack_draws_one_mask_on_every_tensor_parallel_
     replicated sequence: every TP rank draws the same mask (it would otherwise enter the first layer
     different on each rank); a dropout inside the stack acts on this rank's chunk and draws its own."""
     for r in _dist.run(2, _embedding_dropout_masks, 2):
-        assert r == {"drop": True, "resid": False}, r
+        assert r == {"drop": True, "resid": False, "final": True}, r
+
+
+def test_dropouts_of_a_forward_on_the_whole_sequence_draw_one_mask_on_every_tensor_parallel_rank():
+    """Without gradients at a length that does not divide by TP (Hugging Face's generate on a model left
+    in training mode) the stack runs on the whole, replicated sequence: the dropouts planned per rank for
+    the sequence-sharded activations then drop alike on every rank, or the ranks' hidden states would part."""
+    for r in _dist.run(2, _embedding_dropout_masks, 2, 11):
+        assert r == {"drop": True, "resid": True, "final": True}, r
 
 
 class _NestedLayers(torch.nn.Module):
@@ -793,6 +875,7 @@ def _moe_sp_parity(tp):
     ids, tgt = torch.randint(0, 30, (3, 12), generator=g), torch.randint(0, 30, (3, 12), generator=g)
     ld, lt = dense(ids), model(ids)
     models.loss_parity_backward(ld, lt, tgt, 30, TOL)
+    _assert_any_length_without_grad(_forwards_without_grad(model, dense, tp, lengths=(5, 12)), tp)
     partial = sorted(n for n, p in model.named_parameters() if has_partial_grad(p))
     all_reduce_partial_grads(list(model.parameters()), m.tp_group)
     for pname, param in model.named_parameters():

@@ -198,6 +198,55 @@ def reduce_scatter_dim(x: Tensor, group: ProcessGroup, dim: int) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
+# Sequence parallelism's forwards on the whole sequence.
+# ----------------------------------------------------------------------------------------------
+
+
+class _SequenceRegion:
+    """Whether the sequence-sharded region's current forward runs on the whole sequence; set at each
+    entry of the region (:func:`enter_sequence_region`), read inside it (:func:`sequence_whole`)."""
+
+    whole = False
+
+
+_REGION = _SequenceRegion()
+
+
+def enter_sequence_region(x: Tensor, group: ProcessGroup, where: str, dim: int = -2) -> bool:
+    """At an entry of the sequence-sharded region (the token embedding that reduce-scatters, an
+    embedding giving this rank's chunk, a layer stack's first layer), given the whole activation
+    ``x`` about to be split on ``dim``: whether this forward runs the region on the whole sequence,
+    replicated over TP, as without sequence parallelism. It does when the length does not divide by
+    the group's size and no gradient is recorded (evaluation, a ``torch.no_grad()`` forward,
+    generation, whose cached decode steps feed one token): the layers' weights are the same either
+    way; only where their activations are split and how they are summed differ. With gradients (or
+    ``x`` requiring grad: the forward of a reentrant activation checkpoint runs without them) that is
+    a ``ShardingError``, raised before any collective: the gradients of the parameters sequence
+    parallelism sums over TP (norms, biases of row layers) would be counted once per rank. Every
+    entry of one forward sees the same length, so they agree."""
+    p, length = group_size(group), x.shape[dim]
+    whole = p > 1 and length % p != 0
+    if whole and (torch.is_grad_enabled() or x.requires_grad):
+        raise ShardingError(
+            f"sequence parallelism splits the sequence at {where or 'the model'!r} over {p} tensor-parallel ranks, "
+            f"and this forward's length {length} does not divide by {p}. With gradients, make the sequence length a "
+            f"multiple of tensor_parallel_size (pad the batch to a multiple of {p}), or use sequence_parallel=False; "
+            "a forward without gradients (evaluation, torch.no_grad(), generation) runs at any length, on the whole "
+            "sequence."
+        )
+    _REGION.whole = whole
+    return whole
+
+
+def sequence_whole() -> bool:
+    """Inside the sequence-sharded region: whether this forward runs on the whole sequence
+    (:func:`enter_sequence_region`). Never while gradients are recorded: an activation-checkpointing
+    recompute in backward runs its region sequence-sharded, as its forward did, whatever forward ran
+    in between."""
+    return _REGION.whole and not torch.is_grad_enabled()
+
+
+# ----------------------------------------------------------------------------------------------
 # Autograd Functions (private) and their public wrappers.
 # ----------------------------------------------------------------------------------------------
 
@@ -438,9 +487,12 @@ def reduce_from_tp(x: Tensor, group: ProcessGroup, inplace: bool = False) -> Ten
     """forward: all-reduce (sum) over ``group``; backward: identity. Megatron's ``g``.
 
     ``inplace=True`` reduces ``x`` itself (no copy): only for a fresh non-leaf tensor that nothing
-    else holds, such as the output of the layer's own matmul.
+    else holds, such as the output of the layer's own matmul. Traced, it is out of place: Dynamo
+    follows the in-place form's ``mark_dirty`` only while gradients are recorded (a compiled forward
+    under ``torch.no_grad()`` would break the graph at every row layer), and the compiler plans the
+    memory itself.
     """
-    return _ReduceFromTP.apply(x, group, inplace)
+    return _ReduceFromTP.apply(x, group, inplace and not torch.compiler.is_compiling())
 
 
 def scatter_to_tp(x: Tensor, group: ProcessGroup) -> Tensor:

@@ -42,6 +42,7 @@ from lightning_tp.engine.comm import (
     group_size,
     reduce_from_tp,
     reduce_scatter_to_sp,
+    sequence_whole,
 )
 from lightning_tp.engine.features import ModuleHooks
 from lightning_tp.engine.sharding import mark_partial_grad
@@ -97,6 +98,9 @@ class ExpertsReduce(ModuleHooks):
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if not self.sequence_parallel:
+            return tree_map(self._copy, args), tree_map(self._copy, kwargs)
+        if sequence_whole():  # this forward runs on the whole sequence: every token is here already
+            self._rows = -1
             return tree_map(self._copy, args), tree_map(self._copy, kwargs)
         tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
         hidden = next((t for t in tensors if t.is_floating_point() and t.dim() >= 2), None)

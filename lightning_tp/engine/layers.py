@@ -32,6 +32,7 @@ from lightning_tp._compat import assert_async
 from lightning_tp.engine.comm import (
     all_gather_dim,
     copy_to_tp_linear,
+    enter_sequence_region,
     gather_from_sp,
     gather_from_tp,
     group_rank,
@@ -40,6 +41,7 @@ from lightning_tp.engine.comm import (
     reduce_from_tp,
     reduce_scatter_to_sp,
     scatter_to_tp,
+    sequence_whole,
 )
 from lightning_tp.engine.loss import LossWorkspace, VocabShardedLogits
 from lightning_tp.engine.sharding import ShardSpec, mark_partial_grad, mark_sharded, shard_spec
@@ -207,7 +209,7 @@ def column_linear(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | No
     """``F.linear(x, weight, bias)`` for a layer whose input is replicated over TP and whose output
     reaches only this rank's heads, with the collectives of the input's layout (``layer``'s ``group``,
     ``sequence_parallel``, ``seq_dim``, ``sequence_gather``): the grad of ``x`` is summed over TP."""
-    if layer.sequence_parallel:
+    if layer.sequence_parallel and not sequence_whole():
         full = gather_from_sp(x, layer.group, layer.seq_dim)  # (B, T, in)
         return linear_regather(full, x, weight, bias, layer.group, layer.seq_dim)  # (B, T, out)
     if layer.sequence_gather is not None:
@@ -406,7 +408,7 @@ class RowParallelLinear(_ParallelLinear):
         if not self.input_is_parallel:
             x = scatter_to_tp(x, self.group)  # (..., in/p)
         y = F.linear(x, self.weight)  # (..., out), partial sum
-        if self.sequence_parallel:
+        if self.sequence_parallel and not sequence_whole():
             y = reduce_scatter_to_sp(y, self.group, self.seq_dim)  # (B, T/p, out)
         else:
             y = reduce_from_tp(y, self.group, inplace=True)  # (..., out)
@@ -532,7 +534,7 @@ class VocabParallelEmbedding(nn.Module):
 def _shard_vocab_rows(emb: nn.Module, weight: Tensor, group: ProcessGroup, sequence_parallel: bool, name: str) -> None:
     """Give ``emb`` (with ``num_embeddings`` and ``padding_idx`` set) this rank's padded rows of the
     dense ``weight`` and what :func:`_vocab_parallel_lookup` reads: its row range and local padding index."""
-    emb.group, emb.sequence_parallel = group, sequence_parallel
+    emb.group, emb.sequence_parallel, emb.tp_name = group, sequence_parallel, name
     emb.tp_size, emb.tp_rank = group_size(group), group_rank(group)
     label = f"num_embeddings of {name!r}" if name else "num_embeddings"
     emb.weight_spec = ShardSpec(dim=0, sizes=(emb.num_embeddings,), tp_size=emb.tp_size, pad=True, name=label)
@@ -565,7 +567,7 @@ def _vocab_parallel_lookup(emb: nn.Module, ids: Tensor) -> Tensor:
     local_ids = (ids - emb.vocab_start).masked_fill(outside, 0)  # (...)
     y = F.embedding(local_ids, emb.weight, emb._local_padding_idx)  # (..., H) partial
     y = y.masked_fill_(outside.unsqueeze(-1), 0.0)  # (..., H), in place: y is this layer's own
-    if emb.sequence_parallel:
+    if emb.sequence_parallel and not enter_sequence_region(y, emb.group, emb.tp_name):
         return reduce_scatter_to_sp(y, emb.group, -2)  # (..., T/p, H)
     return reduce_from_tp(y, emb.group, inplace=True)  # (..., H)
 

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_tp._compat import fake_mode_active
+from lightning_tp.engine.comm import sequence_whole
 
 MODEL_PARALLEL = "model-parallel"
 _MASK64 = (1 << 64) - 1
@@ -220,22 +221,29 @@ class TPDropout(nn.Dropout):
     """``nn.Dropout`` that draws its mask from a tracker stream (default: model-parallel).
 
     Use it where the activation is split over TP (attention probabilities of this rank's heads, the
-    hidden activation between column and row layers), so each rank's slice gets its own mask.
+    hidden activation between column and row layers), so each rank's slice gets its own mask. With
+    ``sequence_only`` (a dropout on sequence-sharded activations) a forward that runs on the whole
+    sequence (:func:`~lightning_tp.engine.comm.sequence_whole`) draws as ``nn.Dropout`` does: its
+    activations are replicated then.
     """
 
     def __init__(self, p: float = 0.5, inplace: bool = False, *, tracker: RNGTracker,
-                 stream: str = MODEL_PARALLEL) -> None:  # fmt: skip
+                 stream: str = MODEL_PARALLEL, sequence_only: bool = False) -> None:  # fmt: skip
         super().__init__(p, inplace)
-        self.tracker, self.stream = tracker, stream
+        self.tracker, self.stream, self.sequence_only = tracker, stream, sequence_only
 
     @classmethod
-    def from_dense(cls, module: nn.Dropout, tracker: RNGTracker, stream: str = MODEL_PARALLEL) -> TPDropout:
+    def from_dense(
+        cls, module: nn.Dropout, tracker: RNGTracker, stream: str = MODEL_PARALLEL, sequence_only: bool = False
+    ) -> TPDropout:
         """Wrap an existing ``nn.Dropout`` (same ``p`` and ``inplace``)."""
-        return cls(module.p, module.inplace, tracker=tracker, stream=stream)
+        return cls(module.p, module.inplace, tracker=tracker, stream=stream, sequence_only=sequence_only)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0:
             return x
+        if self.sequence_only and sequence_whole():  # replicated activations: the stream of where it runs
+            return super().forward(x)
         if fake_mode_active():  # (no values: the stream's draw cannot be read; the mask's values do not matter)
             return super().forward(x)
         with self.tracker.fork(self.stream):

@@ -22,6 +22,13 @@ These pieces make the rest of a model work on them:
   route different tokens to them). Its input is all-gathered on the sequence (backward: this rank's
   chunk of the gradient, which inside is complete on every rank), its output split back to this
   rank's chunk (backward: all-gather).
+
+A forward without gradients whose sequence length does not divide by TP (evaluation, generation: a
+cached decode step feeds one token) runs the whole region on the whole sequence, replicated, as
+without sequence parallelism: its entries (the stack's first layer, the embeddings) decide it
+(:func:`~lightning_tp.engine.comm.enter_sequence_region`), and every piece here, the row layers, the
+experts and the per-rank dropouts of the sequence-sharded activations read it
+(:func:`~lightning_tp.engine.comm.sequence_whole`). With gradients such a length is a ``ShardingError``.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from torch.distributed import ProcessGroup
 from torch.utils.hooks import RemovableHandle
 
 from lightning_tp._compat import tensor_version, tree_map
-from lightning_tp.engine.comm import gather_from_sp, group_size, scatter_to_sp
+from lightning_tp.engine.comm import enter_sequence_region, gather_from_sp, scatter_to_sp, sequence_whole
 from lightning_tp.engine.features import ModuleHooks
 from lightning_tp.errors import ShardingError
 
@@ -95,7 +102,9 @@ class SequenceGather:
             return full
         return x
 
-    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if sequence_whole():
+            return None  # this forward runs on the whole sequence: the block's inputs are whole
         return tuple(self._gather(a) for a in args), {k: self._gather(v) for k, v in kwargs.items()}
 
     def __repr__(self) -> str:
@@ -130,8 +139,10 @@ class WholeSequence(ModuleHooks):
             return scatter_to_sp(y, self.group, -2)
         return y
 
-    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         self._shapes = set()
+        if sequence_whole():
+            return None  # this forward runs on the whole sequence: nothing to gather or split back
         out = tuple(self._gather(a) for a in args), {k: self._gather(v) for k, v in kwargs.items()}
         if not self._shapes:
             raise ShardingError(
@@ -201,21 +212,18 @@ class StackSequence:
             )
         return x
 
-    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         x = self._hidden(args, kwargs)
-        p = group_size(self.group)
-        if x.shape[-2] % p:
-            raise ShardingError(
-                f"sequence parallelism splits the hidden states entering {self.name!r} on the sequence: "
-                f"length {x.shape[-2]} does not divide by {p}. Make the sequence length a multiple of "
-                "tensor_parallel_size (pad the batch), or use sequence_parallel=False."
-            )
+        if enter_sequence_region(x, self.group, self.name):
+            return None  # a length that does not divide by TP, without gradients: the stack runs on the whole sequence
         shard = scatter_to_sp(x, self.group, -2)
         if isinstance(self.arg, int) and self.arg < len(args):
             return (*args[: self.arg], shard, *args[self.arg + 1 :]), kwargs
         return args, {**kwargs, str(self.arg): shard}
 
     def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if sequence_whole():
+            return None  # the stack ran on the whole sequence
         shape = tuple(self._hidden(args, kwargs).shape)  # this rank's chunk
 
         def gather(y: Any) -> Any:
@@ -241,9 +249,10 @@ class SequenceShardedEmbedding(nn.Embedding):
     """
 
     group: ProcessGroup
+    tp_name: str = ""  # its name in the model (in errors)
 
     @classmethod
-    def from_dense(cls, module: nn.Embedding, group: ProcessGroup) -> SequenceShardedEmbedding:
+    def from_dense(cls, module: nn.Embedding, group: ProcessGroup, name: str = "") -> SequenceShardedEmbedding:
         if type(module) is not nn.Embedding:
             raise TypeError(
                 f"SequenceShardedEmbedding.from_dense expects a plain nn.Embedding, got {type(module).__name__}."
@@ -254,8 +263,11 @@ class SequenceShardedEmbedding(nn.Embedding):
         )  # fmt: skip
         new.weight = module.weight  # the same Parameter object
         new.train(module.training)
-        new.group = group
+        new.group, new.tp_name = group, name
         return new
 
     def forward(self, ids: Tensor) -> Tensor:
-        return scatter_to_sp(super().forward(ids), self.group, -2)  # (..., T/p, H)
+        y = super().forward(ids)  # (..., T, H)
+        if enter_sequence_region(y, self.group, self.tp_name):
+            return y  # a length that does not divide by TP, without gradients: the whole sequence
+        return scatter_to_sp(y, self.group, -2)  # (..., T/p, H)

@@ -159,28 +159,14 @@ class CausalLM(L.LightningModule):
     def generate(self, idx: Tensor, new_tokens: int, top_k: int = 20, seed: int = 0) -> Tensor:
         """Sample ``new_tokens`` after ``idx`` (1, T); identical on every rank (shared generator)."""
         gen = torch.Generator(device=idx.device).manual_seed(seed)
-        multiple = self._sequence_multiple()
         for _ in range(new_tokens):
-            ctx = idx[:, -(self.hparams.block_size // multiple * multiple) :]  # (1, n)
-            n, pad = ctx.size(1), -ctx.size(1) % multiple
-            if pad:  # sequence parallel: pad to a multiple of TP; causal, so position n-1 is unchanged
-                ctx = torch.cat([ctx, ctx.new_zeros(ctx.size(0), pad)], dim=1)
-            logits = gather_logits(self(ctx))[:, n - 1, :].float()
+            ctx = idx[:, -self.hparams.block_size :]  # (1, n); under sequence parallelism any n (no gradients)
+            logits = gather_logits(self(ctx))[:, -1, :].float()
             top = torch.topk(logits, min(top_k, logits.size(-1)))
             probs = torch.softmax(top.values, dim=-1)
             nxt = top.indices.gather(-1, torch.multinomial(probs, 1, generator=gen))
             idx = torch.cat([idx, nxt], dim=1)
         return idx
-
-    def _sequence_multiple(self) -> int:
-        """What the sequence length must divide by: the TP size under sequence parallelism, else 1."""
-        try:
-            strategy = self.trainer.strategy
-        except RuntimeError:  # not attached to a Trainer
-            return 1
-        if getattr(strategy, "sequence_parallel", False):
-            return int(strategy.tensor_parallel_size)
-        return 1
 
     def _log_sample(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)

@@ -673,7 +673,8 @@ def _plan_dropouts(
     dropouts (named like ``attn_drop``) of blocks with split projections, and under sequence
     parallelism every ``nn.Dropout`` of the split model (each acts on this rank's chunk or heads) but
     those inside a layer that runs on the whole sequence and, with a ``stack`` split, those outside the
-    layer stack.
+    layer stack. Those planned for sequence parallelism alone are ``sequence_only``: a forward on the
+    whole sequence (no gradients, a length that does not divide by TP) drops them as without it.
     Other dropouts act on replicated activations and keep the shared default stream."""
 
     def names(n: str) -> tuple[str, ...]:
@@ -692,6 +693,7 @@ def _plan_dropouts(
         )
     ]
     found = dict.fromkeys(heads, "on this rank's heads")
+    sequence_only: set[str] = set()
     if sequence_parallel:  # every dropout but those inside a layer that runs on the whole sequence
         root = _split_root(planned)
         owners = [r.name for r in planned.values() if r.style == "sequence_whole"]
@@ -701,9 +703,12 @@ def _plan_dropouts(
                 and (stack is None or stack.inside(n))
                 and any(_within(a, root) and not _inside(a, owners) for a in names(n))
             ):
+                if n not in found:  # per rank only while the sequence is sharded
+                    sequence_only.add(n)
                 found[n] = "on sequence-sharded activations"
     for name, note in found.items():
-        planned[name] = planned_row(name, modules[name], Rule("tp_dropout"), None, tp, note)
+        options = {"sequence_only": True} if name in sequence_only else {}
+        planned[name] = planned_row(name, modules[name], Rule("tp_dropout", options), None, tp, note)
 
 
 def _plan_head_local(modules: dict[str, nn.Module], planned: dict[str, PlannedModule], tp: int) -> None:

@@ -862,14 +862,18 @@ class SequenceEmbedding(Style):
         return type(module) is nn.Embedding
 
     def build(self, row, dense, ctx):
-        return SequenceShardedEmbedding.from_dense(dense, ctx.group)
+        return SequenceShardedEmbedding.from_dense(dense, ctx.group, row.name)
 
 
 class PerRankDropout(Style):
     """An ``nn.Dropout`` on activations split over TP (this rank's heads or sequence chunk): its
-    mask comes from the model-parallel RNG stream, so it differs per TP rank."""
+    mask comes from the model-parallel RNG stream, so it differs per TP rank. With ``sequence_only``
+    (planned by sequence parallelism for a dropout on the sequence-sharded activations) only while
+    the sequence is sharded: in a forward on the whole sequence it draws as without sequence
+    parallelism."""
 
     name = "tp_dropout"
+    options = frozenset({"sequence_only"})
     need = "an nn.Dropout"
 
     def fits(self, module):
@@ -891,7 +895,7 @@ class PerRankDropout(Style):
                     stacklevel=4,
                 )
             return dense
-        return TPDropout.from_dense(dense, ctx.rng_tracker)
+        return TPDropout.from_dense(dense, ctx.rng_tracker, sequence_only=bool(row.options.get("sequence_only")))
 
 
 REPLICATE = Replicate()
