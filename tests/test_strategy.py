@@ -63,7 +63,24 @@ def _token_embedding(model):
     return model.embed_tokens if hasattr(model, "embed_tokens") else model.transformer.wte
 
 
-def _fit(world, tp, steps=10, global_batch=8, clip=0.5, dropout=0.0, sp=False, model="plain", strategy_kw=None, **kw):
+def _odd_length_validation(trainer, model) -> tuple[float, float]:
+    """Validation losses of 11-token batches (a length that does not divide by TP: on the whole sequence
+    under sequence parallelism) and of the same batches at 12 tokens with the last target ignored
+    (sequence parallel): the model is causal, so the two are the same function of the same weights."""
+    from torch.utils.data import DataLoader
+
+    data = lit.TokenData(8, seed=3)
+    short = [(x[:-1], y[:-1]) for x, y in data]
+    masked = [(x, torch.cat([y[:-1], torch.tensor([-100])])) for x, y in data]
+    trainer.limit_val_batches = 1.0  # (the tests' Trainers validate nothing while fitting)
+    losses = [
+        trainer.validate(model, DataLoader(d, batch_size=4), verbose=False)[0]["val_loss"] for d in (short, masked)
+    ]
+    return float(losses[0]), float(losses[1])
+
+
+def _fit(world, tp, steps=10, global_batch=8, clip=0.5, dropout=0.0, sp=False, model="plain", strategy_kw=None,
+         odd_validation=False, **kw):  # fmt: skip
     with lit.external_launch(world):
         dp = world // tp
         model, rec = lit.LitGPT(batch_size=global_batch // dp, dropout=dropout, model=model), Recorder()
@@ -75,7 +92,9 @@ def _fit(world, tp, steps=10, global_batch=8, clip=0.5, dropout=0.0, sp=False, m
         trainer.fit(model)
         mesh = strategy.tp_mesh
         norm = trainer.callback_metrics.get("grad_norm")
+        odd = _odd_length_validation(trainer, model) if odd_validation else None
         return {
+            "odd_validation": odd,
             "rank": dist.get_rank(),
             "tp_rank": mesh.tp_rank,
             "dp_rank": mesh.dp_rank,
@@ -130,9 +149,11 @@ def test_losses_match_single_process(world, tp, ref_losses):
 def test_sequence_parallel_losses_match_single_process(world, tp, ref_losses):
     """Megatron sequence parallelism in the Trainer: same losses as one process (10 AdamW steps with
     clipping: the norms' partial grads are summed over TP before clipping and the step)."""
-    results = _dist.run(world, _fit, world, tp, sp=True)
+    results = _dist.run(world, _fit, world, tp, sp=True, odd_validation=True)
     for r in results:
         assert r["sequence_sharded"] and r["lm_head_tied"]
+        whole, sharded = r["odd_validation"]  # Lightning's validation at 11 tokens: on the whole sequence
+        assert abs(whole - sharded) <= 1e-6 * abs(sharded), r["odd_validation"]
         torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref_losses), rtol=1e-5, atol=0)
         assert r["grad_norm"] is not None and r["grad_norm"] > 0
     for dp in range(world // tp):
