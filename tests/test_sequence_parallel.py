@@ -255,9 +255,12 @@ def _generations(tp):
     out = {"causal_lm": torch.equal(lm.eval().generate(prompt, 16), dense.generate(prompt, 16))}
     if not HAS_HF:
         return out
-    for name in ("hf_llama", "hf_gpt2"):
-        dense, model = models.build(name), models.build(name)
+    for name in ("hf_llama", "hf_gpt2", "hf_llama-checkpointing"):
+        dense, model = models.build(name.split("-")[0]), models.build(name.split("-")[0])
         apply_policy(model, m.tp_group, "auto", sequence_parallel=True)
+        if name.endswith("checkpointing"):  # its embeddings' output requires grad, even under no_grad
+            model.gradient_checkpointing_enable()
+            model.eval()
         for T in (4, 5):
             ids = torch.randint(2, 30, (2, T), generator=torch.Generator().manual_seed(T))
             kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0, "output_scores": True}
@@ -277,6 +280,163 @@ def test_generation_under_sequence_parallelism_matches_dense(tp):
         assert r.pop("causal_lm"), r
         for key, (same, err) in r.items():
             assert same and err < 1e-10, (key, same, err)
+
+
+class _RopeStates(models.RopeGPT):
+    """RopeGPT that also returns the hidden states entering each layer and the last one's output."""
+
+    def forward(self, ids):
+        x = self.drop(self.embed(ids))
+        pos = torch.arange(x.size(1), dtype=x.dtype)
+        inv = 1.0 / 10000 ** (torch.arange(0, self.head_dim, 2, dtype=x.dtype) / self.head_dim)
+        angles = torch.cat([torch.outer(pos, inv)] * 2, -1)
+        states = []
+        for block in self.blocks:
+            states.append(x)
+            x = block(x, angles.cos(), angles.sin())
+        return self.lm_head(self.norm(x)), [*states, x]
+
+
+def _returned_hidden_states(tp):
+    """Hidden states returned from inside the sequence-sharded layer stack, against the dense model's:
+    their shapes and largest difference; the gradients of a loss that reads an intermediate one."""
+    from lightning_tp.lightning.precision import all_reduce_partial_grads
+
+    m = _dist.mesh(tp)
+    cases = {"rope": lambda: _RopeStates().double()}
+    if HAS_HF:
+        cases |= {"hf_llama": lambda: models.build("hf_llama"), "hf_gpt2": lambda: models.build("hf_gpt2")}
+    out = {}
+    for name, build in cases.items():
+        torch.manual_seed(0)
+        dense = build()
+        model = copy.deepcopy(dense)
+        apply_policy(model, m.tp_group, "auto", sequence_parallel=True)
+
+        def run(net, ids, name=name):
+            if name == "rope":
+                return net(ids)
+            res = net(ids, output_hidden_states=True)
+            return res.logits, res.hidden_states
+
+        ids = torch.randint(2, 30, (2, 8), generator=torch.Generator().manual_seed(0))
+        (lt, ht), (ld, hd) = run(model, ids), run(dense, ids)
+        err = max(float((a - b).abs().max()) for a, b in zip(ht, hd, strict=True))
+        (ht[1].pow(2).mean() + gather_logits(lt).mean()).backward()
+        (hd[1].pow(2).mean() + ld.mean()).backward()
+        all_reduce_partial_grads(list(model.parameters()), m.tp_group)
+        grad = 0.0
+        for pname, param in model.named_parameters():
+            ref = dense.get_parameter(pname).grad
+            if type(dense.get_submodule(pname.rpartition(".")[0])).__name__ == "Conv1D" and ref.dim() == 2:
+                ref = ref.t()  # GPT-2's Conv1D stores (in, out); the rewritten layer (out, in)
+            spec = shard_spec(param)
+            grad = max(grad, float((param.grad - (ref if spec is None else spec.shard(ref, m.tp_rank))).abs().max()))
+        out[name] = {"shapes": {tuple(h.shape) for h in ht}, "err": err, "grad_err": grad}
+    return out
+
+
+def test_hidden_states_returned_from_inside_the_layer_stack_are_whole():
+    """Where the layer stack is the sequence-sharded region, the hidden states a model returns from inside
+    it (Hugging Face's output_hidden_states=True; a user's list of each layer's input) are all-gathered
+    where the module that calls the stack returns them: the dense model's tensors, and a loss that reads
+    an intermediate one gives the dense model's gradients."""
+    for r in _dist.run(2, _returned_hidden_states, 2):
+        for name, res in r.items():
+            width = 32 if name != "hf_llama" else 64
+            assert res["shapes"] == {(2, 8, width)} and res["err"] < 1e-12 and res["grad_err"] < 1e-12, (name, res)
+
+
+class _CrossAttention(torch.nn.Module):
+    def __init__(self, d, n_heads, causal):
+        super().__init__()
+        self.n_heads, self.causal = n_heads, causal
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (torch.nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x, mem=None):
+        mem = x if mem is None else mem
+        (B, T, _), S = x.shape, mem.shape[1]
+        q = self.q_proj(x).view(B, T, self.n_heads, -1).transpose(1, 2)
+        k, v = (f(mem).view(B, S, self.n_heads, -1).transpose(1, 2) for f in (self.k_proj, self.v_proj))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class _DecoderBlock(torch.nn.Module):
+    def __init__(self, d, n_heads):
+        super().__init__()
+        self.ln1, self.ln2, self.ln3 = (torch.nn.LayerNorm(d) for _ in range(3))
+        self.attn, self.cross, self.mlp = _CrossAttention(d, n_heads, True), _CrossAttention(d, n_heads, False), _MLP(d)
+
+    def forward(self, x, mem):
+        x = x + self.attn(self.ln1(x))
+        x = x + self.cross(self.ln2(x), self.ln2(mem))
+        return x + self.mlp(self.ln3(x))
+
+
+class _EncoderDecoder(torch.nn.Module):
+    """nanoGPT-style encoder and decoder sharing their embeddings (Megatron's split: two sequences enter
+    the sequence-sharded region in one forward), the decoder cross-attending to the encoder's output."""
+
+    def __init__(self, vocab=30, d=16, n_heads=4):
+        super().__init__()
+        self.wte, self.wpe = torch.nn.Embedding(vocab, d), torch.nn.Embedding(32, d)
+        self.enc = torch.nn.ModuleList(_DecoderBlock(d, n_heads) for _ in range(2))
+        self.dec = torch.nn.ModuleList(_DecoderBlock(d, n_heads) for _ in range(2))
+        self.ln_f, self.lm_head = torch.nn.LayerNorm(d), torch.nn.Linear(d, vocab, bias=False)
+
+    def forward(self, src, tgt):
+        e = self.wte(src) + self.wpe(torch.arange(src.shape[1]))
+        for block in self.enc:
+            e = block(e, e)
+        x = self.wte(tgt) + self.wpe(torch.arange(tgt.shape[1]))
+        for block in self.dec:
+            x = block(x, e)
+        return self.lm_head(self.ln_f(x))
+
+
+def _two_sequences(tp):
+    """Without gradients, an encoder's and a decoder's sequence each run whole or sequence-sharded by their
+    own length, told apart inside by length; a length that would be both is refused."""
+    m = _dist.mesh(tp)
+    torch.manual_seed(0)
+    dense = _EncoderDecoder().double()
+    model = copy.deepcopy(dense)
+    g = torch.Generator().manual_seed(0)
+    example = (torch.randint(0, 30, (2, 12), generator=g), torch.randint(0, 30, (2, 8), generator=g))
+    apply_policy(model, m.tp_group, "auto", sequence_parallel=True, example_input=example)  # verify=True passes
+    out = {}
+    for S, T in ((12, 8), (12, 5), (11, 8), (11, 5), (12, 1)):
+        src, tgt = torch.randint(0, 30, (2, S), generator=g), torch.randint(0, 30, (2, T), generator=g)
+        with torch.no_grad():
+            out[(S, T)] = float((gather_logits(model(src, tgt)) - dense(src, tgt)).abs().max())
+    with torch.no_grad(), pytest.raises(ShardingError, match="a sequence of 5 tokens.*chunks of 5 tokens"):
+        model(torch.randint(0, 30, (2, 10)), torch.randint(0, 30, (2, 5)))
+    compiled = torch.compile(model, backend="eager")  # traced: one decision per forward, the sequences must agree
+    for S, T in ((11, 5), (12, 8)):
+        src, tgt = torch.randint(0, 30, (2, S), generator=g), torch.randint(0, 30, (2, T), generator=g)
+        with torch.no_grad():
+            out[("compiled", S, T)] = float((gather_logits(compiled(src, tgt)) - dense(src, tgt)).abs().max())
+    with (
+        torch.no_grad(),
+        pytest.raises(ShardingError, match="compiled.*'wte' a sequence of 5 tokens, which runs whole"),
+    ):
+        compiled(torch.randint(0, 30, (2, 12)), torch.randint(0, 30, (2, 5)))
+    from lightning_tp.engine.compiled import compile_layers
+
+    blocks = copy.deepcopy(dense)  # compiled block by block: the traced blocks leave a mixed forward to eager
+    apply_policy(blocks, m.tp_group, "auto", sequence_parallel=True, verify=False)
+    compile_layers(blocks, backend="eager")
+    for S, T in ((12, 5), (12, 8)):
+        src, tgt = torch.randint(0, 30, (2, S), generator=g), torch.randint(0, 30, (2, T), generator=g)
+        with torch.no_grad():
+            out[("blocks", S, T)] = float((gather_logits(blocks(src, tgt)) - dense(src, tgt)).abs().max())
+    return out
+
+
+def test_two_sequences_of_one_forward_run_whole_or_sharded_by_their_own_length():
+    for r in _dist.run(2, _two_sequences, 2):
+        assert all(err < 1e-12 for err in r.values()), r
 
 
 def _tracker(m):

@@ -203,30 +203,48 @@ def reduce_scatter_dim(x: Tensor, group: ProcessGroup, dim: int) -> Tensor:
 
 
 class _SequenceRegion:
-    """Whether the sequence-sharded region's current forward runs on the whole sequence; set at each
-    entry of the region (:func:`enter_sequence_region`), read inside it (:func:`sequence_whole`)."""
+    """What the sequence-sharded region's entries decided since the last reset (a forward pre-hook on
+    the modules that hold them: each forward of the model starts afresh): the lengths of the sequences
+    that run on the whole sequence, the lengths of the chunks of those that run sequence-sharded, and
+    the last entry's decision. Set by :func:`enter_sequence_region`, read by :func:`sequence_whole`."""
 
-    whole = False
+    def __init__(self) -> None:
+        self.whole: set[int] = set()
+        self.chunks: set[int] = set()
+        self.last = False
+        self.entered = False  # an entry ran since the reset
+        self.traced = False  # one ran while compiled (recording no length)
+        self.mixed = False  # entries decided differently (two sequences: one whole, one split)
 
 
 _REGION = _SequenceRegion()
 
 
-def enter_sequence_region(x: Tensor, group: ProcessGroup, where: str, dim: int = -2) -> bool:
+def reset_sequence_region(*_: Any) -> None:
+    """Forget the decisions of earlier forwards (a forward pre-hook on the modules that hold the region's
+    entries)."""
+    if not torch.compiler.is_compiling():
+        _REGION.whole.clear()
+        _REGION.chunks.clear()
+    _REGION.last = _REGION.entered = _REGION.traced = _REGION.mixed = False
+
+
+def enter_sequence_region(x: Tensor, group: ProcessGroup, where: str, training: bool = False, dim: int = -2) -> bool:
     """At an entry of the sequence-sharded region (the token embedding that reduce-scatters, an
     embedding giving this rank's chunk, a layer stack's first layer), given the whole activation
-    ``x`` about to be split on ``dim``: whether this forward runs the region on the whole sequence,
-    replicated over TP, as without sequence parallelism. It does when the length does not divide by
-    the group's size and no gradient is recorded (evaluation, a ``torch.no_grad()`` forward,
-    generation, whose cached decode steps feed one token): the layers' weights are the same either
-    way; only where their activations are split and how they are summed differ. With gradients (or
-    ``x`` requiring grad: the forward of a reentrant activation checkpoint runs without them) that is
-    a ``ShardingError``, raised before any collective: the gradients of the parameters sequence
-    parallelism sums over TP (norms, biases of row layers) would be counted once per rank. Every
-    entry of one forward sees the same length, so they agree."""
+    ``x`` about to be split on ``dim``: whether this sequence runs on the whole sequence, replicated
+    over TP, as without sequence parallelism. It does when its length does not divide by the group's
+    size and no gradient is recorded (evaluation, a ``torch.no_grad()`` forward, generation, whose
+    cached decode steps feed one token): the layers' weights are the same either way; only where their
+    activations are split and how they are summed differ. With gradients, or ``x`` requiring grad in a
+    module in training mode (the forward of a reentrant activation checkpoint runs without them), that
+    is a ``ShardingError``, raised before any collective: the gradients of the parameters sequence
+    parallelism sums over TP (norms, biases of row layers) would be counted once per rank. A model that
+    feeds two sequences (an encoder's and a decoder's) may run one whole and the other sharded; what
+    runs inside tells them apart by length (:func:`sequence_whole`)."""
     p, length = group_size(group), x.shape[dim]
-    whole = p > 1 and length % p != 0
-    if whole and (torch.is_grad_enabled() or x.requires_grad):
+    whole = True if p > 1 and length % p != 0 else False  # noqa: SIM210 (traced, dynamic shapes: a constant, guarded)
+    if whole and (torch.is_grad_enabled() or (x.requires_grad and training)):
         raise ShardingError(
             f"sequence parallelism splits the sequence at {where or 'the model'!r} over {p} tensor-parallel ranks, "
             f"and this forward's length {length} does not divide by {p}. With gradients, make the sequence length a "
@@ -234,16 +252,60 @@ def enter_sequence_region(x: Tensor, group: ProcessGroup, where: str, dim: int =
             "a forward without gradients (evaluation, torch.no_grad(), generation) runs at any length, on the whole "
             "sequence."
         )
-    _REGION.whole = whole
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        (_REGION.whole if whole else _REGION.chunks).add(length if whole else length // max(p, 1))
+    if (compiling or _REGION.traced) and _REGION.entered and whole != _REGION.last:
+        # traced, no lengths are recorded: one decision per forward (also where the compiler left this call to eager)
+        raise ShardingError(
+            f"sequence parallelism, compiled: a forward without gradients feeds {where or 'the model'!r} a sequence of "
+            f"{length} tokens, which {'runs whole (its length does not divide' if whole else 'is split (its length divides'} "
+            f"by {p}), after a sequence that {'is split' if whole else 'runs whole'}. Compiled, the sequences of one "
+            f"forward run all whole or all split: pad them alike (to a multiple of {p}), or run this forward eagerly."
+        )
+    if _REGION.entered and whole != _REGION.last:
+        _REGION.mixed = True
+    _REGION.last, _REGION.entered = whole, True
+    if compiling:
+        _REGION.traced = True
     return whole
 
 
-def sequence_whole() -> bool:
-    """Inside the sequence-sharded region: whether this forward runs on the whole sequence
-    (:func:`enter_sequence_region`). Never while gradients are recorded: an activation-checkpointing
-    recompute in backward runs its region sequence-sharded, as its forward did, whatever forward ran
-    in between."""
-    return _REGION.whole and not torch.is_grad_enabled()
+def sequence_whole(length: int | None = None, full: bool = False) -> bool:
+    """Inside the sequence-sharded region: whether a tensor whose sequence dim has ``length`` belongs to
+    a sequence that runs on the whole sequence (:func:`enter_sequence_region`), never while gradients
+    are recorded (an activation-checkpointing recompute in backward runs its region sequence-sharded,
+    as its forward did). ``full``: a tensor as long as its whole sequence (a row layer's output), whole
+    exactly when that length is one entered whole; otherwise it is this rank's chunk of a sharded
+    sequence or a whole sequence, told apart by the lengths the entries recorded; a length both are
+    is a ``ShardingError``. Without a length (the tokens of a mixture of experts), the last entry's
+    decision; so while compiled (traced code reads no lengths), where a forward whose entries decided
+    differently raises, which leaves the call to eager (a block compiled alone), or is a
+    ``ShardingError`` (an entry traced too: :func:`enter_sequence_region`)."""
+    if torch.is_grad_enabled():
+        return False
+    if torch.compiler.is_compiling():
+        if _REGION.mixed:  # traced code reads no lengths: left to eager, which tells the sequences apart
+            raise ShardingError(
+                "sequence parallelism, compiled: this forward runs one sequence whole and another split, and traced "
+                "code cannot tell their tensors apart."
+            )
+        return _REGION.last
+    if length is None:
+        return _REGION.last
+    if not _REGION.whole:
+        return False  # (the common case: no sequence entered whole since the reset)
+    if full:
+        return length in _REGION.whole
+    whole, sharded = length in _REGION.whole, length in _REGION.chunks
+    if whole and sharded:
+        raise ShardingError(
+            f"sequence parallelism: a forward without gradients holds a sequence of {length} tokens, which runs on "
+            f"the whole sequence (its length does not divide by the tensor-parallel size), and another split into "
+            f"chunks of {length} tokens: a tensor of that length cannot be told apart. Pad one of them (to a multiple "
+            "of tensor_parallel_size), or use sequence_parallel=False."
+        )
+    return whole or (not sharded and _REGION.last)
 
 
 # ----------------------------------------------------------------------------------------------

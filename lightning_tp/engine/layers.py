@@ -209,7 +209,7 @@ def column_linear(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | No
     """``F.linear(x, weight, bias)`` for a layer whose input is replicated over TP and whose output
     reaches only this rank's heads, with the collectives of the input's layout (``layer``'s ``group``,
     ``sequence_parallel``, ``seq_dim``, ``sequence_gather``): the grad of ``x`` is summed over TP."""
-    if layer.sequence_parallel and not sequence_whole():
+    if layer.sequence_parallel and not sequence_whole(x.shape[layer.seq_dim]):
         full = gather_from_sp(x, layer.group, layer.seq_dim)  # (B, T, in)
         return linear_regather(full, x, weight, bias, layer.group, layer.seq_dim)  # (B, T, out)
     if layer.sequence_gather is not None:
@@ -408,7 +408,7 @@ class RowParallelLinear(_ParallelLinear):
         if not self.input_is_parallel:
             x = scatter_to_tp(x, self.group)  # (..., in/p)
         y = F.linear(x, self.weight)  # (..., out), partial sum
-        if self.sequence_parallel and not sequence_whole():
+        if self.sequence_parallel and not sequence_whole(y.shape[self.seq_dim], full=True):
             y = reduce_scatter_to_sp(y, self.group, self.seq_dim)  # (B, T/p, out)
         else:
             y = reduce_from_tp(y, self.group, inplace=True)  # (..., out)
@@ -567,7 +567,7 @@ def _vocab_parallel_lookup(emb: nn.Module, ids: Tensor) -> Tensor:
     local_ids = (ids - emb.vocab_start).masked_fill(outside, 0)  # (...)
     y = F.embedding(local_ids, emb.weight, emb._local_padding_idx)  # (..., H) partial
     y = y.masked_fill_(outside.unsqueeze(-1), 0.0)  # (..., H), in place: y is this layer's own
-    if emb.sequence_parallel and not enter_sequence_region(y, emb.group, emb.tp_name):
+    if emb.sequence_parallel and not enter_sequence_region(y, emb.group, emb.tp_name, emb.training):
         return reduce_scatter_to_sp(y, emb.group, -2)  # (..., T/p, H)
     return reduce_from_tp(y, emb.group, inplace=True)  # (..., H)
 

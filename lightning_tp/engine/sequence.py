@@ -14,7 +14,8 @@ These pieces make the rest of a model work on them:
   masks, rotary tables from its sequence length, as Hugging Face models do): the sequence-sharded
   region is the stack. The hidden states are split to this rank's chunk where they enter the first
   layer and all-gathered where they leave the last; what runs before and after the stack runs on
-  the whole sequence, as without sequence parallelism.
+  the whole sequence, as without sequence parallelism. :class:`StackOutputs` on the module that calls
+  the stack gathers the hidden states it returns from inside it (``output_hidden_states``).
 * :class:`SequenceShardedEmbedding`: a replicated ``nn.Embedding`` (positions, token types) that
   gives this rank's sequence chunk, to be added to the sequence-sharded token embeddings.
 * :class:`WholeSequence`: forward hooks on a module that must see every token at once and runs as
@@ -92,6 +93,8 @@ class SequenceGather:
 
     def _gather(self, x: Any) -> Any:
         if is_hidden(x, self.in_features) and (self.ndim is None or x.dim() == self.ndim):
+            if sequence_whole(x.shape[-2]):
+                return x  # a sequence that runs whole in this forward (no gradients, a length not dividing by TP)
             full = gather_from_sp(x, self.group, -2)  # (..., T, in)
             if torch.compiler.is_compiling():
                 return full
@@ -102,9 +105,7 @@ class SequenceGather:
             return full
         return x
 
-    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if sequence_whole():
-            return None  # this forward runs on the whole sequence: the block's inputs are whole
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return tuple(self._gather(a) for a in args), {k: self._gather(v) for k, v in kwargs.items()}
 
     def __repr__(self) -> str:
@@ -126,9 +127,13 @@ class WholeSequence(ModuleHooks):
     def __init__(self, group: ProcessGroup, in_features: Iterable[int], name: str = "") -> None:
         self.group, self.in_features, self.name = group, frozenset(int(i) for i in in_features), name
         self._shapes: set[tuple[int, ...]] = set()  # the gathered inputs' shapes, set by the pre-hook
+        self._whole = False  # an input of a sequence that runs whole in this forward (nothing to gather)
 
     def _gather(self, x: Any) -> Any:
         if is_hidden(x, self.in_features):
+            if sequence_whole(x.shape[-2]):
+                self._whole = True
+                return x
             full = gather_from_sp(x, self.group, -2, grad_reduce=False).contiguous()  # the module may view() it
             self._shapes.add(tuple(full.shape))
             return full
@@ -139,12 +144,10 @@ class WholeSequence(ModuleHooks):
             return scatter_to_sp(y, self.group, -2)
         return y
 
-    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        self._shapes = set()
-        if sequence_whole():
-            return None  # this forward runs on the whole sequence: nothing to gather or split back
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        self._shapes, self._whole = set(), False
         out = tuple(self._gather(a) for a in args), {k: self._gather(v) for k, v in kwargs.items()}
-        if not self._shapes:
+        if not self._shapes and not self._whole:
             raise ShardingError(
                 f"module {self.name!r} (sequence parallelism runs this mixture of experts on the whole sequence): "
                 f"none of its inputs is a floating (..., T/p, w) tensor with w in {sorted(self.in_features)} to "
@@ -178,6 +181,8 @@ class StackSequence:
         gather_output: gather the outputs (the stack's last layer).
         name: the layer's name (in errors).
         arg: the argument that carries the hidden states: its position in ``args``, or its keyword.
+        outputs: the hooks on the module that calls the stack (:class:`StackOutputs`), told the length of
+            each split's chunk (the first layer).
     """
 
     def __init__(
@@ -188,9 +193,10 @@ class StackSequence:
         gather_output: bool,
         name: str = "",
         arg: int | str = 0,
+        outputs: StackOutputs | None = None,
     ) -> None:
         self.group, self.in_features, self.name, self.arg = group, frozenset(int(i) for i in in_features), name, arg
-        self.split_input, self.gather_output = split_input, gather_output
+        self.split_input, self.gather_output, self.outputs = split_input, gather_output, outputs
 
     def attach(self, layer: nn.Module) -> list[RemovableHandle]:
         """Register the split on ``layer``'s input and the gather on its output, as configured."""
@@ -214,17 +220,19 @@ class StackSequence:
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         x = self._hidden(args, kwargs)
-        if enter_sequence_region(x, self.group, self.name):
+        if enter_sequence_region(x, self.group, self.name, module.training):
             return None  # a length that does not divide by TP, without gradients: the stack runs on the whole sequence
         shard = scatter_to_sp(x, self.group, -2)
+        if self.outputs is not None:
+            self.outputs.chunk = shard.shape[-2]
         if isinstance(self.arg, int) and self.arg < len(args):
             return (*args[: self.arg], shard, *args[self.arg + 1 :]), kwargs
         return args, {**kwargs, str(self.arg): shard}
 
     def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if sequence_whole():
-            return None  # the stack ran on the whole sequence
         shape = tuple(self._hidden(args, kwargs).shape)  # this rank's chunk
+        if sequence_whole(shape[-2]):
+            return None  # the stack ran on the whole sequence
 
         def gather(y: Any) -> Any:
             if isinstance(y, Tensor) and y.is_floating_point() and tuple(y.shape) == shape:
@@ -238,6 +246,46 @@ class StackSequence:
             f"StackSequence(in_features={sorted(self.in_features)}, split_input={self.split_input}, "
             f"gather_output={self.gather_output}, arg={self.arg!r})"
         )
+
+
+class StackOutputs(ModuleHooks):
+    """Hooks on the module that calls the layer stack (the stack's parent) where the stack is the
+    sequence-sharded region (:class:`StackSequence`): hidden states it returns from inside the stack
+    (Hugging Face's ``output_hidden_states=True`` collects every layer's input and output) are this
+    rank's chunk, ``(..., T/p, w)``; they are all-gathered on dim -2, so the caller sees what the dense
+    model returns (backward: this rank's chunk of the gradient, which is complete: what runs on a
+    gathered tensor runs alike on every rank). Which tensors are chunks is read from the length the
+    stack's first layer split this call's hidden states to (:attr:`chunk`; unset by a call on the
+    whole sequence): floating outputs of the hidden states' number of dims, a hidden width and that
+    length. Nothing is gathered unless the module returns such a tensor.
+
+    Args:
+        group: the tensor-parallel process group.
+        in_features: the widths of the hidden states.
+        ndim: their number of dims.
+    """
+
+    def __init__(self, group: ProcessGroup, in_features: Iterable[int], ndim: int) -> None:
+        self.group, self.in_features, self.ndim = group, frozenset(int(i) for i in in_features), ndim
+        self.chunk: int | None = None  # set by the stack's first layer when it splits the sequence
+
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.chunk = None
+
+    def _post(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        chunk, self.chunk = self.chunk, None
+        if chunk is None:
+            return None
+
+        def gather(y: Any) -> Any:  # (plain tensors only: sharded logits are no hidden states)
+            if type(y) is Tensor and y.dim() == self.ndim and y.shape[-2] == chunk and is_hidden(y, self.in_features):
+                return gather_from_sp(y, self.group, -2, grad_reduce=False)
+            return y
+
+        return tree_map(gather, output)
+
+    def __repr__(self) -> str:
+        return f"StackOutputs(in_features={sorted(self.in_features)}, ndim={self.ndim})"
 
 
 class SequenceShardedEmbedding(nn.Embedding):
@@ -268,6 +316,6 @@ class SequenceShardedEmbedding(nn.Embedding):
 
     def forward(self, ids: Tensor) -> Tensor:
         y = super().forward(ids)  # (..., T, H)
-        if enter_sequence_region(y, self.group, self.tp_name):
+        if enter_sequence_region(y, self.group, self.tp_name, self.training):
             return y  # a length that does not divide by TP, without gradients: the whole sequence
         return scatter_to_sp(y, self.group, -2)  # (..., T/p, H)

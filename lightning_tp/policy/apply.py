@@ -18,7 +18,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from lightning_tp.engine.attention import TensorParallelMultiheadAttention
-from lightning_tp.engine.comm import group_size
+from lightning_tp.engine.comm import group_size, reset_sequence_region
 from lightning_tp.engine.init import Materializer, is_deferred, module_aliases
 from lightning_tp.engine.random import RNGTracker, SplitRegion, attach_tracker
 from lightning_tp.engine.sharding import shard_spec
@@ -166,6 +166,9 @@ def apply_plan(
     for row in plan.modules:
         if not row.kind.replaces:
             row.kind.build(row, model.get_submodule(row.name), ctx)
+    if ctx.stack_outputs is not None and ctx.stack is not None:  # the module that calls the layer stack
+        ctx.stack_outputs.attach(model.get_submodule(ctx.stack.rpartition(".")[0]))
+    _reset_sequence_decisions(model, ctx.entries)
     if rng_tracker is not None:
         if plan.tp_size > 1:  # a group of one holds every head and unit: its draws need no stream of their own
             _split_regions(model, plan, rng_tracker, aliases)
@@ -207,6 +210,16 @@ def _split_regions(model: nn.Module, plan: Plan, tracker: RNGTracker, aliases: d
 # torch modules whose fused inference kernel (eval mode, no gradients: Lightning's evaluation loops) reads
 # their linear layers' weights directly instead of calling them: with a split layer inside, no collective runs
 _FAST_PATH_MODULES = (nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.MultiheadAttention)
+
+
+def _reset_sequence_decisions(model: nn.Module, entries: list[str]) -> None:
+    """Under sequence parallelism: every module that holds an entry of the sequence-sharded region (where
+    the sequence is split) forgets, before its forward, which sequences earlier forwards ran whole
+    (:func:`~lightning_tp.engine.comm.reset_sequence_region`): each forward of the model decides afresh,
+    whichever module its caller calls (a LightningModule's ``training_step`` calls its model)."""
+    holders = {".".join(name.split(".")[:i]) for name in entries for i in range(name.count(".") + 1)}
+    for name in sorted(holders):
+        model.get_submodule(name).register_forward_pre_hook(reset_sequence_region)
 
 
 def _without_fast_paths(model: nn.Module) -> None:

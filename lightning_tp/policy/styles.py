@@ -42,7 +42,13 @@ from lightning_tp.engine.layers import (
     unsupported_embedding_options,
 )
 from lightning_tp.engine.random import RNGTracker, TPDropout
-from lightning_tp.engine.sequence import SequenceGather, SequenceShardedEmbedding, StackSequence, WholeSequence
+from lightning_tp.engine.sequence import (
+    SequenceGather,
+    SequenceShardedEmbedding,
+    StackOutputs,
+    StackSequence,
+    WholeSequence,
+)
 from lightning_tp.engine.sharding import (
     ShardSpec,
     has_partial_grad,
@@ -103,6 +109,8 @@ class BuildContext:
     whole_sequence: tuple[str, ...] = ()  # modules that run on the whole sequence (sequence_whole rows)
     stack: str | None = None  # the layer stack, where a plan with sequence_stack rows is sequence parallel
     hidden_ndim: int | None = None  # the hidden states' dims there (read from the model's forward)
+    stack_outputs: StackOutputs | None = None  # the hooks on the stack's caller (made by its first layer's row)
+    entries: list[str] = field(default_factory=list)  # where the sequence is split (sequence parallelism)
 
     def sequence_parallel_at(self, name: str) -> bool:
         """Whether the module ``name`` runs on sequence-sharded activations: under sequence
@@ -359,6 +367,8 @@ class Vocab(Style):
 
     def build(self, row, dense, ctx):
         if isinstance(dense, nn.Embedding):
+            if ctx.sequence_parallel_at(row.name):
+                ctx.entries.append(row.name)
             return VocabParallelEmbedding.from_dense(
                 dense, ctx.group, name=row.name, sequence_parallel=ctx.sequence_parallel_at(row.name)
             )
@@ -846,9 +856,13 @@ class SequenceStackStyle(SequenceGatherStyle):
 
     def build(self, row, dense, ctx):
         o = row.options
-        StackSequence(ctx.group, o["in_features"], o["split_input"], o["gather_output"], row.name, o["arg"]).attach(
-            dense
-        )
+        if o["split_input"]:  # the hidden states the stack's caller returns from inside it are gathered
+            ctx.stack_outputs = StackOutputs(ctx.group, o["in_features"], o["ndim"])
+            ctx.entries.append(row.name)
+        outputs = ctx.stack_outputs if o["split_input"] else None
+        StackSequence(
+            ctx.group, o["in_features"], o["split_input"], o["gather_output"], row.name, o["arg"], outputs
+        ).attach(dense)
         return REPLICATE.build(row, dense, ctx)
 
 
@@ -862,6 +876,7 @@ class SequenceEmbedding(Style):
         return type(module) is nn.Embedding
 
     def build(self, row, dense, ctx):
+        ctx.entries.append(row.name)
         return SequenceShardedEmbedding.from_dense(dense, ctx.group, row.name)
 
 
