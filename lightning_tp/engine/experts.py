@@ -99,11 +99,13 @@ class ExpertsReduce(ModuleHooks):
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if not self.sequence_parallel:
             return tree_map(self._copy, args), tree_map(self._copy, kwargs)
-        if sequence_whole():  # this forward runs on the whole sequence: every token is here already
-            self._rows = -1
-            return tree_map(self._copy, args), tree_map(self._copy, kwargs)
         tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
         hidden = next((t for t in tensors if t.is_floating_point() and t.dim() >= 2), None)
+        if hidden is not None and (
+            sequence_whole(hidden.shape[-2]) if hidden.dim() >= 3 else sequence_whole(tokens=True)
+        ):  # a sequence that runs whole: every token is here already
+            self._rows = -1
+            return tree_map(self._copy, args), tree_map(self._copy, kwargs)
         if hidden is None:
             raise ShardingError(
                 f"module {self.name!r} (style 'experts') under sequence parallelism: none of its inputs is a floating "

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 from torch.utils.hooks import RemovableHandle
 
-from lightning_tp._compat import tensor_version, tree_map
+from lightning_tp._compat import tensor_version, tree_leaves, tree_map
 from lightning_tp.engine.comm import enter_sequence_region, gather_from_sp, scatter_to_sp, sequence_whole
 from lightning_tp.engine.features import ModuleHooks
 from lightning_tp.errors import ShardingError
@@ -225,6 +225,7 @@ class StackSequence:
         shard = scatter_to_sp(x, self.group, -2)
         if self.outputs is not None:
             self.outputs.chunk = shard.shape[-2]
+            self.outputs.note(shard)
         if isinstance(self.arg, int) and self.arg < len(args):
             return (*args[: self.arg], shard, *args[self.arg + 1 :]), kwargs
         return args, {**kwargs, str(self.arg): shard}
@@ -254,10 +255,12 @@ class StackOutputs(ModuleHooks):
     (Hugging Face's ``output_hidden_states=True`` collects every layer's input and output) are this
     rank's chunk, ``(..., T/p, w)``; they are all-gathered on dim -2, so the caller sees what the dense
     model returns (backward: this rank's chunk of the gradient, which is complete: what runs on a
-    gathered tensor runs alike on every rank). Which tensors are chunks is read from the length the
-    stack's first layer split this call's hidden states to (:attr:`chunk`; unset by a call on the
-    whole sequence): floating outputs of the hidden states' number of dims, a hidden width and that
-    length. Nothing is gathered unless the module returns such a tensor.
+    gathered tensor runs alike on every rank). The chunks are the hidden states the stack's first layer
+    split this call's input to and its layers returned (:meth:`note`, :meth:`layer_output`; a call on
+    the whole sequence notes none): the same tensor objects, so a tensor made from them (a pooled
+    ``h[:, -1:]`` as long as a chunk) is not one. Where a layer ran compiled (no tensor identity
+    there), every floating output of the hidden states' number of dims, a hidden width and a chunk's
+    length is taken for one. Nothing is gathered unless the module returns a chunk.
 
     Args:
         group: the tensor-parallel process group.
@@ -268,21 +271,47 @@ class StackOutputs(ModuleHooks):
     def __init__(self, group: ProcessGroup, in_features: Iterable[int], ndim: int) -> None:
         self.group, self.in_features, self.ndim = group, frozenset(int(i) for i in in_features), ndim
         self.chunk: int | None = None  # set by the stack's first layer when it splits the sequence
+        self._chunks: dict[int, weakref.ref] = {}  # id -> the chunks noted in this call
+        self._traced = False  # a chunk was made in compiled code: read by shape
+
+    def _is_chunk_shaped(self, y: Any) -> bool:  # (plain tensors only: sharded logits are no hidden states)
+        return (
+            type(y) is Tensor and self.chunk is not None and y.dim() == self.ndim and y.shape[-2] == self.chunk
+            and is_hidden(y, self.in_features)
+        )  # fmt: skip
+
+    def note(self, y: Any) -> None:
+        """``y`` may be a chunk of this call's hidden states (the first layer's split input, a layer's output)."""
+        if torch.compiler.is_compiling():
+            self._traced = True
+        elif self._is_chunk_shaped(y):
+            self._chunks[id(y)] = weakref.ref(y)
+
+    def layer_output(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """Forward hook on each layer of the stack: notes the chunks it returns."""
+        if self.chunk is not None:
+            for y in tree_leaves(output):
+                self.note(y)
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.chunk = None
+        self.chunk, self._traced = None, False
+        self._chunks.clear()
 
     def _post(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        chunk, self.chunk = self.chunk, None
-        if chunk is None:
+        if self.chunk is None:
             return None
 
-        def gather(y: Any) -> Any:  # (plain tensors only: sharded logits are no hidden states)
-            if type(y) is Tensor and y.dim() == self.ndim and y.shape[-2] == chunk and is_hidden(y, self.in_features):
+        def gather(y: Any) -> Any:
+            if self._is_chunk_shaped(y) and (
+                self._traced or (ref := self._chunks.get(id(y))) is not None and ref() is y
+            ):
                 return gather_from_sp(y, self.group, -2, grad_reduce=False)
             return y
 
-        return tree_map(gather, output)
+        out = tree_map(gather, output)
+        self.chunk, self._traced = None, False
+        self._chunks.clear()
+        return out
 
     def __repr__(self) -> str:
         return f"StackOutputs(in_features={sorted(self.in_features)}, ndim={self.ndim})"

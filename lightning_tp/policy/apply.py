@@ -18,7 +18,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from lightning_tp.engine.attention import TensorParallelMultiheadAttention
-from lightning_tp.engine.comm import group_size, reset_sequence_region
+from lightning_tp.engine.comm import group_size, leave_sequence_region, reset_sequence_region
 from lightning_tp.engine.init import Materializer, is_deferred, module_aliases
 from lightning_tp.engine.random import RNGTracker, SplitRegion, attach_tracker
 from lightning_tp.engine.sharding import shard_spec
@@ -168,6 +168,8 @@ def apply_plan(
             row.kind.build(row, model.get_submodule(row.name), ctx)
     if ctx.stack_outputs is not None and ctx.stack is not None:  # the module that calls the layer stack
         ctx.stack_outputs.attach(model.get_submodule(ctx.stack.rpartition(".")[0]))
+        for layer in model.get_submodule(ctx.stack).children():  # after the last layer's gather: whole there
+            layer.register_forward_hook(ctx.stack_outputs.layer_output)
     _reset_sequence_decisions(model, ctx.entries)
     if rng_tracker is not None:
         if plan.tp_size > 1:  # a group of one holds every head and unit: its draws need no stream of their own
@@ -213,13 +215,16 @@ _FAST_PATH_MODULES = (nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.Mult
 
 
 def _reset_sequence_decisions(model: nn.Module, entries: list[str]) -> None:
-    """Under sequence parallelism: every module that holds an entry of the sequence-sharded region (where
-    the sequence is split) forgets, before its forward, which sequences earlier forwards ran whole
-    (:func:`~lightning_tp.engine.comm.reset_sequence_region`): each forward of the model decides afresh,
-    whichever module its caller calls (a LightningModule's ``training_step`` calls its model)."""
+    """Under sequence parallelism: the outermost module in progress of those that hold an entry of the
+    sequence-sharded region (where the sequence is split) forgets, before its forward, which sequences
+    earlier forwards ran whole (:func:`~lightning_tp.engine.comm.reset_sequence_region`): each forward of
+    the model decides afresh, whichever module its caller calls (a LightningModule's ``training_step``
+    calls its model)."""
     holders = {".".join(name.split(".")[:i]) for name in entries for i in range(name.count(".") + 1)}
     for name in sorted(holders):
-        model.get_submodule(name).register_forward_pre_hook(reset_sequence_region)
+        module = model.get_submodule(name)
+        module.register_forward_pre_hook(reset_sequence_region)
+        module.register_forward_hook(leave_sequence_region, always_call=True)
 
 
 def _without_fast_paths(model: nn.Module) -> None:
