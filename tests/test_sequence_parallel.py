@@ -407,28 +407,37 @@ class _EncoderDecoder(torch.nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
-def _two_sequences(tp):
-    """Without gradients, an encoder's and a decoder's sequence each run whole or sequence-sharded by their
-    own length, told apart inside by length; a length that would be both is refused."""
+def _encoder_decoder(cls, tp):
+    """``cls``'s dense model and a sequence-parallel copy at ``tp`` (verify=True passes), and a generator."""
     m = _dist.mesh(tp)
     torch.manual_seed(0)
-    dense = _EncoderDecoder().double()
+    dense = cls().double()
     model = copy.deepcopy(dense)
     g = torch.Generator().manual_seed(0)
     example = (torch.randint(0, 30, (2, 12), generator=g), torch.randint(0, 30, (2, 8), generator=g))
-    apply_policy(model, m.tp_group, "auto", sequence_parallel=True, example_input=example)  # verify=True passes
+    apply_policy(model, m.tp_group, "auto", sequence_parallel=True, example_input=example)
+    return m, dense, model, g
+
+
+def _pair_errors(model, dense, g, pairs):
+    """Largest logit difference without gradients, per (encoder, decoder) length pair."""
     out = {}
-    for S, T in ((12, 8), (12, 5), (11, 8), (11, 5), (12, 1)):
+    for S, T in pairs:
         src, tgt = torch.randint(0, 30, (2, S), generator=g), torch.randint(0, 30, (2, T), generator=g)
         with torch.no_grad():
             out[(S, T)] = float((gather_logits(model(src, tgt)) - dense(src, tgt)).abs().max())
+    return out
+
+
+def _two_sequences(tp):
+    """Without gradients, an encoder's and a decoder's sequence each run whole or sequence-sharded by their
+    own length, told apart inside by length; a length that would be both is refused."""
+    m, dense, model, g = _encoder_decoder(_EncoderDecoder, tp)
+    out = _pair_errors(model, dense, g, ((12, 8), (12, 5), (11, 8), (11, 5), (12, 1)))
     with torch.no_grad(), pytest.raises(ShardingError, match="a sequence of 5 tokens.*chunks of 5 tokens"):
         model(torch.randint(0, 30, (2, 10)), torch.randint(0, 30, (2, 5)))
     compiled = torch.compile(model, backend="eager")  # traced: one decision per forward, the sequences must agree
-    for S, T in ((11, 5),):
-        src, tgt = torch.randint(0, 30, (2, S), generator=g), torch.randint(0, 30, (2, T), generator=g)
-        with torch.no_grad():
-            out[("compiled", S, T)] = float((gather_logits(compiled(src, tgt)) - dense(src, tgt)).abs().max())
+    out |= {("compiled", *k): v for k, v in _pair_errors(compiled, dense, g, ((11, 5),)).items()}
     with (
         torch.no_grad(),
         pytest.raises(ShardingError, match="compiled.*'wte' a sequence of 5 tokens, which runs whole"),
@@ -439,11 +448,7 @@ def _two_sequences(tp):
     blocks = copy.deepcopy(dense)  # compiled block by block: the traced blocks leave a mixed forward to eager
     apply_policy(blocks, m.tp_group, "auto", sequence_parallel=True, verify=False)
     compile_layers(blocks, backend="eager")
-    for S, T in ((12, 5),):
-        src, tgt = torch.randint(0, 30, (2, S), generator=g), torch.randint(0, 30, (2, T), generator=g)
-        with torch.no_grad():
-            out[("blocks", S, T)] = float((gather_logits(blocks(src, tgt)) - dense(src, tgt)).abs().max())
-    return out
+    return out | {("blocks", *k): v for k, v in _pair_errors(blocks, dense, g, ((12, 5),)).items()}
 
 
 class _Encoder(torch.nn.Module):
@@ -472,19 +477,8 @@ class _NestedEncoderDecoder(torch.nn.Module):
 
 
 def _nested_two_sequences(tp):
-    m = _dist.mesh(tp)
-    torch.manual_seed(0)
-    dense = _NestedEncoderDecoder().double()
-    model = copy.deepcopy(dense)
-    g = torch.Generator().manual_seed(0)
-    example = (torch.randint(0, 30, (2, 12), generator=g), torch.randint(0, 30, (2, 8), generator=g))
-    apply_policy(model, m.tp_group, "auto", sequence_parallel=True, example_input=example)
-    out = {}
-    for S, T in ((12, 8), (12, 5), (11, 8), (11, 5)):
-        src, tgt = torch.randint(0, 30, (2, S), generator=g), torch.randint(0, 30, (2, T), generator=g)
-        with torch.no_grad():
-            out[(S, T)] = float((gather_logits(model(src, tgt)) - dense(src, tgt)).abs().max())
-    return out
+    _, dense, model, g = _encoder_decoder(_NestedEncoderDecoder, tp)
+    return _pair_errors(model, dense, g, ((12, 8), (12, 5), (11, 8), (11, 5)))
 
 
 def test_two_sequences_of_one_forward_run_whole_or_sharded_by_their_own_length():
