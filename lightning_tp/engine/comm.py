@@ -203,10 +203,11 @@ def reduce_scatter_dim(x: Tensor, group: ProcessGroup, dim: int) -> Tensor:
 
 
 class _SequenceRegion:
-    """What the sequence-sharded region's entries decided since the last reset (a forward pre-hook on
-    the modules that hold them: each forward of the model starts afresh): the lengths of the sequences
-    that run on the whole sequence, the lengths of the chunks of those that run sequence-sharded, and
-    the last entry's decision. Set by :func:`enter_sequence_region`, read by :func:`sequence_whole`."""
+    """What the sequence-sharded region's entries decided since the last reset (by the outermost module in
+    progress of those that hold them: each forward of the model starts afresh): the lengths of the
+    sequences that run on the whole sequence, the lengths of the chunks of those that run
+    sequence-sharded, and the last entry's decision. Set by :func:`enter_sequence_region`, read by
+    :func:`sequence_whole`."""
 
     def __init__(self) -> None:
         self.whole: set[int] = set()
@@ -264,9 +265,12 @@ def enter_sequence_region(x: Tensor, group: ProcessGroup, where: str, training: 
             "sequence."
         )
     compiling = torch.compiler.is_compiling()
-    if not compiling:
-        (_REGION.whole if whole else _REGION.chunks).add(length if whole else length // max(p, 1))
-    if (compiling or _REGION.traced) and _REGION.entered and whole != _REGION.last:
+    if not compiling and whole:
+        _REGION.whole.add(length)
+    elif not compiling:
+        _REGION.chunks.add(length // p)  # this rank's chunk
+    differs = _REGION.entered and whole != _REGION.last  # another sequence of this forward decided otherwise
+    if differs and (compiling or _REGION.traced):
         # traced, no lengths are recorded: one decision per forward (also where the compiler left this call to eager)
         raise ShardingError(
             f"sequence parallelism, compiled: a forward without gradients feeds {where or 'the model'!r} a sequence of "
@@ -274,8 +278,7 @@ def enter_sequence_region(x: Tensor, group: ProcessGroup, where: str, training: 
             f"by {p}), after a sequence that {'is split' if whole else 'runs whole'}. Compiled, the sequences of one "
             f"forward run all whole or all split: pad them alike (to a multiple of {p}), or run this forward eagerly."
         )
-    if _REGION.entered and whole != _REGION.last:
-        _REGION.mixed = True
+    _REGION.mixed = _REGION.mixed or differs
     _REGION.last, _REGION.entered = whole, True
     if compiling:
         _REGION.traced = True

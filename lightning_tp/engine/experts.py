@@ -62,7 +62,10 @@ class ExpertsReduce(ModuleHooks):
     reduce-scattered on dim 0 (summed over TP, each rank keeping its own tokens; other floating
     outputs are all-reduced). Experts act on each token alone, so the order the gather puts the
     tokens in does not matter as long as the inputs are token-major; a tensor input of another length
-    on dim 0 (per-expert counts of tokens sorted by expert) is a ``ShardingError``."""
+    on dim 0 (per-expert counts of tokens sorted by expert) is a ``ShardingError``. A sequence that
+    runs whole (no gradients, a length that does not divide by TP:
+    :func:`~lightning_tp.engine.comm.sequence_whole`) holds every token already: nothing is gathered,
+    the outputs are all-reduced as without sequence parallelism."""
 
     def __init__(self, group: ProcessGroup, sequence_parallel: bool = False, name: str = "") -> None:
         self.group = group

@@ -172,7 +172,8 @@ class StackSequence:
     all-gathered on dim -2 (backward: this rank's chunk of the gradient, which what runs after the
     stack, as without sequence parallelism, makes complete on every rank). Other inputs (masks,
     positions, rotary tables, an encoder's states) pass unchanged: the layers read them whole. The
-    hooks keep no state between calls (a compiled layer's guards see none).
+    hooks keep no state of their own between calls (a compiled layer's guards see none); the first
+    layer tells ``outputs`` the length of each call's chunk.
 
     Args:
         group: the tensor-parallel process group.
@@ -293,9 +294,12 @@ class StackOutputs(ModuleHooks):
             for y in tree_leaves(output):
                 self.note(y)
 
-    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _forget(self) -> None:
         self.chunk, self._traced = None, False
         self._chunks.clear()
+
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._forget()
 
     def _post(self, module: nn.Module, args: tuple, output: Any) -> Any:
         if self.chunk is None:
@@ -309,8 +313,7 @@ class StackOutputs(ModuleHooks):
             return y
 
         out = tree_map(gather, output)
-        self.chunk, self._traced = None, False
-        self._chunks.clear()
+        self._forget()
         return out
 
     def __repr__(self) -> str:
