@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import models
 import pytest
 import torch
 import torch.nn.functional as F
@@ -503,3 +504,82 @@ def test_experts_of_two_sequences_one_whole_one_split_are_refused():
     was 1.1 off); both split or both whole are exact."""
     for r in _dist.run(2, _two_sequences, 2):
         assert all(err < 1e-12 for err in r.values()), r
+
+
+class _ScoredLayer(nn.Module):
+    """An attention that takes the rotary tables it is handed (a per-position input: the layer stack is the
+    sequence-sharded region, as in Hugging Face models), then a mixture of experts whose linear router
+    scores ``(B, T, H)`` hidden states; returns the router's scores beside its output, as Hugging Face's
+    routers do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn, self.norm1 = models.RopeAttention(H, 4), nn.LayerNorm(H)
+        self.norm, self.router, self.experts = nn.LayerNorm(H), nn.Linear(H, E, bias=False), EinsumExperts()
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.attn(self.norm1(x), cos, sin)
+        h = self.norm(x)
+        scores = self.router(h)  # (B, T, E)
+        return x + self.experts(h.reshape(-1, H), scores.softmax(-1).reshape(-1, E)).view_as(x), scores
+
+
+class _Scored(nn.Module):
+    """Returns its logits and every layer's router scores; the caller adds a load-balancing loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(V, H)
+        self.layers = nn.ModuleList(_ScoredLayer() for _ in range(2))
+        self.norm, self.head = nn.LayerNorm(H), nn.Linear(H, V, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x = self.embed(ids)
+        pos = torch.arange(x.size(1), dtype=x.dtype)  # from the embeddings' output
+        angles = torch.outer(pos, 1.0 / 10000 ** (torch.arange(0, 2, dtype=x.dtype) / 2)).repeat(1, 2)
+        scores = []
+        for layer in self.layers:
+            x, s = layer(x, angles.cos(), angles.sin())
+            scores.append(s)
+        return self.head(self.norm(x)), scores
+
+
+class _Balanced(nn.Module):
+    """``_Scored``'s logits, then a Switch-style load-balancing loss over every token's router scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lm = _Scored()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        logits, scores = self.lm(ids)
+        probs = torch.cat([s.reshape(-1, E) for s in scores]).softmax(-1)
+        share = F.one_hot(probs.argmax(-1), E).to(probs.dtype).mean(0)
+        return torch.cat([logits.flatten(), (E * (share * probs.mean(0)).sum()).reshape(1)])
+
+
+def _router_scores(tp: int) -> dict:
+    group = _dist.mesh(tp).tp_group
+    torch.manual_seed(0)
+    dense = _Balanced().double()
+    model = copy.deepcopy(dense)
+    policy = {"embed": "vocab", "head": {"style": "vocab", "gather_output": True}, "*.router": "replicate",
+              "*.experts": {"style": "experts", "params": SPLITS["einsum"]}, "*.[qkv]_proj": "column",
+              "*.o_proj": "row"}  # fmt: skip
+    plan = apply_policy(model.lm, group, policy, sequence_parallel=True, verify=False)
+    g = torch.Generator().manual_seed(3)
+    res = _dist.train_parity(dense, model, group, [torch.randint(0, V, (2, 8), generator=g) for _ in range(2)])
+    res["stack"] = sorted({r.name.rpartition(".")[0] for r in plan.modules if r.style == "sequence_stack"})
+    with torch.no_grad():
+        res["shapes"] = [tuple(s.shape) for s in model.lm(torch.randint(0, V, (2, 8), generator=g))[1]]
+    return res
+
+
+def test_router_scores_returned_from_inside_the_layer_stack_are_every_token():
+    """Where the layer stack is the sequence-sharded region, each rank's routers score its own tokens; the
+    scores a model returns from inside the stack are all-gathered where the module that calls it returns
+    them, so a load-balancing loss computed from them is the dense model's on every rank, and so are the
+    gradients and the weights after AdamW steps (before: each rank's loss was over its own tokens)."""
+    for r in _dist.run(2, _router_scores, 2):
+        assert r["stack"] == ["layers"] and r["shapes"] == [(2, 8, E)] * 2, r
+        assert r["out"] <= 1e-12 and r["grad"] <= 1e-11 and r["weight"] <= 1e-12, r

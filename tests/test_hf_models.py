@@ -248,6 +248,11 @@ def _exactness(arch, dense, mesh, kwargs, tgt, sequence_parallel=False) -> dict:
     info["hf_loss_err"] = float((ht - hd).abs()) / max(1.0, float(hd.abs()))
     if info["hf_loss_err"] > HF_LOSS_RTOL:
         wrong.insert(0, ("labels= loss", f"{float(ht):.8f} != dense {float(hd):.8f}"))
+    if hasattr(dense.config, "output_router_logits"):  # a mixture of experts: its load-balancing loss
+        info["aux_err"] = aux_err = _aux_loss_errors(dense, model, kwargs, group)
+        tol = (SP_GRAD_RTOL_BY_ARCH if sequence_parallel else GRAD_RTOL_BY_ARCH).get(arch, GRAD_RTOL)
+        if aux_err is not None and max(aux_err) > tol:
+            wrong.insert(0, ("load-balancing loss (output_router_logits=True)", f"value, grad error {aux_err}"))
     if sequence_parallel:  # without gradients, a length that does not divide by TP: run on the whole sequence
         odd = {**kwargs, "input_ids": kwargs["input_ids"][:, :-1]}
         with torch.no_grad():
@@ -265,6 +270,34 @@ def _exactness(arch, dense, mesh, kwargs, tgt, sequence_parallel=False) -> dict:
     if wrong:
         return {"status": "wrong", "what": wrong[0][0], "detail": wrong[0][1], "params": wrong, **info}
     return {"status": "exact", **info}
+
+
+def _aux_loss_errors(dense, model, kwargs, group) -> tuple[float, float] | None:
+    """A mixture of experts' auxiliary load-balancing loss (``output_router_logits=True``, with a padded
+    row in the attention mask): its relative error and its gradients' (the routers') against dense; None
+    where the model computes none (Llama 4, DeepSeek-V2)."""
+    from lightning_tp.lightning.precision import all_reduce_partial_grads
+
+    mask = torch.ones_like(kwargs["input_ids"])
+    mask[0, -2:] = 0
+    aux = []
+    for net in (dense, model):
+        net.zero_grad(set_to_none=True)
+        out = net(**{**kwargs, "attention_mask": mask}, output_router_logits=True)
+        if out.aux_loss is None:
+            return None
+        out.aux_loss.backward()
+        aux.append(out.aux_loss.detach())
+    all_reduce_partial_grads(list(model.parameters()), group)
+    grad = 0.0
+    for name, param in model.named_parameters():  # same order on every rank: collectives match
+        ref = dense.get_parameter(name).grad
+        if ref is None or param.grad is None:  # (alike on every rank)
+            grad = grad if (ref is None) == (param.grad is None) else float("inf")
+            continue
+        got = _gather_grad(param, param.grad, group)
+        grad = max(grad, float((got - ref).abs().max()) / max(1e-4, float(ref.abs().max())))
+    return float((aux[1] - aux[0]).abs()) / max(1.0, float(aux[0].abs())), grad
 
 
 def _case(arch: str, tp: int, sequence_parallel: bool = False) -> dict:

@@ -225,7 +225,7 @@ class StackSequence:
             return None  # a length that does not divide by TP, without gradients: the stack runs on the whole sequence
         shard = scatter_to_sp(x, self.group, -2)
         if self.outputs is not None:
-            self.outputs.chunk = shard.shape[-2]
+            self.outputs.chunk, self.outputs.rows = shard.shape[-2], shard[..., 0].numel()
             self.outputs.note(shard)
         if isinstance(self.arg, int) and self.arg < len(args):
             return (*args[: self.arg], shard, *args[self.arg + 1 :]), kwargs
@@ -263,6 +263,14 @@ class StackOutputs(ModuleHooks):
     there), every floating output of the hidden states' number of dims, a hidden width and a chunk's
     length is taken for one. Nothing is gathered unless the module returns a chunk.
 
+    A mixture of experts' routers inside the stack (:meth:`router_output`, hooked on each) score this
+    rank's tokens: their outputs (the router logits Hugging Face returns with
+    ``output_router_logits=True``, for its auxiliary load-balancing loss) are this rank's rows of the
+    tokens, flattened ``(B*T/p, E)`` or ``(..., T/p, E)``; where the module returns them they are
+    all-gathered to the dense model's rows (flattened batch-major: ``(B*T, E)``), so that loss is the
+    dense model's on every rank and the routers' (partial) gradients from it are too. Known by
+    identity as above; where layers ran compiled, by shape (a router's width ``E``, a chunk's rows).
+
     Args:
         group: the tensor-parallel process group.
         in_features: the widths of the hidden states.
@@ -274,6 +282,9 @@ class StackOutputs(ModuleHooks):
         self.chunk: int | None = None  # set by the stack's first layer when it splits the sequence
         self._chunks: dict[int, weakref.ref] = {}  # id -> the chunks noted in this call
         self._traced = False  # a chunk was made in compiled code: read by shape
+        self.rows: int | None = None  # the chunk's tokens, B*T/p: a router's outputs' rows
+        self._routed: dict[int, weakref.ref] = {}  # id -> the routers' outputs in this call
+        self._router_widths: set[int] = set()  # the routers' output widths (the numbers of experts)
 
     def _is_chunk_shaped(self, y: Any) -> bool:  # (plain tensors only: sharded logits are no hidden states)
         return (
@@ -294,9 +305,41 @@ class StackOutputs(ModuleHooks):
             for y in tree_leaves(output):
                 self.note(y)
 
+    def router(self, module: nn.Module, width: int) -> RemovableHandle:
+        """Hook a router inside the stack that scores ``width`` experts (see the class doc)."""
+        self._router_widths.add(int(width))
+        return module.register_forward_hook(self.router_output)
+
+    def _is_routed_shaped(self, y: Any) -> bool:
+        if type(y) is not Tensor or self.rows is None or not y.is_floating_point() or y.dim() < 2:
+            return False
+        if y.shape[-1] not in self._router_widths:
+            return False
+        if y.dim() == 2:
+            return y.shape[0] == self.rows
+        return y.shape[-2] == self.chunk and y.shape[:-2].numel() * self.chunk == self.rows
+
+    def router_output(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """Forward hook on each router of the stack: notes its outputs of this rank's tokens."""
+        if self.chunk is None:
+            return
+        if torch.compiler.is_compiling():
+            self._traced = True
+            return
+        for y in tree_leaves(output):
+            if self._is_routed_shaped(y):
+                self._routed[id(y)] = weakref.ref(y)
+
+    def _gather_rows(self, y: Tensor) -> Tensor:
+        if y.dim() > 2:  # (..., T/p, E)
+            return gather_from_sp(y, self.group, -2, grad_reduce=False)
+        rows = y.reshape(self.rows // self.chunk, self.chunk, y.shape[-1])  # (B, T/p, E): batch-major rows
+        return gather_from_sp(rows, self.group, 1, grad_reduce=False).reshape(-1, y.shape[-1])
+
     def _forget(self) -> None:
-        self.chunk, self._traced = None, False
+        self.chunk, self.rows, self._traced = None, None, False
         self._chunks.clear()
+        self._routed.clear()
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._forget()
@@ -305,11 +348,14 @@ class StackOutputs(ModuleHooks):
         if self.chunk is None:
             return None
 
+        def noted(y: Any, where: dict[int, weakref.ref]) -> bool:
+            return self._traced or (ref := where.get(id(y))) is not None and ref() is y
+
         def gather(y: Any) -> Any:
-            if self._is_chunk_shaped(y) and (
-                self._traced or (ref := self._chunks.get(id(y))) is not None and ref() is y
-            ):
+            if self._is_chunk_shaped(y) and noted(y, self._chunks):
                 return gather_from_sp(y, self.group, -2, grad_reduce=False)
+            if self._is_routed_shaped(y) and noted(y, self._routed):
+                return self._gather_rows(y)
             return y
 
         out = tree_map(gather, output)

@@ -21,11 +21,12 @@ from lightning_tp.engine.attention import TensorParallelMultiheadAttention
 from lightning_tp.engine.comm import group_size, leave_sequence_region, reset_sequence_region
 from lightning_tp.engine.init import Materializer, is_deferred, module_aliases
 from lightning_tp.engine.random import RNGTracker, SplitRegion, attach_tracker
+from lightning_tp.engine.sequence import StackOutputs
 from lightning_tp.engine.sharding import shard_spec
 from lightning_tp.errors import DeferredInitError, ShardingError
 from lightning_tp.policy.inputs import holds_meta, make_example_input, model_device, to_device, values_for_meta
 from lightning_tp.policy.plan import Plan, PlannedModule, attach_plan, plan_policy, planned_row
-from lightning_tp.policy.rules import NAMES_SOURCE, PolicyError, PolicyWarning, Rule
+from lightning_tp.policy.rules import NAMES_SOURCE, PolicyError, PolicyWarning, Rule, routers_of
 from lightning_tp.policy.styles import (
     BuildContext,
     Column,
@@ -170,6 +171,7 @@ def apply_plan(
         ctx.stack_outputs.attach(model.get_submodule(ctx.stack.rpartition(".")[0]))
         for layer in model.get_submodule(ctx.stack).children():  # after the last layer's gather: whole there
             layer.register_forward_hook(ctx.stack_outputs.layer_output)
+        _hook_routers(model, plan, ctx.stack, ctx.stack_outputs)
     _reset_sequence_decisions(model, ctx.entries)
     if rng_tracker is not None:
         if plan.tp_size > 1:  # a group of one holds every head and unit: its draws need no stream of their own
@@ -212,6 +214,21 @@ def _split_regions(model: nn.Module, plan: Plan, tracker: RNGTracker, aliases: d
 # torch modules whose fused inference kernel (eval mode, no gradients: Lightning's evaluation loops) reads
 # their linear layers' weights directly instead of calling them: with a split layer inside, no collective runs
 _FAST_PATH_MODULES = (nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.MultiheadAttention)
+
+
+def _hook_routers(model: nn.Module, plan: Plan, stack: str, outputs: StackOutputs) -> None:
+    """The routers beside the experts (style ``experts``) in the layer stack score this rank's tokens:
+    ``outputs`` gathers their outputs where the stack's caller returns them (Hugging Face's router
+    logits, :class:`~lightning_tp.engine.sequence.StackOutputs`)."""
+    modules = dict(model.named_modules())
+    split = {row.name for row in plan.modules if row.splits}
+    for row in plan.modules:
+        if row.style != "experts" or not row.name.startswith(stack + "."):
+            continue
+        n = next(modules[row.name].parameters(recurse=False)).shape[0]  # (E, ...): the experts, never split
+        for name in routers_of(modules, row.name, n, set(outputs.in_features), split)[1]:
+            if name in modules:  # (a router that is a parameter of the layer itself scores inside its forward)
+                outputs.router(modules[name], n)
 
 
 def _reset_sequence_decisions(model: nn.Module, entries: list[str]) -> None:

@@ -101,20 +101,29 @@ def expert_routers(
             continue
         n = len(experts)
         hidden = {h for b, widths in blocks.items() if b.rpartition(".")[0] == list_name for h in widths}
-        shapes = {(n, h) for h in hidden} | {(h, n) for h in hidden}
-        inner = list_name
-        while True:
-            owner_name = inner.rpartition(".")[0]
-            owner = modules[owner_name]
-            routers = [
-                r for r in _routers(owner, owner_name, inner.rpartition(".")[2], n, hidden, shapes) if r not in split
-            ]
-            if routers or not owner_name or len(list(owner.children())) > 1 or any(owner.parameters(recurse=False)):
-                break
-            inner = owner_name  # a container of the experts alone: look at its parent
+        owner_name, routers = routers_of(modules, list_name, n, hidden, split)
         if routers and not isinstance(modules[owner_name], (nn.ModuleList, nn.ModuleDict)):  # a container runs nothing
             found.append((owner_name, list_name, n, hidden, routers))
     return found
+
+
+def routers_of(
+    modules: dict[str, nn.Module], experts: str, n: int, hidden: set[int], split: set[str] = frozenset()
+) -> tuple[str, list[str]]:
+    """``(owner, routers)``: the routers (as in :func:`expert_routers`) beside the module ``experts``
+    scoring its ``n`` experts from an input of a width in ``hidden``, and the module holding them; a
+    parent holding only the experts is looked through."""
+    shapes = {(n, h) for h in hidden} | {(h, n) for h in hidden}
+    inner = experts
+    while True:
+        owner_name = inner.rpartition(".")[0]
+        owner = modules[owner_name]
+        routers = [
+            r for r in _routers(owner, owner_name, inner.rpartition(".")[2], n, hidden, shapes) if r not in split
+        ]
+        if routers or not owner_name or len(list(owner.children())) > 1 or any(owner.parameters(recurse=False)):
+            return owner_name, routers
+        inner = owner_name  # a container of the experts alone: look at its parent
 
 
 def _routers(owner: nn.Module, owner_name: str, skip: str, n: int, hidden: set[int], shapes: set) -> list[str]:
