@@ -544,24 +544,58 @@ class _Scored(nn.Module):
         return self.head(self.norm(x)), scores
 
 
-class _Balanced(nn.Module):
-    """``_Scored``'s logits, then a Switch-style load-balancing loss over every token's router scores."""
+class _ScoredBlock(nn.Module):
+    """A mixture of experts that routes flattened tokens and returns its router's scores beside its output."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.lm = _Scored()
+        self.norm, self.router, self.experts = nn.LayerNorm(H), nn.Linear(H, E, bias=False), EinsumExperts()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = self.norm(x).reshape(-1, H)
+        scores = self.router(flat)  # (B*T, E)
+        return x + self.experts(flat, scores.softmax(-1)).view_as(x), scores
+
+
+class _ScoredTokens(nn.Module):
+    """Layers that take the hidden states alone (Megatron's split: the sequence is split at the
+    embeddings); returns its logits, every layer's router scores and every layer's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(V, H)
+        self.layers = nn.ModuleList(_ScoredBlock() for _ in range(2))
+        self.norm, self.head = nn.LayerNorm(H), nn.Linear(H, V, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        x, scores, states = self.embed(ids), [], []
+        for layer in self.layers:
+            x, s = layer(x)
+            scores.append(s)
+            states.append(x)
+        return self.head(self.norm(x)), scores, states
+
+
+class _Balanced(nn.Module):
+    """A model's logits, then a Switch-style load-balancing loss over every token's router scores and the
+    mean square of the hidden states it returns (a loss on intermediate states)."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        logits, scores = self.lm(ids)
+        logits, scores, *states = self.lm(ids)
         probs = torch.cat([s.reshape(-1, E) for s in scores]).softmax(-1)
         share = F.one_hot(probs.argmax(-1), E).to(probs.dtype).mean(0)
-        return torch.cat([logits.flatten(), (E * (share * probs.mean(0)).sum()).reshape(1)])
+        parts = [logits.flatten(), (E * (share * probs.mean(0)).sum()).reshape(1)]
+        return torch.cat(parts + [h.square().mean().reshape(1) for h in (states[0] if states else [])])
 
 
-def _router_scores(tp: int) -> dict:
+def _router_scores(tp: int, megatron: bool) -> dict:
     group = _dist.mesh(tp).tp_group
     torch.manual_seed(0)
-    dense = _Balanced().double()
+    dense = _Balanced(_ScoredTokens() if megatron else _Scored()).double()
     model = copy.deepcopy(dense)
     policy = {"embed": "vocab", "head": {"style": "vocab", "gather_output": True}, "*.router": "replicate",
               "*.experts": {"style": "experts", "params": SPLITS["einsum"]}, "*.[qkv]_proj": "column",
@@ -571,15 +605,25 @@ def _router_scores(tp: int) -> dict:
     res = _dist.train_parity(dense, model, group, [torch.randint(0, V, (2, 8), generator=g) for _ in range(2)])
     res["stack"] = sorted({r.name.rpartition(".")[0] for r in plan.modules if r.style == "sequence_stack"})
     with torch.no_grad():
-        res["shapes"] = [tuple(s.shape) for s in model.lm(torch.randint(0, V, (2, 8), generator=g))[1]]
+        got = model.lm(torch.randint(0, V, (2, 8), generator=g))
+        res["shapes"] = [tuple(t.shape) for part in got[1:] for t in part]
+        res["whole"] = [tuple(t.shape) for part in model.lm(torch.randint(0, V, (2, 7), generator=g))[1:] for t in part]
     return res
 
 
-def test_router_scores_returned_from_inside_the_layer_stack_are_every_token():
-    """Where the layer stack is the sequence-sharded region, each rank's routers score its own tokens; the
-    scores a model returns from inside the stack are all-gathered where the module that calls it returns
-    them, so a load-balancing loss computed from them is the dense model's on every rank, and so are the
-    gradients and the weights after AdamW steps (before: each rank's loss was over its own tokens)."""
-    for r in _dist.run(2, _router_scores, 2):
-        assert r["stack"] == ["layers"] and r["shapes"] == [(2, 8, E)] * 2, r
+@pytest.mark.parametrize("megatron", [False, True], ids=["stack", "megatron"])
+def test_router_scores_and_states_returned_from_inside_the_layers_are_every_token(megatron):
+    """Under sequence parallelism each rank's routers score its own tokens; the router scores and hidden
+    states a model returns from inside its layer stack are all-gathered where the module that calls the
+    stack returns them, whether the stack is the sequence-sharded region (layers that take rotary tables)
+    or the sequence is split at the embeddings (Megatron's split): a load-balancing loss and a loss on an
+    intermediate state computed from them are the dense model's on every rank, and so are the gradients
+    and the weights after AdamW steps (before: each rank's losses were over its own tokens)."""
+    for r in _dist.run(2, _router_scores, 2, megatron):
+        assert r["stack"] == ([] if megatron else ["layers"]), r
+        if megatron:  # flattened tokens' scores, batch-major, and each layer's output
+            assert r["shapes"] == [(16, E)] * 2 + [(2, 8, H)] * 2, r
+            assert r["whole"] == [(14, E)] * 2 + [(2, 7, H)] * 2, r  # 7 tokens without gradients: whole
+        else:
+            assert r["shapes"] == [(2, 8, E)] * 2 and r["whole"] == [(2, 7, E)] * 2, r
         assert r["out"] <= 1e-12 and r["grad"] <= 1e-11 and r["weight"] <= 1e-12, r

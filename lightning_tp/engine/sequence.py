@@ -225,8 +225,7 @@ class StackSequence:
             return None  # a length that does not divide by TP, without gradients: the stack runs on the whole sequence
         shard = scatter_to_sp(x, self.group, -2)
         if self.outputs is not None:
-            self.outputs.chunk, self.outputs.rows = shard.shape[-2], shard[..., 0].numel()
-            self.outputs.note(shard)
+            self.outputs.enter(shard)
         if isinstance(self.arg, int) and self.arg < len(args):
             return (*args[: self.arg], shard, *args[self.arg + 1 :]), kwargs
         return args, {**kwargs, str(self.arg): shard}
@@ -251,13 +250,15 @@ class StackSequence:
 
 
 class StackOutputs(ModuleHooks):
-    """Hooks on the module that calls the layer stack (the stack's parent) where the stack is the
-    sequence-sharded region (:class:`StackSequence`): hidden states it returns from inside the stack
-    (Hugging Face's ``output_hidden_states=True`` collects every layer's input and output) are this
-    rank's chunk, ``(..., T/p, w)``; they are all-gathered on dim -2, so the caller sees what the dense
-    model returns (backward: this rank's chunk of the gradient, which is complete: what runs on a
-    gathered tensor runs alike on every rank). The chunks are the hidden states the stack's first layer
-    split this call's input to and its layers returned (:meth:`note`, :meth:`layer_output`; a call on
+    """Hooks on the module that calls the layer stack (the stack's parent, containers looked through)
+    under sequence parallelism, where the stack is the sequence-sharded region (:class:`StackSequence`)
+    or inside it (Megatron's split at the embeddings: :meth:`layer_input` on each layer): hidden
+    states it returns from inside the stack (Hugging Face's ``output_hidden_states=True`` collects every
+    layer's input and output; a user's list of them) are this rank's chunk, ``(..., T/p, w)``; they
+    are all-gathered on dim -2, so the caller sees what the dense model returns (backward: this rank's
+    chunk of the gradient, which is complete: what runs on a gathered tensor runs alike on every
+    rank). The chunks are the hidden states the stack's first layer takes (:meth:`enter`) and its
+    layers returned (:meth:`note`, :meth:`layer_output`; a call on
     the whole sequence notes none): the same tensor objects, so a tensor made from them (a pooled
     ``h[:, -1:]`` as long as a chunk) is not one. Where a layer ran compiled (no tensor identity
     there), every floating output of the hidden states' number of dims, a hidden width and a chunk's
@@ -274,12 +275,12 @@ class StackOutputs(ModuleHooks):
     Args:
         group: the tensor-parallel process group.
         in_features: the widths of the hidden states.
-        ndim: their number of dims.
+        ndim: their number of dims (read again from each call's chunk).
     """
 
-    def __init__(self, group: ProcessGroup, in_features: Iterable[int], ndim: int) -> None:
+    def __init__(self, group: ProcessGroup, in_features: Iterable[int], ndim: int = 3) -> None:
         self.group, self.in_features, self.ndim = group, frozenset(int(i) for i in in_features), ndim
-        self.chunk: int | None = None  # set by the stack's first layer when it splits the sequence
+        self.chunk: int | None = None  # set where the stack's first layer takes a chunk (enter)
         self._chunks: dict[int, weakref.ref] = {}  # id -> the chunks noted in this call
         self._traced = False  # a chunk was made in compiled code: read by shape
         self.rows: int | None = None  # the chunk's tokens, B*T/p: a router's outputs' rows
@@ -292,16 +293,38 @@ class StackOutputs(ModuleHooks):
             and is_hidden(y, self.in_features)
         )  # fmt: skip
 
+    def enter(self, x: Tensor) -> None:
+        """A layer of the stack takes this chunk of the hidden states, ``x``: this call's chunk length."""
+        self.chunk, self.rows, self.ndim = x.shape[-2], x.shape[:-1].numel(), x.dim()
+        self.note(x)
+
+    def layer_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook on each layer of the stack where the sequence is split before it (Megatron's
+        split, at the embeddings; the same on every layer, so that compiled layers share their code): its
+        first hidden-state input is a chunk, unless this forward runs on the whole sequence."""
+        for x in (*args, *kwargs.values()):
+            if is_hidden(x, self.in_features):
+                if not sequence_whole(x.shape[-2]):
+                    self.enter(x)
+                return
+
     def note(self, y: Any) -> None:
         """``y`` may be a chunk of this call's hidden states (the first layer's split input, a layer's output)."""
         if torch.compiler.is_compiling():
             self._traced = True
         elif self._is_chunk_shaped(y):
-            self._chunks[id(y)] = weakref.ref(y)
+            self._remember(self._chunks, y)
+
+    @staticmethod
+    def _remember(noted: dict[int, weakref.ref], y: Tensor) -> None:  # (a dead tensor leaves: no growth)
+        key = id(y)
+        noted[key] = weakref.ref(y, lambda ref, key=key: noted.pop(key, None) if noted.get(key) is ref else None)
 
     def layer_output(self, module: nn.Module, args: tuple, output: Any) -> None:
         """Forward hook on each layer of the stack: notes the chunks it returns."""
-        if self.chunk is not None:
+        if torch.compiler.is_compiling():  # (reading no state: every compiled layer shares its code)
+            self._traced = True
+        elif self.chunk is not None:
             for y in tree_leaves(output):
                 self.note(y)
 
@@ -328,7 +351,7 @@ class StackOutputs(ModuleHooks):
             return
         for y in tree_leaves(output):
             if self._is_routed_shaped(y):
-                self._routed[id(y)] = weakref.ref(y)
+                self._remember(self._routed, y)
 
     def _gather_rows(self, y: Tensor) -> Tensor:
         if y.dim() > 2:  # (..., T/p, E)

@@ -27,6 +27,7 @@ from lightning_tp.errors import DeferredInitError, ShardingError
 from lightning_tp.policy.inputs import holds_meta, make_example_input, model_device, to_device, values_for_meta
 from lightning_tp.policy.plan import Plan, PlannedModule, attach_plan, plan_policy, planned_row
 from lightning_tp.policy.rules import NAMES_SOURCE, PolicyError, PolicyWarning, Rule, routers_of
+from lightning_tp.policy.stack import layer_stack
 from lightning_tp.policy.styles import (
     BuildContext,
     Column,
@@ -167,11 +168,13 @@ def apply_plan(
     for row in plan.modules:
         if not row.kind.replaces:
             row.kind.build(row, model.get_submodule(row.name), ctx)
-    if ctx.stack_outputs is not None and ctx.stack is not None:  # the module that calls the layer stack
-        ctx.stack_outputs.attach(model.get_submodule(ctx.stack.rpartition(".")[0]))
-        for layer in model.get_submodule(ctx.stack).children():  # after the last layer's gather: whole there
-            layer.register_forward_hook(ctx.stack_outputs.layer_output)
-        _hook_routers(model, plan, ctx.stack, ctx.stack_outputs)
+    if ctx.stack_outputs is not None and ctx.stack is not None:  # the layer stack is the sequence-sharded region
+        _gather_stack_outputs(model, plan, ctx.stack, ctx.stack_outputs)
+    elif ctx.entries and (stack := _megatron_stack(model, plan)) is not None:  # split at the embeddings
+        outputs = StackOutputs(ctx.group, _hidden_widths(model, plan, ctx.entries))
+        for layer in model.get_submodule(stack).children():
+            layer.register_forward_pre_hook(outputs.layer_input, with_kwargs=True)
+        _gather_stack_outputs(model, plan, stack, outputs)
     _reset_sequence_decisions(model, ctx.entries)
     if rng_tracker is not None:
         if plan.tp_size > 1:  # a group of one holds every head and unit: its draws need no stream of their own
@@ -214,6 +217,38 @@ def _split_regions(model: nn.Module, plan: Plan, tracker: RNGTracker, aliases: d
 # torch modules whose fused inference kernel (eval mode, no gradients: Lightning's evaluation loops) reads
 # their linear layers' weights directly instead of calling them: with a split layer inside, no collective runs
 _FAST_PATH_MODULES = (nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.MultiheadAttention)
+
+
+def _gather_stack_outputs(model: nn.Module, plan: Plan, stack: str, outputs: StackOutputs) -> None:
+    """Under sequence parallelism: the module that calls the layer stack ``stack`` (containers looked
+    through: they call nothing) gathers the chunks it returns from inside it (``outputs``,
+    :class:`~lightning_tp.engine.sequence.StackOutputs`): each layer's outputs and the routers'."""
+    caller = stack.rpartition(".")[0]
+    while caller and isinstance(model.get_submodule(caller), (nn.ModuleList, nn.ModuleDict)):
+        caller = caller.rpartition(".")[0]
+    outputs.attach(model.get_submodule(caller))
+    for layer in model.get_submodule(stack).children():  # (after the last layer's gather: whole there)
+        layer.register_forward_hook(outputs.layer_output)
+    _hook_routers(model, plan, stack, outputs)
+
+
+def _megatron_stack(model: nn.Module, plan: Plan) -> str | None:
+    """Where the sequence is split at the embeddings (Megatron's split): the layer stack holding every
+    block that gathers the sequence and every mixture of experts, if there is one."""
+    blocks = [f"{row.name}." for row in plan.modules if row.style in ("sequence_gather", "sequence_whole", "experts")]
+    return layer_stack(dict(model.named_modules()), blocks) if blocks else None  # ("name.": a layer may be one)
+
+
+def _hidden_widths(model: nn.Module, plan: Plan, entries: list[str]) -> set[int]:
+    """The widths of the hidden states under sequence parallelism: the blocks' inputs and the embeddings'."""
+    widths = {
+        int(w) for row in plan.modules for w in row.options.get("in_features", ()) if row.style.startswith("sequence")
+    }
+    return widths | {
+        model.get_submodule(name).embedding_dim
+        for name in entries
+        if hasattr(model.get_submodule(name), "embedding_dim")
+    }
 
 
 def _hook_routers(model: nn.Module, plan: Plan, stack: str, outputs: StackOutputs) -> None:
