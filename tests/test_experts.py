@@ -25,7 +25,7 @@ from torch import nn
 import _dist
 from lightning_tp import apply_policy, plan_policy
 from lightning_tp.errors import ShardingError
-from lightning_tp.policy.rules import PolicyError, Rule, translate_hf_plan
+from lightning_tp.policy.rules import PolicyError, PolicyWarning, Rule, translate_hf_plan
 
 E, H, U = 4, 16, 12  # experts, hidden width, hidden units per expert (U / 4 = 3: split at TP 4)
 
@@ -545,33 +545,68 @@ class _Scored(nn.Module):
 
 
 class _ScoredBlock(nn.Module):
-    """A mixture of experts that routes flattened tokens and returns its router's scores beside its output."""
+    """A mixture of experts that routes flattened tokens and returns its router's scores beside its output
+    (with ``view``, viewed as ``(B, T, E)``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, view: bool = False) -> None:
         super().__init__()
         self.norm, self.router, self.experts = nn.LayerNorm(H), nn.Linear(H, E, bias=False), EinsumExperts()
+        self.view = view
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         flat = self.norm(x).reshape(-1, H)
         scores = self.router(flat)  # (B*T, E)
-        return x + self.experts(flat, scores.softmax(-1)).view_as(x), scores
+        out = x + self.experts(flat, scores.softmax(-1)).view_as(x)
+        return out, scores.view(*x.shape[:-1], E) if self.view else scores
+
+
+class _WholeMoE(nn.Module):
+    """Experts that are blocks beside a router: the layer runs on the whole sequence (``sequence_whole``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.gate = nn.LayerNorm(H), nn.Linear(H, E, bias=False)
+        self.experts = nn.ModuleList(models.SwiGLU(H, 8) for _ in range(E))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        flat = self.norm(x).reshape(-1, H)
+        probs = self.gate(flat).softmax(-1)
+        return x + sum(probs[:, e : e + 1] * expert(flat) for e, expert in enumerate(self.experts)).view_as(x), None
+
+
+class _ParamRouted(nn.Module):
+    """Fused experts scored by a parameter of the layer itself (``w_gate``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.experts = nn.LayerNorm(H), EinsumExperts()
+        self.w_gate = nn.Parameter(torch.randn(E, H) / H**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = self.norm(x).reshape(-1, H)
+        return x + self.experts(flat, (flat @ self.w_gate.t()).softmax(-1)).view_as(x)
 
 
 class _ScoredTokens(nn.Module):
     """Layers that take the hidden states alone (Megatron's split: the sequence is split at the
-    embeddings); returns its logits, every layer's router scores and every layer's output."""
+    embeddings); returns its logits, every layer's router scores and every layer's output. With ``held``
+    the layers sit in a module without a forward of its own, and the last one runs on the whole sequence
+    (experts that are blocks: it gathers the sequence at its input, returns no scores); the first
+    returns its scores viewed as ``(B, T, E)``."""
 
-    def __init__(self) -> None:
+    def __init__(self, held: bool = False) -> None:
         super().__init__()
         self.embed = nn.Embedding(V, H)
-        self.layers = nn.ModuleList(_ScoredBlock() for _ in range(2))
+        layers = nn.ModuleList([_ScoredBlock(view=True), _WholeMoE()] if held else [_ScoredBlock(), _ScoredBlock()])
+        self.body = nn.Module()
+        self.body.layers = layers
         self.norm, self.head = nn.LayerNorm(H), nn.Linear(H, V, bias=False)
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         x, scores, states = self.embed(ids), [], []
-        for layer in self.layers:
+        for layer in self.body.layers:
             x, s = layer(x)
-            scores.append(s)
+            scores += [] if s is None else [s]
             states.append(x)
         return self.head(self.norm(x)), scores, states
 
@@ -592,14 +627,15 @@ class _Balanced(nn.Module):
         return torch.cat(parts + [h.square().mean().reshape(1) for h in (states[0] if states else [])])
 
 
-def _router_scores(tp: int, megatron: bool) -> dict:
+def _router_scores(tp: int, layout: str) -> dict:
     group = _dist.mesh(tp).tp_group
     torch.manual_seed(0)
-    dense = _Balanced(_ScoredTokens() if megatron else _Scored()).double()
+    dense = _Balanced(_ScoredTokens(held=layout == "held") if layout != "stack" else _Scored()).double()
     model = copy.deepcopy(dense)
     policy = {"embed": "vocab", "head": {"style": "vocab", "gather_output": True}, "*.router": "replicate",
-              "*.experts": {"style": "experts", "params": SPLITS["einsum"]}, "*.[qkv]_proj": "column",
-              "*.o_proj": "row"}  # fmt: skip
+              "*.layers.0.experts" if layout == "held" else "*.experts": {"style": "experts", "params": SPLITS["einsum"]},
+              **({"*.[qkv]_proj": "column", "*.o_proj": "row"} if layout == "stack" else {}),
+              **({"*.gate_proj": "column", "*.up_proj": "column", "*.down_proj": "row"} if layout == "held" else {})}  # fmt: skip
     plan = apply_policy(model.lm, group, policy, sequence_parallel=True, verify=False)
     g = torch.Generator().manual_seed(3)
     res = _dist.train_parity(dense, model, group, [torch.randint(0, V, (2, 8), generator=g) for _ in range(2)])
@@ -608,22 +644,34 @@ def _router_scores(tp: int, megatron: bool) -> dict:
         got = model.lm(torch.randint(0, V, (2, 8), generator=g))
         res["shapes"] = [tuple(t.shape) for part in got[1:] for t in part]
         res["whole"] = [tuple(t.shape) for part in model.lm(torch.randint(0, V, (2, 7), generator=g))[1:] for t in part]
+    res["styles"] = sorted(r.style for r in plan.modules if r.style in ("experts", "sequence_whole"))
+    if layout == "held":  # a router that is a parameter of the layer: nothing to hook, said
+        tokens = _ScoredTokens()
+        tokens.body.layers = nn.ModuleList(_ParamRouted() for _ in range(2))
+        params = {**policy, "*.experts": policy["*.layers.0.experts"]}
+        with pytest.warns(PolicyWarning, match=r"routers \['body.layers.0.w_gate', 'body.layers.1.w_gate'\] are param"):
+            apply_policy(tokens.double(), group, params, sequence_parallel=True, verify=False)
     return res
 
 
-@pytest.mark.parametrize("megatron", [False, True], ids=["stack", "megatron"])
-def test_router_scores_and_states_returned_from_inside_the_layers_are_every_token(megatron):
+@pytest.mark.parametrize("layout", ["stack", "megatron", "held"])
+def test_router_scores_and_states_returned_from_inside_the_layers_are_every_token(layout):
     """Under sequence parallelism each rank's routers score its own tokens; the router scores and hidden
     states a model returns from inside its layer stack are all-gathered where the module that calls the
     stack returns them, whether the stack is the sequence-sharded region (layers that take rotary tables)
     or the sequence is split at the embeddings (Megatron's split): a load-balancing loss and a loss on an
     intermediate state computed from them are the dense model's on every rank, and so are the gradients
-    and the weights after AdamW steps (before: each rank's losses were over its own tokens)."""
-    for r in _dist.run(2, _router_scores, 2, megatron):
-        assert r["stack"] == ([] if megatron else ["layers"]), r
-        if megatron:  # flattened tokens' scores, batch-major, and each layer's output
+    and the weights after AdamW steps (before: each rank's losses were over its own tokens). Also where
+    the layers sit in a module without a forward (the caller is its parent), the scores are returned as a
+    view, and the last layer runs on the whole sequence (it gathers its input: the chunk is read first)."""
+    for r in _dist.run(2, _router_scores, 2, layout):
+        assert r["stack"] == (["layers"] if layout == "stack" else []), r
+        if layout == "stack":
+            assert r["shapes"] == [(2, 8, E)] * 2 and r["whole"] == [(2, 7, E)] * 2, r
+        elif layout == "megatron":  # flattened tokens' scores, batch-major, and each layer's output
             assert r["shapes"] == [(16, E)] * 2 + [(2, 8, H)] * 2, r
             assert r["whole"] == [(14, E)] * 2 + [(2, 7, H)] * 2, r  # 7 tokens without gradients: whole
         else:
-            assert r["shapes"] == [(2, 8, E)] * 2 and r["whole"] == [(2, 7, E)] * 2, r
+            assert r["styles"] == ["experts", "sequence_whole"], r
+            assert r["shapes"] == [(2, 8, E)] + [(2, 8, H)] * 2 and r["whole"] == [(2, 7, E)] + [(2, 7, H)] * 2, r
         assert r["out"] <= 1e-12 and r["grad"] <= 1e-11 and r["weight"] <= 1e-12, r

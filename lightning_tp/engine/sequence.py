@@ -270,7 +270,9 @@ class StackOutputs(ModuleHooks):
     tokens, flattened ``(B*T/p, E)`` or ``(..., T/p, E)``; where the module returns them they are
     all-gathered to the dense model's rows (flattened batch-major: ``(B*T, E)``), so that loss is the
     dense model's on every rank and the routers' (partial) gradients from it are too. Known by
-    identity as above; where layers ran compiled, by shape (a router's width ``E``, a chunk's rows).
+    identity as above, or as a view of one holding all its elements (``scores.view(B, T/p, E)``); where
+    layers ran compiled, by shape (a router's width ``E``, a chunk's rows). A router that is a parameter
+    of the experts' layer (scoring inside its forward) cannot be hooked: ``apply_policy`` warns.
 
     Args:
         group: the tensor-parallel process group.
@@ -353,6 +355,13 @@ class StackOutputs(ModuleHooks):
             if self._is_routed_shaped(y):
                 self._remember(self._routed, y)
 
+    def _views_routed(self, y: Tensor) -> bool:
+        """``y`` holds a router output's very elements (a ``view`` of it to ``(B, T/p, E)``)."""
+        return any(
+            (r := ref()) is not None and r.data_ptr() == y.data_ptr() and r.numel() == y.numel()
+            for ref in self._routed.values()
+        )
+
     def _gather_rows(self, y: Tensor) -> Tensor:
         if y.dim() > 2:  # (..., T/p, E)
             return gather_from_sp(y, self.group, -2, grad_reduce=False)
@@ -377,7 +386,7 @@ class StackOutputs(ModuleHooks):
         def gather(y: Any) -> Any:
             if self._is_chunk_shaped(y) and noted(y, self._chunks):
                 return gather_from_sp(y, self.group, -2, grad_reduce=False)
-            if self._is_routed_shaped(y) and noted(y, self._routed):
+            if self._is_routed_shaped(y) and (noted(y, self._routed) or self._views_routed(y)):
                 return self._gather_rows(y)
             return y
 

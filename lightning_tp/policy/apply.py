@@ -172,8 +172,8 @@ def apply_plan(
         _gather_stack_outputs(model, plan, ctx.stack, ctx.stack_outputs)
     elif ctx.entries and (stack := _megatron_stack(model, plan)) is not None:  # split at the embeddings
         outputs = StackOutputs(ctx.group, _hidden_widths(model, plan, ctx.entries))
-        for layer in model.get_submodule(stack).children():
-            layer.register_forward_pre_hook(outputs.layer_input, with_kwargs=True)
+        for layer in model.get_submodule(stack).children():  # (before a whole-sequence layer's gather)
+            layer.register_forward_pre_hook(outputs.layer_input, with_kwargs=True, prepend=True)
         _gather_stack_outputs(model, plan, stack, outputs)
     _reset_sequence_decisions(model, ctx.entries)
     if rng_tracker is not None:
@@ -220,11 +220,12 @@ _FAST_PATH_MODULES = (nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.Mult
 
 
 def _gather_stack_outputs(model: nn.Module, plan: Plan, stack: str, outputs: StackOutputs) -> None:
-    """Under sequence parallelism: the module that calls the layer stack ``stack`` (containers looked
-    through: they call nothing) gathers the chunks it returns from inside it (``outputs``,
+    """Under sequence parallelism: the module that calls the layer stack ``stack`` (modules without a
+    forward of their own looked through: containers, a namespace holding the layers, call nothing)
+    gathers the chunks it returns from inside it (``outputs``,
     :class:`~lightning_tp.engine.sequence.StackOutputs`): each layer's outputs and the routers'."""
     caller = stack.rpartition(".")[0]
-    while caller and isinstance(model.get_submodule(caller), (nn.ModuleList, nn.ModuleDict)):
+    while caller and type(model.get_submodule(caller)).forward is nn.Module.forward:
         caller = caller.rpartition(".")[0]
     outputs.attach(model.get_submodule(caller))
     for layer in model.get_submodule(stack).children():  # (after the last layer's gather: whole there)
@@ -254,16 +255,30 @@ def _hidden_widths(model: nn.Module, plan: Plan, entries: list[str]) -> set[int]
 def _hook_routers(model: nn.Module, plan: Plan, stack: str, outputs: StackOutputs) -> None:
     """The routers beside the experts (style ``experts``) in the layer stack score this rank's tokens:
     ``outputs`` gathers their outputs where the stack's caller returns them (Hugging Face's router
-    logits, :class:`~lightning_tp.engine.sequence.StackOutputs`)."""
+    logits, :class:`~lightning_tp.engine.sequence.StackOutputs`). A router that is a parameter of the
+    experts' layer scores inside its forward, with nothing to hook: warned."""
     modules = dict(model.named_modules())
     split = {row.name for row in plan.modules if row.splits}
+    unhooked = []
     for row in plan.modules:
         if row.style != "experts" or not row.name.startswith(stack + "."):
             continue
         n = next(modules[row.name].parameters(recurse=False)).shape[0]  # (E, ...): the experts, never split
         for name in routers_of(modules, row.name, n, set(outputs.in_features), split)[1]:
-            if name in modules:  # (a router that is a parameter of the layer itself scores inside its forward)
+            if name in modules:
                 outputs.router(modules[name], n)
+            else:
+                unhooked.append(name)
+    if unhooked:
+        warnings.warn(
+            f"sequence parallelism: the routers {unhooked[:3]}{' ...' if len(unhooked) > 3 else ''} are parameters of "
+            "the experts' layers and score this rank's tokens inside their forward: router scores the model returns "
+            "from them stay this rank's rows, so a load-balancing loss computed from them would be this rank's "
+            "tokens' (it would differ across TP ranks). Hold each router in a module of its own (an nn.Linear), whose "
+            "outputs are gathered where the model returns them, or use sequence_parallel=False if such a loss counts.",
+            PolicyWarning,
+            stacklevel=5,
+        )
 
 
 def _reset_sequence_decisions(model: nn.Module, entries: list[str]) -> None:
