@@ -1104,3 +1104,32 @@ def test_a_mixture_of_experts_under_sequence_parallelism_matches_dense(world, tp
         assert styles["blocks.0.moe"] == "sequence_whole" and styles["blocks.0.mlp"] == "sequence_gather"
         assert styles["blocks.0.moe.experts.1.fc"] == "column" and styles["blocks.0.moe.gate"] == "replicate"
         assert "blocks.0.ln2.weight" in partial and not any(".moe." in n for n in partial), partial
+
+
+def _first_layer_compiled(tp):
+    """RopeGPT (the layer stack is the region) with only its first layer compiled: the region's entry (that
+    layer's split) is traced and records no length; the other layers run eager (as where the compiler falls
+    back, e.g. past its recompile limit). Logits without gradients at every length, and with them."""
+    m = _dist.mesh(tp)
+    torch.manual_seed(0)
+    dense = models.RopeGPT().double()
+    model = copy.deepcopy(dense)
+    apply_policy(model, m.tp_group, "auto", sequence_parallel=True)
+    torch.compiler.reset()
+    model.blocks[0].compile(backend="eager", dynamic=False)
+    g, out = torch.Generator().manual_seed(0), {}
+    for T in (12, 11, 12, 1):
+        ids = torch.randint(0, 30, (2, T), generator=g)
+        with torch.no_grad():
+            out[f"no_grad-{T}"] = float((gather_logits(model(ids)) - dense(ids)).abs().max())
+    ids = torch.randint(0, 30, (2, 12), generator=g)
+    out["grad-12"] = float((gather_logits(model(ids)).detach() - dense(ids).detach()).abs().max())
+    return out
+
+
+def test_an_entry_compiled_alone_decides_for_the_eager_layers_after_it():
+    """A compiled entry of the sequence-sharded region records no length (traced code reads none); layers
+    that run eager after it take its decision for the forward: an odd length without gradients runs whole
+    (it was gathered as if a chunk: 2 x 11 tokens, a shape error)."""
+    for r in _dist.run(2, _first_layer_compiled, 2):
+        assert all(err < 1e-12 for err in r.values()), r

@@ -296,7 +296,8 @@ def sequence_whole(length: int | None = None, full: bool = False, tokens: bool =
     flattened tokens, whose sequence cannot be read) in a forward whose entries decided differently is
     a ``ShardingError``. So while compiled (traced code reads no lengths), where a forward whose entries decided
     differently raises, which leaves the call to eager (a block compiled alone), or is a
-    ``ShardingError`` (an entry traced too: :func:`enter_sequence_region`)."""
+    ``ShardingError`` (an entry traced too: :func:`enter_sequence_region`). Eager code after an entry
+    that ran compiled (recording no length: the compiler left what follows to eager) reads its decision."""
     if torch.is_grad_enabled():
         return False
     if torch.compiler.is_compiling():
@@ -306,6 +307,8 @@ def sequence_whole(length: int | None = None, full: bool = False, tokens: bool =
                 "code cannot tell their tensors apart."
             )
         return _REGION.last
+    if _REGION.traced:  # an entry ran compiled, recording no length (the compiler left this call to eager)
+        return _REGION.last  # (and one decision per forward: a compiled entry refuses a mixed one)
     if length is None:
         if tokens and _REGION.mixed:
             raise ShardingError(
