@@ -250,8 +250,8 @@ class StackSequence:
 
 
 class StackOutputs(ModuleHooks):
-    """Hooks on the module that calls the layer stack (the stack's parent, containers looked through)
-    under sequence parallelism, where the stack is the sequence-sharded region (:class:`StackSequence`)
+    """Hooks on the module that calls the layer stack (the stack's parent; one without a forward of its
+    own, a container, is looked through) under sequence parallelism, where the stack is the sequence-sharded region (:class:`StackSequence`)
     or inside it (Megatron's split at the embeddings: :meth:`layer_input` on each layer): hidden
     states it returns from inside the stack (Hugging Face's ``output_hidden_states=True`` collects every
     layer's input and output; a user's list of them) are this rank's chunk, ``(..., T/p, w)``; they
@@ -346,14 +346,12 @@ class StackOutputs(ModuleHooks):
 
     def router_output(self, module: nn.Module, args: tuple, output: Any) -> None:
         """Forward hook on each router of the stack: notes its outputs of this rank's tokens."""
-        if self.chunk is None:
-            return
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # (reading no state, as layer_output)
             self._traced = True
-            return
-        for y in tree_leaves(output):
-            if self._is_routed_shaped(y):
-                self._remember(self._routed, y)
+        elif self.chunk is not None:
+            for y in tree_leaves(output):
+                if self._is_routed_shaped(y):
+                    self._remember(self._routed, y)
 
     def _views_routed(self, y: Tensor) -> bool:
         """``y`` holds a router output's very elements (a ``view`` of it to ``(B, T/p, E)``)."""
