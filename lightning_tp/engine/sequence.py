@@ -257,9 +257,9 @@ class StackOutputs(ModuleHooks):
     layer's input and output; a user's list of them) are this rank's chunk, ``(..., T/p, w)``; they
     are all-gathered on dim -2, so the caller sees what the dense model returns (backward: this rank's
     chunk of the gradient, which is complete: what runs on a gathered tensor runs alike on every
-    rank). The chunks are the hidden states the stack's first layer takes (:meth:`enter`) and its
-    layers returned (:meth:`note`, :meth:`layer_output`; a call on
-    the whole sequence notes none): the same tensor objects, so a tensor made from them (a pooled
+    rank). The chunks are the hidden states the stack's layers take (:meth:`enter`: the first layer's
+    split, or each layer's input where the sequence is split before the stack) and return
+    (:meth:`note`, :meth:`layer_output`; a call on the whole sequence notes none): the same tensor objects, so a tensor made from them (a pooled
     ``h[:, -1:]`` as long as a chunk) is not one. Where a layer ran compiled (no tensor identity
     there), every floating output of the hidden states' number of dims, a hidden width and a chunk's
     length is taken for one. Nothing is gathered unless the module returns a chunk.
@@ -282,7 +282,7 @@ class StackOutputs(ModuleHooks):
 
     def __init__(self, group: ProcessGroup, in_features: Iterable[int], ndim: int = 3) -> None:
         self.group, self.in_features, self.ndim = group, frozenset(int(i) for i in in_features), ndim
-        self.chunk: int | None = None  # set where the stack's first layer takes a chunk (enter)
+        self.chunk: int | None = None  # this call's chunk length (enter)
         self._chunks: dict[int, weakref.ref] = {}  # id -> the chunks noted in this call
         self._traced = False  # a chunk was made in compiled code: read by shape
         self.rows: int | None = None  # the chunk's tokens, B*T/p: a router's outputs' rows

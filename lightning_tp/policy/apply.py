@@ -172,9 +172,7 @@ def apply_plan(
         _gather_stack_outputs(model, plan, ctx.stack, ctx.stack_outputs)
     elif ctx.entries and (stack := _megatron_stack(model, plan)) is not None:  # split at the embeddings
         outputs = StackOutputs(ctx.group, _hidden_widths(model, plan, ctx.entries))
-        for layer in model.get_submodule(stack).children():  # (before a whole-sequence layer's gather)
-            layer.register_forward_pre_hook(outputs.layer_input, with_kwargs=True, prepend=True)
-        _gather_stack_outputs(model, plan, stack, outputs)
+        _gather_stack_outputs(model, plan, stack, outputs, read_inputs=True)
     _reset_sequence_decisions(model, ctx.entries)
     if rng_tracker is not None:
         if plan.tp_size > 1:  # a group of one holds every head and unit: its draws need no stream of their own
@@ -219,17 +217,22 @@ def _split_regions(model: nn.Module, plan: Plan, tracker: RNGTracker, aliases: d
 _FAST_PATH_MODULES = (nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.MultiheadAttention)
 
 
-def _gather_stack_outputs(model: nn.Module, plan: Plan, stack: str, outputs: StackOutputs) -> None:
+def _gather_stack_outputs(
+    model: nn.Module, plan: Plan, stack: str, outputs: StackOutputs, read_inputs: bool = False
+) -> None:
     """Under sequence parallelism: the module that calls the layer stack ``stack`` (modules without a
     forward of their own looked through: containers, a namespace holding the layers, call nothing)
     gathers the chunks it returns from inside it (``outputs``,
-    :class:`~lightning_tp.engine.sequence.StackOutputs`): each layer's outputs and the routers'."""
+    :class:`~lightning_tp.engine.sequence.StackOutputs`): each layer's outputs and the routers'. With
+    ``read_inputs`` (the sequence split before the stack) each layer's input tells it the chunk."""
     caller = stack.rpartition(".")[0]
     while caller and type(model.get_submodule(caller)).forward is nn.Module.forward:
         caller = caller.rpartition(".")[0]
     outputs.attach(model.get_submodule(caller))
-    for layer in model.get_submodule(stack).children():  # (after the last layer's gather: whole there)
-        layer.register_forward_hook(outputs.layer_output)
+    for layer in model.get_submodule(stack).children():
+        if read_inputs:  # (first: before a whole-sequence layer's own gather)
+            layer.register_forward_pre_hook(outputs.layer_input, with_kwargs=True, prepend=True)
+        layer.register_forward_hook(outputs.layer_output)  # (after the last layer's gather: whole there)
     _hook_routers(model, plan, stack, outputs)
 
 
@@ -245,11 +248,8 @@ def _hidden_widths(model: nn.Module, plan: Plan, entries: list[str]) -> set[int]
     widths = {
         int(w) for row in plan.modules for w in row.options.get("in_features", ()) if row.style.startswith("sequence")
     }
-    return widths | {
-        model.get_submodule(name).embedding_dim
-        for name in entries
-        if hasattr(model.get_submodule(name), "embedding_dim")
-    }
+    embeddings = (model.get_submodule(name) for name in entries)
+    return widths | {w for e in embeddings if isinstance(w := getattr(e, "embedding_dim", None), int)}
 
 
 def _hook_routers(model: nn.Module, plan: Plan, stack: str, outputs: StackOutputs) -> None:
