@@ -492,6 +492,23 @@ def gpt_oss(**overrides) -> nn.Module:
     return model
 
 
+def _granite_swa():
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import AutoModelForCausalLM
+
+    config = CONFIG_MAPPING["granite_swa"](
+        vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=L, num_attention_heads=8,
+        num_key_value_heads=4, max_position_embeddings=64, sliding_window=5, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, tie_word_embeddings=False, embedding_multiplier=2.0, attention_multiplier=0.2,
+        residual_multiplier=0.5, logits_scaling=4.0, attention_dropout=0.0, **COMMON,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # sinks start at zero: made distinct per head, so a wrong split shows
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_()
+    return model  # (per-head attention sinks: tp_plan "self_attn.sinks": colwise, "self_attn": local_params)
+
+
 BUILDERS = {
     "llama": _llama,
     "mistral": _mistral,
@@ -521,6 +538,7 @@ BUILDERS = {
     "deepseek_v2": _deepseek_v2,
     "gemma4": _gemma4,
     "gpt_oss": gpt_oss,
+    "granite_swa": _granite_swa,
 }
 # The policy each architecture is rewritten with in the tests ("auto" unless named): GPT-OSS's tp_plan
 # splits only the token embedding; the name rules split its attention and experts. GPT-NeoX under the

@@ -24,6 +24,7 @@ from lightning_tp.policy import (
     register_policy,
     translate_hf_plan,
 )
+from lightning_tp.policy.rules import Rule
 
 HAS_HF = importlib.util.find_spec("transformers") is not None
 hf = pytest.mark.skipif(not HAS_HF, reason="transformers (extra 'hf') not installed")
@@ -244,6 +245,37 @@ def test_hf_plan_translation():
         PolicyError, match=r"'layers.\*.zero_experts': style 'moe_identity_expert' has no module-rewrite"
     ):
         translate_hf_plan({"layers.*.zero_experts": "moe_identity_expert"})
+
+
+class _LocalParamsBlock(nn.Module):
+    def __init__(self, sinks: bool):
+        super().__init__()
+        self.q_proj, self.o_proj = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.sinks = nn.Parameter(torch.randn(4)) if sinks else None
+        self.scale = nn.Parameter(torch.ones(4, 2))  # no plan entry: whole
+
+
+def test_hf_local_params_split_each_module_own_parameters_as_its_entries_shard_them():
+    """Hugging Face's ``local_params`` on a block (Granite-SWA, MiMo-V2-Flash, Beam): the block's own
+    parameters that have plan entries are split as those shard them (``colwise``: ``Shard(ndim - 2)``),
+    read per module (MiMo's sinks exist on its sliding-window layers only), and their entries are not
+    module rules; a parameter style with no equivalent is refused by name."""
+    model = nn.Module()
+    model.layers = nn.ModuleList([_LocalParamsBlock(True), _LocalParamsBlock(False)])
+    plan = {
+        "layers.*.q_proj": "colwise", "layers.*.o_proj": "rowwise", "layers.*.sinks": "colwise",
+        "layers.*": "local_params",
+    }  # fmt: skip
+    rules = translate_hf_plan(plan, model)
+    assert rules == {
+        "layers.*.q_proj": Rule("column"), "layers.*.o_proj": Rule("row"),
+        "layers.0": Rule("head_params", {"params": {"sinks": 0}}),
+    }  # fmt: skip
+    assert translate_hf_plan({**plan, "layers.*.scale": "rowwise"}, model)["layers.0"].options == {
+        "params": {"sinks": 0, "scale": 1}
+    }
+    with pytest.raises(PolicyError, match=r"'layers.\*.sinks'.*'embedding_rowwise'.*'layers.0'.*'head_params'"):
+        translate_hf_plan({**plan, "layers.*.sinks": "embedding_rowwise"}, model)
 
 
 def test_style_on_wrong_module_type():

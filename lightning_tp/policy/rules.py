@@ -6,6 +6,7 @@ Face ``tp_plan`` translation and the built-in ``auto`` rules for common transfor
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -276,13 +277,53 @@ _HF_EXPERT_SPLITS = {
 }
 
 
-def translate_hf_plan(plan: Mapping[str, str]) -> dict[str, Rule]:
+def _local_params(model: nn.Module | None, owners: list[str], plan: Mapping[str, str]) -> dict[str, dict[str, Rule]]:
+    """The modules of each ``local_params`` pattern (attention blocks holding bare parameters with no
+    forward to hook: sinks, per-head gate biases), by pattern: module name -> a ``head_params`` rule
+    that splits its own parameters as their plan entries shard them (``colwise``: ``Shard(ndim - 2)``,
+    dim 0 of a vector; ``rowwise``: the last dim, a ``bias`` whole; ``replicate``: whole). Read on each
+    module, so a layer without the parameter (sinks on sliding-window layers only) gets no rule."""
+    out: dict[str, dict[str, Rule]] = {o: {} for o in owners}
+    for name, module in model.named_modules() if model is not None and owners else ():
+        owner = next((o for o in owners if fnmatch.fnmatchcase(name, o)), None)
+        if owner is None:
+            continue
+        split = {}
+        for leaf, param in module.named_parameters(recurse=False):
+            hf_style, ndim = plan.get(f"{owner}.{leaf}"), param.dim()
+            if hf_style in ("colwise", "local_colwise"):
+                split[leaf] = max(ndim - 2, 0)
+            elif hf_style in ("rowwise", "local_rowwise") and leaf != "bias":
+                split[leaf] = ndim - 1
+            elif hf_style not in (None, "rowwise", "local_rowwise", "replicate", "replicated_with_grad_allreduce"):
+                raise PolicyError(
+                    f"Hugging Face tp_plan entry {owner + '.' + leaf!r}: style {hf_style!r} on a parameter of the "
+                    f"'local_params' module {name!r} has no equivalent in lightning_tp (its own parameters take "
+                    f"colwise, rowwise or replicate). Pass an explicit policy dict that maps {owner!r} to "
+                    "'head_params' with params={<name>: <dim of its heads>}, with the rest of the plan as "
+                    "column/row/vocab entries."
+                )
+        if split:  # else its parameters stay whole (and per-head ones are found as for any attention block)
+            out[owner][name] = Rule("head_params", {"params": split})
+    return out
+
+
+def translate_hf_plan(plan: Mapping[str, str], model: nn.Module | None = None) -> dict[str, Rule]:
     """Translate a Hugging Face ``tp_plan`` into our rules (an LM head's gathered column -> vocab; a
-    ``moe_tp_experts`` module and the entries of its parameters -> one ``experts`` rule)."""
+    ``moe_tp_experts`` module and the entries of its parameters -> one ``experts`` rule; a ``local_params``
+    module and the entries of its own parameters, read on ``model``, -> a ``head_params`` rule per module
+    that splits them as the plan shards them: attention sinks with the heads)."""
     experts = {p: {} for p, style in plan.items() if style == "moe_tp_experts"}
+    local = _local_params(model, [p for p, style in plan.items() if style == "local_params"], plan)
+    params = [n for n, _ in model.named_parameters()] if model is not None and local else []
     rules: dict[str, Rule] = {}
     for pattern, hf_style in plan.items():
         owner, _, leaf = pattern.rpartition(".")
+        if owner in local and any(fnmatch.fnmatchcase(n, pattern) for n in params):
+            continue  # a parameter of a local_params module: in its module's rule
+        if hf_style == "local_params":
+            rules.update(local[pattern])  # by module name, in the pattern's place
+            continue
         if owner in experts:
             if hf_style not in _HF_EXPERT_SPLITS:
                 raise PolicyError(
@@ -311,6 +352,10 @@ def translate_hf_plan(plan: Mapping[str, str]) -> dict[str, Rule]:
 
 _AUTO_QKV = {"c_attn", "qkv", "wqkv", "qkv_proj", "to_qkv", "query_key_value"}
 _AUTO_PACKED = {"gate_up_proj"}
+# the attention's input projections by name (lowercased leaf names): fused q/k/v and q, k, v alone
+ATTENTION_INPUT_NAMES = frozenset(_AUTO_QKV) | {
+    "q_proj", "k_proj", "v_proj", "query", "key", "value", "wq", "wk", "wv", "to_q", "to_k", "to_v",
+}  # fmt: skip
 _AUTO_COLUMN = {
     "q_proj", "k_proj", "v_proj", "q", "k", "v", "query", "key", "value", "wq", "wk", "wv",
     "to_q", "to_k", "to_v", "fc", "c_fc", "fc1", "fc_in", "up_proj", "gate_proj", "w1", "w3",
@@ -468,7 +513,7 @@ def resolve_rules(model: nn.Module, policy: str | Mapping[str, Any] | None) -> t
     if policy is None or policy == "auto":
         plan = hf_plan(model)
         if plan:
-            return "huggingface tp_plan", translate_hf_plan(plan)
+            return "huggingface tp_plan", translate_hf_plan(plan, model)
         return "auto", auto_rules(model)
     if policy == "names":  # the name rules, also for a model that has a Hugging Face plan
         return NAMES_SOURCE, auto_rules(model)

@@ -1,0 +1,184 @@
+"""Every causal-LM architecture the installed transformers registers, under policy="auto", against its
+dense copy (float64): ``python tests/scripts/hf_sweep.py [--tp 2] [--sp] [--no-float32] [--policy names] [arch ...]``.
+
+Each architecture is built from its default config shrunk to a tiny model (2 layers, hidden 64, 8 heads,
+4 key/value heads, 4 experts; every dropout and router jitter 0; eager attention and experts), then
+rewritten at ``--tp`` and compared as ``tests/test_hf_models.py`` does (logits, every gradient, the
+``labels=`` loss, a mixture of experts' load-balancing loss; with ``--sp`` also a no-grad forward of an
+odd length). Outcomes: ``exact``, ``refused`` (a lightning_tp-typed error naming the module), ``wrong``
+(a silent difference: a defect), ``error`` (an untyped exception: a defect), ``skip`` (the tiny config
+does not build or run dense: composite, audio or vision configs, layouts the shrinking breaks).
+
+Many models compute parts in float32 inside a float64 model (norms, routers, rotary): their differences
+are float32 rounding, ~1e-7. ``--no-float32`` makes ``Tensor.float()``, ``.to(torch.float32)``,
+``.type(torch.float32)`` and softmax's ``dtype=torch.float32`` keep float64 on every rank and in the
+dense model, so those models must be exact too. Not part of the suite (about 15 minutes on 2 cores);
+the architectures that matter most are tests in ``tests/test_hf_models.py``. Exit status 1 when any
+architecture is ``wrong`` or ``error``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1])]  # tests/: _dist, test_hf_models
+
+import _dist  # noqa: E402
+
+SHRINK = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=8, max_position_embeddings=64, n_embd=64, n_head=8, n_layer=2,
+    n_positions=64, d_model=64, num_layers=2, num_heads=8, ffn_hidden_size=128, n_inner=128,
+    num_local_experts=4, num_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+    shared_expert_intermediate_size=32, n_shared_experts=1, n_group=1, topk_group=1, first_k_dense_replace=1,
+    kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, rotary_dim=4,
+    sliding_window=6, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, use_cache=False,
+    tie_word_embeddings=False, encoder_layers=2, decoder_layers=2, encoder_attention_heads=8,
+    decoder_attention_heads=8, encoder_ffn_dim=128, decoder_ffn_dim=128, num_decoder_layers=2, d_ff=128, d_kv=8,
+)  # fmt: skip
+SLOW = {"blt", "phi4_multimodal"}  # their default sub-configs build multi-GB models
+# retried without these when the shrunk config does not build or run: a layout it contradicts
+RETRY_WITHOUT = ((), ("head_dim",), ("head_dim", "layer_types"), ("head_dim", "layer_types", "num_key_value_heads"))
+
+
+def _from_config(config):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_config(config, attn_implementation="eager", experts_implementation="eager")
+    except TypeError:  # a model without the experts option
+        return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+
+
+def build(arch: str, seed: int = 0) -> torch.nn.Module:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[arch]
+    base = cls()
+    if not hasattr(base, "hidden_size") and any(hasattr(base, k) for k in ("text_config", "vision_config")):
+        raise RuntimeError("a composite config")
+    kw = {k: v for k, v in SHRINK.items() if hasattr(base, k)}
+    for k, v in vars(base).items():  # every dropout and jitter off: the dense and the split model draw differently
+        if type(v) is float and any(w in k for w in ("dropout", "jitter", "pdrop", "_drop")):
+            kw[k] = 0.0
+    if getattr(base, "layer_types", None):
+        kw["layer_types"] = (list(base.layer_types) * 2)[:2]
+    if hasattr(base, "kv_lora_rank"):  # multi-head latent attention: a key/value head per query head
+        kw["num_key_value_heads"] = kw["num_attention_heads"]
+        kw.pop("head_dim", None)
+    error = None
+    for drop in RETRY_WITHOUT:
+        try:
+            config = cls(**{k: v for k, v in kw.items() if k not in drop})
+            torch.manual_seed(seed)
+            model = _from_config(config).to(torch.float64)
+            with torch.no_grad():
+                model(input_ids=torch.randint(3, 100, (2, 12)))
+            torch.manual_seed(seed)  # the same weights on every rank
+            return _from_config(config).to(torch.float64).train()
+        except Exception as exc:  # noqa: BLE001 - the next, smaller set of overrides
+            error = exc
+    raise error
+
+
+def keep_float64() -> None:
+    """float32 casts of float64 tensors keep float64 (see the module doc)."""
+    import torch.nn.functional as F
+
+    to, typ, softmax, t_softmax = torch.Tensor.to, torch.Tensor.type, F.softmax, torch.softmax
+
+    def f64(x, dtype):
+        return torch.float64 if dtype is torch.float32 and x.dtype == torch.float64 else dtype
+
+    def _to(self, *args, **kwargs):
+        if self.dtype == torch.float64:
+            args = tuple(torch.float64 if a is torch.float32 else a for a in args)
+            kwargs = {k: f64(self, v) if k == "dtype" else v for k, v in kwargs.items()}
+        return to(self, *args, **kwargs)
+
+    def _type(self, dtype=None, *args, **kwargs):
+        return typ(self) if dtype is None else typ(self, f64(self, dtype), *args, **kwargs)
+
+    torch.Tensor.to, torch.Tensor.type = _to, _type
+    torch.Tensor.float = lambda self, *a, **k: self if self.dtype == torch.float64 else to(self, torch.float32)
+    F.softmax = lambda x, dim=None, _stacklevel=3, dtype=None: softmax(x, dim=dim, dtype=f64(x, dtype))
+    torch.softmax = lambda x, dim, dtype=None: t_softmax(x, dim, dtype=f64(x, dtype))
+
+
+def _case(arch: str, tp: int, sequence_parallel: bool) -> dict:
+    import test_hf_models as T
+
+    mesh = _dist.mesh(tp)
+    try:
+        dense = build(arch)
+        vocab = min(dense.config.vocab_size, 128)
+        kwargs = {"input_ids": torch.randint(3, vocab, (2, 12), generator=torch.Generator().manual_seed(0))}
+        tgt = torch.randint(3, vocab, (2, 12), generator=torch.Generator().manual_seed(1))
+    except Exception as exc:  # noqa: BLE001 - reported
+        return {"status": "skip", "message": f"{type(exc).__name__}: {str(exc)[:160]}"}
+    try:
+        return T._exactness(arch, dense, mesh, kwargs, tgt, sequence_parallel)
+    except Exception as exc:  # noqa: BLE001 - reported
+        return {"status": "error", **T._error_info(exc), "traceback": traceback.format_exc()[-2000:]}
+
+
+def _run(archs: list[str], tp: int, sequence_parallel: bool, no_float32: bool, policy: str) -> dict[str, dict]:
+    import hf_zoo
+
+    warnings.simplefilter("ignore")
+    hf_zoo.POLICY.update(dict.fromkeys(archs, policy))  # the policy _exactness rewrites each with
+    if no_float32:
+        keep_float64()
+    return {arch: _case(arch, tp, sequence_parallel) for arch in archs}
+
+
+def _line(arch: str, res: dict) -> str:
+    status = res["status"]
+    if status in ("exact", "wrong"):
+        what = "" if status == "exact" else f"{res['what']}: {res['detail']}; "
+        return (
+            f"{arch:28s} {status:8s} {what}logits {res['logit_err']:.1e}, grads {res.get('grad_err', float('nan')):.1e}"
+        )
+    return f"{arch:28s} {status:8s} {res.get('type', '')} {res['message'][:200]}".replace("\n", " ")
+
+
+def main() -> int:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("archs", nargs="*", help="model types (default: every causal LM registered)")
+    parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--sp", action="store_true", help="sequence_parallel=True")
+    parser.add_argument("--no-float32", action="store_true", help="float32 casts keep float64 (see above)")
+    parser.add_argument("--policy", default="auto", help="'auto' (default) or 'names'")
+    args = parser.parse_args()
+    archs = args.archs or sorted(a for a in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if a not in SLOW)
+    os.environ.setdefault("WANDB_MODE", "offline")
+    results: dict[str, dict] = {}
+    for i in range(0, len(archs), 6):  # a few per world call: one that hangs or dies costs its batch only
+        batch = archs[i : i + 6]
+        try:
+            results.update(
+                _dist.run(args.tp, _run, batch, args.tp, args.sp, args.no_float32, args.policy, timeout=600)[0]
+            )
+        except BaseException as exc:  # noqa: BLE001 - reported per architecture
+            results.update({a: {"status": "error", "type": type(exc).__name__, "message": str(exc)} for a in batch})
+        for arch in batch:
+            print(_line(arch, results[arch]), flush=True)
+    _dist.close_all()
+    counts = {
+        s: sum(r["status"] == s for r in results.values()) for s in ("exact", "refused", "wrong", "error", "skip")
+    }
+    print(counts)
+    return int(counts["wrong"] > 0 or counts["error"] > 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
