@@ -13,7 +13,7 @@ from lightning_tp import ShardingError, gather_logits
 from lightning_tp.engine.sequence import SequenceShardedEmbedding
 from lightning_tp.engine.sharding import has_partial_grad, shard_spec
 from lightning_tp.lightning.precision import all_reduce_partial_grads
-from lightning_tp.policy import PolicyError, apply_policy, plan_policy
+from lightning_tp.policy import PolicyError, apply_policy, hf_plan, plan_policy, translate_hf_plan
 from lightning_tp.policy.verify import PolicyMismatchError
 
 HAS_HF = importlib.util.find_spec("transformers") is not None
@@ -630,6 +630,16 @@ def test_a_policy_that_splits_no_layer_is_refused_under_sequence_parallelism():
 
         with pytest.raises(PolicyError, match=r"policy \(huggingface tp_plan\) splits no layer.*policy='names'"):
             plan_policy(hf_zoo.build("gpt_oss"), 2, "auto", sequence_parallel=True)
+        # experts alone (Hugging Face's HunYuan-MoE, PhiMoE and GraniteMoE plans split nothing else): they
+        # gather their tokens, but the attention would run whole on a chunk (before: verify's output check
+        # caught it; with verify=False the model trained on per-chunk attention)
+        mixtral = hf_zoo.build("mixtral")
+        experts = translate_hf_plan({k: v for k, v in hf_plan(mixtral).items() if ".experts" in k})
+        policy = {"lm_head": "vocab", "model.embed_tokens": "vocab"}
+        policy.update({p: {"style": r.style, **r.options} for p, r in experts.items()})
+        with pytest.raises(PolicyError, match=r"splits only the experts \(\['model.layers.0.mlp.experts'.*attention's"):
+            plan_policy(mixtral, 2, policy, sequence_parallel=True)
+        plan_policy(mixtral, 2, policy)  # without sequence parallelism the plan stands
 
 
 class _PositionsFromEmbeddings(torch.nn.Module):
@@ -719,6 +729,41 @@ def test_sequence_parallel_keeps_no_full_sequence_hidden_state_for_backward(name
         assert hidden_states(dense_shapes, full)
         assert not hidden_states(sp_shapes, full), sp_shapes
         assert hidden_states(sp_shapes, shard)
+
+
+class _FlatMLP(models.SwiGLU):
+    """An MLP that views its input with its tokens flattened (as Hugging Face's mixtures of experts do,
+    ``hidden_states.view(-1, hidden_dim)``, before routing): ``view`` needs the input contiguous."""
+
+    def forward(self, x):
+        tokens = x.view(-1, x.shape[-1])
+        return super().forward(tokens.view(x.shape))
+
+
+def _check_flattening_block():
+    m = _dist.mesh(2)
+    torch.manual_seed(0)
+    dense = models.RopeGPT().double()  # layers that take the rotary tables: each block gathers its input
+    for block in dense.blocks:
+        flat = _FlatMLP(32, 64).double()
+        flat.load_state_dict(block.mlp.state_dict())
+        block.mlp = flat
+    model = copy.deepcopy(dense)
+    apply_policy(model, m.tp_group, "auto", sequence_parallel=True)  # verify=True: the same outputs and grads
+    ids = torch.randint(0, 30, (3, 12), generator=torch.Generator().manual_seed(1))
+    logits = gather_logits(model(ids))
+    torch.testing.assert_close(logits, dense(ids), **TOL)
+    logits.square().mean().backward()
+    dense(ids).square().mean().backward()
+    _assert_grads_match_dense(model, dense, m)
+    return True
+
+
+def test_a_block_that_views_its_gathered_input_runs_under_sequence_parallelism():
+    """The sequence gathered at a block's input (batch-first, gathered on dim 1) is contiguous, as the dense
+    model's activations are: a block that ``view``s it runs (before: "view size is not compatible with
+    input tensor's size and stride", so Hugging Face's HunYuan-MoE, Jamba and AFMoE were refused)."""
+    assert all(_dist.run(2, _check_flattening_block))
 
 
 class _Scaled(torch.nn.Module):

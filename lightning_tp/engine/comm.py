@@ -479,7 +479,10 @@ def _apply_collective(
         return function.apply(x, group, dim, *args)
     if dim == 0:
         return function.apply(x, group, 0, *args)
-    return function.apply(x.movedim(dim, 0), group, 0, *args).movedim(0, dim)
+    # contiguous in the input's layout, as the dense model's tensor is: a module that view()s it (a mixture of
+    # experts' `hidden_states.view(-1, hidden)`) runs, and a consumer that needs it contiguous (a linear layer
+    # on 3-D input, a norm) finds it so rather than copying it itself
+    return function.apply(x.movedim(dim, 0), group, 0, *args).movedim(0, dim).contiguous()
 
 
 def _own_chunk(x: Tensor, group: ProcessGroup, dim: int) -> Tensor:

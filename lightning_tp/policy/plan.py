@@ -26,6 +26,7 @@ from lightning_tp.engine.sharding import ShardSpec, has_partial_grad_mark
 from lightning_tp.errors import ShardingError
 from lightning_tp.policy.report import plan_table, render_plan
 from lightning_tp.policy.rules import (
+    ATTENTION_INPUT_NAMES,
     HEAD_ATTRS,
     HEAD_DIM_ATTRS,
     HEAD_INPUTS,
@@ -447,19 +448,36 @@ def _check_sequence_parallel(
     split: StackSplit | None = None,
     source: str = "",
 ) -> None:
-    splits_layers = owners or any(not _inside(b, owners) for b in _column_blocks(entries))
-    if not splits_layers and not any(e.style == "experts" for e in entries):  # (experts gather their tokens)
-        hint = (
-            " The model's own Hugging Face plan splits no layer of it: policy='names' uses lightning_tp's name "
-            "rules instead."
-            if source.startswith("huggingface")
-            else ""
-        )
-        raise PolicyError(
-            f"sequence_parallel=True, but the policy ({source}) splits no layer of the model into column and row "
-            "layers (no attention or MLP block gathers the sequence): every layer would run whole on 1/TP of the "
-            f"sequence and compute another function. Split the layers, or use sequence_parallel=False.{hint}"
-        )
+    if not any(not _inside(b, owners) for b in _column_blocks(entries)):
+        # experts gather their tokens (and a mixture of block experts runs on the whole sequence), but nothing else
+        # does: an attention left whole would run on this rank's chunk of the sequence (found by its projections'
+        # names; a model of experts alone, position-wise, fits)
+        experts = sorted(owners) + [e.name for e in entries if e.style == "experts" and not _inside(e.name, owners)]
+        split_names = {e.name for e in entries if e.splits}
+        attention = [
+            n
+            for n, m in modules.items()
+            if n.rpartition(".")[2].lower() in ATTENTION_INPUT_NAMES
+            and as_linear(m) is not None
+            and n not in split_names
+            and not _inside(n, owners)
+            and (split is None or split.inside(n))
+        ]
+        if not experts or attention:
+            what = f"only the experts ({_few(experts)})" if experts else "no layer"
+            whole = f" (the attention's {_few(attention)})" if experts else ""
+            hint = (
+                f" The model's own Hugging Face plan splits {'only its experts' if experts else 'no layer of it'}: "
+                "policy='names' uses lightning_tp's name rules instead."
+                if source.startswith("huggingface")
+                else ""
+            )
+            raise PolicyError(
+                f"sequence_parallel=True, but the policy ({source}) splits {what} of the model into column and row "
+                "layers (no attention or MLP block gathers the sequence): every other layer would run whole on 1/TP "
+                f"of the sequence{whole} and compute another function. Split the layers, or use "
+                f"sequence_parallel=False.{hint}"
+            )
     root = _split_root({e.name: e for e in entries})
     for entry in entries:
         if _inside(entry.name, owners) or (split is not None and not split.inside(entry.name)):
@@ -483,6 +501,10 @@ def _check_sequence_parallel(
             "column layer with gather_output): otherwise the output stays sequence-sharded. Add the head to the "
             "policy as 'vocab', or use sequence_parallel=False."
         )
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    return str(names[:n])[:-1] + (", ...]" if len(names) > n else "]")
 
 
 def _check_experts_placement(
