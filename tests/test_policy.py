@@ -276,6 +276,12 @@ def test_hf_local_params_split_each_module_own_parameters_as_its_entries_shard_t
     }
     with pytest.raises(PolicyError, match=r"'layers.\*.sinks'.*'embedding_rowwise'.*'layers.0'.*'head_params'"):
         translate_hf_plan({**plan, "layers.*.sinks": "embedding_rowwise"}, model)
+    with pytest.raises(PolicyError, match=r"'layers.\*.scale'.*'replicated_with_grad_allreduce'"):  # partial: unsummed
+        translate_hf_plan({**plan, "layers.*.scale": "replicated_with_grad_allreduce"}, model)
+    with pytest.raises(PolicyError, match=r"\['layers.\*'\]: style 'local_params' is read on the model"):
+        translate_hf_plan(plan)
+    model.layers[1].sinks = nn.Linear(16, 16)  # a child module of that name in another layer keeps its own entry
+    assert translate_hf_plan(plan, model)["layers.*.sinks"] == Rule("column")
 
 
 def test_style_on_wrong_module_type():

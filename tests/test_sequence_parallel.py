@@ -640,6 +640,8 @@ def test_a_policy_that_splits_no_layer_is_refused_under_sequence_parallelism():
         with pytest.raises(PolicyError, match=r"splits only the experts \(\['model.layers.0.mlp.experts'.*attention's"):
             plan_policy(mixtral, 2, policy, sequence_parallel=True)
         plan_policy(mixtral, 2, policy)  # without sequence parallelism the plan stands
+        # the user's own entry keeping them whole stands (a position-wise layer may be named query/key/value)
+        plan_policy(mixtral, 2, {"*.self_attn.*": "replicate", **policy}, sequence_parallel=True)
 
 
 class _PositionsFromEmbeddings(torch.nn.Module):

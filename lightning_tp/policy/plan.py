@@ -453,13 +453,13 @@ def _check_sequence_parallel(
         # does: an attention left whole would run on this rank's chunk of the sequence (found by its projections'
         # names; a model of experts alone, position-wise, fits)
         experts = sorted(owners) + [e.name for e in entries if e.style == "experts" and not _inside(e.name, owners)]
-        split_names = {e.name for e in entries if e.splits}
-        attention = [
+        given = {e.name for e in entries if e.splits or (e.pattern is not None and not source.startswith("hugging"))}
+        attention = [  # left whole by the plan, not by the user's own entry (a position-wise layer so named)
             n
             for n, m in modules.items()
             if n.rpartition(".")[2].lower() in ATTENTION_INPUT_NAMES
             and as_linear(m) is not None
-            and n not in split_names
+            and n not in given
             and not _inside(n, owners)
             and (split is None or split.inside(n))
         ]
@@ -474,8 +474,8 @@ def _check_sequence_parallel(
             )
             raise PolicyError(
                 f"sequence_parallel=True, but the policy ({source}) splits {what} of the model into column and row "
-                "layers (no attention or MLP block gathers the sequence): every other layer would run whole on 1/TP "
-                f"of the sequence{whole} and compute another function. Split the layers, or use "
+                f"layers (no attention or MLP block gathers the sequence): every {'other ' if experts else ''}layer "
+                f"would run whole on 1/TP of the sequence{whole} and compute another function. Split the layers, or use "
                 f"sequence_parallel=False.{hint}"
             )
     root = _split_root({e.name: e for e in entries})

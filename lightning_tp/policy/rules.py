@@ -277,25 +277,37 @@ _HF_EXPERT_SPLITS = {
 }
 
 
-def _local_params(model: nn.Module | None, owners: list[str], plan: Mapping[str, str]) -> dict[str, dict[str, Rule]]:
+def _local_params(
+    model: nn.Module | None, owners: list[str], plan: Mapping[str, str]
+) -> tuple[dict[str, dict[str, Rule]], set[str]]:
     """The modules of each ``local_params`` pattern (attention blocks holding bare parameters with no
     forward to hook: sinks, per-head gate biases), by pattern: module name -> a ``head_params`` rule
     that splits its own parameters as their plan entries shard them (``colwise``: ``Shard(ndim - 2)``,
-    dim 0 of a vector; ``rowwise``: the last dim, a ``bias`` whole; ``replicate``: whole). Read on each
-    module, so a layer without the parameter (sinks on sliding-window layers only) gets no rule."""
+    dim 0 of a vector; ``rowwise``: the last dim, a ``bias`` whole; ``replicate``: whole), and the full
+    names of the parameters those entries named. Read on each module, so a layer without the parameter
+    (sinks on sliding-window layers only) gets no rule."""
     out: dict[str, dict[str, Rule]] = {o: {} for o in owners}
-    for name, module in model.named_modules() if model is not None and owners else ():
+    named: set[str] = set()
+    if owners and model is None:
+        raise PolicyError(
+            f"Hugging Face tp_plan entries {owners}: style 'local_params' is read on the model (which of the "
+            "module's own parameters the plan shards): pass the model, translate_hf_plan(plan, model)."
+        )
+    for name, module in model.named_modules() if owners else ():
         owner = next((o for o in owners if fnmatch.fnmatchcase(name, o)), None)
         if owner is None:
             continue
         split = {}
         for leaf, param in module.named_parameters(recurse=False):
             hf_style, ndim = plan.get(f"{owner}.{leaf}"), param.dim()
+            if hf_style is not None:
+                named.add(f"{name}.{leaf}" if name else leaf)
             if hf_style in ("colwise", "local_colwise"):
                 split[leaf] = max(ndim - 2, 0)
             elif hf_style in ("rowwise", "local_rowwise") and leaf != "bias":
                 split[leaf] = ndim - 1
-            elif hf_style not in (None, "rowwise", "local_rowwise", "replicate", "replicated_with_grad_allreduce"):
+            elif hf_style not in (None, "rowwise", "local_rowwise", "replicate"):
+                # (replicated_with_grad_allreduce too: its gradient, partial, would not be summed over TP)
                 raise PolicyError(
                     f"Hugging Face tp_plan entry {owner + '.' + leaf!r}: style {hf_style!r} on a parameter of the "
                     f"'local_params' module {name!r} has no equivalent in lightning_tp (its own parameters take "
@@ -305,7 +317,7 @@ def _local_params(model: nn.Module | None, owners: list[str], plan: Mapping[str,
                 )
         if split:  # else its parameters stay whole (and per-head ones are found as for any attention block)
             out[owner][name] = Rule("head_params", {"params": split})
-    return out
+    return out, named
 
 
 def translate_hf_plan(plan: Mapping[str, str], model: nn.Module | None = None) -> dict[str, Rule]:
@@ -314,13 +326,17 @@ def translate_hf_plan(plan: Mapping[str, str], model: nn.Module | None = None) -
     module and the entries of its own parameters, read on ``model``, -> a ``head_params`` rule per module
     that splits them as the plan shards them: attention sinks with the heads)."""
     experts = {p: {} for p, style in plan.items() if style == "moe_tp_experts"}
-    local = _local_params(model, [p for p, style in plan.items() if style == "local_params"], plan)
-    params = [n for n, _ in model.named_parameters()] if model is not None and local else []
+    local, params = _local_params(model, [p for p, style in plan.items() if style == "local_params"], plan)
+    modules = [n for n, _ in model.named_modules()] if params else []
     rules: dict[str, Rule] = {}
     for pattern, hf_style in plan.items():
         owner, _, leaf = pattern.rpartition(".")
-        if owner in local and any(fnmatch.fnmatchcase(n, pattern) for n in params):
-            continue  # a parameter of a local_params module: in its module's rule
+        if (
+            owner in local
+            and any(fnmatch.fnmatchcase(n, pattern) for n in params)
+            and not any(fnmatch.fnmatchcase(n, pattern) for n in modules)
+        ):
+            continue  # a parameter of a local_params module: in its module's rule (a module so named keeps it)
         if hf_style == "local_params":
             rules.update(local[pattern])  # by module name, in the pattern's place
             continue
@@ -355,6 +371,8 @@ _AUTO_PACKED = {"gate_up_proj"}
 # the attention's input projections by name (lowercased leaf names): fused q/k/v and q, k, v alone
 ATTENTION_INPUT_NAMES = frozenset(_AUTO_QKV) | {
     "q_proj", "k_proj", "v_proj", "query", "key", "value", "wq", "wk", "wv", "to_q", "to_k", "to_v",
+    "query_proj", "key_proj", "value_proj", "q_lin", "k_lin", "v_lin", "w_pack", "kv_proj",
+    "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj",  # multi-head latent attention
 }  # fmt: skip
 _AUTO_COLUMN = {
     "q_proj", "k_proj", "v_proj", "q", "k", "v", "query", "key", "value", "wq", "wk", "wv",
