@@ -251,18 +251,19 @@ class StackSequence:
 
 class StackOutputs(ModuleHooks):
     """Hooks on the module that calls the layer stack (the stack's parent; one without a forward of its
-    own, a container, is looked through) under sequence parallelism, where the stack is the sequence-sharded region (:class:`StackSequence`)
-    or inside it (Megatron's split at the embeddings: :meth:`layer_input` on each layer): hidden
-    states it returns from inside the stack (Hugging Face's ``output_hidden_states=True`` collects every
-    layer's input and output; a user's list of them) are this rank's chunk, ``(..., T/p, w)``; they
-    are all-gathered on dim -2, so the caller sees what the dense model returns (backward: this rank's
-    chunk of the gradient, which is complete: what runs on a gathered tensor runs alike on every
-    rank). The chunks are the hidden states the stack's layers take (:meth:`enter`: the first layer's
-    split, or each layer's input where the sequence is split before the stack) and return
-    (:meth:`note`, :meth:`layer_output`; a call on the whole sequence notes none): the same tensor objects, so a tensor made from them (a pooled
-    ``h[:, -1:]`` as long as a chunk) is not one. Where a layer ran compiled (no tensor identity
-    there), every floating output of the hidden states' number of dims, a hidden width and a chunk's
-    length is taken for one. Nothing is gathered unless the module returns a chunk.
+    own, a container, is looked through) under sequence parallelism, where the stack is the
+    sequence-sharded region (:class:`StackSequence`) or inside it (Megatron's split at the
+    embeddings: :meth:`layer_input` on each layer): hidden states it returns from inside the stack
+    (Hugging Face's ``output_hidden_states=True`` collects every layer's input and output; a user's
+    list of them) are this rank's chunk, ``(..., T/p, w)``; they are all-gathered on dim -2, so the
+    caller sees what the dense model returns (backward: this rank's chunk of the gradient, which is
+    complete: what runs on a gathered tensor runs alike on every rank). The chunks are the hidden
+    states the stack's layers take (:meth:`enter`: the first layer's split, or each layer's input
+    where the sequence is split before the stack) and return (:meth:`note`, :meth:`layer_output`; a
+    call on the whole sequence notes none): the same tensor objects, so a tensor made from them (a
+    pooled ``h[:, -1:]`` as long as a chunk) is not one. Where a layer ran compiled (no tensor
+    identity there), every floating output of the hidden states' number of dims, a hidden width and a
+    chunk's length is taken for one. Nothing is gathered unless the module returns a chunk.
 
     A mixture of experts' routers inside the stack (:meth:`router_output`, hooked on each) score this
     rank's tokens: their outputs (the router logits Hugging Face returns with

@@ -26,6 +26,7 @@ from lightning_tp.engine.sharding import shard_spec
 from lightning_tp.errors import DeferredInitError, ShardingError
 from lightning_tp.policy.inputs import holds_meta, make_example_input, model_device, to_device, values_for_meta
 from lightning_tp.policy.plan import Plan, PlannedModule, attach_plan, plan_policy, planned_row
+from lightning_tp.policy.report import few
 from lightning_tp.policy.rules import NAMES_SOURCE, PolicyError, PolicyWarning, Rule, routers_of
 from lightning_tp.policy.stack import layer_stack
 from lightning_tp.policy.styles import (
@@ -271,7 +272,7 @@ def _hook_routers(model: nn.Module, plan: Plan, stack: str, outputs: StackOutput
                 unhooked.append(name)
     if unhooked:
         warnings.warn(
-            f"sequence parallelism: the routers {unhooked[:3]}{' ...' if len(unhooked) > 3 else ''} are parameters of "
+            f"sequence parallelism: the routers {few(unhooked)} are parameters of "
             "the experts' layers and score this rank's tokens inside their forward: router scores the model returns "
             "from them stay this rank's rows, so a load-balancing loss computed from them would be this rank's "
             "tokens' (it would differ across TP ranks). Hold each router in a module of its own (an nn.Linear), whose "
@@ -441,8 +442,8 @@ def _warn_unread_layouts(plan: Plan) -> None:
     if not fused or plan.source not in ("auto", NAMES_SOURCE):
         return
     warnings.warn(
-        f"verify=False: {len(fused)} fused q/k/v projections ({[m.name for m in fused[:3]]}"
-        f"{' ...' if len(fused) > 3 else ''}) are split as [Q | K | V] chunks {chunk_sizes(fused[0])}, as the name "
+        f"verify=False: {len(fused)} fused q/k/v projections ({few([m.name for m in fused])}) are split as "
+        f"[Q | K | V] chunks {chunk_sizes(fused[0])}, as the name "
         "rules plan them, without reading how the forward consumes them. A model that reads them per head or per "
         "key/value group (GPT-NeoX, BLOOM, Falcon-40B, multi-head GPT-BigCode) would then compute a different "
         "function without an error: keep verify=True (it reads the layout and splits those as plain columns), or "
@@ -458,7 +459,7 @@ def warn_plan(plan: Plan) -> None:
     names = plan.names_would_split
     hint = (
         f"The Hugging Face plan leaves whole {len(names)} modules that lightning_tp's name rules would split "
-        f"({names[:4]}{' ...' if len(names) > 4 else ''}): policy='names' uses those rules instead of the plan "
+        f"({few(names, 4)}): policy='names' uses those rules instead of the plan "
         "(verify=True checks the result against the unsharded model)."
         if names
         else ""

@@ -24,7 +24,7 @@ from lightning_tp.engine.init import module_aliases
 from lightning_tp.engine.layers import check_heads
 from lightning_tp.engine.sharding import ShardSpec, has_partial_grad_mark
 from lightning_tp.errors import ShardingError
-from lightning_tp.policy.report import plan_table, render_plan
+from lightning_tp.policy.report import few, plan_table, render_plan
 from lightning_tp.policy.rules import (
     ATTENTION_INPUT_NAMES,
     HEAD_ATTRS,
@@ -464,8 +464,8 @@ def _check_sequence_parallel(
             and (split is None or split.inside(n))
         ]
         if not experts or attention:
-            what = f"only the experts ({_few(experts)})" if experts else "no layer"
-            whole = f" (the attention's {_few(attention)})" if experts else ""
+            what = f"only the experts ({few(experts)})" if experts else "no layer"
+            whole = f" (the attention's {few(attention)})" if experts else ""
             hint = (
                 f" The model's own Hugging Face plan splits {'only its experts' if experts else 'no layer of it'}: "
                 "policy='names' uses lightning_tp's name rules instead."
@@ -501,10 +501,6 @@ def _check_sequence_parallel(
             "column layer with gather_output): otherwise the output stays sequence-sharded. Add the head to the "
             "policy as 'vocab', or use sequence_parallel=False."
         )
-
-
-def _few(names: list[str], n: int = 3) -> str:
-    return str(names[:n])[:-1] + (", ...]" if len(names) > n else "]")
 
 
 def _check_experts_placement(

@@ -368,15 +368,17 @@ def translate_hf_plan(plan: Mapping[str, str], model: nn.Module | None = None) -
 
 _AUTO_QKV = {"c_attn", "qkv", "wqkv", "qkv_proj", "to_qkv", "query_key_value"}
 _AUTO_PACKED = {"gate_up_proj"}
-# the attention's input projections by name (lowercased leaf names): fused q/k/v and q, k, v alone
-ATTENTION_INPUT_NAMES = frozenset(_AUTO_QKV) | {
-    "q_proj", "k_proj", "v_proj", "query", "key", "value", "wq", "wk", "wv", "to_q", "to_k", "to_v",
+_AUTO_Q_K_V = {
+    "q_proj", "k_proj", "v_proj", "q", "k", "v", "query", "key", "value", "wq", "wk", "wv", "to_q", "to_k", "to_v",
+}  # fmt: skip
+# the attention's input projections by name (lowercased leaf names): fused q/k/v, q, k, v alone, and names
+# the column rules do not split by themselves
+ATTENTION_INPUT_NAMES = frozenset(_AUTO_QKV | _AUTO_Q_K_V) | {
     "query_proj", "key_proj", "value_proj", "q_lin", "k_lin", "v_lin", "w_pack", "kv_proj",
     "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj",  # multi-head latent attention
 }  # fmt: skip
-_AUTO_COLUMN = {
-    "q_proj", "k_proj", "v_proj", "q", "k", "v", "query", "key", "value", "wq", "wk", "wv",
-    "to_q", "to_k", "to_v", "fc", "c_fc", "fc1", "fc_in", "up_proj", "gate_proj", "w1", "w3",
+_AUTO_COLUMN = _AUTO_Q_K_V | {
+    "fc", "c_fc", "fc1", "fc_in", "up_proj", "gate_proj", "w1", "w3",
     "dense_h_to_4h", "fc_1", "fc_2",  # LitGPT's LLaMAMLP: fc_1 (gate) and fc_2 (up) feed proj
 }  # fmt: skip
 _AUTO_ROW = {
