@@ -7,6 +7,13 @@ code that catches builtins keeps working.
 
 from __future__ import annotations
 
+from typing import Any
+
+
+def few(names: list[Any], n: int = 3) -> str:
+    """The first ``n`` of ``names`` for a message, `` ...`` after them where there are more."""
+    return f"{list(names[:n])}{' ...' if len(names) > n else ''}"
+
 
 class LightningTPError(Exception):
     """Base class of every lightning_tp error."""

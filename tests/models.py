@@ -75,6 +75,40 @@ class PlainGPT(nn.Module):
         return self.lm_head(self.norm(x))
 
 
+class Router(nn.Module):
+    """A router weight without an initializer of its own: the model's ``_init_weights`` sets it when it
+    initializes the block that holds it, as Hugging Face's mixture-of-experts blocks do."""
+
+    def __init__(self, d, n_experts):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(n_experts, d))
+
+
+class RoutedMLP(nn.Module):
+    def __init__(self, d, n_experts=4):
+        super().__init__()
+        self.router = Router(d, n_experts)
+        self.up_proj = nn.Linear(d, 4 * d)
+        self.down_proj = nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        gate = torch.softmax(x @ self.router.weight.t(), dim=-1).amax(-1, keepdim=True)
+        return gate * self.down_proj(F.gelu(self.up_proj(x)))
+
+
+class RoutedGPT(PlainGPT):
+    """PlainGPT with gated MLPs whose router only the enclosing block's initializer sets."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        for layer in self.layers:
+            layer.mlp = RoutedMLP(self.embed_tokens.embedding_dim)
+
+    def _init_weights(self, module):
+        if isinstance(module, RoutedMLP):
+            nn.init.normal_(module.router.weight, std=0.5)
+
+
 class NanoAttention(nn.Module):
     """nanoGPT-style: fused c_attn split with ``self.n_embd``, ``n_head`` attribute."""
 
@@ -284,6 +318,7 @@ BUILDERS = {
     "hf_llama_tied": lambda: hf_llama(n_kv_heads=8, tied=True),
     "hf_llama_kv2": lambda: hf_llama(n_kv_heads=2),  # k/v heads split at TP 2, replicated at TP 4
     "hf_gpt2": lambda: hf_gpt2(),
+    "plain_routed": lambda: RoutedGPT(),
 }
 
 

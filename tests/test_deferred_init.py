@@ -49,7 +49,7 @@ def _deferred_weights(name: str) -> list[dict[str, torch.Tensor]]:
 
 @pytest.mark.parametrize(
     "name",
-    ["plain", "plain_tied", pytest.param("hf_llama", marks=pytest.mark.skipif(not HAS_HF, reason="hf extra")),
+    ["plain", "plain_tied", "plain_routed", pytest.param("hf_llama", marks=pytest.mark.skipif(not HAS_HF, reason="hf extra")),
      pytest.param("hf_gpt2", marks=pytest.mark.skipif(not HAS_HF, reason="hf extra"))],
 )  # fmt: skip
 def test_gathered_initial_weights_do_not_depend_on_tp(name):
@@ -66,6 +66,9 @@ def test_gathered_initial_weights_do_not_depend_on_tp(name):
     assert norms and all(torch.equal(w, torch.ones_like(w)) for w in norms)  # each module's own initializer ran
     if name == "plain_tied":
         assert torch.equal(tp1["lm_head.weight"], tp1["embed_tokens.weight"])
+    if name == "plain_routed":  # set by the initializer of the block holding it (its own module has none)
+        routers = [v for k, v in tp1.items() if k.endswith("router.weight")]
+        assert len(routers) == 2 and all(0.3 < float(r.std()) < 0.7 for r in routers)
     if name == "hf_llama":  # a buffer the constructor computes is recomputed (not left as empty memory)
         dense = models.BUILDERS[name]().double()
         inv = [k for k in dense.state_dict(keep_vars=True) if k.endswith("inv_freq")]
@@ -87,6 +90,87 @@ def test_module_without_initializer_is_named_before_anything_is_built():
     seen = []
     Materializer(model, "cpu", 0, init_fn=seen.append)  # a user hook covers it
     assert not seen  # nothing run yet: only at materialization
+
+
+class _Scaled(nn.Module):
+    """Its reset_parameters sets the weight; the constructor alone gives ``alpha`` and the computed buffer."""
+
+    def __init__(self, fill: float = 0.25):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(4, 4))
+        self.alpha = nn.Parameter(torch.full((4,), fill))
+        self.register_buffer("table", torch.arange(4.0) * fill, persistent=False)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.normal_(self.weight)
+        self.steps.zero_()
+
+
+def _materialize(model: nn.Module, **kw) -> None:
+    m = Materializer(model, "cpu", 0, **kw)
+    for name, unit, recurse in m.units():
+        m.materialize(name, unit, recurse)
+    m.finish()
+
+
+def test_a_tensor_no_initializer_sets_is_an_error_not_uninitialized_memory():
+    """Initializers that skip a tensor whose value only the constructor gives (the meta device dropped
+    it) are named, with the fix: not left as uninitialized memory."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 4), _Scaled())
+    with pytest.raises(DeferredInitError, match=r"no initializer sets _Scaled: \['1.alpha', '1.table'\]"):
+        _materialize(model)
+    with torch.device("meta"):  # with pretrained weights only the computed buffer (no file has it) is missing
+        model = nn.Sequential(nn.Linear(4, 4), _Scaled())
+    with pytest.raises(DeferredInitError, match=r"_Scaled: \['1.table'\] .*buffers left out of the state dict"):
+        _materialize(model, initialize=False)
+
+    def hook(module):  # the user's init_weights covers them
+        if isinstance(module, _Scaled):
+            module.alpha.data.fill_(0.25)
+            module.table.copy_(torch.arange(4.0) * 0.25)
+
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 4), _Scaled())
+    _materialize(model, init_fn=hook)
+    eager = _Scaled()
+    assert torch.equal(model[1].alpha, eager.alpha) and torch.equal(model[1].table, eager.table)
+    assert int(model[1].steps) == 0 and torch.isfinite(model[1].weight).all()
+
+
+@pytest.mark.skipif(not HAS_HF, reason="hf extra")
+def test_hugging_face_initializers_of_enclosing_models_and_their_gaps():
+    """Falcon-H1's base model writes every layer's mup_vector (a computed buffer) in its _init_weights,
+    outside any layer: run as Hugging Face initializes missing weights, it is the eager value, with and
+    without pretrained weights, and nothing else changes. Apertus's xIELU constants (constructor only)
+    are a DeferredInitError naming them."""
+    import hf_zoo
+    import transformers
+
+    config = transformers.FalconH1Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8,
+        mamba_chunk_size=8, mamba_n_groups=1, max_position_embeddings=64, ssm_multipliers=[0.5, 2.0, 0.25, 3.0, 1.5],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    eager = transformers.FalconH1ForCausalLM(config)
+    mup = {k: v for k, v in eager.named_buffers() if k.endswith("mup_vector")}
+    assert len(mup) == 2 and all(not torch.equal(v, torch.ones_like(v)) for v in mup.values())
+    for initialize in (True, False):
+        with torch.device("meta"):
+            model = transformers.FalconH1ForCausalLM(config)
+        _materialize(model, initialize=initialize)
+        buffers = dict(model.named_buffers())
+        assert all(torch.equal(buffers[k], v) for k, v in mup.items())
+        if initialize:
+            assert all(torch.isfinite(p).all() for p in model.parameters())
+        assert not any(getattr(t, "_is_hf_initialized", False) for t in (*model.parameters(), *model.buffers()))
+    with torch.device("meta"):
+        model = hf_zoo.BUILDERS["apertus"]()
+    with pytest.raises(DeferredInitError, match=r"no initializer sets XIELUActivation: \['model.layers.0.mlp.act_fn"):
+        _materialize(model)
 
 
 class _MetaLit(lit.LitGPT):

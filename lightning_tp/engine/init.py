@@ -10,16 +10,26 @@ values, and therefore the gathered weights, do not depend on the TP size (nor on
 which order units are done). A tied parameter is materialized and initialized once, by the first
 unit that holds it.
 
-A module's initializer, first that applies: the user's hook ``init_fn(module)``; the
-``_init_weights(module)`` of the nearest enclosing module that has one (a Hugging Face
-``PreTrainedModel``: also recomputes rotary ``inv_freq`` buffers); the module's own
-``reset_parameters()``. Modules holding meta tensors with none of these raise
-:class:`~lightning_tp.errors.DeferredInitError` before anything is materialized.
+A module's initializers, in the order eager construction runs them: the module's own
+``reset_parameters()``; the ``_init_weights(module)`` of the nearest enclosing module that has one
+(a Hugging Face ``PreTrainedModel``: also recomputes rotary ``inv_freq`` buffers); the user's hook
+``init_fn(module)``. Modules holding meta tensors with none of these raise
+:class:`~lightning_tp.errors.DeferredInitError` before anything is materialized. Within a layer,
+``_init_weights`` also runs for the modules that hold no tensor of their own, after their children
+(as Hugging Face's ``initialize_weights`` does: a mixture-of-experts block initializes its router's
+weight).
+
+Initializers that leave a tensor unset (a parameter whose value only its constructor gives, which the
+meta device dropped: an activation's learned constants, a bias built as zeros) would leave
+uninitialized memory. Every tensor is created filled with NaN (integers: their minimum) and a
+:class:`~lightning_tp.errors.DeferredInitError` names those still holding it once every layer is
+done (with ``initialize=False``, only the computed buffers, which no weights file has).
 """
 
 from __future__ import annotations
 
 import hashlib
+import sys
 import weakref
 from collections.abc import Callable, Iterator
 
@@ -27,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_tp.engine.random import derive_seed
-from lightning_tp.errors import DeferredInitError
+from lightning_tp.errors import DeferredInitError, few
 
 InitFn = Callable[[nn.Module], None]
 
@@ -54,8 +64,34 @@ def _own_meta(module: nn.Module) -> list[tuple[str, Tensor]]:
 
 def _computed_buffers(module: nn.Module) -> list[str]:
     """Own buffers left out of the state dict (computed by the constructor, never saved)."""
+    if not any(b is not None for _, b in module.named_buffers(recurse=False)):
+        return []
     saved = {k for k in module.state_dict(keep_vars=True) if "." not in k}
     return [n for n, b in module.named_buffers(recurse=False) if b is not None and n not in saved]
+
+
+def _fill_unset(t: Tensor) -> None:
+    """Fill a freshly created tensor with the value no initializer writes (see the module doc)."""
+    if t.is_floating_point() or t.is_complex():
+        t.fill_(float("nan"))
+    elif t.dtype != torch.bool:
+        t.fill_(torch.iinfo(t.dtype).min)
+
+
+def _unset(t: Tensor) -> bool:
+    """Whether ``t`` still holds (some of) the value :func:`_fill_unset` wrote."""
+    if t.is_floating_point() or t.is_complex():
+        return bool(torch.isnan(t).any())
+    return t.dtype != torch.bool and bool((t == torch.iinfo(t.dtype).min).any())
+
+
+_ABSENT = object()
+
+
+def _enclosing(name: str) -> list[str]:
+    """The names of the modules strictly enclosing module ``name`` (the root is ``""``)."""
+    parts = name.split(".") if name else []
+    return [".".join(parts[:i]) for i in range(len(parts))]
 
 
 def _name_seed(seed: int, name: str) -> int:
@@ -124,12 +160,14 @@ class Materializer:
     ) -> None:
         self.model, self.device, self.seed, self.init_fn = model, torch.device(device), int(seed), init_fn
         self.initialize = initialize  # False: pretrained weights follow; only computed buffers are initialized
+        self._owners: dict[str, nn.Module | None] = {}  # module name -> the nearest enclosing _init_weights
         self._initializers = self._find_initializers()
         # id(meta tensor) -> (weak refs to it and to its materialized tensor): a tie materializes once.
         # Weak both ways: a dense layer must be freed as soon as its split modules replace it (ids of
         # freed tensors are reused, hence the identity check).
         self._done: dict[int, tuple[weakref.ref, weakref.ref]] = {}
         self._holders: dict[int, list[tuple[nn.Module, str]]] = {}  # id(meta parameter) -> every holder
+        self._expected: list[tuple[str, str]] = []  # (module name, tensor name) an initializer must set
         for _, module, p_name, p in param_slots(model):
             self._holders.setdefault(id(p), []).append((module, p_name))
 
@@ -143,7 +181,10 @@ class Materializer:
         for name, module in self.model.named_modules():
             parent = owners.get(name.rpartition(".")[0]) if name else None
             owners[name] = module if callable(getattr(module, "_init_weights", None)) else parent
+            self._owners[name] = owners[name]
             if not _own_meta(module):
+                if owners[name] is not None:  # run after its children's, within a layer (see the module doc)
+                    found[name] = [owners[name]._init_weights]
                 continue
             chain: list[InitFn] = []
             if callable(getattr(module, "reset_parameters", None)):
@@ -174,19 +215,30 @@ class Materializer:
         fresh = []
         for mod_name, module in modules:
             created = False
+            computed = _computed_buffers(module)
             for t_name, t in _own_meta(module):
                 entry = self._done.get(id(t))
                 real = entry[1]() if entry is not None and entry[0]() is t else None
                 if real is None:
                     real = torch.empty_like(t, device=self.device)
+                    _fill_unset(real)
                     if isinstance(t, nn.Parameter):
                         real = nn.Parameter(real, requires_grad=t.requires_grad)
                     self._done[id(t)] = (weakref.ref(t), weakref.ref(real))
                     created = True
+                    if self.initialize or t_name in computed:
+                        self._expected.append((mod_name, t_name))
                 for holder, h_name in self._holders.pop(id(t), [(module, t_name)]):  # held no longer
                     setattr(holder, h_name, real)
-            if created and (self.initialize or _computed_buffers(module)):
+            if created and (self.initialize or computed):
                 fresh.append((mod_name, module))
+        if self.initialize and fresh:  # the layer's modules without tensors of their own that enclose fresh ones
+            inits = {n for n, _ in fresh}
+            fresh = [
+                (n, m)
+                for n, m in modules
+                if n in inits or (n in self._initializers and any(f.startswith(n + ".") for f in inits))
+            ]
         for mod_name, module in reversed(fresh):  # children before parents
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 torch.manual_seed(_name_seed(self.seed, mod_name))
@@ -202,3 +254,69 @@ class Materializer:
         left = [n for n, t in (*self.model.named_parameters(), *self.model.named_buffers()) if t.is_meta]
         if left:
             raise DeferredInitError(f"deferred init left tensors on the meta device: {left}.")
+        left_unset = self._unset()
+        if left_unset:
+            self._init_from_enclosing_models(left_unset)
+            left_unset = self._unset()
+        unset: dict[str, list[str]] = {}  # module class -> tensors no initializer set
+        for mod_name, t_name, module in left_unset:
+            unset.setdefault(type(module).__name__, []).append(f"{mod_name}.{t_name}" if mod_name else t_name)
+        if unset:
+            what = "; ".join(f"{cls}: {few(names)}" for cls, names in unset.items())
+            raise DeferredInitError(
+                f"deferred (meta-device) init: no initializer sets {what} (their values come from the constructor, "
+                "which the meta device skipped), so they would keep uninitialized memory. "
+                + (
+                    "Define init_weights(module) on the LightningModule that sets them (called for every module "
+                    "holding tensors), give the module a reset_parameters() that does, load them (pretrained=...), "
+                    "or build the model off the meta device."
+                    if self.initialize
+                    else "They are buffers left out of the state dict, so no weights file has them: give the module "
+                    "a reset_parameters() that computes them, define init_weights(module) on the LightningModule, "
+                    "or build the model off the meta device."
+                )
+            )
+
+    def _unset(self) -> list[tuple[str, str, nn.Module]]:
+        """``(module name, tensor name, module)`` of every tensor an initializer had to set and did not."""
+        found = []
+        for mod_name, t_name in self._expected:
+            try:
+                module = self.model.get_submodule(mod_name)
+            except AttributeError:  # replaced by the rewrite under another structure: its tensors were sliced
+                continue
+            t = getattr(module, t_name, None)
+            if isinstance(t, Tensor) and _unset(t):
+                found.append((mod_name, t_name, module))
+        return found
+
+    def _init_from_enclosing_models(self, unset: list[tuple[str, str, nn.Module]]) -> None:
+        """Hugging Face's initialization of missing weights, for tensors a module outside every layer
+        sets (Falcon-H1's base model writes each layer's ``mup_vector``): every other tensor is marked
+        ``_is_hf_initialized``, which Hugging Face's initializers skip, and the ``_init_weights`` of the
+        Hugging Face models enclosing the unset tensors run on their enclosing modules, innermost first."""
+        PreTrainedModel = getattr(sys.modules.get("transformers"), "PreTrainedModel", None)  # noqa: N806
+        if PreTrainedModel is None:  # transformers not imported: no Hugging Face model here
+            return
+        names = sorted({n for mod_name, _, _ in unset for n in _enclosing(mod_name)}, key=lambda n: -n.count("."))
+        owners = [(n, self._owners.get(n)) for n in names]
+        owners = [(n, o) for n, o in owners if isinstance(o, PreTrainedModel)]
+        if not owners:
+            return
+        todo = {id(getattr(m, t)) for _, t, m in unset}
+        marked = [t for t in (*self.model.parameters(), *self.model.buffers()) if id(t) not in todo]
+        before = [t.__dict__.get("_is_hf_initialized", _ABSENT) for t in marked]
+        for t in marked:
+            t._is_hf_initialized = True
+        try:
+            for name, owner in owners:
+                with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                    torch.manual_seed(_name_seed(self.seed, name))
+                    with torch.no_grad():
+                        owner._init_weights(self.model.get_submodule(name))
+        finally:
+            for t, flag in zip(marked, before, strict=True):
+                if flag is _ABSENT:
+                    del t._is_hf_initialized
+                else:
+                    t._is_hf_initialized = flag

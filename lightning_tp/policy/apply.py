@@ -23,10 +23,9 @@ from lightning_tp.engine.init import Materializer, is_deferred, module_aliases
 from lightning_tp.engine.random import RNGTracker, SplitRegion, attach_tracker
 from lightning_tp.engine.sequence import StackOutputs
 from lightning_tp.engine.sharding import shard_spec
-from lightning_tp.errors import DeferredInitError, ShardingError
+from lightning_tp.errors import DeferredInitError, ShardingError, few
 from lightning_tp.policy.inputs import holds_meta, make_example_input, model_device, to_device, values_for_meta
 from lightning_tp.policy.plan import Plan, PlannedModule, attach_plan, plan_policy, planned_row
-from lightning_tp.policy.report import few
 from lightning_tp.policy.rules import NAMES_SOURCE, PolicyError, PolicyWarning, Rule, routers_of
 from lightning_tp.policy.stack import layer_stack
 from lightning_tp.policy.styles import (

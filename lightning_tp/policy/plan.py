@@ -23,8 +23,8 @@ from lightning_tp.engine.features import forward_parameters, gathered_width
 from lightning_tp.engine.init import module_aliases
 from lightning_tp.engine.layers import check_heads
 from lightning_tp.engine.sharding import ShardSpec, has_partial_grad_mark
-from lightning_tp.errors import ShardingError
-from lightning_tp.policy.report import few, plan_table, render_plan
+from lightning_tp.errors import ShardingError, few
+from lightning_tp.policy.report import plan_table, render_plan
 from lightning_tp.policy.rules import (
     ATTENTION_INPUT_NAMES,
     HEAD_ATTRS,

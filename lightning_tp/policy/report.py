@@ -13,11 +13,6 @@ from rich.table import Table
 Plan = Any  # a lightning_tp.policy.plan.Plan
 
 
-def few(names: list[Any], n: int = 3) -> str:
-    """The first ``n`` of ``names`` for a message, `` ...`` after them where there are more."""
-    return f"{list(names[:n])}{' ...' if len(names) > n else ''}"
-
-
 def _shape(shape: tuple[int, ...]) -> str:
     return " x ".join(str(s) for s in shape) if shape else "-"
 
