@@ -135,14 +135,14 @@ def test_truncated_safetensors_is_a_clear_error(tmp_path):
         load_pretrained(_Holder(models.build("hf_llama")), tmp_path / "hf", 0)
 
 
-def _save_hf_holder(path: str, name: str):
+def _save_hf_holder(path: str, name: str, inner: bool = False):
     from lightning_tp.lightning.checkpoint import save
 
     m = _dist.mesh(2)
     model = _Holder(models.build(name))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        apply_policy(model, m.tp_group, "auto", verify=False)
+        apply_policy(model.model if inner else model, m.tp_group, "auto", verify=False)
     with torch.no_grad():  # weights that differ from any fresh construction
         for p in model.parameters():
             p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype))
@@ -152,13 +152,15 @@ def _save_hf_holder(path: str, name: str):
 
 
 @pytest.mark.skipif(not HAS_HF, reason="hf extra")
-@pytest.mark.parametrize("name", ["hf_llama_tied", "hf_gpt2"])
-def test_hf_export_loads_with_from_pretrained(name, tmp_path):
+@pytest.mark.parametrize(("name", "inner"), [("hf_llama_tied", False), ("hf_gpt2", False), ("hf_gpt2", True)])
+def test_hf_export_loads_with_from_pretrained(name, inner, tmp_path):
+    """``inner``: the policy applied to the Hugging Face model inside the saved module (its Conv1D
+    weights are still written (in, out))."""
     from transformers import AutoModelForCausalLM
 
     from lightning_tp import export
 
-    logits, ids = _dist.run(2, _save_hf_holder, str(tmp_path / "ckpt"), name)[0]
+    logits, ids = _dist.run(2, _save_hf_holder, str(tmp_path / "ckpt"), name, inner)[0]
     out = export(tmp_path / "ckpt", tmp_path / "hf", format="hf", max_shard_bytes=20_000)  # several files
     files = sorted(p.name for p in out.iterdir())
     assert "config.json" in files and "model.safetensors.index.json" in files and len(files) > 3
@@ -260,3 +262,91 @@ def test_hub_layout_of_experts_loads_sharded(tmp_path):
         for arch, (all_loaded, wrong, err, experts) in rank_result.items():
             assert all_loaded and not wrong and experts == split[arch], (arch, all_loaded, wrong, experts)
             assert err < 1e-5, (arch, err)  # float32 logits, experts summed over TP
+
+
+def _converted_model(arch: str):
+    import hf_zoo
+
+    return hf_zoo.build("apertus", seed=0) if arch == "apertus" else hf_zoo.shrunk(arch, seed=0)
+
+
+def _load_converted(paths: dict, tp: int) -> dict:
+    import hf_zoo
+
+    m = _dist.mesh(tp)
+    out = {}
+    for arch, path in paths.items():
+        dense = _converted_model(arch)  # the model saved (same seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.device("meta"):
+                model = _Holder(hf_zoo.from_config(dense.config).to(torch.float64))
+            apply_policy(
+                model, m.tp_group, "auto", verify=False, materializer=Materializer(model, "cpu", 0, initialize=False)
+            )
+        n = load_pretrained(model, path, m.tp_rank)
+        wrong = []
+        for name, p in model.named_parameters():
+            full = dense.get_parameter(name.removeprefix("model.")).detach()
+            spec = shard_spec(p)
+            if not torch.equal(p.detach(), full if spec is None else spec.shard(full, m.tp_rank)):
+                wrong.append(name)
+        ids = torch.randint(3, 60, (2, 8), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            err = float((gather_logits(model(ids)) - dense(ids).logits).abs().max())
+        out[arch] = (n, wrong, err)
+    return out
+
+
+@pytest.mark.skipif(not HAS_HF, reason="hf")
+def test_hub_conversions_that_join_or_cut_tensors_load_sharded(tmp_path):
+    """Hugging Face checkpoints whose tensors the model holds joined or cut (its conversion mapping):
+    OLMo-Hybrid's q/k/v conv1d kernels concatenated into one, HRM's fused gate/q/k/v projection
+    chunked into four, Sarvam-MoE's query_key_value split by the model's grouped-query sizes (and its
+    per-expert tensors stacked), and Apertus's learned 0-dim scalars: each rank reads its slices into a
+    meta-device model split at TP 2 and holds exactly the saved model's weights, sliced."""
+    from safetensors import safe_open
+
+    hub_keys = {"olmo_hybrid": "linear_attn.q_conv1d.weight", "hrm_text": "attn.gqkv_proj.weight",
+                "sarvam_moe": "attention.query_key_value.weight", "apertus": "act_fn.beta"}  # fmt: skip
+    paths = {}
+    for arch, key in hub_keys.items():
+        paths[arch] = str(tmp_path / arch)
+        _converted_model(arch).save_pretrained(paths[arch])
+        with safe_open(f"{paths[arch]}/model.safetensors", "pt") as f:
+            assert any(k.endswith(key) for k in f.keys()), arch  # the Hub's layout, which the model does not hold
+    for rank_result in _dist.run(2, _load_converted, paths, 2):
+        for arch, (n, wrong, err) in rank_result.items():
+            assert n > 0 and not wrong, (arch, wrong)
+            assert err < 1e-6, (
+                arch,
+                err,
+            )  # float32 inside the models (norms, routers) rounds the split run differently
+
+
+def test_joined_and_cut_views_read_the_slices_of_the_tensor_they_stand_for(tmp_path):
+    """The views a conversion builds read any slice along any dim as the joined (cut) tensor would give it."""
+    from safetensors.torch import save_file
+
+    from lightning_tp.lightning.pretrained import _Joined, _Piece, _Source
+
+    g = torch.Generator().manual_seed(0)
+    parts = {k: torch.randn(n, 6, generator=g) for k, n in (("a", 3), ("b", 5), ("c", 2))}
+    save_file(parts, str(tmp_path / "w.safetensors"))
+    src = _Source(tmp_path / "w.safetensors")
+    for dim, keys in ((0, ("a", "b", "c")), (1, ("a", "a"))):  # (along columns: parts with equal rows)
+        joined = _Joined([(src, k) for k in keys], dim)
+        full = torch.cat([parts[k] for k in keys], dim=dim)
+        assert joined.shape() == tuple(full.shape) and torch.equal(joined.read(), full)
+        for d in (0, 1):
+            for start in range(full.shape[d]):
+                for n in range(1, full.shape[d] - start + 1):
+                    assert torch.equal(joined.read(None, d, start, n), full.narrow(d, start, n)), (dim, d, start, n)
+    for dim, offset, size in ((0, 1, 3), (1, 2, 4)):
+        piece = _Piece(src, "b", dim, offset, size)
+        full = parts["b"].narrow(dim, offset, size)
+        assert piece.shape() == tuple(full.shape) and torch.equal(piece.read(), full)
+        for d in (0, 1):  # along its own dim (an offset) and across it (two ranges at once)
+            for start in range(full.shape[d]):
+                n = full.shape[d] - start
+                assert torch.equal(piece.read(None, d, start, n), full.narrow(d, start, n)), (dim, d, start)

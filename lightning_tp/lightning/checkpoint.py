@@ -183,8 +183,14 @@ def _aliases(module: nn.Module) -> dict[str, str]:
 
 
 def _transposed(module: nn.Module) -> list[str]:
-    plan = applied_plan(module)
-    return [f"{m.name}.weight" for m in (plan.modules if plan else []) if m.module_type == "Conv1D" and m.spec]
+    """The split ``Conv1D`` weights (stored ``(in, out)`` in the dense model) of ``module``, or of the
+    modules inside it that were rewritten (a policy applied to a submodule)."""
+    out = []
+    for prefix, sub in module.named_modules():
+        plan = applied_plan(sub)
+        at = f"{prefix}." if prefix else ""
+        out += [f"{at}{m.name}.weight" for m in (plan.modules if plan else []) if m.module_type == "Conv1D" and m.spec]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------

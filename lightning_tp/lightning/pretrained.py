@@ -67,65 +67,113 @@ class _Source:
 
     def read(self, key: str, dim: int | None = None, start: int = 0, n: int = 0) -> Tensor:
         """The whole tensor, or ``n`` elements from ``start`` along ``dim``."""
+        return self.region(key, {} if dim is None else {dim: (start, n)})
+
+    def region(self, key: str, ranges: dict[int, tuple[int, int]]) -> Tensor:
+        """The part of ``key`` that is ``n`` elements from ``start`` along each ``dim`` of ``{dim: (start, n)}``."""
         try:
             if self._slices is not None:
                 sl = self._slices[key]
-                if dim is None:
-                    return sl[:]
-                index = tuple([slice(None)] * dim + [slice(start, start + n)])
-                return sl[index]
+                if not ranges:
+                    return sl[...]  # (``[:]`` fails on a 0-dim tensor: a learned scalar)
+                index = [slice(None)] * (max(ranges) + 1)
+                for dim, (start, n) in ranges.items():
+                    index[dim] = slice(start, start + n)
+                return sl[tuple(index)]
             t = self._tensors[key]
-            return t.clone() if dim is None else t.narrow(dim, start, n).clone()
+            for dim, (start, n) in ranges.items():
+                t = t.narrow(dim, start, n)
+            return t.clone()
         except Exception as exc:  # noqa: BLE001 - a truncated file fails here
             raise CheckpointError(f"cannot read {key!r} from {self.path}: {type(exc).__name__}: {exc}") from exc
 
 
-class _Merged:
-    """One tensor a Hugging Face conversion builds from several keys of the file: ``stack`` over the
-    experts (dim 0) of each source pattern's per-expert tensors, the patterns concatenated along
-    ``concat_dim`` (Mixtral's ``experts.gate_up_proj`` = experts x ``[w1 | w3]``). Read like one key of
-    a :class:`_Source`: a slice along a dim reads only that slice of each per-expert tensor."""
+class _Joined:
+    """One tensor a Hugging Face conversion concatenates from several keys along ``dim`` (``Concatenate``:
+    Kimi-Linear's ``conv1d`` = ``[q_conv1d | k_conv1d | v_conv1d]``). Read like one key of a
+    :class:`_Source`: a slice along ``dim`` reads only the parts it crosses, a slice along another dim
+    that slice of each part."""
 
-    def __init__(self, parts: list[list[tuple[_Source, str]]], concat_dim: int | None) -> None:
-        self.parts, self.concat_dim = parts, concat_dim  # parts[pattern][expert] = (file, key)
-        self.path = parts[0][0][0].path
+    def __init__(self, parts: list[tuple[_Source, str]], dim: int) -> None:
+        self.parts, self.dim = parts, dim
+        self.path = parts[0][0].path
 
     def keys(self) -> list[str]:
-        return [k for part in self.parts for _, k in part]
+        return [k for _, k in self.parts]
 
     def shape(self, key: str | None = None) -> tuple[int, ...]:
-        shapes = [src.shape(k) for src, k in (part[0] for part in self.parts)]
-        shape = [len(self.parts[0]), *shapes[0]]
-        if self.concat_dim is not None:
-            shape[self.concat_dim] = sum(s[self.concat_dim - 1] for s in shapes)
-        return tuple(shape)
+        shapes = [src.shape(k) for src, k in self.parts]
+        return tuple(sum(s[d] for s in shapes) if d == self.dim else n for d, n in enumerate(shapes[0]))
 
     def dtype(self, key: str | None = None) -> torch.dtype:
-        return self.parts[0][0][0].dtype(self.parts[0][0][1])
+        return self.parts[0][0].dtype(self.parts[0][1])
+
+    def read(self, key: str | None = None, dim: int | None = None, start: int = 0, n: int = 0) -> Tensor:
+        if dim is None or dim != self.dim:
+            pieces = [src.read(k, dim, start, n) for src, k in self.parts]
+        else:  # the slice crosses the parts: read each one's share
+            pieces, offset = [], 0
+            for src, k in self.parts:
+                size = src.shape(k)[self.dim]
+                lo, hi = max(start, offset), min(start + n, offset + size)
+                if lo < hi:
+                    pieces.append(src.read(k, self.dim, lo - offset, hi - lo))
+                offset += size
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=self.dim)
+
+
+class _Merged:
+    """One tensor a Hugging Face conversion builds from per-expert keys of the file: each expert's
+    tensor (one key, or several joined: :class:`_Joined`) stacked over the experts (dim 0; Mixtral's
+    ``experts.gate_up_proj`` = experts x ``[w1 | w3]``). Read like one key of a :class:`_Source`: a
+    slice along a dim reads only that slice of each per-expert tensor."""
+
+    def __init__(self, experts: list[_Joined]) -> None:
+        self.experts = experts
+        self.path = experts[0].path
+
+    def keys(self) -> list[str]:
+        return [k for e in self.experts for k in e.keys()]
+
+    def shape(self, key: str | None = None) -> tuple[int, ...]:
+        return (len(self.experts), *self.experts[0].shape())
+
+    def dtype(self, key: str | None = None) -> torch.dtype:
+        return self.experts[0].dtype()
 
     def read(self, key: str | None = None, dim: int | None = None, start: int = 0, n: int = 0) -> Tensor:
         """The whole tensor, or ``n`` elements from ``start`` along ``dim``."""
-        experts = range(len(self.parts[0]))
         if dim == 0:
-            experts, dim = range(start, start + n), None
-        return torch.stack([self._expert(e, dim, start, n) for e in experts])
+            return torch.stack([e.read() for e in self.experts[start : start + n]])
+        return torch.stack([e.read(None, None if dim is None else dim - 1, start, n) for e in self.experts])
 
-    def _expert(self, e: int, dim: int | None, start: int, n: int) -> Tensor:
-        """Expert ``e``'s tensor (patterns concatenated), or its slice along target dim ``dim``."""
-        cat = None if self.concat_dim is None else self.concat_dim - 1
-        if dim is None or dim != self.concat_dim:
-            sub = None if dim is None else dim - 1
-            pieces = [src.read(k, sub, start, n) for src, k in (part[e] for part in self.parts)]
-        else:  # the slice crosses the concatenated patterns: read each one's share
-            pieces, offset = [], 0
-            for part in self.parts:
-                src, k = part[e]
-                size = src.shape(k)[cat]
-                lo, hi = max(start, offset), min(start + n, offset + size)
-                if lo < hi:
-                    pieces.append(src.read(k, cat, lo - offset, hi - lo))
-                offset += size
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=cat)
+
+class _Piece:
+    """One of the tensors a Hugging Face conversion cuts from one key along ``dim`` (``Chunk``, ``Split``:
+    a fused ``query_key_value`` into ``q_proj``, ``k_proj``, ``v_proj``): ``size`` elements from
+    ``offset``. Read like one key of a :class:`_Source`."""
+
+    def __init__(self, src: _Source, key: str, dim: int, offset: int, size: int) -> None:
+        self.src, self.key, self.dim, self.offset, self.size, self.path = src, key, dim, offset, size, src.path
+
+    def keys(self) -> list[str]:
+        return [self.key]
+
+    def shape(self, key: str | None = None) -> tuple[int, ...]:
+        shape = list(self.src.shape(self.key))
+        shape[self.dim] = self.size
+        return tuple(shape)
+
+    def dtype(self, key: str | None = None) -> torch.dtype:
+        return self.src.dtype(self.key)
+
+    def read(self, key: str | None = None, dim: int | None = None, start: int = 0, n: int = 0) -> Tensor:
+        if dim == self.dim:
+            return self.src.read(self.key, dim, self.offset + start, n)
+        ranges = {self.dim: (self.offset, self.size)}
+        if dim is not None:
+            ranges[dim] = (start, n)
+        return self.src.region(self.key, ranges)
 
 
 class _Alias:
@@ -147,13 +195,17 @@ class _Alias:
         return self.src.read(self.key, dim, start, n)
 
 
-def _hf_converted(model: nn.Module, where: dict[str, _Source]) -> dict[str, _Alias | _Merged]:
+_View = _Alias | _Joined | _Merged | _Piece
+
+
+def _hf_converted(model: nn.Module, where: dict[str, _Source]) -> dict[str, _View]:
     """The file's keys in the layout the model's Hugging Face modules hold, when the file is in the
-    layout of the Hub (``{new key: source}``): Hugging Face's own conversion mapping for the model
-    renames keys (Mixtral's ``block_sparse_moe`` -> ``mlp``) and merges per-expert tensors into the
-    experts' 3-D parameters (``experts.N.w1`` / ``w3`` -> ``experts.gate_up_proj``). Only merges that
-    stack experts and concatenate patterns are read this way; the keys of any other conversion are
-    left as they are (and reported as unexpected). ``{}`` without a Hugging Face model."""
+    layout of the Hub (``{new key: source}``), by Hugging Face's own conversion mapping for the model:
+    renamed keys (Mixtral's ``block_sparse_moe`` -> ``mlp``), per-expert tensors stacked into the
+    experts' 3-D parameters (``experts.N.w1`` / ``w3`` -> ``experts.gate_up_proj``), keys concatenated
+    into one (``Concatenate``) and one key cut into several (``Chunk``, ``Split``). Each is a view that
+    reads only the slices a rank asks for. A conversion of another kind leaves its keys as they are
+    (reported as unexpected). ``{}`` without a Hugging Face model."""
     hf = next((m for m in model.modules() if hasattr(m, "config") and hasattr(type(m), "base_model_prefix")), None)
     if hf is None:
         return {}
@@ -165,11 +217,26 @@ def _hf_converted(model: nn.Module, where: dict[str, _Source]) -> dict[str, _Ali
         return {}  # the file's own names: missing and unexpected keys are reported as they are
 
 
-def _converted(hf: nn.Module, where: dict[str, _Source]) -> dict[str, _Alias | _Merged]:
+def _full_size(hf: nn.Module, name: str, dim: int) -> int | None:
+    """The unsharded size along ``dim`` of the Hugging Face model's tensor ``name`` (the file's naming:
+    with or without the base model's prefix), ``None`` if it has none."""
+    tensors = hf.state_dict(keep_vars=True)
+    prefix = f"{getattr(hf, 'base_model_prefix', '')}."
+    for n in (name, name.removeprefix(prefix), prefix + name):
+        t = tensors.get(n)
+        if t is not None and t.dim() > dim:
+            spec = shard_spec(t)
+            return spec.full_size if spec is not None and spec.dim == dim else t.shape[dim]
+    return None
+
+
+def _converted(hf: nn.Module, where: dict[str, _Source]) -> dict[str, _View]:
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import (
+        Chunk,
         Concatenate,
         MergeModulelist,
+        Split,
         WeightConverter,
         WeightRenaming,
         rename_source_key,
@@ -178,9 +245,11 @@ def _converted(hf: nn.Module, where: dict[str, _Source]) -> dict[str, _Alias | _
     transforms = get_model_conversion_mapping(hf)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    out: dict[str, _Alias | _Merged] = {}
-    groups: dict[str, dict[int, dict[int, tuple[_Source, str]]]] = {}  # target -> pattern -> expert -> key
-    concat: dict[str, int | None] = {}
+    out: dict[str, _View] = {}
+    experts: dict[str, dict[int, dict[int, tuple[_Source, str]]]] = {}  # target -> pattern -> expert -> key
+    joined: dict[str, dict[int, tuple[_Source, str]]] = {}  # target -> pattern -> key
+    dims: dict[str, int] = {}
+    n_sources: dict[str, int] = {}  # target -> how many source patterns its conversion joins
     for key in sorted(where):  # transformers' group renamings expect keys in order
         src = where[key]
         new, pattern = rename_source_key(key, renamings, converters)
@@ -189,27 +258,45 @@ def _converted(hf: nn.Module, where: dict[str, _Source]) -> dict[str, _Alias | _
                 out[new] = _Alias(src, key)
             continue
         conv = next((c for c in converters if pattern in c.source_patterns), None)
-        ops = [(type(op), getattr(op, "dim", None)) for op in conv.operations] if conv is not None else []
-        if (
-            new in where
-            or ops[:1] != [(MergeModulelist, 0)]
-            or not (len(ops) == 1 or (len(ops) == 2 and ops[1][0] is Concatenate and ops[1][1] >= 1))
-        ):
-            continue  # another conversion, or the file also holds the merged tensor: the key stays as it is
-        index = expert_index(pattern, rename_source_key(key, renamings, [])[0])  # after the renamings only
-        if index is None:
-            continue
-        groups.setdefault(new, {}).setdefault(conv.source_patterns.index(pattern), {})[index] = (src, key)
-        concat[new] = ops[1][1] if len(ops) == 2 else None
-    for target, by_pattern in groups.items():
-        experts = [sorted(by_pattern[p]) for p in sorted(by_pattern)]
-        n = len(experts[0])
-        if any(e != list(range(n)) for e in experts):
+        ops = [(type(op), getattr(op, "dim", None), op) for op in conv.operations] if conv is not None else []
+        if new in where or not ops:
+            continue  # the file also holds the converted tensor: the key stays as it is
+        kind, dim, op = ops[0]
+        index = conv.source_patterns.index(pattern)
+        n_sources[new] = len(conv.source_patterns)
+        if kind is MergeModulelist and dim == 0 and (len(ops) == 1 or (ops[1][0] is Concatenate and ops[1][1] >= 1)):
+            e = expert_index(pattern, rename_source_key(key, renamings, [])[0])  # after the renamings only
+            if e is not None:
+                experts.setdefault(new, {}).setdefault(index, {})[e] = (src, key)
+                dims[new] = ops[1][1] - 1 if len(ops) == 2 else 0
+        elif len(ops) > 1:
+            continue  # a chain of another kind
+        elif kind is Concatenate and getattr(op, "num_shards_attribute", None) is None:
+            joined.setdefault(new, {})[index] = (src, key)
+            dims[new] = dim
+        elif kind in (Chunk, Split) and getattr(op, "num_shards_attribute", None) is None:
+            targets = [new.replace(conv.target_patterns[0], t) for t in conv.target_patterns]
+            total = src.shape(key)[dim]
+            if kind is Chunk:
+                step = -(-total // len(targets))  # torch.chunk's sizes
+                sizes = [max(0, min(step, total - i * step)) for i in range(len(targets))]
+            else:  # Split: each target as large as the model's tensor
+                sizes = [_full_size(hf, t, dim) for t in targets]
+            if len(set(targets)) == len(targets) and None not in sizes and sum(sizes) == total:
+                offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+                out.update({t: _Piece(src, key, dim, o, n) for t, o, n in zip(targets, offsets, sizes, strict=True)})
+    for target, by_pattern in experts.items():
+        found = [sorted(by_pattern[p]) for p in sorted(by_pattern)]
+        n = len(found[0])
+        if any(e != list(range(n)) for e in found) or len(by_pattern) != n_sources[target]:
             raise CheckpointError(
                 f"pretrained weights: the per-expert tensors merged into {target!r} do not cover experts 0..{n - 1} "
-                f"for every pattern (found {experts}): the file is incomplete."
+                f"for every pattern (found {found}): the file is incomplete."
             )
-        out[target] = _Merged([[by_pattern[p][e] for e in range(n)] for p in sorted(by_pattern)], concat[target])
+        out[target] = _Merged([_Joined([by_pattern[p][e] for p in sorted(by_pattern)], dims[target]) for e in range(n)])
+    for target, by_pattern in joined.items():
+        if len(by_pattern) == n_sources[target]:  # else: the keys stay unexpected
+            out[target] = _Joined([by_pattern[p] for p in sorted(by_pattern)], dims[target])
     return out
 
 
