@@ -587,3 +587,66 @@ def targets(arch: str, model: nn.Module, kwargs: dict, seed: int = 1) -> torch.T
     tgt = torch.randint(0, vocab_size(model), tuple(ids.shape), generator=g)
     tgt[0, :2] = -100
     return tgt
+
+
+# ------------------------------------------------------------------------------------------------
+# Any registered architecture, from its default config shrunk (tests/scripts/hf_sweep.py sweeps them all).
+
+SHRINK = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=8, max_position_embeddings=64, n_embd=64, n_head=8, n_layer=2,
+    n_positions=64, d_model=64, num_layers=2, num_heads=8, ffn_hidden_size=128, n_inner=128,
+    num_local_experts=4, num_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+    shared_expert_intermediate_size=32, n_shared_experts=1, n_group=1, topk_group=1, first_k_dense_replace=1,
+    kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, rotary_dim=4,
+    sliding_window=6, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, use_cache=False,
+    tie_word_embeddings=False, encoder_layers=2, decoder_layers=2, encoder_attention_heads=8,
+    decoder_attention_heads=8, encoder_ffn_dim=128, decoder_ffn_dim=128, num_decoder_layers=2, d_ff=128, d_kv=8,
+)  # fmt: skip
+# retried without these when the shrunk config does not build or run: a layout it contradicts
+RETRY_WITHOUT = ((), ("head_dim",), ("head_dim", "layer_types"), ("head_dim", "layer_types", "num_key_value_heads"))
+
+
+def from_config(config):
+    """The causal LM of ``config`` with eager attention (and eager experts where the model has the option)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_config(config, attn_implementation="eager", experts_implementation="eager")
+    except TypeError:  # a model without the experts option
+        return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+
+
+def shrunk(arch: str, seed: int = 0) -> nn.Module:
+    """The causal LM registered as ``arch`` (a model type) from its default config shrunk (:data:`SHRINK`:
+    2 layers, hidden 64, 8 heads, 4 key/value heads, 4 experts; every dropout and router jitter 0),
+    float64, in train mode; the same weights for the same seed. Raises where the shrunk config does
+    not build or run (composite, audio or vision configs, layouts the shrinking contradicts)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[arch]
+    base = cls()
+    if not hasattr(base, "hidden_size") and any(hasattr(base, k) for k in ("text_config", "vision_config")):
+        raise RuntimeError("a composite config")
+    kw = {k: v for k, v in SHRINK.items() if hasattr(base, k)}
+    for k, v in vars(base).items():  # every dropout and jitter off: the dense and the split model draw differently
+        if type(v) is float and any(w in k for w in ("dropout", "jitter", "pdrop", "_drop")):
+            kw[k] = 0.0
+    if getattr(base, "layer_types", None):
+        kw["layer_types"] = (list(base.layer_types) * 2)[:2]
+    if hasattr(base, "kv_lora_rank"):  # multi-head latent attention: a key/value head per query head
+        kw["num_key_value_heads"] = kw["num_attention_heads"]
+        kw.pop("head_dim", None)
+    error = None
+    for drop in RETRY_WITHOUT:
+        try:
+            config = cls(**{k: v for k, v in kw.items() if k not in drop})
+            torch.manual_seed(seed)
+            model = from_config(config).to(torch.float64)
+            with torch.no_grad():
+                model(input_ids=torch.randint(3, 100, (2, 12)))
+            torch.manual_seed(seed)  # the same weights on every rank
+            return from_config(config).to(torch.float64).train()
+        except Exception as exc:  # noqa: BLE001 - the next, smaller set of overrides
+            error = exc
+    raise error

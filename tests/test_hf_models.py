@@ -176,7 +176,9 @@ def _is_conv1d(model, pname: str) -> bool:
     return type(model.get_submodule(owner)).__name__ == "Conv1D"
 
 
-def _exactness(arch, dense, mesh, kwargs, tgt, sequence_parallel=False) -> dict:
+def _exactness(arch, dense, mesh, kwargs, tgt, sequence_parallel=False, rewrite=None) -> dict:
+    """``rewrite(group) -> (model, plan)``: the split model to compare (default: a copy of ``dense``
+    rewritten with the architecture's policy, ``verify=True``)."""
     import hf_zoo
 
     from lightning_tp.engine.loss import gather_logits
@@ -186,16 +188,21 @@ def _exactness(arch, dense, mesh, kwargs, tgt, sequence_parallel=False) -> dict:
     from lightning_tp.policy import apply_policy
 
     group = mesh.tp_group
-    model = copy.deepcopy(dense)
+
+    def copy_and_rewrite(group):
+        model = copy.deepcopy(dense)
+        # verify=True: the self-check (forward and backward vs dense) passes, and its reference forward
+        # reads how fused projections are consumed (per-head interleaved layouts become plain columns)
+        plan = apply_policy(
+            model, group, hf_zoo.POLICY.get(arch, "auto"), verify=True, example_input=kwargs,
+            sequence_parallel=sequence_parallel,
+        )  # fmt: skip
+        return model, plan
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            # verify=True: the self-check (forward and backward vs dense) passes, and its reference forward
-            # reads how fused projections are consumed (per-head interleaved layouts become plain columns)
-            plan = apply_policy(
-                model, group, hf_zoo.POLICY.get(arch, "auto"), verify=True, example_input=kwargs,
-                sequence_parallel=sequence_parallel,
-            )  # fmt: skip
+            model, plan = (rewrite or copy_and_rewrite)(group)
     except LightningTPError as exc:
         return {"status": "refused", **_error_info(exc), "verify": _error_info(exc)}
     info = {

@@ -20,6 +20,7 @@ architecture is ``wrong`` or ``error``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import traceback
@@ -32,67 +33,15 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1])]  # tests/: _dist, test
 
 import _dist  # noqa: E402
 
-SHRINK = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
-    num_key_value_heads=4, head_dim=8, max_position_embeddings=64, n_embd=64, n_head=8, n_layer=2,
-    n_positions=64, d_model=64, num_layers=2, num_heads=8, ffn_hidden_size=128, n_inner=128,
-    num_local_experts=4, num_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-    shared_expert_intermediate_size=32, n_shared_experts=1, n_group=1, topk_group=1, first_k_dense_replace=1,
-    kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, rotary_dim=4,
-    sliding_window=6, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, use_cache=False,
-    tie_word_embeddings=False, encoder_layers=2, decoder_layers=2, encoder_attention_heads=8,
-    decoder_attention_heads=8, encoder_ffn_dim=128, decoder_ffn_dim=128, num_decoder_layers=2, d_ff=128, d_kv=8,
-)  # fmt: skip
 SLOW = {"blt", "phi4_multimodal"}  # their default sub-configs build multi-GB models
-# retried without these when the shrunk config does not build or run: a layout it contradicts
-RETRY_WITHOUT = ((), ("head_dim",), ("head_dim", "layer_types"), ("head_dim", "layer_types", "num_key_value_heads"))
 
 
-def _from_config(config):
-    from transformers import AutoModelForCausalLM
-
-    try:
-        return AutoModelForCausalLM.from_config(config, attn_implementation="eager", experts_implementation="eager")
-    except TypeError:  # a model without the experts option
-        return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-
-
-def build(arch: str, seed: int = 0) -> torch.nn.Module:
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    cls = CONFIG_MAPPING[arch]
-    base = cls()
-    if not hasattr(base, "hidden_size") and any(hasattr(base, k) for k in ("text_config", "vision_config")):
-        raise RuntimeError("a composite config")
-    kw = {k: v for k, v in SHRINK.items() if hasattr(base, k)}
-    for k, v in vars(base).items():  # every dropout and jitter off: the dense and the split model draw differently
-        if type(v) is float and any(w in k for w in ("dropout", "jitter", "pdrop", "_drop")):
-            kw[k] = 0.0
-    if getattr(base, "layer_types", None):
-        kw["layer_types"] = (list(base.layer_types) * 2)[:2]
-    if hasattr(base, "kv_lora_rank"):  # multi-head latent attention: a key/value head per query head
-        kw["num_key_value_heads"] = kw["num_attention_heads"]
-        kw.pop("head_dim", None)
-    error = None
-    for drop in RETRY_WITHOUT:
-        try:
-            config = cls(**{k: v for k, v in kw.items() if k not in drop})
-            torch.manual_seed(seed)
-            model = _from_config(config).to(torch.float64)
-            with torch.no_grad():
-                model(input_ids=torch.randint(3, 100, (2, 12)))
-            torch.manual_seed(seed)  # the same weights on every rank
-            return _from_config(config).to(torch.float64).train()
-        except Exception as exc:  # noqa: BLE001 - the next, smaller set of overrides
-            error = exc
-    raise error
-
-
-def keep_float64() -> None:
-    """float32 casts of float64 tensors keep float64 (see the module doc)."""
+@contextlib.contextmanager
+def float64_casts():
+    """Within: float32 casts of float64 tensors keep float64 (see the module doc)."""
     import torch.nn.functional as F
 
-    to, typ, softmax, t_softmax = torch.Tensor.to, torch.Tensor.type, F.softmax, torch.softmax
+    to, typ, softmax, t_softmax, flt = torch.Tensor.to, torch.Tensor.type, F.softmax, torch.softmax, torch.Tensor.float
 
     def f64(x, dtype):
         return torch.float64 if dtype is torch.float32 and x.dtype == torch.float64 else dtype
@@ -110,14 +59,25 @@ def keep_float64() -> None:
     torch.Tensor.float = lambda self, *a, **k: self if self.dtype == torch.float64 else to(self, torch.float32)
     F.softmax = lambda x, dim=None, _stacklevel=3, dtype=None: softmax(x, dim=dim, dtype=f64(x, dtype))
     torch.softmax = lambda x, dim, dtype=None: t_softmax(x, dim, dtype=f64(x, dtype))
+    try:
+        yield
+    finally:
+        torch.Tensor.to, torch.Tensor.type, F.softmax, torch.softmax, torch.Tensor.float = (
+            to,
+            typ,
+            softmax,
+            t_softmax,
+            flt,
+        )
 
 
 def _case(arch: str, tp: int, sequence_parallel: bool) -> dict:
+    import hf_zoo
     import test_hf_models as T
 
     mesh = _dist.mesh(tp)
     try:
-        dense = build(arch)
+        dense = hf_zoo.shrunk(arch)
         vocab = min(dense.config.vocab_size, 128)
         kwargs = {"input_ids": torch.randint(3, vocab, (2, 12), generator=torch.Generator().manual_seed(0))}
         tgt = torch.randint(3, vocab, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -134,9 +94,8 @@ def _run(archs: list[str], tp: int, sequence_parallel: bool, no_float32: bool, p
 
     warnings.simplefilter("ignore")
     hf_zoo.POLICY.update(dict.fromkeys(archs, policy))  # the policy _exactness rewrites each with
-    if no_float32:
-        keep_float64()
-    return {arch: _case(arch, tp, sequence_parallel) for arch in archs}
+    with float64_casts() if no_float32 else contextlib.nullcontext():
+        return {arch: _case(arch, tp, sequence_parallel) for arch in archs}
 
 
 def _line(arch: str, res: dict) -> str:
