@@ -140,6 +140,91 @@ def test_a_tensor_no_initializer_sets_is_an_error_not_uninitialized_memory():
     assert int(model[1].steps) == 0 and torch.isfinite(model[1].weight).all()
 
 
+class _Masks(nn.Module):
+    """A boolean mask only the constructor computes, and unsigned codes its reset_parameters zeroes."""
+
+    def __init__(self, set_mask: bool):
+        super().__init__()
+        self.set_mask = set_mask
+        self.register_buffer("mask", torch.tril(torch.ones(4, 4, dtype=torch.bool)), persistent=False)
+        self.register_buffer("codes", torch.zeros(4, dtype=torch.uint8))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        self.codes.zero_()
+        if self.set_mask:
+            self.mask.copy_(torch.tril(torch.ones(4, 4, dtype=torch.bool)))
+
+
+def test_unset_booleans_are_found_and_set_unsigned_zeros_are_not():
+    with torch.device("meta"):
+        model = nn.Sequential(_Masks(set_mask=False))
+    with pytest.raises(DeferredInitError, match=r"_Masks: \['0.mask'\]"):
+        _materialize(model)
+    with torch.device("meta"):
+        model = nn.Sequential(_Masks(set_mask=True))
+    _materialize(model)
+    assert torch.equal(model[0].mask, torch.tril(torch.ones(4, 4, dtype=torch.bool))) and not model[0].codes.any()
+
+
+def test_the_user_hook_runs_after_the_layer_initializers():
+    """The LightningModule's init_weights has the last word, also over an enclosing block's _init_weights."""
+    with torch.device("meta"):
+        model = models.RoutedGPT()
+
+    def hook(module):
+        if isinstance(module, models.Router):
+            module.weight.zero_()
+
+    _materialize(model.double(), init_fn=hook)
+    assert all(not layer.mlp.router.weight.any() for layer in model.layers)
+
+
+def test_the_library_gpt_gets_its_scaled_residual_init_under_deferred_init():
+    """lightning_tp.models.GPT's residual projections (std 0.02 / sqrt(2 n_layer)): set by its
+    attention's and MLP's _init_weights, eagerly and under deferred init alike."""
+    from lightning_tp.models.gpt import GPT
+
+    torch.manual_seed(0)
+    eager = GPT(vocab_size=64, n_layer=8, n_embd=64, n_head=4)
+    with torch.device("meta"):
+        meta = GPT(vocab_size=64, n_layer=8, n_embd=64, n_head=4)
+    _materialize(meta)
+    for model in (eager, meta):
+        for name, p in model.named_parameters():
+            if name.endswith(("c_proj.weight", "c_fc.weight")):
+                want = model.residual_std if "c_proj" in name else 0.02
+                assert 0.85 * want < float(p.detach().std()) < 1.15 * want, name
+
+
+class _HalfSet(nn.Linear):
+    """Its reset_parameters sets only the first half of the weight's rows."""
+
+    def reset_parameters(self):
+        with torch.no_grad():
+            self.weight[: self.out_features // 2].normal_()
+            self.bias.zero_()
+
+
+def _half_set_error() -> str:
+    m = _dist.mesh(2)
+    with torch.device("meta"):
+        model = nn.Sequential()
+        model.layers = nn.ModuleList([nn.Sequential(_HalfSet(8, 16), nn.Linear(16, 8))])
+    try:
+        apply_policy(model, m.tp_group, {"layers.*.0": "column", "layers.*.1": "row"}, verify=False,
+                     materializer=Materializer(model, "cpu", 0))  # fmt: skip
+    except DeferredInitError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_a_tensor_left_partly_unset_is_an_error_on_every_rank():
+    """Checked on the dense layer before it is split: the rank whose slice was set raises too."""
+    for message in _dist.run(2, _half_set_error):
+        assert "no initializer sets _HalfSet: ['layers.0.0.weight']" in message
+
+
 @pytest.mark.skipif(not HAS_HF, reason="hf extra")
 def test_hugging_face_initializers_of_enclosing_models_and_their_gaps():
     """Falcon-H1's base model writes every layer's mup_vector (a computed buffer) in its _init_weights,

@@ -12,17 +12,19 @@ unit that holds it.
 
 A module's initializers, in the order eager construction runs them: the module's own
 ``reset_parameters()``; the ``_init_weights(module)`` of the nearest enclosing module that has one
-(a Hugging Face ``PreTrainedModel``: also recomputes rotary ``inv_freq`` buffers); the user's hook
-``init_fn(module)``. Modules holding meta tensors with none of these raise
-:class:`~lightning_tp.errors.DeferredInitError` before anything is materialized. Within a layer,
+(a Hugging Face ``PreTrainedModel``: also recomputes rotary ``inv_freq`` buffers). Within a layer,
 ``_init_weights`` also runs for the modules that hold no tensor of their own, after their children
 (as Hugging Face's ``initialize_weights`` does: a mixture-of-experts block initializes its router's
-weight).
+weight). The user's hook ``init_fn(module)`` runs last, for each module holding tensors, after the
+whole layer's initializers. Modules holding meta tensors with no initializer at all raise
+:class:`~lightning_tp.errors.DeferredInitError` before anything is materialized.
 
 Initializers that leave a tensor unset (a parameter whose value only its constructor gives, which the
 meta device dropped: an activation's learned constants, a bias built as zeros) would leave
-uninitialized memory. Every tensor is created filled with NaN (integers: their minimum) and a
-:class:`~lightning_tp.errors.DeferredInitError` names those still holding it once every layer is
+uninitialized memory. Every tensor is created filled with a value no initializer writes (NaN; the
+minimum of a signed integer type, the maximum of an unsigned one; byte 0xFF for booleans), each
+layer is checked before it is split (so alike on every rank), and a
+:class:`~lightning_tp.errors.DeferredInitError` names the tensors still unset once every layer is
 done (with ``initialize=False``, only the computed buffers, which no weights file has).
 """
 
@@ -37,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_tp.engine.random import derive_seed
+from lightning_tp.engine.sharding import shard_spec
 from lightning_tp.errors import DeferredInitError, few
 
 InitFn = Callable[[nn.Module], None]
@@ -70,19 +73,39 @@ def _computed_buffers(module: nn.Module) -> list[str]:
     return [n for n, b in module.named_buffers(recurse=False) if b is not None and n not in saved]
 
 
+def _sentinel(t: Tensor) -> tuple[Tensor, float | int]:
+    """``(view, value)``: what :func:`_fill_unset` writes into ``t`` (through ``view``): NaN for floats,
+    the minimum of a signed integer type, the maximum of an unsigned one, and byte 0xFF for booleans
+    (which hold 0 or 1 once set)."""
+    if t.is_floating_point() or t.is_complex():
+        return t, float("nan")
+    if t.dtype == torch.bool:
+        return t.view(torch.uint8), 0xFF
+    info = torch.iinfo(t.dtype)
+    return t, (info.min if info.min < 0 else info.max)
+
+
 def _fill_unset(t: Tensor) -> None:
     """Fill a freshly created tensor with the value no initializer writes (see the module doc)."""
-    if t.is_floating_point() or t.is_complex():
-        t.fill_(float("nan"))
-    elif t.dtype != torch.bool:
-        t.fill_(torch.iinfo(t.dtype).min)
+    view, value = _sentinel(t)
+    view.fill_(value)
 
 
 def _unset(t: Tensor) -> bool:
     """Whether ``t`` still holds (some of) the value :func:`_fill_unset` wrote."""
-    if t.is_floating_point() or t.is_complex():
-        return bool(torch.isnan(t).any())
-    return t.dtype != torch.bool and bool((t == torch.iinfo(t.dtype).min).any())
+    view, value = _sentinel(t)
+    return bool(torch.isnan(view).any()) if value != value else bool((view == value).any())
+
+
+def _holds_unset(module: nn.Module, name: str) -> bool:
+    t = getattr(module, name, None)
+    return isinstance(t, Tensor) and _unset(t)
+
+
+def _owns_tensors(module: nn.Module) -> bool:
+    return any(True for _ in module.named_parameters(recurse=False)) or any(
+        b is not None for _, b in module.named_buffers(recurse=False)
+    )
 
 
 _ABSENT = object()
@@ -144,7 +167,8 @@ class Materializer:
         model: the model (still holding meta tensors).
         device: where the tensors are created.
         seed: shared by every rank (data-parallel ones too).
-        init_fn: a user initializer called with each module that holds tensors, after its own.
+        init_fn: a user initializer called with each module that holds tensors, after the
+            initializers of the whole layer (children first).
         initialize: ``False`` when pretrained weights are loaded afterwards: only modules holding
             non-persistent buffers (which no weights file has, e.g. rotary ``inv_freq``) run their
             initializers; every other tensor is left as allocated.
@@ -167,14 +191,17 @@ class Materializer:
         # freed tensors are reused, hence the identity check).
         self._done: dict[int, tuple[weakref.ref, weakref.ref]] = {}
         self._holders: dict[int, list[tuple[nn.Module, str]]] = {}  # id(meta parameter) -> every holder
-        self._expected: list[tuple[str, str]] = []  # (module name, tensor name) an initializer must set
+        # (module name, tensor name) -> (weak ref to the dense module, the module's class name): tensors an
+        # initializer had to set and did not (checked on the dense layer, before any split: alike on every rank)
+        self._unset: dict[tuple[str, str], tuple[weakref.ref, str]] = {}
         for _, module, p_name, p in param_slots(model):
             self._holders.setdefault(id(p), []).append((module, p_name))
 
     def _find_initializers(self) -> dict[str, list[InitFn]]:
         """``{module name: initializers}`` for every module holding meta tensors, in the order eager
         construction runs them (the module's ``reset_parameters``, then the enclosing model's
-        ``_init_weights``, then the user's hook); raises naming the modules without any."""
+        ``_init_weights``; the user's hook runs after the whole layer's), and the enclosing model's
+        ``_init_weights`` for the other modules; raises naming the modules holding tensors without any."""
         found: dict[str, list[InitFn]] = {}
         missing: list[str] = []
         owners: dict[str, nn.Module | None] = {}  # nearest enclosing module with _init_weights, by name
@@ -191,9 +218,7 @@ class Materializer:
                 chain.append(lambda m: m.reset_parameters())
             if owners[name] is not None:
                 chain.append(owners[name]._init_weights)
-            if self.init_fn is not None:
-                chain.append(self.init_fn)
-            if not chain:
+            if not chain and self.init_fn is None:
                 missing.append(f"{name or '<root>'} ({type(module).__name__})")
             found[name] = chain
         if missing:
@@ -210,9 +235,10 @@ class Materializer:
 
     def materialize(self, name: str, unit: nn.Module, recurse: bool) -> None:
         """Create ``unit``'s meta tensors on the device (a tensor several modules hold, once) and run
-        its modules' initializers, children first, each under its own name's seed."""
+        its modules' initializers, children first, each under its own name's seed; then the user's
+        hook. Tensors left unset are noted (see the module doc)."""
         modules = list(unit.named_modules(prefix=name)) if recurse else [(name, unit)]
-        fresh = []
+        fresh, expected = [], []
         for mod_name, module in modules:
             created = False
             computed = _computed_buffers(module)
@@ -227,41 +253,55 @@ class Materializer:
                     self._done[id(t)] = (weakref.ref(t), weakref.ref(real))
                     created = True
                     if self.initialize or t_name in computed:
-                        self._expected.append((mod_name, t_name))
+                        expected.append(((mod_name, t_name), module))
                 for holder, h_name in self._holders.pop(id(t), [(module, t_name)]):  # held no longer
                     setattr(holder, h_name, real)
             if created and (self.initialize or computed):
                 fresh.append((mod_name, module))
+        run = fresh
         if self.initialize and fresh:  # the layer's modules without tensors of their own that enclose fresh ones
             inits = {n for n, _ in fresh}
-            fresh = [
+            run = [
                 (n, m)
                 for n, m in modules
-                if n in inits or (n in self._initializers and any(f.startswith(n + ".") for f in inits))
+                if n in inits
+                or (n in self._initializers and not _owns_tensors(m) and any(f.startswith(n + ".") for f in inits))
             ]
-        for mod_name, module in reversed(fresh):  # children before parents
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                torch.manual_seed(_name_seed(self.seed, mod_name))
-                with torch.no_grad():
-                    for init in self._initializers[mod_name]:
-                        init(module)
+        for mod_name, module in reversed(run):  # children before parents
+            self._run(mod_name, self._initializers[mod_name], module)
+        if self.init_fn is not None:  # the user's hook has the last word, children first
+            for mod_name, module in reversed(fresh):
+                self._run(f"{mod_name}/init_fn", [self.init_fn], module)
+        # what the modules hold now (an initializer may assign a new tensor: LitGPT's rope cache)
+        for key, (ref, _) in list(self._unset.items()):  # a tie set by this layer's initializers
+            if (module := ref()) is not None and not _holds_unset(module, key[1]):
+                del self._unset[key]
+        for key, module in expected:
+            if _holds_unset(module, key[1]):
+                self._unset[key] = (weakref.ref(module), type(module).__name__)
+
+    def _run(self, seed_name: str, inits: list[InitFn], module: nn.Module) -> None:
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(_name_seed(self.seed, seed_name))
+            with torch.no_grad():
+                for init in inits:
+                    init(module)
 
     def finish(self) -> None:
-        """Materialize whatever is still on meta (modules no unit reached), then check nothing is left."""
+        """Materialize whatever is still on meta (modules no unit reached), then check nothing is left
+        on meta or unset."""
         for name, module in self.model.named_modules():
             if _own_meta(module):
                 self.materialize(name, module, recurse=False)
         left = [n for n, t in (*self.model.named_parameters(), *self.model.named_buffers()) if t.is_meta]
         if left:
             raise DeferredInitError(f"deferred init left tensors on the meta device: {left}.")
-        left_unset = self._unset()
-        if left_unset:
-            self._init_from_enclosing_models(left_unset)
-            left_unset = self._unset()
-        unset: dict[str, list[str]] = {}  # module class -> tensors no initializer set
-        for mod_name, t_name, module in left_unset:
-            unset.setdefault(type(module).__name__, []).append(f"{mod_name}.{t_name}" if mod_name else t_name)
-        if unset:
+        if self._unset:
+            self._init_from_enclosing_models()
+        if self._unset:
+            unset: dict[str, list[str]] = {}  # module class -> tensors no initializer set
+            for (mod_name, t_name), (_, cls) in self._unset.items():
+                unset.setdefault(cls, []).append(f"{mod_name}.{t_name}" if mod_name else t_name)
             what = "; ".join(f"{cls}: {few(names)}" for cls, names in unset.items())
             raise DeferredInitError(
                 f"deferred (meta-device) init: no initializer sets {what} (their values come from the constructor, "
@@ -277,46 +317,41 @@ class Materializer:
                 )
             )
 
-    def _unset(self) -> list[tuple[str, str, nn.Module]]:
-        """``(module name, tensor name, module)`` of every tensor an initializer had to set and did not."""
-        found = []
-        for mod_name, t_name in self._expected:
-            try:
-                module = self.model.get_submodule(mod_name)
-            except AttributeError:  # replaced by the rewrite under another structure: its tensors were sliced
-                continue
-            t = getattr(module, t_name, None)
-            if isinstance(t, Tensor) and _unset(t):
-                found.append((mod_name, t_name, module))
-        return found
-
-    def _init_from_enclosing_models(self, unset: list[tuple[str, str, nn.Module]]) -> None:
-        """Hugging Face's initialization of missing weights, for tensors a module outside every layer
-        sets (Falcon-H1's base model writes each layer's ``mup_vector``): every other tensor is marked
-        ``_is_hf_initialized``, which Hugging Face's initializers skip, and the ``_init_weights`` of the
-        Hugging Face models enclosing the unset tensors run on their enclosing modules, innermost first."""
+    def _init_from_enclosing_models(self) -> None:
+        """Hugging Face's initialization of missing weights, for unset tensors that a module outside
+        every layer sets (Falcon-H1's base model writes each layer's ``mup_vector``): every other
+        tensor is marked ``_is_hf_initialized``, which Hugging Face's initializers skip, and the
+        ``_init_weights`` of the Hugging Face models enclosing the unset tensors run on their enclosing
+        modules, innermost first. Only tensors that no rewrite split (alike on every rank) are done so."""
         PreTrainedModel = getattr(sys.modules.get("transformers"), "PreTrainedModel", None)  # noqa: N806
         if PreTrainedModel is None:  # transformers not imported: no Hugging Face model here
             return
-        names = sorted({n for mod_name, _, _ in unset for n in _enclosing(mod_name)}, key=lambda n: -n.count("."))
-        owners = [(n, self._owners.get(n)) for n in names]
-        owners = [(n, o) for n, o in owners if isinstance(o, PreTrainedModel)]
+        todo: dict[tuple[str, str], Tensor] = {}
+        for mod_name, t_name in self._unset:
+            try:
+                t = getattr(self.model.get_submodule(mod_name), t_name, None)
+            except AttributeError:  # the module was replaced by the rewrite under another structure
+                continue
+            if isinstance(t, Tensor) and shard_spec(t) is None and _unset(t):
+                todo[(mod_name, t_name)] = t
+        names = sorted({n for mod_name, _ in todo for n in _enclosing(mod_name)}, key=lambda n: -n.count("."))
+        owners = [(n, o) for n in names if isinstance(o := self._owners.get(n), PreTrainedModel)]
         if not owners:
             return
-        todo = {id(getattr(m, t)) for _, t, m in unset}
-        marked = [t for t in (*self.model.parameters(), *self.model.buffers()) if id(t) not in todo]
+        ids = {id(t) for t in todo.values()}
+        marked = [t for t in (*self.model.parameters(), *self.model.buffers()) if id(t) not in ids]
         before = [t.__dict__.get("_is_hf_initialized", _ABSENT) for t in marked]
         for t in marked:
             t._is_hf_initialized = True
         try:
             for name, owner in owners:
-                with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                    torch.manual_seed(_name_seed(self.seed, name))
-                    with torch.no_grad():
-                        owner._init_weights(self.model.get_submodule(name))
+                self._run(name, [owner._init_weights], self.model.get_submodule(name))
         finally:
             for t, flag in zip(marked, before, strict=True):
                 if flag is _ABSENT:
                     del t._is_hf_initialized
                 else:
                     t._is_hf_initialized = flag
+        for key, t in todo.items():
+            if not _unset(t):
+                del self._unset[key]

@@ -105,19 +105,19 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         if tie_weights:
             self.lm_head.weight = self.transformer.wte.weight
+        self.residual_std = 0.02 / math.sqrt(2 * n_layer)  # GPT-2's scaled init of residual projections
         self.apply(self._init_weights)
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):  # GPT-2 scaled init of residual projections
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
+    def _init_weights(self, module: nn.Module) -> None:
+        """One module's initialization (``apply`` runs it children first, as deferred init does)."""
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, (CausalSelfAttention, MLP)):  # after its c_proj's own: the residual projection
+            nn.init.normal_(module.c_proj.weight, mean=0.0, std=self.residual_std)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
