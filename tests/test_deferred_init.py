@@ -180,6 +180,34 @@ def test_the_user_hook_runs_after_the_layer_initializers():
     assert all(not layer.mlp.router.weight.any() for layer in model.layers)
 
 
+class _CpuBuilt(nn.Module):
+    """A block whose own parameter is built off the meta device (an explicit device, as HF DiffLlama's
+    ``torch.normal(..., size=...)`` does), so only its children are deferred."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.scale = nn.Parameter(torch.randn(4, device="cpu"))
+
+
+class _Owner(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([_CpuBuilt(), _CpuBuilt()])
+
+    def _init_weights(self, module):
+        if isinstance(module, _CpuBuilt):
+            nn.init.constant_(module.scale, 0.5)
+
+
+def test_a_block_with_tensors_built_off_meta_still_gets_its_initializer():
+    with torch.device("meta"):
+        model = _Owner()
+    assert not model.layers[0].scale.is_meta and model.layers[0].lin.weight.is_meta
+    _materialize(model)
+    assert all(torch.equal(layer.scale, torch.full((4,), 0.5)) for layer in model.layers)
+
+
 def test_the_library_gpt_gets_its_scaled_residual_init_under_deferred_init():
     """lightning_tp.models.GPT's residual projections (std 0.02 / sqrt(2 n_layer)): set by its
     attention's and MLP's _init_weights, eagerly and under deferred init alike."""

@@ -13,7 +13,7 @@ unit that holds it.
 A module's initializers, in the order eager construction runs them: the module's own
 ``reset_parameters()``; the ``_init_weights(module)`` of the nearest enclosing module that has one
 (a Hugging Face ``PreTrainedModel``: also recomputes rotary ``inv_freq`` buffers). Within a layer,
-``_init_weights`` also runs for the modules that hold no tensor of their own, after their children
+``_init_weights`` also runs for the modules that hold no meta tensor of their own, after their children
 (as Hugging Face's ``initialize_weights`` does: a mixture-of-experts block initializes its router's
 weight). The user's hook ``init_fn(module)`` runs last, for each module holding tensors, after the
 whole layer's initializers. Modules holding meta tensors with no initializer at all raise
@@ -102,12 +102,6 @@ def _holds_unset(module: nn.Module, name: str) -> bool:
     return isinstance(t, Tensor) and _unset(t)
 
 
-def _owns_tensors(module: nn.Module) -> bool:
-    return any(True for _ in module.named_parameters(recurse=False)) or any(
-        b is not None for _, b in module.named_buffers(recurse=False)
-    )
-
-
 _ABSENT = object()
 
 
@@ -185,6 +179,7 @@ class Materializer:
         self.model, self.device, self.seed, self.init_fn = model, torch.device(device), int(seed), init_fn
         self.initialize = initialize  # False: pretrained weights follow; only computed buffers are initialized
         self._owners: dict[str, nn.Module | None] = {}  # module name -> the nearest enclosing _init_weights
+        self._enclosing: set[str] = set()  # modules without meta tensors of their own: _init_weights only
         self._initializers = self._find_initializers()
         # id(meta tensor) -> (weak refs to it and to its materialized tensor): a tie materializes once.
         # Weak both ways: a dense layer must be freed as soon as its split modules replace it (ids of
@@ -212,6 +207,7 @@ class Materializer:
             if not _own_meta(module):
                 if owners[name] is not None:  # run after its children's, within a layer (see the module doc)
                     found[name] = [owners[name]._init_weights]
+                    self._enclosing.add(name)
                 continue
             chain: list[InitFn] = []
             if callable(getattr(module, "reset_parameters", None)):
@@ -264,8 +260,7 @@ class Materializer:
             run = [
                 (n, m)
                 for n, m in modules
-                if n in inits
-                or (n in self._initializers and not _owns_tensors(m) and any(f.startswith(n + ".") for f in inits))
+                if n in inits or (n in self._enclosing and any(f.startswith(n + ".") for f in inits))
             ]
         for mod_name, module in reversed(run):  # children before parents
             self._run(mod_name, self._initializers[mod_name], module)

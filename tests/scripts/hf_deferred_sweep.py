@@ -22,9 +22,7 @@ checked]``). Not part of the suite (about 10 minutes on 2 cores).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import os
 import sys
 import tempfile
 import traceback
@@ -221,46 +219,25 @@ def _run(archs: list[str], tp: int, no_float32: bool, policy: str, tmp: str, sp:
 
 
 def main() -> int:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("archs", nargs="*", help="model types (default: every causal LM registered)")
+    parser = hf_sweep.arguments(__doc__)
     parser.add_argument("--tp", type=int, default=2)
-    parser.add_argument("--no-float32", action="store_true", help="float32 casts keep float64 (see hf_sweep.py)")
     parser.add_argument("--policy", default="auto", help="'auto' (default) or 'names'")
-    parser.add_argument("--sp", action="store_true", help="sequence_parallel=True (steps 2 and 3)")
-    parser.add_argument("--verbose", action="store_true", help="print the traceback of each error")
     args = parser.parse_args()
-    archs = args.archs or sorted(a for a in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if a not in hf_sweep.SLOW)
-    os.environ.setdefault("WANDB_MODE", "offline")
-    results: dict[str, dict] = {}
+    archs = hf_sweep.chosen(args)
+
+    def line(arch: str, res: dict) -> str:
+        init = res.get("init", {})
+        note = f" [{res['stage']}]" if "stage" in res else ""
+        if init.get("status") == "refused":
+            note += f" [init {init['status']}: {init.get('type', '')} {init.get('message', '')[:200]}]"
+        note += " [export not checked]" if "export" in res else ""
+        trace = f"\n{res['traceback']}" if args.verbose and "traceback" in res else ""
+        return hf_sweep._line(arch, res) + note + trace
+
     with tempfile.TemporaryDirectory() as tmp:
-        for i in range(0, len(archs), 6):
-            batch = archs[i : i + 6]
-            try:
-                results.update(
-                    _dist.run(args.tp, _run, batch, args.tp, args.no_float32, args.policy, tmp, args.sp, timeout=900)[0]
-                )
-            except BaseException as exc:  # noqa: BLE001 - reported per architecture
-                results.update({a: {"status": "error", "type": type(exc).__name__, "message": str(exc)} for a in batch})
-            for arch in batch:
-                res = results[arch]
-                init = res.get("init", {})
-                note = (
-                    f" [init {init['status']}: {init.get('type', '')} {init.get('message', '')[:200]}]"
-                    if init.get("status") == "refused"
-                    else ""
-                )
-                note += " [export not checked]" if "export" in res else ""
-                print(hf_sweep._line(arch, res) + (f" [{res['stage']}]" if "stage" in res else "") + note, flush=True)
-                if args.verbose and "traceback" in res:
-                    print(res["traceback"])
-    _dist.close_all()
-    counts = {
-        s: sum(r["status"] == s for r in results.values()) for s in ("exact", "refused", "wrong", "error", "skip")
-    }
-    print(counts)
-    return int(counts["wrong"] > 0 or counts["error"] > 0)
+        return hf_sweep.sweep(
+            args.tp, _run, archs, (args.tp, args.no_float32, args.policy, tmp, args.sp), line=line, timeout=900
+        )
 
 
 if __name__ == "__main__":

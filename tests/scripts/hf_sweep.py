@@ -108,29 +108,49 @@ def _line(arch: str, res: dict) -> str:
     return f"{arch:28s} {status:8s} {res.get('type', '')} {res['message'][:200]}".replace("\n", " ")
 
 
-def main() -> int:
+def arguments(doc: str) -> argparse.ArgumentParser:
+    """The options every sweep takes: architectures, ``--sp``, ``--no-float32``, ``--verbose``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("archs", nargs="*", help="model types (default: every causal LM registered)")
+    parser.add_argument("--sp", action="store_true", help="sequence_parallel=True")
+    parser.add_argument("--no-float32", action="store_true", help="float32 casts keep float64 (see hf_sweep.py)")
+    parser.add_argument("--verbose", action="store_true", help="print the traceback of each error")
+    return parser
+
+
+def chosen(args: argparse.Namespace) -> list[str]:
+    """The architectures to sweep: those named, or every causal LM registered (less :data:`SLOW`)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("archs", nargs="*", help="model types (default: every causal LM registered)")
+    os.environ.setdefault("WANDB_MODE", "offline")
+    return args.archs or sorted(a for a in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if a not in SLOW)
+
+
+def main() -> int:
+    parser = arguments(__doc__)
     parser.add_argument("--tp", type=int, default=2)
-    parser.add_argument("--sp", action="store_true", help="sequence_parallel=True")
-    parser.add_argument("--no-float32", action="store_true", help="float32 casts keep float64 (see above)")
     parser.add_argument("--policy", default="auto", help="'auto' (default) or 'names'")
     args = parser.parse_args()
-    archs = args.archs or sorted(a for a in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if a not in SLOW)
-    os.environ.setdefault("WANDB_MODE", "offline")
+
+    def line(arch: str, res: dict) -> str:
+        return _line(arch, res) + (f"\n{res['traceback']}" if args.verbose and "traceback" in res else "")
+
+    return sweep(args.tp, _run, chosen(args), (args.tp, args.sp, args.no_float32, args.policy), line=line)
+
+
+def sweep(world: int, fn, archs: list[str], args: tuple, line=_line, timeout: int = 600) -> int:
+    """``fn(batch, *args) -> {arch: result}`` on every rank of a ``world``-rank world, a few
+    architectures per call (one that hangs or dies costs its batch only); prints ``line(arch, result)``
+    for each and the counts. Returns 1 when any architecture is ``wrong`` or an ``error``."""
     results: dict[str, dict] = {}
-    for i in range(0, len(archs), 6):  # a few per world call: one that hangs or dies costs its batch only
+    for i in range(0, len(archs), 6):
         batch = archs[i : i + 6]
         try:
-            results.update(
-                _dist.run(args.tp, _run, batch, args.tp, args.sp, args.no_float32, args.policy, timeout=600)[0]
-            )
+            results.update(_dist.run(world, fn, batch, *args, timeout=timeout)[0])
         except BaseException as exc:  # noqa: BLE001 - reported per architecture
             results.update({a: {"status": "error", "type": type(exc).__name__, "message": str(exc)} for a in batch})
         for arch in batch:
-            print(_line(arch, results[arch]), flush=True)
+            print(line(arch, results[arch]), flush=True)
     _dist.close_all()
     counts = {
         s: sum(r["status"] == s for r in results.values()) for s in ("exact", "refused", "wrong", "error", "skip")
