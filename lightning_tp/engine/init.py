@@ -165,7 +165,8 @@ class Materializer:
             initializers of the whole layer (children first).
         initialize: ``False`` when pretrained weights are loaded afterwards: only modules holding
             non-persistent buffers (which no weights file has, e.g. rotary ``inv_freq``) run their
-            initializers; every other tensor is left as allocated.
+            initializers; every other tensor is left holding the unset marker (see the module
+            doc) for the weights to overwrite.
     """
 
     def __init__(
@@ -199,11 +200,10 @@ class Materializer:
         ``_init_weights`` for the other modules; raises naming the modules holding tensors without any."""
         found: dict[str, list[InitFn]] = {}
         missing: list[str] = []
-        owners: dict[str, nn.Module | None] = {}  # nearest enclosing module with _init_weights, by name
+        owners = self._owners  # nearest enclosing module with _init_weights, by name
         for name, module in self.model.named_modules():
             parent = owners.get(name.rpartition(".")[0]) if name else None
             owners[name] = module if callable(getattr(module, "_init_weights", None)) else parent
-            self._owners[name] = owners[name]
             if not _own_meta(module):
                 if owners[name] is not None:  # run after its children's, within a layer (see the module doc)
                     found[name] = [owners[name]._init_weights]
