@@ -10,6 +10,7 @@ fused per-chunk and per-head-interleaved q/k/v, explicit ``head_dim`` different 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -617,11 +618,11 @@ def from_config(config):
         return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
 
 
-def shrunk(arch: str, seed: int = 0) -> nn.Module:
-    """The causal LM registered as ``arch`` (a model type) from its default config shrunk (:data:`SHRINK`:
-    2 layers, hidden 64, 8 heads, 4 key/value heads, 4 experts; every dropout and router jitter 0),
-    float64, in train mode; the same weights for the same seed. Raises where the shrunk config does
-    not build or run (composite, audio or vision configs, layouts the shrinking contradicts)."""
+def shrunk_configs(arch: str) -> Iterator:
+    """The default config of model type ``arch`` shrunk (:data:`SHRINK`: 2 layers, hidden 64, 8 heads,
+    4 key/value heads, 4 experts; every dropout and router jitter 0), then again without each set of
+    :data:`RETRY_WITHOUT` in turn (the first that builds and runs is the one to use). Raises for a
+    composite config (its sub-models are not shrunk)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[arch]
@@ -637,10 +638,22 @@ def shrunk(arch: str, seed: int = 0) -> nn.Module:
     if hasattr(base, "kv_lora_rank"):  # multi-head latent attention: a key/value head per query head
         kw["num_key_value_heads"] = kw["num_attention_heads"]
         kw.pop("head_dim", None)
-    error = None
     for drop in RETRY_WITHOUT:
         try:
             config = cls(**{k: v for k, v in kw.items() if k not in drop})
+        except Exception:  # noqa: BLE001 - the next, smaller set of overrides
+            continue
+        yield config
+
+
+def shrunk(arch: str, seed: int = 0) -> nn.Module:
+    """The causal LM registered as ``arch`` (a model type) from its default config shrunk
+    (:func:`shrunk_configs`), float64, in train mode; the same weights for the same seed. Raises where
+    the shrunk config does not build or run (composite, audio or vision configs, layouts the shrinking
+    contradicts)."""
+    error: Exception = RuntimeError(f"no shrunk config of {arch} builds")
+    for config in shrunk_configs(arch):
+        try:
             torch.manual_seed(seed)
             model = from_config(config).to(torch.float64)
             with torch.no_grad():

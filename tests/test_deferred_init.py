@@ -286,6 +286,120 @@ def test_hugging_face_initializers_of_enclosing_models_and_their_gaps():
         _materialize(model)
 
 
+@pytest.mark.skipif(not HAS_HF, reason="hf extra")
+def test_hugging_face_models_enclosing_a_unit_write_into_it_as_when_built_eagerly():
+    """Hugging Face initializes a module after its children, and some models write into them from outside
+    every layer: Whisper's encoder copies sinusoids into its (frozen) position embedding, T5's question
+    answering model draws its head with std d_model ** -0.5 (a linear layer's own init gives about 1
+    here). Under deferred init they do so too; the user's hook still has the last word."""
+    import transformers
+
+    config = transformers.WhisperConfig(
+        vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=16,
+        max_target_positions=16, num_mel_bins=8, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        decoder_start_token_id=1,
+    )  # fmt: skip
+    eager = transformers.WhisperModel(config)
+    for hook in (None, lambda m: nn.init.zeros_(m.weight) if isinstance(m, nn.Embedding) else None):
+        with torch.device("meta"):
+            model = transformers.WhisperModel(config)
+        _materialize(model, init_fn=hook)
+        positions = model.encoder.embed_positions.weight
+        assert not positions.any() if hook else torch.equal(positions, eager.encoder.embed_positions.weight)
+        assert not any(getattr(t, "_is_hf_initialized", False) for t in (*model.parameters(), *model.buffers()))
+    config = transformers.T5Config(vocab_size=64, d_model=256, d_ff=64, num_layers=1, num_heads=4, d_kv=16)
+    with torch.device("meta"):
+        model = transformers.T5ForQuestionAnswering(config)
+    _materialize(model)
+    assert 0.85 < model.qa_outputs.weight.std() * 256**0.5 < 1.15 and not model.qa_outputs.bias.any()
+
+
+@pytest.mark.skipif(not HAS_HF, reason="hf extra")
+def test_enclosing_initializers_leave_other_units_alone_and_the_hook_last():
+    """nn.MultiheadAttention's own init (torch's nn.init, run by Hugging Face's _init_weights) writes its
+    in_proj_weight and its out_proj's bias, a unit of its own: run again for that unit, it must not
+    redraw the in_proj_weight the hook zeroed (torch's init functions are guarded as Hugging Face guards
+    them), and the out_proj's bias is zero as when built eagerly."""
+    import transformers
+
+    class WithAttention(transformers.PreTrainedModel):
+        config_class = transformers.PretrainedConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.attn = nn.MultiheadAttention(8, 2)
+            self.post_init()
+
+    def hook(module):
+        if isinstance(module, nn.MultiheadAttention):
+            module.in_proj_weight.zero_()
+        elif isinstance(module, nn.Linear):
+            module.weight.fill_(0.5)
+
+    with torch.device("meta"):
+        model = WithAttention(transformers.PretrainedConfig())
+    _materialize(model, init_fn=hook)
+    assert not model.attn.in_proj_weight.any() and not model.attn.out_proj.bias.any()
+    assert (model.attn.out_proj.weight == 0.5).all()
+
+
+class _SelfInit(nn.Module):
+    """A block whose _init_weights initializes itself (takes no module): not an initializer of others."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self._init_weights()
+
+    def _init_weights(self):
+        nn.init.eye_(self.fc.weight)
+
+
+def test_an_init_weights_that_takes_no_module_is_not_called_with_one():
+    with torch.device("meta"):
+        model = nn.Sequential(_SelfInit())
+    _materialize(model)  # (it was called as _init_weights(module): a TypeError)
+    assert torch.isfinite(model[0].fc.weight).all()
+
+
+def _raw_writer_on_meta():
+    import transformers
+
+    class RawModel(transformers.PreTrainedModel):
+        config_class = transformers.PretrainedConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.blocks = nn.ModuleList(_NormedMLP() for _ in range(2))
+            self.post_init()
+
+        def _init_weights(self, module):
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
+            elif isinstance(module, RawModel):
+                nn.init.zeros_(module.blocks[1].fc2.bias)  # (so it runs for blocks.1)
+                module.blocks[0].fc1.weight.data.normal_()  # unguarded: a split unit's slices
+
+    with torch.device("meta"):
+        model = RawModel(transformers.PretrainedConfig())
+    policy = {"blocks.*.fc1": "column", "blocks.*.fc2": "row"}
+    with pytest.raises(
+        DeferredInitError, match=r"'RawModel'\], run for 'blocks.1' .*wrote \['blocks.0.fc1.weight'"
+    ) as info:
+        apply_policy(model, _dist.mesh(2).tp_group, policy, verify=False, materializer=Materializer(model, "cpu", SEED))
+    return str(info.value)
+
+
+@pytest.mark.skipif(not HAS_HF, reason="hf extra")
+def test_an_enclosing_initializer_writing_split_slices_is_an_error():
+    """An enclosing model's _init_weights that writes another unit in place, ignoring the
+    _is_hf_initialized marks, would write each rank's slice of a layer already split: an error on every
+    rank, not values that depend on the TP size."""
+    first, second = _dist.run(2, _raw_writer_on_meta)
+    assert first == second
+
+
 class _MetaLit(lit.LitGPT):
     """Builds its model on the meta device in configure_model (Lightning's large-model idiom)."""
 

@@ -15,9 +15,14 @@ A module's initializers, in the order eager construction runs them: the module's
 (a Hugging Face ``PreTrainedModel``: also recomputes rotary ``inv_freq`` buffers). Within a layer,
 ``_init_weights`` also runs for the modules that hold no meta tensor of their own, after their children
 (as Hugging Face's ``initialize_weights`` does: a mixture-of-experts block initializes its router's
-weight). The user's hook ``init_fn(module)`` runs last, for each module holding tensors, after the
-whole layer's initializers. Modules holding meta tensors with no initializer at all raise
-:class:`~lightning_tp.errors.DeferredInitError` before anything is materialized.
+weight). The Hugging Face models enclosing a unit from outside that write into it then run their
+``_init_weights`` on their enclosing modules, writing the unit's tensors only (Whisper's encoder puts
+sinusoids into its position embedding; see ``Materializer._init_from_enclosing_models``). Inside a
+Hugging Face model the enclosing model is the nearest ``PreTrainedModel``, as its
+``initialize_weights`` dispatches. The user's hook ``init_fn(module)`` runs last, for each module
+holding tensors, after the whole layer's initializers. Modules holding meta tensors with no
+initializer at all raise :class:`~lightning_tp.errors.DeferredInitError` before anything is
+materialized.
 
 Initializers that leave a tensor unset (a parameter whose value only its constructor gives, which the
 meta device dropped: an activation's learned constants, a bias built as zeros) would leave
@@ -30,7 +35,9 @@ done (with ``initialize=False``, only the computed buffers, which no weights fil
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import inspect
 import sys
 import weakref
 from collections.abc import Callable, Iterator
@@ -111,6 +118,70 @@ def _enclosing(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(len(parts))]
 
 
+def _transformers(name: str):
+    """``transformers.<name>`` where transformers is imported (a Hugging Face model may be here), else ``None``."""
+    return getattr(sys.modules.get("transformers"), name, None)
+
+
+class _Asked:
+    """An ``_is_hf_initialized`` mark that answers "initialized" and notes the tensor's names in ``seen``
+    whenever an initializer asks (the tensors an initializer would write, without writing them)."""
+
+    def __init__(self, names: list[str], seen: set[str]) -> None:
+        self.names, self.seen = names, seen
+
+    def __bool__(self) -> bool:
+        self.seen.update(self.names)
+        return True
+
+
+@contextlib.contextmanager
+def _marked_initialized(tensors: list[Tensor], marks: list[object] | None = None) -> Iterator[None]:
+    """Meanwhile Hugging Face's initializers skip ``tensors`` (marked ``_is_hf_initialized``, as
+    ``from_pretrained`` marks loaded weights, or with ``marks``), and torch's ``nn.init`` functions too,
+    guarded as Hugging Face's ``initialize_weights`` guards them. The marks are restored."""
+    if marks is None:
+        tensors = list({id(t): t for t in tensors}.values())  # (a tensor held as a parameter and as a buffer)
+        marks = [True] * len(tensors)
+    before = [t.__dict__.get("_is_hf_initialized", _ABSENT) for t in tensors]
+    guard = getattr(sys.modules.get("transformers.initialization"), "guard_torch_init_functions", None)
+    for t, mark in zip(tensors, marks, strict=True):
+        t._is_hf_initialized = mark
+    try:
+        with guard() if guard is not None else contextlib.nullcontext():
+            yield
+    finally:
+        for t, flag in zip(tensors, before, strict=True):
+            if flag is _ABSENT:
+                del t._is_hf_initialized
+            else:
+                t._is_hf_initialized = flag
+
+
+def _sample(t: Tensor) -> Tensor:
+    """A few of ``t``'s elements, as bytes: a write through ``.data`` leaves ``t._version`` as it was."""
+    flat = t.detach().reshape(-1)
+    return flat[[0, flat.numel() // 2, -1]].clone().view(torch.uint8) if flat.numel() else flat.view(torch.uint8)
+
+
+def _initializes_modules(module: nn.Module, owner: nn.Module | None) -> bool:
+    """Whether ``module._init_weights(m)`` initializes the modules under it, below ``owner`` (the nearest
+    enclosing one that does). Inside a Hugging Face model only a ``PreTrainedModel``'s does, as its
+    ``initialize_weights`` dispatches (another module's ``_init_weights`` is its own affair: MiniCPM-V's
+    window merger has one that takes no module); elsewhere one that takes a module does."""
+    init = getattr(module, "_init_weights", None)
+    if not callable(init):
+        return False
+    PreTrainedModel = _transformers("PreTrainedModel")  # noqa: N806
+    if PreTrainedModel is not None and isinstance(owner, PreTrainedModel):
+        return isinstance(module, PreTrainedModel)
+    try:
+        params = inspect.signature(init).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin): trust the name
+        return True
+    return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params)
+
+
 def _name_seed(seed: int, name: str) -> int:
     digest = hashlib.sha256(name.encode()).digest()
     return derive_seed(seed, int.from_bytes(digest[:8], "little"))
@@ -182,6 +253,7 @@ class Materializer:
         self._owners: dict[str, nn.Module | None] = {}  # module name -> the nearest enclosing _init_weights
         self._enclosing: set[str] = set()  # modules without meta tensors of their own: _init_weights only
         self._initializers = self._find_initializers()
+        self._writes = self._find_enclosing_writes()  # enclosing module -> tensors its _init_weights writes
         # id(meta tensor) -> (weak refs to it and to its materialized tensor): a tie materializes once.
         # Weak both ways: a dense layer must be freed as soon as its split modules replace it (ids of
         # freed tensors are reused, hence the identity check).
@@ -203,7 +275,7 @@ class Materializer:
         owners = self._owners  # nearest enclosing module with _init_weights, by name
         for name, module in self.model.named_modules():
             parent = owners.get(name.rpartition(".")[0]) if name else None
-            owners[name] = module if callable(getattr(module, "_init_weights", None)) else parent
+            owners[name] = module if _initializes_modules(module, parent) else parent
             if not _own_meta(module):
                 if owners[name] is not None:  # run after its children's, within a layer (see the module doc)
                     found[name] = [owners[name]._init_weights]
@@ -264,6 +336,10 @@ class Materializer:
             ]
         for mod_name, module in reversed(run):  # children before parents
             self._run(mod_name, self._initializers[mod_name], module)
+        if expected:
+            self._init_from_enclosing_models(
+                name, {f"{m}.{t}" if m else t: getattr(mod, t) for (m, t), mod in expected}
+            )
         if self.init_fn is not None:  # the user's hook has the last word, children first
             for mod_name, module in reversed(fresh):
                 self._run(f"{mod_name}/init_fn", [self.init_fn], module)
@@ -292,8 +368,6 @@ class Materializer:
         if left:
             raise DeferredInitError(f"deferred init left tensors on the meta device: {left}.")
         if self._unset:
-            self._init_from_enclosing_models()
-        if self._unset:
             unset: dict[str, list[str]] = {}  # module class -> tensors no initializer set
             for (mod_name, t_name), (_, cls) in self._unset.items():
                 unset.setdefault(cls, []).append(f"{mod_name}.{t_name}" if mod_name else t_name)
@@ -312,41 +386,81 @@ class Materializer:
                 )
             )
 
-    def _init_from_enclosing_models(self) -> None:
-        """Hugging Face's initialization of missing weights, for unset tensors that a module outside
-        every layer sets (Falcon-H1's base model writes each layer's ``mup_vector``): every other
-        tensor is marked ``_is_hf_initialized``, which Hugging Face's initializers skip, and the
-        ``_init_weights`` of the Hugging Face models enclosing the unset tensors run on their enclosing
-        modules, innermost first. Only tensors that no rewrite split (alike on every rank) are done so."""
-        PreTrainedModel = getattr(sys.modules.get("transformers"), "PreTrainedModel", None)  # noqa: N806
+    def _find_enclosing_writes(self) -> dict[str, set[str] | None]:
+        """``{module name: the names of the tensors its Hugging Face model's _init_weights writes}``, for
+        every module enclosing a unit, from one run on the meta model in which every tensor is marked
+        with an :class:`_Asked`: the tensors it asks about (through ``transformers.initialization`` or
+        torch's guarded ``nn.init``), which it then leaves alone, and those it writes in place anyway
+        (a meta tensor's version moves). ``None`` where that run fails (a value-dependent initializer):
+        then it runs for every unit inside. What an initializer writes through ``.data`` without asking
+        is not seen, and is not written under deferred init."""
+        PreTrainedModel = _transformers("PreTrainedModel")  # noqa: N806
+        if PreTrainedModel is None:
+            return {}
+        names: dict[int, list[str]] = {}
+        tensors: dict[int, Tensor] = {}
+        for n, t in (
+            *self.model.named_parameters(remove_duplicate=False),
+            *self.model.named_buffers(remove_duplicate=False),
+        ):
+            names.setdefault(id(t), []).append(n)
+            tensors[id(t)] = t
+        seen: set[str] = set()
+        marks = [_Asked(names[i], seen) for i in tensors]
+        writes: dict[str, set[str] | None] = {}
+        for a in sorted({e for n, _, _ in units(self.model) for e in _enclosing(n)}):
+            if not isinstance(owner := self._owners.get(a), PreTrainedModel):
+                continue
+            seen.clear()
+            versions = [t._version for t in tensors.values()]
+            try:
+                with _marked_initialized(list(tensors.values()), marks):
+                    self._run(f"{a}/writes", [owner._init_weights], self.model.get_submodule(a))
+            except Exception:  # noqa: BLE001 - e.g. .item() of a meta tensor: run it for every unit inside
+                writes[a] = None
+                continue
+            moved = (names[i] for (i, t), v in zip(tensors.items(), versions, strict=True) if t._version != v)
+            writes[a] = seen | {n for ns in moved for n in ns}
+        return writes
+
+    def _init_from_enclosing_models(self, name: str, fresh: dict[str, Tensor]) -> None:
+        """The ``_init_weights`` of the Hugging Face models enclosing unit ``name`` from outside it that
+        write into it (``fresh``: its new tensors, by name), run on those enclosing modules, innermost
+        first: Hugging Face initializes every module after its children, and some write into them
+        (Whisper's encoder copies sinusoids into its position embedding; Falcon-H1's base model writes
+        every layer's ``mup_vector``). Every other tensor is marked meanwhile (:func:`_marked_initialized`),
+        so only the unit is written, dense, before it is split: alike on every rank. A split tensor
+        written anyway (through ``.data``, unguarded) is a :class:`~lightning_tp.errors.DeferredInitError`."""
+        PreTrainedModel = _transformers("PreTrainedModel")  # noqa: N806
         if PreTrainedModel is None:  # transformers not imported: no Hugging Face model here
             return
-        todo: dict[tuple[str, str], Tensor] = {}
-        for mod_name, t_name in self._unset:
-            try:
-                t = getattr(self.model.get_submodule(mod_name), t_name, None)
-            except AttributeError:  # the module was replaced by the rewrite under another structure
-                continue
-            if isinstance(t, Tensor) and shard_spec(t) is None and _unset(t):
-                todo[(mod_name, t_name)] = t
-        names = sorted({n for mod_name, _ in todo for n in _enclosing(mod_name)}, key=lambda n: -n.count("."))
-        owners = [(n, o) for n in names if isinstance(o := self._owners.get(n), PreTrainedModel)]
+
+        def writes_here(n: str) -> bool:
+            w = self._writes.get(n, set())
+            return w is None or not w.isdisjoint(fresh)
+
+        owners = [
+            (n, o)
+            for n in reversed(_enclosing(name))
+            if isinstance(o := self._owners.get(n), PreTrainedModel) and writes_here(n)
+        ]
         if not owners:
             return
-        ids = {id(t) for t in todo.values()}
+        ids = {id(t) for t in fresh.values()}
         marked = [t for t in (*self.model.parameters(), *self.model.buffers()) if id(t) not in ids]
-        before = [t.__dict__.get("_is_hf_initialized", _ABSENT) for t in marked]
-        for t in marked:
-            t._is_hf_initialized = True
-        try:
-            for name, owner in owners:
-                self._run(name, [owner._init_weights], self.model.get_submodule(name))
-        finally:
-            for t, flag in zip(marked, before, strict=True):
-                if flag is _ABSENT:
-                    del t._is_hf_initialized
-                else:
-                    t._is_hf_initialized = flag
-        for key, t in todo.items():
-            if not _unset(t):
-                del self._unset[key]
+        shards = [(t, t._version, _sample(t)) for t in marked if shard_spec(t) is not None]  # split units' slices
+        with _marked_initialized(marked):
+            for n, owner in owners:  # (a seed per unit: the draws of different layers are independent)
+                self._run(f"{name}<{n}", [owner._init_weights], self.model.get_submodule(n))
+        written = {
+            id(t) for t, version, sample in shards if t._version != version or not torch.equal(_sample(t), sample)
+        }
+        if written:
+            names = [n for n, t in (*self.model.named_parameters(), *self.model.named_buffers()) if id(t) in written]
+            raise DeferredInitError(
+                f"deferred (meta-device) init: the _init_weights of {[type(o).__name__ for _, o in owners]}, run for "
+                f"'{name}' as Hugging Face initializes a module after its children, wrote {few(names)}, which the "
+                "rewrite had already split: it writes them in place without checking _is_hf_initialized, so each "
+                "rank would write its slice, differently at each TP size. Set them in the LightningModule's "
+                "init_weights(module) hook, load them (pretrained=...), or build the model off the meta device."
+            )

@@ -71,6 +71,31 @@ def float64_casts():
         )
 
 
+def init_differences(eager: torch.nn.Module, other: torch.nn.Module, deferred: torch.nn.Module) -> list[str]:
+    """How ``deferred`` (built on the meta device and materialized) differs from the eager builds
+    ``eager`` and ``other`` (the same config, two seeds): a tensor both eager builds hold alike
+    (computed buffers, sinusoids, constants) must be the same under deferred init (float32 rounding
+    allowed: the eager models may have been built in float32 and cast); every other floating one of
+    256 elements or more must have the eager spread (std within 0.7x to 1.4x: a different
+    initializer, not a different draw); every other one must be finite."""
+    a, b = (dict((*m.named_parameters(), *m.named_buffers())) for m in (eager, other))
+    wrong = []
+    for name, got in (*deferred.named_parameters(), *deferred.named_buffers()):
+        got, ref = got.detach(), a.get(name)
+        ref = ref.detach().to(got.dtype) if ref is not None and ref.shape == got.shape else None
+        if ref is not None and torch.equal(ref, b[name].detach().to(got.dtype)):
+            if not torch.allclose(got, ref, rtol=1e-6, atol=1e-7):  # (infinite bounds too)
+                wrong.append(f"{name}: not what every eager build gives")
+            continue
+        if got.is_floating_point() and not torch.isfinite(got).all():
+            wrong.append(f"{name}: not finite")
+        elif ref is not None and got.is_floating_point() and got.numel() >= 256:
+            want, have = ref.double().std().item(), got.double().std().item()
+            if not 0.7 * want <= have <= 1.4 * want:
+                wrong.append(f"{name}: std {have:.3g}, eager {want:.3g}")
+    return wrong
+
+
 def _case(arch: str, tp: int, sequence_parallel: bool) -> dict:
     import hf_zoo
     import test_hf_models as T
