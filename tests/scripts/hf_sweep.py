@@ -42,6 +42,7 @@ def float64_casts():
     import torch.nn.functional as F
 
     to, typ, softmax, t_softmax, flt = torch.Tensor.to, torch.Tensor.type, F.softmax, torch.softmax, torch.Tensor.float
+    m_softmax = torch.Tensor.softmax
 
     def f64(x, dtype):
         return torch.float64 if dtype is torch.float32 and x.dtype == torch.float64 else dtype
@@ -59,9 +60,11 @@ def float64_casts():
     torch.Tensor.float = lambda self, *a, **k: self if self.dtype == torch.float64 else to(self, torch.float32)
     F.softmax = lambda x, dim=None, _stacklevel=3, dtype=None: softmax(x, dim=dim, dtype=f64(x, dtype))
     torch.softmax = lambda x, dim, dtype=None: t_softmax(x, dim, dtype=f64(x, dtype))
+    torch.Tensor.softmax = lambda self, dim, dtype=None: m_softmax(self, dim, dtype=f64(self, dtype))
     try:
         yield
     finally:
+        torch.Tensor.softmax = m_softmax
         torch.Tensor.to, torch.Tensor.type, F.softmax, torch.softmax, torch.Tensor.float = (
             to,
             typ,

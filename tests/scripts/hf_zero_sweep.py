@@ -40,7 +40,15 @@ def _whole(param, tensor, tp_group):
     return _dist.gathered(param, tensor, tp_group)
 
 
-def _compare(dense, model, tp_group, what: str) -> tuple[float, list[str]]:
+LR, EPS = 1e-2, 1e-8  # the AdamW step both models take
+
+
+def _compare(dense, model, tp_group, what: str, slack: dict[str, torch.Tensor]) -> tuple[float, list[str]]:
+    """The worst relative difference of ``what`` (``"grad"`` or ``"weight"``) and the parameters past
+    :data:`TOL`. Comparing gradients fills ``slack``: how far one AdamW step may carry each weight
+    apart given the gradients' difference. A first step moves a weight by ``LR * g / (|g| + EPS)``, so
+    where the true gradient is about 0 (a key bias: softmax ignores it) a rounding-level difference
+    ``dg`` in ``g`` is amplified by up to ``LR / EPS``; the bound is ``LR * EPS * |dg| / (|g| + EPS)**2``."""
     import test_hf_models as T
 
     worst, wrong = 0.0, []
@@ -58,7 +66,13 @@ def _compare(dense, model, tp_group, what: str) -> tuple[float, list[str]]:
         if got.shape != theirs.shape:
             wrong.append(f"{name}: {what} shape {tuple(got.shape)} != {tuple(theirs.shape)}")
             continue
-        err = float((got - theirs).abs().max()) / max(1e-6, float(theirs.abs().max()))
+        scale = max(1e-6, float(theirs.abs().max()))
+        diff = (got - theirs).abs()
+        if what == "grad":
+            slack[name] = LR * EPS * diff / (theirs.abs() + EPS) ** 2
+        else:  # what the step's amplification of the gradients' difference explains
+            diff = (diff - 1.01 * slack.get(name, torch.zeros_like(diff))).clamp(min=0)
+        err = float(diff.max()) / scale
         worst = max(worst, err)
         if err > TOL:
             wrong.append(f"{name}: {what} error {err:.2e}")
@@ -101,10 +115,11 @@ def _case(arch: str, stage: int, sequence_parallel: bool) -> dict:
         loss(model, half).backward()
         all_reduce_partial_grads(list(model.parameters()), mesh.tp_group)
         ((loss(dense, slice(0, 2)) + loss(dense, slice(2, 4))) / 2).backward()
-        grad_err, wrong = _compare(dense, model, mesh.tp_group, "grad")
+        slack: dict[str, torch.Tensor] = {}
+        grad_err, wrong = _compare(dense, model, mesh.tp_group, "grad", slack)
         for net in (dense, model):
-            torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1).step()
-        weight_err, wrong_w = _compare(dense, model, mesh.tp_group, "weight")
+            torch.optim.AdamW(net.parameters(), lr=LR, eps=EPS, weight_decay=0.1).step()
+        weight_err, wrong_w = _compare(dense, model, mesh.tp_group, "weight", slack)
     except Exception as exc:  # noqa: BLE001 - reported
         return {"status": "error", **T._error_info(exc), "traceback": traceback.format_exc()[-2000:]}
     wrong += wrong_w
