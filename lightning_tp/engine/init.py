@@ -139,10 +139,9 @@ class _Asked:
 def _marked_initialized(tensors: list[Tensor], marks: list[object] | None = None) -> Iterator[None]:
     """Meanwhile Hugging Face's initializers skip ``tensors`` (marked ``_is_hf_initialized``, as
     ``from_pretrained`` marks loaded weights, or with ``marks``), and torch's ``nn.init`` functions too,
-    guarded as Hugging Face's ``initialize_weights`` guards them. The marks are restored."""
-    if marks is None:
-        tensors = list({id(t): t for t in tensors}.values())  # (a tensor held as a parameter and as a buffer)
-        marks = [True] * len(tensors)
+    guarded as Hugging Face's ``initialize_weights`` guards them. The marks are restored. ``tensors``
+    holds each tensor once."""
+    marks = [True] * len(tensors) if marks is None else marks
     before = [t.__dict__.get("_is_hf_initialized", _ABSENT) for t in tensors]
     guard = getattr(sys.modules.get("transformers.initialization"), "guard_torch_init_functions", None)
     for t, mark in zip(tensors, marks, strict=True):
@@ -254,7 +253,7 @@ class Materializer:
     ) -> None:
         self.model, self.device, self.seed, self.init_fn = model, torch.device(device), int(seed), init_fn
         self.initialize = initialize  # False: pretrained weights follow; only computed buffers are initialized
-        self._owners: dict[str, nn.Module | None] = {}  # module name -> the nearest enclosing _init_weights
+        self._owners: dict[str, nn.Module | None] = {}  # module name -> who initializes it (_initializes_modules)
         self._enclosing: set[str] = set()  # modules without meta tensors of their own: _init_weights only
         self._initializers = self._find_initializers()
         self._writes = self._find_enclosing_writes()  # enclosing module -> tensors its _init_weights writes
@@ -276,7 +275,7 @@ class Materializer:
         ``_init_weights`` for the other modules; raises naming the modules holding tensors without any."""
         found: dict[str, list[InitFn]] = {}
         missing: list[str] = []
-        owners = self._owners  # nearest enclosing module with _init_weights, by name
+        owners = self._owners  # the nearest enclosing module whose _init_weights initializes it, by name
         for name, module in self.model.named_modules():
             parent = owners.get(name.rpartition(".")[0]) if name else None
             owners[name] = module if _initializes_modules(module, parent) else parent
@@ -435,23 +434,16 @@ class Materializer:
         every layer's ``mup_vector``). Every other tensor is marked meanwhile (:func:`_marked_initialized`),
         so only the unit is written, dense, before it is split: alike on every rank. A split tensor
         written anyway (through ``.data``, unguarded) is a :class:`~lightning_tp.errors.DeferredInitError`."""
-        PreTrainedModel = _transformers("PreTrainedModel")  # noqa: N806
-        if PreTrainedModel is None:  # transformers not imported: no Hugging Face model here
-            return
-
-        def writes_here(n: str) -> bool:
-            w = self._writes.get(n, set())
-            return w is None or not w.isdisjoint(fresh)
-
-        owners = [
-            (n, o)
+        owners = [  # (self._writes holds the enclosing modules that a Hugging Face model initializes)
+            (n, self._owners[n])
             for n in reversed(_enclosing(name))
-            if isinstance(o := self._owners.get(n), PreTrainedModel) and writes_here(n)
+            if n in self._writes and (self._writes[n] is None or not self._writes[n].isdisjoint(fresh))
         ]
         if not owners:
             return
         ids = {id(t) for t in fresh.values()}
-        marked = [t for t in (*self.model.parameters(), *self.model.buffers()) if id(t) not in ids]
+        everything = {id(t): t for t in (*self.model.parameters(), *self.model.buffers())}  # (a tensor held twice)
+        marked = [t for i, t in everything.items() if i not in ids]
         shards = [(t, t._version, _sample(t)) for t in marked if shard_spec(t) is not None]  # split units' slices
         with _marked_initialized(marked):
             for n, owner in owners:  # (a seed per unit: the draws of different layers are independent)
