@@ -134,8 +134,12 @@ SP_EXPECTED: dict[str, object] = {
     "granite_swa": EXACT,
     "phi3": ("PolicyError", ["self_attn.o_proj", "input_is_parallel=False"]),
     "olmoe": ("PolicyError", ["self_attn.o_proj", "input_is_parallel=False"]),
-    "deepseek_v2": ("PolicyError", ["kv_a_proj_with_mqa", "partial_output"]),
-    **{a: _SP_MISMATCH for a in ("bloom", "opt", "t5", "llama4", "gemma4")},
+    # latent attention: the block gathers the hidden states for q_a_proj / kv_a_proj_with_mqa too
+    "deepseek_v2": EXACT,
+    # OPT's layer holds its attention block and its MLP's fc1/fc2 itself (and flattens the tokens to
+    # (B*T, H) for them): the layer carries the residual stream, so fc1 gathers its own input
+    "opt": EXACT,
+    **{a: _SP_MISMATCH for a in ("bloom", "t5", "llama4", "gemma4")},
     "bert": ("PolicyError", ["splits no layer of the model"]),  # "auto" leaves BERT's layers whole
 }
 # Gemma's RMSNorm computes in float32 (`x.float()`): its weight's gradient, summed over the sequence

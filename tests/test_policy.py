@@ -1035,16 +1035,22 @@ def test_partial_output_is_resolved_from_the_block_and_checked():
         plan_policy(_LatentAttention(), 2, {**policy, "kv_a": {"style": "replicate", "partial_output": "rope_dim"}})
     with pytest.raises(ShardingError, match=r"'kv_a' \(style 'replicate'\): partial_output=10 .* out_features=10"):
         plan_policy(_LatentAttention(), 2, {**policy, "kv_a": {"style": "replicate", "partial_output": 10}})
-    with pytest.raises(
-        PolicyError,
-        match=r"'0.kv_a' \(style 'replicate'\): with partial_output, .*sequence parallelism does not handle",
-    ):
-        plan_policy(
-            nn.Sequential(_LatentAttention(), _LatentAttention()),
-            2,
-            {f"*.{k}": v for k, v in policy.items()},
-            sequence_parallel=True,
-        )
+    # under sequence parallelism, in the block that gathers the sequence (the one holding kv_b), the column
+    # layers leave their input gradients partial for the gather to sum: kv_a's whole output gradient is
+    # partial alike (partial_grad, no sum of its tail alone)
+    lm = nn.ModuleDict({"layers": nn.Sequential(_LatentAttention(), _LatentAttention()), "head": nn.Linear(16, 64)})
+    sp = {**{f"layers.*.{k}": v for k, v in policy.items()}, "head": "vocab"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (no forward to read the layers' inputs from: Megatron's split)
+        rows = {m.name: m for m in plan_policy(lm, 2, sp, sequence_parallel=True).modules}
+        assert rows["layers.1.kv_a"].options == {"partial_grad": True}
+        assert rows["layers.1"].options == {"in_features": [8, 16]}  # kv_b's width and kv_a's (the hidden states)
+        lm["proj"] = nn.Linear(16, 10)  # outside any block: its input would be this rank's chunk
+        with pytest.raises(
+            PolicyError,
+            match=r"'proj' \(style 'replicate'\): with partial_output, .*must sit in the block that gathers",
+        ):
+            plan_policy(lm, 2, {**sp, "proj": {"style": "replicate", "partial_output": 2}}, sequence_parallel=True)
 
 
 class _EncoderLM(nn.Module):

@@ -1180,3 +1180,161 @@ def test_an_entry_compiled_alone_decides_for_the_eager_layers_after_it():
     (it was gathered as if a chunk: 2 x 11 tokens, a shape error)."""
     for r in _dist.run(2, _first_layer_compiled, 2):
         assert all(err < 1e-12 for err in r.values()), r
+
+
+class _FairseqLayer(torch.nn.Module):
+    """A decoder layer laid out as OPT's, BART's and Whisper's, written anew: its attention a block of
+    its own, its MLP's linears its own (so the layer holds column layers and another block), post-norm
+    residuals, the MLP on the tokens flattened to ``(B*T, d)`` as OPT's is."""
+
+    def __init__(self, d, n_heads, rope):
+        super().__init__()
+        self.rope = rope
+        self.self_attn = models.RopeAttention(d, n_heads) if rope else models.PlainAttention(d, n_heads)
+        self.attn_norm, self.final_norm = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.fc1, self.fc2 = torch.nn.Linear(d, 3 * d), torch.nn.Linear(3 * d, d)
+
+    def forward(self, x, cos=None, sin=None):
+        x = self.attn_norm(x + (self.self_attn(x, cos, sin) if self.rope else self.self_attn(x)))
+        tokens = x.reshape(-1, x.shape[-1])
+        tokens = self.final_norm(tokens + self.fc2(torch.nn.functional.gelu(self.fc1(tokens))))
+        return tokens.view(x.shape)
+
+
+class _FairseqGPT(torch.nn.Module):
+    """Learned positions added at the embeddings (the layers take the hidden states alone: the sequence
+    is split at the embeddings), or with ``rope`` rotary tables built from the embeddings' output and
+    handed to every layer (the layer stack is the sequence-sharded region)."""
+
+    def __init__(self, rope, vocab=30, d=32, n_heads=4, n_layers=2):
+        super().__init__()
+        self.rope, self.head_dim = rope, d // n_heads
+        self.embed = torch.nn.Embedding(vocab, d)
+        self.pos = None if rope else torch.nn.Embedding(16, d)
+        self.layers = torch.nn.ModuleList(_FairseqLayer(d, n_heads, rope) for _ in range(n_layers))
+        self.lm_head = torch.nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        if self.rope:
+            pos = torch.arange(x.size(1), dtype=x.dtype)
+            inv = 1.0 / 10000 ** (torch.arange(0, self.head_dim, 2, dtype=x.dtype) / self.head_dim)
+            angles = torch.cat([torch.outer(pos, inv)] * 2, -1)
+            tables = (angles.cos(), angles.sin())
+        else:
+            x, tables = x + self.pos(torch.arange(ids.shape[1])), ()
+        for layer in self.layers:
+            x = layer(x, *tables)
+        return self.lm_head(x)
+
+
+def _check_layer_holding_blocks_and_columns(tp, rope):
+    from lightning_tp.engine.layers import ColumnParallelLinear
+
+    m = _dist.mesh(tp)
+    torch.manual_seed(0)
+    dense = _FairseqGPT(rope).double()
+    model = copy.deepcopy(dense)
+    plan = apply_policy(model, m.tp_group, "auto", sequence_parallel=True)  # verify=True passes
+    g = torch.Generator().manual_seed(3)
+    ids, tgt = torch.randint(0, 30, (2, 12), generator=g), torch.randint(0, 30, (2, 12), generator=g)
+    ld = dense(ids)
+    lt, counts = _counted_forward(model, ids)
+    models.loss_parity_backward(ld, lt, tgt, 30, TOL)
+    _assert_grads_match_dense(model, dense, m)
+    _assert_any_length_without_grad(_forwards_without_grad(model, dense, tp), tp)
+    fc1 = model.layers[0].fc1
+    return {
+        "styles": {r.name: r.style for r in plan.modules},
+        "fc1_gathers": isinstance(fc1, ColumnParallelLinear) and fc1.sequence_parallel and fc1.sequence_gather is None,
+        "reduce_scatters": counts.get("reduce_scatter_tensor", 0) + counts.get("reduce_scatter_single", 0),
+        "partial": sorted(n for n, p in model.named_parameters() if has_partial_grad(p)),
+    }
+
+
+@pytest.mark.parametrize("rope", [False, True], ids=["split_at_embeddings", "layer_stack"])
+@pytest.mark.parametrize("tp", [2, 4])
+def test_a_layer_holding_its_attention_block_and_its_mlp_linears_runs_sequence_parallel(tp, rope):
+    """A layer that holds another block and column layers of its own (OPT's, BART's, Whisper's decoder
+    layer: fc1/fc2 beside self_attn) carries the residual stream: it does not gather the sequence at its
+    input (its attention block does); fc1 gathers its own input, as Megatron's column layers do, and
+    fc2 reduce-scatters. Tokens flattened to (B*T, d) for the MLP, as OPT flattens them, are told whole
+    or sharded in a forward without gradients. Logits and every gradient equal the dense model's
+    (float64). Before: the layer gathered at its input, and the rewritten model failed its self-check."""
+    for r in _dist.run(tp, _check_layer_holding_blocks_and_columns, tp, rope):
+        styles = r["styles"]
+        assert styles["layers.0.self_attn"] == "sequence_gather" and styles["layers.0.fc1"] == "column"
+        assert styles.get("layers.1", "replicate") != "sequence_gather" and r["fc1_gathers"], styles
+        assert r["reduce_scatters"] >= 4  # each layer's o_proj and fc2
+        norms = [
+            f"layers.{i}.{n}.{p}" for i in range(2) for n in ("attn_norm", "final_norm") for p in ("bias", "weight")
+        ]
+        assert set(norms) <= set(r["partial"]), r["partial"]
+
+
+class _LatentAttention(torch.nn.Module):
+    """Multi-head latent attention written anew (DeepSeek-V2's layout under other names): whole linear
+    layers compress the hidden states, column layers expand the compressed ones into this rank's heads,
+    and ``rope`` features of the key/value compression (``down_kv``'s last outputs) reach every head."""
+
+    def __init__(self, d=32, n_heads=4, q_rank=12, kv_rank=10, rope=4, v_head_dim=8):
+        super().__init__()
+        self.kv_rank, self.rope, self.v_head_dim = kv_rank, rope, v_head_dim
+        self.down_q = torch.nn.Linear(d, q_rank, bias=False)
+        self.up_q = torch.nn.Linear(q_rank, n_heads * (v_head_dim + rope), bias=False)
+        self.down_kv = torch.nn.Linear(d, kv_rank + rope, bias=False)
+        self.kv_norm = torch.nn.RMSNorm(kv_rank)
+        self.up_kv = torch.nn.Linear(kv_rank, n_heads * 2 * v_head_dim, bias=False)
+        self.out = torch.nn.Linear(n_heads * v_head_dim, d, bias=False)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q = self.up_q(self.down_q(x)).view(B, T, -1, self.v_head_dim + self.rope).transpose(1, 2)
+        c, shared = self.down_kv(x).split([self.kv_rank, self.rope], -1)
+        k, v = self.up_kv(self.kv_norm(c)).view(B, T, -1, 2 * self.v_head_dim).transpose(1, 2).chunk(2, -1)
+        k = torch.cat([k, shared[:, None].expand(-1, k.shape[1], -1, -1)], -1)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class _LatentGPT(models.PlainGPT):
+    def __init__(self):
+        super().__init__(d=32, n_heads=4)
+        for layer in self.layers:
+            layer.attn = _LatentAttention()
+
+
+def _check_latent_attention(tp):
+    m = _dist.mesh(tp)
+    torch.manual_seed(0)
+    dense = _LatentGPT().double()
+    model = copy.deepcopy(dense)
+    policy = {
+        **{n: s for n, s in _auto_patterns(model).items() if ".attn." not in n},
+        "layers.*.attn.up_q": "column",
+        "layers.*.attn.up_kv": "column",
+        "layers.*.attn.down_kv": {"style": "replicate", "partial_output": 4},
+        "layers.*.attn.out": "row",
+    }
+    plan = apply_policy(model, m.tp_group, policy, sequence_parallel=True)  # verify=True passes
+    g = torch.Generator().manual_seed(3)
+    ids, tgt = torch.randint(0, 30, (2, 12), generator=g), torch.randint(0, 30, (2, 12), generator=g)
+    models.loss_parity_backward(dense(ids), model(ids), tgt, 30, TOL)
+    _assert_grads_match_dense(model, dense, m)
+    _assert_any_length_without_grad(_forwards_without_grad(model, dense, tp), tp)
+    return {r.name: (r.style, r.options) for r in plan.modules}
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_latent_attention_runs_sequence_parallel(tp):
+    """Multi-head latent attention under sequence parallelism: its block gathers the hidden states for
+    its whole compressing layers as well as the compressed widths its column layers read; inside the
+    gathering block every column layer leaves its input gradient partial for the gather to sum, so the
+    compression whose tail reaches the heads (``partial_output``) has a partial gradient as a whole
+    (``partial_grad``, no sum of the tail's alone). Logits and every gradient equal the dense model's
+    (float64). Before: refused ("partial_output ... which sequence parallelism does not handle")."""
+    for styles in _dist.run(tp, _check_latent_attention, tp):
+        assert styles["layers.0.attn"] == ("sequence_gather", {"in_features": [10, 12, 32]}), styles["layers.0.attn"]
+        assert styles["layers.1.attn.down_kv"] == ("replicate", {"partial_grad": True})
+        assert styles["layers.1.attn.down_q"] == ("replicate", {"partial_grad": True})
+        assert styles["layers.1.attn.kv_norm"] == ("replicate", {"partial_grad": True})

@@ -22,6 +22,7 @@ With a group of size 1 every operator is the identity. Collectives are called th
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -265,10 +266,13 @@ def enter_sequence_region(x: Tensor, group: ProcessGroup, where: str, training: 
             "sequence."
         )
     compiling = torch.compiler.is_compiling()
+    # the sequence's length, and its tokens flattened with the dims before it (a layer may take
+    # (B*T, H): OPT's MLP): both tell its tensors apart
+    lengths = {length, math.prod(x.shape[:-1])} if dim in (-2, x.dim() - 2) and x.dim() > 2 else {length}
     if not compiling and whole:
-        _REGION.whole.add(length)
+        _REGION.whole.update(lengths)
     elif not compiling:
-        _REGION.chunks.add(length // p)  # this rank's chunk
+        _REGION.chunks.update(n // p for n in lengths)  # this rank's chunk
     differs = _REGION.entered and whole != _REGION.last  # another sequence of this forward decided otherwise
     if differs and (compiling or _REGION.traced):
         # traced, no lengths are recorded: one decision per forward (also where the compiler left this call to eager)

@@ -408,7 +408,8 @@ def _stack_split(
     """The layer stack as the sequence-sharded region (:func:`~lightning_tp.policy.stack.stack_split`),
     unless the policy gives the stack's first or last layer a style of its own (then Megatron's split)."""
     blocks = {b: w for b, w in _column_blocks(planned.values()).items() if not _inside(b, owners)}
-    split = stack_split(model, modules, blocks, example_input, forward_module)
+    gathering = _gathering_blocks(planned.values(), owners)
+    split = stack_split(model, modules, blocks, example_input, forward_module, gathering)
     for given in (planned.get(split.first), planned.get(split.last)) if split is not None else ():
         if given is not None and (given.style != "replicate" or set(given.options) - {"partial_grad"}):
             return None
@@ -479,10 +480,11 @@ def _check_sequence_parallel(
                 f"sequence_parallel=False.{hint}"
             )
     root = _split_root({e.name: e for e in entries})
+    gathering = _gathering_blocks(entries, owners)
     for entry in entries:
         if _inside(entry.name, owners) or (split is not None and not split.inside(entry.name)):
             continue  # plain tensor parallelism: in a layer on the whole sequence, or outside the sequence-split stack
-        if (why := entry.kind.sequence_parallel_error(entry.options)) is not None:
+        if (why := entry.kind.sequence_parallel_error(entry.options, _inside(entry.name, gathering))) is not None:
             raise PolicyError(f"module {entry.name!r} (style {entry.style!r}): {why} Use sequence_parallel=False.")
         if isinstance(entry.kind, Column) and entry.name.rpartition(".")[0] in ("", root):
             raise PolicyError(
@@ -518,7 +520,7 @@ def _check_experts_placement(
                 "experts runs on the whole sequence, so nothing would be sequence-sharded. Put the experts and their "
                 "router in a submodule of their own (a layer), or use sequence_parallel=False."
             )
-    blocks = [b for b in _column_blocks(entries) if not _inside(b, owners)]
+    blocks = list(_gathering_blocks(entries, owners))
     gathering = [(o, "a mixture of experts") for o in owners]
     gathering += [(e.name, "experts") for e in entries if e.style == "experts" and not _inside(e.name, owners)]
     for name, kind in gathering:
@@ -562,6 +564,16 @@ def _column_blocks(rows: Iterable[PlannedModule]) -> dict[str, set[int]]:
     return blocks
 
 
+def _gathering_blocks(rows: Iterable[PlannedModule], owners: dict[str, _Owner]) -> dict[str, set[int]]:
+    """The blocks that gather the sequence at their input under sequence parallelism: those holding
+    column layers (outside a mixture of experts run on the whole sequence) that hold no other such
+    block. A block holding another (OPT's, BART's, Whisper's decoder layer: its attention block, and
+    its MLP's linears itself) carries the residual stream, which must stay sharded: its own column
+    layers gather their input themselves, as Megatron's do."""
+    blocks = {b: w for b, w in _column_blocks(rows).items() if not _inside(b, owners)}
+    return {b: w for b, w in blocks.items() if not any(_inside(other, (b,)) for other in blocks)}
+
+
 def _split_root(planned: dict[str, PlannedModule]) -> str:
     """The innermost module holding every split layer (the model the TP regions belong to)."""
     parents = [row.name.split(".")[:-1] for row in planned.values() if row.splits]
@@ -592,7 +604,9 @@ def _plan_sequence_parallel(
       and what runs outside the stack is planned as without sequence parallelism;
 
     * each block holding column layers gathers the sequence at its input (``sequence_gather``; a block
-      with per-head parameters of its own, a ``head_params`` row, gets them split by that same row);
+      with per-head parameters of its own, a ``head_params`` row, gets them split by that same row),
+      unless it holds another such block: then its own column layers gather their input themselves
+      (:func:`_gathering_blocks`);
     * replicated ``nn.Embedding``s (positions, token types) give this rank's chunk (``sequence_embedding``);
     * a mixture of experts whose experts are blocks runs on the whole sequence (``sequence_whole``:
       gathered at its input, its output split back), plain tensor parallelism inside;
@@ -604,7 +618,7 @@ def _plan_sequence_parallel(
       stands; a row whose style takes the option (``replicate``, ``gather_input``) keeps its style
       and gets it.
     """
-    blocks = {b: w for b, w in _column_blocks(planned.values()).items() if not _inside(b, owners)}
+    blocks = _gathering_blocks(planned.values(), owners)
     root = _split_root(planned)
     layers = {r.name for r in planned.values() if r.splits or r.kind.replaces}  # TP layers (replicated k/v too)
     split = {id(p) for n in layers for p in modules[n].parameters(recurse=False)}
@@ -631,7 +645,10 @@ def _plan_sequence_parallel(
             continue
         if name in blocks:
             note = "all-gathers the sequence at the block input"
-            options: dict[str, Any] = {"in_features": sorted(blocks[name])}
+            # the widths its column layers read, and its whole linear layers (multi-head latent attention's
+            # q_a_proj / kv_a_proj_with_mqa read the hidden states, its column layers the compressed ones)
+            whole = {w[0] for n, m in module.named_modules() if f"{name}.{n}" not in layers and (w := as_linear(m))}
+            options: dict[str, Any] = {"in_features": sorted(blocks[name] | whole)}
             given = planned.get(name)  # the policy may mark its parameters, or split its per-head ones
             if given is not None and given.style == "head_inputs":
                 if stack is None:
@@ -659,6 +676,10 @@ def _plan_sequence_parallel(
             row.pattern = given.pattern if given is not None else None
             planned[name] = row
         elif name in layers or name == root or not any(_within(n, root) for n in aliases.get(name, (name,))):
+            row = planned.get(name)
+            if row is not None and isinstance(row.kind, Column) and name.rpartition(".")[0] not in blocks:
+                own = "gathers the sequence at its own input (its block holds other blocks)"
+                row.note = f"{row.note}; {own}" if row.note else own
             continue  # the split model's root: its own parameters may act on gathered outputs (a logit scale)
         elif type(module) is nn.Embedding:
             planned[name] = planned_row(
@@ -671,6 +692,8 @@ def _plan_sequence_parallel(
             note = "partial under sequence parallelism"
             given = planned.get(name)
             if given is not None and "partial_grad" in given.kind.options:  # its style takes the option: kept
+                if given.options.pop("partial_output", None) is not None:  # (in a gathering block: checked)
+                    note = "its whole output's gradient partial in the block that gathers the sequence"
                 given.options["partial_grad"], given.note = True, given.note or note
             else:
                 planned[name] = planned_row(name, module, Rule("replicate", {"partial_grad": True}), None, tp, note)

@@ -24,7 +24,7 @@ cross-attention, or a float mask as wide as a hidden width, pass unchanged).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,15 +55,15 @@ class StackSplit:
 
 
 def layer_stack(modules: dict[str, nn.Module], blocks: Iterable[str]) -> str | None:
-    """The innermost ``nn.ModuleList`` / ``nn.Sequential`` whose children hold every block in ``blocks``
-    (the blocks holding column layers): the model's layer stack; ``None`` if there is none."""
+    """The innermost ``nn.ModuleList`` / ``nn.Sequential`` whose children hold or are every block in
+    ``blocks`` (the blocks holding column layers): the model's layer stack; ``None`` if there is none."""
     blocks = list(blocks)
     found = None
     for name, module in modules.items():
         if not name or not isinstance(module, nn.ModuleList | nn.Sequential) or len(module) == 0:
             continue
         children = [f"{name}.{child}" for child, _ in module.named_children()]
-        if blocks and all(any(b.startswith(c + ".") for c in children) for b in blocks):
+        if blocks and all(any(b == c or b.startswith(c + ".") for c in children) for b in blocks):
             if found is None or name.startswith(found + "."):
                 found = name
     return found
@@ -75,6 +75,7 @@ def stack_split(
     blocks: dict[str, set[int]],
     example_input: Any = None,
     forward_module: nn.Module | None = None,
+    gathering: Collection[str] | None = None,
 ) -> StackSplit | None:
     """The layer stack as the sequence-sharded region unless the model's layers take the hidden states
     alone (no tensor other than them with the sequence length among its sizes), read from a forward of
@@ -84,14 +85,16 @@ def stack_split(
     The hidden states are the first argument of a hidden width the first layer takes (its position or
     keyword is kept: only that argument is split). ``None``: Megatron's split at the embeddings, as for
     a model without a layer stack, whose layers take the hidden states alone, whose first or last layer
-    is itself a block with column layers (it gathers the sequence at its input), whose forward does
+    is itself a block that gathers the sequence at its input (``gathering``, default every one of
+    ``blocks``: the blocks holding column layers, by name -> their input widths), whose forward does
     not call the stack's first layer first (or through the layer's ``__call__``), or whose forward
     fails on that input (a ``PolicyWarning`` says so)."""
     stack = layer_stack(modules, blocks)
     if stack is None:
         return None
     layers = [f"{stack}.{child}" for child, _ in modules[stack].named_children()]
-    if layers[0] in blocks or layers[-1] in blocks:
+    gathering = blocks if gathering is None else gathering
+    if layers[0] in gathering or layers[-1] in gathering:
         return None
     widths = frozenset(w for b, ws in blocks.items() for w in ws if b.startswith(stack + "."))
     run = model if forward_module is None else forward_module

@@ -122,6 +122,19 @@ class BuildContext:
             and not any(name.startswith(w + ".") for w in self.whole_sequence)
         )
 
+    def column_input(self, name: str) -> dict[str, Any]:
+        """How the input of the column layer ``name`` arrives (its layer's keyword options): gathered by
+        its block (``sequence_gather``), or, where its block gathers nothing (a block holding other
+        blocks: a decoder layer holding its attention block and its MLP's linears itself), sharded on
+        the sequence and gathered by the layer itself, as Megatron's column layers do. Nothing outside
+        the sequence-sharded region."""
+        if not self.sequence_parallel_at(name):
+            return {}
+        block = name.rpartition(".")[0]
+        if block in self.in_features:
+            return {"sequence_gather": self.gather(block)}
+        return {"sequence_parallel": True, "seq_dim": -2}
+
     def gather(self, block: str) -> SequenceGather:
         """The sequence gather of ``block`` (made on first use; the plan must have its row)."""
         if block not in self.in_features:
@@ -170,8 +183,9 @@ class Style:
         """The weight's shape on each rank (the plan's ``local_shape``)."""
         return shape if spec is None else tuple(spec.local_size if d == spec.dim else s for d, s in enumerate(shape))
 
-    def sequence_parallel_error(self, options: dict[str, Any]) -> str | None:
-        """Why a row of this style cannot be sequence parallel (``None``: it can)."""
+    def sequence_parallel_error(self, options: dict[str, Any], gathered: bool = False) -> str | None:
+        """Why a row of this style cannot be sequence parallel (``None``: it can); ``gathered``: it sits
+        in a block that gathers the sequence at its input."""
         return None
 
     def splits_heads(self, options: dict[str, Any]) -> bool:
@@ -242,15 +256,14 @@ class Column(Style):
         return ShardSpec(dim=-1, sizes=row.spec.sizes, tp_size=row.spec.tp_size)
 
     def build(self, row, dense, ctx):
-        block = row.name.rpartition(".")[0]
         return ColumnParallelLinear.from_dense(
             dense_linear(dense),
             ctx.group,
             gather_output=row.options.get("gather_output", False),
             chunks=row.options.get("chunks", 1),
             head_dim=row.options.get("head_dim"),
-            sequence_gather=ctx.gather(block) if ctx.sequence_parallel_at(row.name) else None,
             name=row.name,
+            **ctx.column_input(row.name),
         )
 
 
@@ -306,10 +319,9 @@ class KVReplicate(Column):
         return numels
 
     def build(self, row, dense, ctx):
-        block = row.name.rpartition(".")[0]
         return KVReplicatedLinear.from_dense(
-            dense, ctx.group, kv_heads=row.options["kv_heads"], chunks=row.options.get("chunks"),
-            sequence_gather=ctx.gather(block) if ctx.sequence_parallel_at(row.name) else None, name=row.name,
+            dense, ctx.group, kv_heads=row.options["kv_heads"], chunks=row.options.get("chunks"), name=row.name,
+            **ctx.column_input(row.name),
         )  # fmt: skip
 
 
@@ -323,7 +335,7 @@ class Row(Style):
     def spec(self, name, module, shape, options, tp):
         return ShardSpec(dim=1, sizes=(shape[1],), tp_size=tp, name=f"in_features of {name!r}")
 
-    def sequence_parallel_error(self, options):
+    def sequence_parallel_error(self, options, gathered=False):
         if options.get("input_is_parallel", True):
             return None
         return (
@@ -403,7 +415,10 @@ class Replicate(Style):
     only this rank's heads or sequence chunk) and are summed over TP before the step. With
     ``partial_output=n`` (a linear layer) the gradient of its last ``n`` output features is summed
     over TP in backward: they reach only this rank's heads (multi-head latent attention's shared
-    rotary key, Hugging Face's ``mla_kv_a_proj``; :class:`~lightning_tp.engine.features.TailGradSum`)."""
+    rotary key, Hugging Face's ``mla_kv_a_proj``; :class:`~lightning_tp.engine.features.TailGradSum`).
+    Under sequence parallelism, in a block that gathers the sequence, the column layers leave their
+    input gradients partial for the gather to sum, so the whole output's gradient is partial alike:
+    the plan gives such a row ``partial_grad`` in place of ``partial_output``."""
 
     name = "replicate"
     options = frozenset({"partial_grad", "partial_output"})
@@ -417,10 +432,13 @@ class Replicate(Style):
     def fits(self, module):
         return True
 
-    def sequence_parallel_error(self, options):
-        if not options.get("partial_output"):
-            return None
-        return "with partial_output, its output reaches both a column layer and this rank's heads, which sequence parallelism does not handle."
+    def sequence_parallel_error(self, options, gathered=False):
+        if not options.get("partial_output") or gathered:
+            return None  # in a gathering block its whole output's gradient is partial, summed by the gather
+        return (
+            "with partial_output, its output reaches both a column layer and this rank's heads; under sequence "
+            "parallelism it must sit in the block that gathers the sequence for those (the attention)."
+        )
 
     def spec(self, name, module, shape, options, tp):
         n = options.get("partial_output")
@@ -726,7 +744,7 @@ class MultiheadAttentionStyle(_OwnParamsSplit):
     def param_specs(self, name, module, options, tp):
         return multihead_attention_specs(module, tp, name)
 
-    def sequence_parallel_error(self, options):
+    def sequence_parallel_error(self, options, gathered=False):
         return (
             "nn.MultiheadAttention split by heads is not built for sequence parallelism (it reads the sequence on "
             "dim 0 unless batch_first, and gathers no sequence); mapping it and its out_proj to 'replicate' keeps "
