@@ -742,14 +742,26 @@ class _FlatMLP(models.SwiGLU):
         return super().forward(tokens.view(x.shape))
 
 
-def _check_flattening_block():
+class _FlatCaller(torch.nn.Module):
+    """Calls its MLP on the tokens flattened with the batch, ``(B*T, d)``, as Hugging Face's mixtures of
+    experts call their shared experts (ERNIE-4.5-MoE, HunYuan): the block that gathers gets 2-D input."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.shared = mlp
+
+    def forward(self, x):
+        return self.shared(x.view(-1, x.shape[-1])).view(x.shape)
+
+
+def _check_flattening_block(caller):
     m = _dist.mesh(2)
     torch.manual_seed(0)
     dense = models.RopeGPT().double()  # layers that take the rotary tables: each block gathers its input
     for block in dense.blocks:
         flat = _FlatMLP(32, 64).double()
         flat.load_state_dict(block.mlp.state_dict())
-        block.mlp = flat
+        block.mlp = _FlatCaller(flat) if caller else flat
     model = copy.deepcopy(dense)
     apply_policy(model, m.tp_group, "auto", sequence_parallel=True)  # verify=True: the same outputs and grads
     ids = torch.randint(0, 30, (3, 12), generator=torch.Generator().manual_seed(1))
@@ -758,14 +770,19 @@ def _check_flattening_block():
     logits.square().mean().backward()
     dense(ids).square().mean().backward()
     _assert_grads_match_dense(model, dense, m)
+    _assert_any_length_without_grad(_forwards_without_grad(model, dense, 2), 2)
     return True
 
 
-def test_a_block_that_views_its_gathered_input_runs_under_sequence_parallelism():
+@pytest.mark.parametrize("caller", [False, True], ids=["views_inside", "flattened_by_its_caller"])
+def test_a_block_that_views_its_gathered_input_runs_under_sequence_parallelism(caller):
     """The sequence gathered at a block's input (batch-first, gathered on dim 1) is contiguous, as the dense
     model's activations are: a block that ``view``s it runs (before: "view size is not compatible with
-    input tensor's size and stride", so Hugging Face's HunYuan-MoE, Jamba and AFMoE were refused)."""
-    assert all(_dist.run(2, _check_flattening_block))
+    input tensor's size and stride", so Hugging Face's HunYuan-MoE, Jamba and AFMoE were refused). A block
+    called on the tokens flattened with the batch, ``(B*T/p, d)``, gathers them too where the layer stack
+    is the region (whose gathers take only tensors of the hidden states' rank, and one fewer for these;
+    before, ERNIE-4.5-MoE's, HunYuan-V3's and Laguna's shared experts ran on this rank's tokens alone)."""
+    assert all(_dist.run(2, _check_flattening_block, caller))
 
 
 class _Scaled(torch.nn.Module):

@@ -67,7 +67,8 @@ class SequenceGather:
         in_features: input widths of the column layers inside the block.
         ndim: the hidden states' number of dims, where known (a layer stack that is the sequence-sharded
             region: read from the model's forward); a tensor of another rank (a float mask as wide as a
-            hidden width) is not gathered.
+            hidden width) is not gathered, but for one dim fewer: the tokens flattened with the batch,
+            ``(B*T/p, in)``, as a mixture of experts hands them to its shared experts.
     """
 
     def __init__(self, group: ProcessGroup, in_features: Iterable[int], ndim: int | None = None) -> None:
@@ -92,7 +93,7 @@ class SequenceGather:
         return entry[1]
 
     def _gather(self, x: Any) -> Any:
-        if is_hidden(x, self.in_features) and (self.ndim is None or x.dim() == self.ndim):
+        if is_hidden(x, self.in_features) and (self.ndim is None or x.dim() in (self.ndim, self.ndim - 1)):
             if sequence_whole(x.shape[-2]):
                 return x  # a sequence that runs whole in this forward (no gradients, a length not dividing by TP)
             full = gather_from_sp(x, self.group, -2)  # (..., T, in)
