@@ -3,6 +3,7 @@
 import copy
 import importlib.util
 import math
+import warnings
 
 import models
 import pytest
@@ -1355,3 +1356,25 @@ def test_latent_attention_runs_sequence_parallel(tp):
         assert styles["layers.1.attn.down_kv"] == ("replicate", {"partial_grad": True})
         assert styles["layers.1.attn.down_q"] == ("replicate", {"partial_grad": True})
         assert styles["layers.1.attn.kv_norm"] == ("replicate", {"partial_grad": True})
+
+
+@pytest.mark.skipif(not HAS_HF, reason="transformers (extra 'hf') not installed")
+def test_the_layer_stack_is_read_from_a_meta_model_whose_forward_checks_for_padding():
+    """Where the sequence is split is read from a forward up to the first layer, on meta tensors for a
+    model built on the meta device (deferred init). Hugging Face's padding warning runs
+    ``pad_token_id in input_ids[:, [-1, 0]]`` (GPT-2 with a pad token): on meta tensors that is taken as
+    False like the other data-dependent values. Before, the forward failed ("Tensor.item() cannot be
+    called on meta tensors"), the split fell back to the embeddings with a PolicyWarning, and GPT-2's
+    block-by-block verify refused the model."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lightning_tp.policy import PolicyWarning
+
+    config = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32, pad_token_id=0)
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(config)
+    ids = torch.randint(1, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PolicyWarning)
+        plan = plan_policy(model, 2, "auto", sequence_parallel=True, example_input={"input_ids": ids})
+    assert [r.name for r in plan.modules if r.style == "sequence_stack"] == ["transformer.h.0", "transformer.h.1"]

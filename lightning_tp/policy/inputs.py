@@ -141,12 +141,20 @@ def model_device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-META_SCALARS = {Tensor.item: 0, Tensor.__bool__: False, Tensor.__int__: 0, Tensor.__float__: 0.0, Tensor.__index__: 0}
+META_SCALARS = {
+    Tensor.item: 0,
+    Tensor.__bool__: False,
+    Tensor.__int__: 0,
+    Tensor.__float__: 0.0,
+    Tensor.__index__: 0,
+    Tensor.__contains__: False,  # `pad_token_id in input_ids[:, [-1, 0]]` (Hugging Face's padding warning)
+}
 
 
 class MetaScalars(TorchFunctionMode):
     """A forward on meta tensors (shapes only, for a meta-device model): data-dependent values
-    (``.item()``, a mask check's ``bool``) are taken as zero / False instead of raising."""
+    (``.item()``, a mask check's ``bool``, ``value in tensor``) are taken as zero / False instead of
+    raising."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in META_SCALARS and args and isinstance(args[0], Tensor) and args[0].is_meta:
