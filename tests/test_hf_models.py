@@ -133,7 +133,7 @@ SP_EXPECTED: dict[str, object] = {
     "gpt_oss": EXACT,
     "granite_swa": EXACT,
     "phi3": ("PolicyError", ["self_attn.o_proj", "input_is_parallel=False"]),
-    "olmoe": ("PolicyError", ["self_attn.o_proj", "input_is_parallel=False"]),
+    "olmoe": ("PolicyError", ["self_attn.o_proj", "input_is_parallel=False", "policy='names'"]),
     # latent attention: the block gathers the hidden states for q_a_proj / kv_a_proj_with_mqa too
     "deepseek_v2": EXACT,
     # OPT's layer holds its attention block and its MLP's fc1/fc2 itself (and flattens the tokens to

@@ -485,7 +485,15 @@ def _check_sequence_parallel(
         if _inside(entry.name, owners) or (split is not None and not split.inside(entry.name)):
             continue  # plain tensor parallelism: in a layer on the whole sequence, or outside the sequence-split stack
         if (why := entry.kind.sequence_parallel_error(entry.options, _inside(entry.name, gathering))) is not None:
-            raise PolicyError(f"module {entry.name!r} (style {entry.style!r}): {why} Use sequence_parallel=False.")
+            hint = (
+                " The model's own Hugging Face plan gives it that layout: policy='names' uses lightning_tp's name "
+                "rules instead (sequence parallel for OLMo-2, OLMoE, GLM, MiniMax-M2, ...)."
+                if source.startswith("huggingface")
+                else ""
+            )
+            raise PolicyError(
+                f"module {entry.name!r} (style {entry.style!r}): {why} Use sequence_parallel=False.{hint}"
+            )
         if isinstance(entry.kind, Column) and entry.name.rpartition(".")[0] in ("", root):
             raise PolicyError(
                 f"module {entry.name!r}: sequence parallelism gathers the sequence at the input of the block that "
