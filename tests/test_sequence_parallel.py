@@ -1378,3 +1378,45 @@ def test_the_layer_stack_is_read_from_a_meta_model_whose_forward_checks_for_padd
         warnings.simplefilter("error", PolicyWarning)
         plan = plan_policy(model, 2, "auto", sequence_parallel=True, example_input={"input_ids": ids})
     assert [r.name for r in plan.modules if r.style == "sequence_stack"] == ["transformer.h.0", "transformer.h.1"]
+
+
+def _flattened_token_gathers():
+    from lightning_tp.engine.comm import enter_sequence_region, leave_sequence_region, reset_sequence_region
+    from lightning_tp.engine.sequence import SequenceGather
+
+    m = _dist.mesh(2)
+    gather = SequenceGather(m.tp_group, [4], ndim=3)  # a layer stack's block: hidden states (B, T/p, 4)
+    reset_sequence_region()
+    try:
+        enter_sequence_region(torch.zeros(2, 8, 4), m.tp_group, "layers.0")  # B 2, T 8: chunks of 4, 8 tokens
+        rows = torch.arange(8 * 4, dtype=torch.float64).view(8, 4) + 100 * m.tp_rank  # (B*T/p, 4)
+        per_sample = torch.ones(2, 4, dtype=torch.float64)  # (B, 4): a conditioning vector, not tokens
+        mask = torch.zeros(4, 4, dtype=torch.float64)  # (T/p, 4)
+        (flat, cond, other), _ = gather._pre(None, (rows, per_sample, mask), {})
+    finally:
+        leave_sequence_region()
+    return flat.shape, bool(torch.equal(flat[8:] - flat[:8], torch.full((8, 4), 100.0))), cond.shape, other.shape
+
+
+def test_only_the_flattened_tokens_of_this_rank_are_gathered_as_two_dimensional_inputs():
+    """Where the layer stack is the region, a block's gather takes tensors of the hidden states' rank,
+    and 2-D ones only with as many rows as this rank's tokens flattened with the batch (B*T/p): a
+    per-sample (B, d) vector or another 2-D tensor as wide as the hidden states passes whole."""
+    for flat, rank_major, cond, other in _dist.run(2, _flattened_token_gathers):
+        assert flat == (16, 4) and rank_major and cond == (2, 4) and other == (4, 4)
+
+
+def test_per_head_parameters_of_a_layer_holding_blocks_and_columns_are_refused_under_sequence_parallelism():
+    """A layer that holds its attention block and column layers of its own gathers nothing under sequence
+    parallelism; per-head parameters split on it (``head_params``) would leave its whole parameters
+    without partial gradients: refused before any change, naming the module."""
+    model = _FairseqGPT(rope=False).double()
+    for layer in model.layers:
+        layer.gate = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
+    policy = {
+        **_auto_patterns(model),
+        **{f"layers.{i}": {"style": "head_params", "params": {"gate": 0}} for i in (0, 1)},
+    }
+    plan_policy(model, 2, policy)  # without sequence parallelism: split with the heads
+    with pytest.raises(PolicyError, match=r"'layers.0' holds per-head parameters .* sequence_parallel=False"):
+        plan_policy(model, 2, policy, sequence_parallel=True)

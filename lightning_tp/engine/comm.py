@@ -207,12 +207,15 @@ class _SequenceRegion:
     """What the sequence-sharded region's entries decided since the last reset (by the outermost module in
     progress of those that hold them: each forward of the model starts afresh): the lengths of the
     sequences that run on the whole sequence, the lengths of the chunks of those that run
-    sequence-sharded, and the last entry's decision. Set by :func:`enter_sequence_region`, read by
+    sequence-sharded, the same as counts of tokens flattened with the batch (``(B*T, H)`` tensors),
+    and the last entry's decision. Set by :func:`enter_sequence_region`, read by
     :func:`sequence_whole`."""
 
     def __init__(self) -> None:
         self.whole: set[int] = set()
         self.chunks: set[int] = set()
+        self.whole_tokens: set[int] = set()  # B*T of the sequences that run whole
+        self.chunk_tokens: set[int] = set()  # B*T/p of the sequence-sharded ones
         self.last = False
         self.entered = False  # an entry ran since the reset
         self.traced = False  # one ran while compiled (recording no length)
@@ -231,8 +234,8 @@ def reset_sequence_region(*_: Any) -> None:
     if _REGION.depth > 1:
         return
     if not torch.compiler.is_compiling():
-        _REGION.whole.clear()
-        _REGION.chunks.clear()
+        for lengths in (_REGION.whole, _REGION.chunks, _REGION.whole_tokens, _REGION.chunk_tokens):
+            lengths.clear()
     _REGION.last = _REGION.entered = _REGION.traced = _REGION.mixed = False
 
 
@@ -266,13 +269,14 @@ def enter_sequence_region(x: Tensor, group: ProcessGroup, where: str, training: 
             "sequence."
         )
     compiling = torch.compiler.is_compiling()
-    # the sequence's length, and its tokens flattened with the dims before it (a layer may take
-    # (B*T, H): OPT's MLP): both tell its tensors apart
-    lengths = {length, math.prod(x.shape[:-1])} if dim in (-2, x.dim() - 2) and x.dim() > 2 else {length}
+    # its tokens flattened with the dims before the sequence (a layer may take (B*T, H): OPT's MLP)
+    tokens = math.prod(x.shape[:-1]) if dim in (-2, x.dim() - 2) else length
     if not compiling and whole:
-        _REGION.whole.update(lengths)
+        _REGION.whole.add(length)
+        _REGION.whole_tokens.add(tokens)
     elif not compiling:
-        _REGION.chunks.update(n // p for n in lengths)  # this rank's chunk
+        _REGION.chunks.add(length // p)  # this rank's chunk
+        _REGION.chunk_tokens.add(tokens // p)
     differs = _REGION.entered and whole != _REGION.last  # another sequence of this forward decided otherwise
     if differs and (compiling or _REGION.traced):
         # traced, no lengths are recorded: one decision per forward (also where the compiler left this call to eager)
@@ -289,7 +293,7 @@ def enter_sequence_region(x: Tensor, group: ProcessGroup, where: str, training: 
     return whole
 
 
-def sequence_whole(length: int | None = None, full: bool = False, tokens: bool = False) -> bool:
+def sequence_whole(length: int | None = None, full: bool = False, tokens: bool = False, flat: bool = False) -> bool:
     """Inside the sequence-sharded region: whether a tensor whose sequence dim has ``length`` belongs to
     a sequence that runs on the whole sequence (:func:`enter_sequence_region`), never while gradients
     are recorded (an activation-checkpointing recompute in backward runs its region sequence-sharded,
@@ -298,7 +302,8 @@ def sequence_whole(length: int | None = None, full: bool = False, tokens: bool =
     sequence or a whole sequence, told apart by the lengths the entries recorded; a length both are
     is a ``ShardingError``. Without a length, the last entry's decision; ``tokens`` (a mixture of experts'
     flattened tokens, whose sequence cannot be read) in a forward whose entries decided differently is
-    a ``ShardingError``. So while compiled (traced code reads no lengths), where a forward whose entries decided
+    a ``ShardingError``. ``flat``: ``length`` is the first dim of a 2-D tensor, tokens flattened with the
+    batch (``(B*T, H)``, OPT's MLP), told apart by the entries' token counts. So while compiled (traced code reads no lengths), where a forward whose entries decided
     differently raises, which leaves the call to eager (a block compiled alone), or is a
     ``ShardingError`` (an entry traced too: :func:`enter_sequence_region`). Eager code after an entry
     that ran compiled (recording no length: the compiler left what follows to eager) reads its decision."""
@@ -322,11 +327,14 @@ def sequence_whole(length: int | None = None, full: bool = False, tokens: bool =
                 "of tensor_parallel_size), or use sequence_parallel=False."
             )
         return _REGION.last
-    if not _REGION.whole:
+    whole_lengths, chunk_lengths = (
+        (_REGION.whole_tokens, _REGION.chunk_tokens) if flat else (_REGION.whole, _REGION.chunks)
+    )
+    if not whole_lengths:
         return False  # (the common case: no sequence entered whole since the reset)
     if full:
-        return length in _REGION.whole
-    whole, sharded = length in _REGION.whole, length in _REGION.chunks
+        return length in whole_lengths
+    whole, sharded = length in whole_lengths, length in chunk_lengths
     if whole and sharded:
         raise ShardingError(
             f"sequence parallelism: a forward without gradients holds a sequence of {length} tokens, which runs on "
@@ -335,6 +343,13 @@ def sequence_whole(length: int | None = None, full: bool = False, tokens: bool =
             "of tensor_parallel_size), or use sequence_parallel=False."
         )
     return whole or (not sharded and _REGION.last)
+
+
+def sharded_tokens(n: int) -> bool:
+    """Whether ``n`` rows are this rank's chunk of a sequence-sharded sequence's tokens flattened with
+    the batch (``B*T/p``) in the current forward (:func:`enter_sequence_region`). Never while compiled
+    (traced code records no length)."""
+    return not torch.compiler.is_compiling() and not _REGION.traced and n in _REGION.chunk_tokens
 
 
 # ----------------------------------------------------------------------------------------------

@@ -129,7 +129,8 @@ class ColumnParallelLinear(_ParallelLinear):
             count divides by ``p`` (each rank must hold whole heads).
         sequence_parallel: input is sharded on ``seq_dim``; all-gather it forward, reduce-scatter
             its grad backward.
-        seq_dim: the sequence dim of the input (batch-first: 1).
+        seq_dim: the sequence dim of the input (batch-first: 1; the policy builds -2, which also
+            takes the tokens flattened with the batch, ``(B*T/p, in)``).
         sequence_gather: the enclosing block's :class:`~lightning_tp.engine.sequence.SequenceGather`
             (sequence parallelism through the policy): the input arrives gathered, and its backward
             reduce-scatter sums the input grad over TP, so this layer's forward runs no collective;
@@ -209,7 +210,7 @@ def column_linear(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | No
     """``F.linear(x, weight, bias)`` for a layer whose input is replicated over TP and whose output
     reaches only this rank's heads, with the collectives of the input's layout (``layer``'s ``group``,
     ``sequence_parallel``, ``seq_dim``, ``sequence_gather``): the grad of ``x`` is summed over TP."""
-    if layer.sequence_parallel and not sequence_whole(x.shape[layer.seq_dim]):
+    if layer.sequence_parallel and not sequence_whole(x.shape[layer.seq_dim], flat=x.dim() == 2):
         full = gather_from_sp(x, layer.group, layer.seq_dim)  # (B, T, in)
         return linear_regather(full, x, weight, bias, layer.group, layer.seq_dim)  # (B, T, out)
     if layer.sequence_gather is not None:
@@ -408,7 +409,7 @@ class RowParallelLinear(_ParallelLinear):
         if not self.input_is_parallel:
             x = scatter_to_tp(x, self.group)  # (..., in/p)
         y = F.linear(x, self.weight)  # (..., out), partial sum
-        if self.sequence_parallel and not sequence_whole(y.shape[self.seq_dim], full=True):
+        if self.sequence_parallel and not sequence_whole(y.shape[self.seq_dim], full=True, flat=y.dim() == 2):
             y = reduce_scatter_to_sp(y, self.group, self.seq_dim)  # (B, T/p, out)
         else:
             y = reduce_from_tp(y, self.group, inplace=True)  # (..., out)

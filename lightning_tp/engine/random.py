@@ -242,7 +242,7 @@ class TPDropout(nn.Dropout):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0:
             return x
-        if self.sequence_only and sequence_whole(x.shape[-2] if x.dim() >= 2 else None):  # replicated activations
+        if self.sequence_only and sequence_whole(x.shape[-2] if x.dim() >= 2 else None, flat=x.dim() == 2):
             return super().forward(x)
         if fake_mode_active():  # (no values: the stream's draw cannot be read; the mask's values do not matter)
             return super().forward(x)

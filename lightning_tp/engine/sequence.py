@@ -8,7 +8,9 @@ These pieces make the rest of a model work on them:
   sums the column layers' partial input grads over TP), so the block reads the full sequence and its
   column layers run no collective in forward. Each column layer built with this object reads the
   shard behind its (gathered) input from it, to all-gather it again in backward instead of saving
-  the full input.
+  the full input. A block that holds other such blocks (a decoder layer holding its attention
+  block and its MLP's linears itself) gathers nothing: its own column layers gather their input
+  themselves (``ColumnParallelLinear(sequence_parallel=True)``), as Megatron's do.
 * :class:`StackSequence`: hooks on the first and last layers of the model's layer stack, for models
   whose layers take per-position inputs the model computes from the embeddings' output (positions,
   masks, rotary tables from its sequence length, as Hugging Face models do): the sequence-sharded
@@ -44,7 +46,13 @@ from torch.distributed import ProcessGroup
 from torch.utils.hooks import RemovableHandle
 
 from lightning_tp._compat import tensor_version, tree_leaves, tree_map
-from lightning_tp.engine.comm import enter_sequence_region, gather_from_sp, scatter_to_sp, sequence_whole
+from lightning_tp.engine.comm import (
+    enter_sequence_region,
+    gather_from_sp,
+    scatter_to_sp,
+    sequence_whole,
+    sharded_tokens,
+)
 from lightning_tp.engine.features import ModuleHooks
 from lightning_tp.errors import ShardingError
 
@@ -67,8 +75,11 @@ class SequenceGather:
         in_features: input widths of the column layers inside the block.
         ndim: the hidden states' number of dims, where known (a layer stack that is the sequence-sharded
             region: read from the model's forward); a tensor of another rank (a float mask as wide as a
-            hidden width) is not gathered, but for one dim fewer: the tokens flattened with the batch,
-            ``(B*T/p, in)``, as a mixture of experts hands them to its shared experts.
+            hidden width) is not gathered, but for the tokens flattened with the batch, ``(B*T/p, in)``
+            (as a mixture of experts hands them to its shared experts): a 2-D tensor with as many rows
+            as this rank's tokens in the current forward (:func:`~lightning_tp.engine.comm.sharded_tokens`;
+            eager only: compiled, it is not gathered). A 2-D float mask ``(T, T)`` as wide as the
+            hidden states and as long as those tokens (batch = TP size) cannot be told from them.
     """
 
     def __init__(self, group: ProcessGroup, in_features: Iterable[int], ndim: int | None = None) -> None:
@@ -93,8 +104,10 @@ class SequenceGather:
         return entry[1]
 
     def _gather(self, x: Any) -> Any:
-        if is_hidden(x, self.in_features) and (self.ndim is None or x.dim() in (self.ndim, self.ndim - 1)):
-            if sequence_whole(x.shape[-2]):
+        if is_hidden(x, self.in_features) and (
+            self.ndim is None or x.dim() == self.ndim or (x.dim() == 2 == self.ndim - 1 and sharded_tokens(x.shape[0]))
+        ):
+            if sequence_whole(x.shape[-2], flat=x.dim() == 2):
                 return x  # a sequence that runs whole in this forward (no gradients, a length not dividing by TP)
             full = gather_from_sp(x, self.group, -2)  # (..., T, in)
             if torch.compiler.is_compiling():

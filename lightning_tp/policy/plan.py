@@ -685,6 +685,13 @@ def _plan_sequence_parallel(
             planned[name] = row
         elif name in layers or name == root or not any(_within(n, root) for n in aliases.get(name, (name,))):
             row = planned.get(name)
+            if row is not None and row.style == "head_params" and name in _column_blocks(planned.values()):
+                raise PolicyError(  # (a gathering block carries such a split in its own row)
+                    f"module {name!r} holds per-head parameters (style 'head_params'), column layers and blocks that "
+                    "gather the sequence: under sequence parallelism it carries the residual stream and gathers "
+                    "nothing, so its whole parameters would get no partial gradients. Move the per-head parameters "
+                    "into its attention block, or use sequence_parallel=False."
+                )
             if row is not None and isinstance(row.kind, Column) and name.rpartition(".")[0] not in blocks:
                 own = "gathers the sequence at its own input (its block holds other blocks)"
                 row.note = f"{row.note}; {own}" if row.note else own

@@ -17,8 +17,9 @@ for backward.
 Whether the layers take per-position inputs is read from a forward of the dense model up to its first
 layer (eval mode, no gradients; on meta tensors for a model on the meta device), and so is which of
 its arguments carries the hidden states: only that one is split, the last layer's outputs of its
-shape gathered, and only tensors of its rank gathered inside the stack (an encoder's states for
-cross-attention, or a float mask as wide as a hidden width, pass unchanged).
+shape gathered, and only tensors of its rank gathered inside the stack, or 2-D ones as long as this
+rank's tokens flattened with the batch (an encoder's states for cross-attention, or a float mask as
+wide as a hidden width, pass unchanged).
 """
 
 from __future__ import annotations

@@ -131,9 +131,9 @@ class BuildContext:
         if not self.sequence_parallel_at(name):
             return {}
         block = name.rpartition(".")[0]
-        if block in self.in_features:
-            return {"sequence_gather": self.gather(block)}
-        return {"sequence_parallel": True, "seq_dim": -2}
+        if block not in self.in_features and any(b.startswith(f"{block}.") for b in self.in_features):
+            return {"sequence_parallel": True, "seq_dim": -2}  # (a block the plan gives no gather: it holds others)
+        return {"sequence_gather": self.gather(block)}  # (no row for it: a ShardingError says so)
 
     def gather(self, block: str) -> SequenceGather:
         """The sequence gather of ``block`` (made on first use; the plan must have its row)."""
