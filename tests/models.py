@@ -288,6 +288,52 @@ class RopeGPT(nn.Module):
         return self.lm_head(self.norm(x))
 
 
+class FairseqLayer(nn.Module):
+    """A decoder layer laid out as OPT's, BART's and Whisper's, written anew: its attention a block of
+    its own, its MLP's linears its own (so the layer holds column layers and another block), post-norm
+    residuals, the MLP on the tokens flattened to ``(B*T, d)`` as OPT's is."""
+
+    def __init__(self, d, n_heads, rope):
+        super().__init__()
+        self.rope = rope
+        self.self_attn = RopeAttention(d, n_heads) if rope else PlainAttention(d, n_heads)
+        self.attn_norm, self.final_norm = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.fc1, self.fc2 = nn.Linear(d, 3 * d), nn.Linear(3 * d, d)
+
+    def forward(self, x, cos=None, sin=None):
+        x = self.attn_norm(x + (self.self_attn(x, cos, sin) if self.rope else self.self_attn(x)))
+        tokens = x.reshape(-1, x.shape[-1])
+        tokens = self.final_norm(tokens + self.fc2(F.gelu(self.fc1(tokens))))
+        return tokens.view(x.shape)
+
+
+class FairseqGPT(nn.Module):
+    """Learned positions added at the embeddings (the layers take the hidden states alone: the sequence
+    is split at the embeddings), or with ``rope`` rotary tables built from the embeddings' output and
+    handed to every layer (the layer stack is the sequence-sharded region)."""
+
+    def __init__(self, rope, vocab=30, d=32, n_heads=4, n_layers=2):
+        super().__init__()
+        self.rope, self.head_dim = rope, d // n_heads
+        self.embed = nn.Embedding(vocab, d)
+        self.pos = None if rope else nn.Embedding(16, d)
+        self.layers = nn.ModuleList(FairseqLayer(d, n_heads, rope) for _ in range(n_layers))
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        if self.rope:
+            pos = torch.arange(x.size(1), dtype=x.dtype)
+            inv = 1.0 / 10000 ** (torch.arange(0, self.head_dim, 2, dtype=x.dtype) / self.head_dim)
+            angles = torch.cat([torch.outer(pos, inv)] * 2, -1)
+            tables = (angles.cos(), angles.sin())
+        else:
+            x, tables = x + self.pos(torch.arange(ids.shape[1])), ()
+        for layer in self.layers:
+            x = layer(x, *tables)
+        return self.lm_head(x)
+
+
 class HFLogits(nn.Module):
     """Wrap a Hugging Face causal LM so that forward(ids) returns logits."""
 

@@ -18,9 +18,10 @@ error; a recording backend counts the graphs):
   the vocab-parallel loss stay eager, logits stay sharded.
 
 The models: a plain GPT (multi-query), nanoGPT (fused ``c_attn``) and one whose layers take rotary
-tables, with and without sequence parallelism, and torch's own ``nn.TransformerEncoder`` (its
+tables, with and without sequence parallelism, torch's own ``nn.TransformerEncoder`` (its
 ``nn.MultiheadAttention`` split by heads runs the project's forward; per block, its identical layers
-share one graph).
+share one graph), and, under sequence parallelism, layers that hold their attention block and their
+MLP's linears (OPT's layout: ``fc1`` gathers its own input, on the tokens flattened with the batch).
 
 Then the edges, in float64 against eager: the compiled loss's own backward (padded vocabulary,
 label smoothing, ignored targets); sharded logits that cross a graph break or enter a compiled
@@ -56,6 +57,8 @@ def _model(kind: str):
         return models.RopeGPT(vocab=VOCAB, d=32, n_heads=4, n_layers=2)
     if kind == "torch":  # torch's nn.TransformerEncoder: nn.MultiheadAttention split by heads (its own forward)
         return models.TorchEncoderLM(vocab=VOCAB, d=32, n_layers=2, n_heads=4)
+    if kind == "fairseq":  # a layer holding its attention block and fc1/fc2 (fc1 gathers its own input), rotary
+        return models.FairseqGPT(rope=True, vocab=VOCAB)
     return models.NanoGPT(vocab=VOCAB, n_embd=32, n_layer=2, n_head=4, block_size=SEQ)  # fused c_attn, own code
 
 
@@ -277,11 +280,12 @@ def _hf_labels_loss() -> dict:
             "graphs": len(graphs)}  # fmt: skip
 
 
-# the plain GPT (multi-query) without, nanoGPT (fused c_attn, its own attention code) with sequence parallelism
+# the plain GPT (multi-query) without, nanoGPT (fused c_attn, its own attention code) with sequence parallelism;
+# a layer holding its attention block and fc1/fc2 (OPT's layout) with it
 CASES = [
     (kind, sp, how)
     for how in ("model", "step", "blocks")
-    for kind, sp in (("plain", False), ("nano", True), ("rope", True), ("torch", False))
+    for kind, sp in (("plain", False), ("nano", True), ("rope", True), ("torch", False), ("fairseq", True))
 ]
 
 
@@ -304,7 +308,8 @@ def test_compiled_tp_model_has_no_graph_break_and_eager_values(results, case):
         # and no break: fullgraph=True raises on one. Per block, the layer stack's first layer's split (a forward
         # pre-hook) and its last layer's gather (a forward hook) are frames of their own: one graph each, beside
         # the one every block shares
-        assert r["graphs"] == (3 if case == ("rope", True, "blocks") else 1), (where, r["graphs"])
+        stack_region = case in (("rope", True, "blocks"), ("fairseq", True, "blocks"))  # layers take rotary tables
+        assert r["graphs"] == (3 if stack_region else 1), (where, r["graphs"])
         for eager, compiled in r["losses"]:
             assert abs(compiled - eager) <= RTOL * abs(eager), (where, r["losses"])
         assert r["grad_err"] <= RTOL and r["weight_err"] <= STEP_TOL, (where, r["grad_err"], r["weight_err"])

@@ -1200,58 +1200,12 @@ def test_an_entry_compiled_alone_decides_for_the_eager_layers_after_it():
         assert all(err < 1e-12 for err in r.values()), r
 
 
-class _FairseqLayer(torch.nn.Module):
-    """A decoder layer laid out as OPT's, BART's and Whisper's, written anew: its attention a block of
-    its own, its MLP's linears its own (so the layer holds column layers and another block), post-norm
-    residuals, the MLP on the tokens flattened to ``(B*T, d)`` as OPT's is."""
-
-    def __init__(self, d, n_heads, rope):
-        super().__init__()
-        self.rope = rope
-        self.self_attn = models.RopeAttention(d, n_heads) if rope else models.PlainAttention(d, n_heads)
-        self.attn_norm, self.final_norm = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
-        self.fc1, self.fc2 = torch.nn.Linear(d, 3 * d), torch.nn.Linear(3 * d, d)
-
-    def forward(self, x, cos=None, sin=None):
-        x = self.attn_norm(x + (self.self_attn(x, cos, sin) if self.rope else self.self_attn(x)))
-        tokens = x.reshape(-1, x.shape[-1])
-        tokens = self.final_norm(tokens + self.fc2(torch.nn.functional.gelu(self.fc1(tokens))))
-        return tokens.view(x.shape)
-
-
-class _FairseqGPT(torch.nn.Module):
-    """Learned positions added at the embeddings (the layers take the hidden states alone: the sequence
-    is split at the embeddings), or with ``rope`` rotary tables built from the embeddings' output and
-    handed to every layer (the layer stack is the sequence-sharded region)."""
-
-    def __init__(self, rope, vocab=30, d=32, n_heads=4, n_layers=2):
-        super().__init__()
-        self.rope, self.head_dim = rope, d // n_heads
-        self.embed = torch.nn.Embedding(vocab, d)
-        self.pos = None if rope else torch.nn.Embedding(16, d)
-        self.layers = torch.nn.ModuleList(_FairseqLayer(d, n_heads, rope) for _ in range(n_layers))
-        self.lm_head = torch.nn.Linear(d, vocab, bias=False)
-
-    def forward(self, ids):
-        x = self.embed(ids)
-        if self.rope:
-            pos = torch.arange(x.size(1), dtype=x.dtype)
-            inv = 1.0 / 10000 ** (torch.arange(0, self.head_dim, 2, dtype=x.dtype) / self.head_dim)
-            angles = torch.cat([torch.outer(pos, inv)] * 2, -1)
-            tables = (angles.cos(), angles.sin())
-        else:
-            x, tables = x + self.pos(torch.arange(ids.shape[1])), ()
-        for layer in self.layers:
-            x = layer(x, *tables)
-        return self.lm_head(x)
-
-
 def _check_layer_holding_blocks_and_columns(tp, rope):
     from lightning_tp.engine.layers import ColumnParallelLinear
 
     m = _dist.mesh(tp)
     torch.manual_seed(0)
-    dense = _FairseqGPT(rope).double()
+    dense = models.FairseqGPT(rope).double()
     model = copy.deepcopy(dense)
     plan = apply_policy(model, m.tp_group, "auto", sequence_parallel=True)  # verify=True passes
     g = torch.Generator().manual_seed(3)
@@ -1410,7 +1364,7 @@ def test_per_head_parameters_of_a_layer_holding_blocks_and_columns_are_refused_u
     """A layer that holds its attention block and column layers of its own gathers nothing under sequence
     parallelism; per-head parameters split on it (``head_params``) would leave its whole parameters
     without partial gradients: refused before any change, naming the module."""
-    model = _FairseqGPT(rope=False).double()
+    model = models.FairseqGPT(rope=False).double()
     for layer in model.layers:
         layer.gate = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
     policy = {
