@@ -408,8 +408,7 @@ def _stack_split(
     """The layer stack as the sequence-sharded region (:func:`~lightning_tp.policy.stack.stack_split`),
     unless the policy gives the stack's first or last layer a style of its own (then Megatron's split)."""
     blocks = {b: w for b, w in _column_blocks(planned.values()).items() if not _inside(b, owners)}
-    gathering = _gathering_blocks(planned.values(), owners)
-    split = stack_split(model, modules, blocks, example_input, forward_module, gathering)
+    split = stack_split(model, modules, blocks, example_input, forward_module, _innermost(blocks))
     for given in (planned.get(split.first), planned.get(split.last)) if split is not None else ():
         if given is not None and (given.style != "replicate" or set(given.options) - {"partial_grad"}):
             return None
@@ -578,7 +577,11 @@ def _gathering_blocks(rows: Iterable[PlannedModule], owners: dict[str, _Owner]) 
     block. A block holding another (OPT's, BART's, Whisper's decoder layer: its attention block, and
     its MLP's linears itself) carries the residual stream, which must stay sharded: its own column
     layers gather their input themselves, as Megatron's do."""
-    blocks = {b: w for b, w in _column_blocks(rows).items() if not _inside(b, owners)}
+    return _innermost({b: w for b, w in _column_blocks(rows).items() if not _inside(b, owners)})
+
+
+def _innermost(blocks: dict[str, set[int]]) -> dict[str, set[int]]:
+    """The blocks of ``blocks`` that hold none of the others."""
     return {b: w for b, w in blocks.items() if not any(_inside(other, (b,)) for other in blocks)}
 
 
@@ -626,7 +629,9 @@ def _plan_sequence_parallel(
       stands; a row whose style takes the option (``replicate``, ``gather_input``) keeps its style
       and gets it.
     """
-    blocks = _gathering_blocks(planned.values(), owners)
+    columns = {b: w for b, w in _column_blocks(planned.values()).items() if not _inside(b, owners)}
+    blocks = _innermost(columns)
+    outer = columns.keys() - blocks.keys()  # blocks holding other blocks: they gather nothing
     root = _split_root(planned)
     layers = {r.name for r in planned.values() if r.splits or r.kind.replaces}  # TP layers (replicated k/v too)
     split = {id(p) for n in layers for p in modules[n].parameters(recurse=False)}
@@ -685,14 +690,14 @@ def _plan_sequence_parallel(
             planned[name] = row
         elif name in layers or name == root or not any(_within(n, root) for n in aliases.get(name, (name,))):
             row = planned.get(name)
-            if row is not None and row.style == "head_params" and name in _column_blocks(planned.values()):
+            if row is not None and row.style == "head_params" and name in outer:
                 raise PolicyError(  # (a gathering block carries such a split in its own row)
                     f"module {name!r} holds per-head parameters (style 'head_params'), column layers and blocks that "
                     "gather the sequence: under sequence parallelism it carries the residual stream and gathers "
                     "nothing, so its whole parameters would get no partial gradients. Move the per-head parameters "
                     "into its attention block, or use sequence_parallel=False."
                 )
-            if row is not None and isinstance(row.kind, Column) and name.rpartition(".")[0] not in blocks:
+            if row is not None and isinstance(row.kind, Column) and name.rpartition(".")[0] in outer:
                 own = "gathers the sequence at its own input (its block holds other blocks)"
                 row.note = f"{row.note}; {own}" if row.note else own
             continue  # the split model's root: its own parameters may act on gathered outputs (a logit scale)
