@@ -288,6 +288,83 @@ class RopeGPT(nn.Module):
         return self.lm_head(self.norm(x))
 
 
+class ConvMixer(nn.Module):
+    """Mamba's shape without its scan: a gated depthwise causal ``nn.Conv1d`` and a decaying running sum
+    over the sequence, masked by a per-position input the model builds for the whole sequence."""
+
+    def __init__(self, d, inner=24):
+        super().__init__()
+        self.in_proj = nn.Linear(d, 2 * inner, bias=False)
+        self.conv = nn.Conv1d(inner, inner, 3, groups=inner, padding=2)
+        self.decay = nn.Parameter(torch.rand(inner))
+        self.out_proj = nn.Linear(inner, d, bias=False)
+
+    def forward(self, x, cos, sin, keep):
+        u, z = self.in_proj(x).chunk(2, -1)
+        u = u * keep[..., None]
+        u = self.conv(u.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2)
+        h = torch.cumsum(u, 1) * torch.sigmoid(self.decay)
+        return self.out_proj(h * F.silu(z))
+
+
+class HeadsMixer(nn.Module):
+    """Causal attention under names no rule knows (a fused ``mix_in``, ``mix_out``), told by its
+    ``num_heads``; no rotary tables."""
+
+    def __init__(self, d, heads):
+        super().__init__()
+        self.num_heads = heads
+        self.mix_in, self.mix_out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x, cos, sin, keep):
+        B, T, _ = x.shape
+        q, k, v = (t.view(B, T, self.num_heads, -1).transpose(1, 2) for t in self.mix_in(x).chunk(3, -1))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.mix_out(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class _HybridAttention(RopeAttention):
+    def forward(self, x, cos, sin, keep):
+        return super().forward(x, cos, sin)
+
+
+class HybridLayer(nn.Module):
+    def __init__(self, mixer, d):
+        super().__init__()
+        self.norm1, self.norm2 = nn.RMSNorm(d), nn.RMSNorm(d)
+        self.mixer, self.mlp = mixer, SwiGLU(d, 2 * d)
+
+    def forward(self, x, cos, sin, keep):
+        x = x + self.mixer(self.norm1(x), cos, sin, keep)
+        return x + self.mlp(self.norm2(x))
+
+
+class HybridLM(nn.Module):
+    """A user's hybrid model, written in Hugging Face's manner (rotary tables and a padding mask built for
+    the sequence and handed to every layer): attention, a convolution mixer and an attention under other
+    names (``kinds``), each beside an MLP. Under ``policy="auto"`` the attention and the MLPs are split,
+    the convolution mixer and the attention under other names stay whole."""
+
+    MIXERS = {"attn": lambda d, h: _HybridAttention(d, h), "conv": lambda d, h: ConvMixer(d), "heads": HeadsMixer}
+
+    def __init__(self, kinds=("attn", "conv", "heads"), vocab=30, d=32, heads=4):
+        super().__init__()
+        self.head_dim = d // heads
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(HybridLayer(self.MIXERS[k](d, heads), d) for k in kinds)
+        self.norm, self.lm_head = nn.RMSNorm(d), nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        keep = (ids != 0).to(x.dtype)
+        pos = torch.arange(x.size(1), dtype=x.dtype)
+        inv = 1.0 / 10000 ** (torch.arange(0, self.head_dim, 2, dtype=x.dtype) / self.head_dim)
+        angles = torch.cat([torch.outer(pos, inv)] * 2, -1)
+        for block in self.blocks:
+            x = block(x, angles.cos(), angles.sin(), keep)
+        return self.lm_head(self.norm(x))
+
+
 class FairseqLayer(nn.Module):
     """A decoder layer laid out as OPT's, BART's and Whisper's, written anew: its attention a block of
     its own, its MLP's linears its own (so the layer holds column layers and another block), post-norm

@@ -21,7 +21,8 @@ The models: a plain GPT (multi-query), nanoGPT (fused ``c_attn``) and one whose 
 tables, with and without sequence parallelism, torch's own ``nn.TransformerEncoder`` (its
 ``nn.MultiheadAttention`` split by heads runs the project's forward; per block, its identical layers
 share one graph), and, under sequence parallelism, layers that hold their attention block and their
-MLP's linears (OPT's layout: ``fc1`` gathers its own input, on the tokens flattened with the batch).
+MLP's linears (OPT's layout: ``fc1`` gathers its own input, on the tokens flattened with the batch)
+and layers whose convolution mixers stay whole (they run on the whole sequence, ``sequence_whole``).
 
 Then the edges, in float64 against eager: the compiled loss's own backward (padded vocabulary,
 label smoothing, ignored targets); sharded logits that cross a graph break or enter a compiled
@@ -59,6 +60,8 @@ def _model(kind: str):
         return models.TorchEncoderLM(vocab=VOCAB, d=32, n_layers=2, n_heads=4)
     if kind == "fairseq":  # a layer holding its attention block and fc1/fc2 (fc1 gathers its own input), rotary
         return models.FairseqGPT(rope=True, vocab=VOCAB)
+    if kind == "hybrid":  # convolution mixers left whole: under sequence parallelism they run on the whole sequence
+        return models.HybridLM(kinds=("conv", "conv"), vocab=VOCAB)
     return models.NanoGPT(vocab=VOCAB, n_embd=32, n_layer=2, n_head=4, block_size=SEQ)  # fused c_attn, own code
 
 
@@ -281,11 +284,18 @@ def _hf_labels_loss() -> dict:
 
 
 # the plain GPT (multi-query) without, nanoGPT (fused c_attn, its own attention code) with sequence parallelism;
-# a layer holding its attention block and fc1/fc2 (OPT's layout) with it
+# a layer holding its attention block and fc1/fc2 (OPT's layout) with it; convolution mixers left whole with it
 CASES = [
     (kind, sp, how)
     for how in ("model", "step", "blocks")
-    for kind, sp in (("plain", False), ("nano", True), ("rope", True), ("torch", False), ("fairseq", True))
+    for kind, sp in (
+        ("plain", False),
+        ("nano", True),
+        ("rope", True),
+        ("torch", False),
+        ("fairseq", True),
+        ("hybrid", True),
+    )
 ]
 
 
@@ -308,7 +318,7 @@ def test_compiled_tp_model_has_no_graph_break_and_eager_values(results, case):
         # and no break: fullgraph=True raises on one. Per block, the layer stack's first layer's split (a forward
         # pre-hook) and its last layer's gather (a forward hook) are frames of their own: one graph each, beside
         # the one every block shares
-        stack_region = case in (("rope", True, "blocks"), ("fairseq", True, "blocks"))  # layers take rotary tables
+        stack_region = how == "blocks" and kind in ("rope", "fairseq", "hybrid")  # layers take rotary tables
         assert r["graphs"] == (3 if stack_region else 1), (where, r["graphs"])
         for eager, compiled in r["losses"]:
             assert abs(compiled - eager) <= RTOL * abs(eager), (where, r["losses"])

@@ -345,6 +345,14 @@ def sequence_whole(length: int | None = None, full: bool = False, tokens: bool =
     return whole or (not sharded and _REGION.last)
 
 
+def sharded_length(n: int) -> bool | None:
+    """Whether a sequence dim of ``n`` is this rank's chunk of a sequence-sharded sequence in the
+    current forward (:func:`enter_sequence_region`); ``None`` where no length is recorded (compiled)."""
+    if torch.compiler.is_compiling() or _REGION.traced:
+        return None
+    return n in _REGION.chunks
+
+
 def sharded_tokens(n: int) -> bool:
     """Whether ``n`` rows are this rank's chunk of a sequence-sharded sequence's tokens flattened with
     the batch (``B*T/p``) in the current forward (:func:`enter_sequence_region`). Never while compiled

@@ -22,9 +22,10 @@ These pieces make the rest of a model work on them:
   gives this rank's sequence chunk, to be added to the sequence-sharded token embeddings.
 * :class:`WholeSequence`: forward hooks on a module that must see every token at once and runs as
   plain tensor parallelism inside (a mixture of experts whose experts are blocks: each rank would
-  route different tokens to them). Its input is all-gathered on the sequence (backward: this rank's
-  chunk of the gradient, which inside is complete on every rank), its output split back to this
-  rank's chunk (backward: all-gather).
+  route different tokens to them) or whole, replicated (an attention or a Mamba mixer the plan leaves
+  whole). Its input is all-gathered on the sequence (backward: this rank's chunk of the gradient,
+  which inside is complete on every rank), its output split back to this rank's chunk (backward:
+  all-gather, so a replicated module's parameters get their whole gradient on every rank).
 
 A forward without gradients whose sequence length does not divide by TP (evaluation, generation: a
 cached decode step feeds one token) runs the whole region on the whole sequence, replicated, as
@@ -51,6 +52,7 @@ from lightning_tp.engine.comm import (
     gather_from_sp,
     scatter_to_sp,
     sequence_whole,
+    sharded_length,
     sharded_tokens,
 )
 from lightning_tp.engine.features import ModuleHooks
@@ -135,11 +137,16 @@ class WholeSequence(ModuleHooks):
     column layers all-reduce their input gradients), so backward keeps this rank's chunk of it. Split
     back: every floating output of the gathered input's shape ``(..., T, w)``; other outputs (router
     logits, an auxiliary loss) stay whole, as every rank computed them from every token. A call with
-    nothing to gather is a ``ShardingError`` (each rank would route other tokens).
+    nothing to gather is a ``ShardingError`` (each rank would route other tokens). With
+    ``chunks_only`` (a module run whole, replicated) an input is gathered only when its sequence dim
+    is as long as this rank's chunk of a sequence-sharded sequence of this forward (a cross-attention's
+    keys keep their whole sequence; compiled, where no length is recorded, every input of such a
+    width is), and a call with nothing to gather runs on what it is given, whole.
     """
 
-    def __init__(self, group: ProcessGroup, in_features: Iterable[int], name: str = "") -> None:
+    def __init__(self, group: ProcessGroup, in_features: Iterable[int], name: str = "", chunks_only: bool = False):
         self.group, self.in_features, self.name = group, frozenset(int(i) for i in in_features), name
+        self.chunks_only = chunks_only
         self._shapes: set[tuple[int, ...]] = set()  # the gathered inputs' shapes, set by the pre-hook
         self._whole = False  # an input of a sequence that runs whole in this forward (nothing to gather)
 
@@ -148,6 +155,8 @@ class WholeSequence(ModuleHooks):
             if sequence_whole(x.shape[-2]):
                 self._whole = True
                 return x
+            if self.chunks_only and sharded_length(x.shape[-2]) is False:
+                return x  # not this rank's chunk of a sharded sequence: a whole one (a cross-attention's keys)
             full = gather_from_sp(x, self.group, -2, grad_reduce=False).contiguous()  # the module may view() it
             self._shapes.add(tuple(full.shape))
             return full
@@ -161,12 +170,11 @@ class WholeSequence(ModuleHooks):
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         self._shapes, self._whole = set(), False
         out = tuple(self._gather(a) for a in args), {k: self._gather(v) for k, v in kwargs.items()}
-        if not self._shapes and not self._whole:
+        if not self._shapes and not self._whole and not self.chunks_only:
             raise ShardingError(
-                f"module {self.name!r} (sequence parallelism runs this mixture of experts on the whole sequence): "
-                f"none of its inputs is a floating (..., T/p, w) tensor with w in {sorted(self.in_features)} to "
-                "gather, so each rank would route other tokens. Pass it the hidden states, or use "
-                "sequence_parallel=False."
+                f"module {self.name!r} (sequence parallelism runs it on the whole sequence): none of its inputs "
+                f"is a floating (..., T/p, w) tensor with w in {sorted(self.in_features)} to gather, so each rank "
+                "would compute on other tokens. Pass it the hidden states, or use sequence_parallel=False."
             )
         return out
 
@@ -174,7 +182,7 @@ class WholeSequence(ModuleHooks):
         return tree_map(self._split, output)
 
     def __repr__(self) -> str:
-        return f"WholeSequence(in_features={sorted(self.in_features)})"
+        return f"WholeSequence(in_features={sorted(self.in_features)}{', chunks_only' if self.chunks_only else ''})"
 
 
 class StackSequence:

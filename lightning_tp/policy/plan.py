@@ -224,7 +224,8 @@ def plan_policy(
         owners = _whole_sequence_owners(modules, planned)
         split = _stack_split(model, modules, planned, owners, example_input, forward_module)
         _check_sequence_parallel(modules, list(planned.values()), owners, split, source)
-        _plan_sequence_parallel(modules, planned, tp_size, owners, aliases, stack=split)
+        mixers = _whole_mixers(modules, planned, owners, split)
+        _plan_sequence_parallel(modules, planned, tp_size, owners, aliases, stack=split, mixers=mixers)
     _plan_dropouts(modules, planned, tp_size, sequence_parallel, aliases, stack=split)
     ordered = [planned[n] for n in modules if n in planned]
     unused = [p for p in rules if p not in used]
@@ -406,9 +407,16 @@ def _stack_split(
     forward_module: nn.Module | None,
 ) -> StackSplit | None:
     """The layer stack as the sequence-sharded region (:func:`~lightning_tp.policy.stack.stack_split`),
-    unless the policy gives the stack's first or last layer a style of its own (then Megatron's split)."""
+    unless the policy gives the stack's first or last layer a style of its own (then Megatron's split).
+    A plan that splits only experts finds the stack through the modules holding them, at the token
+    embeddings' width (a hybrid model's mixers, run whole, take the masks of the whole sequence)."""
     blocks = {b: w for b, w in _column_blocks(planned.values()).items() if not _inside(b, owners)}
-    split = stack_split(model, modules, blocks, example_input, forward_module, _innermost(blocks))
+    gathering = _innermost(blocks)
+    if not blocks:
+        hidden = {modules[r.name].embedding_dim for r in planned.values() if isinstance(modules[r.name], nn.Embedding)}
+        experts = [r.name for r in planned.values() if r.style == "experts" or r.name in owners]
+        blocks = {e.rpartition(".")[0]: hidden for e in experts} if hidden else {}
+    split = stack_split(model, modules, blocks, example_input, forward_module, gathering)
     for given in (planned.get(split.first), planned.get(split.last)) if split is not None else ():
         if given is not None and (given.style != "replicate" or set(given.options) - {"partial_grad"}):
             return None
@@ -558,6 +566,64 @@ def _whole_sequence_owners(modules: dict[str, nn.Module], planned: dict[str, Pla
     return owners
 
 
+def _whole_mixers(
+    modules: dict[str, nn.Module],
+    planned: dict[str, PlannedModule],
+    owners: dict[str, _Owner],
+    stack: StackSplit | None,
+) -> dict[str, set[int]]:
+    """The modules that run on the whole sequence under sequence parallelism besides the mixtures of
+    experts (style ``sequence_whole``: the hidden-states input all-gathered, the output split back to
+    this rank's chunk), by name -> the hidden widths they read. On the chunk alone each would compute
+    another function:
+
+    * a module the plan leaves whole that mixes the sequence, run replicated: an attention a Hugging
+      Face plan leaves whole (DeepSeek-V3's latent attention), a Mamba or linear-attention mixer. Told
+      by structure: it holds whole linear layers, one of them named (or held by a module named) as an
+      attention's input projection (:data:`~lightning_tp.policy.rules.ATTENTION_INPUT_NAMES`), or a
+      head count of its own, or an ``nn.Conv1d`` of its own (a convolution over the sequence). A
+      cross-attention so found runs whole too (its queries gathered, its keys' sequence left as
+      given): correct, at the cost of a gather. A position-wise module named otherwise runs on the
+      chunk, as before; one that mixes the sequence and is told by none of these is found by ``verify``;
+    * a block whose split layers are all column layers that gather their output (``gather_output``,
+      Qwen3-Next's gated delta net under its Hugging Face plan): nothing splits its output back, so it
+      runs as plain tensor parallelism inside.
+
+    The outermost such module inside the layer stack when it is the sequence-sharded region (not a
+    layer where it splits or gathers the sequence) that holds no other split layer and no partial
+    gradient; none with Megatron's split at the embeddings."""
+    if stack is None:  # Megatron's split: the model sizes what it computes per position for the chunk, not the
+        return {}  # gathered sequence such a module would see (a hybrid model's mask): ``verify`` refuses it
+    gathered = {
+        r.name for r in planned.values() if isinstance(r.kind, Column) and r.options.get("gather_output")
+    }  # column layers whose output is whole
+    busy = [
+        r.name
+        for r in planned.values()
+        if ((r.splits or r.kind.replaces) and r.name not in gathered) or r.options.get("partial_grad")
+    ]
+    ends = (stack.first, stack.last)
+    found: dict[str, set[int]] = {}
+    for name, module in modules.items():  # (module order: a module before those inside it)
+        if not stack.inside(name) or name in ends or name in owners or _inside(name, [*owners, *found]):
+            continue
+        if any(_within(b, name) for b in busy):
+            continue
+        inner = {n: m for n, m in module.named_modules() if n}
+        linears = [n.lower() for n, m in inner.items() if as_linear(m) is not None and f"{name}.{n}" not in gathered]
+        columns = [n for n in inner if f"{name}.{n}" in gathered]
+        named = {part for n in linears for part in n.split(".")[-2:]}
+        children = dict(module.named_children())
+        if (linears or columns) and (
+            named & ATTENTION_INPUT_NAMES
+            or any(positive_int(read_attr(module, a)) for a in HEAD_ATTRS)
+            or any(isinstance(c, nn.Conv1d) for c in children.values())
+            or any(c in children for c in columns)  # (its own column layers gather their output)
+        ):
+            found[name] = set(stack.widths)
+    return found
+
+
 def _inside(name: str, owners: Iterable[str]) -> bool:
     return any(name != o and _within(name, o) for o in owners)
 
@@ -607,6 +673,7 @@ def _plan_sequence_parallel(
     owners: dict[str, _Owner],
     aliases: dict[str, tuple[str, ...]],
     stack: StackSplit | None = None,
+    mixers: dict[str, set[int]] | None = None,
 ) -> None:
     """Megatron sequence parallelism outside the parallel layers, as plan rows:
 
@@ -620,7 +687,8 @@ def _plan_sequence_parallel(
       (:func:`_gathering_blocks`);
     * replicated ``nn.Embedding``s (positions, token types) give this rank's chunk (``sequence_embedding``);
     * a mixture of experts whose experts are blocks runs on the whole sequence (``sequence_whole``:
-      gathered at its input, its output split back), plain tensor parallelism inside;
+      gathered at its input, its output split back), plain tensor parallelism inside; so does each
+      module in ``mixers`` (:func:`_whole_mixers`: left whole, mixing the sequence), replicated;
     * every other module of the split model that holds whole parameters (norms, gains) gets a
       partial gradient (``replicate`` with ``partial_grad``): outside the blocks it runs on this
       rank's sequence chunk; inside a block it runs on the gathered sequence, but the gather's
@@ -635,33 +703,39 @@ def _plan_sequence_parallel(
     root = _split_root(planned)
     layers = {r.name for r in planned.values() if r.splits or r.kind.replaces}  # TP layers (replicated k/v too)
     split = {id(p) for n in layers for p in modules[n].parameters(recurse=False)}
+    mixers = mixers or {}
+    whole_ones = [*owners, *mixers]
     for name, module in modules.items():
-        if _inside(name, owners):
+        if _inside(name, whole_ones):
             continue  # runs as plain tensor parallelism on the whole sequence: nothing sequence-sharded inside
         if stack is not None and name in (stack.first, stack.last):
             planned[name] = _split_row(name, module, planned, stack, split, tp)
             continue
         if stack is not None and not stack.inside(name):
             continue  # runs on the whole sequence, replicated, as without sequence parallelism
-        if name in owners:
+        if name in owners or name in mixers:
             given = planned.get(name)
+            what = "routes tokens to experts" if name in owners else "mixes the sequence and is left whole"
             if given is not None and (given.style != "replicate" or given.options):
                 raise PolicyError(
-                    f"module {name!r} routes tokens to experts, so sequence parallelism runs it on the whole sequence "
+                    f"module {name!r} {what}, so sequence parallelism runs it on the whole sequence "
                     f"(style 'sequence_whole'), and the policy gives it {given.style!r} {dict(given.options)}. Leave it "
                     "out of the policy (or 'replicate' without options), or use sequence_parallel=False."
                 )
-            note = "a mixture of experts: runs on the whole sequence (gathered at its input, its output split)"
-            planned[name] = planned_row(
-                name, module, Rule("sequence_whole", {"in_features": sorted(owners[name][3])}), None, tp, note
-            )
+            if name in owners:
+                note = "a mixture of experts: runs on the whole sequence (gathered at its input, its output split)"
+                options: dict[str, Any] = {"in_features": sorted(owners[name][3])}
+            else:
+                note = "mixes the sequence, left whole: runs on the whole sequence, replicated (gathered, split back)"
+                options = {"in_features": sorted(mixers[name]), "chunks_only": True}
+            planned[name] = planned_row(name, module, Rule("sequence_whole", options), None, tp, note)
             continue
         if name in blocks:
             note = "all-gathers the sequence at the block input"
             # the widths its column layers read, and its whole linear layers (multi-head latent attention's
             # q_a_proj / kv_a_proj_with_mqa read the hidden states, its column layers the compressed ones)
             whole = {w[0] for n, m in module.named_modules() if f"{name}.{n}" not in layers and (w := as_linear(m))}
-            options: dict[str, Any] = {"in_features": sorted(blocks[name] | whole)}
+            options = {"in_features": sorted(blocks[name] | whole)}
             given = planned.get(name)  # the policy may mark its parameters, or split its per-head ones
             if given is not None and given.style == "head_inputs":
                 if stack is None:
