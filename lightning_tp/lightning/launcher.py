@@ -6,10 +6,12 @@ Both plan the policy on the main process's model before they start any other pro
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +38,21 @@ def record_weights_only(strategy: Any, function: Callable, args: tuple, kwargs: 
     strategy.load_weights_only = bound.arguments.get("weights_only")
 
 
+_EXIT_PAUSE_S = 0.05
+_exit_pause = False  # registered in this process
+
+
+def _pause_before_exit() -> None:
+    """At interpreter exit (an ``atexit`` handler, before finalization): sleep briefly, so torch's
+    collective worker threads get the GIL once more. A gloo worker thread releases the tensors of a
+    collective it finished (their Python objects) under the GIL; one whose release is left until
+    finalization has begun ends inside a C++ destructor, which aborts the process after the script
+    has finished ("terminate called without an active exception", SIGABRT: about one 2-rank fit in
+    ten on 2 cores, after the last step's signal agreement)."""
+    if dist.is_available() and dist.is_initialized():
+        time.sleep(_EXIT_PAUSE_S)
+
+
 class TPSubprocessScriptLauncher(SubprocessScriptLauncher):
     """Lightning's popen launcher (this script is started again for every other local rank), which
     first plans the policy on this process's model when it is the one that starts the others."""
@@ -45,6 +62,10 @@ class TPSubprocessScriptLauncher(SubprocessScriptLauncher):
         self.tp_strategy = strategy
 
     def launch(self, function: Callable, *args: Any, trainer: pl.Trainer | None = None, **kwargs: Any) -> Any:
+        global _exit_pause
+        if not _exit_pause:  # every rank runs the user's script to its end (this one, those it starts, torchrun's)
+            atexit.register(_pause_before_exit)
+            _exit_pause = True
         record_weights_only(self.tp_strategy, function, args, kwargs)
         if not self.cluster_environment.creates_processes_externally and args:
             self.tp_strategy.plan_before_launch(args[0])  # args[0]: the model given to fit/validate/test/predict
