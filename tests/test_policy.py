@@ -1393,6 +1393,17 @@ def test_where_an_aliased_module_sits_is_read_from_every_name():
     assert apply_activation_checkpointing(_RepeatedBlockLM(), "blocks.2") == ["blocks.0"]  # one module, any name
 
 
+def test_attention_dropout_of_a_block_whose_columns_gather_their_output_keeps_the_shared_stream():
+    """A block whose column layers gather their output (a Hugging Face plan's ``colwise_gather_output``) runs
+    its attention on every head, on every rank: its attention dropout draws one mask, not one per rank."""
+    net = models.NanoGPT(vocab=64, n_embd=32, n_layer=1, n_head=4, block_size=16)
+    gathered = {"transformer.h.*.attn.c_attn": {"style": "column", "gather_output": True}}
+    split = {"transformer.h.*.attn.c_attn": "qkv", "transformer.h.*.attn.c_proj": "row"}
+    styles = [{m.name: m.style for m in plan_policy(net, 2, policy).modules} for policy in (gathered, split)]
+    assert "transformer.h.0.attn.attn_dropout" not in styles[0], styles[0]
+    assert styles[1]["transformer.h.0.attn.attn_dropout"] == "tp_dropout", styles[1]
+
+
 def test_meta_example_inputs_get_values_where_the_shape_says_what_they_are():
     from lightning_tp.errors import VerifyInputError
     from lightning_tp.policy.inputs import values_for_meta

@@ -137,40 +137,55 @@ class WholeSequence(ModuleHooks):
     column layers all-reduce their input gradients), so backward keeps this rank's chunk of it. Split
     back: every floating output of the gathered input's shape ``(..., T, w)``; other outputs (router
     logits, an auxiliary loss) stay whole, as every rank computed them from every token. A call with
-    nothing to gather is a ``ShardingError`` (each rank would route other tokens). With
-    ``chunks_only`` (a module run whole, replicated) an input is gathered only when its sequence dim
-    is as long as this rank's chunk of a sequence-sharded sequence of this forward (a cross-attention's
-    keys keep their whole sequence; compiled, where no length is recorded, every input of such a
-    width is), and a call with nothing to gather runs on what it is given, whole.
+    nothing to gather is a ``ShardingError`` (each rank would compute on other tokens).
+
+    With ``hidden_only`` (a module the plan leaves whole, run replicated) only the hidden states are
+    gathered: the first such input with ``ndim`` dims that is, in eager code, as long as this rank's
+    chunk of a sequence-sharded sequence of this forward (a cross-attention's memory, a mask, stay as
+    given); and every floating output with the gathered input's dims before the last (batch and
+    sequence; any width, a per-head gate's too) is split back.
     """
 
-    def __init__(self, group: ProcessGroup, in_features: Iterable[int], name: str = "", chunks_only: bool = False):
+    def __init__(
+        self,
+        group: ProcessGroup,
+        in_features: Iterable[int],
+        name: str = "",
+        hidden_only: bool = False,
+        ndim: int | None = None,
+    ) -> None:
         self.group, self.in_features, self.name = group, frozenset(int(i) for i in in_features), name
-        self.chunks_only = chunks_only
+        self.hidden_only, self.ndim = hidden_only, ndim
         self._shapes: set[tuple[int, ...]] = set()  # the gathered inputs' shapes, set by the pre-hook
         self._whole = False  # an input of a sequence that runs whole in this forward (nothing to gather)
 
     def _gather(self, x: Any) -> Any:
-        if is_hidden(x, self.in_features):
+        if is_hidden(x, self.in_features) and (self.ndim is None or x.dim() == self.ndim):
+            if self.hidden_only and (self._shapes or self._whole):
+                return x  # the hidden states came first: a cross-attention's memory stays as given
             if sequence_whole(x.shape[-2]):
                 self._whole = True
                 return x
-            if self.chunks_only and sharded_length(x.shape[-2]) is False:
-                return x  # not this rank's chunk of a sharded sequence: a whole one (a cross-attention's keys)
+            if self.hidden_only and sharded_length(x.shape[-2]) is False:
+                return x  # not this rank's chunk of a sharded sequence
             full = gather_from_sp(x, self.group, -2, grad_reduce=False).contiguous()  # the module may view() it
             self._shapes.add(tuple(full.shape))
             return full
         return x
 
     def _split(self, y: Any) -> Any:
-        if isinstance(y, Tensor) and y.is_floating_point() and tuple(y.shape) in self._shapes:
+        if not isinstance(y, Tensor) or not y.is_floating_point():
+            return y
+        if tuple(y.shape) in self._shapes or (
+            self.hidden_only and any(y.shape[:-1] == s[:-1] and y.dim() == len(s) for s in self._shapes)
+        ):
             return scatter_to_sp(y, self.group, -2)
         return y
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         self._shapes, self._whole = set(), False
         out = tuple(self._gather(a) for a in args), {k: self._gather(v) for k, v in kwargs.items()}
-        if not self._shapes and not self._whole and not self.chunks_only:
+        if not self._shapes and not self._whole:
             raise ShardingError(
                 f"module {self.name!r} (sequence parallelism runs it on the whole sequence): none of its inputs "
                 f"is a floating (..., T/p, w) tensor with w in {sorted(self.in_features)} to gather, so each rank "
@@ -182,7 +197,7 @@ class WholeSequence(ModuleHooks):
         return tree_map(self._split, output)
 
     def __repr__(self) -> str:
-        return f"WholeSequence(in_features={sorted(self.in_features)}{', chunks_only' if self.chunks_only else ''})"
+        return f"WholeSequence(in_features={sorted(self.in_features)}{', hidden_only' if self.hidden_only else ''})"
 
 
 class StackSequence:

@@ -48,9 +48,9 @@ def _pause_before_exit() -> None:
     collective it finished (their Python objects) under the GIL; one whose release is left until
     finalization has begun ends inside a C++ destructor, which aborts the process after the script
     has finished ("terminate called without an active exception", SIGABRT: about one 2-rank fit in
-    ten on 2 cores, after the last step's signal agreement)."""
-    if dist.is_available() and dist.is_initialized():
-        time.sleep(_EXIT_PAUSE_S)
+    ten on 2 cores, after the last step's signal agreement). Also after the script destroyed its
+    process groups: their threads outlive that."""
+    time.sleep(_EXIT_PAUSE_S)
 
 
 class TPSubprocessScriptLauncher(SubprocessScriptLauncher):

@@ -412,10 +412,14 @@ def _stack_split(
     embeddings' width (a hybrid model's mixers, run whole, take the masks of the whole sequence)."""
     blocks = {b: w for b, w in _column_blocks(planned.values()).items() if not _inside(b, owners)}
     gathering = _innermost(blocks)
-    if not blocks:
-        hidden = {modules[r.name].embedding_dim for r in planned.values() if isinstance(modules[r.name], nn.Embedding)}
-        experts = [r.name for r in planned.values() if r.style == "experts" or r.name in owners]
-        blocks = {e.rpartition(".")[0]: hidden for e in experts} if hidden else {}
+    if not blocks:  # the experts (3-D parameters, or the layers holding block experts) at the hidden widths
+        hidden = {w for *_, ws in owners.values() for w in ws} | {
+            modules[r.name].embedding_dim
+            for r in planned.values()
+            if isinstance(r.kind, Vocab) and isinstance(modules[r.name], nn.Embedding)
+        }
+        experts = [*owners, *(r.name for r in planned.values() if r.style == "experts")]
+        blocks = dict.fromkeys(experts, hidden) if hidden else {}
     split = stack_split(model, modules, blocks, example_input, forward_module, gathering)
     for given in (planned.get(split.first), planned.get(split.last)) if split is not None else ():
         if given is not None and (given.style != "replicate" or set(given.options) - {"partial_grad"}):
@@ -578,20 +582,22 @@ def _whole_mixers(
     another function:
 
     * a module the plan leaves whole that mixes the sequence, run replicated: an attention a Hugging
-      Face plan leaves whole (DeepSeek-V3's latent attention), a Mamba or linear-attention mixer. Told
-      by structure: it holds whole linear layers, one of them named (or held by a module named) as an
-      attention's input projection (:data:`~lightning_tp.policy.rules.ATTENTION_INPUT_NAMES`), or a
-      head count of its own, or an ``nn.Conv1d`` of its own (a convolution over the sequence). A
-      cross-attention so found runs whole too (its queries gathered, its keys' sequence left as
-      given): correct, at the cost of a gather. A position-wise module named otherwise runs on the
+      Face plan leaves whole (DeepSeek-V3's latent attention), a Mamba or linear-attention mixer. It
+      holds whole linear layers, one of them back to a hidden width (its output projection), and is
+      told by one named (or held by a module named) as an attention's input projection
+      (:data:`~lightning_tp.policy.rules.ATTENTION_INPUT_NAMES`), a head count of its own or an
+      ``nn.Conv1d`` of its own (a convolution over the sequence). A cross-attention so found runs
+      whole too (its queries gathered, its memory as given): correct, at the cost of a gather. A
+      position-wise module so told runs whole too, at that cost; one named otherwise runs on the
       chunk, as before; one that mixes the sequence and is told by none of these is found by ``verify``;
     * a block whose split layers are all column layers that gather their output (``gather_output``,
       Qwen3-Next's gated delta net under its Hugging Face plan): nothing splits its output back, so it
       runs as plain tensor parallelism inside.
 
     The outermost such module inside the layer stack when it is the sequence-sharded region (not a
-    layer where it splits or gathers the sequence) that holds no other split layer and no partial
-    gradient; none with Megatron's split at the embeddings."""
+    layer where it splits or gathers the sequence, nor inside a block that gathers it: the whole
+    sequence is there already) that holds no other split layer and no partial gradient; none with
+    Megatron's split at the embeddings."""
     if stack is None:  # Megatron's split: the model sizes what it computes per position for the chunk, not the
         return {}  # gathered sequence such a module would see (a hybrid model's mask): ``verify`` refuses it
     gathered = {
@@ -603,9 +609,10 @@ def _whole_mixers(
         if ((r.splits or r.kind.replaces) and r.name not in gathered) or r.options.get("partial_grad")
     ]
     ends = (stack.first, stack.last)
+    whole = [*owners, *_gathering_blocks(planned.values(), owners)]  # modules on the whole sequence already
     found: dict[str, set[int]] = {}
     for name, module in modules.items():  # (module order: a module before those inside it)
-        if not stack.inside(name) or name in ends or name in owners or _inside(name, [*owners, *found]):
+        if not stack.inside(name) or name in ends or name in owners or _inside(name, [*whole, *found]):
             continue
         if any(_within(b, name) for b in busy):
             continue
@@ -614,7 +621,8 @@ def _whole_mixers(
         columns = [n for n in inner if f"{name}.{n}" in gathered]
         named = {part for n in linears for part in n.split(".")[-2:]}
         children = dict(module.named_children())
-        if (linears or columns) and (
+        writes = any((w := as_linear(m)) is not None and w[1] in stack.widths for m in inner.values())
+        if writes and (
             named & ATTENTION_INPUT_NAMES
             or any(positive_int(read_attr(module, a)) for a in HEAD_ATTRS)
             or any(isinstance(c, nn.Conv1d) for c in children.values())
@@ -727,7 +735,7 @@ def _plan_sequence_parallel(
                 options: dict[str, Any] = {"in_features": sorted(owners[name][3])}
             else:
                 note = "mixes the sequence, left whole: runs on the whole sequence, replicated (gathered, split back)"
-                options = {"in_features": sorted(mixers[name]), "chunks_only": True}
+                options = {"in_features": sorted(mixers[name]), "hidden_only": True, "ndim": stack.ndim}
             planned[name] = planned_row(name, module, Rule("sequence_whole", options), None, tp, note)
             continue
         if name in blocks:
@@ -815,8 +823,11 @@ def _plan_dropouts(
     def names(n: str) -> tuple[str, ...]:
         return aliases.get(n, (n,))
 
-    parents = {
-        a.rpartition(".")[0] for row in planned.values() if isinstance(row.kind, Column) for a in names(row.name)
+    parents = {  # (a block whose column layers gather their output runs its attention on every head)
+        a.rpartition(".")[0]
+        for row in planned.values()
+        if isinstance(row.kind, Column) and not row.options.get("gather_output")
+        for a in names(row.name)
     }
     heads = [
         n

@@ -848,18 +848,17 @@ class SequenceGatherStyle(Style):
 class WholeSequenceStyle(SequenceGatherStyle):
     """A module that sees every token at once inside a sequence-parallel model (a mixture of experts
     whose experts are blocks of column and row layers; an attention or a mixer the plan leaves whole):
-    its inputs of width ``in_features`` are all-gathered on the sequence (with ``chunks_only`` only
-    those as long as this rank's chunk of a sequence-sharded sequence), it runs as plain tensor
-    parallelism (or whole, replicated) inside, its outputs are split back to this rank's chunk
+    its inputs of width ``in_features`` are all-gathered on the sequence (with ``hidden_only`` only
+    its hidden states: the first of ``ndim`` dims as long as this rank's chunk), it runs as plain
+    tensor parallelism (or whole, replicated) inside, its outputs are split back to this rank's chunk
     (:class:`~lightning_tp.engine.sequence.WholeSequence`). Planned by sequence parallelism only."""
 
     name = "sequence_whole"
-    options = frozenset({"in_features", "chunks_only"})
+    options = frozenset({"in_features", "hidden_only", "ndim"})
 
     def build(self, row, dense, ctx):
-        WholeSequence(ctx.group, row.options["in_features"], row.name, row.options.get("chunks_only", False)).attach(
-            dense
-        )
+        o = row.options
+        WholeSequence(ctx.group, o["in_features"], row.name, o.get("hidden_only", False), o.get("ndim")).attach(dense)
         return dense
 
 
