@@ -540,6 +540,10 @@ BUILDERS = {
     "gemma4": _gemma4,
     "gpt_oss": gpt_oss,
     "granite_swa": _granite_swa,
+    # default configs shrunk (tests/scripts/hf_sweep.py's): modules a plan leaves whole that mix the sequence
+    "deepseek_v3": lambda: shrunk("deepseek_v3"),  # latent attention left whole by its Hugging Face plan
+    "qwen3_next": lambda: shrunk("qwen3_next"),  # gated delta nets whose split layers gather their output
+    "jamba": lambda: shrunk("jamba"),  # Mamba mixers; its plan splits only the experts
 }
 # The policy each architecture is rewritten with in the tests ("auto" unless named): GPT-OSS's tp_plan
 # splits only the token embedding; the name rules split its attention and experts. GPT-NeoX under the
