@@ -14,7 +14,7 @@ from lightning_tp import ShardingError, gather_logits
 from lightning_tp.engine.sequence import SequenceShardedEmbedding
 from lightning_tp.engine.sharding import has_partial_grad, shard_spec
 from lightning_tp.lightning.precision import all_reduce_partial_grads
-from lightning_tp.policy import PolicyError, apply_policy, hf_plan, plan_policy, translate_hf_plan
+from lightning_tp.policy import PolicyError, PolicyWarning, apply_policy, hf_plan, plan_policy, translate_hf_plan
 from lightning_tp.policy.verify import PolicyMismatchError
 
 HAS_HF = importlib.util.find_spec("transformers") is not None
@@ -622,7 +622,7 @@ def test_a_policy_that_splits_no_layer_is_refused_under_sequence_parallelism():
     """Only the embedding and the head split (a Hugging Face plan that covers no more, or a model without
     attention): every layer would run whole on 1/TP of the sequence. Refused before any change, naming
     the policy; a Hugging Face plan is told of policy='names' (before: the self-check blamed the head,
-    and with verify=False the logits were wrong)."""
+    and with verify=False the logits were wrong). Only the experts split: planned, with a warning."""
     with pytest.raises(PolicyError, match=r"splits no layer of the model .*sequence_parallel=False\.$"):
         plan_policy(models.build("plain"), 2, {"embed_tokens": "vocab", "lm_head": "vocab", "*": "replicate"},
                     sequence_parallel=True)  # fmt: skip
@@ -632,14 +632,16 @@ def test_a_policy_that_splits_no_layer_is_refused_under_sequence_parallelism():
         with pytest.raises(PolicyError, match=r"policy \(huggingface tp_plan\) splits no layer.*policy='names'"):
             plan_policy(hf_zoo.build("gpt_oss"), 2, "auto", sequence_parallel=True)
         # experts alone (Hugging Face's HunYuan-MoE, PhiMoE and GraniteMoE plans split nothing else): they
-        # gather their tokens, but the attention would run whole on a chunk (before: verify's output check
-        # caught it; with verify=False the model trained on per-chunk attention)
+        # gather their tokens, and the attention left whole runs on the whole sequence, replicated (the layer
+        # stack is the region), which a warning says (before this: refused; before that, verify's output check
+        # caught it, and with verify=False the model trained on per-chunk attention)
         mixtral = hf_zoo.build("mixtral")
         experts = translate_hf_plan({k: v for k, v in hf_plan(mixtral).items() if ".experts" in k})
         policy = {"lm_head": "vocab", "model.embed_tokens": "vocab"}
         policy.update({p: {"style": r.style, **r.options} for p, r in experts.items()})
-        with pytest.raises(PolicyError, match=r"splits only the experts \(\['model.layers.0.mlp.experts'.*attention's"):
-            plan_policy(mixtral, 2, policy, sequence_parallel=True)
+        with pytest.warns(PolicyWarning, match=r"splits only the experts \(\['model.layers.0.mlp.experts'.*attention"):
+            plan = plan_policy(mixtral, 2, policy, sequence_parallel=True)
+        assert {m.name: m.style for m in plan.modules}["model.layers.0.self_attn"] == "sequence_whole"
         plan_policy(mixtral, 2, policy)  # without sequence parallelism the plan stands
         # the user's own entry keeping them whole stands (a position-wise layer may be named query/key/value)
         plan_policy(mixtral, 2, {"*.self_attn.*": "replicate", **policy}, sequence_parallel=True)

@@ -462,8 +462,9 @@ def _check_sequence_parallel(
 ) -> None:
     if not any(not _inside(b, owners) for b in _column_blocks(entries)):
         # experts gather their tokens (and a mixture of block experts runs on the whole sequence), but nothing else
-        # does: an attention left whole would run on this rank's chunk of the sequence (found by its projections'
-        # names; a model of experts alone, position-wise, fits)
+        # does: an attention left whole (found by its projections' names) would run on this rank's chunk of the
+        # sequence with Megatron's split, and runs whole, replicated, where the layer stack is the region
+        # (_whole_mixers: said in a warning); a model of experts alone, position-wise, fits
         experts = sorted(owners) + [e.name for e in entries if e.style == "experts" and not _inside(e.name, owners)]
         given = {e.name for e in entries if e.splits or (e.pattern is not None and not source.startswith("hugging"))}
         attention = [  # left whole by the plan, not by the user's own entry (a position-wise layer so named)
@@ -475,7 +476,17 @@ def _check_sequence_parallel(
             and not _inside(n, owners)
             and (split is None or split.inside(n))
         ]
-        if not experts or attention:
+        if experts and attention and split is not None:  # the layer stack is the region: they run whole there
+            hint = " The model's own Hugging Face plan splits only its experts: policy='names' splits its attention."
+            warnings.warn(
+                f"sequence_parallel=True: the policy ({source}) splits only the experts ({few(experts)}) into "
+                f"parallel layers; the attention ({few(attention)}) stays whole and runs on the whole sequence on "
+                f"every rank, so its compute and activations do not divide by TP."
+                f"{hint if source.startswith('huggingface') else ''}",
+                PolicyWarning,
+                stacklevel=4,
+            )
+        elif not experts or attention:
             what = f"only the experts ({few(experts)})" if experts else "no layer"
             whole = f" (the attention's {few(attention)})" if experts else ""
             hint = (
