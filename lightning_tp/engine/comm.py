@@ -345,19 +345,19 @@ def sequence_whole(length: int | None = None, full: bool = False, tokens: bool =
     return whole or (not sharded and _REGION.last)
 
 
-def sharded_length(n: int) -> bool | None:
+def sharded_length(n: int, flat: bool = False) -> bool | None:
     """Whether a sequence dim of ``n`` is this rank's chunk of a sequence-sharded sequence in the
-    current forward (:func:`enter_sequence_region`); ``None`` where no length is recorded (compiled)."""
+    current forward (:func:`enter_sequence_region`); ``flat``: whether ``n`` rows are its tokens
+    flattened with the batch (``B*T/p``). ``None`` where no length is recorded (compiled)."""
     if torch.compiler.is_compiling() or _REGION.traced:
         return None
-    return n in _REGION.chunks
+    return n in (_REGION.chunk_tokens if flat else _REGION.chunks)
 
 
 def sharded_tokens(n: int) -> bool:
     """Whether ``n`` rows are this rank's chunk of a sequence-sharded sequence's tokens flattened with
-    the batch (``B*T/p``) in the current forward (:func:`enter_sequence_region`). Never while compiled
-    (traced code records no length)."""
-    return not torch.compiler.is_compiling() and not _REGION.traced and n in _REGION.chunk_tokens
+    the batch (:func:`sharded_length`); never while compiled (traced code records no length)."""
+    return bool(sharded_length(n, flat=True))
 
 
 # ----------------------------------------------------------------------------------------------

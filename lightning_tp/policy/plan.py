@@ -586,11 +586,10 @@ def _whole_mixers(
     planned: dict[str, PlannedModule],
     owners: dict[str, _Owner],
     stack: StackSplit | None,
-) -> dict[str, set[int]]:
+) -> list[str]:
     """The modules that run on the whole sequence under sequence parallelism besides the mixtures of
     experts (style ``sequence_whole``: the hidden-states input all-gathered, the output split back to
-    this rank's chunk), by name -> the hidden widths they read. On the chunk alone each would compute
-    another function:
+    this rank's chunk), by name. On the chunk alone each would compute another function:
 
     * a module the plan leaves whole that mixes the sequence, run replicated: an attention a Hugging
       Face plan leaves whole (DeepSeek-V3's latent attention), a Mamba or linear-attention mixer. It
@@ -610,7 +609,7 @@ def _whole_mixers(
     sequence is there already) that holds no other split layer and no partial gradient; none with
     Megatron's split at the embeddings."""
     if stack is None:  # Megatron's split: the model sizes what it computes per position for the chunk, not the
-        return {}  # gathered sequence such a module would see (a hybrid model's mask): ``verify`` refuses it
+        return []  # gathered sequence such a module would see (a hybrid model's mask): ``verify`` refuses it
     gathered = {
         r.name for r in planned.values() if isinstance(r.kind, Column) and r.options.get("gather_output")
     }  # column layers whose output is whole
@@ -621,7 +620,7 @@ def _whole_mixers(
     ]
     ends = (stack.first, stack.last)
     whole = [*owners, *_gathering_blocks(planned.values(), owners)]  # modules on the whole sequence already
-    found: dict[str, set[int]] = {}
+    found: list[str] = []
     for name, module in modules.items():  # (module order: a module before those inside it)
         if not stack.inside(name) or name in ends or name in owners or _inside(name, [*whole, *found]):
             continue
@@ -639,7 +638,7 @@ def _whole_mixers(
             or any(isinstance(c, nn.Conv1d) for c in children.values())
             or any(c in children for c in columns)  # (its own column layers gather their output)
         ):
-            found[name] = set(stack.widths)
+            found.append(name)
     return found
 
 
@@ -692,7 +691,7 @@ def _plan_sequence_parallel(
     owners: dict[str, _Owner],
     aliases: dict[str, tuple[str, ...]],
     stack: StackSplit | None = None,
-    mixers: dict[str, set[int]] | None = None,
+    mixers: Iterable[str] = (),
 ) -> None:
     """Megatron sequence parallelism outside the parallel layers, as plan rows:
 
@@ -722,7 +721,7 @@ def _plan_sequence_parallel(
     root = _split_root(planned)
     layers = {r.name for r in planned.values() if r.splits or r.kind.replaces}  # TP layers (replicated k/v too)
     split = {id(p) for n in layers for p in modules[n].parameters(recurse=False)}
-    mixers = mixers or {}
+    mixers = set(mixers)
     whole_ones = [*owners, *mixers]
     for name, module in modules.items():
         if _inside(name, whole_ones):
@@ -746,7 +745,7 @@ def _plan_sequence_parallel(
                 options: dict[str, Any] = {"in_features": sorted(owners[name][3])}
             else:
                 note = "mixes the sequence, left whole: runs on the whole sequence, replicated (gathered, split back)"
-                options = {"in_features": sorted(mixers[name]), "hidden_only": True, "ndim": stack.ndim}
+                options = {"in_features": sorted(stack.widths), "hidden_only": True, "ndim": stack.ndim}
             planned[name] = planned_row(name, module, Rule("sequence_whole", options), None, tp, note)
             continue
         if name in blocks:
