@@ -11,8 +11,10 @@ loss and of the logits' gradient against float64:
 
 * ``F``                ``F.cross_entropy(logits, target)``, in the logits' dtype
 * ``F_fp32``           ``F.cross_entropy(logits.float(), target)``
-* ``vocab_parallel``   ``lightning_tp.vocab_parallel_cross_entropy`` on a group of one, with the head's
-                       reusable workspace (the strategy's path at TP 1)
+* ``vocab_parallel``   ``lightning_tp.vocab_parallel_cross_entropy`` on a group of one, unfused (``fused=False``),
+                       with the head's reusable workspace (the strategy's default on CPU)
+* ``vocab_parallel_fused`` the same with ``fused=True``: two compiled kernels, no float32 copy of the logits
+                       (the strategy's default on CUDA, ``loss_fusion``)
 * ``*_compiled``       (``--compiled``) the same functions under ``torch.compile`` (inductor)
 
 Reports the median of ``--repeats`` timed calls after ``--warmup``, peak memory above the logits
@@ -53,7 +55,10 @@ def variants(group, vocab: int, compiled: bool) -> dict:
     out = {
         "F": lambda z, t: F.cross_entropy(z, t),
         "F_fp32": lambda z, t: F.cross_entropy(z.float(), t),
-        "vocab_parallel": lambda z, t: vocab_parallel_cross_entropy(z, t, group, vocab, workspace=workspace),
+        "vocab_parallel": lambda z, t: vocab_parallel_cross_entropy(
+            z, t, group, vocab, workspace=workspace, fused=False
+        ),
+        "vocab_parallel_fused": lambda z, t: vocab_parallel_cross_entropy(z, t, group, vocab, fused=True),
     }
     if compiled:
         out["F_compiled"] = torch.compile(out["F"])

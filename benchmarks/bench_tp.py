@@ -309,8 +309,9 @@ def _lightning_tp(cfg, args, counter, gather: bool, comm: bool = True, sp: bool 
     timer = Timer(args, counter)
     model = _lit_module(cfg, timer.total, cfg["batch"])
     strategy = MegatronTPStrategy(
-        tensor_parallel_size=tp, policy=policy, sequence_parallel=sp, timeout=datetime.timedelta(seconds=120)
-    )
+        tensor_parallel_size=tp, policy=policy, sequence_parallel=sp, timeout=datetime.timedelta(seconds=120),
+        loss_fusion=cfg.get("loss_fusion"),
+    )  # fmt: skip
     trainer = _trainer(args, strategy, tp, timer)
     if not comm:
         trainer.callbacks.append(_NoCollectives())
@@ -710,7 +711,11 @@ def markdown(summary: dict[str, Any]) -> str:
         f"model {cfg['flops_per_batch'] / 1e12:.2f} TFLOP per step"
         + {"model": "; the whole model torch.compile'd (inductor).", None: "; eager.", False: "; eager."}.get(
             cfg.get("compile"), "; every transformer block torch.compile'd (inductor)."
-        ),
+        )
+        + {
+            True: " lightning_tp's loss fused (loss_fusion=True).",
+            False: " lightning_tp's loss unfused (loss_fusion=False).",
+        }.get(cfg.get("loss_fusion"), f" lightning_tp's loss {'fused' if cuda else 'unfused'} (loss_fusion=None)."),
         "",
         "| variant | tokens/s | step (s) | TFLOP/s per device | MFU | comm MB/step | comm calls/step | comm time share "
         f"| param+grad+optim MB (rank 0) | peak {'GPU memory' if cuda else 'RSS'} MB/rank |",
@@ -762,7 +767,11 @@ def markdown(summary: dict[str, Any]) -> str:
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plot", flush=True)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -811,6 +820,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=None,
         help="torch.compile every transformer block (blocks, the default) or the whole model (all variants)",
     )
+    p.add_argument(
+        "--loss-fusion",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="MegatronTPStrategy(loss_fusion=): auto (fused on CUDA), on, off",
+    )
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
     if args.accelerator == "auto":
@@ -820,6 +835,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in PRESETS[args.preset].items()}
     cfg["flops_per_batch"] = model_flops_per_batch(cfg)
     cfg["accelerator"], cfg["precision"], cfg["compile"] = args.accelerator, args.precision, args.compile
+    cfg["loss_fusion"] = {"auto": None, "on": True, "off": False}[args.loss_fusion]
     cfg["device_name"] = torch.cuda.get_device_name() if args.accelerator == "cuda" else None
     gpus = torch.cuda.device_count() if args.accelerator == "cuda" else 0
     variants = [n for n in args.variants if args.accelerator == "cpu" or n in SINGLE_DEVICE or gpus >= 2]

@@ -2,10 +2,11 @@
 # The checks that need a CUDA GPU, in one run (one GPU is enough; a second adds the TP 2 cases):
 # the MFU benchmark (gpt2-medium, bf16-mixed, one process: plain Lightning and MegatronTPStrategy at
 # TP 1, with the vocab-parallel loss and with gathered logits), the cuda-marked tests, the loss alone (bench_loss.py), then the MFU benchmark compiled
-# (COMPILE=blocks, the default: every block; COMPILE=model: the whole model). BENCH_FLAGS is added to
-# both MFU runs (e.g. "--precision bf16-true --batch 16").
+# (COMPILE=blocks, the default: every block; COMPILE=model: the whole model) and that once more for the
+# strategy at TP 1 with its loss unfused (loss_fusion=False). BENCH_FLAGS is added to
+# all MFU runs (e.g. "--precision bf16-true --batch 16").
 #   bash benchmarks/gpu_checks.sh [OUTDIR]     (default benchmarks/results/gpu)
-# Writes OUTDIR/log.txt, OUTDIR/{eager,compiled}/results.{json,md} and OUTDIR/loss/loss.{json,md}.
+# Writes OUTDIR/log.txt, OUTDIR/{eager,compiled,compiled_unfused}/results.{json,md} and OUTDIR/loss/loss.{json,md}.
 # Needs the project importable (installed, or run from the repository root: PYTHONPATH is set to it).
 set -u
 OUTDIR=${1:-benchmarks/results/gpu}
@@ -33,5 +34,7 @@ LOG="$OUTDIR/log.txt"
   timeout "${LOSS_TIMEOUT:-240}" $PY benchmarks/bench_loss.py --tokens 8192 --compiled --out "$OUTDIR/loss"
   echo "bench_loss exit $?"
   echo "== compiled MFU"; bench compiled --compile "${COMPILE:-blocks}"
+  echo "== compiled MFU, the strategy at TP 1 with its loss unfused (loss_fusion=False; fused above, the CUDA default)"
+  bench compiled_unfused --compile "${COMPILE:-blocks}" --variants lightning_tp_tp1 --loss-fusion off
   date -u
 } 2>&1 | tee "$LOG"

@@ -18,7 +18,15 @@ torch (no public equivalent):
   infs for a fused optimizer (no ``unscale_``); ``TPGradScaler`` overrides it (listed in
   :data:`LIGHTNING_HOOKS`) to reduce those flags over ranks too.
 * ``compile_counts`` (``torch._dynamo.utils.counters``): graphs and graph breaks ``torch.compile``
-  made in this process (benchmarks and the GPU tests report them).
+  made in this process for the user's code (benchmarks and the GPU tests report them); graphs made
+  inside ``library_compilation()`` (lightning_tp's own fused kernels) are left out.
+* ``is_compile_failure`` (``torch._dynamo.exc.TorchDynamoException``): ``torch.compile`` could not trace
+  or compile a function (a fused kernel then runs eagerly).
+* ``user_dispatch_mode_active`` (``torch.utils._python_dispatch.is_in_torch_dispatch_mode``): a
+  ``TorchDispatchMode`` other than torch's own is active, where ``torch.compile`` refuses to run (a
+  fused kernel then runs eagerly).
+* ``has_triton`` (``torch.utils._triton.has_triton``): whether ``torch.compile`` can generate GPU
+  kernels here (the fused loss is on by default only then).
 * ``compiler_backend`` (``torch._dynamo.lookup_backend``): a registered ``torch.compile`` backend
   by name, for a backend that wraps it (the tests record the graphs, then run ``aot_eager``).
 * ``compile_inputs_opaque`` (``torch._dynamo.config.nontraceable_tensor_subclasses``): a
@@ -114,11 +122,56 @@ def check_inf_per_device(scaler: torch.amp.GradScaler, optimizer: torch.optim.Op
     return torch.amp.GradScaler._check_inf_per_device(scaler, optimizer)
 
 
-def compile_counts() -> tuple[int, int]:
-    """``(graphs, graph breaks)`` that ``torch.compile`` has made in this process so far."""
+_LIBRARY_GRAPHS = [0]  # graphs torch.compile made for lightning_tp's own kernels (not the user's code)
+
+
+def _dynamo_graphs() -> int:
     from torch._dynamo.utils import counters
 
-    return int(counters["stats"]["unique_graphs"]), int(sum(counters["graph_break"].values()))
+    return int(counters["stats"]["unique_graphs"])
+
+
+def compile_counts() -> tuple[int, int]:
+    """``(graphs, graph breaks)`` that ``torch.compile`` has made in this process so far for the user's
+    code (the graphs of lightning_tp's own kernels, made in :func:`library_compilation`, left out)."""
+    from torch._dynamo.utils import counters
+
+    return _dynamo_graphs() - _LIBRARY_GRAPHS[0], int(sum(counters["graph_break"].values()))
+
+
+@contextmanager
+def library_compilation():
+    """Graphs ``torch.compile`` makes inside this block are lightning_tp's own: :func:`compile_counts`
+    does not count them."""
+    before = _dynamo_graphs()
+    try:
+        yield
+    finally:
+        _LIBRARY_GRAPHS[0] += _dynamo_graphs() - before
+
+
+def is_compile_failure(err: BaseException) -> bool:
+    """Whether ``err`` is ``torch.compile`` failing to trace or to compile (``torch._dynamo.exc``'s
+    ``TorchDynamoException``: ``Unsupported``, ``BackendCompilerFailed``, inductor's errors), not an error
+    of the compiled code at run time."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    return isinstance(err, TorchDynamoException)
+
+
+def user_dispatch_mode_active() -> bool:
+    """Whether a ``TorchDispatchMode`` of the user's is active (a FLOP counter, a memory tracker, a fake
+    mode), under which ``torch.compile`` refuses to compile."""
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+    return bool(is_in_torch_dispatch_mode(include_infra_modes=False))
+
+
+def has_triton() -> bool:
+    """Whether ``torch.compile``'s inductor can generate GPU (Triton) kernels in this process."""
+    from torch.utils._triton import has_triton as _has_triton
+
+    return bool(_has_triton())
 
 
 def compiler_backend(name: str):
@@ -334,6 +387,10 @@ __all__ = [
     "found_inf_per_device",
     "check_inf_per_device",
     "compile_counts",
+    "has_triton",
+    "is_compile_failure",
+    "user_dispatch_mode_active",
+    "library_compilation",
     "compile_inputs_opaque",
     "compiler_backend",
     "lightning_class",

@@ -1,7 +1,8 @@
 """The CUDA/NCCL path (marker ``cuda``; skipped without a GPU, so CI on CPU does not run it).
 
 Each test runs ``tests/scripts/cuda_fit.py`` in fresh processes: the column/row/vocab layers and the
-vocab-parallel loss against dense float32 on the GPU (TP 1, and TP 2 where two GPUs exist), and
+vocab-parallel loss against dense float32 on the GPU (TP 1, and TP 2 where two GPUs exist; the fused loss,
+Triton kernels, against the unfused one), and
 Trainer runs of ``lit.LitGPT`` with ``bf16-mixed`` and ``16-mixed`` at TP 1 against plain Lightning
 on one GPU, and at TP 2 (two GPUs) against one GPU; per-block ``torch.compile`` (inductor) against
 eager on the GPU; deferred init on the meta device materialized on the GPU with block-by-block verify;

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import _dist
 from lightning_tp import cross_entropy, vocab_parallel_cross_entropy
@@ -31,7 +32,22 @@ def _data(m, vocab, n=24, dtype=torch.float64):
     return logits.to(dtype), target
 
 
-def _check_loss(tp, vocab, label_smoothing, reduction):
+def _fused_in_graph(loss) -> bool:
+    """Whether ``loss`` came through the fused vocab-parallel loss (else the unfused one)."""
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        seen_name = type(node).__name__
+        if seen_name.endswith("VocabParallelCrossEntropyBackward"):
+            return seen_name.startswith("_Fused")
+        stack.extend(n for n, _ in node.next_functions)
+    raise AssertionError("no vocab-parallel loss in the graph")
+
+
+def _check_loss(tp, vocab, label_smoothing, reduction, fused=False):
     m = _dist.mesh(tp)
     spec = ShardSpec(dim=-1, sizes=(vocab,), tp_size=tp, pad=True)
     logits, target = _data(m, vocab)
@@ -40,8 +56,9 @@ def _check_loss(tp, vocab, label_smoothing, reduction):
     assert lp_in.shape[-1] == math.ceil(vocab / tp)
     ld = F.cross_entropy(ld_in, target, label_smoothing=label_smoothing, reduction=reduction)
     lp = vocab_parallel_cross_entropy(
-        lp_in, target, m.tp_group, vocab, label_smoothing=label_smoothing, reduction=reduction
+        lp_in, target, m.tp_group, vocab, label_smoothing=label_smoothing, reduction=reduction, fused=fused
     )
+    assert _fused_in_graph(lp) == fused
     torch.testing.assert_close(lp, ld, **TOL)
     g = torch.linspace(0.5, 1.5, ld.numel(), dtype=torch.float64).reshape(ld.shape)
     ld.backward(g)
@@ -60,7 +77,7 @@ def test_vocab_parallel_cross_entropy(world, tp, vocab, label_smoothing, reducti
     assert all(_dist.run(world, _check_loss, tp, vocab, label_smoothing, reduction))
 
 
-def _check_low_precision(tp, dtype, label_smoothing):
+def _check_low_precision(tp, dtype, label_smoothing, fused=False):
     m = _dist.mesh(tp)
     vocab = 30
     spec = ShardSpec(dim=-1, sizes=(vocab,), tp_size=tp, pad=True)
@@ -71,7 +88,7 @@ def _check_low_precision(tp, dtype, label_smoothing):
     ref = F.cross_entropy(exact, target, label_smoothing=label_smoothing, reduction="sum")
     local = spec.shard(logits, m.tp_rank).requires_grad_()
     out = vocab_parallel_cross_entropy(
-        local, target, m.tp_group, vocab, label_smoothing=label_smoothing, reduction="sum"
+        local, target, m.tp_group, vocab, label_smoothing=label_smoothing, reduction="sum", fused=fused
     )
     assert out.dtype == torch.float32  # computed in fp32 like Megatron
     torch.testing.assert_close(out.double(), ref, atol=0, rtol=1e-6)
@@ -247,3 +264,117 @@ def _check_workspace(tp):
 
 def test_loss_workspace_is_reused_only_when_unreferenced():
     assert all(_dist.run(2, _check_workspace, 2))
+
+
+# -- the fused loss (Megatron's cross_entropy_loss_fusion): compiled kernels, on CPU here -------------------
+
+
+@pytest.mark.parametrize(("world", "tp"), [WORLDS[0], WORLDS[2]])
+@pytest.mark.parametrize("vocab", [30, 5])  # at TP 4 a vocabulary of 5 leaves rank 3 no column at all
+@pytest.mark.parametrize(("label_smoothing", "reduction"), [(0.0, "mean"), (0.2, "none")])
+def test_fused_vocab_parallel_cross_entropy(world, tp, vocab, label_smoothing, reduction):
+    """The same float64 value and gradient as F.cross_entropy on the dense logits (padding and
+    ignored rows included), through two compiled kernels."""
+    assert all(_dist.run(world, _check_loss, tp, vocab, label_smoothing, reduction, True))
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_fused_loss_of_bf16_logits_computed_in_fp32(label_smoothing):
+    assert all(_dist.run(2, _check_low_precision, 2, torch.bfloat16, label_smoothing, True))
+
+
+def _saved_by_the_loss(tp, fused, dtype):
+    """Shapes and dtypes autograd keeps for the loss's backward, and the first gradient, twice."""
+    m = _dist.mesh(tp)
+    logits, target = _data(m, 30, n=64, dtype=dtype)
+    local = ShardSpec(dim=-1, sizes=(30,), tp_size=tp, pad=True).shard(logits, m.tp_rank).requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype, t.data_ptr() == local.data_ptr()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = vocab_parallel_cross_entropy(local, target, m.tp_group, 30, fused=fused)
+    loss.backward(retain_graph=fused)
+    first = local.grad.clone()
+    if fused:  # the logits are saved, not consumed: a second backward adds the same gradient again
+        loss.backward()
+        assert torch.equal(local.grad, 2 * first)
+    return saved
+
+
+def test_fused_loss_keeps_no_buffer_as_large_as_the_logits():
+    """Unfused, backward keeps a float32 (N, V/p) buffer (exp(z - M)) beside bf16 logits; fused, the only
+    logits-sized tensor kept is the logits themselves (bf16, half that size); (N,)-sized ones besides."""
+    for fused in (False, True):
+        for saved in _dist.run(2, _saved_by_the_loss, 2, fused, torch.bfloat16):
+            large = [(dtype, is_logits) for shape, dtype, is_logits in saved if len(shape) == 2]
+            assert large == ([(torch.bfloat16, True)] if fused else [(torch.float32, False)]), (fused, saved)
+
+
+def test_compile_failure_runs_the_kernel_eagerly_with_one_warning():
+    from lightning_tp.engine.compiled import FusedKernel
+
+    def untraceable(x):  # a data-dependent branch: a graph break, an error under fullgraph=True
+        return x * 2 if bool(x.sum() > 0) else x
+
+    kernel = FusedKernel(untraceable)
+    x = torch.ones(3)
+    with pytest.warns(RuntimeWarning, match="could not compile its fused kernel .*untraceable"):
+        assert torch.equal(kernel(x), 2 * x)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: no second warning, no second attempt
+        assert torch.equal(kernel(-x), -x)
+    assert kernel._failed
+
+
+def test_library_kernels_are_left_out_of_the_compile_counts():
+    from torch._dynamo.utils import counters
+
+    from lightning_tp._compat import compile_counts
+    from lightning_tp.engine.compiled import FusedKernel
+
+    kernel = FusedKernel(lambda x, k: (x * k).exp().sum(-1))
+    before, raw = compile_counts(), counters["stats"]["unique_graphs"]
+    for k in (2, 3):  # a new constant: a second graph
+        torch.testing.assert_close(kernel(torch.ones(2, 5), k), torch.full((2,), 5 * math.exp(k)))
+    assert counters["stats"]["unique_graphs"] - raw == 2
+    assert compile_counts() == before
+
+
+def test_fused_argument_is_checked():
+    with pytest.raises(TypeError, match="fused must be True, False or None"):
+        vocab_parallel_cross_entropy(torch.zeros(2, 4), torch.zeros(2, dtype=torch.long), None, 4, fused="yes")
+
+
+def test_fused_loss_under_a_users_dispatch_mode():
+    """torch.compile refuses to run under a TorchDispatchMode that is not torch's own (a FLOP counter, a
+    comm counter): the fused kernels then run eagerly, with the same values, and the mode sees their ops."""
+    assert all(_dist.run(1, _check_under_mode))
+
+
+class _CountOps(TorchDispatchMode):
+    ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        _CountOps.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _check_under_mode():
+    mode_cls = _CountOps
+    m = _dist.mesh(1)
+    logits, target = _data(m, 30)
+    dense = logits.clone().requires_grad_()
+    ref = F.cross_entropy(dense, target)
+    ref.backward()
+    local = logits.clone().requires_grad_()
+    with mode_cls():
+        loss = vocab_parallel_cross_entropy(local, target, m.tp_group, 30, fused=True)
+        loss.backward()
+    torch.testing.assert_close(loss, ref, **TOL)
+    torch.testing.assert_close(local.grad, dense.grad, **TOL)
+    return mode_cls.ops > 10

@@ -115,6 +115,7 @@ def _fit(world, tp, steps=10, global_batch=8, clip=0.5, dropout=0.0, sp=False, m
             "checkpointed": sum("_tp_checkpointed_forward" in m.__dict__ for m in model.modules()),
             # TP-local parameter bytes (a ZeRO DTensor's shape is the TP-local shape, its local part 1/DP of it)
             "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "loss_fusion": [ws.fused for m in model.modules() if (ws := getattr(m, "_loss_workspace", None))],
         }
 
 
@@ -143,6 +144,21 @@ def test_losses_match_single_process(world, tp, ref_losses):
         a = next(r["hashes"] for r in results if r["dp_rank"] == 0)
         b = next(r["hashes"] for r in results if r["dp_rank"] == 1)
         assert all(x != y for x, y in zip(a, b, strict=True))
+
+
+def test_fused_loss_losses_match_single_process(ref_losses):
+    """loss_fusion=True (the default on CUDA) in the Trainer on CPU: the LM head's loss through the compiled
+    kernels, the same losses as one process; Lightning's validation (inference mode) at 11 tokens too."""
+    for r in _dist.run(2, _fit, 2, 2, strategy_kw={"loss_fusion": True}, odd_validation=True):
+        assert r["loss_fusion"] == [True]
+        whole, sharded = r["odd_validation"]
+        assert abs(whole - sharded) <= 1e-6 * abs(sharded), r["odd_validation"]
+        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref_losses), rtol=1e-5, atol=0)
+
+
+def test_loss_fusion_is_checked():
+    with pytest.raises(TypeError, match="loss_fusion must be True .* got 'on'"):
+        MegatronTPStrategy(loss_fusion="on")
 
 
 @pytest.mark.parametrize(("world", "tp"), [(2, 2), (4, 2)], ids=["tp2", "tp2xdp2"])

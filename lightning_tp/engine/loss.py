@@ -34,6 +34,7 @@ from lightning_tp._compat import (
     DisableTorchFunctionSubclass,
     assert_async,
     compile_inputs_opaque,
+    has_triton,
     storage_use_count,
     tensor_version,
     tree_leaves,
@@ -41,6 +42,7 @@ from lightning_tp._compat import (
     use_count,
 )
 from lightning_tp.engine.comm import all_reduce, group_rank
+from lightning_tp.engine.compiled import FusedKernel
 
 Reduction = Literal["mean", "sum", "none"]
 
@@ -89,10 +91,14 @@ class LossWorkspace:
     one avoids that. The buffer is reused only when nothing else references it (no backward still
     pending, no grad kept by a hook, no view or alias), else a fresh one is made; on CUDA the
     caching allocator already recycles memory, so a fresh buffer is always used there.
+
+    ``fused`` is the head's choice of loss (``MegatronTPStrategy(loss_fusion=)``): ``True`` the fused
+    loss (no buffer), ``False`` the unfused one, ``None`` fused where Triton is (CUDA).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, fused: bool | None = None) -> None:
         self._buf: Tensor | None = None
+        self.fused = fused
 
     def take(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
         """A buffer of ``shape``: the kept one if it fits and is unreferenced, else a new one."""
@@ -398,26 +404,114 @@ def _check_targets(target: Tensor, vocab_size: int, ignore_index: int) -> None:
         raise IndexError(f"target {value} is out of bounds for a vocabulary of {vocab_size} classes.")
 
 
-def _padding(m: int, n_valid: int, device: torch.device) -> Tensor:
-    """``(m,)``: which of a shard's ``m`` vocabulary columns are padding (the ones at or past ``n_valid``)."""
-    return torch.arange(m, device=device) >= n_valid
+@FusedKernel
+def _local_stats(logits: Tensor, local_t: Tensor, n_valid: int, smoothing: bool, cdtype: torch.dtype):
+    """One pass over this rank's ``(..., m)`` logits, per row: the local max ``m_r`` over the valid
+    columns, ``sum_j exp(z_j - m_r)``, the logit at ``local_t`` and (``smoothing``) ``sum_j z_j``, in
+    ``cdtype``. A row with no valid column (``n_valid`` 0) has max ``-inf`` and sum 0."""
+    z = logits.to(cdtype)
+    m = z.shape[-1]
+    masked = z if n_valid == m else z.masked_fill(torch.arange(m, device=z.device) >= n_valid, float("-inf"))
+    local_max = masked.amax(dim=-1)
+    shift = torch.where(torch.isfinite(local_max), local_max, torch.zeros_like(local_max))
+    out = [local_max, (masked - shift.unsqueeze(-1)).exp().sum(dim=-1), z.gather(-1, local_t.unsqueeze(-1)).squeeze(-1)]
+    if smoothing:
+        out.append(z[..., :n_valid].sum(dim=-1))
+    return tuple(out)
+
+
+@FusedKernel
+def _softmax_grad(logits: Tensor, zmax: Tensor, scale: Tensor, target_grad: Tensor, local_t: Tensor, n_valid: int,
+                  smooth: Tensor | None) -> Tensor:  # fmt: skip
+    """``d loss / d z`` in one pass over the logits, in their dtype: ``scale * exp(z - M)``, plus
+    ``target_grad`` at ``local_t``, minus ``smooth`` on the valid columns, 0 on the padding ones."""
+    z = logits.to(zmax.dtype)
+    cols = torch.arange(z.shape[-1], device=z.device)
+    grad = (z - zmax.unsqueeze(-1)).exp() * scale.unsqueeze(-1)
+    grad = torch.where(cols == local_t.unsqueeze(-1), grad + target_grad.unsqueeze(-1), grad)
+    if smooth is not None:
+        grad = grad - smooth.unsqueeze(-1)
+    if n_valid < z.shape[-1]:
+        grad = grad.masked_fill(cols >= n_valid, 0.0)
+    return grad.to(logits.dtype)
+
+
+def _targets_here(target: Tensor, start: int, n_valid: int) -> tuple[Tensor, Tensor]:
+    """``(in_range, local_t)``: whether this rank holds each row's target, and its local column (0 if not)."""
+    in_range = (target >= start) & (target < start + n_valid)  # (...)
+    return in_range, (target - start).masked_fill(~in_range, 0)
+
+
+def _compute_dtype(logits: Tensor) -> torch.dtype:
+    return torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+
+
+def _loss_from_sums(sums: Tensor, target: Tensor, ignore_index: int, eps: float, vocab_size: int):
+    """``(loss, sum_exp)`` per row from the all-reduced ``[z_t - M, (sum_z - V M), sum_exp]``."""
+    z_t, sum_exp = sums[0], sums[-1]
+    log_z = sum_exp.log()
+    loss = log_z - z_t
+    if eps > 0:
+        loss = (1.0 - eps) * loss + eps * (log_z - sums[1] / vocab_size)
+    return loss.masked_fill(target == ignore_index, 0.0), sum_exp
+
+
+class _FusedVocabParallelCrossEntropy(torch.autograd.Function):
+    """The vocab-parallel loss in two passes over the logits and no logits-sized buffer (Megatron's
+    ``cross_entropy_loss_fusion``): forward reads them once (:func:`_local_stats`: the local max and
+    the sum of ``exp`` against it, rescaled to the global max after its all-reduce), backward once more
+    and writes the gradient (:func:`_softmax_grad`, recomputing ``exp(z - M)``); both are compiled
+    kernels (:class:`~lightning_tp.engine.compiled.FusedKernel`). Saves the logits themselves, so a
+    second backward (``retain_graph=True``) is correct. Where ``torch.compile`` traces the loss, this
+    is the form it traces (the compiler fuses it with what is around)."""
+
+    @staticmethod
+    def forward(ctx, logits, target, group, vocab_size, ignore_index, label_smoothing):
+        m = logits.shape[-1]
+        start = group_rank(group) * m
+        n_valid = max(0, min(m, vocab_size - start))
+        in_range, local_t = _targets_here(target, start, n_valid)
+        stats = _local_stats(logits, local_t, n_valid, label_smoothing > 0, _compute_dtype(logits))
+        local_max, local_sum, z_t = stats[:3]
+        zmax = all_reduce(local_max, group, dist.ReduceOp.MAX)  # (...)
+        # this rank's sum_j exp(z_j - M): its sum against its own max, rescaled (0 where it holds no column)
+        here = torch.where(torch.isfinite(local_max), local_sum * (local_max - zmax).exp(), torch.zeros_like(local_sum))
+        terms = [(z_t - zmax).masked_fill(~in_range, 0.0)]
+        if label_smoothing > 0:
+            terms.append(stats[3] - n_valid * zmax)
+        terms.append(here)
+        sums = all_reduce(torch.stack(terms), group)  # (2 or 3, ...)
+        loss, sum_exp = _loss_from_sums(sums, target, ignore_index, label_smoothing, vocab_size)
+        ctx.save_for_backward(logits, zmax, sum_exp, local_t, in_range, target == ignore_index)
+        ctx.n_valid, ctx.eps, ctx.vocab_size = n_valid, label_smoothing, vocab_size
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        logits, zmax, sum_exp, local_t, in_range, ignored = ctx.saved_tensors
+        g = grad_loss.masked_fill(ignored, 0.0)  # (...)
+        # d loss / d z_j = g * (softmax_j - (1 - eps) [j = t] - eps / V)
+        target_grad = g * in_range * -(1.0 - ctx.eps)
+        smooth = g * (ctx.eps / ctx.vocab_size) if ctx.eps > 0 else None
+        grad = _softmax_grad(logits, zmax, g / sum_exp, target_grad, local_t, ctx.n_valid, smooth)
+        return grad, None, None, None, None, None
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """One fresh ``(..., m)`` buffer in all: ``exp(z - M)``, made in forward and turned into the
-    gradient in place in backward (large fresh CPU buffers cost page faults on every step; the
-    logits themselves are only read, never copied or modified). Because backward consumes that
-    buffer, a second backward through the same loss (``retain_graph=True``) raises autograd's
-    "modified by an inplace operation" error instead of returning a wrong gradient. Traced by
-    ``torch.compile``, forward and backward are out of place instead (a saved tensor changed in place
-    is not traceable) and the compiler plans the memory."""
+    """The unfused loss, for eager CPU work: one ``(..., m)`` buffer in all, ``exp(z - M)``, made in
+    forward and turned into the gradient in place in backward (large fresh CPU buffers cost page
+    faults on every step; the workspace keeps one; the logits themselves are only read, never copied
+    or modified). Because backward consumes that buffer, a second backward through the same loss
+    (``retain_graph=True``) raises autograd's "modified by an inplace operation" error instead of
+    returning a wrong gradient."""
 
     @staticmethod
     def forward(ctx, logits, target, group, vocab_size, ignore_index, label_smoothing, workspace):
         m = logits.shape[-1]  # local (padded) vocab slice
         start = group_rank(group) * m
         n_valid = max(0, min(m, vocab_size - start))
-        cdtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+        cdtype = _compute_dtype(logits)
         valid = logits[..., :n_valid]  # (..., n_valid) view: padded vocab columns excluded
 
         if n_valid > 0:
@@ -426,33 +520,21 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             local_max = logits.new_full(logits.shape[:-1], float("-inf"), dtype=cdtype)
         zmax = all_reduce(local_max, group, dist.ReduceOp.MAX)  # (...)
 
-        in_range = (target >= start) & (target < start + n_valid)  # (...)
-        local_t = (target - start).masked_fill(~in_range, 0)  # (...)
+        in_range, local_t = _targets_here(target, start, n_valid)
         z_t = logits.gather(-1, local_t.unsqueeze(-1)).squeeze(-1).to(cdtype) - zmax  # (...)
         terms = [z_t.masked_fill(~in_range, 0.0)]
         if label_smoothing > 0:
             terms.append(valid.sum(dim=-1, dtype=cdtype) - n_valid * zmax)  # (...) sum_j (z_j - M)
-        traced = ctx.traced = torch.compiler.is_compiling()  # traced: no in-place reuse, the compiler plans memory
-        if traced:
-            exp = (logits.to(cdtype) - zmax.unsqueeze(-1)).exp().masked_fill(_padding(m, n_valid, logits.device), 0.0)
-        else:
-            exp = None if workspace is None else workspace.take(logits.shape, cdtype, logits.device)
-            exp = torch.sub(logits, zmax.unsqueeze(-1), out=exp)  # (..., m) in cdtype: the one large buffer
-            exp.exp_()
-            if n_valid < m:
-                exp[..., n_valid:] = 0.0  # padded vocab columns: probability 0
+        exp = None if workspace is None else workspace.take(logits.shape, cdtype, logits.device)
+        exp = torch.sub(logits, zmax.unsqueeze(-1), out=exp)  # (..., m) in cdtype: the one large buffer
+        exp.exp_()
+        if n_valid < m:
+            exp[..., n_valid:] = 0.0  # padded vocab columns: probability 0
         terms.append(exp.sum(dim=-1))
         sums = all_reduce(torch.stack(terms), group)  # (2 or 3, ...)
-        z_t, sum_exp = sums[0], sums[-1]
+        loss, sum_exp = _loss_from_sums(sums, target, ignore_index, label_smoothing, vocab_size)
 
-        log_z = sum_exp.log()
-        loss = log_z - z_t
-        if label_smoothing > 0:
-            loss = (1.0 - label_smoothing) * loss + label_smoothing * (log_z - sums[1] / vocab_size)
-        ignored = target == ignore_index
-        loss = loss.masked_fill(ignored, 0.0)
-
-        ctx.save_for_backward(exp, sum_exp, local_t, in_range, ignored)
+        ctx.save_for_backward(exp, sum_exp, local_t, in_range, target == ignore_index)
         ctx.n_valid, ctx.eps, ctx.vocab_size, ctx.in_dtype = n_valid, label_smoothing, vocab_size, logits.dtype
         return loss
 
@@ -463,12 +545,6 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         g = grad_loss.masked_fill(ignored, 0.0)  # (...)
         # d loss / d z_j = g * (softmax_j - (1 - eps) [j = t] - eps / V)
         target_grad = (g * in_range * -(1.0 - ctx.eps)).unsqueeze(-1)
-        if ctx.traced:  # out of place: a saved tensor changed in place is not traceable
-            grad = (exp * (g / sum_exp).unsqueeze(-1)).scatter_add(-1, local_t.unsqueeze(-1), target_grad)
-            if ctx.eps > 0:
-                smooth = (g * (ctx.eps / ctx.vocab_size)).unsqueeze(-1)
-                grad = grad - smooth.masked_fill(_padding(grad.shape[-1], ctx.n_valid, grad.device), 0.0)
-            return grad.to(ctx.in_dtype), None, None, None, None, None, None
         grad = exp.mul_((g / sum_exp).unsqueeze(-1))  # (..., m) in place: g * softmax
         grad.scatter_add_(-1, local_t.unsqueeze(-1), target_grad)
         if ctx.eps > 0:
@@ -495,6 +571,7 @@ def vocab_parallel_cross_entropy(
     label_smoothing: float = 0.0,
     reduction: Reduction = "mean",
     workspace: LossWorkspace | None = None,
+    fused: bool | None = None,
 ) -> Tensor:
     """Cross entropy of vocab-sharded logits, equal in value and gradient to the unsharded loss.
 
@@ -509,6 +586,12 @@ def vocab_parallel_cross_entropy(
         reduction: ``"mean"`` (over non-ignored targets), ``"sum"`` or ``"none"``.
         workspace: a :class:`LossWorkspace` whose buffer is reused across calls when free (the
             vocab-parallel LM head passes its own); ``None``: a fresh buffer each call.
+        fused: ``True``: the fused loss, two passes over the logits in compiled kernels and no
+            logits-sized buffer (Megatron's ``cross_entropy_loss_fusion``; the first call compiles,
+            seconds); ``False``: the unfused eager one (a float32 buffer as large as the logits, several
+            passes); ``None``: the workspace's choice, else fused where ``torch.compile`` makes GPU
+            kernels (CUDA with Triton). Traced by ``torch.compile``, the fused form is always the one
+            traced. Same values either way (the sums in another order).
     """
     if logits.shape[:-1] != target.shape:
         raise ValueError(
@@ -517,9 +600,35 @@ def vocab_parallel_cross_entropy(
         )
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}.")
+    if fused is not None and not isinstance(fused, bool):
+        raise TypeError(f"fused must be True, False or None (fused on CUDA), got {fused!r}.")
     _check_targets(target, vocab_size, ignore_index)
-    loss = _VocabParallelCrossEntropy.apply(logits, target, group, vocab_size, ignore_index, label_smoothing, workspace)
+    if _fused(fused, workspace, logits.device):
+        loss = _FusedVocabParallelCrossEntropy.apply(logits, target, group, vocab_size, ignore_index, label_smoothing)
+    else:
+        loss = _VocabParallelCrossEntropy.apply(
+            logits, target, group, vocab_size, ignore_index, label_smoothing, workspace
+        )
     return _reduce(loss, target, ignore_index, reduction)
+
+
+def set_loss_fusion(module: torch.nn.Module, fused: bool | None) -> int:
+    """Choose the loss of every vocab-parallel LM head in ``module`` (their :class:`LossWorkspace`'s
+    ``fused``: see :func:`vocab_parallel_cross_entropy`); returns how many heads there are."""
+    workspaces = [ws for m in module.modules() if isinstance(ws := getattr(m, "_loss_workspace", None), LossWorkspace)]
+    for ws in workspaces:
+        ws.fused = fused
+    return len(workspaces)
+
+
+def _fused(fused: bool | None, workspace: LossWorkspace | None, device: torch.device) -> bool:
+    if torch.compiler.is_compiling():
+        return True  # what a compiler fuses best; nothing to keep between steps
+    if fused is None and workspace is not None:
+        fused = workspace.fused
+    if fused is None:
+        return device.type == "cuda" and has_triton()
+    return fused
 
 
 def cross_entropy(
@@ -528,12 +637,15 @@ def cross_entropy(
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     reduction: Reduction = "mean",
+    fused: bool | None = None,
 ) -> Tensor:
     """Cross entropy that is vocab-parallel on sharded logits and ``F.cross_entropy`` otherwise.
 
     Logits from a vocab-parallel head that keeps them sharded (:class:`VocabShardedLogits`, class dim
     last) take Megatron's vocab-parallel path: only ``(...)``-sized all-reduces, same value and
-    gradient as the unsharded loss. Any other tensor goes to ``F.cross_entropy`` unchanged.
+    gradient as the unsharded loss (``fused``: see :func:`vocab_parallel_cross_entropy`; ``None``:
+    the head's choice, ``MegatronTPStrategy(loss_fusion=)``). Any other tensor goes to
+    ``F.cross_entropy`` unchanged.
     """
     if isinstance(logits, VocabShardedLogits):
         return vocab_parallel_cross_entropy(
@@ -545,6 +657,7 @@ def cross_entropy(
             label_smoothing=label_smoothing,
             reduction=reduction,
             workspace=logits.workspace,
+            fused=fused,
         )
     return F.cross_entropy(
         logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction

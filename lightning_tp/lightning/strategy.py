@@ -48,6 +48,7 @@ from lightning_tp._compat import (
 )
 from lightning_tp.engine.comm import broadcast_coalesced
 from lightning_tp.engine.init import Materializer, is_deferred, move_built_tensors
+from lightning_tp.engine.loss import set_loss_fusion
 from lightning_tp.engine.mesh import TPMesh, init_tp_mesh, parallel_sizes
 from lightning_tp.engine.random import RNGTracker, attached_tracker, derive_seed, model_parallel_seed
 from lightning_tp.engine.recompute import apply_activation_checkpointing, checkpoint_targets
@@ -130,6 +131,10 @@ class MegatronTPStrategy(DDPStrategy):
             (``default_root_dir/hpc_ckpt_N.ckpt``; none before the first step), then raise
             ``PreemptedError`` naming the signal, the step and the checkpoint
             (``lightning_tp.lightning.signals``).
+        loss_fusion: the vocab-parallel loss of the model's LM heads (Megatron's ``cross_entropy_loss_fusion``).
+            ``True``: fused, two passes over the logits in kernels ``torch.compile`` makes at the first step
+            (seconds) and no float32 copy of the logits; ``False``: the eager unfused loss; ``None``
+            (default): fused on CUDA (with Triton), unfused on CPU. Same values either way.
         **kwargs: passed to ``DistributedDataParallel`` (e.g. ``find_unused_parameters``).
     """
 
@@ -153,6 +158,7 @@ class MegatronTPStrategy(DDPStrategy):
         zero_stage: Literal[0, 2, 3] = 0,
         activation_checkpointing: type | str | list[type | str] | None = None,
         save_on_signal: bool = True,
+        loss_fusion: bool | None = None,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment=None,
@@ -166,6 +172,10 @@ class MegatronTPStrategy(DDPStrategy):
             or tensor_parallel_size < 1
         ):
             raise MeshConfigError(f"tensor_parallel_size must be 'auto' or an int >= 1, got {tensor_parallel_size!r}.")
+        if loss_fusion is not None and not isinstance(loss_fusion, bool):
+            raise TypeError(
+                f"loss_fusion must be True (the fused loss), False (unfused) or None (fused on CUDA), got {loss_fusion!r}."
+            )
         if isinstance(zero_stage, bool) or zero_stage not in ZERO_STAGES:
             raise MeshConfigError(
                 f"zero_stage must be 0 (DDP over the data-parallel group), 2 (gradients and optimizer state split over "
@@ -194,6 +204,7 @@ class MegatronTPStrategy(DDPStrategy):
         self.pretrained, self.pretrained_prefix = pretrained, pretrained_prefix
         self.zero_stage = int(zero_stage)
         self.save_on_signal = bool(save_on_signal)
+        self.loss_fusion = loss_fusion
         self.signal_flag: SignalFlag | None = None  # installed for each stage, from setup_environment
         self.signal_stop: SignalStop | None = None
         self.requeue_signal: int | None = None  # SLURM auto-requeue: the signal after which the job is requeued
@@ -332,6 +343,9 @@ class MegatronTPStrategy(DDPStrategy):
             self.rng_tracker = attached_tracker(module)
         # made before the precision conversion, as the callback's own copy is in Lightning's order
         self.averaged = copy_sharded(averaging[0], trainer, module) if averaging else None
+        for m in (module, self.averaged):
+            if m is not None:
+                set_loss_fusion(m, self.loss_fusion)
         if self.activation_checkpointing is not None:  # before ZeRO wraps the layers (FSDP2's order)
             done = apply_activation_checkpointing(module, self.activation_checkpointing, self.rng_tracker)
             log.info("lightning_tp: activation checkpointing of %d modules: %s", len(done), done)

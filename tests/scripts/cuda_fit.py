@@ -120,6 +120,7 @@ def layers(ns) -> dict:
         VocabParallelEmbedding,
         VocabParallelLMHead,
         cross_entropy,
+        vocab_parallel_cross_entropy,
     )
     from lightning_tp.engine.mesh import init_tp_mesh
 
@@ -150,6 +151,19 @@ def layers(ns) -> dict:
     gathered = VocabParallelLMHead.from_dense(odd, group, gather_output=True)
     h = torch.randn(4, 64, device=dev)
     errs["gathered_head"] = float((gathered(h) - odd(h)).abs().max() / odd(h).abs().max())
+    # the fused loss (compiled Triton kernels; the default on CUDA) against the unfused one, padded vocabulary
+    local = VocabParallelLMHead.from_dense(odd, group, gather_output=False)(torch.randn(64, 64, device=dev))
+    local = local.as_subclass(torch.Tensor).detach()
+    t99 = torch.randint(0, 99, (64,), device=dev)
+    t99[:4] = -100
+    got = {}
+    for fused in (False, True):
+        x = local.clone().requires_grad_()
+        value = vocab_parallel_cross_entropy(x, t99, group, 99, label_smoothing=0.1, fused=fused)
+        value.backward()
+        got[fused] = (value.detach(), x.grad)
+    errs["fused_loss"] = float((got[True][0] - got[False][0]).abs() / got[False][0].abs())
+    errs["fused_grad"] = float((got[True][1] - got[False][1]).abs().max() / got[False][1].abs().max())
     if rank == 0:  # rank 0's slices of the split weights' gradients
         n1, n2 = col.weight.shape[0], row.weight.shape[1]
         errs["column_grad"] = float(
