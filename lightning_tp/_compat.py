@@ -18,10 +18,9 @@ torch (no public equivalent):
   infs for a fused optimizer (no ``unscale_``); ``TPGradScaler`` overrides it (listed in
   :data:`LIGHTNING_HOOKS`) to reduce those flags over ranks too.
 * ``compile_counts`` (``torch._dynamo.utils.counters``): graphs and graph breaks ``torch.compile``
-  made in this process for the user's code (benchmarks and the GPU tests report them); graphs made
-  inside ``library_compilation()`` (lightning_tp's own fused kernels) are left out.
-* ``is_compile_failure`` (``torch._dynamo.exc.TorchDynamoException``): ``torch.compile`` could not trace
-  or compile a function (a fused kernel then runs eagerly).
+  made in this process for the user's code (benchmarks and the GPU tests report them); those made
+  inside ``library_compilation()`` (lightning_tp's own fused kernels) are left out (counted in the
+  same ``counters``, so clearing them clears both).
 * ``user_dispatch_mode_active`` (``torch.utils._python_dispatch.is_in_torch_dispatch_mode``): a
   ``TorchDispatchMode`` other than torch's own is active, where ``torch.compile`` refuses to run (a
   fused kernel then runs eagerly).
@@ -122,46 +121,41 @@ def check_inf_per_device(scaler: torch.amp.GradScaler, optimizer: torch.optim.Op
     return torch.amp.GradScaler._check_inf_per_device(scaler, optimizer)
 
 
-_LIBRARY_GRAPHS = [0]  # graphs torch.compile made for lightning_tp's own kernels (not the user's code)
-
-
-def _dynamo_graphs() -> int:
+def _compile_totals() -> tuple[int, int]:
     from torch._dynamo.utils import counters
 
-    return int(counters["stats"]["unique_graphs"])
+    return int(counters["stats"]["unique_graphs"]), int(sum(counters["graph_break"].values()))
 
 
 def compile_counts() -> tuple[int, int]:
     """``(graphs, graph breaks)`` that ``torch.compile`` has made in this process so far for the user's
-    code (the graphs of lightning_tp's own kernels, made in :func:`library_compilation`, left out)."""
+    code (those of lightning_tp's own kernels, made in :func:`library_compilation`, left out)."""
     from torch._dynamo.utils import counters
 
-    return _dynamo_graphs() - _LIBRARY_GRAPHS[0], int(sum(counters["graph_break"].values()))
+    graphs, breaks = _compile_totals()
+    own = counters["lightning_tp"]
+    return graphs - own["graphs"], breaks - own["graph_breaks"]
 
 
 @contextmanager
 def library_compilation():
-    """Graphs ``torch.compile`` makes inside this block are lightning_tp's own: :func:`compile_counts`
-    does not count them."""
-    before = _dynamo_graphs()
+    """Graphs and graph breaks ``torch.compile`` makes inside this block are lightning_tp's own:
+    :func:`compile_counts` does not count them."""
+    from torch._dynamo.utils import counters
+
+    graphs, breaks = _compile_totals()
     try:
         yield
     finally:
-        _LIBRARY_GRAPHS[0] += _dynamo_graphs() - before
-
-
-def is_compile_failure(err: BaseException) -> bool:
-    """Whether ``err`` is ``torch.compile`` failing to trace or to compile (``torch._dynamo.exc``'s
-    ``TorchDynamoException``: ``Unsupported``, ``BackendCompilerFailed``, inductor's errors), not an error
-    of the compiled code at run time."""
-    from torch._dynamo.exc import TorchDynamoException
-
-    return isinstance(err, TorchDynamoException)
+        after = _compile_totals()
+        counters["lightning_tp"]["graphs"] += after[0] - graphs
+        counters["lightning_tp"]["graph_breaks"] += after[1] - breaks
 
 
 def user_dispatch_mode_active() -> bool:
-    """Whether a ``TorchDispatchMode`` of the user's is active (a FLOP counter, a memory tracker, a fake
-    mode), under which ``torch.compile`` refuses to compile."""
+    """Whether a ``TorchDispatchMode`` of the user's is active (a FLOP counter, a memory tracker), under
+    which ``torch.compile`` refuses to compile (torch's own modes, ``FakeTensorMode`` among them, are not
+    counted: see :func:`fake_mode_active`)."""
     from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
     return bool(is_in_torch_dispatch_mode(include_infra_modes=False))
@@ -197,13 +191,14 @@ def run_exit_handlers() -> None:
     atexit._run_exitfuncs()
 
 
-def fake_mode_active() -> bool:
-    """Whether a ``FakeTensorMode`` is active (tensors made now hold no values)."""
+def fake_mode_active(inputs: tuple = ()) -> bool:
+    """Whether a ``FakeTensorMode`` is active (tensors made now hold no values), or one of ``inputs`` is
+    a fake tensor."""
     from torch._guards import TracingContext, detect_fake_mode
 
-    if not torch._C._len_torch_dispatch_stack() and TracingContext.try_get() is None:
+    if not inputs and not torch._C._len_torch_dispatch_stack() and TracingContext.try_get() is None:
         return False  # (the common case, in every training forward: about a fifth of detect_fake_mode's time)
-    return detect_fake_mode() is not None
+    return detect_fake_mode(inputs) is not None
 
 
 def assert_async(condition: Tensor, message: str) -> None:
@@ -388,7 +383,6 @@ __all__ = [
     "check_inf_per_device",
     "compile_counts",
     "has_triton",
-    "is_compile_failure",
     "user_dispatch_mode_active",
     "library_compilation",
     "compile_inputs_opaque",

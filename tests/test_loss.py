@@ -1,6 +1,7 @@
 """Vocab-parallel cross entropy against F.cross_entropy on the unsharded logits (float64)."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -313,22 +314,94 @@ def test_fused_loss_keeps_no_buffer_as_large_as_the_logits():
             assert large == ([(torch.bfloat16, True)] if fused else [(torch.float32, False)]), (fused, saved)
 
 
-def test_compile_failure_runs_the_kernel_eagerly_with_one_warning():
+def _doubled(x, k=2):
+    return x * k
+
+
+def _broken(*args):
+    raise RuntimeError("inductor: no working C++ compiler")
+
+
+def test_a_kernel_that_cannot_compile_runs_eagerly_after_one_warning():
     from lightning_tp.engine.compiled import FusedKernel
 
-    def untraceable(x):  # a data-dependent branch: a graph break, an error under fullgraph=True
-        return x * 2 if bool(x.sum() > 0) else x
-
-    kernel = FusedKernel(untraceable)
+    kernel = FusedKernel(_doubled)
+    kernel._compiled = _broken  # what torch.compile gives where its backend cannot build the kernel
     x = torch.ones(3)
-    with pytest.warns(RuntimeWarning, match="could not compile its fused kernel .*untraceable"):
+    with pytest.warns(RuntimeWarning, match="could not run its fused kernel _doubled compiled .*no working C"):
         assert torch.equal(kernel(x), 2 * x)
-    import warnings
-
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # once: no second warning, no second attempt
-        assert torch.equal(kernel(-x), -x)
+        warnings.simplefilter("error", RuntimeWarning)  # once: no second warning, no second attempt
+        assert torch.equal(kernel(-x), -2 * x)
     assert kernel._failed
+
+
+def test_a_bad_argument_raises_its_own_error_and_leaves_the_kernel_compiled():
+    """A call that fails eagerly too (a float target's gather) raises that error; fusion stays on."""
+    from lightning_tp.engine.loss import _local_stats
+
+    logits = torch.randn(4, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(RuntimeError, match="gather"):
+            _local_stats(logits, torch.zeros(4), 6, False, torch.float32)  # float indices
+        assert not _local_stats._failed
+        local_max, local_sum, z_t = _local_stats(logits, torch.zeros(4, dtype=torch.long), 6, False, torch.float32)
+    torch.testing.assert_close(local_max, logits.amax(-1))
+    torch.testing.assert_close(z_t, logits[:, 0])
+    assert not _local_stats._failed
+
+
+def test_where_torch_compile_does_not_run_the_kernel_runs_eagerly():
+    """Disabled (TORCH_COMPILE_DISABLE), past the recompile limit, on fake or meta tensors: eager values,
+    no warning, no error, fusion not switched off."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lightning_tp.engine.compiled import FusedKernel
+
+    x = torch.arange(6.0).reshape(2, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        kernel = FusedKernel(_doubled)
+        with torch._dynamo.config.patch(disable=True):
+            assert torch.equal(kernel(x, 3), 3 * x)
+        with torch._dynamo.config.patch(recompile_limit=1):  # the second constant is past it
+            for k in (2, 3, 4):
+                assert torch.equal(kernel(x, k), k * x)
+        with FakeTensorMode():
+            fake = torch.empty(5, 7)
+            assert kernel(fake, 2).shape == (5, 7)
+        assert kernel(torch.empty(5, 7, device="meta"), 2).shape == (5, 7)
+    assert not kernel._failed
+
+
+def _check_nan_logit(tp):
+    """A NaN logit on one rank: NaN loss in its row, as F.cross_entropy on the dense logits gives, fused
+    or not (even where the MAX all-reduce drops the NaN, as gloo's does)."""
+    m = _dist.mesh(tp)
+    vocab = 8
+    logits, target = _data(m, vocab, n=6)
+    logits[2, vocab - 1] = float("nan")  # in the last rank's slice
+    target[2] = 0  # its target on the first rank
+    dense = F.cross_entropy(logits, target, reduction="none")
+    local = ShardSpec(dim=-1, sizes=(vocab,), tp_size=tp, pad=True).shard(logits, m.tp_rank)
+    for fused in (False, True):
+        loss = vocab_parallel_cross_entropy(local, target, m.tp_group, vocab, reduction="none", fused=fused)
+        assert torch.equal(loss.isnan(), dense.isnan()), (fused, loss, dense)
+        torch.testing.assert_close(loss[~dense.isnan()], dense[~dense.isnan()], **TOL)
+    return True
+
+
+def test_a_nan_logit_gives_a_nan_loss():
+    assert all(_dist.run(2, _check_nan_logit, 2))
+
+
+def test_heads_built_under_a_loss_fusion_default_take_it():
+    from lightning_tp.engine.loss import LossWorkspace, loss_fusion_default
+
+    with loss_fusion_default(True):
+        assert LossWorkspace().fused is True and LossWorkspace(False).fused is False
+    assert LossWorkspace().fused is None
 
 
 def test_library_kernels_are_left_out_of_the_compile_counts():
@@ -343,6 +416,8 @@ def test_library_kernels_are_left_out_of_the_compile_counts():
         torch.testing.assert_close(kernel(torch.ones(2, 5), k), torch.full((2,), 5 * math.exp(k)))
     assert counters["stats"]["unique_graphs"] - raw == 2
     assert compile_counts() == before
+    counters.clear()  # (a user resetting torch's counters) resets the library's share too
+    assert compile_counts() == (0, 0)
 
 
 def test_fused_argument_is_checked():

@@ -22,22 +22,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_tp._compat import is_compile_failure, library_compilation, user_dispatch_mode_active
+from lightning_tp._compat import fake_mode_active, library_compilation, user_dispatch_mode_active
 from lightning_tp.engine.init import units
 
 
 class FusedKernel:
-    """``fn`` run as one ``torch.compile``'d function (inductor, ``fullgraph=True``), compiled at its first
-    eager call: its elementwise work and reductions fuse into a few kernels that read their inputs once,
-    with no intermediate tensor in memory. ``fn`` takes tensors and Python constants (each new constant,
-    dtype or rank compiles again; sizes turn dynamic on the second size seen, torch's default). Its
+    """``fn`` run as a ``torch.compile``'d function (inductor), compiled at its first eager call: its
+    elementwise work and reductions fuse into a few kernels that read their inputs once, with no
+    intermediate tensor in memory. ``fn`` takes tensors and Python constants (each new constant, dtype,
+    rank or grad mode compiles again; sizes turn dynamic on the second size seen, torch's default). Its
     graphs are the library's: :func:`lightning_tp._compat.compile_counts` leaves them out.
 
-    Where ``torch.compile`` is already tracing (the caller is compiled), ``fn`` is traced into the
-    caller's graph instead; under a ``TorchDispatchMode`` of the user's (a FLOP counter, a fake mode),
-    where ``torch.compile`` does not run, it runs eagerly. Where it cannot compile (no C++ compiler for the CPU backend, no Triton for
-    the GPU one), a warning says so once and ``fn`` runs eagerly from then on: the same values, without
-    the fusion."""
+    It runs ``fn`` eagerly instead (the same values, without the fusion) where compiling cannot or
+    should not happen: where ``torch.compile`` is already tracing (``fn`` is traced into the caller's
+    graph), under a ``TorchDispatchMode`` of the user's (a FLOP counter), on fake or meta tensors, where
+    torch.compile is disabled (``TORCH_COMPILE_DISABLE``) or past its recompile limit (torch's own
+    fallback). If the compiled call raises and ``fn`` eagerly does not (no C++ compiler for the CPU
+    backend, no Triton for the GPU one), a warning says so once for this kernel and it runs eagerly from
+    then on; if ``fn`` raises eagerly too (a bad argument), that error is raised and nothing changes."""
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         functools.update_wrapper(self, fn)
@@ -45,27 +47,34 @@ class FusedKernel:
         self._compiled: Callable[..., Any] | None = None
         self._failed = False
 
-    def __call__(self, *args: Any) -> Any:
+    def _eager(self, args: tuple) -> bool:
         if self._failed or torch.compiler.is_compiling() or user_dispatch_mode_active():
-            return self.fn(*args)  # traced into the caller's graph, or eagerly where compiling cannot run
+            return True
+        tensors = tuple(a for a in args if isinstance(a, torch.Tensor))
+        return any(t.device.type == "meta" for t in tensors) or fake_mode_active(tensors)
+
+    def __call__(self, *args: Any) -> Any:
+        if self._eager(args):
+            return self.fn(*args)
         if self._compiled is None:
-            self._compiled = torch.compile(self.fn, fullgraph=True)
+            self._compiled = torch.compile(self.fn)
         try:
             with library_compilation():
                 return self._compiled(*args)
+        except torch.OutOfMemoryError:
+            raise
         except Exception as err:
-            if not is_compile_failure(err):
-                raise
+            out = self.fn(*args)  # the caller's own error (a bad argument) raises here, as it would uncompiled
             self._failed = True
+            first = str(err).splitlines()[0] if str(err) else ""
             warnings.warn(
-                f"lightning_tp could not compile its fused kernel {self.fn.__qualname__} ({type(err).__name__}: "
-                f"{str(err).splitlines()[0] if str(err) else ''}); it runs eagerly from now on (same values, more "
-                "memory traffic). Pass loss_fusion=False to MegatronTPStrategy (or fused=False to the loss) to "
-                "use the unfused loss.",
+                f"lightning_tp could not run its fused kernel {self.fn.__qualname__} compiled ({type(err).__name__}: "
+                f"{first}); it runs eagerly from now on (same values, more memory traffic). Pass loss_fusion=False "
+                "to MegatronTPStrategy (or fused=False to the loss) for the unfused loss.",
                 RuntimeWarning,
                 stacklevel=2,
             )
-            return self.fn(*args)
+            return out
 
 
 def compile_layers(model: nn.Module, **compile_kwargs: Any) -> list[str]:

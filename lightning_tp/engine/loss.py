@@ -17,6 +17,8 @@ targets give loss 0 and grad 0, and ``reduction="mean"`` averages over non-ignor
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import sys
@@ -82,6 +84,20 @@ _CATS = frozenset({"cat", "concat", "concatenate"})
 _CROSS_ENTROPY = {F.cross_entropy}
 
 
+_FUSION_DEFAULT: contextvars.ContextVar[bool | None] = contextvars.ContextVar("lightning_tp_loss_fusion", default=None)
+
+
+@contextlib.contextmanager
+def loss_fusion_default(fused: bool | None):
+    """Heads built inside this block (their :class:`LossWorkspace`) take ``fused`` as their choice of loss
+    (the strategy's ``loss_fusion`` while it rewrites and verifies a model)."""
+    token = _FUSION_DEFAULT.set(fused)
+    try:
+        yield
+    finally:
+        _FUSION_DEFAULT.reset(token)
+
+
 class LossWorkspace:
     """The ``(..., Vp/p)`` buffer of the vocab-parallel loss, kept across steps by the LM head.
 
@@ -93,12 +109,13 @@ class LossWorkspace:
     caching allocator already recycles memory, so a fresh buffer is always used there.
 
     ``fused`` is the head's choice of loss (``MegatronTPStrategy(loss_fusion=)``): ``True`` the fused
-    loss (no buffer), ``False`` the unfused one, ``None`` fused where Triton is (CUDA).
+    loss (no buffer), ``False`` the unfused one, ``None`` fused where Triton is (CUDA); by default the
+    one of :func:`loss_fusion_default` where the head is built.
     """
 
     def __init__(self, fused: bool | None = None) -> None:
         self._buf: Tensor | None = None
-        self.fused = fused
+        self.fused = fused if fused is not None else _FUSION_DEFAULT.get()
 
     def take(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
         """A buffer of ``shape``: the kept one if it fits and is unreferenced, else a new one."""
@@ -413,7 +430,8 @@ def _local_stats(logits: Tensor, local_t: Tensor, n_valid: int, smoothing: bool,
     m = z.shape[-1]
     masked = z if n_valid == m else z.masked_fill(torch.arange(m, device=z.device) >= n_valid, float("-inf"))
     local_max = masked.amax(dim=-1)
-    shift = torch.where(torch.isfinite(local_max), local_max, torch.zeros_like(local_max))
+    # a row whose columns here are all -inf: sum 0 (against 0); a NaN max stays NaN, so the loss is NaN
+    shift = torch.where(local_max == float("-inf"), torch.zeros_like(local_max), local_max)
     out = [local_max, (masked - shift.unsqueeze(-1)).exp().sum(dim=-1), z.gather(-1, local_t.unsqueeze(-1)).squeeze(-1)]
     if smoothing:
         out.append(z[..., :n_valid].sum(dim=-1))
@@ -471,14 +489,19 @@ class _FusedVocabParallelCrossEntropy(torch.autograd.Function):
         start = group_rank(group) * m
         n_valid = max(0, min(m, vocab_size - start))
         in_range, local_t = _targets_here(target, start, n_valid)
-        stats = _local_stats(logits, local_t, n_valid, label_smoothing > 0, _compute_dtype(logits))
-        local_max, local_sum, z_t = stats[:3]
+        # the kernels see (N, m) logits that need no grad: one compiled variant for any batch shape and mode
+        rows = logits.detach().reshape(-1, m)
+        stats = _local_stats(rows, local_t.reshape(-1), n_valid, label_smoothing > 0, _compute_dtype(logits))
+        local_max, local_sum, z_t = (t.view(target.shape) for t in stats[:3])
         zmax = all_reduce(local_max, group, dist.ReduceOp.MAX)  # (...)
-        # this rank's sum_j exp(z_j - M): its sum against its own max, rescaled (0 where it holds no column)
-        here = torch.where(torch.isfinite(local_max), local_sum * (local_max - zmax).exp(), torch.zeros_like(local_sum))
+        # this rank's sum_j exp(z_j - M): its sum against its own max, rescaled (0 where all its columns are -inf;
+        # a NaN max, even one the MAX all-reduce dropped, makes it NaN)
+        here = torch.where(
+            local_max == float("-inf"), torch.zeros_like(local_sum), local_sum * (local_max - zmax).exp()
+        )
         terms = [(z_t - zmax).masked_fill(~in_range, 0.0)]
         if label_smoothing > 0:
-            terms.append(stats[3] - n_valid * zmax)
+            terms.append(stats[3].view(target.shape) - n_valid * zmax)
         terms.append(here)
         sums = all_reduce(torch.stack(terms), group)  # (2 or 3, ...)
         loss, sum_exp = _loss_from_sums(sums, target, ignore_index, label_smoothing, vocab_size)
@@ -494,8 +517,12 @@ class _FusedVocabParallelCrossEntropy(torch.autograd.Function):
         # d loss / d z_j = g * (softmax_j - (1 - eps) [j = t] - eps / V)
         target_grad = g * in_range * -(1.0 - ctx.eps)
         smooth = g * (ctx.eps / ctx.vocab_size) if ctx.eps > 0 else None
-        grad = _softmax_grad(logits, zmax, g / sum_exp, target_grad, local_t, ctx.n_valid, smooth)
-        return grad, None, None, None, None, None
+        flat = (zmax, g / sum_exp, target_grad, local_t) + (() if smooth is None else (smooth,))
+        zmax, scale, target_grad, local_t, *smooth = (t.reshape(-1) for t in flat)
+        m = logits.shape[-1]
+        rows = logits.detach().reshape(-1, m)
+        grad = _softmax_grad(rows, zmax, scale, target_grad, local_t, ctx.n_valid, smooth[0] if smooth else None)
+        return grad.view(logits.shape), None, None, None, None, None
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -618,6 +645,8 @@ def set_loss_fusion(module: torch.nn.Module, fused: bool | None) -> int:
     workspaces = [ws for m in module.modules() if isinstance(ws := getattr(m, "_loss_workspace", None), LossWorkspace)]
     for ws in workspaces:
         ws.fused = fused
+        if fused:
+            ws._buf = None  # the unfused loss's buffer, no longer used
     return len(workspaces)
 
 

@@ -48,7 +48,7 @@ from lightning_tp._compat import (
 )
 from lightning_tp.engine.comm import broadcast_coalesced
 from lightning_tp.engine.init import Materializer, is_deferred, move_built_tensors
-from lightning_tp.engine.loss import set_loss_fusion
+from lightning_tp.engine.loss import loss_fusion_default, set_loss_fusion
 from lightning_tp.engine.mesh import TPMesh, init_tp_mesh, parallel_sizes
 from lightning_tp.engine.random import RNGTracker, attached_tracker, derive_seed, model_parallel_seed
 from lightning_tp.engine.recompute import apply_activation_checkpointing, checkpoint_targets
@@ -338,7 +338,8 @@ class MegatronTPStrategy(DDPStrategy):
             else:  # what was built off meta meets the layers materialized on the rank's device (and verify's batch)
                 move_built_tensors(module, self.root_device)
         if applied_plan(module) is None:
-            self._shard(module)
+            with loss_fusion_default(self.loss_fusion):  # the heads' loss, in verify's forward too
+                self._shard(module)
         else:  # sharded by an earlier fit: its dropouts and split regions keep the tracker they were built with
             self.rng_tracker = attached_tracker(module)
         # made before the precision conversion, as the callback's own copy is in Lightning's order
