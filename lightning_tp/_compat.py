@@ -24,6 +24,9 @@ torch (no public equivalent):
 * ``user_dispatch_mode_active`` (``torch.utils._python_dispatch.is_in_torch_dispatch_mode``): a
   ``TorchDispatchMode`` other than torch's own is active, where ``torch.compile`` refuses to run (a
   fused kernel then runs eagerly).
+* ``compile_stance`` (``torch._dynamo.eval_frame._stance``): the stance the user set with
+  ``torch.compiler.set_stance`` (a fused kernel runs eagerly under ``"force_eager"`` and does not
+  recompile under ``"fail_on_recompile"``, which is meant for the user's own code).
 * ``has_triton`` (``torch.utils._triton.has_triton``): whether ``torch.compile`` can generate GPU
   kernels here (the fused loss is on by default only then).
 * ``compiler_backend`` (``torch._dynamo.lookup_backend``): a registered ``torch.compile`` backend
@@ -159,6 +162,14 @@ def user_dispatch_mode_active() -> bool:
     from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
     return bool(is_in_torch_dispatch_mode(include_infra_modes=False))
+
+
+def compile_stance() -> str:
+    """The stance ``torch.compiler.set_stance`` set (``"default"``, ``"force_eager"``,
+    ``"eager_on_recompile"``, ``"fail_on_recompile"``, ...)."""
+    from torch._dynamo.eval_frame import _stance
+
+    return str(_stance.stance)
 
 
 def has_triton() -> bool:
@@ -382,6 +393,7 @@ __all__ = [
     "found_inf_per_device",
     "check_inf_per_device",
     "compile_counts",
+    "compile_stance",
     "has_triton",
     "user_dispatch_mode_active",
     "library_compilation",

@@ -85,6 +85,31 @@ def test_fake_mode_active_is_true_under_fake_tensors_only():
     assert not _compat.fake_mode_active()
 
 
+def test_fake_inputs_user_modes_and_stance_as_the_fused_kernels_read_them():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passing(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    mode = FakeTensorMode()
+    fake = mode.from_tensor(torch.zeros(2))
+    assert _compat.fake_mode_active((fake, 3)) and not _compat.fake_mode_active((torch.zeros(2), 3))
+    assert not _compat.user_dispatch_mode_active()
+    with Passing():
+        assert _compat.user_dispatch_mode_active()
+    with mode:  # torch's own mode: not the user's
+        assert not _compat.user_dispatch_mode_active()
+    assert _compat.compile_stance() == "default"
+    for stance in ("force_eager", "fail_on_recompile"):
+        with torch.compiler.set_stance(stance):
+            assert _compat.compile_stance() == stance
+    assert isinstance(_compat.has_triton(), bool)
+    if not torch.cuda.is_available():  # no GPU, no Triton kernels: the fused loss is off by default
+        assert not _compat.has_triton()
+
+
 def test_own_parameters_are_the_modules_live_parameters_by_name():
     """act_once reads a module's Parameter by name where a class property of that name stands in front."""
     lin = torch.nn.Linear(2, 3)

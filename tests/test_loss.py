@@ -336,6 +336,20 @@ def test_a_kernel_that_cannot_compile_runs_eagerly_after_one_warning():
     assert kernel._failed
 
 
+def test_torch_compile_refusing_runs_the_kernel_eagerly(monkeypatch):
+    """torch.compile() itself raising (torch refuses some Python versions) is a failure to compile too."""
+    from lightning_tp.engine.compiled import FusedKernel
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("torch.compile is not supported on this Python")
+
+    monkeypatch.setattr(torch, "compile", refuse)
+    kernel = FusedKernel(_doubled)
+    with pytest.warns(RuntimeWarning, match="not supported on this Python"):
+        assert torch.equal(kernel(torch.ones(2)), torch.full((2,), 2.0))
+    assert kernel._failed
+
+
 def test_a_bad_argument_raises_its_own_error_and_leaves_the_kernel_compiled():
     """A call that fails eagerly too (a float target's gather) raises that error; fusion stays on."""
     from lightning_tp.engine.loss import _local_stats
@@ -368,11 +382,50 @@ def test_where_torch_compile_does_not_run_the_kernel_runs_eagerly():
         with torch._dynamo.config.patch(recompile_limit=1):  # the second constant is past it
             for k in (2, 3, 4):
                 assert torch.equal(kernel(x, k), k * x)
+        with torch.compiler.set_stance("force_eager"):
+            assert torch.equal(kernel(x, 5), 5 * x)
+        with torch.compiler.set_stance(
+            "fail_on_recompile"
+        ):  # the user's own recompiles fail; a new variant here is eager
+            assert torch.equal(kernel(x.double(), 6), 6 * x.double())
         with FakeTensorMode():
             fake = torch.empty(5, 7)
             assert kernel(fake, 2).shape == (5, 7)
         assert kernel(torch.empty(5, 7, device="meta"), 2).shape == (5, 7)
     assert not kernel._failed
+
+
+def _check_strided_logits(tp):
+    """Logits that are no (N, m) view (the shifted positions of a (B, T + 1, V) output; sequence-first logits
+    transposed): the kernels take them as they are, with no copy, and give the dense loss and gradient."""
+    from lightning_tp.engine.loss import _rows
+
+    m = _dist.mesh(tp)
+    spec = ShardSpec(dim=-1, sizes=(30,), tp_size=tp, pad=True)
+    g = torch.Generator().manual_seed(5)
+    full = torch.randn(3, 6, 30, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 30, (3, 5), generator=g)
+    for name, cut in (
+        ("shifted", lambda z: z[:, :-1]),
+        ("transposed", lambda z: z[:, :5].transpose(0, 1).contiguous().transpose(0, 1)),
+    ):
+        dense = cut(full).clone().requires_grad_()
+        ref = F.cross_entropy(dense.reshape(-1, 30), target.reshape(-1))
+        ref.backward()
+        whole = spec.shard(full, m.tp_rank).requires_grad_()
+        local = cut(whole)
+        assert not local.is_contiguous() and _rows(local).data_ptr() == local.data_ptr() and _rows(local).dim() == 3, (
+            name
+        )
+        loss = vocab_parallel_cross_entropy(local, target, m.tp_group, 30, fused=True)
+        torch.testing.assert_close(loss, ref, **TOL)
+        loss.backward()
+        torch.testing.assert_close(cut(whole.grad), spec.shard(dense.grad, m.tp_rank), **TOL)
+    return True
+
+
+def test_fused_loss_of_strided_logits():
+    assert all(_dist.run(2, _check_strided_logits, 2))
 
 
 def _check_nan_logit(tp):

@@ -454,6 +454,18 @@ def _softmax_grad(logits: Tensor, zmax: Tensor, scale: Tensor, target_grad: Tens
     return grad.to(logits.dtype)
 
 
+def _rows(logits: Tensor) -> Tensor:
+    """The logits as the kernels take them: detached (one compiled variant whatever the grad mode) and,
+    where a view allows (no copy), ``(N, m)`` (one variant for any batch shape)."""
+    z = logits.detach()
+    if z.dim() == 2:
+        return z
+    try:
+        return z.view(-1, z.shape[-1])
+    except RuntimeError:  # not viewable as rows (a slice of positions, transposed logits): as it is
+        return z
+
+
 def _targets_here(target: Tensor, start: int, n_valid: int) -> tuple[Tensor, Tensor]:
     """``(in_range, local_t)``: whether this rank holds each row's target, and its local column (0 if not)."""
     in_range = (target >= start) & (target < start + n_valid)  # (...)
@@ -489,10 +501,11 @@ class _FusedVocabParallelCrossEntropy(torch.autograd.Function):
         start = group_rank(group) * m
         n_valid = max(0, min(m, vocab_size - start))
         in_range, local_t = _targets_here(target, start, n_valid)
-        # the kernels see (N, m) logits that need no grad: one compiled variant for any batch shape and mode
-        rows = logits.detach().reshape(-1, m)
-        stats = _local_stats(rows, local_t.reshape(-1), n_valid, label_smoothing > 0, _compute_dtype(logits))
-        local_max, local_sum, z_t = (t.view(target.shape) for t in stats[:3])
+        rows = _rows(logits)
+        stats = _local_stats(
+            rows, local_t.reshape(rows.shape[:-1]), n_valid, label_smoothing > 0, _compute_dtype(logits)
+        )
+        local_max, local_sum, z_t = (t.reshape(target.shape) for t in stats[:3])
         zmax = all_reduce(local_max, group, dist.ReduceOp.MAX)  # (...)
         # this rank's sum_j exp(z_j - M): its sum against its own max, rescaled (0 where all its columns are -inf;
         # a NaN max, even one the MAX all-reduce dropped, makes it NaN)
@@ -501,7 +514,7 @@ class _FusedVocabParallelCrossEntropy(torch.autograd.Function):
         )
         terms = [(z_t - zmax).masked_fill(~in_range, 0.0)]
         if label_smoothing > 0:
-            terms.append(stats[3].view(target.shape) - n_valid * zmax)
+            terms.append(stats[3].reshape(target.shape) - n_valid * zmax)
         terms.append(here)
         sums = all_reduce(torch.stack(terms), group)  # (2 or 3, ...)
         loss, sum_exp = _loss_from_sums(sums, target, ignore_index, label_smoothing, vocab_size)
@@ -517,10 +530,9 @@ class _FusedVocabParallelCrossEntropy(torch.autograd.Function):
         # d loss / d z_j = g * (softmax_j - (1 - eps) [j = t] - eps / V)
         target_grad = g * in_range * -(1.0 - ctx.eps)
         smooth = g * (ctx.eps / ctx.vocab_size) if ctx.eps > 0 else None
+        rows = _rows(logits)
         flat = (zmax, g / sum_exp, target_grad, local_t) + (() if smooth is None else (smooth,))
-        zmax, scale, target_grad, local_t, *smooth = (t.reshape(-1) for t in flat)
-        m = logits.shape[-1]
-        rows = logits.detach().reshape(-1, m)
+        zmax, scale, target_grad, local_t, *smooth = (t.reshape(rows.shape[:-1]) for t in flat)
         grad = _softmax_grad(rows, zmax, scale, target_grad, local_t, ctx.n_valid, smooth[0] if smooth else None)
         return grad.view(logits.shape), None, None, None, None, None
 
