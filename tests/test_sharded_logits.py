@@ -177,6 +177,67 @@ def test_chunked_losses_keep_the_logits_sharded():
     assert all(_dist.run(2, _chunked_losses, 2))
 
 
+def _vocab_reductions(tp):
+    """logsumexp (a z-loss) and argmax (accuracy) over the vocabulary run on the shards, with no gather: the
+    dense values, logsumexp's gradient, keepdim, padding, ties (the first maximum), NaN and all--inf rows,
+    compiled too."""
+    import lightning_tp.engine.comm as comm
+
+    dense, head, x, y = _head_and_batch(tp, 6)
+    gathers = []
+    original = comm.gather_from_tp
+    comm.gather_from_tp = lambda *a, **k: gathers.append(1) or original(*a, **k)
+    try:
+
+        def z_loss(z):  # PaLM / OLMo's z-loss plus the cross entropy, as a LightningModule writes it
+            return F.cross_entropy(z.reshape(-1, V), y.reshape(-1)) + 1e-2 * z.logsumexp(-1).pow(2).mean()
+
+        def traced(mdl, inputs):  # the head and the loss compiled together: the reduction is traced
+            return z_loss(mdl(inputs))
+
+        for fn in (lambda mdl, xx: z_loss(mdl(xx)), lambda mdl, xx: torch.logsumexp(mdl(xx), dim=2, keepdim=True).sum(),
+                   torch.compile(traced, backend="aot_eager", fullgraph=True)):  # fmt: skip
+            xd, xs = x.clone().requires_grad_(), x.clone().requires_grad_()
+            ld, ls = fn(dense, xd), fn(head, xs)
+            ld.backward(), ls.backward()
+            _close(ls, ld)
+            _close(xs.grad, xd.grad)
+            _close(head.weight.grad, head.weight_spec.shard(dense.weight.grad, _dist.mesh(tp).tp_rank))
+            head.zero_grad(), dense.zero_grad()
+
+        def sharded(local):
+            return VocabShardedLogits.wrap(local, head.group, V)
+
+        s = sharded(head(x).detach().as_subclass(torch.Tensor).round())  # ties across the ranks' columns
+        d = gather_logits(s)
+        gathers.clear()
+        assert torch.equal(s.argmax(-1), d.argmax(-1)) and torch.equal(torch.argmax(s, dim=2, keepdim=True),
+                                                                       d.argmax(2, keepdim=True))  # fmt: skip
+        assert torch.equal(s.bfloat16().argmax(-1), d.bfloat16().argmax(-1))
+        _close(s.logsumexp(-1), d.logsumexp(-1))
+        local = s.as_subclass(torch.Tensor).clone()
+        if _dist.mesh(tp).tp_rank == 0:
+            local[0, 0, -1] = float("nan")  # rank 0's last column
+        local[0, 1] = float("-inf")  # every column
+        local[1, 0, :] = 5.0  # a tie on every rank
+        odd = sharded(local)
+        assert gathers == [], "a vocabulary reduction gathered the logits"
+        dense_odd = gather_logits(odd)
+        assert torch.equal(odd.argmax(-1), dense_odd.argmax(-1))
+        torch.testing.assert_close(odd.logsumexp(-1), dense_odd.logsumexp(-1), equal_nan=True, atol=1e-12, rtol=1e-12)
+        # other dims, or no dim: the gathered logits answer
+        assert torch.equal(s.argmax(), d.argmax()) and torch.equal(s.argmax(0), d.argmax(0))
+        _close(s.logsumexp(0), d.logsumexp(0))
+    finally:
+        comm.gather_from_tp = original
+    return True
+
+
+def test_logsumexp_and_argmax_over_the_vocabulary_stay_sharded():
+    for world in (2, 4):
+        assert all(_dist.run(world, _vocab_reductions, world))
+
+
 def _hf_llama_own_loss(tp):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -82,6 +82,8 @@ _GATHERED_PROPERTIES = frozenset({"T", "mT", "H", "mH", "real", "imag"})
 _SPLITS = {"split": 2, "chunk": 2, "tensor_split": 2, "split_with_sizes": 2, "unbind": 1}
 _CATS = frozenset({"cat", "concat", "concatenate"})
 _CROSS_ENTROPY = {F.cross_entropy}
+# Reductions over the vocabulary done on the shards (a z-loss's log Z, accuracy's argmax): (...)-sized collectives.
+_VOCAB_REDUCTIONS = frozenset({"logsumexp", "argmax"})
 
 
 _FUSION_DEFAULT: contextvars.ContextVar[bool | None] = contextvars.ContextVar("lightning_tp_loss_fusion", default=None)
@@ -159,7 +161,9 @@ class VocabShardedLogits(Tensor):
       chunked cross entropy: ``logits.split(128)``) keep the type; a reshape that names the full vocabulary
       (``logits.view(-1, config.vocab_size)``, as Hugging Face's loss does) is read as the local
       slice. Elementwise ops with scalar operands (temperature, soft-capping) run on the shard.
-    * Every other op (argmax, softmax, log_softmax, topk, max, sort, sampling, ...) gets
+    * ``logsumexp`` (a z-loss's ``log Z``) and ``argmax`` (accuracy) over the vocabulary run on the shards
+      with ``(...)``-sized collectives, the dense values (``logsumexp``'s gradient too).
+    * Every other op (softmax, log_softmax, topk, max, sort, sampling, ...) gets
       the dense ``(..., V)`` logits, all-gathered (differentiably) on first use and kept, and
       returns a plain tensor (``repr`` shows the local shard: printing on one rank runs no collective). An in-place op that cannot run on the shard raises
       :class:`~lightning_tp.errors.ShardingError` instead of computing a wrong value.
@@ -250,6 +254,8 @@ def _dispatch(func, args: tuple, kwargs: dict):
         return func(*args, **kwargs)
     elif func in _CROSS_ENTROPY and (routed := _route_cross_entropy(args, kwargs)) is not None:
         return routed
+    elif name in _VOCAB_REDUCTIONS and (reduced := _reduce_vocab(name, args, kwargs, src)) is not None:
+        return reduced
     elif name in _SPLITS and args and args[0] is src and not _is_last_dim(_dim_arg(name, args, kwargs), src.dim()):
         pieces = func(*args, **kwargs)
         if all(p.shape[-1] == src.shape[-1] for p in pieces):  # else the vocabulary was split: redone dense below
@@ -283,6 +289,87 @@ def _dispatch(func, args: tuple, kwargs: dict):
         )
     args, kwargs = _replace_sharded((args, kwargs))
     return func(*args, **kwargs)
+
+
+def _reduce_vocab(name: str, args: tuple, kwargs: dict, src: VocabShardedLogits) -> Tensor | None:
+    """``logsumexp`` / ``argmax`` over the vocabulary dim of ``src`` without gathering it (``(...)``-sized
+    collectives only); ``None`` for another form (another dim, ``out=``), which the gathered logits answer."""
+    if not args or args[0] is not src or "out" in kwargs:
+        return None
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    if isinstance(dim, (list, tuple)) and len(dim) == 1:
+        dim = dim[0]
+    if not isinstance(dim, int) or isinstance(dim, bool) or not _is_last_dim(dim, src.dim()):
+        return None
+    local = _plain(src)
+    if name == "logsumexp":
+        out = _VocabParallelLogSumExp.apply(local, src.tp_group, src.vocab_size)
+    else:
+        out = _vocab_parallel_argmax(local, src.tp_group, src.vocab_size)
+    return out.unsqueeze(-1) if keepdim else out
+
+
+class _VocabParallelLogSumExp(torch.autograd.Function):
+    """``logsumexp`` over the vocabulary of sharded logits (a z-loss's ``log Z``): the cross entropy's
+    forward without the target (the fused kernels, two all-reduces of ``(...)``); gradient
+    ``softmax(z)`` on each rank's columns, 0 on padding. In the logits' dtype, computed in float32 or
+    wider."""
+
+    @staticmethod
+    def forward(ctx, logits, group, vocab_size):
+        m = logits.shape[-1]
+        n_valid = max(0, min(m, vocab_size - group_rank(group) * m))
+        rows = _rows(logits)
+        anywhere = torch.zeros(rows.shape[:-1], dtype=torch.long, device=logits.device)  # (no target)
+        stats = _local_stats(rows, anywhere, n_valid, False, _compute_dtype(logits))
+        local_max, local_sum = (t.reshape(logits.shape[:-1]) for t in stats[:2])
+        zmax = all_reduce(local_max, group, dist.ReduceOp.MAX)
+        here = torch.where(
+            local_max == float("-inf"), torch.zeros_like(local_sum), local_sum * (local_max - zmax).exp()
+        )
+        sum_exp = all_reduce(here, group)
+        ctx.save_for_backward(logits, zmax, sum_exp)
+        ctx.n_valid = n_valid
+        return (sum_exp.log() + zmax).to(logits.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        logits, zmax, sum_exp = ctx.saved_tensors
+        rows = _rows(logits)
+        per_row = (zmax, grad_out.to(zmax.dtype) / sum_exp)
+        zmax, scale = (t.reshape(rows.shape[:-1]) for t in per_row)
+        nothing = torch.zeros_like(scale)
+        anywhere = torch.zeros(rows.shape[:-1], dtype=torch.long, device=logits.device)
+        grad = _softmax_grad(rows, zmax, scale, nothing, anywhere, ctx.n_valid, None)
+        return grad.view(logits.shape), None, None
+
+
+def _vocab_parallel_argmax(logits: Tensor, group: ProcessGroup, vocab_size: int) -> Tensor:
+    """``argmax`` over the vocabulary of sharded logits, as on the dense ones (the first maximum; a NaN
+    counts as the maximum, the first NaN wins): each rank's first maximum, then one all-gather of
+    ``(...)``-sized values and indices."""
+    from lightning_tp.engine.comm import all_gather_dim
+
+    m = logits.shape[-1]
+    start = group_rank(group) * m
+    n_valid = max(0, min(m, vocab_size - start))
+    lead = logits.shape[:-1]
+    if n_valid > 0:
+        index = logits[..., :n_valid].argmax(dim=-1)  # (...)
+        value = logits.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    else:  # padding only: never chosen (the ranks before hold every column)
+        index = torch.zeros(lead, dtype=torch.long, device=logits.device)
+        value = logits.new_full(lead, float("-inf"))
+    value = value.detach().to(torch.promote_types(value.dtype, torch.float32))  # exact; a dtype every backend gathers
+    values = all_gather_dim(value.unsqueeze(0), group, 0)  # (p, ...) in rank order: column order
+    indices = all_gather_dim((index + start).unsqueeze(0), group, 0)
+    nan = values.isnan()
+    first_nan = nan.int().argmax(dim=0)
+    first_max = (values == values.amax(dim=0, keepdim=True)).int().argmax(dim=0)
+    rank = torch.where(nan.any(dim=0), first_nan, first_max)
+    return indices.gather(0, rank.unsqueeze(0)).squeeze(0)
 
 
 def _like(local: Tensor, src: VocabShardedLogits) -> VocabShardedLogits:
