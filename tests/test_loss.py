@@ -442,6 +442,13 @@ def _check_nan_logit(tp):
         loss = vocab_parallel_cross_entropy(local, target, m.tp_group, vocab, reduction="none", fused=fused)
         assert torch.equal(loss.isnan(), dense.isnan()), (fused, loss, dense)
         torch.testing.assert_close(loss[~dense.isnan()], dense[~dense.isnan()], **TOL)
+    # fused, a +inf logit as F.cross_entropy (log_softmax shifts by the max): NaN, whichever class is the target
+    logits[3, 0], logits[4, 0], target[3], target[4] = float("inf"), float("inf"), 1, 0
+    dense = F.cross_entropy(logits, target, reduction="none")
+    local = ShardSpec(dim=-1, sizes=(vocab,), tp_size=tp, pad=True).shard(logits, m.tp_rank)
+    loss = vocab_parallel_cross_entropy(local, target, m.tp_group, vocab, reduction="none", fused=True)
+    assert dense[3].isnan() and dense[4].isnan()
+    torch.testing.assert_close(loss, dense, equal_nan=True, **TOL)
     return True
 
 

@@ -220,11 +220,41 @@ def _vocab_reductions(tp):
             local[0, 0, -1] = float("nan")  # rank 0's last column
         local[0, 1] = float("-inf")  # every column
         local[1, 0, :] = 5.0  # a tie on every rank
+        local[1, 1, 0] = float("inf")  # +inf on rank 0: logsumexp +inf (torch's), its gradient NaN there, 0 elsewhere
         odd = sharded(local)
         assert gathers == [], "a vocabulary reduction gathered the logits"
         dense_odd = gather_logits(odd)
         assert torch.equal(odd.argmax(-1), dense_odd.argmax(-1))
         torch.testing.assert_close(odd.logsumexp(-1), dense_odd.logsumexp(-1), equal_nan=True, atol=1e-12, rtol=1e-12)
+        leaf_s, leaf_d = local.clone().requires_grad_(), gather_logits(odd).clone().requires_grad_()
+        sharded(leaf_s).logsumexp(-1)[1].sum().backward()
+        leaf_d.logsumexp(-1)[1].sum().backward()
+        torch.testing.assert_close(
+            leaf_s.grad[1], _shard_last(leaf_d.grad[1], tp), equal_nan=True, atol=1e-12, rtol=1e-12
+        )
+        # keepdims (numpy's spelling), torch.special, integer logits (gathered, as torch computes them)
+        assert odd.logsumexp(-1, keepdims=True).shape == (2, 6, 1) and s.argmax(-1, keepdims=True).shape == (2, 6, 1)
+        _close(torch.special.logsumexp(s, -1), torch.special.logsumexp(d, -1))
+        ints = sharded(s.as_subclass(torch.Tensor).long())
+        assert torch.equal(ints.argmax(-1), gather_logits(ints).argmax(-1))
+        # dense logits kept by an earlier gather (a softmax on every rank): no collective at all, as before
+        s.softmax(-1)
+        import torch.distributed as dist
+
+        calls = []
+        names = [n for n in ("all_reduce", "all_gather_into_tensor", "all_gather_single", "all_gather", "broadcast")
+                 if hasattr(dist, n)]  # fmt: skip
+        saved = {n: getattr(dist, n) for n in names}
+        for n in names:
+            setattr(dist, n, (lambda f: lambda *a, **k: calls.append(f.__name__) or f(*a, **k))(saved[n]))
+        try:
+            s.argmax(-1), s.logsumexp(-1)
+            assert calls == [], calls
+            sharded(s.as_subclass(torch.Tensor)).argmax(-1)  # (the counting sees the collectives of new logits)
+            assert calls, calls
+        finally:
+            for n in names:
+                setattr(dist, n, saved[n])
         # other dims, or no dim: the gathered logits answer
         assert torch.equal(s.argmax(), d.argmax()) and torch.equal(s.argmax(0), d.argmax(0))
         _close(s.logsumexp(0), d.logsumexp(0))
@@ -233,9 +263,42 @@ def _vocab_reductions(tp):
     return True
 
 
+def _shard_last(dense, tp):
+    """This rank's columns of ``dense`` (..., V) laid out as the head's shard (padded)."""
+    from lightning_tp.engine.sharding import ShardSpec
+
+    return ShardSpec(dim=-1, sizes=(V,), tp_size=tp, pad=True).shard(dense, _dist.mesh(tp).tp_rank)
+
+
 def test_logsumexp_and_argmax_over_the_vocabulary_stay_sharded():
     for world in (2, 4):
         assert all(_dist.run(world, _vocab_reductions, world))
+
+
+def _vocab_reductions_tp1():
+    """At TP 1 torch's own ops on the valid columns: the same values, double backward and forward-mode AD."""
+    dense, head, x, _ = _head_and_batch(1, 4)
+    z = head(x).detach().as_subclass(torch.Tensor).requires_grad_()
+    s = VocabShardedLogits.wrap(z, head.group, V)
+    (g,) = torch.autograd.grad(s.logsumexp(-1).pow(2).sum(), z, create_graph=True)
+    (gg,) = torch.autograd.grad(g.pow(2).sum(), z)
+    zd = dense(x).detach().requires_grad_()
+    (gd,) = torch.autograd.grad(zd.logsumexp(-1).pow(2).sum(), zd, create_graph=True)
+    (ggd,) = torch.autograd.grad(gd.pow(2).sum(), zd)
+    _close(g, gd)
+    _close(gg, ggd)
+    import torch.autograd.forward_ad as fwad
+
+    with fwad.dual_level():
+        tangent = torch.ones_like(z)
+        out = VocabShardedLogits.wrap(fwad.make_dual(z.detach(), tangent), head.group, V).logsumexp(-1)
+        _close(fwad.unpack_dual(out).tangent, torch.ones(2, 4, dtype=torch.float64))
+    assert torch.equal(s.argmax(-1), zd.argmax(-1))
+    return True
+
+
+def test_logsumexp_and_argmax_at_tp1_are_torchs():
+    assert all(_dist.run(1, _vocab_reductions_tp1))
 
 
 def _hf_llama_own_loss(tp):

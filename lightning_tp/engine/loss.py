@@ -43,7 +43,7 @@ from lightning_tp._compat import (
     tree_map,
     use_count,
 )
-from lightning_tp.engine.comm import all_reduce, group_rank
+from lightning_tp.engine.comm import all_reduce, group_rank, group_size
 from lightning_tp.engine.compiled import FusedKernel
 
 Reduction = Literal["mean", "sum", "none"]
@@ -83,7 +83,7 @@ _SPLITS = {"split": 2, "chunk": 2, "tensor_split": 2, "split_with_sizes": 2, "un
 _CATS = frozenset({"cat", "concat", "concatenate"})
 _CROSS_ENTROPY = {F.cross_entropy}
 # Reductions over the vocabulary done on the shards (a z-loss's log Z, accuracy's argmax): (...)-sized collectives.
-_VOCAB_REDUCTIONS = frozenset({"logsumexp", "argmax"})
+_VOCAB_REDUCTIONS = frozenset({"logsumexp", "special_logsumexp", "argmax"})
 
 
 _FUSION_DEFAULT: contextvars.ContextVar[bool | None] = contextvars.ContextVar("lightning_tp_loss_fusion", default=None)
@@ -194,18 +194,26 @@ class VocabShardedLogits(Tensor):
         copy that was gathered without it. Collective: every TP rank must call it."""
         from lightning_tp.engine.comm import gather_from_tp
 
+        kept = self.kept_gather()
+        if kept is not None:
+            return kept
         traced = torch.compiler.is_compiling()  # traced: nothing kept (a tensor's __dict__ is not traceable)
-        cached = None if traced else self.__dict__.get("_gathered")
-        if cached is not None:
-            dense, version, dense_version = cached
-            tracked = not (torch.is_grad_enabled() and self.requires_grad and dense.grad_fn is None)
-            if version == tensor_version(self) and dense_version == tensor_version(dense) and tracked:
-                return dense  # unchanged on both sides, and gathered with autograd when it is needed now
         with DisableTorchFunctionSubclass():
             dense = gather_from_tp(self, self.tp_group)[..., : self.vocab_size]  # (..., V)
         if not traced:
             self.__dict__["_gathered"] = (dense, tensor_version(self), tensor_version(dense))
         return dense
+
+    def kept_gather(self) -> Tensor | None:
+        """The dense logits an earlier :meth:`gathered` kept, if still valid (no collective), else ``None``."""
+        cached = None if torch.compiler.is_compiling() else self.__dict__.get("_gathered")
+        if cached is None:
+            return None
+        dense, version, dense_version = cached
+        tracked = not (torch.is_grad_enabled() and self.requires_grad and dense.grad_fn is None)
+        if version == tensor_version(self) and dense_version == tensor_version(dense) and tracked:
+            return dense  # unchanged on both sides, and gathered with autograd when it is needed now
+        return None
 
     def __repr__(self, *, tensor_contents=None) -> str:  # no collective: printing on one rank must not hang
         with DisableTorchFunctionSubclass():
@@ -293,63 +301,86 @@ def _dispatch(func, args: tuple, kwargs: dict):
 
 def _reduce_vocab(name: str, args: tuple, kwargs: dict, src: VocabShardedLogits) -> Tensor | None:
     """``logsumexp`` / ``argmax`` over the vocabulary dim of ``src`` without gathering it (``(...)``-sized
-    collectives only); ``None`` for another form (another dim, ``out=``), which the gathered logits answer."""
-    if not args or args[0] is not src or "out" in kwargs:
+    collectives only); ``None`` where the gathered logits answer instead: another dim or form (``out=``),
+    non-float logits, dense logits already kept (no collective then, as before), or TP 1 (torch's own op on
+    the valid columns: its double backward and forward-mode AD too)."""
+    if not args or args[0] is not src or "out" in kwargs or not src.is_floating_point():
         return None
     dim = args[1] if len(args) > 1 else kwargs.get("dim")
-    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
-    if isinstance(dim, (list, tuple)) and len(dim) == 1:
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", kwargs.get("keepdims", False))
+    if name != "argmax" and isinstance(dim, (list, tuple)) and len(dim) == 1:
         dim = dim[0]
     if not isinstance(dim, int) or isinstance(dim, bool) or not _is_last_dim(dim, src.dim()):
         return None
+    if src.kept_gather() is not None:
+        return None
     local = _plain(src)
-    if name == "logsumexp":
-        out = _VocabParallelLogSumExp.apply(local, src.tp_group, src.vocab_size)
-    else:
+    if group_size(src.tp_group) == 1:
+        valid = local[..., : src.vocab_size]
+        return valid.argmax(-1, keepdim=keepdim) if name == "argmax" else torch.logsumexp(valid, -1, keepdim=keepdim)
+    if name == "argmax":
         out = _vocab_parallel_argmax(local, src.tp_group, src.vocab_size)
+    else:
+        fused = _fused(None, src.workspace, local.device)
+        out = _VocabParallelLogSumExp.apply(local, src.tp_group, src.vocab_size, fused)
+        if local.is_cuda and torch.is_autocast_enabled("cuda") and local.dtype in (torch.float16, torch.bfloat16):
+            out = out.float()  # logsumexp is on CUDA autocast's float32 list
     return out.unsqueeze(-1) if keepdim else out
+
+
+def _global_shift(zmax: Tensor) -> Tensor:
+    """What every rank's ``exp`` is taken against: the global max, or 0 where it is infinite (torch's
+    ``logsumexp``: a row with ``+inf`` has ``logsumexp`` ``+inf``, one of all ``-inf`` has ``-inf``)."""
+    return torch.where(zmax.isinf(), torch.zeros_like(zmax), zmax)
+
+
+def _rank_sum(local_max: Tensor, local_sum: Tensor, shift: Tensor) -> Tensor:
+    """This rank's ``sum_j exp(z_j - shift)`` from its sum against its own max (against 0 where that is
+    infinite): 0 where all its columns are ``-inf``; a NaN max, even one the MAX all-reduce dropped, makes it
+    NaN."""
+    own = torch.where(local_max.isinf(), torch.zeros_like(local_max), local_max)
+    return torch.where(local_max == float("-inf"), torch.zeros_like(local_sum), local_sum * (own - shift).exp())
 
 
 class _VocabParallelLogSumExp(torch.autograd.Function):
     """``logsumexp`` over the vocabulary of sharded logits (a z-loss's ``log Z``): the cross entropy's
-    forward without the target (the fused kernels, two all-reduces of ``(...)``); gradient
-    ``softmax(z)`` on each rank's columns, 0 on padding. In the logits' dtype, computed in float32 or
-    wider."""
+    forward without the target (the fused kernels, compiled where the head's loss is fused; two
+    all-reduces of ``(...)``); gradient ``softmax(z)`` on each rank's columns, 0 on padding. Computed in
+    float32 or wider, returned in the logits' dtype."""
 
     @staticmethod
-    def forward(ctx, logits, group, vocab_size):
+    def forward(ctx, logits, group, vocab_size, fused):
         m = logits.shape[-1]
         n_valid = max(0, min(m, vocab_size - group_rank(group) * m))
+        stats_fn = _local_stats if fused else _local_stats.fn
         rows = _rows(logits)
         anywhere = torch.zeros(rows.shape[:-1], dtype=torch.long, device=logits.device)  # (no target)
-        stats = _local_stats(rows, anywhere, n_valid, False, _compute_dtype(logits))
+        stats = stats_fn(rows, anywhere, n_valid, False, _compute_dtype(logits))
         local_max, local_sum = (t.reshape(logits.shape[:-1]) for t in stats[:2])
-        zmax = all_reduce(local_max, group, dist.ReduceOp.MAX)
-        here = torch.where(
-            local_max == float("-inf"), torch.zeros_like(local_sum), local_sum * (local_max - zmax).exp()
-        )
-        sum_exp = all_reduce(here, group)
-        ctx.save_for_backward(logits, zmax, sum_exp)
-        ctx.n_valid = n_valid
-        return (sum_exp.log() + zmax).to(logits.dtype)
+        shift = _global_shift(all_reduce(local_max, group, dist.ReduceOp.MAX))
+        sum_exp = all_reduce(_rank_sum(local_max, local_sum, shift), group)
+        ctx.save_for_backward(logits, shift, sum_exp)
+        ctx.n_valid, ctx.fused = n_valid, fused
+        return (sum_exp.log() + shift).to(logits.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        logits, zmax, sum_exp = ctx.saved_tensors
+        logits, shift, sum_exp = ctx.saved_tensors
         rows = _rows(logits)
-        per_row = (zmax, grad_out.to(zmax.dtype) / sum_exp)
-        zmax, scale = (t.reshape(rows.shape[:-1]) for t in per_row)
+        per_row = (shift, grad_out.to(shift.dtype) / sum_exp)
+        shift, scale = (t.reshape(rows.shape[:-1]) for t in per_row)
         nothing = torch.zeros_like(scale)
         anywhere = torch.zeros(rows.shape[:-1], dtype=torch.long, device=logits.device)
-        grad = _softmax_grad(rows, zmax, scale, nothing, anywhere, ctx.n_valid, None)
-        return grad.view(logits.shape), None, None
+        grad_fn = _softmax_grad if ctx.fused else _softmax_grad.fn
+        grad = grad_fn(rows, shift, scale, nothing, anywhere, ctx.n_valid, None)
+        return grad.view(logits.shape), None, None, None
 
 
 def _vocab_parallel_argmax(logits: Tensor, group: ProcessGroup, vocab_size: int) -> Tensor:
-    """``argmax`` over the vocabulary of sharded logits, as on the dense ones (the first maximum; a NaN
-    counts as the maximum, the first NaN wins): each rank's first maximum, then one all-gather of
-    ``(...)``-sized values and indices."""
+    """``argmax`` over the vocabulary of sharded float logits, as on the dense ones (the first maximum; a
+    NaN counts as the maximum, the first NaN wins): each rank's first maximum, then one all-gather of
+    ``(...)``-sized values and indices (float64: exact for both)."""
     from lightning_tp.engine.comm import all_gather_dim
 
     m = logits.shape[-1]
@@ -358,18 +389,18 @@ def _vocab_parallel_argmax(logits: Tensor, group: ProcessGroup, vocab_size: int)
     lead = logits.shape[:-1]
     if n_valid > 0:
         index = logits[..., :n_valid].argmax(dim=-1)  # (...)
-        value = logits.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+        value = logits.detach().gather(-1, index.unsqueeze(-1)).squeeze(-1)
     else:  # padding only: never chosen (the ranks before hold every column)
         index = torch.zeros(lead, dtype=torch.long, device=logits.device)
-        value = logits.new_full(lead, float("-inf"))
-    value = value.detach().to(torch.promote_types(value.dtype, torch.float32))  # exact; a dtype every backend gathers
-    values = all_gather_dim(value.unsqueeze(0), group, 0)  # (p, ...) in rank order: column order
-    indices = all_gather_dim((index + start).unsqueeze(0), group, 0)
+        value = logits.detach().new_full(lead, float("-inf"))
+    packed = torch.stack([value.double(), (index + start).double()])  # (2, ...)
+    both = all_gather_dim(packed.unsqueeze(0), group, 0)  # (p, 2, ...) in rank order: column order
+    values, indices = both[:, 0], both[:, 1]
     nan = values.isnan()
     first_nan = nan.int().argmax(dim=0)
     first_max = (values == values.amax(dim=0, keepdim=True)).int().argmax(dim=0)
     rank = torch.where(nan.any(dim=0), first_nan, first_max)
-    return indices.gather(0, rank.unsqueeze(0)).squeeze(0)
+    return indices.gather(0, rank.unsqueeze(0)).squeeze(0).long()
 
 
 def _like(local: Tensor, src: VocabShardedLogits) -> VocabShardedLogits:
@@ -517,8 +548,8 @@ def _local_stats(logits: Tensor, local_t: Tensor, n_valid: int, smoothing: bool,
     m = z.shape[-1]
     masked = z if n_valid == m else z.masked_fill(torch.arange(m, device=z.device) >= n_valid, float("-inf"))
     local_max = masked.amax(dim=-1)
-    # a row whose columns here are all -inf: sum 0 (against 0); a NaN max stays NaN, so the loss is NaN
-    shift = torch.where(local_max == float("-inf"), torch.zeros_like(local_max), local_max)
+    # against 0 where the max is infinite (as torch's logsumexp): all -inf, sum 0; a +inf, sum +inf; NaN stays NaN
+    shift = torch.where(local_max.isinf(), torch.zeros_like(local_max), local_max)
     out = [local_max, (masked - shift.unsqueeze(-1)).exp().sum(dim=-1), z.gather(-1, local_t.unsqueeze(-1)).squeeze(-1)]
     if smoothing:
         out.append(z[..., :n_valid].sum(dim=-1))
@@ -593,12 +624,9 @@ class _FusedVocabParallelCrossEntropy(torch.autograd.Function):
             rows, local_t.reshape(rows.shape[:-1]), n_valid, label_smoothing > 0, _compute_dtype(logits)
         )
         local_max, local_sum, z_t = (t.reshape(target.shape) for t in stats[:3])
+        # the global max itself, as log_softmax shifts: a row with a +inf logit has a NaN loss, as F.cross_entropy's
         zmax = all_reduce(local_max, group, dist.ReduceOp.MAX)  # (...)
-        # this rank's sum_j exp(z_j - M): its sum against its own max, rescaled (0 where all its columns are -inf;
-        # a NaN max, even one the MAX all-reduce dropped, makes it NaN)
-        here = torch.where(
-            local_max == float("-inf"), torch.zeros_like(local_sum), local_sum * (local_max - zmax).exp()
-        )
+        here = _rank_sum(local_max, local_sum, zmax)  # this rank's sum_j exp(z_j - M)
         terms = [(z_t - zmax).masked_fill(~in_range, 0.0)]
         if label_smoothing > 0:
             terms.append(stats[3].reshape(target.shape) - n_valid * zmax)
