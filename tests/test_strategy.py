@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 import _dist
 from lightning_tp import MegatronTPStrategy
+from lightning_tp.engine.loss import fused_kernels_failed
 from lightning_tp.engine.sequence import SequenceShardedEmbedding
 from lightning_tp.engine.sharding import shard_spec
 from lightning_tp.errors import MeshConfigError
@@ -61,13 +62,6 @@ def _token_embedding(model):
     if hasattr(model, "get_input_embeddings"):  # a Hugging Face model
         return model.get_input_embeddings()
     return model.embed_tokens if hasattr(model, "embed_tokens") else model.transformer.wte
-
-
-def _loss_kernels_failed() -> bool:
-    """Whether the fused loss's kernels stopped compiling in this process (then they run eagerly)."""
-    from lightning_tp.engine.loss import _local_stats, _softmax_grad
-
-    return _local_stats._failed or _softmax_grad._failed
 
 
 def _odd_length_validation(trainer, model) -> tuple[float, float]:
@@ -123,7 +117,7 @@ def _fit(world, tp, steps=10, global_batch=8, clip=0.5, dropout=0.0, sp=False, m
             # TP-local parameter bytes (a ZeRO DTensor's shape is the TP-local shape, its local part 1/DP of it)
             "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
             "loss_fusion": [ws.fused for m in model.modules() if (ws := getattr(m, "_loss_workspace", None))],
-            "fusion_fell_back": _loss_kernels_failed(),
+            "fusion_fell_back": fused_kernels_failed(),
         }
 
 

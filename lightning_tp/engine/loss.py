@@ -301,9 +301,9 @@ def _dispatch(func, args: tuple, kwargs: dict):
 
 def _reduce_vocab(name: str, args: tuple, kwargs: dict, src: VocabShardedLogits) -> Tensor | None:
     """``logsumexp`` / ``argmax`` over the vocabulary dim of ``src`` without gathering it (``(...)``-sized
-    collectives only); ``None`` where the gathered logits answer instead: another dim or form (``out=``),
-    non-float logits, dense logits already kept (no collective then, as before), or TP 1 (torch's own op on
-    the valid columns: its double backward and forward-mode AD too)."""
+    collectives only; at TP 1 torch's own op on the valid columns, so its double backward and forward-mode
+    AD too); ``None`` where the gathered logits answer instead: another dim or form (``out=``), non-float
+    logits, or dense logits already kept (no collective then, as before)."""
     if not args or args[0] is not src or "out" in kwargs or not src.is_floating_point():
         return None
     dim = args[1] if len(args) > 1 else kwargs.get("dim")
@@ -350,8 +350,7 @@ class _VocabParallelLogSumExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, group, vocab_size, fused):
-        m = logits.shape[-1]
-        n_valid = max(0, min(m, vocab_size - group_rank(group) * m))
+        _, n_valid = _columns(logits, group, vocab_size)
         stats_fn = _local_stats if fused else _local_stats.fn
         rows = _rows(logits)
         anywhere = torch.zeros(rows.shape[:-1], dtype=torch.long, device=logits.device)  # (no target)
@@ -383,9 +382,7 @@ def _vocab_parallel_argmax(logits: Tensor, group: ProcessGroup, vocab_size: int)
     ``(...)``-sized values and indices (float64: exact for both)."""
     from lightning_tp.engine.comm import all_gather_dim
 
-    m = logits.shape[-1]
-    start = group_rank(group) * m
-    n_valid = max(0, min(m, vocab_size - start))
+    start, n_valid = _columns(logits, group, vocab_size)
     lead = logits.shape[:-1]
     if n_valid > 0:
         index = logits[..., :n_valid].argmax(dim=-1)  # (...)
@@ -542,8 +539,9 @@ def _check_targets(target: Tensor, vocab_size: int, ignore_index: int) -> None:
 @FusedKernel
 def _local_stats(logits: Tensor, local_t: Tensor, n_valid: int, smoothing: bool, cdtype: torch.dtype):
     """One pass over this rank's ``(..., m)`` logits, per row: the local max ``m_r`` over the valid
-    columns, ``sum_j exp(z_j - m_r)``, the logit at ``local_t`` and (``smoothing``) ``sum_j z_j``, in
-    ``cdtype``. A row with no valid column (``n_valid`` 0) has max ``-inf`` and sum 0."""
+    columns, ``sum_j exp(z_j - m_r)`` (against 0 where ``m_r`` is infinite), the logit at ``local_t`` and
+    (``smoothing``) ``sum_j z_j``, in ``cdtype``. A row with no valid column (``n_valid`` 0) has max
+    ``-inf`` and sum 0."""
     z = logits.to(cdtype)
     m = z.shape[-1]
     masked = z if n_valid == m else z.masked_fill(torch.arange(m, device=z.device) >= n_valid, float("-inf"))
@@ -572,6 +570,14 @@ def _softmax_grad(logits: Tensor, zmax: Tensor, scale: Tensor, target_grad: Tens
     return grad.to(logits.dtype)
 
 
+def _columns(logits: Tensor, group: ProcessGroup, vocab_size: int) -> tuple[int, int]:
+    """``(start, n_valid)``: the first vocabulary column this rank's ``(..., m)`` logits hold and how many of
+    its columns are real (the rest, at or past ``vocab_size``, are padding)."""
+    m = logits.shape[-1]
+    start = group_rank(group) * m
+    return start, max(0, min(m, vocab_size - start))
+
+
 def _rows(logits: Tensor) -> Tensor:
     """The logits as the kernels take them: detached (one compiled variant whatever the grad mode) and,
     where a view allows (no copy), ``(N, m)`` (one variant for any batch shape)."""
@@ -582,6 +588,12 @@ def _rows(logits: Tensor) -> Tensor:
         return z.view(-1, z.shape[-1])
     except RuntimeError:  # not viewable as rows (a slice of positions, transposed logits): as it is
         return z
+
+
+def fused_kernels_failed() -> bool:
+    """Whether the fused loss's kernels stopped compiling in this process (a warning said why; they run
+    eagerly since)."""
+    return _local_stats._failed or _softmax_grad._failed
 
 
 def _targets_here(target: Tensor, start: int, n_valid: int) -> tuple[Tensor, Tensor]:
@@ -615,9 +627,7 @@ class _FusedVocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, group, vocab_size, ignore_index, label_smoothing):
-        m = logits.shape[-1]
-        start = group_rank(group) * m
-        n_valid = max(0, min(m, vocab_size - start))
+        start, n_valid = _columns(logits, group, vocab_size)
         in_range, local_t = _targets_here(target, start, n_valid)
         rows = _rows(logits)
         stats = _local_stats(
@@ -663,8 +673,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, group, vocab_size, ignore_index, label_smoothing, workspace):
         m = logits.shape[-1]  # local (padded) vocab slice
-        start = group_rank(group) * m
-        n_valid = max(0, min(m, vocab_size - start))
+        start, n_valid = _columns(logits, group, vocab_size)
         cdtype = _compute_dtype(logits)
         valid = logits[..., :n_valid]  # (..., n_valid) view: padded vocab columns excluded
 
