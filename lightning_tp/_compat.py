@@ -44,8 +44,9 @@ torch (no public equivalent):
   called to find the Parameter it stands for).
 * ``assert_async`` (``torch._assert_async``): a check on tensor values that ``torch.compile`` keeps
   in the graph (raising at run time) where a Python ``if tensor:`` would break the graph.
-* ``fake_mode_active`` (``torch._guards.detect_fake_mode``): whether tensors are fake now (a tracer
-  or memory estimator running the model under ``FakeTensorMode``), where a value read from a tensor
+* ``fake_mode_active`` (``torch._guards.detect_fake_mode``): whether tensors are fake now, or given
+  ones are (a tracer or memory estimator running the model under ``FakeTensorMode``; a fused kernel
+  then runs eagerly), where a value read from a tensor
   (``.item()``) is not there to read.
 * ``checkpoint_block`` (DCP's checkpointable protocol: ``__create_write_items__``,
   ``__create_chunk_list__``, ``__get_tensor_shard__``, the hooks DTensor implements): a rank's rows

@@ -42,9 +42,10 @@ class FusedKernel:
     graph), under a ``TorchDispatchMode`` of the user's (a FLOP counter), on fake or meta tensors, where
     torch.compile is disabled (``TORCH_COMPILE_DISABLE``, the stance ``"force_eager"``) or past the
     recompile limit (torch's own fallback); under the stance ``"fail_on_recompile"`` (meant for the user's
-    code) a new variant runs eagerly instead of raising. If the compiled call raises and ``fn`` eagerly does not (no C++ compiler for the CPU
-    backend, no Triton for the GPU one), a warning says so once for this kernel and it runs eagerly from
-    then on; if ``fn`` raises eagerly too (a bad argument), that error is raised and nothing changes."""
+    code) a new variant runs eagerly instead of raising. If compiling or the compiled call raises (other
+    than out of memory) and ``fn`` eagerly does not (no C++ compiler for the CPU backend, no Triton for the
+    GPU one, a Python torch.compile refuses), a warning says so once for this kernel and it runs eagerly
+    from then on; if ``fn`` raises eagerly too (a bad argument), that error is raised and nothing changes."""
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         functools.update_wrapper(self, fn)
@@ -55,7 +56,7 @@ class FusedKernel:
     def _eager(self, args: tuple) -> bool:
         if self._failed or torch.compiler.is_compiling() or user_dispatch_mode_active():
             return True
-        if compile_stance() == "force_eager":
+        if compile_stance() == "force_eager":  # the user's stance: everything eager
             return True
         tensors = tuple(a for a in args if isinstance(a, torch.Tensor))
         return any(t.device.type == "meta" for t in tensors) or fake_mode_active(tensors)
